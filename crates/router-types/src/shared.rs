@@ -61,7 +61,7 @@ macro_rules! open_enum {
         }
     };
 }
-pub(crate) use open_enum;
+
 
 open_enum! {
     /// The author of a chat message.

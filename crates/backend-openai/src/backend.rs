@@ -1,0 +1,479 @@
+//! The backend: one endpoint, any dialect of the OpenAI wire.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue};
+use router_core::{
+    Backend, CallOptions, ChatStream, EndpointId, Error, ErrorKind, EventStream, RateLimitInfo,
+    Reply, ResponseMeta,
+};
+use router_types::{
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+    EmbeddingRequest, EmbeddingResponse, ErrorBody, ErrorResponse,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::client::{HttpClient, Timeouts};
+use crate::credential::Credential;
+use crate::dialect::{Dialect, OpenAiDialect, Operation};
+use crate::sse;
+
+/// How much of a non-JSON error body (an HTML page from a proxy, say) goes into the message.
+const MAX_ERROR_TEXT: usize = 512;
+
+/// One endpoint speaking the OpenAI wire protocol in some [`Dialect`].
+///
+/// Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct OpenAiBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: EndpointId,
+    client: reqwest::Client,
+    dialect: Box<dyn Dialect>,
+    credential: Credential,
+    timeouts: Timeouts,
+    scrubber: Scrubber,
+}
+
+impl OpenAiBackend {
+    /// A builder for the endpoint `name` (used in errors, logs and metrics) serving the OpenAI
+    /// API under `base_url` (for example `https://api.openai.com/v1`).
+    pub fn builder(name: impl AsRef<str>, base_url: impl Into<String>) -> OpenAiBackendBuilder {
+        OpenAiBackendBuilder {
+            endpoint: EndpointId::new(name),
+            base_url: Some(base_url.into()),
+            dialect: None,
+            credential: Credential::None,
+            organization: None,
+            project: None,
+            timeouts: Timeouts::default(),
+            client: None,
+        }
+    }
+
+    /// A builder for an endpoint in another dialect (`backend-azure` uses this).
+    pub fn with_dialect(name: impl AsRef<str>, dialect: Box<dyn Dialect>) -> OpenAiBackendBuilder {
+        OpenAiBackendBuilder {
+            dialect: Some(dialect),
+            base_url: None,
+            ..Self::builder(name, String::new())
+        }
+    }
+
+    /// The timeouts in force.
+    pub fn timeouts(&self) -> Timeouts {
+        self.inner.timeouts
+    }
+
+    async fn send<B: Serialize + Sync>(
+        &self,
+        operation: Operation,
+        model: &str,
+        body: &B,
+        stream: bool,
+        options: &CallOptions,
+    ) -> Result<(reqwest::Response, Instant, ResponseMeta), Error> {
+        let inner = &*self.inner;
+        let url = inner.dialect.url(operation, model)?;
+        let payload = serde_json::to_vec(body).map_err(|e| {
+            Error::with_message(ErrorKind::InvalidRequest, format!("cannot serialize: {e}"))
+                .with_endpoint(inner.endpoint.clone())
+        })?;
+        let mut headers = inner.dialect.headers().clone();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        self.authenticate(&mut headers).await?;
+
+        let deadline = options.deadline.map(Instant::from_std);
+        let first_byte = if stream {
+            inner.timeouts.first_byte_stream
+        } else {
+            inner.timeouts.first_byte
+        };
+        let wait = bounded(first_byte, deadline);
+        let sent_at = Instant::now();
+        let request = inner.client.post(url).headers(headers).body(payload).send();
+        let response = match tokio::time::timeout(wait, request).await {
+            Err(_) => {
+                return Err(Error::transport(
+                    ErrorKind::Timeout,
+                    inner.endpoint.clone(),
+                    format!("no answer headers within {:.3}s", wait.as_secs_f64()),
+                    None,
+                ));
+            }
+            Ok(Err(e)) => return Err(self.map_transport(e)),
+            Ok(Ok(response)) => response,
+        };
+        let time_to_headers = sent_at.elapsed();
+        let status = response.status().as_u16();
+        let rate_limits = RateLimitInfo::from_headers(
+            response
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+            SystemTime::now(),
+        );
+        let request_id = ["x-request-id", "apim-request-id"]
+            .iter()
+            .find_map(|name| response.headers().get(*name)?.to_str().ok())
+            .map(str::to_owned);
+        let mut meta = ResponseMeta::new(status);
+        meta.rate_limits = rate_limits;
+        meta.request_id = request_id;
+        meta.time_to_headers = time_to_headers;
+
+        if !response.status().is_success() {
+            let body = self.read_body(response, deadline).await.unwrap_or_default();
+            return Err(self.upstream_error(status, &body, &meta.rate_limits));
+        }
+        Ok((response, sent_at, meta))
+    }
+
+    async fn authenticate(&self, headers: &mut HeaderMap) -> Result<(), Error> {
+        let (name, value) = match &self.inner.credential {
+            Credential::None => return Ok(()),
+            Credential::Bearer(key) => (AUTHORIZATION, bearer(key)),
+            Credential::Header(name, key) => (name.clone(), HeaderValue::from_str(key.expose_secret())),
+            Credential::TokenProvider(provider) => {
+                let token = provider
+                    .token()
+                    .await
+                    .map_err(|e| e.with_endpoint(self.inner.endpoint.clone()))?;
+                (AUTHORIZATION, bearer(&token))
+            }
+        };
+        let mut value = value.map_err(|_| {
+            Error::config(format!(
+                "endpoint `{}`: the credential is not a valid header value",
+                self.inner.endpoint
+            ))
+        })?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+        Ok(())
+    }
+
+    /// Reads a whole body, allowing `between_chunks` of silence between chunks.
+    async fn read_body(
+        &self,
+        response: reqwest::Response,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, Error> {
+        let mut body = Vec::new();
+        let mut chunks = response.bytes_stream();
+        loop {
+            let wait = bounded(self.inner.timeouts.between_chunks, deadline);
+            match tokio::time::timeout(wait, chunks.next()).await {
+                Err(_) => {
+                    return Err(Error::transport(
+                        ErrorKind::Timeout,
+                        self.inner.endpoint.clone(),
+                        format!("the body stalled for {:.3}s", wait.as_secs_f64()),
+                        None,
+                    ));
+                }
+                Ok(None) => return Ok(body),
+                Ok(Some(Err(e))) => return Err(self.map_transport(e)),
+                Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
+            }
+        }
+    }
+
+    async fn call<B, T>(
+        &self,
+        operation: Operation,
+        model: &str,
+        request: &B,
+        options: &CallOptions,
+    ) -> Result<Reply<T>, Error>
+    where
+        B: Serialize + Sync,
+        T: DeserializeOwned,
+    {
+        let (response, sent_at, mut meta) =
+            self.send(operation, model, request, false, options).await?;
+        let deadline = options.deadline.map(Instant::from_std);
+        let bytes = self.read_body(response, deadline).await?;
+        meta.elapsed = sent_at.elapsed();
+        let body = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::transport(
+                ErrorKind::Decode,
+                self.inner.endpoint.clone(),
+                format!("the answer is not valid JSON of the expected shape: {e}"),
+                None,
+            )
+        })?;
+        Ok(Reply::new(body, meta))
+    }
+
+    fn upstream_error(&self, status: u16, body: &[u8], rate_limits: &RateLimitInfo) -> Error {
+        let parsed = serde_json::from_slice::<ErrorResponse>(body)
+            .map(|response| response.error)
+            .unwrap_or_else(|_| {
+                let text = String::from_utf8_lossy(body);
+                let text: String = text.trim().chars().take(MAX_ERROR_TEXT).collect();
+                ErrorBody {
+                    message: text,
+                    ..ErrorBody::default()
+                }
+            });
+        let mut parsed = parsed;
+        parsed.message = self.inner.scrubber.scrub(&parsed.message);
+        Error::upstream(self.inner.endpoint.clone(), status, Some(parsed), rate_limits)
+    }
+
+    fn map_transport(&self, error: reqwest::Error) -> Error {
+        let endpoint = self.inner.endpoint.clone();
+        let (kind, what) = if error.is_timeout() {
+            (ErrorKind::Timeout, "timed out")
+        } else if error.is_connect() {
+            (ErrorKind::Connect, "cannot connect")
+        } else if error.is_decode() {
+            (ErrorKind::Decode, "cannot decode the answer")
+        } else {
+            (ErrorKind::Transport, "the connection broke")
+        };
+        // reqwest's error names the URL, which holds no secret (keys travel in headers).
+        Error::transport(kind, endpoint, what, Some(Box::new(error.without_url())))
+    }
+}
+
+/// The smaller of `timeout` and the time left until `deadline`.
+fn bounded(timeout: Duration, deadline: Option<Instant>) -> Duration {
+    deadline.map_or(timeout, |d| timeout.min(d.saturating_duration_since(Instant::now())))
+}
+
+fn bearer(secret: &SecretString) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    HeaderValue::from_str(&format!("Bearer {}", secret.expose_secret()))
+}
+
+#[async_trait]
+impl Backend for OpenAiBackend {
+    fn endpoint(&self) -> &EndpointId {
+        &self.inner.endpoint
+    }
+
+    async fn chat(
+        &self,
+        request: &ChatCompletionRequest,
+        options: &CallOptions,
+    ) -> Result<Reply<ChatCompletionResponse>, Error> {
+        if request.stream == Some(true) {
+            let mut plain = request.clone();
+            plain.stream = None;
+            plain.stream_options = None;
+            return self.call(Operation::Chat, &request.model, &plain, options).await;
+        }
+        self.call(Operation::Chat, &request.model, request, options).await
+    }
+
+    async fn chat_stream(
+        &self,
+        request: &ChatCompletionRequest,
+        options: &CallOptions,
+    ) -> Result<ChatStream, Error> {
+        let streamed;
+        let request = if request.stream == Some(true) {
+            request
+        } else {
+            let mut copy = request.clone();
+            copy.stream = Some(true);
+            streamed = copy;
+            &streamed
+        };
+        let (response, sent_at, meta) =
+            self.send(Operation::Chat, &request.model, request, true, options).await?;
+        let events = sse::decode(
+            response.bytes_stream(),
+            self.inner.endpoint.clone(),
+            self.inner.scrubber.clone(),
+            self.inner.timeouts.between_chunks,
+            options.deadline.map(Instant::from_std),
+        );
+        Ok(EventStream::new(events, meta, sent_at.into_std(), || {
+            Instant::now().into_std()
+        }))
+    }
+
+    async fn embeddings(
+        &self,
+        request: &EmbeddingRequest,
+        options: &CallOptions,
+    ) -> Result<Reply<EmbeddingResponse>, Error> {
+        self.call(Operation::Embeddings, &request.model, request, options).await
+    }
+
+    async fn completions(
+        &self,
+        request: &CompletionRequest,
+        options: &CallOptions,
+    ) -> Result<Reply<CompletionResponse>, Error> {
+        if request.stream == Some(true) {
+            let mut plain = request.clone();
+            plain.stream = None;
+            plain.stream_options = None;
+            return self.call(Operation::Completions, &request.model, &plain, options).await;
+        }
+        self.call(Operation::Completions, &request.model, request, options).await
+    }
+}
+
+impl fmt::Debug for OpenAiBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiBackend")
+            .field("endpoint", &self.inner.endpoint)
+            .field("dialect", &self.inner.dialect)
+            .field("credential", &self.inner.credential)
+            .field("timeouts", &self.inner.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`OpenAiBackend`]; `build()` checks everything once.
+#[must_use]
+pub struct OpenAiBackendBuilder {
+    endpoint: EndpointId,
+    base_url: Option<String>,
+    dialect: Option<Box<dyn Dialect>>,
+    credential: Credential,
+    organization: Option<String>,
+    project: Option<String>,
+    timeouts: Timeouts,
+    client: Option<HttpClient>,
+}
+
+impl OpenAiBackendBuilder {
+    /// Authenticates with `Authorization: Bearer <key>`.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.credential = Credential::Bearer(SecretString::from(key.into()));
+        self
+    }
+
+    /// Authenticates with `credential`.
+    pub fn credential(mut self, credential: Credential) -> Self {
+        self.credential = credential;
+        self
+    }
+
+    /// Sends `OpenAI-Organization` (OpenAI dialect only).
+    pub fn organization(mut self, organization: impl Into<String>) -> Self {
+        self.organization = Some(organization.into());
+        self
+    }
+
+    /// Sends `OpenAI-Project` (OpenAI dialect only).
+    pub fn project(mut self, project: impl Into<String>) -> Self {
+        self.project = Some(project.into());
+        self
+    }
+
+    /// Sets the timeouts.
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Shares a connection pool with other backends. Its connect timeout replaces the one in
+    /// [`timeouts`](Self::timeouts).
+    pub fn http_client(mut self, client: HttpClient) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Checks the settings and builds the backend.
+    ///
+    /// # Errors
+    ///
+    /// A [`Config`](ErrorKind::Config) error naming the endpoint and the field: a base URL that
+    /// is not an http(s) URL, an organization or project that is not a header value, an empty
+    /// endpoint name, or organization headers given to a dialect other than OpenAI's.
+    pub fn build(self) -> Result<OpenAiBackend, Error> {
+        let name = self.endpoint.clone();
+        let context = |e: Error| Error::config(format!("endpoint `{name}`: {e}"));
+        if self.endpoint.as_str().trim().is_empty() {
+            return Err(Error::config("endpoint name: must not be empty"));
+        }
+        let dialect: Box<dyn Dialect> = match (self.dialect, self.base_url) {
+            (Some(dialect), _) => {
+                if self.organization.is_some() || self.project.is_some() {
+                    return Err(context(Error::config(
+                        "organization/project: OpenAI headers apply to the OpenAI dialect only",
+                    )));
+                }
+                dialect
+            }
+            (None, Some(base_url)) => {
+                let mut dialect = OpenAiDialect::new(&base_url).map_err(context)?;
+                if let Some(organization) = &self.organization {
+                    dialect.set_organization(organization).map_err(context)?;
+                }
+                if let Some(project) = &self.project {
+                    dialect.set_project(project).map_err(context)?;
+                }
+                Box::new(dialect)
+            }
+            (None, None) => return Err(context(Error::config("base_url: missing"))),
+        };
+        let client = match self.client {
+            Some(client) => client,
+            None => HttpClient::new(self.timeouts.connect)?,
+        };
+        Ok(OpenAiBackend {
+            inner: Arc::new(Inner {
+                scrubber: Scrubber::new(self.credential.fixed_secret()),
+                endpoint: self.endpoint,
+                client: client.inner,
+                dialect,
+                credential: self.credential,
+                timeouts: self.timeouts,
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for OpenAiBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiBackendBuilder")
+            .field("endpoint", &self.endpoint)
+            .field("base_url", &self.base_url)
+            .field("credential", &self.credential)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes the endpoint's own key from upstream text: some upstreams echo the key they were
+/// given ("Incorrect API key provided: sk-…"), and that text ends up in errors and logs.
+#[derive(Clone, Default)]
+pub(crate) struct Scrubber {
+    secret: Option<Arc<SecretString>>,
+}
+
+impl Scrubber {
+    fn new(secret: Option<&str>) -> Self {
+        Self {
+            secret: secret
+                .filter(|s| !s.is_empty())
+                .map(|s| Arc::new(SecretString::from(s.to_owned()))),
+        }
+    }
+
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        match &self.secret {
+            Some(secret) if text.contains(secret.expose_secret()) => {
+                text.replace(secret.expose_secret(), "[REDACTED]")
+            }
+            _ => text.to_owned(),
+        }
+    }
+}

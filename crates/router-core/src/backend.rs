@@ -1,0 +1,281 @@
+//! The `Backend` trait: one upstream endpoint, whatever its wire protocol.
+//!
+//! A backend sends one request to one endpoint and reports, besides the body, what the router
+//! needs to route the next one: the status, the rate-limit headers ([`RateLimitInfo`]) and the
+//! timings (to headers, to the first chunk of a stream). It does not retry, fail over or keep
+//! state about other endpoints: that is the router's job.
+//!
+//! # Streams
+//!
+//! [`EventStream`] yields the upstream's events as typed chunks. It ends after `[DONE]`; an
+//! `error` event becomes an [`ErrorKind::StreamError`](crate::ErrorKind::StreamError) item, and
+//! a connection that closes before `[DONE]` an
+//! [`ErrorKind::StreamTruncated`](crate::ErrorKind::StreamTruncated) item. After an error
+//! item the stream ends. Dropping the stream closes the upstream connection.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_core::Stream;
+use router_types::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    CompletionResponse, EmbeddingRequest, EmbeddingResponse,
+};
+
+use crate::endpoint::EndpointId;
+use crate::error::Error;
+use crate::ratelimit::RateLimitInfo;
+
+/// One upstream endpoint. Implemented by `backend-openai`, `backend-azure`, and by users for
+/// their own upstreams. Object safe: the router holds `Arc<dyn Backend>`.
+///
+/// The request's `model` is already the name this endpoint knows (for Azure, the deployment):
+/// the router rewrites it before calling.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The endpoint's configured name.
+    fn endpoint(&self) -> &EndpointId;
+
+    /// `POST /chat/completions`, not streamed.
+    async fn chat(
+        &self,
+        request: &ChatCompletionRequest,
+        options: &CallOptions,
+    ) -> Result<Reply<ChatCompletionResponse>, Error>;
+
+    /// `POST /chat/completions` with `stream: true` (set by the backend whatever the request
+    /// says). Returns once the upstream's headers arrived.
+    async fn chat_stream(
+        &self,
+        request: &ChatCompletionRequest,
+        options: &CallOptions,
+    ) -> Result<ChatStream, Error>;
+
+    /// `POST /embeddings`.
+    async fn embeddings(
+        &self,
+        request: &EmbeddingRequest,
+        options: &CallOptions,
+    ) -> Result<Reply<EmbeddingResponse>, Error>;
+
+    /// `POST /completions` (legacy), not streamed.
+    async fn completions(
+        &self,
+        request: &CompletionRequest,
+        options: &CallOptions,
+    ) -> Result<Reply<CompletionResponse>, Error>;
+}
+
+/// Per-call options from the router.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// The request's deadline across all its attempts. A backend must give up by then (its
+    /// own timeouts still apply when they are shorter).
+    pub deadline: Option<Instant>,
+}
+
+impl CallOptions {
+    /// Options with a deadline.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+}
+
+/// What the upstream's answer said besides its body.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default)]
+pub struct ResponseMeta {
+    /// The HTTP status.
+    pub status: u16,
+    /// Rate-limit headers.
+    pub rate_limits: RateLimitInfo,
+    /// The upstream's request id (`x-request-id` or `apim-request-id`).
+    pub request_id: Option<String>,
+    /// From sending the request to the answer's headers.
+    pub time_to_headers: Duration,
+    /// From sending the request to the end of the body (non-streamed answers).
+    pub elapsed: Duration,
+}
+
+impl ResponseMeta {
+    /// Metadata with a status and nothing else.
+    pub fn new(status: u16) -> Self {
+        Self {
+            status,
+            ..Self::default()
+        }
+    }
+}
+
+/// A non-streamed answer: the body and its metadata.
+#[derive(Debug, Clone)]
+pub struct Reply<T> {
+    /// The parsed body.
+    pub body: T,
+    /// Status, headers and timings.
+    pub meta: ResponseMeta,
+}
+
+impl<T> Reply<T> {
+    /// A reply.
+    pub fn new(body: T, meta: ResponseMeta) -> Self {
+        Self { body, meta }
+    }
+}
+
+/// An event type of a stream: tells content from bookkeeping, for time-to-first-token.
+pub trait StreamItem {
+    /// Whether the event carries generated output (text, tool calls, a finish reason), as
+    /// opposed to Azure's filter annotations or a usage-only chunk.
+    fn has_content(&self) -> bool;
+}
+
+impl StreamItem for ChatCompletionChunk {
+    fn has_content(&self) -> bool {
+        ChatCompletionChunk::has_content(self)
+    }
+}
+
+impl StreamItem for CompletionResponse {
+    fn has_content(&self) -> bool {
+        self.choices
+            .iter()
+            .any(|c| !c.text.is_empty() || c.finish_reason.is_some())
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Error>> + Send>>;
+
+/// A streamed answer: typed events, the answer's metadata, and when the first content arrived.
+pub struct EventStream<T> {
+    inner: BoxStream<T>,
+    meta: ResponseMeta,
+    sent_at: Instant,
+    first_item: Option<Duration>,
+    first_content: Option<Duration>,
+    clock: fn() -> Instant,
+}
+
+/// A streamed chat completion.
+pub type ChatStream = EventStream<ChatCompletionChunk>;
+/// A streamed legacy completion.
+pub type CompletionStream = EventStream<CompletionResponse>;
+
+impl<T: StreamItem> EventStream<T> {
+    /// Wraps `events`, an upstream answer's decoded events, sent at `sent_at`. `clock` reads the
+    /// same clock as `sent_at` (a runtime's clock, so that paused time in tests applies).
+    pub fn new(
+        events: impl Stream<Item = Result<T, Error>> + Send + 'static,
+        meta: ResponseMeta,
+        sent_at: Instant,
+        clock: fn() -> Instant,
+    ) -> Self {
+        Self {
+            inner: Box::pin(events),
+            meta,
+            sent_at,
+            first_item: None,
+            first_content: None,
+            clock,
+        }
+    }
+
+    /// Status, headers and time to headers.
+    pub fn meta(&self) -> &ResponseMeta {
+        &self.meta
+    }
+
+    /// From sending the request to the first event of any kind, once it arrived.
+    pub fn time_to_first_event(&self) -> Option<Duration> {
+        self.first_item
+    }
+
+    /// From sending the request to the first event with content (time to first token), once it
+    /// arrived.
+    pub fn time_to_first_content(&self) -> Option<Duration> {
+        self.first_content
+    }
+}
+
+impl<T: StreamItem> Stream for EventStream<T> {
+    type Item = Result<T, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let polled = this.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(item))) = &polled {
+            if this.first_item.is_none() || (this.first_content.is_none() && item.has_content()) {
+                let since = (this.clock)().saturating_duration_since(this.sent_at);
+                this.first_item.get_or_insert(since);
+                if item.has_content() {
+                    this.first_content.get_or_insert(since);
+                }
+            }
+        }
+        polled
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+impl<T> fmt::Debug for EventStream<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventStream")
+            .field("meta", &self.meta)
+            .field("first_item", &self.first_item)
+            .field("first_content", &self.first_content)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use router_types::{ChatDelta, ChunkChoice};
+
+    fn chunk(content: Option<&str>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            choices: content
+                .map(|c| ChunkChoice {
+                    delta: Some(ChatDelta {
+                        content: Some(c.to_owned()),
+                        ..ChatDelta::default()
+                    }),
+                    ..ChunkChoice::default()
+                })
+                .into_iter()
+                .collect(),
+            ..ChatCompletionChunk::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn first_content_skips_annotation_events() {
+        let sent_at = Instant::now();
+        let events = futures_util::stream::iter(vec![Ok(chunk(None)), Ok(chunk(Some("hi")))]);
+        let mut stream = EventStream::new(events, ResponseMeta::new(200), sent_at, Instant::now);
+        assert!(stream.next().await.unwrap().is_ok());
+        assert!(stream.time_to_first_event().is_some());
+        assert!(stream.time_to_first_content().is_none(), "filter event has no content");
+        assert!(stream.next().await.unwrap().is_ok());
+        assert!(stream.time_to_first_content().is_some());
+        assert!(stream.next().await.is_none());
+    }
+
+    fn assert_dyn_backend(_: &dyn Backend) {}
+
+    #[test]
+    fn backend_is_object_safe() {
+        // Compiles only while `Backend` stays dyn compatible.
+        let _ = assert_dyn_backend;
+    }
+}

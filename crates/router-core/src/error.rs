@@ -1,0 +1,600 @@
+//! The one error type of the router.
+//!
+//! [`Error`] is opaque, one pointer wide (so `Result<T, Error>` stays cheap), and answers the
+//! questions the router asks of every failure: what [`kind`](Error::kind) it is, whether another
+//! attempt [may succeed](Error::is_retryable), how long the upstream asked us to
+//! [wait](Error::retry_after), and what it means for the endpoint's
+//! [health](Error::health_effect).
+//!
+//! # The failure table
+//!
+//! | upstream says | [`ErrorKind`] | retryable | health effect |
+//! |---|---|---|---|
+//! | 429 with retry-after / reset headers | `RateLimited` | yes | `Cooldown` for exactly that long |
+//! | 429 `insufficient_quota` | `QuotaExhausted` | yes (elsewhere) | `Disable` |
+//! | 429 "Request too large" | `RequestTooLarge` | yes (a larger quota may take it) | none |
+//! | 401 | `Unauthorized` | yes (elsewhere) | `Disable` |
+//! | 403 | `Forbidden` | yes (elsewhere) | `Disable` |
+//! | 404, Azure `DeploymentNotFound` | `NotFound` | yes (elsewhere) | `Disable` |
+//! | 408 | `RequestTimeout` | yes | `Failure` |
+//! | 409 | `Conflict` | yes | `Failure` |
+//! | 5xx | `ServerError` | yes | `Failure` |
+//! | connect error | `Connect` | yes | `Failure` |
+//! | timeout (connect, first byte, between chunks) | `Timeout` | yes | `Failure` |
+//! | connection reset or closed | `Transport` | yes | `Failure` |
+//! | malformed body | `Decode` | yes | `Failure` |
+//! | `error` event mid-stream | `StreamError` | yes, before the first byte reached the caller | `Failure` |
+//! | stream cut before `[DONE]` | `StreamTruncated` | yes, before the first byte reached the caller | `Failure` |
+//! | 400 `content_filter` | `ContentFilter` | no | none |
+//! | 400 `context_length_exceeded` | `ContextLengthExceeded` | no | none |
+//! | 400 other | `BadRequest` | no | none |
+//! | 422 | `Unprocessable` | no | none |
+//! | any other status | `UnexpectedStatus` | no | none |
+//!
+//! An upstream `x-should-retry: true|false` header overrides the retryable column, as the
+//! official SDKs do.
+//!
+//! # Secrets
+//!
+//! An `Error` never holds a credential: backends build it from the status, the parsed error
+//! body (with their key scrubbed from the message) and the endpoint's name.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use router_types::ErrorBody;
+
+use crate::endpoint::EndpointId;
+use crate::ratelimit::{self, RateLimitInfo};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Every failure of the router, of a backend or of an upstream.
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    status: Option<u16>,
+    endpoint: Option<EndpointId>,
+    retry_after: Option<Duration>,
+    should_retry: Option<bool>,
+    message: Option<String>,
+    body: Option<ErrorBody>,
+    source: Option<BoxError>,
+}
+
+/// What kind of failure an [`Error`] is. Field-less and `Copy`, for matching and metric labels.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// 429: throttled (tokens or requests per minute, or capacity).
+    RateLimited,
+    /// 429 `insufficient_quota`: billing or quota exhausted; not transient.
+    QuotaExhausted,
+    /// 429 "Request too large": the request alone exceeds the endpoint's per-minute budget.
+    RequestTooLarge,
+    /// 401: bad key, expired token, or wrong endpoint.
+    Unauthorized,
+    /// 403: access denied (RBAC, network rules, region).
+    Forbidden,
+    /// 404: the deployment or model does not exist there.
+    NotFound,
+    /// 400: the request is invalid.
+    BadRequest,
+    /// 400 `content_filter`: the prompt was filtered.
+    ContentFilter,
+    /// 400 `context_length_exceeded`: the prompt plus the output cap exceed the model's window.
+    ContextLengthExceeded,
+    /// 422: unprocessable request.
+    Unprocessable,
+    /// 408: the upstream timed out the request.
+    RequestTimeout,
+    /// 409: conflict or lock timeout upstream.
+    Conflict,
+    /// 5xx: the upstream failed.
+    ServerError,
+    /// A status outside the table.
+    UnexpectedStatus,
+    /// The connection could not be made.
+    Connect,
+    /// A timeout: connecting, waiting for headers, or waiting between stream chunks.
+    Timeout,
+    /// The connection broke (reset, closed early) before a complete answer.
+    Transport,
+    /// The upstream's body was not what the protocol says.
+    Decode,
+    /// The upstream sent an `error` event in the middle of a stream.
+    StreamError,
+    /// The stream ended before `[DONE]`.
+    StreamTruncated,
+    /// The backend does not support this operation.
+    Unsupported,
+    /// Invalid configuration or builder input; the message names the field.
+    Config,
+    /// The request could not be sent as given (for example, it does not serialize).
+    InvalidRequest,
+}
+
+impl ErrorKind {
+    /// A short snake_case name, stable, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::QuotaExhausted => "quota_exhausted",
+            Self::RequestTooLarge => "request_too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::BadRequest => "bad_request",
+            Self::ContentFilter => "content_filter",
+            Self::ContextLengthExceeded => "context_length_exceeded",
+            Self::Unprocessable => "unprocessable",
+            Self::RequestTimeout => "request_timeout",
+            Self::Conflict => "conflict",
+            Self::ServerError => "server_error",
+            Self::UnexpectedStatus => "unexpected_status",
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Transport => "transport",
+            Self::Decode => "decode",
+            Self::StreamError => "stream_error",
+            Self::StreamTruncated => "stream_truncated",
+            Self::Unsupported => "unsupported",
+            Self::Config => "config",
+            Self::InvalidRequest => "invalid_request",
+        }
+    }
+
+    /// Whether another attempt, on another endpoint, may succeed.
+    pub fn is_retryable(self) -> bool {
+        match self {
+            Self::RateLimited
+            | Self::QuotaExhausted
+            | Self::RequestTooLarge
+            | Self::Unauthorized
+            | Self::Forbidden
+            | Self::NotFound
+            | Self::RequestTimeout
+            | Self::Conflict
+            | Self::ServerError
+            | Self::Connect
+            | Self::Timeout
+            | Self::Transport
+            | Self::Decode
+            | Self::StreamError
+            | Self::StreamTruncated
+            | Self::Unsupported => true,
+            Self::BadRequest
+            | Self::ContentFilter
+            | Self::ContextLengthExceeded
+            | Self::Unprocessable
+            | Self::UnexpectedStatus
+            | Self::Config
+            | Self::InvalidRequest => false,
+        }
+    }
+
+    /// What the failure says about the endpoint that produced it.
+    pub fn health_effect(self) -> HealthEffect {
+        match self {
+            Self::RateLimited => HealthEffect::Cooldown,
+            Self::QuotaExhausted | Self::Unauthorized | Self::Forbidden | Self::NotFound => {
+                HealthEffect::Disable
+            }
+            Self::RequestTimeout
+            | Self::Conflict
+            | Self::ServerError
+            | Self::Connect
+            | Self::Timeout
+            | Self::Transport
+            | Self::Decode
+            | Self::StreamError
+            | Self::StreamTruncated => HealthEffect::Failure,
+            Self::RequestTooLarge
+            | Self::BadRequest
+            | Self::ContentFilter
+            | Self::ContextLengthExceeded
+            | Self::Unprocessable
+            | Self::UnexpectedStatus
+            | Self::Unsupported
+            | Self::Config
+            | Self::InvalidRequest => HealthEffect::None,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate limited",
+            Self::QuotaExhausted => "quota exhausted",
+            Self::RequestTooLarge => "request too large for the endpoint's quota",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not found",
+            Self::BadRequest => "bad request",
+            Self::ContentFilter => "blocked by the content filter",
+            Self::ContextLengthExceeded => "context length exceeded",
+            Self::Unprocessable => "unprocessable request",
+            Self::RequestTimeout => "request timed out upstream",
+            Self::Conflict => "conflict",
+            Self::ServerError => "upstream server error",
+            Self::UnexpectedStatus => "unexpected status",
+            Self::Connect => "connection failed",
+            Self::Timeout => "timed out",
+            Self::Transport => "connection broken",
+            Self::Decode => "malformed response",
+            Self::StreamError => "error event in stream",
+            Self::StreamTruncated => "stream ended before [DONE]",
+            Self::Unsupported => "unsupported operation",
+            Self::Config => "invalid configuration",
+            Self::InvalidRequest => "invalid request",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a failure means for the endpoint that produced it.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HealthEffect {
+    /// Nothing: the request was at fault, not the endpoint.
+    None,
+    /// Cool the endpoint down for the error's [`retry_after`](Error::retry_after).
+    Cooldown,
+    /// Count a failure toward ejection.
+    Failure,
+    /// Disable the endpoint until its configuration changes.
+    Disable,
+}
+
+impl Error {
+    fn new(kind: ErrorKind) -> Self {
+        Self {
+            inner: Box::new(Inner {
+                kind,
+                status: None,
+                endpoint: None,
+                retry_after: None,
+                should_retry: None,
+                message: None,
+                body: None,
+                source: None,
+            }),
+        }
+    }
+
+    /// An error of `kind` with a message.
+    pub fn with_message(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let mut error = Self::new(kind);
+        error.inner.message = Some(message.into());
+        error
+    }
+
+    /// Classifies an upstream answer with an error status.
+    ///
+    /// `body` is the parsed error object when the upstream sent one (its message must already be
+    /// free of secrets); `rate_limits` are the answer's parsed headers, which give
+    /// [`retry_after`](Self::retry_after) and the `x-should-retry` override.
+    pub fn upstream(
+        endpoint: EndpointId,
+        status: u16,
+        body: Option<ErrorBody>,
+        rate_limits: &RateLimitInfo,
+    ) -> Self {
+        let kind = classify(status, body.as_ref());
+        let mut error = Self::new(kind);
+        error.inner.status = Some(status);
+        error.inner.endpoint = Some(endpoint);
+        error.inner.should_retry = rate_limits.should_retry;
+        error.inner.retry_after = rate_limits
+            .retry_hint()
+            .or_else(|| body.as_ref().and_then(|b| ratelimit::retry_hint_in_message(&b.message)));
+        error.inner.body = body;
+        error
+    }
+
+    /// An `error` event received mid-stream.
+    pub fn stream_event(endpoint: EndpointId, body: ErrorBody) -> Self {
+        let mut error = Self::new(ErrorKind::StreamError);
+        error.inner.endpoint = Some(endpoint);
+        error.inner.body = Some(body);
+        error
+    }
+
+    /// A transport-level failure (`Connect`, `Timeout`, `Transport`, `Decode`,
+    /// `StreamTruncated`) at `endpoint`, with what happened and its cause.
+    pub fn transport(
+        kind: ErrorKind,
+        endpoint: EndpointId,
+        message: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        let mut error = Self::with_message(kind, message);
+        error.inner.endpoint = Some(endpoint);
+        error.inner.source = source;
+        error
+    }
+
+    /// The backend at `endpoint` does not support `operation`.
+    pub fn unsupported(endpoint: EndpointId, operation: &str) -> Self {
+        let mut error = Self::with_message(
+            ErrorKind::Unsupported,
+            format!("this backend does not support {operation}"),
+        );
+        error.inner.endpoint = Some(endpoint);
+        error
+    }
+
+    /// Invalid configuration; `message` names the field and the problem.
+    pub fn config(message: impl Into<String>) -> Self {
+        Self::with_message(ErrorKind::Config, message)
+    }
+
+    /// Sets the endpoint the error came from.
+    #[must_use]
+    pub fn with_endpoint(mut self, endpoint: EndpointId) -> Self {
+        self.inner.endpoint = Some(endpoint);
+        self
+    }
+
+    /// Sets how long to wait before trying the endpoint again.
+    #[must_use]
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.inner.retry_after = Some(retry_after);
+        self
+    }
+
+    /// Sets the underlying cause.
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The upstream's HTTP status, when it answered.
+    pub fn status(&self) -> Option<u16> {
+        self.inner.status
+    }
+
+    /// The endpoint that failed, when one did.
+    pub fn endpoint(&self) -> Option<&EndpointId> {
+        self.inner.endpoint.as_ref()
+    }
+
+    /// How long the upstream asked to wait (`retry-after-ms`, `retry-after`, reset headers, or
+    /// the "retry after N seconds" of the message), when it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.inner.retry_after
+    }
+
+    /// The upstream's error object, when it sent one.
+    pub fn body(&self) -> Option<&ErrorBody> {
+        self.inner.body.as_ref()
+    }
+
+    /// Whether another attempt, on another endpoint, may succeed. An upstream
+    /// `x-should-retry` header overrides the kind's default.
+    pub fn is_retryable(&self) -> bool {
+        self.inner
+            .should_retry
+            .unwrap_or_else(|| self.inner.kind.is_retryable())
+    }
+
+    /// What the failure means for the endpoint's health.
+    pub fn health_effect(&self) -> HealthEffect {
+        self.inner.kind.health_effect()
+    }
+
+    /// Whether the upstream throttled the request (429, not quota exhaustion).
+    pub fn is_rate_limited(&self) -> bool {
+        self.inner.kind == ErrorKind::RateLimited
+    }
+
+    /// Whether a timeout caused it.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.inner.kind, ErrorKind::Timeout | ErrorKind::RequestTimeout)
+    }
+
+    /// Whether the upstream answered (with an error status or an error event).
+    pub fn is_upstream(&self) -> bool {
+        self.inner.status.is_some() || self.inner.kind == ErrorKind::StreamError
+    }
+}
+
+fn classify(status: u16, body: Option<&ErrorBody>) -> ErrorKind {
+    let is = |value: &str| body.is_some_and(|b| b.is(value));
+    match status {
+        429 if is("insufficient_quota") => ErrorKind::QuotaExhausted,
+        429 if body.is_some_and(|b| b.message.starts_with("Request too large")) => {
+            ErrorKind::RequestTooLarge
+        }
+        429 => ErrorKind::RateLimited,
+        400 if is("content_filter") || has_inner_code(body, "ResponsibleAIPolicyViolation") => {
+            ErrorKind::ContentFilter
+        }
+        400 if is("context_length_exceeded") => ErrorKind::ContextLengthExceeded,
+        400 => ErrorKind::BadRequest,
+        401 => ErrorKind::Unauthorized,
+        403 => ErrorKind::Forbidden,
+        404 => ErrorKind::NotFound,
+        408 => ErrorKind::RequestTimeout,
+        409 => ErrorKind::Conflict,
+        422 => ErrorKind::Unprocessable,
+        500..=599 => ErrorKind::ServerError,
+        _ => ErrorKind::UnexpectedStatus,
+    }
+}
+
+fn has_inner_code(body: Option<&ErrorBody>, code: &str) -> bool {
+    body.and_then(|b| b.extra.get("innererror"))
+        .and_then(|inner| inner.get("code"))
+        .and_then(|c| c.as_str())
+        == Some(code)
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.inner.kind);
+        if let Some(status) = self.inner.status {
+            d.field("status", &status);
+        }
+        if let Some(endpoint) = &self.inner.endpoint {
+            d.field("endpoint", endpoint);
+        }
+        if let Some(retry_after) = self.inner.retry_after {
+            d.field("retry_after", &retry_after);
+        }
+        if let Some(message) = &self.inner.message {
+            d.field("message", message);
+        }
+        if let Some(body) = &self.inner.body {
+            d.field("body", body);
+        }
+        if let Some(source) = &self.inner.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.inner.kind.describe())?;
+        if let Some(endpoint) = &self.inner.endpoint {
+            write!(f, " at endpoint `{endpoint}`")?;
+        }
+        if let Some(status) = self.inner.status {
+            write!(f, " (HTTP {status})")?;
+        }
+        if let Some(message) = &self.inner.message {
+            write!(f, ": {message}")?;
+        }
+        if let Some(body) = &self.inner.body {
+            if !body.message.is_empty() {
+                write!(f, ": {}", body.message)?;
+            }
+        }
+        if let Some(retry_after) = self.inner.retry_after {
+            write!(f, "; retry after {:.3}s", retry_after.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|source| source as &(dyn StdError + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router_types::ErrorResponse;
+
+    fn body(json: &str) -> ErrorBody {
+        serde_json::from_str::<ErrorResponse>(json).unwrap().error
+    }
+
+    fn fixture(rel: &str) -> ErrorBody {
+        let path = format!("{}/../../fixtures/{rel}", env!("CARGO_MANIFEST_DIR"));
+        body(&std::fs::read_to_string(path).unwrap())
+    }
+
+    fn upstream(status: u16, body: Option<ErrorBody>) -> Error {
+        Error::upstream(EndpointId::new("ep"), status, body, &RateLimitInfo::default())
+    }
+
+    #[test]
+    fn error_is_one_pointer() {
+        assert_eq!(size_of::<Error>(), size_of::<usize>());
+        assert_eq!(size_of::<Result<(), Error>>(), size_of::<usize>());
+    }
+
+    #[test]
+    fn every_row_of_the_failure_table() {
+        let rows: [(u16, Option<ErrorBody>, ErrorKind, bool, HealthEffect); 16] = [
+            (429, Some(fixture("openai/error_429_rate_limit_tokens.json")), ErrorKind::RateLimited, true, HealthEffect::Cooldown),
+            (429, Some(fixture("azure/error_429_token_rate_limit.json")), ErrorKind::RateLimited, true, HealthEffect::Cooldown),
+            (429, Some(fixture("openai/error_429_insufficient_quota.json")), ErrorKind::QuotaExhausted, true, HealthEffect::Disable),
+            (429, Some(body(r#"{"error":{"message":"Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.","type":"tokens","code":"rate_limit_exceeded"}}"#)), ErrorKind::RequestTooLarge, true, HealthEffect::None),
+            (401, Some(fixture("azure/error_401_invalid_key.json")), ErrorKind::Unauthorized, true, HealthEffect::Disable),
+            (403, None, ErrorKind::Forbidden, true, HealthEffect::Disable),
+            (404, Some(fixture("azure/error_404_deployment_not_found.json")), ErrorKind::NotFound, true, HealthEffect::Disable),
+            (400, Some(fixture("azure/error_400_content_filter_prompt.json")), ErrorKind::ContentFilter, false, HealthEffect::None),
+            (400, Some(fixture("openai/error_400_context_length_exceeded.json")), ErrorKind::ContextLengthExceeded, false, HealthEffect::None),
+            (400, Some(body(r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#)), ErrorKind::BadRequest, false, HealthEffect::None),
+            (422, None, ErrorKind::Unprocessable, false, HealthEffect::None),
+            (408, None, ErrorKind::RequestTimeout, true, HealthEffect::Failure),
+            (409, None, ErrorKind::Conflict, true, HealthEffect::Failure),
+            (500, None, ErrorKind::ServerError, true, HealthEffect::Failure),
+            (503, None, ErrorKind::ServerError, true, HealthEffect::Failure),
+            (418, None, ErrorKind::UnexpectedStatus, false, HealthEffect::None),
+        ];
+        for (status, body, kind, retryable, effect) in rows {
+            let error = upstream(status, body);
+            assert_eq!(error.kind(), kind, "status {status}");
+            assert_eq!(error.is_retryable(), retryable, "{kind:?}");
+            assert_eq!(error.health_effect(), effect, "{kind:?}");
+            assert_eq!(error.status(), Some(status));
+        }
+    }
+
+    #[test]
+    fn retry_after_from_headers_then_message() {
+        let mut limits = RateLimitInfo::default();
+        limits.retry_after = Some(Duration::from_millis(1500));
+        let error = Error::upstream(EndpointId::new("a"), 429, None, &limits);
+        assert_eq!(error.retry_after(), Some(Duration::from_millis(1500)));
+
+        // Azure's text when no header came: "Please retry after 33 seconds."
+        let azure = upstream(429, Some(fixture("azure/error_429_token_rate_limit.json")));
+        assert_eq!(azure.retry_after(), Some(Duration::from_secs(33)));
+        // OpenAI's text: "Please try again in 84ms."
+        let openai = upstream(429, Some(fixture("openai/error_429_rate_limit_tokens.json")));
+        assert_eq!(openai.retry_after(), Some(Duration::from_millis(84)));
+    }
+
+    #[test]
+    fn should_retry_header_overrides_the_kind() {
+        let mut limits = RateLimitInfo::default();
+        limits.should_retry = Some(false);
+        let error = Error::upstream(EndpointId::new("a"), 503, None, &limits);
+        assert!(!error.is_retryable());
+        limits.should_retry = Some(true);
+        let error = Error::upstream(EndpointId::new("a"), 400, None, &limits);
+        assert!(error.is_retryable());
+    }
+
+    #[test]
+    fn display_names_endpoint_status_and_wait() {
+        let mut limits = RateLimitInfo::default();
+        limits.retry_after = Some(Duration::from_secs(2));
+        let error = Error::upstream(
+            EndpointId::new("azure-east"),
+            429,
+            Some(body(r#"{"error":{"message":"slow down","code":"429"}}"#)),
+            &limits,
+        );
+        assert_eq!(
+            error.to_string(),
+            "rate limited at endpoint `azure-east` (HTTP 429): slow down; retry after 2.000s"
+        );
+    }
+}
