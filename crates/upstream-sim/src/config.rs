@@ -1,0 +1,293 @@
+//! What a simulated endpoint is: its dialect, credentials, latency, limits and content.
+//!
+//! Every type here deserializes from the TOML the `upstream-sim` binary reads (durations in
+//! milliseconds, fields named as below); see `examples/sim.toml`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole simulator: a seed and its endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    /// Seed for every random draw (latency jitter, generated text, embeddings).
+    #[serde(default)]
+    pub seed: u64,
+    /// The endpoints, each on its own port.
+    #[serde(default, rename = "endpoint")]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// Which API dialect an endpoint speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimDialect {
+    /// OpenAI: `POST /v1/chat/completions` with `Authorization: Bearer <key>`; the model in
+    /// the body.
+    #[default]
+    OpenAi,
+    /// Azure OpenAI: `POST /openai/deployments/{deployment}/chat/completions?api-version=…`,
+    /// or `POST /openai/v1/chat/completions` with the deployment as `model`; `api-key: <key>` or
+    /// `Authorization: Bearer <entra token>`.
+    Azure,
+}
+
+/// One simulated endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// A name for counters and logs.
+    pub name: String,
+    /// The dialect.
+    #[serde(default)]
+    pub dialect: SimDialect,
+    /// The port to listen on, on 127.0.0.1; 0 picks a free one.
+    #[serde(default)]
+    pub port: u16,
+    /// The key a request must carry; `None` accepts any request.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Azure only: a bearer token accepted in place of the key (Entra ID).
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Model (OpenAI) or deployment (Azure) names served; empty serves any name.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// How fast it answers.
+    #[serde(default)]
+    pub latency: LatencyModel,
+    /// Its quota.
+    #[serde(default)]
+    pub limits: Limits,
+    /// What it generates.
+    #[serde(default)]
+    pub output: OutputModel,
+}
+
+impl EndpointConfig {
+    /// An endpoint named `name` in `dialect` with default latency, no limits and no key.
+    pub fn new(name: impl Into<String>, dialect: SimDialect) -> Self {
+        Self {
+            name: name.into(),
+            dialect,
+            port: 0,
+            api_key: None,
+            bearer_token: None,
+            models: Vec::new(),
+            latency: LatencyModel::default(),
+            limits: Limits::default(),
+            output: OutputModel::default(),
+        }
+    }
+
+    /// Requires `key`.
+    #[must_use]
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Azure: also accepts `Authorization: Bearer <token>`.
+    #[must_use]
+    pub fn with_bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.bearer_token = Some(token.into());
+        self
+    }
+
+    /// Serves only these model or deployment names.
+    #[must_use]
+    pub fn with_models<I, S>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.models = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the latency model.
+    #[must_use]
+    pub fn with_latency(mut self, latency: LatencyModel) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Sets the quota.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets what it generates.
+    #[must_use]
+    pub fn with_output(mut self, output: OutputModel) -> Self {
+        self.output = output;
+        self
+    }
+}
+
+/// Time to first token plus time per token, each scaled by a random factor in
+/// `[1 - jitter, 1 + jitter]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyModel {
+    /// Time to first token, in milliseconds.
+    #[serde(default = "defaults::ttft_ms")]
+    pub ttft_ms: u64,
+    /// Time per generated token, in milliseconds (may be fractional).
+    #[serde(default = "defaults::per_token_ms")]
+    pub per_token_ms: f64,
+    /// Relative jitter, 0 to 1.
+    #[serde(default)]
+    pub jitter: f64,
+}
+
+impl Default for LatencyModel {
+    fn default() -> Self {
+        Self {
+            ttft_ms: defaults::ttft_ms(),
+            per_token_ms: defaults::per_token_ms(),
+            jitter: 0.0,
+        }
+    }
+}
+
+impl LatencyModel {
+    /// A model with no jitter.
+    pub fn new(ttft: Duration, per_token: Duration) -> Self {
+        Self {
+            ttft_ms: ttft.as_millis() as u64,
+            per_token_ms: per_token.as_secs_f64() * 1000.0,
+            jitter: 0.0,
+        }
+    }
+
+    /// No latency at all.
+    pub fn instant() -> Self {
+        Self::new(Duration::ZERO, Duration::ZERO)
+    }
+
+    /// Sets the jitter.
+    #[must_use]
+    pub fn with_jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Multiplies both times by `factor` (5.0 makes the endpoint five times slower).
+    #[must_use]
+    pub fn scaled(mut self, factor: f64) -> Self {
+        self.ttft_ms = (self.ttft_ms as f64 * factor).round() as u64;
+        self.per_token_ms *= factor;
+        self
+    }
+}
+
+/// A quota enforced the way Azure does: the estimated cost of a request (prompt tokens from
+/// its characters, plus its output cap times `n`) is charged when it arrives, over short fixed
+/// windows; a request that does not fit gets a 429 with `retry-after` until the window ends.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Tokens per minute; `None` is unlimited.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests per minute; `None` is unlimited.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// The window, in milliseconds: the window's budget is the per-minute limit times
+    /// `window / 60 s`. Azure evaluates over 1 s or 10 s.
+    #[serde(default = "defaults::window_ms")]
+    pub window_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tpm: None,
+            rpm: None,
+            window_ms: defaults::window_ms(),
+        }
+    }
+}
+
+impl Limits {
+    /// No limits.
+    pub fn unlimited() -> Self {
+        Self::default()
+    }
+
+    /// Tokens and requests per minute over 10-second windows.
+    pub fn per_minute(tpm: Option<u64>, rpm: Option<u64>) -> Self {
+        Self {
+            tpm,
+            rpm,
+            window_ms: defaults::window_ms(),
+        }
+    }
+
+    /// Sets the window.
+    #[must_use]
+    pub fn with_window(mut self, window: Duration) -> Self {
+        self.window_ms = (window.as_millis() as u64).max(1);
+        self
+    }
+
+    pub(crate) fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms.max(1))
+    }
+
+    /// The budget of one window for a per-minute `limit` (at least 1).
+    pub(crate) fn per_window(&self, limit: u64) -> u64 {
+        ((u128::from(limit) * u128::from(self.window_ms.max(1)) / 60_000) as u64).max(1)
+    }
+}
+
+/// What an endpoint generates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputModel {
+    /// Tokens generated per choice when the request sets no output cap (otherwise the cap,
+    /// if smaller).
+    #[serde(default = "defaults::completion_tokens")]
+    pub completion_tokens: u32,
+    /// Output cap charged against the quota when the request sets none.
+    #[serde(default = "defaults::default_max_tokens")]
+    pub default_max_tokens: u32,
+    /// Embedding dimensions when the request sets none.
+    #[serde(default = "defaults::dimensions")]
+    pub dimensions: u32,
+}
+
+impl Default for OutputModel {
+    fn default() -> Self {
+        Self {
+            completion_tokens: defaults::completion_tokens(),
+            default_max_tokens: defaults::default_max_tokens(),
+            dimensions: defaults::dimensions(),
+        }
+    }
+}
+
+mod defaults {
+    pub(super) fn ttft_ms() -> u64 {
+        50
+    }
+    pub(super) fn per_token_ms() -> f64 {
+        2.0
+    }
+    pub(super) fn window_ms() -> u64 {
+        10_000
+    }
+    pub(super) fn completion_tokens() -> u32 {
+        16
+    }
+    pub(super) fn default_max_tokens() -> u32 {
+        256
+    }
+    pub(super) fn dimensions() -> u32 {
+        8
+    }
+}

@@ -1,0 +1,123 @@
+//! Faults a test can inject into an endpoint.
+
+use std::time::Duration;
+
+/// Something to go wrong with a request.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer with an error status and the dialect's error body. `code` picks the variant
+    /// (`insufficient_quota`, `content_filter`, `context_length_exceeded`, …); `retry_after`
+    /// adds `retry-after` and `retry-after-ms` headers.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The error code in the body; the status's usual one when `None`.
+        code: Option<String>,
+        /// The wait to announce.
+        retry_after: Option<Duration>,
+    },
+    /// Close the connection before sending headers.
+    Reset,
+    /// Wait this long before sending headers.
+    StallBeforeHeaders(Duration),
+    /// Stream: stop sending after this many events, for this long, then go on.
+    StallMidStream {
+        /// Events sent before the stall.
+        after_events: usize,
+        /// How long the stall lasts.
+        duration: Duration,
+    },
+    /// Stream: end the body cleanly after this many events, without `[DONE]`.
+    TruncateStream {
+        /// Events sent before the end.
+        after_events: usize,
+    },
+    /// Stream: break the connection after this many events.
+    ResetMidStream {
+        /// Events sent before the break.
+        after_events: usize,
+    },
+    /// Stream: send an `{"error": …}` event after this many events, then end.
+    ErrorEvent {
+        /// Events sent before the error.
+        after_events: usize,
+    },
+    /// Answer 200 with a body (or, for a stream, a first event) that is not valid JSON.
+    MalformedJson,
+}
+
+impl Fault {
+    /// An error status with the dialect's usual body.
+    pub fn status(status: u16) -> Self {
+        Self::Status {
+            status,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// A 429 announcing `retry_after`.
+    pub fn rate_limited(retry_after: Duration) -> Self {
+        Self::Status {
+            status: 429,
+            code: None,
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// An error status with a specific code in the body.
+    pub fn status_with_code(status: u16, code: impl Into<String>) -> Self {
+        Self::Status {
+            status,
+            code: Some(code.into()),
+            retry_after: None,
+        }
+    }
+
+    /// Whether the fault acts on the stream body rather than before the headers.
+    pub(crate) fn is_mid_stream(&self) -> bool {
+        matches!(
+            self,
+            Self::StallMidStream { .. }
+                | Self::TruncateStream { .. }
+                | Self::ResetMidStream { .. }
+                | Self::ErrorEvent { .. }
+        )
+    }
+}
+
+/// How often an injected fault applies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Times {
+    /// To the next `n` requests.
+    Next(u32),
+    /// To every request until cleared.
+    Always,
+    /// To each request with this probability (drawn from the seeded generator).
+    Fraction(f64),
+}
+
+#[derive(Debug)]
+pub(crate) struct Injected {
+    pub(crate) fault: Fault,
+    pub(crate) times: Times,
+}
+
+/// Takes the fault that applies to this request, if any, using `draw` for fractions.
+pub(crate) fn take(faults: &mut Vec<Injected>, draw: f64) -> Option<Fault> {
+    let position = faults.iter().position(|f| match f.times {
+        Times::Next(n) => n > 0,
+        Times::Always => true,
+        Times::Fraction(p) => draw < p,
+    })?;
+    let injected = &mut faults[position];
+    let fault = injected.fault.clone();
+    if let Times::Next(n) = &mut injected.times {
+        *n -= 1;
+        if *n == 0 {
+            faults.remove(position);
+        }
+    }
+    Some(fault)
+}

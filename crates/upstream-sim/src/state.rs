@@ -1,0 +1,218 @@
+//! An endpoint's live state: its configuration, quota, faults, counters and recordings.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::config::{EndpointConfig, LatencyModel, Limits};
+use crate::faults::Injected;
+use crate::limiter::{Admission, Limiter};
+
+/// How many requests an endpoint remembers for inspection.
+const RECORDED: usize = 256;
+
+/// A request as the endpoint received it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedRequest {
+    /// `POST`, `GET`.
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The query, without `?`.
+    pub query: Option<String>,
+    /// Headers by lowercase name; repeated headers joined with `, `.
+    pub headers: BTreeMap<String, String>,
+    /// The JSON body; `Null` when there was none or it was not JSON.
+    pub body: Value,
+}
+
+impl RecordedRequest {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub(crate) fn inc(&self) {
+        self.add(1);
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Cells {
+    pub(crate) requests: Counter,
+    pub(crate) ok: Counter,
+    pub(crate) streams: Counter,
+    pub(crate) rate_limited: Counter,
+    pub(crate) faults: Counter,
+    pub(crate) unauthorized: Counter,
+    pub(crate) not_found: Counter,
+    pub(crate) bad_request: Counter,
+    pub(crate) tokens_charged: Counter,
+    pub(crate) completion_tokens: Counter,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// What an endpoint has served and refused since it started.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Requests received.
+    pub requests: u64,
+    /// Answered with 200 and a complete body or stream.
+    pub ok: u64,
+    /// Of those requests, how many asked for a stream and were admitted.
+    pub streams: u64,
+    /// Refused with 429 by the quota.
+    pub rate_limited: u64,
+    /// Given an injected fault.
+    pub faults: u64,
+    /// Refused with 401.
+    pub unauthorized: u64,
+    /// Refused with 404.
+    pub not_found: u64,
+    /// Refused with 400 or 413 by validation.
+    pub bad_request: u64,
+    /// Tokens charged against the quota at admission.
+    pub tokens_charged: u64,
+    /// Completion tokens generated.
+    pub completion_tokens: u64,
+    /// Requests being served now.
+    pub in_flight: u64,
+    /// The most requests served at once.
+    pub max_in_flight: u64,
+}
+
+pub(crate) struct EndpointState {
+    config: Mutex<EndpointConfig>,
+    limiter: Mutex<Limiter>,
+    faults: Mutex<Vec<Injected>>,
+    recorded: Mutex<VecDeque<RecordedRequest>>,
+    pub(crate) counters: Cells,
+    seq: AtomicU64,
+    seed: u64,
+}
+
+/// Holds one in-flight slot; released on drop.
+pub(crate) struct InFlight(Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The critical sections cannot panic halfway; a poisoned lock's data is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EndpointState {
+    pub(crate) fn new(config: EndpointConfig, seed: u64, origin: Instant) -> Self {
+        Self {
+            limiter: Mutex::new(Limiter::new(config.limits, origin)),
+            config: Mutex::new(config),
+            faults: Mutex::new(Vec::new()),
+            recorded: Mutex::new(VecDeque::with_capacity(RECORDED)),
+            counters: Cells::default(),
+            seq: AtomicU64::new(0),
+            seed,
+        }
+    }
+
+    pub(crate) fn config(&self) -> EndpointConfig {
+        lock(&self.config).clone()
+    }
+
+    pub(crate) fn set_latency(&self, latency: LatencyModel) {
+        lock(&self.config).latency = latency;
+    }
+
+    pub(crate) fn set_limits(&self, limits: Limits) {
+        lock(&self.config).limits = limits;
+        lock(&self.limiter).set_limits(limits);
+    }
+
+    pub(crate) fn limits(&self) -> Limits {
+        lock(&self.limiter).limits()
+    }
+
+    pub(crate) fn faults(&self) -> MutexGuard<'_, Vec<Injected>> {
+        lock(&self.faults)
+    }
+
+    pub(crate) fn limiter(&self) -> MutexGuard<'_, Limiter> {
+        lock(&self.limiter)
+    }
+
+    pub(crate) fn admit(&self, cost: u64) -> Admission {
+        self.limiter().admit(Instant::now(), cost)
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.counters.requests.inc();
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The random generator of request `seq`: the same for the same seed, endpoint and
+    /// request number, whatever the interleaving with other requests.
+    pub(crate) fn rng(&self, seq: u64) -> fastrand::Rng {
+        let name_hash = lock(&self.config)
+            .name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        fastrand::Rng::with_seed(self.seed ^ name_hash ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlight {
+        let now = self.counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.counters.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+
+    pub(crate) fn record(&self, request: RecordedRequest) {
+        let mut recorded = lock(&self.recorded);
+        if recorded.len() == RECORDED {
+            recorded.pop_front();
+        }
+        recorded.push_back(request);
+    }
+
+    pub(crate) fn recorded(&self) -> Vec<RecordedRequest> {
+        lock(&self.recorded).iter().cloned().collect()
+    }
+
+    pub(crate) fn snapshot(&self) -> Counters {
+        let c = &self.counters;
+        Counters {
+            requests: c.requests.get(),
+            ok: c.ok.get(),
+            streams: c.streams.get(),
+            rate_limited: c.rate_limited.get(),
+            faults: c.faults.get(),
+            unauthorized: c.unauthorized.get(),
+            not_found: c.not_found.get(),
+            bad_request: c.bad_request.get(),
+            tokens_charged: c.tokens_charged.get(),
+            completion_tokens: c.completion_tokens.get(),
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            max_in_flight: c.max_in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
