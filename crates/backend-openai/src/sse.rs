@@ -52,6 +52,10 @@ where
     B: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
+    // A line ending in a lone `\r` is complete only once the next byte shows it is not `\r\n`;
+    // one `\n` after the body lets a CR-only stream's last blank line count. An event that the
+    // upstream left unterminated stays unterminated: it still lacks its blank line.
+    let body = body.chain(futures_util::stream::iter([Ok(Bytes::from_static(b"\n"))]));
     let state = State {
         events: body.eventsource(),
         endpoint,
@@ -124,4 +128,101 @@ where
             return Some((outcome, state));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router_types::ChatCompletionChunk;
+
+    const STREAM: &str = concat!(
+        ": keep-alive comment\n",
+        "id: 1\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"héllo wörld 🦀\"},\"finish_reason\":null}]}\n\n",
+        "retry: 100\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    async fn decode_parts(parts: Vec<Vec<u8>>) -> Vec<Result<ChatCompletionChunk, Error>> {
+        let body = futures_util::stream::iter(
+            parts.into_iter().map(|p| Ok::<_, std::io::Error>(Bytes::from(p))),
+        );
+        decode::<ChatCompletionChunk, _, _>(
+            body,
+            EndpointId::new("t"),
+            Scrubber::default(),
+            Duration::from_secs(5),
+            None,
+        )
+        .collect()
+        .await
+    }
+
+    fn contents(items: &[Result<ChatCompletionChunk, Error>]) -> String {
+        items
+            .iter()
+            .map(|item| item.as_ref().unwrap())
+            .filter_map(|c| c.choices.first()?.delta.as_ref()?.content.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn survives_a_split_at_every_byte() {
+        let bytes = STREAM.as_bytes();
+        let whole = decode_parts(vec![bytes.to_vec()]).await;
+        assert_eq!(whole.len(), 3);
+        assert_eq!(contents(&whole), "héllo wörld 🦀");
+        // Every split point, including inside the multi-byte characters and inside `\n\n`.
+        for at in 1..bytes.len() {
+            let parts = vec![bytes[..at].to_vec(), bytes[at..].to_vec()];
+            let items = decode_parts(parts).await;
+            assert_eq!(contents(&items), "héllo wörld 🦀", "split at {at}");
+            assert_eq!(items.len(), 3, "split at {at}");
+        }
+        // One byte at a time.
+        let items = decode_parts(bytes.iter().map(|b| vec![*b]).collect()).await;
+        assert_eq!(contents(&items), "héllo wörld 🦀");
+    }
+
+    #[tokio::test]
+    async fn accepts_crlf_and_cr_line_endings() {
+        for ending in ["\r\n", "\r"] {
+            let text = STREAM.replace('\n', ending);
+            let items = decode_parts(vec![text.into_bytes()]).await;
+            assert_eq!(contents(&items), "héllo wörld 🦀", "{ending:?}");
+            assert_eq!(items.len(), 3, "{ending:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cut_before_done_is_truncated() {
+        let cut = STREAM.replace("data: [DONE]\n\n", "");
+        let items = decode_parts(vec![cut.into_bytes()]).await;
+        let last = items.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(last.kind(), ErrorKind::StreamTruncated);
+        assert_eq!(items.len(), 4, "three chunks then the error");
+    }
+
+    #[tokio::test]
+    async fn error_event_is_typed_and_ends_the_stream() {
+        let text = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[]}\n\n",
+        );
+        let items = decode_parts(vec![text.as_bytes().to_vec()]).await;
+        assert_eq!(items.len(), 2);
+        let error = items[1].as_ref().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::StreamError);
+        assert_eq!(error.body().unwrap().message, "boom");
+    }
+
+    #[tokio::test]
+    async fn malformed_event_is_a_decode_error() {
+        let items = decode_parts(vec![b"data: {\"id\": \"broken\n\n".to_vec()]).await;
+        assert_eq!(items[0].as_ref().unwrap_err().kind(), ErrorKind::Decode);
+        assert_eq!(items.len(), 1);
+    }
 }
