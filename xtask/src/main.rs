@@ -1,1 +1,196 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <task>` (the alias is in `.cargo/config.toml`).
+//!
+//! - `ci`: everything CI checks, in order: formatting, clippy with warnings denied, the whole
+//!   test suite (nextest), doc tests, rustdoc with warnings denied, and `cargo deny` (bans,
+//!   licenses, sources). Tools it needs and can install from the crate registry
+//!   (`cargo-deny`, `cargo-nextest`) are installed when missing.
+//! - `test`: the test suite and the doc tests only.
+//!
+//! Each step prints its command and duration; a summary closes the run.
+
+use std::env;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+/// One command of a task.
+struct Step {
+    name: &'static str,
+    program: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
+const FMT: Step = Step {
+    name: "format",
+    program: "cargo",
+    args: &["fmt", "--all", "--check"],
+    env: &[],
+};
+const CLIPPY: Step = Step {
+    name: "clippy",
+    program: "cargo",
+    args: &[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    env: &[],
+};
+const NEXTEST: Step = Step {
+    name: "tests",
+    program: "cargo",
+    args: &[
+        "nextest",
+        "run",
+        "--workspace",
+        "--all-features",
+        "--locked",
+        "--profile",
+        "ci",
+    ],
+    env: &[],
+};
+const DOCTEST: Step = Step {
+    name: "doc tests",
+    program: "cargo",
+    args: &["test", "--doc", "--workspace", "--all-features", "--locked"],
+    env: &[],
+};
+const RUSTDOC: Step = Step {
+    name: "rustdoc",
+    program: "cargo",
+    args: &[
+        "doc",
+        "--workspace",
+        "--no-deps",
+        "--all-features",
+        "--locked",
+    ],
+    env: &[("RUSTDOCFLAGS", "-D warnings")],
+};
+const DENY: Step = Step {
+    name: "cargo deny",
+    program: "cargo",
+    args: &["deny", "--offline", "check", "bans", "licenses", "sources"],
+    env: &[],
+};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln_safe(&format!("xtask: {error:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let task = env::args().nth(1).unwrap_or_default();
+    // Run from the workspace root whatever the caller's directory.
+    let root = env::var("CARGO_MANIFEST_DIR")
+        .map(|dir| std::path::PathBuf::from(dir).join(".."))
+        .context("run through `cargo xtask`")?;
+    env::set_current_dir(&root).with_context(|| format!("cannot enter {}", root.display()))?;
+    match task.as_str() {
+        "ci" => {
+            ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
+            ensure_tool("cargo-deny", "deny", "cargo-deny")?;
+            run_steps(&[FMT, CLIPPY, NEXTEST, DOCTEST, RUSTDOC, DENY])
+        }
+        "test" => {
+            ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
+            run_steps(&[NEXTEST, DOCTEST])
+        }
+        "" | "help" | "--help" | "-h" => {
+            say(
+                "usage: cargo xtask <ci|test>\n  ci    format, clippy, tests, doc tests, rustdoc, cargo deny\n  test  tests and doc tests",
+            );
+            Ok(())
+        }
+        other => bail!("unknown task `{other}`; try `cargo xtask help`"),
+    }
+}
+
+/// Installs a cargo subcommand from the crate registry when it is missing.
+fn ensure_tool(binary: &str, subcommand: &str, package: &str) -> Result<()> {
+    let present = Command::new("cargo")
+        .args([subcommand, "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if present {
+        return Ok(());
+    }
+    say(&format!(
+        "==> installing {package} (missing: `cargo {subcommand}`); this happens once per machine"
+    ));
+    let status = Command::new("cargo")
+        .args(["install", "--locked", package])
+        .status()
+        .with_context(|| format!("cannot run cargo install {package}"))?;
+    if !status.success() {
+        bail!("could not install {binary}; install it with `cargo install --locked {package}`");
+    }
+    Ok(())
+}
+
+fn run_steps(steps: &[Step]) -> Result<()> {
+    let started = Instant::now();
+    let mut done: Vec<(&str, Duration)> = Vec::new();
+    for step in steps {
+        say(&format!(
+            "==> {}: {} {}",
+            step.name,
+            step.program,
+            step.args.join(" ")
+        ));
+        let step_started = Instant::now();
+        let status = Command::new(step.program)
+            .args(step.args)
+            .envs(step.env.iter().copied())
+            .status()
+            .with_context(|| format!("cannot run {}", step.program))?;
+        let took = step_started.elapsed();
+        if !status.success() {
+            summary(&done, Some((step.name, took)), started.elapsed());
+            bail!("step `{}` failed ({status})", step.name);
+        }
+        done.push((step.name, took));
+    }
+    summary(&done, None, started.elapsed());
+    Ok(())
+}
+
+fn summary(done: &[(&str, Duration)], failed: Option<(&str, Duration)>, total: Duration) {
+    say("==> summary");
+    for (name, took) in done {
+        say(&format!(
+            "    ok      {name:<12} {:>7.1}s",
+            took.as_secs_f64()
+        ));
+    }
+    if let Some((name, took)) = failed {
+        say(&format!(
+            "    FAILED  {name:<12} {:>7.1}s",
+            took.as_secs_f64()
+        ));
+    }
+    say(&format!("    total {:>19.1}s", total.as_secs_f64()));
+}
+
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+fn eprintln_safe(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}

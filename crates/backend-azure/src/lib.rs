@@ -91,12 +91,12 @@ impl AzureDialect {
                 break;
             }
         }
-        if let AzureApi::Deployments { api_version } = &api {
-            if api_version.trim().is_empty() {
-                return Err(Error::config(
-                    "api_version: required for the deployments URL form (for example 2024-10-21)",
-                ));
-            }
+        if let AzureApi::Deployments { api_version } = &api
+            && api_version.trim().is_empty()
+        {
+            return Err(Error::config(
+                "api_version: required for the deployments URL form (for example 2024-10-21)",
+            ));
         }
         Ok(Self {
             resource,
@@ -128,11 +128,17 @@ impl Dialect for AzureDialect {
                     .pop_if_empty()
                     .push(model)
                     .extend(operation.path().split('/'));
-                url.query_pairs_mut().append_pair("api-version", api_version);
+                url.query_pairs_mut()
+                    .append_pair("api-version", api_version);
                 Ok(url)
             }
             AzureApi::V1 { api_version } => {
-                let mut url = self.resource.join("openai/v1/").map_err(bad)?.join(operation.path()).map_err(bad)?;
+                let mut url = self
+                    .resource
+                    .join("openai/v1/")
+                    .map_err(bad)?
+                    .join(operation.path())
+                    .map_err(bad)?;
                 if let Some(version) = api_version {
                     url.query_pairs_mut().append_pair("api-version", version);
                 }
@@ -245,8 +251,10 @@ impl AzureBackendBuilder {
 
     /// Authenticates with `api-key: <key>`.
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.credential =
-            Credential::Header(HeaderName::from_static("api-key"), SecretString::from(key.into()));
+        self.credential = Credential::Header(
+            HeaderName::from_static("api-key"),
+            SecretString::from(key.into()),
+        );
         self
     }
 
@@ -331,7 +339,10 @@ mod tests {
         ] {
             let dialect = AzureDialect::new(endpoint, deployments()).unwrap();
             assert_eq!(
-                dialect.url(Operation::Chat, "gpt-4o mini").unwrap().as_str(),
+                dialect
+                    .url(Operation::Chat, "gpt-4o mini")
+                    .unwrap()
+                    .as_str(),
                 "https://res.openai.azure.com/openai/deployments/gpt-4o%20mini/chat/completions?api-version=2024-10-21",
                 "{endpoint}"
             );
@@ -346,16 +357,20 @@ mod tests {
 
     #[test]
     fn v1_urls() {
-        let dialect =
-            AzureDialect::new("https://res.openai.azure.com", AzureApi::V1 { api_version: None })
-                .unwrap();
+        let dialect = AzureDialect::new(
+            "https://res.openai.azure.com",
+            AzureApi::V1 { api_version: None },
+        )
+        .unwrap();
         assert_eq!(
             dialect.url(Operation::Chat, "dep").unwrap().as_str(),
             "https://res.openai.azure.com/openai/v1/chat/completions"
         );
         let preview = AzureDialect::new(
             "https://res.openai.azure.com",
-            AzureApi::V1 { api_version: Some("preview".into()) },
+            AzureApi::V1 {
+                api_version: Some("preview".into()),
+            },
         )
         .unwrap();
         assert_eq!(
@@ -366,15 +381,29 @@ mod tests {
 
     #[test]
     fn build_errors_name_endpoint_and_field() {
-        let no_form = AzureBackend::builder("east", "https://r.openai.azure.com").api_key("k").build();
-        assert!(no_form.unwrap_err().to_string().contains("endpoint `east`: invalid configuration: api_version"));
-        let no_key = AzureBackend::builder("east", "https://r.openai.azure.com").v1().build();
+        let no_form = AzureBackend::builder("east", "https://r.openai.azure.com")
+            .api_key("k")
+            .build();
+        assert!(
+            no_form
+                .unwrap_err()
+                .to_string()
+                .contains("endpoint `east`: invalid configuration: api_version")
+        );
+        let no_key = AzureBackend::builder("east", "https://r.openai.azure.com")
+            .v1()
+            .build();
         assert!(no_key.unwrap_err().to_string().contains("credential"));
         let empty_version = AzureBackend::builder("east", "https://r.openai.azure.com")
             .api_version(" ")
             .api_key("k")
             .build();
-        assert!(empty_version.unwrap_err().to_string().contains("api_version"));
+        assert!(
+            empty_version
+                .unwrap_err()
+                .to_string()
+                .contains("api_version")
+        );
     }
 
     #[test]
@@ -388,3 +417,8 @@ mod tests {
         assert!(!shown.contains("az-secret-key"), "{shown}");
     }
 }
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -144,7 +144,9 @@ impl OpenAiBackend {
         let (name, value) = match &self.inner.credential {
             Credential::None => return Ok(()),
             Credential::Bearer(key) => (AUTHORIZATION, bearer(key)),
-            Credential::Header(name, key) => (name.clone(), HeaderValue::from_str(key.expose_secret())),
+            Credential::Header(name, key) => {
+                (name.clone(), HeaderValue::from_str(key.expose_secret()))
+            }
             Credential::TokenProvider(provider) => {
                 let token = provider
                     .token()
@@ -218,19 +220,25 @@ impl OpenAiBackend {
     }
 
     fn upstream_error(&self, status: u16, body: &[u8], rate_limits: &RateLimitInfo) -> Error {
-        let parsed = serde_json::from_slice::<ErrorResponse>(body)
-            .map(|response| response.error)
-            .unwrap_or_else(|_| {
+        let parsed = serde_json::from_slice::<ErrorResponse>(body).map_or_else(
+            |_| {
                 let text = String::from_utf8_lossy(body);
                 let text: String = text.trim().chars().take(MAX_ERROR_TEXT).collect();
                 ErrorBody {
                     message: text,
                     ..ErrorBody::default()
                 }
-            });
+            },
+            |response| response.error,
+        );
         let mut parsed = parsed;
         parsed.message = self.inner.scrubber.scrub(&parsed.message);
-        Error::upstream(self.inner.endpoint.clone(), status, Some(parsed), rate_limits)
+        Error::upstream(
+            self.inner.endpoint.clone(),
+            status,
+            Some(parsed),
+            rate_limits,
+        )
     }
 
     fn map_transport(&self, error: reqwest::Error) -> Error {
@@ -251,7 +259,9 @@ impl OpenAiBackend {
 
 /// The smaller of `timeout` and the time left until `deadline`.
 fn bounded(timeout: Duration, deadline: Option<Instant>) -> Duration {
-    deadline.map_or(timeout, |d| timeout.min(d.saturating_duration_since(Instant::now())))
+    deadline.map_or(timeout, |d| {
+        timeout.min(d.saturating_duration_since(Instant::now()))
+    })
 }
 
 fn bearer(secret: &SecretString) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
@@ -273,9 +283,12 @@ impl Backend for OpenAiBackend {
             let mut plain = request.clone();
             plain.stream = None;
             plain.stream_options = None;
-            return self.call(Operation::Chat, &request.model, &plain, options).await;
+            return self
+                .call(Operation::Chat, &request.model, &plain, options)
+                .await;
         }
-        self.call(Operation::Chat, &request.model, request, options).await
+        self.call(Operation::Chat, &request.model, request, options)
+            .await
     }
 
     async fn chat_stream(
@@ -292,8 +305,9 @@ impl Backend for OpenAiBackend {
             streamed = copy;
             &streamed
         };
-        let (response, sent_at, meta) =
-            self.send(Operation::Chat, &request.model, request, true, options).await?;
+        let (response, sent_at, meta) = self
+            .send(Operation::Chat, &request.model, request, true, options)
+            .await?;
         let events = sse::decode(
             response.bytes_stream(),
             self.inner.endpoint.clone(),
@@ -311,7 +325,8 @@ impl Backend for OpenAiBackend {
         request: &EmbeddingRequest,
         options: &CallOptions,
     ) -> Result<Reply<EmbeddingResponse>, Error> {
-        self.call(Operation::Embeddings, &request.model, request, options).await
+        self.call(Operation::Embeddings, &request.model, request, options)
+            .await
     }
 
     async fn completions(
@@ -323,9 +338,12 @@ impl Backend for OpenAiBackend {
             let mut plain = request.clone();
             plain.stream = None;
             plain.stream_options = None;
-            return self.call(Operation::Completions, &request.model, &plain, options).await;
+            return self
+                .call(Operation::Completions, &request.model, &plain, options)
+                .await;
         }
-        self.call(Operation::Completions, &request.model, request, options).await
+        self.call(Operation::Completions, &request.model, request, options)
+            .await
     }
 }
 

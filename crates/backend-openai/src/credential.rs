@@ -38,7 +38,9 @@ impl fmt::Debug for Credential {
         match self {
             Self::Bearer(_) => f.write_str("Bearer([REDACTED])"),
             Self::Header(name, _) => write!(f, "Header({name}, [REDACTED])"),
-            Self::TokenProvider(provider) => f.debug_tuple("TokenProvider").field(provider).finish(),
+            Self::TokenProvider(provider) => {
+                f.debug_tuple("TokenProvider").field(provider).finish()
+            }
             Self::None => f.write_str("None"),
         }
     }
@@ -87,7 +89,10 @@ mod tests {
     fn debug_never_shows_secrets() {
         let credentials = [
             Credential::Bearer(SecretString::from("sk-very-secret")),
-            Credential::Header(HeaderName::from_static("api-key"), SecretString::from("sk-very-secret")),
+            Credential::Header(
+                HeaderName::from_static("api-key"),
+                SecretString::from("sk-very-secret"),
+            ),
             Credential::TokenProvider(Arc::new(StaticToken::new("sk-very-secret"))),
         ];
         for credential in credentials {

@@ -76,9 +76,9 @@ impl OpenAiDialect {
 
 impl Dialect for OpenAiDialect {
     fn url(&self, operation: Operation, _model: &str) -> Result<Url, Error> {
-        self.base
-            .join(operation.path())
-            .map_err(|e| Error::config(format!("base_url: cannot append {}: {e}", operation.path())))
+        self.base.join(operation.path()).map_err(|e| {
+            Error::config(format!("base_url: cannot append {}: {e}", operation.path()))
+        })
     }
 
     fn headers(&self) -> &HeaderMap {
@@ -141,10 +141,18 @@ mod tests {
 
     #[test]
     fn bad_base_urls_name_the_field() {
-        for bad in ["api.openai.com/v1", "ftp://x/v1", "https://user:pw@x/v1", "https://x/v1?a=1"] {
+        for bad in [
+            "api.openai.com/v1",
+            "ftp://x/v1",
+            "https://user:pw@x/v1",
+            "https://x/v1?a=1",
+        ] {
             let error = OpenAiDialect::new(bad).unwrap_err();
             assert!(error.to_string().contains("base_url"), "{error}");
-            assert!(!error.to_string().contains("pw@"), "no credentials echoed: {error}");
+            assert!(
+                !error.to_string().contains("pw@"),
+                "no credentials echoed: {error}"
+            );
         }
     }
 }

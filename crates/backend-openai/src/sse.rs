@@ -70,7 +70,9 @@ where
         }
         loop {
             let wait = match state.deadline {
-                Some(deadline) => state.idle.min(deadline.saturating_duration_since(Instant::now())),
+                Some(deadline) => state
+                    .idle
+                    .min(deadline.saturating_duration_since(Instant::now())),
                 None => state.idle,
             };
             let next = tokio::time::timeout(wait, state.events.next()).await;
@@ -147,7 +149,9 @@ mod tests {
 
     async fn decode_parts(parts: Vec<Vec<u8>>) -> Vec<Result<ChatCompletionChunk, Error>> {
         let body = futures_util::stream::iter(
-            parts.into_iter().map(|p| Ok::<_, std::io::Error>(Bytes::from(p))),
+            parts
+                .into_iter()
+                .map(|p| Ok::<_, std::io::Error>(Bytes::from(p))),
         );
         decode::<ChatCompletionChunk, _, _>(
             body,

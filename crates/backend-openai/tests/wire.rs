@@ -1,5 +1,11 @@
 //! The OpenAI backend against upstream-sim over real HTTP on loopback.
 
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail loudly by design"
+)]
+
 use std::time::{Duration, Instant};
 
 use backend_openai::{OpenAiBackend, Timeouts};
@@ -21,7 +27,11 @@ async fn sim_with(config: EndpointConfig) -> Sim {
 fn endpoint() -> EndpointConfig {
     EndpointConfig::new("oai", SimDialect::OpenAi)
         .with_api_key(KEY)
-        .with_models(["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"])
+        .with_models([
+            "gpt-4o-mini",
+            "text-embedding-3-small",
+            "gpt-3.5-turbo-instruct",
+        ])
         .with_latency(LatencyModel::instant())
 }
 
@@ -70,28 +80,49 @@ async fn chat_sends_the_exact_wire_shape_and_keeps_unknown_fields() {
         .unwrap();
     let mut request = chat_request();
     request.max_completion_tokens = Some(5);
-    request.extra.insert("x_future_param".into(), json!({"nested": [1, 2]}));
+    request
+        .extra
+        .insert("x_future_param".into(), json!({"nested": [1, 2]}));
 
-    let reply = backend.chat(&request, &CallOptions::default()).await.unwrap();
+    let reply = backend
+        .chat(&request, &CallOptions::default())
+        .await
+        .unwrap();
 
     let seen = sim.endpoints()[0].last_request().unwrap();
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.path, "/v1/chat/completions");
     assert_eq!(seen.query, None);
-    assert_eq!(seen.header("authorization"), Some(format!("Bearer {KEY}").as_str()));
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {KEY}").as_str())
+    );
     assert_eq!(seen.header("content-type"), Some("application/json"));
     assert_eq!(seen.header("openai-organization"), Some("org-sim"));
     assert_eq!(seen.header("openai-project"), Some("proj_sim"));
     assert_eq!(seen.header("api-key"), None);
-    assert_eq!(seen.body["x_future_param"], json!({"nested": [1, 2]}), "unknown request field");
+    assert_eq!(
+        seen.body["x_future_param"],
+        json!({"nested": [1, 2]}),
+        "unknown request field"
+    );
     assert_eq!(seen.body["model"], "gpt-4o-mini");
 
     let body = &reply.body;
     assert_eq!(body.choices[0].finish_reason, Some(FinishReason::Stop));
     assert_eq!(body.usage.as_ref().unwrap().completion_tokens, Some(5));
-    assert_eq!(body.extra["x_sim_extra"]["served_by"], "upstream-sim", "unknown response field");
+    assert_eq!(
+        body.extra["x_sim_extra"]["served_by"], "upstream-sim",
+        "unknown response field"
+    );
     assert_eq!(reply.meta.status, 200);
-    assert!(reply.meta.request_id.as_deref().is_some_and(|id| id.starts_with("req_sim")));
+    assert!(
+        reply
+            .meta
+            .request_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("req_sim"))
+    );
     let limits = &reply.meta.rate_limits;
     assert_eq!(limits.limit_tokens, Some(100_000));
     assert_eq!(limits.limit_requests, Some(600));
@@ -107,17 +138,26 @@ async fn stream_yields_typed_chunks_until_done() {
         include_usage: Some(true),
         ..StreamOptions::default()
     });
-    let stream = backend.chat_stream(&request, &CallOptions::default()).await.unwrap();
+    let stream = backend
+        .chat_stream(&request, &CallOptions::default())
+        .await
+        .unwrap();
     assert_eq!(stream.meta().status, 200);
     let seen = sim.endpoints()[0].last_request().unwrap();
     assert_eq!(seen.body["stream"], true, "the backend asks for a stream");
     let (chunks, error) = collect(stream).await;
     assert!(error.is_none(), "{error:?}");
     assert!(!text(&chunks).is_empty());
-    let finish = chunks.iter().flat_map(|c| &c.choices).find_map(|c| c.finish_reason.clone());
+    let finish = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .find_map(|c| c.finish_reason.clone());
     assert_eq!(finish, Some(FinishReason::Stop));
     let last = chunks.last().unwrap();
-    assert!(last.choices.is_empty() && last.usage.is_some(), "usage chunk last");
+    assert!(
+        last.choices.is_empty() && last.usage.is_some(),
+        "usage chunk last"
+    );
     assert_eq!(sim.endpoints()[0].counters().ok, 1);
 }
 
@@ -130,7 +170,10 @@ async fn stream_with_tools_carries_tool_call_deltas() {
         parameters: Some(json!({"type": "object"})),
         ..FunctionDefinition::default()
     })]);
-    let stream = backend(&sim).chat_stream(&request, &CallOptions::default()).await.unwrap();
+    let stream = backend(&sim)
+        .chat_stream(&request, &CallOptions::default())
+        .await
+        .unwrap();
     let (chunks, error) = collect(stream).await;
     assert!(error.is_none());
     let deltas: Vec<_> = chunks
@@ -139,13 +182,22 @@ async fn stream_with_tools_carries_tool_call_deltas() {
         .filter_map(|c| c.delta.as_ref()?.tool_calls.clone())
         .flatten()
         .collect();
-    assert_eq!(deltas[0].function.as_ref().unwrap().name.as_deref(), Some("get_weather"));
+    assert_eq!(
+        deltas[0].function.as_ref().unwrap().name.as_deref(),
+        Some("get_weather")
+    );
     let arguments: String = deltas
         .iter()
         .filter_map(|d| d.function.as_ref()?.arguments.clone())
         .collect();
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&arguments).unwrap()["location"], "Boston");
-    let finish = chunks.iter().flat_map(|c| &c.choices).find_map(|c| c.finish_reason.clone());
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&arguments).unwrap()["location"],
+        "Boston"
+    );
+    let finish = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .find_map(|c| c.finish_reason.clone());
     assert_eq!(finish, Some(FinishReason::ToolCalls));
 }
 
@@ -153,10 +205,19 @@ async fn stream_with_tools_carries_tool_call_deltas() {
 async fn embeddings_and_completions() {
     let sim = sim_with(endpoint()).await;
     let backend = backend(&sim);
-    let mut request = EmbeddingRequest::new("text-embedding-3-small", router_types::PromptInput::Texts(vec!["a".into(), "b".into()]));
+    let mut request = EmbeddingRequest::new(
+        "text-embedding-3-small",
+        router_types::PromptInput::Texts(vec!["a".into(), "b".into()]),
+    );
     request.dimensions = Some(4);
-    let reply = backend.embeddings(&request, &CallOptions::default()).await.unwrap();
-    assert_eq!(sim.endpoints()[0].last_request().unwrap().path, "/v1/embeddings");
+    let reply = backend
+        .embeddings(&request, &CallOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.endpoints()[0].last_request().unwrap().path,
+        "/v1/embeddings"
+    );
     assert_eq!(reply.body.data.len(), 2);
     let router_types::EmbeddingVector::Float(vector) = &reply.body.data[1].embedding else {
         panic!("float embedding expected");
@@ -165,8 +226,14 @@ async fn embeddings_and_completions() {
 
     let mut request = CompletionRequest::new("gpt-3.5-turbo-instruct", "Say this is a test");
     request.max_tokens = Some(3);
-    let reply = backend.completions(&request, &CallOptions::default()).await.unwrap();
-    assert_eq!(sim.endpoints()[0].last_request().unwrap().path, "/v1/completions");
+    let reply = backend
+        .completions(&request, &CallOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.endpoints()[0].last_request().unwrap().path,
+        "/v1/completions"
+    );
     assert_eq!(reply.body.choices[0].text.split(' ').count(), 3);
 }
 
@@ -178,9 +245,15 @@ async fn base_url_path_is_honoured() {
         .api_key(KEY)
         .build()
         .unwrap();
-    let error = wrong.chat(&chat_request(), &CallOptions::default()).await.unwrap_err();
+    let error = wrong
+        .chat(&chat_request(), &CallOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NotFound);
-    assert_eq!(sim.endpoints()[0].last_request().unwrap().path, "/v2/chat/completions");
+    assert_eq!(
+        sim.endpoints()[0].last_request().unwrap().path,
+        "/v2/chat/completions"
+    );
 }
 
 #[tokio::test]
@@ -191,7 +264,10 @@ async fn unauthorized_never_leaks_the_key() {
         .api_key(wrong_key)
         .build()
         .unwrap();
-    let error = backend.chat(&chat_request(), &CallOptions::default()).await.unwrap_err();
+    let error = backend
+        .chat(&chat_request(), &CallOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Unauthorized);
     assert_eq!(error.status(), Some(401));
     // The simulator echoes the key it was given, as OpenAI once did.
@@ -206,12 +282,18 @@ async fn error_for(fault: Fault, stream: bool) -> Error {
     sim.endpoints()[0].inject(fault, Times::Next(1));
     let backend = backend(&sim);
     if stream {
-        match backend.chat_stream(&chat_request(), &CallOptions::default()).await {
+        match backend
+            .chat_stream(&chat_request(), &CallOptions::default())
+            .await
+        {
             Err(error) => error,
             Ok(stream) => collect(stream).await.1.expect("the stream should fail"),
         }
     } else {
-        backend.chat(&chat_request(), &CallOptions::default()).await.unwrap_err()
+        backend
+            .chat(&chat_request(), &CallOptions::default())
+            .await
+            .unwrap_err()
     }
 }
 
@@ -226,10 +308,26 @@ async fn every_status_maps_to_its_kind() {
         (Fault::status(403), ErrorKind::Forbidden, true),
         (Fault::status(422), ErrorKind::Unprocessable, false),
         (Fault::status(400), ErrorKind::BadRequest, false),
-        (Fault::status_with_code(400, "content_filter"), ErrorKind::ContentFilter, false),
-        (Fault::status_with_code(400, "context_length_exceeded"), ErrorKind::ContextLengthExceeded, false),
-        (Fault::status_with_code(429, "insufficient_quota"), ErrorKind::QuotaExhausted, true),
-        (Fault::rate_limited(Duration::from_millis(2500)), ErrorKind::RateLimited, true),
+        (
+            Fault::status_with_code(400, "content_filter"),
+            ErrorKind::ContentFilter,
+            false,
+        ),
+        (
+            Fault::status_with_code(400, "context_length_exceeded"),
+            ErrorKind::ContextLengthExceeded,
+            false,
+        ),
+        (
+            Fault::status_with_code(429, "insufficient_quota"),
+            ErrorKind::QuotaExhausted,
+            true,
+        ),
+        (
+            Fault::rate_limited(Duration::from_millis(2500)),
+            ErrorKind::RateLimited,
+            true,
+        ),
     ];
     for (fault, kind, retryable) in cases {
         for stream in [false, true] {
@@ -240,7 +338,11 @@ async fn every_status_maps_to_its_kind() {
         }
     }
     let throttled = error_for(Fault::rate_limited(Duration::from_millis(2500)), false).await;
-    assert_eq!(throttled.retry_after(), Some(Duration::from_millis(2500)), "retry-after-ms wins");
+    assert_eq!(
+        throttled.retry_after(),
+        Some(Duration::from_millis(2500)),
+        "retry-after-ms wins"
+    );
 }
 
 #[tokio::test]
@@ -248,7 +350,10 @@ async fn unknown_model_is_not_found() {
     let sim = sim_with(endpoint()).await;
     let mut request = chat_request();
     request.model = "gpt-nope".into();
-    let error = backend(&sim).chat(&request, &CallOptions::default()).await.unwrap_err();
+    let error = backend(&sim)
+        .chat(&request, &CallOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::NotFound);
     assert!(error.to_string().contains("gpt-nope"));
 }
@@ -261,26 +366,51 @@ async fn quota_429_carries_the_window_reset() {
     let backend = backend(&sim);
     let mut request = chat_request();
     request.max_tokens = Some(60);
-    backend.chat(&request, &CallOptions::default()).await.unwrap();
-    let error = backend.chat(&request, &CallOptions::default()).await.unwrap_err();
+    backend
+        .chat(&request, &CallOptions::default())
+        .await
+        .unwrap();
+    let error = backend
+        .chat(&request, &CallOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::RateLimited);
     let wait = error.retry_after().unwrap();
-    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(10), "{wait:?}");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_secs(10),
+        "{wait:?}"
+    );
     assert_eq!(sim.endpoints()[0].counters().rate_limited, 1);
 }
 
 #[tokio::test]
 async fn transport_failures_are_typed() {
-    assert_eq!(error_for(Fault::Reset, false).await.kind(), ErrorKind::Transport);
-    assert_eq!(error_for(Fault::Reset, true).await.kind(), ErrorKind::Transport);
-    assert_eq!(error_for(Fault::MalformedJson, false).await.kind(), ErrorKind::Decode);
-    assert_eq!(error_for(Fault::MalformedJson, true).await.kind(), ErrorKind::Decode);
     assert_eq!(
-        error_for(Fault::TruncateStream { after_events: 2 }, true).await.kind(),
+        error_for(Fault::Reset, false).await.kind(),
+        ErrorKind::Transport
+    );
+    assert_eq!(
+        error_for(Fault::Reset, true).await.kind(),
+        ErrorKind::Transport
+    );
+    assert_eq!(
+        error_for(Fault::MalformedJson, false).await.kind(),
+        ErrorKind::Decode
+    );
+    assert_eq!(
+        error_for(Fault::MalformedJson, true).await.kind(),
+        ErrorKind::Decode
+    );
+    assert_eq!(
+        error_for(Fault::TruncateStream { after_events: 2 }, true)
+            .await
+            .kind(),
         ErrorKind::StreamTruncated
     );
     assert_eq!(
-        error_for(Fault::ResetMidStream { after_events: 2 }, true).await.kind(),
+        error_for(Fault::ResetMidStream { after_events: 2 }, true)
+            .await
+            .kind(),
         ErrorKind::Transport
     );
     let event = error_for(Fault::ErrorEvent { after_events: 2 }, true).await;
@@ -292,7 +422,10 @@ async fn transport_failures_are_typed() {
 async fn stream_chunks_before_a_cut_reach_the_caller() {
     let sim = sim_with(endpoint()).await;
     sim.endpoints()[0].inject(Fault::TruncateStream { after_events: 3 }, Times::Next(1));
-    let stream = backend(&sim).chat_stream(&chat_request(), &CallOptions::default()).await.unwrap();
+    let stream = backend(&sim)
+        .chat_stream(&chat_request(), &CallOptions::default())
+        .await
+        .unwrap();
     let (chunks, error) = collect(stream).await;
     assert_eq!(chunks.len(), 3);
     assert_eq!(error.unwrap().kind(), ErrorKind::StreamTruncated);
@@ -307,7 +440,10 @@ async fn connection_refused_is_connect() {
     let backend = OpenAiBackend::builder("gone", format!("http://127.0.0.1:{port}/v1"))
         .build()
         .unwrap();
-    let error = backend.chat(&chat_request(), &CallOptions::default()).await.unwrap_err();
+    let error = backend
+        .chat(&chat_request(), &CallOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Connect);
     assert!(error.is_retryable());
 }
@@ -323,7 +459,10 @@ fn short_timeouts() -> Timeouts {
 async fn stall_before_headers_times_out() {
     for stream in [false, true] {
         let sim = sim_with(endpoint()).await;
-        sim.endpoints()[0].inject(Fault::StallBeforeHeaders(Duration::from_secs(30)), Times::Next(1));
+        sim.endpoints()[0].inject(
+            Fault::StallBeforeHeaders(Duration::from_secs(30)),
+            Times::Next(1),
+        );
         let backend = OpenAiBackend::builder("oai", sim.endpoints()[0].openai_base_url())
             .api_key(KEY)
             .timeouts(short_timeouts())
@@ -331,9 +470,15 @@ async fn stall_before_headers_times_out() {
             .unwrap();
         let started = Instant::now();
         let error = if stream {
-            backend.chat_stream(&chat_request(), &CallOptions::default()).await.unwrap_err()
+            backend
+                .chat_stream(&chat_request(), &CallOptions::default())
+                .await
+                .unwrap_err()
         } else {
-            backend.chat(&chat_request(), &CallOptions::default()).await.unwrap_err()
+            backend
+                .chat(&chat_request(), &CallOptions::default())
+                .await
+                .unwrap_err()
         };
         assert_eq!(error.kind(), ErrorKind::Timeout, "stream={stream}");
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -344,7 +489,10 @@ async fn stall_before_headers_times_out() {
 async fn stall_mid_stream_times_out() {
     let sim = sim_with(endpoint()).await;
     sim.endpoints()[0].inject(
-        Fault::StallMidStream { after_events: 2, duration: Duration::from_secs(30) },
+        Fault::StallMidStream {
+            after_events: 2,
+            duration: Duration::from_secs(30),
+        },
         Times::Next(1),
     );
     let backend = OpenAiBackend::builder("oai", sim.endpoints()[0].openai_base_url())
@@ -352,7 +500,10 @@ async fn stall_mid_stream_times_out() {
         .timeouts(short_timeouts())
         .build()
         .unwrap();
-    let stream = backend.chat_stream(&chat_request(), &CallOptions::default()).await.unwrap();
+    let stream = backend
+        .chat_stream(&chat_request(), &CallOptions::default())
+        .await
+        .unwrap();
     let (chunks, error) = collect(stream).await;
     assert_eq!(chunks.len(), 2);
     assert_eq!(error.unwrap().kind(), ErrorKind::Timeout);
@@ -361,19 +512,32 @@ async fn stall_mid_stream_times_out() {
 #[tokio::test]
 async fn the_deadline_cuts_a_long_first_byte_timeout() {
     let sim = sim_with(endpoint()).await;
-    sim.endpoints()[0].inject(Fault::StallBeforeHeaders(Duration::from_secs(30)), Times::Next(1));
+    sim.endpoints()[0].inject(
+        Fault::StallBeforeHeaders(Duration::from_secs(30)),
+        Times::Next(1),
+    );
     let started = Instant::now();
     let options = CallOptions::default().with_deadline(started + Duration::from_millis(200));
-    let error = backend(&sim).chat(&chat_request(), &options).await.unwrap_err();
+    let error = backend(&sim)
+        .chat(&chat_request(), &options)
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Timeout);
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn time_to_first_content_is_measured() {
     let latency = LatencyModel::new(Duration::from_millis(120), Duration::from_millis(1));
     let sim = sim_with(endpoint().with_latency(latency)).await;
-    let mut stream = backend(&sim).chat_stream(&chat_request(), &CallOptions::default()).await.unwrap();
+    let mut stream = backend(&sim)
+        .chat_stream(&chat_request(), &CallOptions::default())
+        .await
+        .unwrap();
     while stream.next().await.is_some() {}
     let ttft = stream.time_to_first_content().unwrap();
     assert!(ttft >= Duration::from_millis(120), "{ttft:?}");

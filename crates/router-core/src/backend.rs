@@ -209,13 +209,13 @@ impl<T: StreamItem> Stream for EventStream<T> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         let polled = this.inner.as_mut().poll_next(cx);
-        if let Poll::Ready(Some(Ok(item))) = &polled {
-            if this.first_item.is_none() || (this.first_content.is_none() && item.has_content()) {
-                let since = (this.clock)().saturating_duration_since(this.sent_at);
-                this.first_item.get_or_insert(since);
-                if item.has_content() {
-                    this.first_content.get_or_insert(since);
-                }
+        if let Poll::Ready(Some(Ok(item))) = &polled
+            && (this.first_item.is_none() || (this.first_content.is_none() && item.has_content()))
+        {
+            let since = (this.clock)().saturating_duration_since(this.sent_at);
+            this.first_item.get_or_insert(since);
+            if item.has_content() {
+                this.first_content.get_or_insert(since);
             }
         }
         polled
@@ -265,7 +265,10 @@ mod tests {
         let mut stream = EventStream::new(events, ResponseMeta::new(200), sent_at, Instant::now);
         assert!(stream.next().await.unwrap().is_ok());
         assert!(stream.time_to_first_event().is_some());
-        assert!(stream.time_to_first_content().is_none(), "filter event has no content");
+        assert!(
+            stream.time_to_first_content().is_none(),
+            "filter event has no content"
+        );
         assert!(stream.next().await.unwrap().is_ok());
         assert!(stream.time_to_first_content().is_some());
         assert!(stream.next().await.is_none());

@@ -119,7 +119,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    /// A short snake_case name, stable, for logs and metric labels.
+    /// A short `snake_case` name, stable, for logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RateLimited => "rate_limited",
@@ -293,9 +293,10 @@ impl Error {
         error.inner.status = Some(status);
         error.inner.endpoint = Some(endpoint);
         error.inner.should_retry = rate_limits.should_retry;
-        error.inner.retry_after = rate_limits
-            .retry_hint()
-            .or_else(|| body.as_ref().and_then(|b| ratelimit::retry_hint_in_message(&b.message)));
+        error.inner.retry_after = rate_limits.retry_hint().or_else(|| {
+            body.as_ref()
+                .and_then(|b| ratelimit::retry_hint_in_message(&b.message))
+        });
         error.inner.body = body;
         error
     }
@@ -404,7 +405,10 @@ impl Error {
 
     /// Whether a timeout caused it.
     pub fn is_timeout(&self) -> bool {
-        matches!(self.inner.kind, ErrorKind::Timeout | ErrorKind::RequestTimeout)
+        matches!(
+            self.inner.kind,
+            ErrorKind::Timeout | ErrorKind::RequestTimeout
+        )
     }
 
     /// Whether the upstream answered (with an error status or an error event).
@@ -482,10 +486,10 @@ impl fmt::Display for Error {
         if let Some(message) = &self.inner.message {
             write!(f, ": {message}")?;
         }
-        if let Some(body) = &self.inner.body {
-            if !body.message.is_empty() {
-                write!(f, ": {}", body.message)?;
-            }
+        if let Some(body) = &self.inner.body
+            && !body.message.is_empty()
+        {
+            write!(f, ": {}", body.message)?;
         }
         if let Some(retry_after) = self.inner.retry_after {
             write!(f, "; retry after {:.3}s", retry_after.as_secs_f64())?;
@@ -518,7 +522,12 @@ mod tests {
     }
 
     fn upstream(status: u16, body: Option<ErrorBody>) -> Error {
-        Error::upstream(EndpointId::new("ep"), status, body, &RateLimitInfo::default())
+        Error::upstream(
+            EndpointId::new("ep"),
+            status,
+            body,
+            &RateLimitInfo::default(),
+        )
     }
 
     #[test]
@@ -528,24 +537,116 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one row per line of the failure table"
+    )]
     fn every_row_of_the_failure_table() {
         let rows: [(u16, Option<ErrorBody>, ErrorKind, bool, HealthEffect); 16] = [
-            (429, Some(fixture("openai/error_429_rate_limit_tokens.json")), ErrorKind::RateLimited, true, HealthEffect::Cooldown),
-            (429, Some(fixture("azure/error_429_token_rate_limit.json")), ErrorKind::RateLimited, true, HealthEffect::Cooldown),
-            (429, Some(fixture("openai/error_429_insufficient_quota.json")), ErrorKind::QuotaExhausted, true, HealthEffect::Disable),
-            (429, Some(body(r#"{"error":{"message":"Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.","type":"tokens","code":"rate_limit_exceeded"}}"#)), ErrorKind::RequestTooLarge, true, HealthEffect::None),
-            (401, Some(fixture("azure/error_401_invalid_key.json")), ErrorKind::Unauthorized, true, HealthEffect::Disable),
+            (
+                429,
+                Some(fixture("openai/error_429_rate_limit_tokens.json")),
+                ErrorKind::RateLimited,
+                true,
+                HealthEffect::Cooldown,
+            ),
+            (
+                429,
+                Some(fixture("azure/error_429_token_rate_limit.json")),
+                ErrorKind::RateLimited,
+                true,
+                HealthEffect::Cooldown,
+            ),
+            (
+                429,
+                Some(fixture("openai/error_429_insufficient_quota.json")),
+                ErrorKind::QuotaExhausted,
+                true,
+                HealthEffect::Disable,
+            ),
+            (
+                429,
+                Some(body(
+                    r#"{"error":{"message":"Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.","type":"tokens","code":"rate_limit_exceeded"}}"#,
+                )),
+                ErrorKind::RequestTooLarge,
+                true,
+                HealthEffect::None,
+            ),
+            (
+                401,
+                Some(fixture("azure/error_401_invalid_key.json")),
+                ErrorKind::Unauthorized,
+                true,
+                HealthEffect::Disable,
+            ),
             (403, None, ErrorKind::Forbidden, true, HealthEffect::Disable),
-            (404, Some(fixture("azure/error_404_deployment_not_found.json")), ErrorKind::NotFound, true, HealthEffect::Disable),
-            (400, Some(fixture("azure/error_400_content_filter_prompt.json")), ErrorKind::ContentFilter, false, HealthEffect::None),
-            (400, Some(fixture("openai/error_400_context_length_exceeded.json")), ErrorKind::ContextLengthExceeded, false, HealthEffect::None),
-            (400, Some(body(r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#)), ErrorKind::BadRequest, false, HealthEffect::None),
-            (422, None, ErrorKind::Unprocessable, false, HealthEffect::None),
-            (408, None, ErrorKind::RequestTimeout, true, HealthEffect::Failure),
+            (
+                404,
+                Some(fixture("azure/error_404_deployment_not_found.json")),
+                ErrorKind::NotFound,
+                true,
+                HealthEffect::Disable,
+            ),
+            (
+                400,
+                Some(fixture("azure/error_400_content_filter_prompt.json")),
+                ErrorKind::ContentFilter,
+                false,
+                HealthEffect::None,
+            ),
+            (
+                400,
+                Some(fixture("openai/error_400_context_length_exceeded.json")),
+                ErrorKind::ContextLengthExceeded,
+                false,
+                HealthEffect::None,
+            ),
+            (
+                400,
+                Some(body(
+                    r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#,
+                )),
+                ErrorKind::BadRequest,
+                false,
+                HealthEffect::None,
+            ),
+            (
+                422,
+                None,
+                ErrorKind::Unprocessable,
+                false,
+                HealthEffect::None,
+            ),
+            (
+                408,
+                None,
+                ErrorKind::RequestTimeout,
+                true,
+                HealthEffect::Failure,
+            ),
             (409, None, ErrorKind::Conflict, true, HealthEffect::Failure),
-            (500, None, ErrorKind::ServerError, true, HealthEffect::Failure),
-            (503, None, ErrorKind::ServerError, true, HealthEffect::Failure),
-            (418, None, ErrorKind::UnexpectedStatus, false, HealthEffect::None),
+            (
+                500,
+                None,
+                ErrorKind::ServerError,
+                true,
+                HealthEffect::Failure,
+            ),
+            (
+                503,
+                None,
+                ErrorKind::ServerError,
+                true,
+                HealthEffect::Failure,
+            ),
+            (
+                418,
+                None,
+                ErrorKind::UnexpectedStatus,
+                false,
+                HealthEffect::None,
+            ),
         ];
         for (status, body, kind, retryable, effect) in rows {
             let error = upstream(status, body);
@@ -558,8 +659,10 @@ mod tests {
 
     #[test]
     fn retry_after_from_headers_then_message() {
-        let mut limits = RateLimitInfo::default();
-        limits.retry_after = Some(Duration::from_millis(1500));
+        let limits = RateLimitInfo {
+            retry_after: Some(Duration::from_millis(1500)),
+            ..RateLimitInfo::default()
+        };
         let error = Error::upstream(EndpointId::new("a"), 429, None, &limits);
         assert_eq!(error.retry_after(), Some(Duration::from_millis(1500)));
 
@@ -567,14 +670,19 @@ mod tests {
         let azure = upstream(429, Some(fixture("azure/error_429_token_rate_limit.json")));
         assert_eq!(azure.retry_after(), Some(Duration::from_secs(33)));
         // OpenAI's text: "Please try again in 84ms."
-        let openai = upstream(429, Some(fixture("openai/error_429_rate_limit_tokens.json")));
+        let openai = upstream(
+            429,
+            Some(fixture("openai/error_429_rate_limit_tokens.json")),
+        );
         assert_eq!(openai.retry_after(), Some(Duration::from_millis(84)));
     }
 
     #[test]
     fn should_retry_header_overrides_the_kind() {
-        let mut limits = RateLimitInfo::default();
-        limits.should_retry = Some(false);
+        let mut limits = RateLimitInfo {
+            should_retry: Some(false),
+            ..RateLimitInfo::default()
+        };
         let error = Error::upstream(EndpointId::new("a"), 503, None, &limits);
         assert!(!error.is_retryable());
         limits.should_retry = Some(true);
@@ -584,8 +692,10 @@ mod tests {
 
     #[test]
     fn display_names_endpoint_status_and_wait() {
-        let mut limits = RateLimitInfo::default();
-        limits.retry_after = Some(Duration::from_secs(2));
+        let limits = RateLimitInfo {
+            retry_after: Some(Duration::from_secs(2)),
+            ..RateLimitInfo::default()
+        };
         let error = Error::upstream(
             EndpointId::new("azure-east"),
             429,

@@ -214,7 +214,12 @@ mod tests {
             .unwrap()
             .lines()
             .filter_map(|line| line.split_once(':'))
-            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().as_bytes().to_vec()))
+            .map(|(name, value)| {
+                (
+                    name.trim().to_ascii_lowercase(),
+                    value.trim().as_bytes().to_vec(),
+                )
+            })
             .collect()
     }
 
@@ -246,20 +251,37 @@ mod tests {
         let throttled = parse(&headers_from_fixture("azure/headers_429_token_limit.txt"));
         assert_eq!(throttled.reset_tokens, Some(Duration::from_secs(55)));
         assert_eq!(throttled.retry_hint(), Some(Duration::from_secs(55)));
-        assert_eq!(throttled.remaining_requests, None, "placeholder value is not a number");
+        assert_eq!(
+            throttled.remaining_requests, None,
+            "placeholder value is not a number"
+        );
     }
 
     #[test]
     fn retry_after_precedence() {
         let h = |pairs: &[(&str, &str)]| {
-            let owned: Vec<(String, Vec<u8>)> =
-                pairs.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect();
+            let owned: Vec<(String, Vec<u8>)> = pairs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+                .collect();
             parse(&owned).retry_after
         };
-        assert_eq!(h(&[("retry-after", "2"), ("retry-after-ms", "1500")]), Some(Duration::from_millis(1500)));
-        assert_eq!(h(&[("retry-after", "2"), ("x-ms-retry-after-ms", "700")]), Some(Duration::from_millis(700)));
-        assert_eq!(h(&[("retry-after", "1.5")]), Some(Duration::from_millis(1500)));
-        assert_eq!(h(&[("retry-after", "Thu, 01 Jan 1970 00:00:30 GMT")]), Some(Duration::from_secs(30)));
+        assert_eq!(
+            h(&[("retry-after", "2"), ("retry-after-ms", "1500")]),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            h(&[("retry-after", "2"), ("x-ms-retry-after-ms", "700")]),
+            Some(Duration::from_millis(700))
+        );
+        assert_eq!(
+            h(&[("retry-after", "1.5")]),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            h(&[("retry-after", "Thu, 01 Jan 1970 00:00:30 GMT")]),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(h(&[("retry-after", "soon")]), None);
         assert_eq!(h(&[("retry-after", "-3")]), None);
     }
@@ -323,8 +345,14 @@ mod tests {
             retry_hint_in_message("Please retry after 45 seconds. Please go here"),
             Some(Duration::from_secs(45))
         );
-        assert_eq!(retry_hint_in_message("Please try again in 1.5s. Visit"), Some(Duration::from_millis(1500)));
-        assert_eq!(retry_hint_in_message("Please try again in 6m0s."), Some(Duration::from_secs(360)));
+        assert_eq!(
+            retry_hint_in_message("Please try again in 1.5s. Visit"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            retry_hint_in_message("Please try again in 6m0s."),
+            Some(Duration::from_secs(360))
+        );
         assert_eq!(retry_hint_in_message("try again in a moment"), None);
         assert_eq!(retry_hint_in_message("nothing here"), None);
     }

@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::chat::StreamOptions;
-use crate::shared::{ContentFilterResults, Extra, FinishReason, PromptFilterResult, PromptInput, Usage};
+use crate::shared::{
+    ContentFilterResults, Extra, FinishReason, PromptFilterResult, PromptInput, Usage,
+};
 
 /// `POST /completions` request body.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

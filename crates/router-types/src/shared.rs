@@ -62,7 +62,6 @@ macro_rules! open_enum {
     };
 }
 
-
 open_enum! {
     /// The author of a chat message.
     pub enum Role {
@@ -250,8 +249,12 @@ impl ContentFilterResults {
             &self.protected_material_text,
             &self.protected_material_code,
         ];
-        severities.iter().any(|s| s.as_ref().is_some_and(|s| s.filtered))
-            || detections.iter().any(|d| d.as_ref().is_some_and(|d| d.filtered))
+        severities
+            .iter()
+            .any(|s| s.as_ref().is_some_and(|s| s.filtered))
+            || detections
+                .iter()
+                .any(|d| d.as_ref().is_some_and(|d| d.filtered))
     }
 }
 
@@ -299,6 +302,9 @@ mod tests {
     #[test]
     fn prompt_input_size_hint() {
         assert_eq!(PromptInput::from("héllo").size_hint(), (5, 0));
-        assert_eq!(PromptInput::TokenArrays(vec![vec![1, 2], vec![3]]).size_hint(), (0, 3));
+        assert_eq!(
+            PromptInput::TokenArrays(vec![vec![1, 2], vec![3]]).size_hint(),
+            (0, 3)
+        );
     }
 }

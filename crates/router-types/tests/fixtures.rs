@@ -5,6 +5,12 @@
 //! are the same value; see the crate docs). The checks on required-nullable fields below make
 //! sure that rule does not hide a dropped `content` or `finish_reason`.
 
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test helpers fail loudly by design"
+)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -41,8 +47,12 @@ fn strip_nulls(value: &Value) -> Value {
 /// Parses `text` as `T`, writes it back, and compares; returns the typed value.
 fn round_trip<T: DeserializeOwned + Serialize>(what: &str, text: &str) -> T {
     let original: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}"));
-    let typed: T = serde_json::from_str(text)
-        .unwrap_or_else(|e| panic!("{what} does not parse as {}: {e}", std::any::type_name::<T>()));
+    let typed: T = serde_json::from_str(text).unwrap_or_else(|e| {
+        panic!(
+            "{what} does not parse as {}: {e}",
+            std::any::type_name::<T>()
+        )
+    });
     let written = serde_json::to_value(&typed).unwrap();
     assert_eq!(
         strip_nulls(&written),
@@ -74,13 +84,20 @@ fn openai_chat_requests() {
     let Some(MessageContent::Parts(parts)) = &images.messages[0].content else {
         panic!("image request content should be parts");
     };
-    assert!(parts.iter().any(|p| p.kind == "image_url" && p.image_url.is_some()));
+    assert!(
+        parts
+            .iter()
+            .any(|p| p.kind == "image_url" && p.image_url.is_some())
+    );
     assert!(images.max_tokens.is_some());
     let tools: ChatCompletionRequest = json("openai/chat_request_tools.json");
     let tool = &tools.tools.as_ref().unwrap()[0];
     assert_eq!(tool.function.as_ref().unwrap().name, "get_current_weather");
     let logprobs: ChatCompletionRequest = json("openai/chat_request_logprobs.json");
-    assert!(logprobs.extra.contains_key("logprobs"), "unmodelled fields land in extra");
+    assert!(
+        logprobs.extra.contains_key("logprobs"),
+        "unmodelled fields land in extra"
+    );
 }
 
 #[test]
@@ -90,11 +107,24 @@ fn openai_chat_responses() {
     assert!(basic.usage.as_ref().unwrap().total_tokens > 0);
     let tools: ChatCompletionResponse = json("openai/chat_response_tool_calls.json");
     let message = &tools.choices[0].message;
-    assert_eq!(tools.choices[0].finish_reason, Some(FinishReason::ToolCalls));
-    assert!(message.tool_calls.as_ref().is_some_and(|calls| !calls.is_empty()));
+    assert_eq!(
+        tools.choices[0].finish_reason,
+        Some(FinishReason::ToolCalls)
+    );
+    assert!(
+        message
+            .tool_calls
+            .as_ref()
+            .is_some_and(|calls| !calls.is_empty())
+    );
     // Required-nullable: an assistant message with tool calls keeps `"content": null`.
     let written = serde_json::to_value(&tools).unwrap();
-    assert!(written["choices"][0]["message"].as_object().unwrap().contains_key("content"));
+    assert!(
+        written["choices"][0]["message"]
+            .as_object()
+            .unwrap()
+            .contains_key("content")
+    );
     let _: ChatCompletionResponse = json("openai/chat_response_logprobs.json");
 }
 
@@ -112,7 +142,10 @@ fn openai_streams() {
         for chunk in &chunks {
             let written = serde_json::to_value(chunk).unwrap();
             for choice in written["choices"].as_array().unwrap() {
-                assert!(choice.as_object().unwrap().contains_key("finish_reason"), "{rel}");
+                assert!(
+                    choice.as_object().unwrap().contains_key("finish_reason"),
+                    "{rel}"
+                );
             }
         }
     }
@@ -168,12 +201,19 @@ fn openai_errors() {
 fn azure_payloads() {
     let _: ChatCompletionRequest = json("azure/chat_request_basic.json");
     let basic: ChatCompletionResponse = json("azure/chat_response_basic.json");
-    assert!(basic.object.is_none() && basic.model.is_none(), "Azure example omits both");
+    assert!(
+        basic.object.is_none() && basic.model.is_none(),
+        "Azure example omits both"
+    );
     let filtered: ChatCompletionResponse = json("azure/chat_response_with_filter_results.json");
     assert!(filtered.prompt_filter_results.is_some());
     assert!(filtered.choices[0].content_filter_results.is_some());
     let not_run: CompletionResponse = json("azure/completion_response_filter_not_run.json");
-    assert!(not_run.choices[0].extra.contains_key("content_filter_result"));
+    assert!(
+        not_run.choices[0]
+            .extra
+            .contains_key("content_filter_result")
+    );
     let _: EmbeddingRequest = json("azure/embeddings_request.json");
     let _: EmbeddingResponse = json("azure/embeddings_response_truncated.json");
     let _: CreateResponse = json("azure/v1_responses_request.json");
@@ -203,18 +243,27 @@ fn azure_streams() {
         let chunks: Vec<ChatCompletionChunk> =
             sse_data(rel).iter().map(|d| round_trip(rel, d)).collect();
         let first = &chunks[0];
-        assert!(first.id.is_empty() && first.choices.is_empty(), "{rel}: prompt filter event");
+        assert!(
+            first.id.is_empty() && first.choices.is_empty(),
+            "{rel}: prompt filter event"
+        );
         // Annotation events have no delta but keep their filter results and offsets.
         assert!(
-            chunks.iter().flat_map(|c| &c.choices).any(|c| c.delta.is_none()
-                && c.content_filter_results.is_some()
-                && c.extra.contains_key("content_filter_offsets")),
+            chunks
+                .iter()
+                .flat_map(|c| &c.choices)
+                .any(|c| c.delta.is_none()
+                    && c.content_filter_results.is_some()
+                    && c.extra.contains_key("content_filter_offsets")),
             "{rel}: annotation events"
         );
     }
     let blocked = sse_data("azure/chat_stream_async_filter_blocked.sse");
     let last: ChatCompletionChunk = serde_json::from_str(blocked.last().unwrap()).unwrap();
-    assert_eq!(last.choices[0].finish_reason, Some(FinishReason::ContentFilter));
+    assert_eq!(
+        last.choices[0].finish_reason,
+        Some(FinishReason::ContentFilter)
+    );
 }
 
 #[test]
@@ -263,7 +312,10 @@ fn every_fixture_is_covered() {
     for dir in ["openai", "azure"] {
         for entry in fs::read_dir(fixtures().join(dir)).unwrap() {
             let name = format!("{dir}/{}", entry.unwrap().file_name().to_string_lossy());
-            assert!(covered.contains(&name.as_str()), "fixture {name} is not tested");
+            assert!(
+                covered.contains(&name.as_str()),
+                "fixture {name} is not tested"
+            );
         }
     }
 }

@@ -22,15 +22,36 @@ fn arb_json() -> impl Strategy<Value = Value> {
 
 /// Keys the types model; an unknown field must not collide with them.
 const KNOWN: &[&str] = &[
-    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
-    "temperature", "top_p", "tools", "tool_choice", "input", "encoding_format", "dimensions",
-    "id", "object", "created", "choices", "usage", "system_fingerprint", "service_tier",
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "tools",
+    "tool_choice",
+    "input",
+    "encoding_format",
+    "dimensions",
+    "id",
+    "object",
+    "created",
+    "choices",
+    "usage",
+    "system_fingerprint",
+    "service_tier",
     "prompt_filter_results",
 ];
 
 fn arb_extra() -> impl Strategy<Value = Map<String, Value>> {
-    prop::collection::btree_map("x_[a-z]{1,8}", arb_json(), 0..5)
-        .prop_map(|m| m.into_iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())).collect())
+    prop::collection::btree_map("x_[a-z]{1,8}", arb_json(), 0..5).prop_map(|m| {
+        m.into_iter()
+            .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
+            .collect()
+    })
 }
 
 proptest! {

@@ -92,7 +92,8 @@ impl Sim {
             let listener = TcpListener::bind(("127.0.0.1", config.port)).await?;
             let addr = listener.local_addr()?;
             let state = Arc::new(EndpointState::new(config, seed, origin));
-            sim.tasks.push(tokio::spawn(serve(listener, Arc::clone(&state))));
+            sim.tasks
+                .push(tokio::spawn(serve(listener, Arc::clone(&state))));
             sim.endpoints.push(SimEndpoint { state, addr });
         }
         Ok(sim)

@@ -85,20 +85,20 @@ impl Limiter {
     /// Charges one request of `cost` tokens, or refuses it.
     pub(crate) fn admit(&mut self, now: Instant, cost: u64) -> Admission {
         let reset = self.roll(now);
-        if let Some(tpm) = self.limits.tpm {
-            if cost > self.limits.per_window(tpm) {
-                return Admission::TooLarge(self.snapshot(reset));
-            }
+        if let Some(tpm) = self.limits.tpm
+            && cost > self.limits.per_window(tpm)
+        {
+            return Admission::TooLarge(self.snapshot(reset));
         }
-        if let Some(rpm) = self.limits.rpm {
-            if self.requests + 1 > self.limits.per_window(rpm) {
-                return Admission::TooManyRequests(self.snapshot(reset));
-            }
+        if let Some(rpm) = self.limits.rpm
+            && self.requests + 1 > self.limits.per_window(rpm)
+        {
+            return Admission::TooManyRequests(self.snapshot(reset));
         }
-        if let Some(tpm) = self.limits.tpm {
-            if self.tokens + cost > self.limits.per_window(tpm) {
-                return Admission::TooManyTokens(self.snapshot(reset));
-            }
+        if let Some(tpm) = self.limits.tpm
+            && self.tokens + cost > self.limits.per_window(tpm)
+        {
+            return Admission::TooManyTokens(self.snapshot(reset));
         }
         self.requests += 1;
         self.tokens += cost;
@@ -123,14 +123,21 @@ mod tests {
         let origin = Instant::now();
         let mut limiter = Limiter::new(limits, origin);
         assert!(matches!(limiter.admit(origin, 600), Admission::Admitted(_)));
-        let Admission::TooManyTokens(snapshot) = limiter.admit(origin + Duration::from_secs(4), 600)
+        let Admission::TooManyTokens(snapshot) =
+            limiter.admit(origin + Duration::from_secs(4), 600)
         else {
             panic!("second request should not fit");
         };
         assert_eq!(snapshot.remaining_tokens, Some(400));
         assert_eq!(snapshot.reset, Duration::from_secs(6));
-        assert!(matches!(limiter.admit(origin + Duration::from_secs(10), 600), Admission::Admitted(_)));
-        assert!(matches!(limiter.admit(origin, 1_001), Admission::TooLarge(_)));
+        assert!(matches!(
+            limiter.admit(origin + Duration::from_secs(10), 600),
+            Admission::Admitted(_)
+        ));
+        assert!(matches!(
+            limiter.admit(origin, 1_001),
+            Admission::TooLarge(_)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -140,6 +147,9 @@ mod tests {
         let mut limiter = Limiter::new(limits, origin);
         assert!(matches!(limiter.admit(origin, 1), Admission::Admitted(_)));
         assert!(matches!(limiter.admit(origin, 1), Admission::Admitted(_)));
-        assert!(matches!(limiter.admit(origin, 1), Admission::TooManyRequests(_)));
+        assert!(matches!(
+            limiter.admit(origin, 1),
+            Admission::TooManyRequests(_)
+        ));
     }
 }

@@ -32,19 +32,32 @@ async fn main() -> anyhow::Result<()> {
     if let Some(seed) = args.seed {
         config.seed = seed;
     }
-    let sim = Sim::spawn(config).await.context("cannot start the endpoints")?;
+    let sim = Sim::spawn(config)
+        .await
+        .context("cannot start the endpoints")?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "upstream-sim: {} endpoint(s), Ctrl-C to stop", sim.endpoints().len())?;
+    writeln!(
+        out,
+        "upstream-sim: {} endpoint(s), Ctrl-C to stop",
+        sim.endpoints().len()
+    )?;
     for endpoint in sim.endpoints() {
         let url = match endpoint.dialect() {
             SimDialect::OpenAi => endpoint.openai_base_url(),
             SimDialect::Azure => endpoint.url(),
         };
-        writeln!(out, "  {:<20} {:<7} {url}", endpoint.name(), format!("{:?}", endpoint.dialect()).to_lowercase())?;
+        writeln!(
+            out,
+            "  {:<20} {:<7} {url}",
+            endpoint.name(),
+            format!("{:?}", endpoint.dialect()).to_lowercase()
+        )?;
     }
     out.flush()?;
     drop(out);
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
     let mut out = std::io::stdout().lock();
     for endpoint in sim.endpoints() {
         writeln!(out, "{}: {:?}", endpoint.name(), endpoint.counters())?;

@@ -47,7 +47,9 @@ enum Operation {
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 /// Serves one request.
@@ -65,42 +67,10 @@ pub(crate) async fn handle(
     let json_body: Option<Value> = serde_json::from_slice(&body).ok();
     state.record(RecordedRequest::new(&parts, json_body.clone()));
     let config = state.config();
-
-    let Some((operation, path_model)) = route(config.dialect, &parts.method, parts.uri.path())
-    else {
-        state.counters.not_found.inc();
-        return Ok(state.reply_error(seq, 404, Some("not_found"), "no such path", None));
+    let (operation, model, body) = match validate(&state, seq, &config, &parts, json_body) {
+        Ok(valid) => valid,
+        Err(response) => return Ok(*response),
     };
-    if config.dialect == SimDialect::Azure
-        && path_model.is_some()
-        && !query_has(parts.uri.query(), "api-version")
-    {
-        state.counters.bad_request.inc();
-        return Ok(state.reply_error(
-            seq,
-            400,
-            Some("BadRequest"),
-            "api-version query parameter is required",
-            None,
-        ));
-    }
-    if !authorized(&config, &parts.headers) {
-        state.counters.unauthorized.inc();
-        let given = given_key(config.dialect, &parts.headers);
-        return Ok(state.reply_error(seq, 401, None, &unauthorized_message(config.dialect, &given), None));
-    }
-    if operation == Operation::Models {
-        return Ok(state.reply_json(seq, 200, &models_list(&config), None));
-    }
-    let Some(body) = json_body else {
-        state.counters.bad_request.inc();
-        return Ok(state.reply_error(seq, 400, Some("invalid_request_error"), "the body is not valid JSON", None));
-    };
-    let model = path_model.or_else(|| body["model"].as_str().map(str::to_owned)).unwrap_or_default();
-    if !config.models.is_empty() && !config.models.contains(&model) {
-        state.counters.not_found.inc();
-        return Ok(state.reply_error(seq, 404, None, &model_not_found(config.dialect, &model), None));
-    }
 
     let mut rng = state.rng(seq);
     let fault = {
@@ -113,8 +83,18 @@ pub(crate) async fn handle(
         match fault {
             Fault::Reset => return Err(Reset),
             Fault::StallBeforeHeaders(duration) => tokio::time::sleep(*duration).await,
-            Fault::Status { status, code, retry_after } => {
-                return Ok(state.reply_error(seq, *status, code.as_deref(), &status_message(*status, code.as_deref()), *retry_after));
+            Fault::Status {
+                status,
+                code,
+                retry_after,
+            } => {
+                return Ok(state.reply_error(
+                    seq,
+                    *status,
+                    code.as_deref(),
+                    &status_message(*status, code.as_deref()),
+                    *retry_after,
+                ));
             }
             _ => {}
         }
@@ -147,7 +127,14 @@ pub(crate) async fn handle(
         state.counters.streams.inc();
         let malformed = matches!(fault, Some(Fault::MalformedJson));
         let mid_stream = fault.filter(Fault::is_mid_stream);
-        return Ok(state.reply_stream(seq, &snapshot, generation, mid_stream, malformed, in_flight));
+        return Ok(state.reply_stream(
+            seq,
+            &snapshot,
+            &generation,
+            mid_stream,
+            malformed,
+            in_flight,
+        ));
     }
     tokio::time::sleep(generation.total_latency()).await;
     drop(in_flight);
@@ -155,8 +142,89 @@ pub(crate) async fn handle(
         return Ok(state.reply_raw(seq, 200, "{\"id\": \"broken", Some(&snapshot)));
     }
     state.counters.ok.inc();
-    state.counters.completion_tokens.add(u64::from(generation.completion_tokens()));
+    state
+        .counters
+        .completion_tokens
+        .add(u64::from(generation.completion_tokens()));
     Ok(state.reply_json(seq, 200, &generation.response_json(), Some(&snapshot)))
+}
+
+/// Routes, authenticates and checks a request; an `Err` is the answer to send instead.
+fn validate(
+    state: &EndpointState,
+    seq: u64,
+    config: &EndpointConfig,
+    parts: &http::request::Parts,
+    json_body: Option<Value>,
+) -> Result<(Operation, String, Value), Box<Response<Body>>> {
+    let Some((operation, path_model)) = route(config.dialect, &parts.method, parts.uri.path())
+    else {
+        state.counters.not_found.inc();
+        return Err(Box::new(state.reply_error(
+            seq,
+            404,
+            Some("not_found"),
+            "no such path",
+            None,
+        )));
+    };
+    if config.dialect == SimDialect::Azure
+        && path_model.is_some()
+        && !query_has(parts.uri.query(), "api-version")
+    {
+        state.counters.bad_request.inc();
+        return Err(Box::new(state.reply_error(
+            seq,
+            400,
+            Some("BadRequest"),
+            "api-version query parameter is required",
+            None,
+        )));
+    }
+    if !authorized(config, &parts.headers) {
+        state.counters.unauthorized.inc();
+        let given = given_key(config.dialect, &parts.headers);
+        return Err(Box::new(state.reply_error(
+            seq,
+            401,
+            None,
+            &unauthorized_message(config.dialect, &given),
+            None,
+        )));
+    }
+    if operation == Operation::Models {
+        return Err(Box::new(state.reply_json(
+            seq,
+            200,
+            &models_list(config),
+            None,
+        )));
+    }
+    let Some(body) = json_body else {
+        state.counters.bad_request.inc();
+        return Err(Box::new(state.reply_error(
+            seq,
+            400,
+            Some("invalid_request_error"),
+            "the body is not valid JSON",
+            None,
+        )));
+    };
+    let model = path_model
+        .or_else(|| body["model"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    if !config.models.is_empty() && !config.models.contains(&model) {
+        state.counters.not_found.inc();
+        return Err(Box::new(state.reply_error(
+            seq,
+            404,
+            None,
+            &model_not_found(config.dialect, &model),
+            None,
+        )));
+    }
+
+    Ok((operation, model, body))
 }
 
 fn route(dialect: SimDialect, method: &Method, path: &str) -> Option<(Operation, Option<String>)> {
@@ -195,12 +263,13 @@ fn percent_decode(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(byte) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(byte) = u8::from_str_radix(&text[i + 1..i + 3], 16)
+        {
+            out.push(byte);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -236,7 +305,9 @@ fn authorized(config: &EndpointConfig, headers: &HeaderMap) -> bool {
 
 fn given_key(dialect: SimDialect, headers: &HeaderMap) -> String {
     let value = match dialect {
-        SimDialect::OpenAi => header(headers, "authorization").and_then(|v| v.strip_prefix("Bearer ")),
+        SimDialect::OpenAi => {
+            header(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "))
+        }
         SimDialect::Azure => header(headers, "api-key"),
     };
     value.unwrap_or("").to_owned()
@@ -300,7 +371,10 @@ fn prompt_tokens(operation: Operation, body: &Value) -> u64 {
     };
     match operation {
         Operation::Chat => {
-            let messages = body["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let messages = body["messages"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let chars: usize = messages
                 .iter()
                 .map(|m| match &m["content"] {
@@ -345,9 +419,35 @@ fn estimate_cost(operation: Operation, body: &Value, config: &EndpointConfig) ->
 }
 
 const WORDS: &[&str] = &[
-    "the", "router", "sends", "each", "request", "to", "an", "endpoint", "with", "room", "and",
-    "low", "latency", "while", "quotas", "add", "up", "so", "callers", "never", "see", "a",
-    "throttle", "when", "any", "deployment", "can", "serve", "it",
+    "the",
+    "router",
+    "sends",
+    "each",
+    "request",
+    "to",
+    "an",
+    "endpoint",
+    "with",
+    "room",
+    "and",
+    "low",
+    "latency",
+    "while",
+    "quotas",
+    "add",
+    "up",
+    "so",
+    "callers",
+    "never",
+    "see",
+    "a",
+    "throttle",
+    "when",
+    "any",
+    "deployment",
+    "can",
+    "serve",
+    "it",
 ];
 
 /// What one request generates, decided before any of it is sent.
@@ -378,7 +478,9 @@ impl Generation {
     ) -> Self {
         let cap = output_cap(body).unwrap_or(u32::MAX);
         let count = config.output.completion_tokens.min(cap).max(1);
-        let tokens = (0..count).map(|_| WORDS[rng.usize(..WORDS.len())]).collect();
+        let tokens = (0..count)
+            .map(|_| WORDS[rng.usize(..WORDS.len())])
+            .collect();
         let tool_call = (operation == Operation::Chat)
             .then(|| tool_to_call(body))
             .flatten()
@@ -388,9 +490,16 @@ impl Generation {
                 Value::Array(items) => items.len().max(1),
                 _ => 1,
             };
-            let dims = body["dimensions"].as_u64().map_or(config.output.dimensions, |d| d.clamp(1, 4096) as u32);
+            let dims = body["dimensions"]
+                .as_u64()
+                .map_or(config.output.dimensions, |d| d.clamp(1, 4096) as u32);
             (0..inputs)
-                .map(|_| (0..dims).map(|_| (rng.f64() * 2.0 - 1.0) * 0.05).map(|x| (x * 1e6).round() / 1e6).collect())
+                .map(|_| {
+                    (0..dims)
+                        .map(|_| (rng.f64() * 2.0 - 1.0) * 0.05)
+                        .map(|x| (x * 1e6).round() / 1e6)
+                        .collect()
+                })
                 .collect()
         } else {
             Vec::new()
@@ -486,7 +595,8 @@ impl Generation {
                     "system_fingerprint": "fp_sim", "x_sim_extra": {"served_by": "upstream-sim"},
                 });
                 if self.dialect == SimDialect::Azure {
-                    response["prompt_filter_results"] = json!([{"prompt_index": 0, "content_filter_results": safe_filters()}]);
+                    response["prompt_filter_results"] =
+                        json!([{"prompt_index": 0, "content_filter_results": safe_filters()}]);
                 }
                 response
             }
@@ -517,8 +627,10 @@ impl Generation {
             let mut value = match self.operation {
                 Operation::Completions => json!({"id": self.id, "object": "text_completion",
                     "created": self.created, "model": self.model, "choices": choices}),
-                _ => json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model, "system_fingerprint": "fp_sim", "choices": choices}),
+                _ => {
+                    json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "system_fingerprint": "fp_sim", "choices": choices})
+                }
             };
             if self.include_usage {
                 value["usage"] = usage.unwrap_or(Value::Null);
@@ -530,7 +642,9 @@ impl Generation {
                 "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": safe_filters()}],
                 "choices": []}).to_string()));
         }
-        let per_choice = |f: &dyn Fn(u32) -> Value| -> Value { Value::Array((0..self.choices).map(f).collect()) };
+        let per_choice = |f: &dyn Fn(u32) -> Value| -> Value {
+            Value::Array((0..self.choices).map(f).collect())
+        };
         if self.operation == Operation::Chat {
             events.push((self.ttft, chunk(per_choice(&|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})), None)));
             if let Some((id, name)) = &self.tool_call {
@@ -540,15 +654,27 @@ impl Generation {
                 }
             } else {
                 for (n, token) in self.tokens.iter().enumerate() {
-                    let text = if n == 0 { (*token).to_owned() } else { format!(" {token}") };
+                    let text = if n == 0 {
+                        (*token).to_owned()
+                    } else {
+                        format!(" {token}")
+                    };
                     events.push((if n == 0 { Duration::ZERO } else { self.per_token }, chunk(per_choice(&|i| json!({"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": null})), None)));
                 }
             }
-            let finish = if self.tool_call.is_some() { "tool_calls" } else { "stop" };
+            let finish = if self.tool_call.is_some() {
+                "tool_calls"
+            } else {
+                "stop"
+            };
             events.push((Duration::ZERO, chunk(per_choice(&|i| json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish})), None)));
         } else {
             for (n, token) in self.tokens.iter().enumerate() {
-                let text = if n == 0 { (*token).to_owned() } else { format!(" {token}") };
+                let text = if n == 0 {
+                    (*token).to_owned()
+                } else {
+                    format!(" {token}")
+                };
                 events.push((if n == 0 { self.ttft } else { self.per_token }, chunk(per_choice(&|i| json!({"text": text, "index": i, "logprobs": null, "finish_reason": null})), None)));
             }
             events.push((Duration::ZERO, chunk(per_choice(&|i| json!({"text": "", "index": i, "logprobs": null, "finish_reason": "stop"})), None)));
@@ -582,7 +708,9 @@ fn tool_to_call(body: &Value) -> Option<String> {
     if !last_is_user {
         return None;
     }
-    tools.first()?["function"]["name"].as_str().map(str::to_owned)
+    tools.first()?["function"]["name"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 impl EndpointState {
@@ -600,33 +728,64 @@ impl EndpointState {
         }
         let snapshot = snapshot.copied().unwrap_or_else(|| self.peek());
         if let Some(remaining) = snapshot.remaining_requests {
-            insert(headers, "x-ratelimit-remaining-requests", remaining.to_string());
+            insert(
+                headers,
+                "x-ratelimit-remaining-requests",
+                remaining.to_string(),
+            );
         }
         if let Some(remaining) = snapshot.remaining_tokens {
-            insert(headers, "x-ratelimit-remaining-tokens", remaining.to_string());
+            insert(
+                headers,
+                "x-ratelimit-remaining-tokens",
+                remaining.to_string(),
+            );
         }
         // Azure sends only the two `remaining` headers; OpenAI all six.
         if dialect == SimDialect::OpenAi {
             if let Some(limit) = snapshot.limit_requests {
                 insert(headers, "x-ratelimit-limit-requests", limit.to_string());
-                insert(headers, "x-ratelimit-reset-requests", go_duration(snapshot.reset));
+                insert(
+                    headers,
+                    "x-ratelimit-reset-requests",
+                    go_duration(snapshot.reset),
+                );
             }
             if let Some(limit) = snapshot.limit_tokens {
                 insert(headers, "x-ratelimit-limit-tokens", limit.to_string());
-                insert(headers, "x-ratelimit-reset-tokens", go_duration(snapshot.reset));
+                insert(
+                    headers,
+                    "x-ratelimit-reset-tokens",
+                    go_duration(snapshot.reset),
+                );
             }
         }
     }
 
-    pub(crate) fn reply_raw(&self, seq: u64, status: u16, body: impl Into<Bytes>, snapshot: Option<&Snapshot>) -> Response<Body> {
+    pub(crate) fn reply_raw(
+        &self,
+        seq: u64,
+        status: u16,
+        body: impl Into<Bytes>,
+        snapshot: Option<&Snapshot>,
+    ) -> Response<Body> {
         let mut response = Response::new(full(body));
-        *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        *response.status_mut() =
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         self.base_headers(seq, snapshot, response.headers_mut());
-        response.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
         response
     }
 
-    pub(crate) fn reply_json(&self, seq: u64, status: u16, body: &Value, snapshot: Option<&Snapshot>) -> Response<Body> {
+    pub(crate) fn reply_json(
+        &self,
+        seq: u64,
+        status: u16,
+        body: &Value,
+        snapshot: Option<&Snapshot>,
+    ) -> Response<Body> {
         self.reply_raw(seq, status, body.to_string(), snapshot)
     }
 
@@ -702,26 +861,35 @@ impl EndpointState {
         self: &Arc<Self>,
         seq: u64,
         snapshot: &Snapshot,
-        generation: Generation,
+        generation: &Generation,
         fault: Option<Fault>,
         malformed: bool,
         in_flight: crate::state::InFlight,
     ) -> Response<Body> {
         let mut events = generation.events();
-        if malformed {
-            if let Some(first) = events.first_mut() {
-                first.1 = "{\"id\": \"broken".to_owned();
-            }
+        if malformed && let Some(first) = events.first_mut() {
+            "{\"id\": \"broken".clone_into(&mut first.1);
         }
         let state = Arc::clone(self);
         let completion_tokens = u64::from(generation.completion_tokens());
-        let plan = StreamPlan { events, next: 0, fault, done: false, state, completion_tokens, in_flight: Some(in_flight) };
+        let plan = StreamPlan {
+            events,
+            next: 0,
+            fault,
+            done: false,
+            state,
+            completion_tokens,
+            in_flight: Some(in_flight),
+        };
         let body = futures_util::stream::unfold(plan, StreamPlan::step);
         let body = StreamBody::new(body.map(|item: io::Result<Bytes>| item.map(Frame::data)));
         let mut response = Response::new(BodyExt::boxed(body));
         self.base_headers(seq, Some(snapshot), response.headers_mut());
         let headers = response.headers_mut();
-        headers.insert("content-type", HeaderValue::from_static("text/event-stream"));
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
         headers.insert("cache-control", HeaderValue::from_static("no-cache"));
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         response
@@ -756,14 +924,23 @@ impl StreamPlan {
             }
             Some(Fault::ResetMidStream { after_events }) if sent >= *after_events => {
                 self.done = true;
-                return Some((Err(io::Error::new(io::ErrorKind::ConnectionReset, "injected reset")), self));
+                return Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "injected reset",
+                    )),
+                    self,
+                ));
             }
             Some(Fault::ErrorEvent { after_events }) if sent >= *after_events => {
                 self.done = true;
                 let event = json!({"error": {"message": "The server had an error while processing your request. Sorry about that! (simulated)", "type": "server_error", "param": null, "code": null}});
                 return Some((Ok(Bytes::from(format!("data: {event}\n\n"))), self));
             }
-            Some(Fault::StallMidStream { after_events, duration }) if sent == *after_events => {
+            Some(Fault::StallMidStream {
+                after_events,
+                duration,
+            }) if sent == *after_events => {
                 let duration = *duration;
                 self.fault = None;
                 tokio::time::sleep(duration).await;
@@ -781,7 +958,10 @@ impl StreamPlan {
         }
         self.done = true;
         self.state.counters.ok.inc();
-        self.state.counters.completion_tokens.add(self.completion_tokens);
+        self.state
+            .counters
+            .completion_tokens
+            .add(self.completion_tokens);
         Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), self))
     }
 }
@@ -840,13 +1020,29 @@ mod tests {
 
     #[test]
     fn routes_both_dialects() {
-        assert_eq!(route(SimDialect::OpenAi, &Method::POST, "/v1/chat/completions"), Some((Operation::Chat, None)));
         assert_eq!(
-            route(SimDialect::Azure, &Method::POST, "/openai/deployments/gpt%2D4o/embeddings"),
+            route(SimDialect::OpenAi, &Method::POST, "/v1/chat/completions"),
+            Some((Operation::Chat, None))
+        );
+        assert_eq!(
+            route(
+                SimDialect::Azure,
+                &Method::POST,
+                "/openai/deployments/gpt%2D4o/embeddings"
+            ),
             Some((Operation::Embeddings, Some("gpt-4o".to_owned())))
         );
-        assert_eq!(route(SimDialect::Azure, &Method::POST, "/openai/v1/completions"), Some((Operation::Completions, None)));
-        assert_eq!(route(SimDialect::OpenAi, &Method::POST, "/openai/v1/completions"), None);
-        assert_eq!(route(SimDialect::OpenAi, &Method::DELETE, "/v1/chat/completions"), None);
+        assert_eq!(
+            route(SimDialect::Azure, &Method::POST, "/openai/v1/completions"),
+            Some((Operation::Completions, None))
+        );
+        assert_eq!(
+            route(SimDialect::OpenAi, &Method::POST, "/openai/v1/completions"),
+            None
+        );
+        assert_eq!(
+            route(SimDialect::OpenAi, &Method::DELETE, "/v1/chat/completions"),
+            None
+        );
     }
 }

@@ -32,7 +32,9 @@ pub struct RecordedRequest {
 impl RecordedRequest {
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -176,13 +178,17 @@ impl EndpointState {
         let name_hash = lock(&self.config)
             .name
             .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
         fastrand::Rng::with_seed(self.seed ^ name_hash ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 
     pub(crate) fn enter(self: &Arc<Self>) -> InFlight {
         let now = self.counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        self.counters.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        self.counters
+            .max_in_flight
+            .fetch_max(now, Ordering::Relaxed);
         InFlight(Arc::clone(self))
     }
 

@@ -1,16 +1,28 @@
 //! upstream-sim as a client sees it: determinism, latency, quota, configuration.
 
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use upstream_sim::{EndpointConfig, Fault, LatencyModel, Limits, Sim, SimConfig, SimDialect, Times};
+use upstream_sim::{
+    EndpointConfig, Fault, LatencyModel, Limits, Sim, SimConfig, SimDialect, Times,
+};
 
-async fn post(client: &reqwest::Client, url: &str, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let response = client.post(url).json(&body).send().await.unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let text = response.text().await.unwrap();
-    (status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn chat_body() -> Value {
@@ -18,14 +30,20 @@ fn chat_body() -> Value {
 }
 
 async fn transcript(seed: u64) -> Vec<String> {
-    let config = EndpointConfig::new("e", SimDialect::OpenAi).with_latency(LatencyModel::instant().with_jitter(0.5));
+    let config = EndpointConfig::new("e", SimDialect::OpenAi)
+        .with_latency(LatencyModel::instant().with_jitter(0.5));
     let sim = Sim::start(seed, [config]).await.unwrap();
     let url = format!("{}/chat/completions", sim.endpoints()[0].openai_base_url());
     let client = reqwest::Client::new();
     let mut texts = Vec::new();
     for _ in 0..4 {
         let (_, _, body) = post(&client, &url, chat_body()).await;
-        texts.push(body["choices"][0]["message"]["content"].as_str().unwrap().to_owned());
+        texts.push(
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     texts
 }
@@ -35,15 +53,21 @@ async fn same_seed_same_answers() {
     let a = transcript(11).await;
     assert_eq!(a, transcript(11).await);
     assert_ne!(a, transcript(12).await);
-    assert!(a.iter().all(|t| t.split(' ').count() == 8), "max_tokens caps the output");
+    assert!(
+        a.iter().all(|t| t.split(' ').count() == 8),
+        "max_tokens caps the output"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn latency_model_in_paused_time() {
     let latency = LatencyModel::new(Duration::from_secs(2), Duration::from_millis(100));
-    let sim = Sim::start(1, [EndpointConfig::new("slow", SimDialect::OpenAi).with_latency(latency)])
-        .await
-        .unwrap();
+    let sim = Sim::start(
+        1,
+        [EndpointConfig::new("slow", SimDialect::OpenAi).with_latency(latency)],
+    )
+    .await
+    .unwrap();
     let endpoint = &sim.endpoints()[0];
     let url = format!("{}/chat/completions", endpoint.openai_base_url());
     let client = reqwest::Client::new();
@@ -51,13 +75,19 @@ async fn latency_model_in_paused_time() {
     post(&client, &url, chat_body()).await;
     let took = started.elapsed();
     // 2 s to the first token and 8 tokens at 100 ms.
-    assert!(took >= Duration::from_millis(2800) && took < Duration::from_millis(3200), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(2800) && took < Duration::from_millis(3200),
+        "{took:?}"
+    );
 
     endpoint.set_latency(latency.scaled(5.0));
     let started = tokio::time::Instant::now();
     post(&client, &url, chat_body()).await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_secs(14) && took < Duration::from_secs(16), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(14) && took < Duration::from_secs(16),
+        "{took:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -88,30 +118,47 @@ async fn quota_refuses_with_headers_then_recovers() {
     let (status, _, _) = post(&client, &url, chat_body()).await;
     assert_eq!(status, 200, "a new window");
     let counters = sim.endpoints()[0].counters();
-    assert_eq!((counters.ok, counters.rate_limited, counters.requests), (3, 1, 4));
+    assert_eq!(
+        (counters.ok, counters.rate_limited, counters.requests),
+        (3, 1, 4)
+    );
 }
 
 #[tokio::test]
 async fn azure_throttle_message_and_remaining_headers_only() {
     let limits = Limits::per_minute(None, Some(6)).with_window(Duration::from_secs(10));
-    let config = EndpointConfig::new("az", SimDialect::Azure).with_latency(LatencyModel::instant()).with_limits(limits);
+    let config = EndpointConfig::new("az", SimDialect::Azure)
+        .with_latency(LatencyModel::instant())
+        .with_limits(limits);
     let sim = Sim::start(1, [config]).await.unwrap();
-    let url = format!("{}/openai/deployments/d/chat/completions?api-version=2024-10-21", sim.endpoints()[0].url());
+    let url = format!(
+        "{}/openai/deployments/d/chat/completions?api-version=2024-10-21",
+        sim.endpoints()[0].url()
+    );
     let client = reqwest::Client::new();
     let (status, headers, _) = post(&client, &url, chat_body()).await;
     assert_eq!(status, 200);
     assert!(headers.contains_key("x-ratelimit-remaining-requests"));
-    assert!(!headers.contains_key("x-ratelimit-limit-requests"), "Azure sends no limit headers");
+    assert!(
+        !headers.contains_key("x-ratelimit-limit-requests"),
+        "Azure sends no limit headers"
+    );
     let (status, _, body) = post(&client, &url, chat_body()).await;
     assert_eq!(status, 429);
     assert_eq!(body["error"]["code"], "429");
-    assert!(body["error"]["message"].as_str().unwrap().contains("call rate limit"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("call rate limit")
+    );
 }
 
 #[tokio::test]
 async fn fraction_faults_are_deterministic() {
     async fn failures(seed: u64) -> Vec<u16> {
-        let config = EndpointConfig::new("f", SimDialect::OpenAi).with_latency(LatencyModel::instant());
+        let config =
+            EndpointConfig::new("f", SimDialect::OpenAi).with_latency(LatencyModel::instant());
         let sim = Sim::start(seed, [config]).await.unwrap();
         sim.endpoints()[0].inject(Fault::status(503), Times::Fraction(0.5));
         let url = format!("{}/chat/completions", sim.endpoints()[0].openai_base_url());
@@ -136,19 +183,26 @@ async fn example_config_parses_and_starts() {
         endpoint.port = 0; // the example's fixed ports may be taken
     }
     let sim = Sim::spawn(config).await.unwrap();
-    assert_eq!(sim.endpoint("azure-east").unwrap().dialect(), SimDialect::Azure);
-    let models: Value = reqwest::get(format!("{}/models", sim.endpoint("openai-fast").unwrap().openai_base_url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap_or(Value::Null);
+    assert_eq!(
+        sim.endpoint("azure-east").unwrap().dialect(),
+        SimDialect::Azure
+    );
+    let models: Value = reqwest::get(format!(
+        "{}/models",
+        sim.endpoint("openai-fast").unwrap().openai_base_url()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap_or(Value::Null);
     // The key is required even to list models.
     assert_eq!(models["error"]["code"], "invalid_api_key");
 }
 
 #[test]
 fn unknown_config_fields_are_refused() {
-    let error = toml::from_str::<SimConfig>("[[endpoint]]\nname = \"a\"\nlatencyy = {}\n").unwrap_err();
+    let error =
+        toml::from_str::<SimConfig>("[[endpoint]]\nname = \"a\"\nlatencyy = {}\n").unwrap_err();
     assert!(error.to_string().contains("latencyy"), "{error}");
 }
