@@ -116,6 +116,13 @@ pub enum ErrorKind {
     Config,
     /// The request could not be sent as given (for example, it does not serialize).
     InvalidRequest,
+    /// No model group has the requested model; the message lists the known ones.
+    UnknownModel,
+    /// No deployment of the group can take the request now (all cooling down, disabled, or
+    /// out of quota); [`Error::retry_after`] is the soonest recovery when one is known.
+    Unavailable,
+    /// The request's deadline passed before an answer.
+    DeadlineExceeded,
 }
 
 impl ErrorKind {
@@ -145,7 +152,53 @@ impl ErrorKind {
             Self::Unsupported => "unsupported",
             Self::Config => "config",
             Self::InvalidRequest => "invalid_request",
+            Self::UnknownModel => "unknown_model",
+            Self::Unavailable => "unavailable",
+            Self::DeadlineExceeded => "deadline_exceeded",
         }
+    }
+
+    /// Every kind, in declaration order.
+    pub const ALL: [Self; 26] = [
+        Self::RateLimited,
+        Self::QuotaExhausted,
+        Self::RequestTooLarge,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::BadRequest,
+        Self::ContentFilter,
+        Self::ContextLengthExceeded,
+        Self::Unprocessable,
+        Self::RequestTimeout,
+        Self::Conflict,
+        Self::ServerError,
+        Self::UnexpectedStatus,
+        Self::Connect,
+        Self::Timeout,
+        Self::Transport,
+        Self::Decode,
+        Self::StreamError,
+        Self::StreamTruncated,
+        Self::Unsupported,
+        Self::Config,
+        Self::InvalidRequest,
+        Self::UnknownModel,
+        Self::Unavailable,
+        Self::DeadlineExceeded,
+    ];
+
+    /// How many kinds there are.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The kind's position in [`ALL`](Self::ALL), for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The kind at `index` of [`ALL`](Self::ALL) (`InvalidRequest` when out of range).
+    pub fn from_index(index: usize) -> Self {
+        Self::ALL.get(index).copied().unwrap_or(Self::InvalidRequest)
     }
 
     /// Whether another attempt, on another endpoint, may succeed.
@@ -173,7 +226,10 @@ impl ErrorKind {
             | Self::Unprocessable
             | Self::UnexpectedStatus
             | Self::Config
-            | Self::InvalidRequest => false,
+            | Self::InvalidRequest
+            | Self::UnknownModel
+            | Self::Unavailable
+            | Self::DeadlineExceeded => false,
         }
     }
 
@@ -201,7 +257,10 @@ impl ErrorKind {
             | Self::UnexpectedStatus
             | Self::Unsupported
             | Self::Config
-            | Self::InvalidRequest => HealthEffect::None,
+            | Self::InvalidRequest
+            | Self::UnknownModel
+            | Self::Unavailable
+            | Self::DeadlineExceeded => HealthEffect::None,
         }
     }
 
@@ -230,6 +289,9 @@ impl ErrorKind {
             Self::Unsupported => "unsupported operation",
             Self::Config => "invalid configuration",
             Self::InvalidRequest => "invalid request",
+            Self::UnknownModel => "unknown model",
+            Self::Unavailable => "no deployment available",
+            Self::DeadlineExceeded => "deadline exceeded",
         }
     }
 }
@@ -528,6 +590,16 @@ mod tests {
             body,
             &RateLimitInfo::default(),
         )
+    }
+
+    #[test]
+    fn kinds_index_round_trip() {
+        for (i, kind) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(kind.index(), i);
+            assert_eq!(ErrorKind::from_index(i), *kind);
+        }
+        let names: std::collections::HashSet<_> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), ErrorKind::COUNT, "labels are distinct");
     }
 
     #[test]

@@ -57,7 +57,12 @@
 mod backend;
 mod endpoint;
 mod error;
+pub mod ewma;
 pub mod ratelimit;
+mod rng;
+pub mod select;
+pub mod state;
+pub mod strategy;
 
 pub use backend::{
     Backend, CallOptions, ChatStream, CompletionStream, EventStream, Reply, ResponseMeta,
@@ -66,3 +71,12 @@ pub use backend::{
 pub use endpoint::EndpointId;
 pub use error::{Error, ErrorKind, HealthEffect};
 pub use ratelimit::RateLimitInfo;
+pub use rng::Rng;
+pub use select::{NothingEligible, Selection, Slot, select};
+pub use state::{
+    Availability, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass, StateStats,
+};
+pub use strategy::{
+    Candidate, LeastBusy, LeastLatency, RoundRobin, Strategy, StrategyKind, Weighted, p2c,
+    pick_tiered, sample_two,
+};

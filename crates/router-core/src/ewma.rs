@@ -1,0 +1,146 @@
+//! PeakEWMA: a latency estimate that jumps up at once and decays down slowly.
+//!
+//! The estimator of Finagle and linkerd (and tower's `PeakEwma`), with every timestamp passed in:
+//!
+//! - a sample above the estimate replaces it at once (the peak), so an endpoint that turns slow
+//!   loses traffic on its first slow answer;
+//! - a sample below moves the estimate toward it with weight `1 - exp(-dt / decay)`, where `dt`
+//!   is the time since the previous sample: a time constant, whatever the request rate;
+//! - read at time `now`, the estimate has decayed toward zero by `exp(-dt / decay)` since the
+//!   last sample, so an endpoint nobody tried lately looks cheaper and gets probed again
+//!   (it cannot starve, unlike a lifetime mean).
+//!
+//! The state is one `AtomicU64` (the estimate as `f32` milliseconds and the time of the last
+//! sample as `u32` milliseconds since the estimator's origin), updated with a CAS loop: reads
+//! are one atomic load, and nothing ever locks. The `u32` clock wraps after 49 days without a
+//! sample; a wrapped reading only makes an idle estimate look less decayed than it is.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A PeakEWMA latency estimate. Lock-free.
+#[derive(Debug)]
+pub struct PeakEwma {
+    packed: AtomicU64,
+    origin: Instant,
+    decay_ms: f64,
+}
+
+fn pack(estimate_ms: f32, at_ms: u32) -> u64 {
+    (u64::from(estimate_ms.to_bits()) << 32) | u64::from(at_ms)
+}
+
+fn unpack(packed: u64) -> (f32, u32) {
+    (f32::from_bits((packed >> 32) as u32), packed as u32)
+}
+
+/// `estimate` decayed toward zero over `dt_ms` with time constant `decay_ms`.
+pub fn decayed(estimate_ms: f64, dt_ms: f64, decay_ms: f64) -> f64 {
+    estimate_ms * (-dt_ms / decay_ms).exp()
+}
+
+/// The estimate after a `sample` arriving `dt_ms` after the previous one.
+pub fn updated(estimate_ms: f64, sample_ms: f64, dt_ms: f64, decay_ms: f64) -> f64 {
+    if sample_ms > estimate_ms {
+        return sample_ms;
+    }
+    let w = (-dt_ms / decay_ms).exp();
+    estimate_ms * w + sample_ms * (1.0 - w)
+}
+
+impl PeakEwma {
+    /// An estimator starting at `initial`, decaying with time constant `decay`, whose clock
+    /// starts at `origin`.
+    pub fn new(initial: Duration, decay: Duration, origin: Instant) -> Self {
+        Self {
+            packed: AtomicU64::new(pack(initial.as_secs_f32() * 1000.0, 0)),
+            origin,
+            decay_ms: (decay.as_secs_f64() * 1000.0).max(1.0),
+        }
+    }
+
+    fn ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.origin).as_millis() as u32
+    }
+
+    /// The estimate at `now`, in seconds.
+    pub fn get(&self, now: Instant) -> f64 {
+        let (estimate, at) = unpack(self.packed.load(Ordering::Relaxed));
+        let dt = self.ms(now).wrapping_sub(at);
+        decayed(f64::from(estimate), f64::from(dt), self.decay_ms) / 1000.0
+    }
+
+    /// Records a sample taken at `now`.
+    pub fn observe(&self, sample: Duration, now: Instant) {
+        let sample_ms = sample.as_secs_f64() * 1000.0;
+        let now_ms = self.ms(now);
+        // Relaxed: a statistic; a lost race only means one sample weighs in a little late.
+        let _ = self
+            .packed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |packed| {
+                let (estimate, at) = unpack(packed);
+                let dt = f64::from(now_ms.wrapping_sub(at));
+                let next = updated(f64::from(estimate), sample_ms, dt, self.decay_ms);
+                Some(pack(next as f32, now_ms))
+            });
+    }
+
+    /// Records a failure: never a fast sample. The estimate jumps to at least `penalty`, and to
+    /// twice its current value if that is more.
+    pub fn penalize(&self, penalty: Duration, now: Instant) {
+        let current = Duration::from_secs_f64(self.get(now).max(0.0));
+        self.observe(penalty.max(current.saturating_mul(2)), now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DECAY: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn peaks_at_once_and_decays_slowly() {
+        let t0 = Instant::now();
+        let ewma = PeakEwma::new(Duration::from_millis(100), DECAY, t0);
+        assert!((ewma.get(t0) - 0.1).abs() < 1e-6);
+        ewma.observe(Duration::from_millis(500), t0 + Duration::from_millis(10));
+        assert!((ewma.get(t0 + Duration::from_millis(10)) - 0.5).abs() < 1e-6, "peak");
+        // A fast sample 1 s later moves it only part of the way.
+        ewma.observe(Duration::from_millis(100), t0 + Duration::from_millis(1010));
+        let after = ewma.get(t0 + Duration::from_millis(1010));
+        assert!(after > 0.4 && after < 0.5, "{after}");
+        // Fast samples over 60 s (six time constants) bring it down near them.
+        for i in 1..=600 {
+            ewma.observe(Duration::from_millis(100), t0 + Duration::from_millis(1010 + i * 100));
+        }
+        let settled = ewma.get(t0 + Duration::from_millis(61_010));
+        assert!((settled - 0.1).abs() < 0.01, "{settled}");
+    }
+
+    #[test]
+    fn idle_estimates_decay_toward_zero() {
+        let t0 = Instant::now();
+        let ewma = PeakEwma::new(Duration::from_secs(1), DECAY, t0);
+        ewma.observe(Duration::from_secs(2), t0);
+        let later = ewma.get(t0 + DECAY);
+        assert!((later - 2.0 / std::f64::consts::E).abs() < 1e-3, "{later}");
+    }
+
+    #[test]
+    fn a_failure_never_lowers_the_estimate() {
+        let t0 = Instant::now();
+        let ewma = PeakEwma::new(Duration::from_millis(100), DECAY, t0);
+        ewma.observe(Duration::from_millis(300), t0);
+        ewma.penalize(Duration::from_millis(50), t0);
+        assert!(ewma.get(t0) >= 0.6 - 1e-6, "doubled: {}", ewma.get(t0));
+    }
+
+    #[test]
+    fn update_math() {
+        assert_eq!(updated(100.0, 200.0, 5.0, 1000.0), 200.0);
+        let w = (-0.5_f64).exp();
+        assert!((updated(100.0, 50.0, 500.0, 1000.0) - (100.0 * w + 50.0 * (1.0 - w))).abs() < 1e-9);
+        assert!((decayed(100.0, 1000.0, 1000.0) - 100.0 / std::f64::consts::E).abs() < 1e-9);
+    }
+}

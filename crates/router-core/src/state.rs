@@ -1,0 +1,422 @@
+//! The live state of one deployment (one model on one endpoint): in-flight requests, latency,
+//! health and counters. Lock-free: atomics only.
+//!
+//! # Health
+//!
+//! What an outcome does is decided by the error's [`HealthEffect`]:
+//!
+//! - `Cooldown` (429): the deployment gets nothing until the upstream's wait has passed, exactly
+//!   (capped at [`HealthPolicy::max_rate_limit_cooldown`]; [`HealthPolicy::rate_limit_cooldown`]
+//!   when the upstream gave none). A later, longer wait extends it; a shorter one never shortens it.
+//! - `Failure` (5xx, timeouts, resets, cut streams): counts toward ejection. After
+//!   [`HealthPolicy::failure_threshold`] consecutive failures the deployment is ejected for
+//!   `base × 2^k` (k = ejections in a row), jittered, capped. A success resets both counts.
+//! - `Disable` (401, 403, 404, `insufficient_quota`): out until its configuration changes (a
+//!   reconfiguration gives a changed deployment a new state).
+//!
+//! Whether a cooled-down or ejected deployment may still be used when nothing else can serve
+//! (panic mode) is the router's choice: [`DeploymentState::availability`] tells the three apart.
+
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorKind, HealthEffect};
+use crate::ewma::PeakEwma;
+use crate::rng::Rng;
+
+/// How outcomes move a deployment's health.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthPolicy {
+    /// Consecutive failures that eject a deployment. Default 3.
+    pub failure_threshold: u32,
+    /// The first ejection's length. Default 5 s.
+    pub base_ejection: Duration,
+    /// The longest ejection. Default 120 s.
+    pub max_ejection: Duration,
+    /// Relative jitter on ejections, 0 to 1, so that replicas do not all return at once.
+    /// Default 0.1.
+    pub ejection_jitter: f64,
+    /// A 429's cooldown when the upstream named no wait. Default 1 s.
+    pub rate_limit_cooldown: Duration,
+    /// The longest 429 cooldown; Azure's "retry after 86400 seconds" means "out for a long time",
+    /// and the deployment is probed again after this. Default 300 s.
+    pub max_rate_limit_cooldown: Duration,
+    /// The latency penalty a failure records (at least; twice the estimate if that is more).
+    /// Default 5 s.
+    pub failure_penalty: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(120),
+            ejection_jitter: 0.1,
+            rate_limit_cooldown: Duration::from_secs(1),
+            max_rate_limit_cooldown: Duration::from_secs(300),
+            failure_penalty: Duration::from_secs(5),
+        }
+    }
+}
+
+impl HealthPolicy {
+    /// Sets the ejection threshold and lengths.
+    #[must_use]
+    pub fn with_ejection(mut self, threshold: u32, base: Duration, max: Duration) -> Self {
+        self.failure_threshold = threshold.max(1);
+        self.base_ejection = base;
+        self.max_ejection = max.max(base);
+        self
+    }
+
+    /// Sets the 429 cooldown defaults.
+    #[must_use]
+    pub fn with_rate_limit_cooldown(mut self, default: Duration, max: Duration) -> Self {
+        self.rate_limit_cooldown = default;
+        self.max_rate_limit_cooldown = max.max(default);
+        self
+    }
+
+    /// Sets the ejection jitter.
+    #[must_use]
+    pub fn with_jitter(mut self, jitter: f64) -> Self {
+        self.ejection_jitter = jitter.clamp(0.0, 1.0);
+        self
+    }
+}
+
+/// Which latency signal a request feeds and is routed on. Signals of different classes are not
+/// comparable, so each has its own estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LatencyClass {
+    /// Streams: time to the first content chunk.
+    Stream,
+    /// Non-streamed generations: time per output token (whole time / completion tokens).
+    Generation,
+    /// Embeddings and other single-shot calls: the whole time.
+    Call,
+}
+
+impl LatencyClass {
+    fn index(self) -> usize {
+        match self {
+            Self::Stream => 0,
+            Self::Generation => 1,
+            Self::Call => 2,
+        }
+    }
+
+    /// The starting estimate of a deployment nobody has measured yet.
+    pub fn initial(self) -> Duration {
+        match self {
+            Self::Stream => Duration::from_millis(500),
+            Self::Generation => Duration::from_millis(30),
+            Self::Call => Duration::from_millis(200),
+        }
+    }
+}
+
+/// Whether a deployment can take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Ready.
+    Ready,
+    /// Throttled by the upstream until the given time.
+    RateLimited(Instant),
+    /// Ejected after consecutive failures until the given time.
+    Ejected(Instant),
+    /// Disabled until reconfigured, for the error kind given.
+    Disabled(ErrorKind),
+}
+
+const REASON_NONE: u8 = 0;
+const REASON_RATE_LIMITED: u8 = 1;
+const REASON_EJECTED: u8 = 2;
+
+/// The live state of one deployment.
+#[derive(Debug)]
+pub struct DeploymentState {
+    origin: Instant,
+    in_flight: AtomicU32,
+    latency: [PeakEwma; 3],
+    /// Milliseconds since `origin` until which the deployment cools down; 0 for none.
+    cooldown_until: AtomicU64,
+    cooldown_reason: AtomicU8,
+    /// `ErrorKind` index + 1 of the error that disabled it; 0 when enabled.
+    disabled: AtomicU8,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    successes: AtomicU64,
+    failures: [AtomicU64; ErrorKind::COUNT],
+}
+
+impl DeploymentState {
+    /// A fresh state; `decay` is the latency estimate's time constant.
+    pub fn new(origin: Instant, decay: Duration) -> Self {
+        let class = |c: LatencyClass| PeakEwma::new(c.initial(), decay, origin);
+        Self {
+            origin,
+            in_flight: AtomicU32::new(0),
+            latency: [
+                class(LatencyClass::Stream),
+                class(LatencyClass::Generation),
+                class(LatencyClass::Call),
+            ],
+            cooldown_until: AtomicU64::new(0),
+            cooldown_reason: AtomicU8::new(REASON_NONE),
+            disabled: AtomicU8::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            successes: AtomicU64::new(0),
+            failures: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    /// Requests being served now (streams until they end).
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The latency estimate of `class` at `now`, in seconds.
+    pub fn latency(&self, class: LatencyClass, now: Instant) -> f64 {
+        self.latency[class.index()].get(now)
+    }
+
+    /// Whether the deployment can take a request at `now`.
+    pub fn availability(&self, now: Instant) -> Availability {
+        let disabled = self.disabled.load(Ordering::Relaxed);
+        if disabled != 0 {
+            return Availability::Disabled(ErrorKind::from_index(usize::from(disabled - 1)));
+        }
+        let until = self.cooldown_until.load(Ordering::Relaxed);
+        if self.ms(now) < until {
+            let at = self.origin + Duration::from_millis(until);
+            return match self.cooldown_reason.load(Ordering::Relaxed) {
+                REASON_RATE_LIMITED => Availability::RateLimited(at),
+                _ => Availability::Ejected(at),
+            };
+        }
+        Availability::Ready
+    }
+
+    /// Starts a request: the in-flight count goes up until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            state: Arc::clone(self),
+        }
+    }
+
+    /// Records a success and its latency sample.
+    pub fn record_success(&self, class: LatencyClass, sample: Duration, now: Instant) {
+        self.successes.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        self.latency[class.index()].observe(sample, now);
+    }
+
+    /// Records a failure and applies its health effect.
+    pub fn record_failure(
+        &self,
+        error: &Error,
+        class: LatencyClass,
+        policy: &HealthPolicy,
+        now: Instant,
+        rng: &mut Rng,
+    ) {
+        self.failures[error.kind().index()].fetch_add(1, Ordering::Relaxed);
+        match error.health_effect() {
+            HealthEffect::Cooldown => {
+                let wait = error
+                    .retry_after()
+                    .unwrap_or(policy.rate_limit_cooldown)
+                    .min(policy.max_rate_limit_cooldown);
+                self.cool_down(now + wait, REASON_RATE_LIMITED);
+            }
+            HealthEffect::Failure => {
+                self.latency[class.index()].penalize(policy.failure_penalty, now);
+                if let Some(wait) = error.retry_after() {
+                    // A 503 that says when to come back.
+                    self.cool_down(now + wait.min(policy.max_rate_limit_cooldown), REASON_EJECTED);
+                }
+                let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= policy.failure_threshold {
+                    self.consecutive_failures.store(0, Ordering::Relaxed);
+                    let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+                    let base = policy.base_ejection.saturating_mul(1 << k).min(policy.max_ejection);
+                    let jitter = 1.0 + policy.ejection_jitter * (rng.unit() * 2.0 - 1.0);
+                    let wait = base.mul_f64(jitter.max(0.0)).min(policy.max_ejection);
+                    self.cool_down(now + wait, REASON_EJECTED);
+                }
+            }
+            HealthEffect::Disable => {
+                let code = u8::try_from(error.kind().index() + 1).unwrap_or(u8::MAX);
+                self.disabled.store(code, Ordering::Relaxed);
+            }
+            HealthEffect::None => {}
+        }
+    }
+
+    fn cool_down(&self, until: Instant, reason: u8) {
+        let until = self.ms(until).max(1);
+        let previous = self.cooldown_until.fetch_max(until, Ordering::Relaxed);
+        if until > previous {
+            self.cooldown_reason.store(reason, Ordering::Relaxed);
+        }
+    }
+
+    /// A snapshot for `stats()`.
+    pub fn stats(&self, now: Instant) -> StateStats {
+        StateStats {
+            in_flight: self.in_flight(),
+            latency_stream: self.latency(LatencyClass::Stream, now),
+            latency_generation: self.latency(LatencyClass::Generation, now),
+            latency_call: self.latency(LatencyClass::Call, now),
+            availability: self.availability(now),
+            consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            successes: self.successes.load(Ordering::Relaxed),
+            failures: ErrorKind::ALL
+                .iter()
+                .filter_map(|kind| {
+                    let n = self.failures[kind.index()].load(Ordering::Relaxed);
+                    (n > 0).then_some((*kind, n))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Holds one in-flight slot of a deployment; the count goes down when it drops, whether the
+/// request finished, failed, or its future was dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    state: Arc<DeploymentState>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A deployment's state at one moment.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateStats {
+    /// Requests being served.
+    pub in_flight: u32,
+    /// Time-to-first-token estimate, seconds.
+    pub latency_stream: f64,
+    /// Time-per-output-token estimate, seconds.
+    pub latency_generation: f64,
+    /// Whole-call estimate (embeddings), seconds.
+    pub latency_call: f64,
+    /// Ready, cooling down (and until when), or disabled.
+    pub availability: Availability,
+    /// Failures since the last success or ejection.
+    pub consecutive_failures: u32,
+    /// Successful requests.
+    pub successes: u64,
+    /// Failed attempts by kind (kinds with none left out).
+    pub failures: Vec<(ErrorKind, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::EndpointId;
+    use crate::ratelimit::RateLimitInfo;
+
+    fn upstream(status: u16, retry_after: Option<Duration>) -> Error {
+        let limits = RateLimitInfo {
+            retry_after,
+            ..RateLimitInfo::default()
+        };
+        Error::upstream(EndpointId::new("e"), status, None, &limits)
+    }
+
+    #[test]
+    fn rate_limit_cools_exactly_and_only_extends() {
+        let t0 = Instant::now();
+        let state = DeploymentState::new(t0, Duration::from_secs(10));
+        let policy = HealthPolicy::default();
+        let mut rng = Rng::with_seed(1);
+        let class = LatencyClass::Stream;
+        state.record_failure(&upstream(429, Some(Duration::from_secs(3))), class, &policy, t0, &mut rng);
+        assert!(matches!(state.availability(t0 + Duration::from_millis(2999)), Availability::RateLimited(_)));
+        assert_eq!(state.availability(t0 + Duration::from_secs(3)), Availability::Ready);
+        // A shorter second cooldown does not shorten the first.
+        state.record_failure(&upstream(429, Some(Duration::from_secs(1))), class, &policy, t0, &mut rng);
+        assert!(matches!(state.availability(t0 + Duration::from_secs(2)), Availability::RateLimited(_)));
+        // Capped.
+        state.record_failure(&upstream(429, Some(Duration::from_secs(86_400))), class, &policy, t0, &mut rng);
+        assert_eq!(state.availability(t0 + Duration::from_secs(301)), Availability::Ready);
+    }
+
+    #[test]
+    fn consecutive_failures_eject_exponentially() {
+        let t0 = Instant::now();
+        let state = DeploymentState::new(t0, Duration::from_secs(10));
+        let policy = HealthPolicy::default()
+            .with_ejection(2, Duration::from_secs(1), Duration::from_secs(3))
+            .with_jitter(0.0);
+        let mut rng = Rng::with_seed(1);
+        let fail = |at: Instant, rng: &mut Rng| {
+            state.record_failure(&upstream(500, None), LatencyClass::Call, &policy, at, rng);
+        };
+        fail(t0, &mut rng);
+        assert_eq!(state.availability(t0), Availability::Ready, "one failure is not enough");
+        fail(t0, &mut rng);
+        assert!(matches!(state.availability(t0), Availability::Ejected(_)));
+        assert_eq!(state.availability(t0 + Duration::from_secs(1)), Availability::Ready);
+        let t1 = t0 + Duration::from_secs(1);
+        fail(t1, &mut rng);
+        fail(t1, &mut rng);
+        assert!(matches!(state.availability(t1 + Duration::from_millis(1999)), Availability::Ejected(_)), "doubled");
+        let t2 = t1 + Duration::from_secs(2);
+        fail(t2, &mut rng);
+        fail(t2, &mut rng);
+        assert_eq!(state.availability(t2 + Duration::from_secs(3)), Availability::Ready, "capped at 3 s");
+        // A success resets the doubling.
+        state.record_success(LatencyClass::Call, Duration::from_millis(10), t2 + Duration::from_secs(3));
+        let t3 = t2 + Duration::from_secs(4);
+        fail(t3, &mut rng);
+        fail(t3, &mut rng);
+        assert_eq!(state.availability(t3 + Duration::from_secs(1)), Availability::Ready);
+    }
+
+    #[test]
+    fn misconfiguration_disables_and_bad_requests_do_nothing() {
+        let t0 = Instant::now();
+        let state = DeploymentState::new(t0, Duration::from_secs(10));
+        let policy = HealthPolicy::default();
+        let mut rng = Rng::with_seed(1);
+        state.record_failure(&upstream(400, None), LatencyClass::Call, &policy, t0, &mut rng);
+        assert_eq!(state.availability(t0), Availability::Ready);
+        state.record_failure(&upstream(401, None), LatencyClass::Call, &policy, t0, &mut rng);
+        assert_eq!(state.availability(t0 + Duration::from_secs(3600)), Availability::Disabled(ErrorKind::Unauthorized));
+        let stats = state.stats(t0);
+        assert_eq!(stats.failures.len(), 2);
+        assert!(stats.failures.contains(&(ErrorKind::Unauthorized, 1)));
+        assert!(stats.failures.contains(&(ErrorKind::BadRequest, 1)));
+    }
+
+    #[test]
+    fn guards_release_on_drop() {
+        let state = Arc::new(DeploymentState::new(Instant::now(), Duration::from_secs(10)));
+        let a = state.start();
+        let b = state.start();
+        assert_eq!(state.in_flight(), 2);
+        drop(a);
+        assert_eq!(state.in_flight(), 1);
+        drop(b);
+        assert_eq!(state.in_flight(), 0);
+    }
+}

@@ -1,0 +1,285 @@
+//! Strategies: which eligible deployment takes a request.
+//!
+//! A [`Strategy`] is a pure, synchronous function of candidate snapshots, the time and a random
+//! generator: no clock reads, no locks, no I/O, no allocation. The router builds the
+//! candidates (eligible deployments only: not cooling down, not disabled, not already tried by
+//! this request), asks the strategy, and maps the index back.
+//!
+//! # Why power of two choices
+//!
+//! Picking the global minimum (least busy, least latency) from shared, slightly stale numbers
+//! makes every concurrent picker choose the same deployment until its numbers catch up, then
+//! all move to the next one: herding. Sampling two candidates at random and taking the better
+//! one ("the power of two choices", Mitzenmacher 2001; Finagle's and linkerd's balancers) keeps
+//! most of the benefit, bounds the imbalance, and never starves a deployment: every one is
+//! sampled now and then, so its estimate stays fresh.
+//!
+//! # Built in
+//!
+//! | name in config | type | picks |
+//! |---|---|---|
+//! | `round-robin` | [`RoundRobin`] | the next one in turn, per model group, atomically |
+//! | `least-busy` (`least-connection`, `least-connections`) | [`LeastBusy`] | P2C on in-flight requests, random tie-break |
+//! | `least-latency` | [`LeastLatency`] | P2C on PeakEWMA latency × (in-flight + 1) |
+//! | `weighted` (`simple-shuffle`) | [`Weighted`] | at random, in proportion to weights |
+//!
+//! Priority tiers compose with any of them: [`pick_tiered`] offers the strategy only the best
+//! tier that has an eligible deployment.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Instant;
+//! use router_core::{Candidate, LeastBusy, Rng, Strategy};
+//!
+//! let candidates = [
+//!     Candidate { in_flight: 9, ..Candidate::default() },
+//!     Candidate { in_flight: 1, ..Candidate::default() },
+//! ];
+//! // With two candidates, P2C compares both: the idle one wins.
+//! let pick = LeastBusy.pick(&candidates, Instant::now(), &mut Rng::with_seed(7));
+//! assert_eq!(pick, Some(1));
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use crate::error::Error;
+use crate::rng::Rng;
+
+/// What a strategy knows about one eligible deployment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// Requests in flight (streams until they end).
+    pub in_flight: u32,
+    /// The latency estimate for this request's class, in seconds.
+    pub latency: f64,
+    /// The configured weight (at least 1).
+    pub weight: u32,
+    /// The priority tier; lower is preferred.
+    pub priority: u32,
+    /// The share of the deployment's quota still free, 0 to 1, when it has a quota.
+    pub headroom: Option<f64>,
+}
+
+impl Default for Candidate {
+    fn default() -> Self {
+        Self {
+            in_flight: 0,
+            latency: 0.0,
+            weight: 1,
+            priority: 0,
+            headroom: None,
+        }
+    }
+}
+
+/// Chooses one of the eligible candidates.
+pub trait Strategy: Send + Sync + fmt::Debug {
+    /// The index of the chosen candidate; `None` only when `candidates` is empty.
+    fn pick(&self, candidates: &[Candidate], now: Instant, rng: &mut Rng) -> Option<usize>;
+
+    /// A name for logs.
+    fn name(&self) -> &'static str;
+}
+
+/// Two distinct indices in `0..n` at random (the same index twice when `n == 1`).
+pub fn sample_two(n: usize, rng: &mut Rng) -> (usize, usize) {
+    let a = rng.below(n);
+    if n < 2 {
+        return (a, a);
+    }
+    let mut b = rng.below(n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
+/// Power of two choices on `cost`: samples two candidates, returns the cheaper; ties are broken
+/// at random.
+pub fn p2c(candidates: &[Candidate], rng: &mut Rng, cost: impl Fn(&Candidate) -> f64) -> Option<usize> {
+    if candidates.is_empty() {
+        return None;
+    }
+    let (a, b) = sample_two(candidates.len(), rng);
+    let (cost_a, cost_b) = (cost(&candidates[a]), cost(&candidates[b]));
+    let chosen = if cost_a < cost_b {
+        a
+    } else if cost_b < cost_a {
+        b
+    } else if rng.coin() {
+        a
+    } else {
+        b
+    };
+    Some(chosen)
+}
+
+/// Offers `strategy` only the best priority tier present in `candidates`, which must be sorted
+/// by priority (lowest first). The router keeps deployments in that order.
+pub fn pick_tiered(
+    strategy: &dyn Strategy,
+    candidates: &[Candidate],
+    now: Instant,
+    rng: &mut Rng,
+) -> Option<usize> {
+    let best = candidates.first()?.priority;
+    let tier = candidates.iter().take_while(|c| c.priority == best).count();
+    debug_assert!(candidates.windows(2).all(|w| w[0].priority <= w[1].priority));
+    strategy.pick(&candidates[..tier], now, rng)
+}
+
+/// Each deployment in turn. One counter per instance: the router makes one per model group.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl Strategy for RoundRobin {
+    fn pick(&self, candidates: &[Candidate], _now: Instant, _rng: &mut Rng) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        // Relaxed: only the counter's own increments must be atomic.
+        Some(self.next.fetch_add(1, Ordering::Relaxed) % candidates.len())
+    }
+
+    fn name(&self) -> &'static str {
+        "round-robin"
+    }
+}
+
+/// P2C on in-flight requests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LeastBusy;
+
+impl Strategy for LeastBusy {
+    fn pick(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
+        p2c(candidates, rng, |c| f64::from(c.in_flight))
+    }
+
+    fn name(&self) -> &'static str {
+        "least-busy"
+    }
+}
+
+/// P2C on PeakEWMA latency × (in-flight + 1): the expected wait if this request joined.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LeastLatency;
+
+impl LeastLatency {
+    /// The cost compared: latency estimate times (in-flight + 1).
+    pub fn cost(candidate: &Candidate) -> f64 {
+        candidate.latency * (f64::from(candidate.in_flight) + 1.0)
+    }
+}
+
+impl Strategy for LeastLatency {
+    fn pick(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
+        p2c(candidates, rng, Self::cost)
+    }
+
+    fn name(&self) -> &'static str {
+        "least-latency"
+    }
+}
+
+/// At random, in proportion to the weights.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Weighted;
+
+impl Strategy for Weighted {
+    fn pick(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
+        let total: u64 = candidates.iter().map(|c| u64::from(c.weight.max(1))).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = (rng.unit() * total as f64) as u64;
+        for (i, candidate) in candidates.iter().enumerate() {
+            let weight = u64::from(candidate.weight.max(1));
+            if ticket < weight {
+                return Some(i);
+            }
+            ticket -= weight;
+        }
+        Some(candidates.len() - 1)
+    }
+
+    fn name(&self) -> &'static str {
+        "weighted"
+    }
+}
+
+/// A built-in strategy, by name.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StrategyKind {
+    /// [`RoundRobin`].
+    RoundRobin,
+    /// [`LeastBusy`].
+    LeastBusy,
+    /// [`LeastLatency`] (the default).
+    #[default]
+    LeastLatency,
+    /// [`Weighted`].
+    Weighted,
+}
+
+impl StrategyKind {
+    /// Every built-in kind.
+    pub const ALL: [Self; 4] = [Self::RoundRobin, Self::LeastBusy, Self::LeastLatency, Self::Weighted];
+
+    /// The canonical config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round-robin",
+            Self::LeastBusy => "least-busy",
+            Self::LeastLatency => "least-latency",
+            Self::Weighted => "weighted",
+        }
+    }
+
+    /// A fresh instance (round robin gets its own counter).
+    pub fn build(self) -> Box<dyn Strategy> {
+        match self {
+            Self::RoundRobin => Box::new(RoundRobin::default()),
+            Self::LeastBusy => Box::new(LeastBusy),
+            Self::LeastLatency => Box::new(LeastLatency),
+            Self::Weighted => Box::new(Weighted),
+        }
+    }
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StrategyKind {
+    type Err = Error;
+
+    /// Accepts the canonical names and the seed's (`least-connection`), case-insensitively,
+    /// with `_` for `-`.
+    fn from_str(name: &str) -> Result<Self, Error> {
+        let normal = name.trim().to_ascii_lowercase().replace('_', "-");
+        match normal.as_str() {
+            "round-robin" | "roundrobin" | "rr" => Ok(Self::RoundRobin),
+            "least-busy" | "least-connection" | "least-connections" | "least-requests" => {
+                Ok(Self::LeastBusy)
+            }
+            "least-latency" | "latency" | "latency-based-routing" => Ok(Self::LeastLatency),
+            "weighted" | "weighted-random" | "simple-shuffle" => Ok(Self::Weighted),
+            _ => Err(Error::config(format!(
+                "strategy: unknown name `{name}`; known: round-robin, least-busy \
+                 (least-connection), least-latency, weighted"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

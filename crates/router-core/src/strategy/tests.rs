@@ -1,0 +1,199 @@
+//! Invariants of the strategies and of selection (STYLE.md §9), as properties.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::{Strategy as _, any, prop, prop_assert, prop_assert_eq, proptest};
+
+use super::*;
+use crate::rng::Rng;
+use crate::endpoint::EndpointId;
+use crate::error::Error;
+use crate::ratelimit::RateLimitInfo;
+use crate::select::{Selection, Slot, select};
+use crate::state::{Availability, DeploymentState, HealthPolicy, LatencyClass};
+
+fn arb_candidate() -> impl proptest::strategy::Strategy<Value = Candidate> {
+    (0u32..50, 0.001f64..5.0, 1u32..10, 0u32..3).prop_map(|(in_flight, latency, weight, priority)| {
+        Candidate { in_flight, latency, weight, priority, headroom: None }
+    })
+}
+
+fn strategies() -> Vec<Box<dyn super::Strategy>> {
+    StrategyKind::ALL.iter().map(|k| k.build()).collect()
+}
+
+proptest! {
+    #[test]
+    fn pick_is_none_only_when_empty_and_in_range(
+        candidates in prop::collection::vec(arb_candidate(), 0..20),
+        seed in any::<u64>(),
+    ) {
+        let now = Instant::now();
+        for strategy in strategies() {
+            let mut rng = Rng::with_seed(seed);
+            let pick = strategy.pick(&candidates, now, &mut rng);
+            prop_assert_eq!(pick.is_none(), candidates.is_empty(), "{}", strategy.name());
+            if let Some(i) = pick {
+                prop_assert!(i < candidates.len());
+            }
+        }
+    }
+
+    #[test]
+    fn p2c_never_prefers_the_more_loaded_of_its_two(
+        candidates in prop::collection::vec(arb_candidate(), 1..20),
+        seed in any::<u64>(),
+    ) {
+        let now = Instant::now();
+        let checks: [(&dyn super::Strategy, fn(&Candidate) -> f64); 2] = [
+            (&LeastBusy, |c| f64::from(c.in_flight)),
+            (&LeastLatency, LeastLatency::cost),
+        ];
+        for (strategy, cost) in checks {
+            let chosen = strategy.pick(&candidates, now, &mut Rng::with_seed(seed)).unwrap();
+            // Replay the same draws to see which two were compared.
+            let (a, b) = sample_two(candidates.len(), &mut Rng::with_seed(seed));
+            prop_assert!(chosen == a || chosen == b);
+            let other = if chosen == a { b } else { a };
+            prop_assert!(cost(&candidates[chosen]) <= cost(&candidates[other]));
+        }
+    }
+
+    #[test]
+    fn sample_two_is_distinct_and_in_range(n in 2usize..500, seed in any::<u64>()) {
+        let (a, b) = sample_two(n, &mut Rng::with_seed(seed));
+        prop_assert!(a < n && b < n && a != b);
+    }
+
+    #[test]
+    fn round_robin_is_exact_per_instance(n in 1usize..16, rounds in 1usize..20) {
+        let candidates = vec![Candidate::default(); n];
+        let (group_a, group_b) = (RoundRobin::default(), RoundRobin::default());
+        let mut counts_a = vec![0; n];
+        let mut counts_b = vec![0; n];
+        let mut rng = Rng::with_seed(0);
+        let now = Instant::now();
+        // Interleaved across two groups (the seed shared one counter across models).
+        for _ in 0..rounds * n {
+            counts_a[group_a.pick(&candidates, now, &mut rng).unwrap()] += 1;
+            counts_b[group_b.pick(&candidates[..n], now, &mut rng).unwrap()] += 1;
+        }
+        prop_assert!(counts_a.iter().all(|c| *c == rounds));
+        prop_assert!(counts_b.iter().all(|c| *c == rounds));
+    }
+
+    #[test]
+    fn tiers_spill_only_when_the_best_is_empty(
+        mut candidates in prop::collection::vec(arb_candidate(), 1..20),
+        seed in any::<u64>(),
+    ) {
+        candidates.sort_by_key(|c| c.priority);
+        let best = candidates[0].priority;
+        for strategy in strategies() {
+            let i = pick_tiered(strategy.as_ref(), &candidates, Instant::now(), &mut Rng::with_seed(seed)).unwrap();
+            prop_assert_eq!(candidates[i].priority, best);
+        }
+    }
+
+    #[test]
+    fn selection_never_picks_an_ineligible_deployment(
+        states in prop::collection::vec(0u8..5, 1..12),
+        tried_mask in any::<u16>(),
+        seed in any::<u64>(),
+    ) {
+        // 0 ready, 1 throttled, 2 ejected, 3 disabled, 4 ready but low priority.
+        let now = Instant::now();
+        let policy = HealthPolicy::default().with_ejection(1, Duration::from_secs(30), Duration::from_secs(30));
+        let mut rng = Rng::with_seed(seed);
+        let deployments: Vec<Arc<DeploymentState>> = states.iter().map(|s| {
+            let state = Arc::new(DeploymentState::new(now, Duration::from_secs(10)));
+            let status = match s { 1 => Some(429), 2 => Some(500), 3 => Some(401), _ => None };
+            if let Some(status) = status {
+                let limits = RateLimitInfo { retry_after: Some(Duration::from_secs(5)), ..RateLimitInfo::default() };
+                let error = Error::upstream(EndpointId::new("e"), status, None, &limits);
+                state.record_failure(&error, LatencyClass::Call, &policy, now, &mut rng);
+            }
+            state
+        }).collect();
+        let mut slots: Vec<(usize, Slot<'_>)> = deployments.iter().zip(&states).enumerate().map(|(i, (d, s))| {
+            (i, Slot { state: d, weight: 1, priority: u32::from(*s == 4), headroom: None })
+        }).collect();
+        slots.sort_by_key(|(_, s)| s.priority);
+        let order: Vec<usize> = slots.iter().map(|(i, _)| *i).collect();
+        let slots: Vec<Slot<'_>> = slots.into_iter().map(|(_, s)| s).collect();
+        let tried = |i: usize| tried_mask & (1 << (order[i] % 16)) != 0;
+        for strategy in strategies() {
+            let result = select(&slots, tried, LatencyClass::Call, strategy.as_ref(), now, &mut rng, &mut Selection::default());
+            let ready: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && slots[*i].state.availability(now) == Availability::Ready).collect();
+            let ejected: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && matches!(slots[*i].state.availability(now), Availability::Ejected(_))).collect();
+            match result {
+                Ok(i) => {
+                    prop_assert!(!tried(i));
+                    if ready.is_empty() {
+                        prop_assert!(ejected.contains(&i), "panic mode uses ejected only");
+                    } else {
+                        prop_assert!(ready.contains(&i));
+                        let best = ready.iter().map(|r| slots[*r].priority).min().unwrap();
+                        prop_assert_eq!(slots[i].priority, best);
+                    }
+                }
+                Err(nothing) => {
+                    prop_assert!(ready.is_empty() && ejected.is_empty());
+                    let any_cooling = states.iter().any(|s| *s == 1 || *s == 2);
+                    prop_assert_eq!(nothing.soonest.is_some(), any_cooling);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn in_flight_returns_to_zero_after_any_interleaving(ops in prop::collection::vec((0usize..3, any::<bool>()), 0..200)) {
+        let states: Vec<Arc<DeploymentState>> =
+            (0..3).map(|_| Arc::new(DeploymentState::new(Instant::now(), Duration::from_secs(1)))).collect();
+        let mut held = Vec::new();
+        for (which, start) in ops {
+            if start || held.is_empty() {
+                held.push(states[which].start());
+            } else {
+                let at = which % held.len();
+                drop(held.swap_remove(at));
+            }
+            let total: u32 = states.iter().map(|s| s.in_flight()).sum();
+            prop_assert_eq!(total as usize, held.len());
+        }
+        drop(held);
+        prop_assert!(states.iter().all(|s| s.in_flight() == 0));
+    }
+}
+
+#[test]
+fn weighted_shares_within_tolerance() {
+    let candidates = [1, 2, 7].map(|weight| Candidate { weight, ..Candidate::default() });
+    let mut rng = Rng::with_seed(42);
+    let mut counts = [0u32; 3];
+    let draws = 100_000;
+    for _ in 0..draws {
+        counts[Weighted.pick(&candidates, Instant::now(), &mut rng).unwrap()] += 1;
+    }
+    for (count, weight) in counts.iter().zip([1.0, 2.0, 7.0]) {
+        let share = f64::from(*count) / f64::from(draws);
+        assert!((share - weight / 10.0).abs() < 0.01, "{share} vs {}", weight / 10.0);
+    }
+}
+
+#[test]
+fn names_parse_including_the_seeds() {
+    for (name, kind) in [
+        ("round-robin", StrategyKind::RoundRobin),
+        ("least-busy", StrategyKind::LeastBusy),
+        ("least-connection", StrategyKind::LeastBusy),
+        ("Least_Latency", StrategyKind::LeastLatency),
+        ("weighted", StrategyKind::Weighted),
+        ("simple-shuffle", StrategyKind::Weighted),
+    ] {
+        assert_eq!(name.parse::<StrategyKind>().unwrap(), kind, "{name}");
+    }
+    let error = "fastest".parse::<StrategyKind>().unwrap_err();
+    assert!(error.to_string().contains("fastest") && error.to_string().contains("least-latency"));
+}
