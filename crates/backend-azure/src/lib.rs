@@ -284,7 +284,7 @@ impl AzureBackendBuilder {
     /// chosen, an invalid endpoint URL, an empty api-version, or no credential.
     pub fn build(self) -> Result<AzureBackend, Error> {
         let name = self.name;
-        let context = |e: Error| Error::config(format!("endpoint `{name}`: {e}"));
+        let context = |e: Error| e.in_context(format!("endpoint `{name}`"));
         let api = self.api.ok_or_else(|| {
             context(Error::config(
                 "api_version: choose the deployments form with an api-version, or the v1 form",
@@ -388,7 +388,7 @@ mod tests {
             no_form
                 .unwrap_err()
                 .to_string()
-                .contains("endpoint `east`: invalid configuration: api_version")
+                .contains("invalid configuration: endpoint `east`: api_version")
         );
         let no_key = AzureBackend::builder("east", "https://r.openai.azure.com")
             .v1()

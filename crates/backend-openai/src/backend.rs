@@ -418,7 +418,7 @@ impl OpenAiBackendBuilder {
     /// endpoint name, or organization headers given to a dialect other than OpenAI's.
     pub fn build(self) -> Result<OpenAiBackend, Error> {
         let name = self.endpoint.clone();
-        let context = |e: Error| Error::config(format!("endpoint `{name}`: {e}"));
+        let context = |e: Error| e.in_context(format!("endpoint `{name}`"));
         if self.endpoint.as_str().trim().is_empty() {
             return Err(Error::config("endpoint name: must not be empty"));
         }

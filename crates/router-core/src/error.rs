@@ -198,7 +198,10 @@ impl ErrorKind {
 
     /// The kind at `index` of [`ALL`](Self::ALL) (`InvalidRequest` when out of range).
     pub fn from_index(index: usize) -> Self {
-        Self::ALL.get(index).copied().unwrap_or(Self::InvalidRequest)
+        Self::ALL
+            .get(index)
+            .copied()
+            .unwrap_or(Self::InvalidRequest)
     }
 
     /// Whether another attempt, on another endpoint, may succeed.
@@ -400,6 +403,22 @@ impl Error {
         Self::with_message(ErrorKind::Config, message)
     }
 
+    /// Prefixes the message with `context` (`"endpoints[2] (`east`)"`), keeping the kind: for
+    /// configuration errors raised deep inside, named from the outside.
+    #[must_use]
+    pub fn in_context(mut self, context: impl fmt::Display) -> Self {
+        self.inner.message = Some(match self.inner.message.take() {
+            Some(message) => format!("{context}: {message}"),
+            None => context.to_string(),
+        });
+        self
+    }
+
+    /// Our own message (not the upstream's), when there is one.
+    pub fn message(&self) -> Option<&str> {
+        self.inner.message.as_deref()
+    }
+
     /// Sets the endpoint the error came from.
     #[must_use]
     pub fn with_endpoint(mut self, endpoint: EndpointId) -> Self {
@@ -598,7 +617,8 @@ mod tests {
             assert_eq!(kind.index(), i);
             assert_eq!(ErrorKind::from_index(i), *kind);
         }
-        let names: std::collections::HashSet<_> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        let names: std::collections::HashSet<_> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), ErrorKind::COUNT, "labels are distinct");
     }
 

@@ -59,6 +59,7 @@ mod endpoint;
 mod error;
 pub mod ewma;
 pub mod ratelimit;
+mod retry;
 mod rng;
 pub mod select;
 pub mod state;
@@ -71,6 +72,7 @@ pub use backend::{
 pub use endpoint::EndpointId;
 pub use error::{Error, ErrorKind, HealthEffect};
 pub use ratelimit::RateLimitInfo;
+pub use retry::RetryBudget;
 pub use rng::Rng;
 pub use select::{NothingEligible, Selection, Slot, select};
 pub use state::{

@@ -73,7 +73,9 @@ pub fn select(
     fill(buffers, &|a| a == Availability::Ready);
     if buffers.candidates.is_empty() {
         // Panic mode: an ejection never takes the last usable deployment away.
-        fill(buffers, &|a| matches!(a, Availability::Ready | Availability::Ejected(_)));
+        fill(buffers, &|a| {
+            matches!(a, Availability::Ready | Availability::Ejected(_))
+        });
     }
     if let Some(chosen) = pick_tiered(strategy, &buffers.candidates, now, rng) {
         return Ok(buffers.map[chosen]);

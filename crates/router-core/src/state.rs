@@ -17,8 +17,8 @@
 //! Whether a cooled-down or ejected deployment may still be used when nothing else can serve
 //! (panic mode) is the router's choice: [`DeploymentState::availability`] tells the three apart.
 
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, HealthEffect};
@@ -214,11 +214,17 @@ impl DeploymentState {
         }
     }
 
-    /// Records a success and its latency sample.
-    pub fn record_success(&self, class: LatencyClass, sample: Duration, now: Instant) {
+    /// Records a success: resets the failure and ejection counts. The latency sample is
+    /// [`observe_latency`](Self::observe_latency)'s (a stream's comes at its first token, its
+    /// success at its end).
+    pub fn record_success(&self) {
         self.successes.fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a latency sample of `class` taken at `now`.
+    pub fn observe_latency(&self, class: LatencyClass, sample: Duration, now: Instant) {
         self.latency[class.index()].observe(sample, now);
     }
 
@@ -244,13 +250,19 @@ impl DeploymentState {
                 self.latency[class.index()].penalize(policy.failure_penalty, now);
                 if let Some(wait) = error.retry_after() {
                     // A 503 that says when to come back.
-                    self.cool_down(now + wait.min(policy.max_rate_limit_cooldown), REASON_EJECTED);
+                    self.cool_down(
+                        now + wait.min(policy.max_rate_limit_cooldown),
+                        REASON_EJECTED,
+                    );
                 }
                 let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if failures >= policy.failure_threshold {
                     self.consecutive_failures.store(0, Ordering::Relaxed);
                     let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
-                    let base = policy.base_ejection.saturating_mul(1 << k).min(policy.max_ejection);
+                    let base = policy
+                        .base_ejection
+                        .saturating_mul(1 << k)
+                        .min(policy.max_ejection);
                     let jitter = 1.0 + policy.ejection_jitter * (rng.unit() * 2.0 - 1.0);
                     let wait = base.mul_f64(jitter.max(0.0)).min(policy.max_ejection);
                     self.cool_down(now + wait, REASON_EJECTED);
@@ -349,15 +361,45 @@ mod tests {
         let policy = HealthPolicy::default();
         let mut rng = Rng::with_seed(1);
         let class = LatencyClass::Stream;
-        state.record_failure(&upstream(429, Some(Duration::from_secs(3))), class, &policy, t0, &mut rng);
-        assert!(matches!(state.availability(t0 + Duration::from_millis(2999)), Availability::RateLimited(_)));
-        assert_eq!(state.availability(t0 + Duration::from_secs(3)), Availability::Ready);
+        state.record_failure(
+            &upstream(429, Some(Duration::from_secs(3))),
+            class,
+            &policy,
+            t0,
+            &mut rng,
+        );
+        assert!(matches!(
+            state.availability(t0 + Duration::from_millis(2999)),
+            Availability::RateLimited(_)
+        ));
+        assert_eq!(
+            state.availability(t0 + Duration::from_secs(3)),
+            Availability::Ready
+        );
         // A shorter second cooldown does not shorten the first.
-        state.record_failure(&upstream(429, Some(Duration::from_secs(1))), class, &policy, t0, &mut rng);
-        assert!(matches!(state.availability(t0 + Duration::from_secs(2)), Availability::RateLimited(_)));
+        state.record_failure(
+            &upstream(429, Some(Duration::from_secs(1))),
+            class,
+            &policy,
+            t0,
+            &mut rng,
+        );
+        assert!(matches!(
+            state.availability(t0 + Duration::from_secs(2)),
+            Availability::RateLimited(_)
+        ));
         // Capped.
-        state.record_failure(&upstream(429, Some(Duration::from_secs(86_400))), class, &policy, t0, &mut rng);
-        assert_eq!(state.availability(t0 + Duration::from_secs(301)), Availability::Ready);
+        state.record_failure(
+            &upstream(429, Some(Duration::from_secs(86_400))),
+            class,
+            &policy,
+            t0,
+            &mut rng,
+        );
+        assert_eq!(
+            state.availability(t0 + Duration::from_secs(301)),
+            Availability::Ready
+        );
     }
 
     #[test]
@@ -372,24 +414,44 @@ mod tests {
             state.record_failure(&upstream(500, None), LatencyClass::Call, &policy, at, rng);
         };
         fail(t0, &mut rng);
-        assert_eq!(state.availability(t0), Availability::Ready, "one failure is not enough");
+        assert_eq!(
+            state.availability(t0),
+            Availability::Ready,
+            "one failure is not enough"
+        );
         fail(t0, &mut rng);
         assert!(matches!(state.availability(t0), Availability::Ejected(_)));
-        assert_eq!(state.availability(t0 + Duration::from_secs(1)), Availability::Ready);
+        assert_eq!(
+            state.availability(t0 + Duration::from_secs(1)),
+            Availability::Ready
+        );
         let t1 = t0 + Duration::from_secs(1);
         fail(t1, &mut rng);
         fail(t1, &mut rng);
-        assert!(matches!(state.availability(t1 + Duration::from_millis(1999)), Availability::Ejected(_)), "doubled");
+        assert!(
+            matches!(
+                state.availability(t1 + Duration::from_millis(1999)),
+                Availability::Ejected(_)
+            ),
+            "doubled"
+        );
         let t2 = t1 + Duration::from_secs(2);
         fail(t2, &mut rng);
         fail(t2, &mut rng);
-        assert_eq!(state.availability(t2 + Duration::from_secs(3)), Availability::Ready, "capped at 3 s");
+        assert_eq!(
+            state.availability(t2 + Duration::from_secs(3)),
+            Availability::Ready,
+            "capped at 3 s"
+        );
         // A success resets the doubling.
-        state.record_success(LatencyClass::Call, Duration::from_millis(10), t2 + Duration::from_secs(3));
+        state.record_success();
         let t3 = t2 + Duration::from_secs(4);
         fail(t3, &mut rng);
         fail(t3, &mut rng);
-        assert_eq!(state.availability(t3 + Duration::from_secs(1)), Availability::Ready);
+        assert_eq!(
+            state.availability(t3 + Duration::from_secs(1)),
+            Availability::Ready
+        );
     }
 
     #[test]
@@ -398,19 +460,37 @@ mod tests {
         let state = DeploymentState::new(t0, Duration::from_secs(10));
         let policy = HealthPolicy::default();
         let mut rng = Rng::with_seed(1);
-        state.record_failure(&upstream(400, None), LatencyClass::Call, &policy, t0, &mut rng);
+        state.record_failure(
+            &upstream(400, None),
+            LatencyClass::Call,
+            &policy,
+            t0,
+            &mut rng,
+        );
         assert_eq!(state.availability(t0), Availability::Ready);
-        state.record_failure(&upstream(401, None), LatencyClass::Call, &policy, t0, &mut rng);
-        assert_eq!(state.availability(t0 + Duration::from_secs(3600)), Availability::Disabled(ErrorKind::Unauthorized));
-        let stats = state.stats(t0);
-        assert_eq!(stats.failures.len(), 2);
-        assert!(stats.failures.contains(&(ErrorKind::Unauthorized, 1)));
-        assert!(stats.failures.contains(&(ErrorKind::BadRequest, 1)));
+        state.record_failure(
+            &upstream(401, None),
+            LatencyClass::Call,
+            &policy,
+            t0,
+            &mut rng,
+        );
+        assert_eq!(
+            state.availability(t0 + Duration::from_secs(3600)),
+            Availability::Disabled(ErrorKind::Unauthorized)
+        );
+        let failures = state.stats(t0).failures;
+        assert_eq!(failures.len(), 2);
+        assert!(failures.contains(&(ErrorKind::Unauthorized, 1)));
+        assert!(failures.contains(&(ErrorKind::BadRequest, 1)));
     }
 
     #[test]
     fn guards_release_on_drop() {
-        let state = Arc::new(DeploymentState::new(Instant::now(), Duration::from_secs(10)));
+        let state = Arc::new(DeploymentState::new(
+            Instant::now(),
+            Duration::from_secs(10),
+        ));
         let a = state.start();
         let b = state.start();
         assert_eq!(state.in_flight(), 2);

@@ -100,7 +100,11 @@ pub fn sample_two(n: usize, rng: &mut Rng) -> (usize, usize) {
 
 /// Power of two choices on `cost`: samples two candidates, returns the cheaper; ties are broken
 /// at random.
-pub fn p2c(candidates: &[Candidate], rng: &mut Rng, cost: impl Fn(&Candidate) -> f64) -> Option<usize> {
+pub fn p2c(
+    candidates: &[Candidate],
+    rng: &mut Rng,
+    cost: impl Fn(&Candidate) -> f64,
+) -> Option<usize> {
     if candidates.is_empty() {
         return None;
     }
@@ -128,7 +132,11 @@ pub fn pick_tiered(
 ) -> Option<usize> {
     let best = candidates.first()?.priority;
     let tier = candidates.iter().take_while(|c| c.priority == best).count();
-    debug_assert!(candidates.windows(2).all(|w| w[0].priority <= w[1].priority));
+    debug_assert!(
+        candidates
+            .windows(2)
+            .all(|w| w[0].priority <= w[1].priority)
+    );
     strategy.pick(&candidates[..tier], now, rng)
 }
 
@@ -230,7 +238,12 @@ pub enum StrategyKind {
 
 impl StrategyKind {
     /// Every built-in kind.
-    pub const ALL: [Self; 4] = [Self::RoundRobin, Self::LeastBusy, Self::LeastLatency, Self::Weighted];
+    pub const ALL: [Self; 4] = [
+        Self::RoundRobin,
+        Self::LeastBusy,
+        Self::LeastLatency,
+        Self::Weighted,
+    ];
 
     /// The canonical config name.
     pub fn as_str(self) -> &'static str {

@@ -6,18 +6,27 @@ use std::time::{Duration, Instant};
 use proptest::prelude::{Strategy as _, any, prop, prop_assert, prop_assert_eq, proptest};
 
 use super::*;
-use crate::rng::Rng;
 use crate::endpoint::EndpointId;
 use crate::error::Error;
 use crate::ratelimit::RateLimitInfo;
+use crate::rng::Rng;
 use crate::select::{Selection, Slot, select};
 use crate::state::{Availability, DeploymentState, HealthPolicy, LatencyClass};
 
 fn arb_candidate() -> impl proptest::strategy::Strategy<Value = Candidate> {
-    (0u32..50, 0.001f64..5.0, 1u32..10, 0u32..3).prop_map(|(in_flight, latency, weight, priority)| {
-        Candidate { in_flight, latency, weight, priority, headroom: None }
-    })
+    (0u32..50, 0.001f64..5.0, 1u32..10, 0u32..3).prop_map(
+        |(in_flight, latency, weight, priority)| Candidate {
+            in_flight,
+            latency,
+            weight,
+            priority,
+            headroom: None,
+        },
+    )
 }
+
+/// A P2C strategy and the cost it must minimise.
+type Check<'a> = (&'a dyn super::Strategy, fn(&Candidate) -> f64);
 
 fn strategies() -> Vec<Box<dyn super::Strategy>> {
     StrategyKind::ALL.iter().map(|k| k.build()).collect()
@@ -46,7 +55,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let now = Instant::now();
-        let checks: [(&dyn super::Strategy, fn(&Candidate) -> f64); 2] = [
+        let checks: [Check<'_>; 2] = [
             (&LeastBusy, |c| f64::from(c.in_flight)),
             (&LeastLatency, LeastLatency::cost),
         ];
@@ -169,16 +178,25 @@ proptest! {
 
 #[test]
 fn weighted_shares_within_tolerance() {
-    let candidates = [1, 2, 7].map(|weight| Candidate { weight, ..Candidate::default() });
+    let candidates = [1, 2, 7].map(|weight| Candidate {
+        weight,
+        ..Candidate::default()
+    });
     let mut rng = Rng::with_seed(42);
     let mut counts = [0u32; 3];
     let draws = 100_000;
     for _ in 0..draws {
-        counts[Weighted.pick(&candidates, Instant::now(), &mut rng).unwrap()] += 1;
+        counts[Weighted
+            .pick(&candidates, Instant::now(), &mut rng)
+            .unwrap()] += 1;
     }
     for (count, weight) in counts.iter().zip([1.0, 2.0, 7.0]) {
         let share = f64::from(*count) / f64::from(draws);
-        assert!((share - weight / 10.0).abs() < 0.01, "{share} vs {}", weight / 10.0);
+        assert!(
+            (share - weight / 10.0).abs() < 0.01,
+            "{share} vs {}",
+            weight / 10.0
+        );
     }
 }
 

@@ -1,0 +1,762 @@
+//! The request pipeline.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_core::Stream;
+use router_core::{
+    Availability, CallOptions, ChatStream, EndpointId, Error, ErrorKind, InFlightGuard,
+    LatencyClass, NothingEligible, Reply, ResponseMeta, RetryBudget, Rng, Selection, Slot,
+    StateStats, select,
+};
+use router_types::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    CompletionResponse, EmbeddingRequest, EmbeddingResponse, Usage,
+};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::config::RouterBuilder;
+use crate::snapshot::{Deployment, Group, RouterSnapshot};
+
+/// The router's clock: tokio's, so that paused time in tests applies.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Many OpenAI and Azure OpenAI endpoints behind one client.
+///
+/// Cheap to clone (clones share everything) and safe to share across tasks. See the crate docs
+/// for an example.
+#[derive(Clone)]
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    snapshot: ArcSwap<Live>,
+    origin: std::time::Instant,
+    requests: AtomicU64,
+    seed: u64,
+    reload: Mutex<()>,
+}
+
+/// A snapshot with the retry budget that goes with its policy.
+#[derive(Debug)]
+struct Live {
+    snapshot: RouterSnapshot,
+    budget: RetryBudget,
+}
+
+/// Per-request options.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    /// This request's deadline across all its attempts, instead of the router's
+    /// `request_timeout`.
+    pub timeout: Option<Duration>,
+}
+
+impl RequestOptions {
+    /// Options with a timeout.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// An answer and how the router got it. Dereferences to the body.
+#[derive(Debug, Clone)]
+pub struct Routed<T> {
+    /// The upstream's answer.
+    pub body: T,
+    /// The endpoint that answered.
+    pub endpoint: EndpointId,
+    /// The deployment name it answered under.
+    pub deployment: String,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    /// Status, rate-limit headers and timings of the answering attempt.
+    pub meta: ResponseMeta,
+}
+
+impl<T> Routed<T> {
+    /// The body alone.
+    pub fn into_body(self) -> T {
+        self.body
+    }
+}
+
+impl<T> Deref for Routed<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.body
+    }
+}
+
+/// One deployment's state, for dashboards and tests.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentStats {
+    /// The endpoint.
+    pub endpoint: EndpointId,
+    /// The model group.
+    pub model: String,
+    /// The endpoint's name for it.
+    pub deployment: String,
+    /// Its weight.
+    pub weight: u32,
+    /// Its priority tier.
+    pub priority: u32,
+    /// In flight, latency estimates, availability and counters.
+    pub state: StateStats,
+}
+
+impl Router {
+    /// A builder.
+    pub fn builder() -> RouterBuilder {
+        RouterBuilder::default()
+    }
+
+    pub(crate) fn from_builder(builder: RouterBuilder) -> Result<Self, Error> {
+        let origin = now();
+        let seed = builder.seed.unwrap_or_else(|| Rng::new().fork_seed());
+        let snapshot = RouterSnapshot::build(builder, None, origin)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(Live::new(snapshot)),
+                origin,
+                requests: AtomicU64::new(0),
+                seed,
+                reload: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Replaces the configuration. Deployments whose endpoint and deployment name did not
+    /// change keep their live state (in flight, latency, cooldowns) and connections; requests
+    /// already running finish on the configuration they started with.
+    ///
+    /// # Errors
+    ///
+    /// A [`Config`](ErrorKind::Config) error naming the field; the old configuration stays.
+    pub fn reconfigure(&self, builder: RouterBuilder) -> Result<(), Error> {
+        let _one_at_a_time = self
+            .shared
+            .reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = self.shared.snapshot.load();
+        let next = RouterSnapshot::build(builder, Some(&current.snapshot), self.shared.origin)?;
+        self.shared.snapshot.store(Arc::new(Live::new(next)));
+        Ok(())
+    }
+
+    /// The model groups served, sorted.
+    pub fn models(&self) -> Vec<String> {
+        self.shared
+            .snapshot
+            .load()
+            .snapshot
+            .models()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every deployment's state now, in configuration order.
+    pub fn stats(&self) -> Vec<DeploymentStats> {
+        let live = self.shared.snapshot.load();
+        let at = now();
+        live.snapshot
+            .deployments
+            .iter()
+            .map(|d| DeploymentStats {
+                endpoint: d.endpoint.clone(),
+                model: d.model.clone(),
+                deployment: d.name.clone(),
+                weight: d.weight,
+                priority: d.priority,
+                state: d.state.stats(at),
+            })
+            .collect()
+    }
+
+    /// A chat completion (not streamed).
+    pub async fn chat(
+        &self,
+        request: &ChatCompletionRequest,
+    ) -> Result<Routed<ChatCompletionResponse>, Error> {
+        self.chat_with(request, &RequestOptions::default()).await
+    }
+
+    /// A chat completion with per-request options.
+    pub async fn chat_with(
+        &self,
+        request: &ChatCompletionRequest,
+        options: &RequestOptions,
+    ) -> Result<Routed<ChatCompletionResponse>, Error> {
+        self.execute(
+            &request.model,
+            LatencyClass::Generation,
+            options,
+            completion_tokens_chat,
+            |d, call| {
+                let request = renamed(request, &d.name);
+                async move { d.backend.chat(&request, &call).await }
+            },
+        )
+        .await
+    }
+
+    /// Embeddings.
+    pub async fn embeddings(
+        &self,
+        request: &EmbeddingRequest,
+    ) -> Result<Routed<EmbeddingResponse>, Error> {
+        self.embeddings_with(request, &RequestOptions::default())
+            .await
+    }
+
+    /// Embeddings with per-request options.
+    pub async fn embeddings_with(
+        &self,
+        request: &EmbeddingRequest,
+        options: &RequestOptions,
+    ) -> Result<Routed<EmbeddingResponse>, Error> {
+        self.execute(
+            &request.model,
+            LatencyClass::Call,
+            options,
+            |_| None,
+            |d, call| {
+                let request = renamed(request, &d.name);
+                async move { d.backend.embeddings(&request, &call).await }
+            },
+        )
+        .await
+    }
+
+    /// A legacy completion (not streamed).
+    pub async fn completions(
+        &self,
+        request: &CompletionRequest,
+    ) -> Result<Routed<CompletionResponse>, Error> {
+        self.completions_with(request, &RequestOptions::default())
+            .await
+    }
+
+    /// A legacy completion with per-request options.
+    pub async fn completions_with(
+        &self,
+        request: &CompletionRequest,
+        options: &RequestOptions,
+    ) -> Result<Routed<CompletionResponse>, Error> {
+        self.execute(
+            &request.model,
+            LatencyClass::Generation,
+            options,
+            |body: &CompletionResponse| body.usage.as_ref().and_then(|u| u.completion_tokens),
+            |d, call| {
+                let request = renamed(request, &d.name);
+                async move { d.backend.completions(&request, &call).await }
+            },
+        )
+        .await
+    }
+
+    fn rng(&self) -> Rng {
+        let n = self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        Rng::with_seed(self.shared.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    async fn execute<T, F, Fut>(
+        &self,
+        model: &str,
+        class: LatencyClass,
+        options: &RequestOptions,
+        output_tokens: fn(&T) -> Option<u64>,
+        call: F,
+    ) -> Result<Routed<T>, Error>
+    where
+        F: Fn(Arc<Deployment>, CallOptions) -> Fut,
+        Fut: Future<Output = Result<Reply<T>, Error>>,
+    {
+        let mut attempt = Attempts::begin(self, model, options)?;
+        loop {
+            let (deployment, guard) = attempt.next(class)?;
+            let started = Instant::now();
+            let span = attempt.span(&deployment);
+            let result = attempt
+                .within_deadline(
+                    call(Arc::clone(&deployment), attempt.call_options()).instrument(span),
+                )
+                .await;
+            match result {
+                Ok(reply) => {
+                    let elapsed = started.elapsed();
+                    let sample = match (class, output_tokens(&reply.body)) {
+                        (LatencyClass::Generation, Some(tokens)) => {
+                            elapsed / u32::try_from(tokens.max(1)).unwrap_or(u32::MAX)
+                        }
+                        _ => elapsed,
+                    };
+                    deployment.state.observe_latency(class, sample, now());
+                    deployment.state.record_success();
+                    drop(guard);
+                    return Ok(attempt.routed(reply, &deployment));
+                }
+                Err(error) => {
+                    drop(guard);
+                    attempt.failed(&deployment, error, class)?;
+                }
+            }
+        }
+    }
+
+    /// A streamed chat completion. Fails over to another deployment until the first content
+    /// chunk arrives (events before it, such as Azure's prompt-filter event, are held back
+    /// until then); after that, a failure is the stream's last item, never a retry, so no chunk
+    /// reaches the caller twice.
+    pub async fn chat_stream(
+        &self,
+        request: &ChatCompletionRequest,
+    ) -> Result<RouterStream, Error> {
+        self.chat_stream_with(request, &RequestOptions::default())
+            .await
+    }
+
+    /// A streamed chat completion with per-request options.
+    pub async fn chat_stream_with(
+        &self,
+        request: &ChatCompletionRequest,
+        options: &RequestOptions,
+    ) -> Result<RouterStream, Error> {
+        let class = LatencyClass::Stream;
+        let mut attempt = Attempts::begin(self, &request.model, options)?;
+        loop {
+            let (deployment, guard) = attempt.next(class)?;
+            let span = attempt.span(&deployment);
+            let call = attempt.call_options();
+            let request = renamed(request, &deployment.name);
+            let backend = Arc::clone(&deployment.backend);
+            let started = Instant::now();
+            let opened = attempt
+                .within_deadline(
+                    async move { first_content(backend.chat_stream(&request, &call).await?).await }
+                        .instrument(span),
+                )
+                .await;
+            match opened {
+                Ok(Opened {
+                    stream,
+                    held,
+                    ended,
+                }) => {
+                    let ttft = stream
+                        .time_to_first_content()
+                        .or_else(|| stream.time_to_first_event())
+                        .unwrap_or_else(|| started.elapsed());
+                    deployment.state.observe_latency(class, ttft, now());
+                    let mut routed = RouterStream {
+                        held,
+                        inner: Some(stream),
+                        guard: Some(guard),
+                        endpoint: deployment.endpoint.clone(),
+                        attempts: attempt.count,
+                        health: attempt.live.snapshot.settings.health,
+                        deployment,
+                    };
+                    if ended {
+                        routed.finish(None);
+                    }
+                    return Ok(routed);
+                }
+                Err(error) => {
+                    drop(guard);
+                    attempt.failed(&deployment, error, class)?;
+                }
+            }
+        }
+    }
+}
+
+/// A stream opened up to its first content chunk.
+struct Opened {
+    stream: ChatStream,
+    held: VecDeque<ChatCompletionChunk>,
+    ended: bool,
+}
+
+async fn first_content(mut stream: ChatStream) -> Result<Opened, Error> {
+    let mut held = VecDeque::new();
+    loop {
+        match std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await {
+            Some(Ok(chunk)) => {
+                let content = chunk.has_content();
+                held.push_back(chunk);
+                if content {
+                    return Ok(Opened {
+                        stream,
+                        held,
+                        ended: false,
+                    });
+                }
+            }
+            Some(Err(error)) => return Err(error),
+            None => {
+                return Ok(Opened {
+                    stream,
+                    held,
+                    ended: true,
+                });
+            }
+        }
+    }
+}
+
+fn completion_tokens_chat(body: &ChatCompletionResponse) -> Option<u64> {
+    body.usage
+        .as_ref()
+        .and_then(|u: &Usage| u.completion_tokens)
+}
+
+/// A request whose `model` the router rewrites to each endpoint's deployment name.
+trait Named: Clone {
+    fn model(&self) -> &str;
+    fn set_model(&mut self, model: String);
+}
+
+macro_rules! named {
+    ($($t:ty),*) => {$(
+        impl Named for $t {
+            fn model(&self) -> &str {
+                &self.model
+            }
+            fn set_model(&mut self, model: String) {
+                self.model = model;
+            }
+        }
+    )*};
+}
+named!(ChatCompletionRequest, EmbeddingRequest, CompletionRequest);
+
+/// The request with its model renamed to the deployment; copied only when the names differ.
+fn renamed<'a, R: Named>(request: &'a R, deployment: &str) -> Cow<'a, R> {
+    if request.model() == deployment {
+        return Cow::Borrowed(request);
+    }
+    let mut copy = request.clone();
+    copy.set_model(deployment.to_owned());
+    Cow::Owned(copy)
+}
+
+/// The attempts of one request: the snapshot it started with, its deadline, what it tried.
+struct Attempts<'r> {
+    live: Arc<Live>,
+    model: &'r str,
+    deadline: Instant,
+    tried: Vec<bool>,
+    count: u32,
+    rng: Rng,
+    buffers: Selection,
+    last_error: Option<Error>,
+}
+
+impl<'r> Attempts<'r> {
+    fn begin(router: &Router, model: &'r str, options: &RequestOptions) -> Result<Self, Error> {
+        let live = router.shared.snapshot.load_full();
+        let Some(group) = live.snapshot.groups.get(model) else {
+            return Err(Error::with_message(
+                ErrorKind::UnknownModel,
+                format!(
+                    "model `{model}` is not served here; known models: {}",
+                    live.snapshot.models().join(", ")
+                ),
+            ));
+        };
+        let members = group.members.len();
+        let timeout = options
+            .timeout
+            .unwrap_or(live.snapshot.settings.request_timeout);
+        live.budget.deposit();
+        Ok(Self {
+            deadline: Instant::now() + timeout,
+            tried: vec![false; members],
+            count: 0,
+            rng: router.rng(),
+            buffers: Selection::default(),
+            last_error: None,
+            model,
+            live,
+        })
+    }
+
+    fn group(&self) -> &Group {
+        // `begin` checked that the group exists in this snapshot, which never changes.
+        &self.live.snapshot.groups[self.model]
+    }
+
+    /// Picks the next deployment and starts a request on it; the error when there is none,
+    /// the attempts are spent, the budget is, or the deadline has passed.
+    fn next(&mut self, class: LatencyClass) -> Result<(Arc<Deployment>, InFlightGuard), Error> {
+        let settings = &self.live.snapshot.settings;
+        if self.count > 0 {
+            let spent = self.count >= settings.retry.max_attempts;
+            if spent || Instant::now() >= self.deadline || !self.live.budget.try_withdraw() {
+                return Err(self.give_up());
+            }
+        }
+        let live = Arc::clone(&self.live);
+        let group = &live.snapshot.groups[self.model];
+        let slots: Vec<Slot<'_>> = group
+            .members
+            .iter()
+            .map(|d| Slot {
+                state: &d.state,
+                weight: d.weight,
+                priority: d.priority,
+                headroom: None,
+            })
+            .collect();
+        let tried = &self.tried;
+        let picked = select(
+            &slots,
+            |i| tried[i],
+            class,
+            group.strategy.as_ref(),
+            now(),
+            &mut self.rng,
+            &mut self.buffers,
+        );
+        let index = match picked {
+            Ok(index) => index,
+            Err(nothing) => return Err(self.nothing_eligible(nothing)),
+        };
+        self.tried[index] = true;
+        self.count += 1;
+        let deployment = Arc::clone(&group.members[index]);
+        tracing::trace!(
+            model = self.model,
+            endpoint = %deployment.endpoint,
+            strategy = group.strategy.name(),
+            attempt = self.count,
+            "picked"
+        );
+        let guard = deployment.state.start();
+        Ok((deployment, guard))
+    }
+
+    fn span(&self, deployment: &Deployment) -> tracing::Span {
+        tracing::debug_span!(
+            "attempt",
+            model = self.model,
+            endpoint = %deployment.endpoint,
+            deployment = %deployment.name,
+            attempt = self.count,
+        )
+    }
+
+    fn call_options(&self) -> CallOptions {
+        CallOptions::default().with_deadline(self.deadline.into_std())
+    }
+
+    async fn within_deadline<T>(
+        &self,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout_at(self.deadline, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::with_message(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "no answer for `{}` within the request's deadline",
+                    self.model
+                ),
+            )),
+        }
+    }
+
+    /// Records a failed attempt; `Ok` when another may follow.
+    fn failed(
+        &mut self,
+        deployment: &Deployment,
+        error: Error,
+        class: LatencyClass,
+    ) -> Result<(), Error> {
+        if error.kind() == ErrorKind::DeadlineExceeded || Instant::now() >= self.deadline {
+            // The request's own budget ran out: not the endpoint's fault.
+            return Err(match error.kind() {
+                ErrorKind::DeadlineExceeded => error,
+                _ => Error::with_message(
+                    ErrorKind::DeadlineExceeded,
+                    format!("the request's deadline passed; last attempt: {error}"),
+                ),
+            });
+        }
+        let health = self.live.snapshot.settings.health;
+        deployment
+            .state
+            .record_failure(&error, class, &health, now(), &mut self.rng);
+        if matches!(
+            deployment.state.availability(now()),
+            Availability::Disabled(_)
+        ) {
+            tracing::warn!(endpoint = %deployment.endpoint, deployment = %deployment.name, %error, "deployment disabled until reconfigured");
+        }
+        if !error.is_retryable() {
+            return Err(error);
+        }
+        tracing::debug!(endpoint = %deployment.endpoint, attempt = self.count, %error, "failing over");
+        self.last_error = Some(error);
+        Ok(())
+    }
+
+    fn give_up(&mut self) -> Error {
+        self.last_error.take().unwrap_or_else(|| {
+            Error::with_message(
+                ErrorKind::Unavailable,
+                format!("no attempt left for `{}`", self.model),
+            )
+        })
+    }
+
+    fn nothing_eligible(&mut self, nothing: NothingEligible) -> Error {
+        if let Some(error) = self.last_error.take() {
+            return error;
+        }
+        let mut error = Error::with_message(
+            ErrorKind::Unavailable,
+            format!(
+                "no deployment of `{}` can take the request now (all {} cooling down or disabled)",
+                self.model,
+                self.group().members.len()
+            ),
+        );
+        if let Some(at) = nothing.soonest {
+            error = error.with_retry_after(at.saturating_duration_since(now()));
+        }
+        error
+    }
+
+    fn routed<T>(&self, reply: Reply<T>, deployment: &Deployment) -> Routed<T> {
+        Routed {
+            body: reply.body,
+            endpoint: deployment.endpoint.clone(),
+            deployment: deployment.name.clone(),
+            attempts: self.count,
+            meta: reply.meta,
+        }
+    }
+}
+
+impl Live {
+    fn new(snapshot: RouterSnapshot) -> Self {
+        let retry = snapshot.settings.retry;
+        Self {
+            budget: RetryBudget::new(
+                retry.budget_ratio,
+                retry.budget_min,
+                retry.budget_min.max(100),
+            ),
+            snapshot,
+        }
+    }
+}
+
+/// A routed chat completion stream: the upstream's chunks, then the end, or one error item.
+///
+/// Holds the deployment's in-flight slot until it ends or is dropped; its success or failure
+/// is recorded when it ends.
+pub struct RouterStream {
+    held: VecDeque<ChatCompletionChunk>,
+    inner: Option<ChatStream>,
+    guard: Option<InFlightGuard>,
+    deployment: Arc<Deployment>,
+    endpoint: EndpointId,
+    attempts: u32,
+    health: router_core::HealthPolicy,
+}
+
+impl RouterStream {
+    /// The endpoint streaming.
+    pub fn endpoint(&self) -> &EndpointId {
+        &self.endpoint
+    }
+
+    /// Attempts made to open it, this one included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    fn finish(&mut self, error: Option<&Error>) {
+        match error {
+            None => self.deployment.state.record_success(),
+            Some(error) => self.deployment.state.record_failure(
+                error,
+                LatencyClass::Stream,
+                &self.health,
+                now(),
+                &mut Rng::new(),
+            ),
+        }
+        self.inner = None;
+        self.guard = None;
+    }
+}
+
+impl Stream for RouterStream {
+    type Item = Result<ChatCompletionChunk, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(chunk) = this.held.pop_front() {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(chunk))),
+            Poll::Ready(Some(Err(error))) => {
+                this.finish(Some(&error));
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Ready(None) => {
+                this.finish(None);
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RouterStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterStream")
+            .field("endpoint", &self.endpoint)
+            .field("attempts", &self.attempts)
+            .field("held", &self.held.len())
+            .field("open", &self.inner.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("models", &self.models())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,193 @@
+//! The router's configuration as one immutable value, swapped whole on reload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use router_core::{Backend, DeploymentState, EndpointId, Error, Strategy};
+
+use crate::config::{EndpointKind, RouterBuilder};
+
+/// One model group's deployment on one endpoint.
+#[derive(Debug)]
+pub(crate) struct Deployment {
+    pub(crate) endpoint: EndpointId,
+    pub(crate) model: String,
+    pub(crate) name: String,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) weight: u32,
+    pub(crate) priority: u32,
+    pub(crate) state: Arc<DeploymentState>,
+    /// The endpoint's fingerprint plus the deployment name: what must not change for the live
+    /// state to carry over a reload.
+    pub(crate) identity: (u64, String),
+}
+
+/// A model group: its strategy and its deployments, sorted by priority tier.
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub(crate) strategy: Box<dyn Strategy>,
+    pub(crate) members: Vec<Arc<Deployment>>,
+}
+
+/// Everything a request needs, loaded once per request.
+#[derive(Debug)]
+pub(crate) struct RouterSnapshot {
+    pub(crate) groups: HashMap<String, Group>,
+    /// Every deployment in configuration order, for stats.
+    pub(crate) deployments: Vec<Arc<Deployment>>,
+    pub(crate) settings: RouterBuilder,
+}
+
+impl RouterSnapshot {
+    /// Builds the backends and groups of `config`, reusing from `previous` the backend and the
+    /// live state of every deployment whose endpoint and deployment name did not change.
+    pub(crate) fn build(
+        config: RouterBuilder,
+        previous: Option<&RouterSnapshot>,
+        origin: Instant,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let mut reusable: HashMap<(&str, &str), &Arc<Deployment>> = HashMap::new();
+        let mut backends: HashMap<&str, (u64, &Arc<dyn Backend>)> = HashMap::new();
+        if let Some(previous) = previous {
+            for d in &previous.deployments {
+                reusable.insert((d.endpoint.as_str(), d.model.as_str()), d);
+                backends.insert(d.endpoint.as_str(), (d.identity.0, &d.backend));
+            }
+        }
+        #[cfg(feature = "openai")]
+        let client = backend_openai::HttpClient::new(std::time::Duration::from_secs(5))?;
+        let mut deployments = Vec::new();
+        for (i, endpoint) in config.endpoints.iter().enumerate() {
+            let fingerprint = endpoint.fingerprint();
+            let backend: Arc<dyn Backend> = match backends.get(endpoint.name.as_str()) {
+                Some((old, backend)) if *old == fingerprint => Arc::clone(backend),
+                _ => {
+                    #[cfg(feature = "openai")]
+                    let built = build_backend(endpoint, &client);
+                    #[cfg(not(feature = "openai"))]
+                    let built = build_backend(endpoint);
+                    built.map_err(|e| e.in_context(format!("endpoints[{i}]")))?
+                }
+            };
+            for spec in &endpoint.deployments {
+                let identity = (fingerprint, spec.deployment.clone());
+                let state = reusable
+                    .get(&(endpoint.name.as_str(), spec.model.as_str()))
+                    .filter(|old| old.identity == identity)
+                    .map_or_else(
+                        || Arc::new(DeploymentState::new(origin, config.latency_decay)),
+                        |old| Arc::clone(&old.state),
+                    );
+                deployments.push(Arc::new(Deployment {
+                    endpoint: EndpointId::new(&endpoint.name),
+                    model: spec.model.clone(),
+                    name: spec.deployment.clone(),
+                    backend: Arc::clone(&backend),
+                    weight: spec.weight.unwrap_or(endpoint.weight).max(1),
+                    priority: spec.priority.unwrap_or(endpoint.priority),
+                    state,
+                    identity,
+                }));
+            }
+        }
+        let mut members: BTreeMap<&str, Vec<Arc<Deployment>>> = BTreeMap::new();
+        for d in &deployments {
+            members
+                .entry(d.model.as_str())
+                .or_default()
+                .push(Arc::clone(d));
+        }
+        let mut groups = HashMap::new();
+        for (model, mut list) in members {
+            list.sort_by_key(|d| d.priority); // stable: configuration order within a tier
+            let choice = config
+                .group_strategies
+                .iter()
+                .rev()
+                .find(|(m, _)| m == model)
+                .map_or(&config.strategy, |(_, choice)| choice);
+            groups.insert(
+                model.to_owned(),
+                Group {
+                    strategy: choice.build(),
+                    members: list,
+                },
+            );
+        }
+        Ok(Self {
+            groups,
+            deployments,
+            settings: config,
+        })
+    }
+
+    /// The known model groups, sorted, for error messages and `/v1/models`.
+    pub(crate) fn models(&self) -> Vec<&str> {
+        let mut models: Vec<&str> = self.groups.keys().map(String::as_str).collect();
+        models.sort_unstable();
+        models
+    }
+}
+
+/// Builds the backend of a configured endpoint.
+fn build_backend(
+    endpoint: &crate::config::Endpoint,
+    #[cfg(feature = "openai")] client: &backend_openai::HttpClient,
+) -> Result<Arc<dyn Backend>, Error> {
+    match &endpoint.kind {
+        #[cfg(feature = "openai")]
+        EndpointKind::OpenAi {
+            base_url,
+            key,
+            organization,
+            project,
+        } => {
+            use secrecy::ExposeSecret as _;
+            let mut builder =
+                backend_openai::OpenAiBackend::builder(&endpoint.name, base_url.as_str());
+            if let Some(key) = key {
+                builder = builder.api_key(key.expose_secret());
+            }
+            if let Some(organization) = organization {
+                builder = builder.organization(organization.as_str());
+            }
+            if let Some(project) = project {
+                builder = builder.project(project.as_str());
+            }
+            // An endpoint with its own timeouts gets its own pool (for its connect timeout).
+            builder = match endpoint.timeouts {
+                Some(timeouts) => builder.timeouts(timeouts),
+                None => builder.http_client(client.clone()),
+            };
+            Ok(Arc::new(builder.build()?))
+        }
+        #[cfg(feature = "azure")]
+        EndpointKind::Azure {
+            url,
+            api,
+            key,
+            token_provider,
+        } => {
+            use secrecy::ExposeSecret as _;
+            let mut builder = backend_azure::AzureBackend::builder(&endpoint.name, url.as_str());
+            if let Some(api) = api {
+                builder = builder.api(api.clone());
+            }
+            if let Some(key) = key {
+                builder = builder.api_key(key.expose_secret());
+            }
+            if let Some(provider) = token_provider {
+                builder = builder.token_provider(Arc::clone(provider));
+            }
+            // An endpoint with its own timeouts gets its own pool (for its connect timeout).
+            builder = match endpoint.timeouts {
+                Some(timeouts) => builder.timeouts(timeouts),
+                None => builder.http_client(client.clone()),
+            };
+            Ok(Arc::new(builder.build()?))
+        }
+        EndpointKind::Custom(backend) => Ok(Arc::clone(backend)),
+    }
+}

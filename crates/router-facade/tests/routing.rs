@@ -1,0 +1,530 @@
+//! The Router against upstream-sim over real HTTP on loopback. Time is paused where the test
+//! is about time (cooldowns, ejections, latency): simulated seconds pass in milliseconds.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use router_facade::types::{ChatCompletionRequest, ChatMessage};
+use router_facade::{
+    Endpoint, ErrorKind, HealthPolicy, RequestOptions, Router, RouterBuilder, StrategyKind,
+};
+use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times};
+
+const MODEL: &str = "gpt-4o-mini";
+
+async fn sim(n: usize, latency: LatencyModel) -> Sim {
+    let endpoints = (0..n).map(|i| {
+        let dialect = if i % 2 == 0 {
+            SimDialect::OpenAi
+        } else {
+            SimDialect::Azure
+        };
+        EndpointConfig::new(format!("ep{i}"), dialect)
+            .with_api_key(format!("key-{i}"))
+            .with_models([format!("dep-{i}")])
+            .with_latency(latency)
+    });
+    Sim::start(9, endpoints).await.unwrap()
+}
+
+fn builder(sim: &Sim, strategy: StrategyKind) -> RouterBuilder {
+    let mut builder = Router::builder().strategy(strategy).seed(1);
+    for (i, endpoint) in sim.endpoints().iter().enumerate() {
+        let configured = match endpoint.dialect() {
+            SimDialect::OpenAi => Endpoint::openai(endpoint.name(), endpoint.openai_base_url()),
+            SimDialect::Azure => {
+                Endpoint::azure(endpoint.name(), endpoint.url()).api_version("2024-10-21")
+            }
+        };
+        builder = builder.endpoint(
+            configured
+                .api_key(format!("key-{i}"))
+                .deployment(MODEL, format!("dep-{i}")),
+        );
+    }
+    builder
+}
+
+fn request() -> ChatCompletionRequest {
+    let mut request = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hello")]);
+    request.max_tokens = Some(8);
+    request
+}
+
+fn in_flight(router: &Router) -> u32 {
+    router.stats().iter().map(|s| s.state.in_flight).sum()
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_endpoint_gets_nothing_until_its_retry_after() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    sim.endpoints()[0].inject(Fault::rate_limited(Duration::from_secs(5)), Times::Next(1));
+
+    let first = router.chat(&request()).await.unwrap();
+    assert_eq!(first.endpoint.as_str(), "ep1", "failed over");
+    assert_eq!(first.attempts, 2);
+    assert_eq!(sim.endpoints()[0].counters().faults, 1);
+
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert_eq!(
+            router.chat(&request()).await.unwrap().endpoint.as_str(),
+            "ep1"
+        );
+    }
+    assert_eq!(
+        sim.endpoints()[0].counters().requests,
+        1,
+        "nothing during the cooldown"
+    );
+
+    tokio::time::advance(Duration::from_millis(1100)).await; // 5.1 s after the 429
+    let mut seen = HashMap::new();
+    for _ in 0..4 {
+        *seen
+            .entry(router.chat(&request()).await.unwrap().endpoint.to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("ep0"), Some(&2), "back in the rotation: {seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_eject_then_the_endpoint_recovers() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let health = HealthPolicy::default()
+        .with_ejection(3, Duration::from_secs(2), Duration::from_secs(60))
+        .with_jitter(0.0);
+    let router = builder(&sim, StrategyKind::RoundRobin)
+        .health_policy(health)
+        .build()
+        .unwrap();
+    sim.endpoints()[0].inject(Fault::status(500), Times::Always);
+
+    for _ in 0..20 {
+        let answer = router.chat(&request()).await.unwrap();
+        assert_eq!(answer.endpoint.as_str(), "ep1", "no caller sees the 500s");
+    }
+    assert_eq!(
+        sim.endpoints()[0].counters().requests,
+        3,
+        "ejected after three failures"
+    );
+    let stats = &router.stats()[0].state;
+    assert!(matches!(
+        stats.availability,
+        router_facade::Availability::Ejected(_)
+    ));
+    assert_eq!(stats.failures, vec![(ErrorKind::ServerError, 3)]);
+
+    sim.endpoints()[0].clear_faults();
+    tokio::time::advance(Duration::from_millis(2100)).await;
+    for _ in 0..4 {
+        router.chat(&request()).await.unwrap();
+    }
+    assert!(
+        sim.endpoints()[0].counters().ok >= 1,
+        "recovered after the cooldown"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_request_is_returned_after_one_attempt() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    sim.endpoints()[0].inject(
+        Fault::status_with_code(400, "context_length_exceeded"),
+        Times::Always,
+    );
+    let error = router.chat(&request()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::ContextLengthExceeded);
+    assert_eq!(error.status(), Some(400));
+    assert_eq!(
+        sim.endpoints()[1].counters().requests,
+        0,
+        "no retry elsewhere"
+    );
+    // And it does not count against the endpoint's health.
+    assert!(matches!(
+        router.stats()[0].state.availability,
+        router_facade::Availability::Ready
+    ));
+}
+
+#[tokio::test]
+async fn misconfigured_endpoint_is_disabled_and_skipped() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let wrong = Endpoint::openai("ep0", sim.endpoints()[0].openai_base_url())
+        .api_key("wrong")
+        .deployment(MODEL, "dep-0");
+    let config = Router::builder()
+        .strategy(StrategyKind::RoundRobin)
+        .endpoint(wrong)
+        .endpoint(config_endpoint(&sim, 1));
+    let router = config.build().unwrap();
+    for _ in 0..6 {
+        assert_eq!(
+            router.chat(&request()).await.unwrap().endpoint.as_str(),
+            "ep1"
+        );
+    }
+    assert_eq!(
+        sim.endpoints()[0].counters().unauthorized,
+        1,
+        "tried once, then disabled"
+    );
+    assert_eq!(
+        router.stats()[0].state.availability,
+        router_facade::Availability::Disabled(ErrorKind::Unauthorized)
+    );
+}
+
+fn config_endpoint(sim: &Sim, i: usize) -> Endpoint {
+    let endpoint = &sim.endpoints()[i];
+    let base = match endpoint.dialect() {
+        SimDialect::OpenAi => Endpoint::openai(endpoint.name(), endpoint.openai_base_url()),
+        SimDialect::Azure => {
+            Endpoint::azure(endpoint.name(), endpoint.url()).api_version("2024-10-21")
+        }
+    };
+    base.api_key(format!("key-{i}"))
+        .deployment(MODEL, format!("dep-{i}"))
+}
+
+async fn collect(
+    mut stream: router_facade::RouterStream,
+) -> (Vec<String>, Option<router_facade::Error>) {
+    let mut texts = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(chunk) => texts.extend(
+                chunk
+                    .choices
+                    .iter()
+                    .filter_map(|c| c.delta.as_ref()?.content.clone()),
+            ),
+            Err(error) => return (texts, Some(error)),
+        }
+    }
+    (texts, None)
+}
+
+#[tokio::test]
+async fn a_stream_cut_before_its_first_chunk_fails_over() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    // Event 0 is the role chunk (no content): cut right after it.
+    sim.endpoints()[0].inject(Fault::TruncateStream { after_events: 1 }, Times::Next(1));
+    let stream = router.chat_stream(&request()).await.unwrap();
+    assert_eq!(stream.endpoint().as_str(), "ep1");
+    assert_eq!(stream.attempts(), 2);
+    let (texts, error) = collect(stream).await;
+    assert!(error.is_none());
+    assert_eq!(
+        texts.concat().split(' ').count(),
+        8,
+        "one whole answer, nothing twice"
+    );
+    assert_eq!(
+        router.stats()[0].state.failures,
+        vec![(ErrorKind::StreamTruncated, 1)]
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_its_first_chunk_is_a_typed_error_without_retry() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    sim.endpoints()[0].inject(Fault::TruncateStream { after_events: 4 }, Times::Next(1));
+    let stream = router.chat_stream(&request()).await.unwrap();
+    assert_eq!(stream.endpoint().as_str(), "ep0");
+    let (texts, error) = collect(stream).await;
+    assert_eq!(error.unwrap().kind(), ErrorKind::StreamTruncated);
+    assert_eq!(
+        texts.len(),
+        4,
+        "the role chunk's empty text and three tokens, each once"
+    );
+    assert_eq!(
+        sim.endpoints()[1].counters().requests,
+        0,
+        "no retry after the first chunk"
+    );
+    assert_eq!(in_flight(&router), 0);
+}
+
+#[tokio::test]
+async fn azure_filter_events_are_held_until_content_then_delivered() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    router.chat(&request()).await.unwrap(); // round robin: the next goes to ep1 (Azure)
+    let mut stream = router.chat_stream(&request()).await.unwrap();
+    assert_eq!(stream.endpoint().as_str(), "ep1");
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(
+        first.prompt_filter_results.is_some(),
+        "Azure's first event still reaches the caller"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_request_or_a_stream_releases_in_flight() {
+    let slow = LatencyModel::new(Duration::from_secs(10), Duration::from_secs(1));
+    let sim = sim(2, slow).await;
+    let router = builder(&sim, StrategyKind::LeastBusy).build().unwrap();
+
+    let slow_request = request();
+    let pending = router.chat(&slow_request);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), pending)
+            .await
+            .is_err()
+    );
+    assert_eq!(in_flight(&router), 0, "a dropped future releases its slot");
+
+    let mut stream = router.chat_stream(&request()).await.unwrap();
+    assert_eq!(in_flight(&router), 1, "a stream holds its slot");
+    stream.next().await.unwrap().unwrap();
+    assert_eq!(in_flight(&router), 1);
+    drop(stream);
+    assert_eq!(in_flight(&router), 0, "a dropped stream releases its slot");
+
+    let finished = router.chat_stream(&request()).await.unwrap();
+    let (_, error) = collect(finished).await;
+    assert!(error.is_none());
+    assert_eq!(in_flight(&router), 0, "a finished stream releases its slot");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_deadline_across_attempts() {
+    let sim = sim(3, LatencyModel::instant()).await;
+    for endpoint in sim.endpoints() {
+        endpoint.inject(
+            Fault::StallBeforeHeaders(Duration::from_secs(30)),
+            Times::Always,
+        );
+    }
+    let router = builder(&sim, StrategyKind::RoundRobin)
+        .request_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let error = router.chat(&request()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadlineExceeded, "{error}");
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+    let options = RequestOptions::default().with_timeout(Duration::from_millis(700));
+    let started = tokio::time::Instant::now();
+    let error = router.chat_with(&request(), &options).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(started.elapsed(), Duration::from_millis(700));
+}
+
+/// Runs `workers` concurrent loops of `per_worker` requests; returns requests per endpoint.
+async fn load(router: &Router, workers: usize, per_worker: usize) -> HashMap<String, usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..per_worker {
+                seen.push(router.chat(&request()).await.unwrap().endpoint.to_string());
+            }
+            seen
+        }));
+    }
+    let mut counts = HashMap::new();
+    for task in tasks {
+        for name in task.await.unwrap() {
+            *counts.entry(name).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn share(counts: &HashMap<String, usize>, name: &str) -> f64 {
+    let total: usize = counts.values().sum();
+    *counts.get(name).unwrap_or(&0) as f64 / total as f64
+}
+
+#[tokio::test(start_paused = true)]
+async fn least_latency_does_not_herd_on_equal_endpoints() {
+    let latency =
+        LatencyModel::new(Duration::from_millis(100), Duration::from_millis(5)).with_jitter(0.1);
+    let sim = sim(3, latency).await;
+    let router = builder(&sim, StrategyKind::LeastLatency).build().unwrap();
+    let counts = load(&router, 24, 20).await;
+    for name in ["ep0", "ep1", "ep2"] {
+        assert!(share(&counts, name) >= 0.2, "{name}: {counts:?}");
+    }
+    assert_eq!(in_flight(&router), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_endpoint_loses_its_traffic_and_wins_it_back() {
+    let latency =
+        LatencyModel::new(Duration::from_millis(100), Duration::from_millis(5)).with_jitter(0.1);
+    let sim = sim(3, latency).await;
+    let router = builder(&sim, StrategyKind::LeastLatency).build().unwrap();
+    load(&router, 12, 10).await; // warm up
+
+    sim.endpoints()[2].set_latency(latency.scaled(5.0));
+    let started = tokio::time::Instant::now();
+    load(&router, 12, 5).await; // the first slow answers move the estimate
+    let degraded = load(&router, 12, 20).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "within seconds: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        share(&degraded, "ep2") < 0.1,
+        "slow endpoint keeps too much: {degraded:?}"
+    );
+
+    sim.endpoints()[2].set_latency(latency);
+    tokio::time::advance(Duration::from_secs(10)).await; // its estimate decays; probes resume
+    load(&router, 12, 20).await;
+    let recovered = load(&router, 12, 20).await;
+    assert!(share(&recovered, "ep2") >= 0.2, "not back: {recovered:?}");
+}
+
+#[tokio::test]
+async fn unknown_model_names_the_known_ones() {
+    let sim = sim(1, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::LeastBusy).build().unwrap();
+    let mut request = request();
+    request.model = "gpt-5-turbo".into();
+    let error = router.chat(&request).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::UnknownModel);
+    assert!(
+        error.to_string().contains("gpt-5-turbo") && error.to_string().contains(MODEL),
+        "{error}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_throttled_answers_unavailable_with_the_soonest_recovery() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin)
+        .max_attempts(2)
+        .build()
+        .unwrap();
+    sim.endpoints()[0].inject(Fault::rate_limited(Duration::from_secs(8)), Times::Next(1));
+    sim.endpoints()[1].inject(Fault::rate_limited(Duration::from_secs(3)), Times::Next(1));
+    let error = router.chat(&request()).await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        ErrorKind::RateLimited,
+        "the last upstream answer"
+    );
+    let error = router.chat(&request()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconfigure_keeps_live_state_of_unchanged_deployments() {
+    let sim = sim(3, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    sim.endpoints()[0].inject(Fault::rate_limited(Duration::from_secs(30)), Times::Next(1));
+    router.chat(&request()).await.unwrap();
+    let mut stream = router.chat_stream(&request()).await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let streaming = stream.endpoint().to_string();
+
+    // Same endpoints, one with a changed key, and a new one removed.
+    let ep2 = &sim.endpoints()[2];
+    let changed = Endpoint::openai("ep2", ep2.openai_base_url())
+        .api_key("key-2")
+        .deployment(MODEL, "dep-2")
+        .weight(5);
+    let next = Router::builder()
+        .strategy(StrategyKind::RoundRobin)
+        .endpoint(config_endpoint(&sim, 0))
+        .endpoint(config_endpoint(&sim, 1))
+        .endpoint(changed);
+    router.reconfigure(next).unwrap();
+
+    let stats = router.stats();
+    assert!(
+        matches!(
+            stats[0].state.availability,
+            router_facade::Availability::RateLimited(_)
+        ),
+        "cooldown kept"
+    );
+    let streaming_stats = stats
+        .iter()
+        .find(|s| s.endpoint.as_str() == streaming)
+        .unwrap();
+    assert_eq!(
+        streaming_stats.state.in_flight, 1,
+        "the open stream is still counted"
+    );
+    assert_eq!(stats[2].weight, 5);
+    let (_, error) = collect(stream).await;
+    assert!(error.is_none(), "in-flight stream survives the reload");
+    assert_eq!(in_flight(&router), 0);
+
+    // A bad configuration is refused and the old one stays.
+    let error = router.reconfigure(Router::builder()).unwrap_err();
+    assert!(error.to_string().contains("endpoints"), "{error}");
+    assert_eq!(router.stats().len(), 3);
+}
+
+#[test]
+fn build_errors_name_the_field() {
+    let cases: Vec<(RouterBuilder, &str)> = vec![
+        (Router::builder(), "endpoints: none configured"),
+        (
+            Router::builder().endpoint(Endpoint::openai("a", "http://127.0.0.1:1/v1")),
+            "endpoints[0] (`a`): serves no model",
+        ),
+        (
+            Router::builder()
+                .endpoint(Endpoint::openai("a", "http://127.0.0.1:1/v1").model("m"))
+                .endpoint(Endpoint::openai("a", "http://127.0.0.1:1/v1").model("m")),
+            "endpoints[1] (`a`): the name is used twice",
+        ),
+        (
+            Router::builder().endpoint(Endpoint::openai("a", "not a url").model("m")),
+            "invalid configuration: endpoints[0]: endpoint `a`: base_url: `not a url` is not a URL",
+        ),
+        (
+            Router::builder().endpoint(
+                Endpoint::azure("az", "https://r.openai.azure.com")
+                    .api_key("k")
+                    .model("m"),
+            ),
+            "api_version",
+        ),
+        (
+            Router::builder().endpoint(
+                Endpoint::openai("a", "http://127.0.0.1:1/v1")
+                    .model("m")
+                    .weight(0),
+            ),
+            "weight must be at least 1",
+        ),
+        (
+            Router::builder()
+                .endpoint(Endpoint::openai("a", "http://127.0.0.1:1/v1").model("m"))
+                .max_attempts(0),
+            "retry.max_attempts",
+        ),
+    ];
+    for (builder, expected) in cases {
+        let error = builder.build().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(
+            error.to_string().contains(expected),
+            "`{error}` should contain `{expected}`"
+        );
+    }
+    let error = Router::builder().strategy_name("fastest").unwrap_err();
+    assert!(error.to_string().contains("fastest"));
+}
