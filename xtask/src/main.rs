@@ -1,10 +1,13 @@
 //! Project automation, run as `cargo xtask <task>` (the alias is in `.cargo/config.toml`).
 //!
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings denied, the whole
-//!   test suite (nextest), doc tests, rustdoc with warnings denied, and `cargo deny` (bans,
-//!   licenses, sources). Tools it needs and can install from the crate registry
+//!   test suite (nextest), doc tests, rustdoc with warnings denied, the examples, a short run of
+//!   the demo (which fails on any caller-visible failure), and `cargo deny` (bans, licenses,
+//!   sources). Tools it needs and can install from the crate registry
 //!   (`cargo-deny`, `cargo-nextest`) are installed when missing.
 //! - `test`: the test suite and the doc tests only.
+//! - `bench`: the criterion benchmarks in `benches/`.
+//! - `demo`: `openai-router demo` in release mode.
 //!
 //! Each step prints its command and duration; a summary closes the run.
 
@@ -75,6 +78,71 @@ const RUSTDOC: Step = Step {
     ],
     env: &[("RUSTDOCFLAGS", "-D warnings")],
 };
+const EXAMPLES: Step = Step {
+    name: "examples",
+    program: "cargo",
+    args: &[
+        "run",
+        "--quiet",
+        "--locked",
+        "-p",
+        "router-facade",
+        "--example",
+        "least_latency",
+    ],
+    env: &[],
+};
+const EXAMPLE_BACKEND: Step = Step {
+    name: "examples",
+    program: "cargo",
+    args: &[
+        "run",
+        "--quiet",
+        "--locked",
+        "-p",
+        "router-facade",
+        "--example",
+        "custom_backend",
+    ],
+    env: &[],
+};
+const EXAMPLE_STRATEGY: Step = Step {
+    name: "examples",
+    program: "cargo",
+    args: &[
+        "run",
+        "--quiet",
+        "--locked",
+        "-p",
+        "router-facade",
+        "--example",
+        "custom_strategy",
+    ],
+    env: &[],
+};
+/// The demo, short: it must end with zero caller-visible failures on the default seed.
+const DEMO: Step = Step {
+    name: "demo",
+    program: "cargo",
+    args: &[
+        "run",
+        "--quiet",
+        "--locked",
+        "-p",
+        "router-gateway",
+        "--",
+        "demo",
+        "--duration",
+        "3",
+    ],
+    env: &[],
+};
+const BENCH: Step = Step {
+    name: "bench",
+    program: "cargo",
+    args: &["bench", "--locked", "-p", "benches"],
+    env: &[],
+};
 const DENY: Step = Step {
     name: "cargo deny",
     program: "cargo",
@@ -103,7 +171,18 @@ fn run() -> Result<()> {
         "ci" => {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
             ensure_tool("cargo-deny", "deny", "cargo-deny")?;
-            run_steps(&[FMT, CLIPPY, NEXTEST, DOCTEST, RUSTDOC, DENY])
+            run_steps(&[
+                FMT,
+                CLIPPY,
+                NEXTEST,
+                DOCTEST,
+                RUSTDOC,
+                EXAMPLES,
+                EXAMPLE_BACKEND,
+                EXAMPLE_STRATEGY,
+                DEMO,
+                DENY,
+            ])
         }
         "test" => {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;

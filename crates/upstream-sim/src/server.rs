@@ -136,7 +136,11 @@ pub(crate) async fn handle(
             in_flight,
         ));
     }
-    tokio::time::sleep(generation.total_latency()).await;
+    // A zero sleep would still wait for the timer's next millisecond tick.
+    let latency = generation.total_latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     drop(in_flight);
     if matches!(fault, Some(Fault::MalformedJson)) {
         return Ok(state.reply_raw(seq, 200, "{\"id\": \"broken", Some(&snapshot)));

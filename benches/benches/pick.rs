@@ -1,0 +1,104 @@
+//! `pick()` per strategy at 2, 8, 64 and 256 candidates, and `select()` (candidates built from
+//! live deployment state) at the same sizes. Target: at most 50 ns and no allocation per pick.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use router_core::{
+    Candidate, DeploymentState, LatencyClass, Rng, Selection, Slot, StrategyKind, pick_tiered,
+    select,
+};
+
+const SIZES: [usize; 4] = [2, 8, 64, 256];
+
+fn candidates(n: usize) -> Vec<Candidate> {
+    (0..n)
+        .map(|i| Candidate {
+            in_flight: (i * 7 % 13) as u32,
+            latency: 0.05 + (i % 5) as f64 * 0.01,
+            weight: 1 + (i % 3) as u32,
+            priority: 0,
+            headroom: None,
+        })
+        .collect()
+}
+
+fn pick(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut group = c.benchmark_group("pick");
+    for kind in StrategyKind::ALL {
+        let strategy = kind.build();
+        for n in SIZES {
+            let list = candidates(n);
+            let mut rng = Rng::with_seed(1);
+            group.bench_with_input(BenchmarkId::new(kind.as_str(), n), &list, |b, list| {
+                b.iter(|| strategy.pick(black_box(list), now, &mut rng));
+            });
+        }
+    }
+    group.finish();
+
+    // Allocation check, reported with the numbers: none per pick.
+    for kind in StrategyKind::ALL {
+        let strategy = kind.build();
+        let list = candidates(256);
+        let mut rng = Rng::with_seed(1);
+        let info = allocation_counter::measure(|| {
+            for _ in 0..10_000 {
+                black_box(pick_tiered(
+                    strategy.as_ref(),
+                    black_box(&list),
+                    now,
+                    &mut rng,
+                ));
+                black_box(strategy.pick(black_box(&list), now, &mut rng));
+            }
+        });
+        println!(
+            "allocations in 10,000 picks ({kind}, 256 candidates): {}",
+            info.count_total
+        );
+        assert_eq!(info.count_total, 0, "{kind} allocates");
+    }
+}
+
+fn selection(c: &mut Criterion) {
+    let origin = Instant::now();
+    let mut group = c.benchmark_group("select");
+    for n in SIZES {
+        let states: Vec<Arc<DeploymentState>> = (0..n)
+            .map(|_| Arc::new(DeploymentState::new(origin, Duration::from_secs(10))))
+            .collect();
+        let slots: Vec<Slot<'_>> = states
+            .iter()
+            .map(|state| Slot {
+                state,
+                weight: 1,
+                priority: 0,
+                headroom: None,
+            })
+            .collect();
+        let strategy = StrategyKind::LeastLatency.build();
+        let mut rng = Rng::with_seed(1);
+        let mut buffers = Selection::default();
+        group.bench_function(BenchmarkId::new("least-latency", n), |b| {
+            b.iter(|| {
+                select(
+                    black_box(&slots),
+                    |_| false,
+                    LatencyClass::Stream,
+                    strategy.as_ref(),
+                    Instant::now(),
+                    &mut rng,
+                    &mut buffers,
+                )
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pick, selection);
+criterion_main!(benches);
