@@ -5,6 +5,8 @@
 //! - Over HTTP on loopback: `Router::chat` to an upstream-sim endpoint against a plain reqwest
 //!   call to the same endpoint, one request at a time. Target: at most 5 µs added.
 
+#![expect(clippy::unwrap_used, reason = "a benchmark setup fails loudly")]
+
 use std::hint::black_box;
 use std::sync::Arc;
 
