@@ -417,8 +417,3 @@ mod tests {
         assert!(!shown.contains("az-secret-key"), "{shown}");
     }
 }
-
-/// The README's examples, compiled and run as doc tests.
-#[doc = include_str!("../../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;

@@ -76,3 +76,8 @@ impl RouterBuilder {
         Router::from_builder(self)
     }
 }
+
+/// The README's examples, compiled as doc tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
