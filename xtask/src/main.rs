@@ -143,6 +143,12 @@ const BENCH: Step = Step {
     args: &["bench", "--locked", "-p", "benches"],
     env: &[],
 };
+const DEMO_RELEASE: Step = Step {
+    name: "demo",
+    program: "cargo",
+    args: &["run", "--release", "--locked", "-p", "router-gateway", "--", "demo"],
+    env: &[],
+};
 const DENY: Step = Step {
     name: "cargo deny",
     program: "cargo",
@@ -188,10 +194,16 @@ fn run() -> Result<()> {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
             run_steps(&[NEXTEST, DOCTEST])
         }
+        "bench" => run_steps(&[BENCH]),
+        "demo" => run_steps(&[DEMO_RELEASE]),
         "" | "help" | "--help" | "-h" => {
-            say(
-                "usage: cargo xtask <ci|test>\n  ci    format, clippy, tests, doc tests, rustdoc, cargo deny\n  test  tests and doc tests",
-            );
+            say(concat!(
+                "usage: cargo xtask <ci|test|bench|demo>\n",
+                "  ci     format, clippy, tests, doc tests, rustdoc, examples, a short demo, cargo deny\n",
+                "  test   tests and doc tests\n",
+                "  bench  the criterion benchmarks (benches/)\n",
+                "  demo   the demo, in release mode",
+            ));
             Ok(())
         }
         other => bail!("unknown task `{other}`; try `cargo xtask help`"),
