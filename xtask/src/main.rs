@@ -146,7 +146,15 @@ const BENCH: Step = Step {
 const DEMO_RELEASE: Step = Step {
     name: "demo",
     program: "cargo",
-    args: &["run", "--release", "--locked", "-p", "router-gateway", "--", "demo"],
+    args: &[
+        "run",
+        "--release",
+        "--locked",
+        "-p",
+        "router-gateway",
+        "--",
+        "demo",
+    ],
     env: &[],
 };
 const DENY: Step = Step {
