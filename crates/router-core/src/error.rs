@@ -118,9 +118,12 @@ pub enum ErrorKind {
     InvalidRequest,
     /// No model group has the requested model; the message lists the known ones.
     UnknownModel,
-    /// No deployment of the group can take the request now (all cooling down, disabled, or
-    /// out of quota); [`Error::retry_after`] is the soonest recovery when one is known.
+    /// No deployment of the group can serve the request (all disabled, or none left to try).
     Unavailable,
+    /// The router throttled the request: every deployment is out of quota or cooling down
+    /// beyond the request's deadline (or the waitlist is full); [`Error::retry_after`] is the
+    /// soonest recovery across the group.
+    Throttled,
     /// The request's deadline passed before an answer.
     DeadlineExceeded,
 }
@@ -154,12 +157,13 @@ impl ErrorKind {
             Self::InvalidRequest => "invalid_request",
             Self::UnknownModel => "unknown_model",
             Self::Unavailable => "unavailable",
+            Self::Throttled => "throttled",
             Self::DeadlineExceeded => "deadline_exceeded",
         }
     }
 
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 26] = [
+    pub const ALL: [Self; 27] = [
         Self::RateLimited,
         Self::QuotaExhausted,
         Self::RequestTooLarge,
@@ -185,6 +189,7 @@ impl ErrorKind {
         Self::InvalidRequest,
         Self::UnknownModel,
         Self::Unavailable,
+        Self::Throttled,
         Self::DeadlineExceeded,
     ];
 
@@ -232,6 +237,7 @@ impl ErrorKind {
             | Self::InvalidRequest
             | Self::UnknownModel
             | Self::Unavailable
+            | Self::Throttled
             | Self::DeadlineExceeded => false,
         }
     }
@@ -263,6 +269,7 @@ impl ErrorKind {
             | Self::InvalidRequest
             | Self::UnknownModel
             | Self::Unavailable
+            | Self::Throttled
             | Self::DeadlineExceeded => HealthEffect::None,
         }
     }
@@ -294,6 +301,7 @@ impl ErrorKind {
             Self::InvalidRequest => "invalid request",
             Self::UnknownModel => "unknown model",
             Self::Unavailable => "no deployment available",
+            Self::Throttled => "throttled by the router",
             Self::DeadlineExceeded => "deadline exceeded",
         }
     }
@@ -482,6 +490,11 @@ impl Error {
     /// Whether the upstream throttled the request (429, not quota exhaustion).
     pub fn is_rate_limited(&self) -> bool {
         self.inner.kind == ErrorKind::RateLimited
+    }
+
+    /// Whether the router itself throttled the request (no deployment had room in time).
+    pub fn is_throttled(&self) -> bool {
+        self.inner.kind == ErrorKind::Throttled
     }
 
     /// Whether a timeout caused it.

@@ -58,6 +58,7 @@ mod backend;
 mod endpoint;
 mod error;
 pub mod ewma;
+pub mod quota;
 pub mod ratelimit;
 mod retry;
 mod rng;
@@ -71,6 +72,7 @@ pub use backend::{
 };
 pub use endpoint::EndpointId;
 pub use error::{Error, ErrorKind, HealthEffect};
+pub use quota::{Admission, Charge, Limits, MemoryStore, QuotaView, Settlement, StateStore};
 pub use ratelimit::RateLimitInfo;
 pub use retry::RetryBudget;
 pub use rng::Rng;
@@ -79,6 +81,6 @@ pub use state::{
     Availability, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass, StateStats,
 };
 pub use strategy::{
-    Candidate, LeastBusy, LeastLatency, RoundRobin, Strategy, StrategyKind, Weighted, p2c,
-    pick_tiered, sample_two,
+    Candidate, LeastBusy, LeastLatency, RoundRobin, Strategy, StrategyKind, UsageBased, Weighted,
+    p2c, pick_tiered, sample_two,
 };

@@ -5,7 +5,8 @@
 //! deployment is ready it enters panic mode: deployments ejected for failures are offered again
 //! rather than failing the request (an ejection must never take the last usable deployment
 //! away), while throttled and disabled ones stay out (a throttled deployment would only answer
-//! 429 again). When even that leaves nothing, it says when the soonest one recovers.
+//! 429 again), and so do those whose quota has no room for the request now (`ready_at`). When
+//! even that leaves nothing, it says when the soonest one recovers.
 
 use std::time::Instant;
 
@@ -24,6 +25,8 @@ pub struct Slot<'a> {
     pub priority: u32,
     /// The share of its quota still free, when it has a quota.
     pub headroom: Option<f64>,
+    /// When its quota will have room for this request, if not now.
+    pub ready_at: Option<Instant>,
 }
 
 /// Reusable buffers, so that selecting does not allocate once warmed up.
@@ -57,7 +60,7 @@ pub fn select(
         buffers.candidates.clear();
         buffers.map.clear();
         for (i, slot) in slots.iter().enumerate() {
-            if tried(i) || !accept(slot.state.availability(now)) {
+            if tried(i) || slot.ready_at.is_some() || !accept(slot.state.availability(now)) {
                 continue;
             }
             buffers.candidates.push(Candidate {
@@ -83,8 +86,11 @@ pub fn select(
     let soonest = slots
         .iter()
         .filter_map(|slot| match slot.state.availability(now) {
-            Availability::RateLimited(at) | Availability::Ejected(at) => Some(at),
-            Availability::Ready | Availability::Disabled(_) => None,
+            Availability::RateLimited(at) | Availability::Ejected(at) => {
+                Some(slot.ready_at.map_or(at, |r| r.max(at)))
+            }
+            Availability::Ready => slot.ready_at,
+            Availability::Disabled(_) => None,
         })
         .min();
     Err(NothingEligible {

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, HealthEffect};
 use crate::ewma::PeakEwma;
+use crate::quota::{Limits, QuotaView};
+use crate::ratelimit::RateLimitInfo;
 use crate::rng::Rng;
 
 /// How outcomes move a deployment's health.
@@ -151,6 +153,11 @@ pub struct DeploymentState {
     ejections: AtomicU32,
     successes: AtomicU64,
     failures: [AtomicU64; ErrorKind::COUNT],
+    /// What this process last knew of the deployment's quota buckets.
+    pub quota: QuotaView,
+    /// Limits learned from `x-ratelimit-limit-*` headers; 0 when none.
+    learned_tpm: AtomicU64,
+    learned_rpm: AtomicU64,
 }
 
 impl DeploymentState {
@@ -172,7 +179,35 @@ impl DeploymentState {
             ejections: AtomicU32::new(0),
             successes: AtomicU64::new(0),
             failures: std::array::from_fn(|_| AtomicU64::new(0)),
+            quota: QuotaView::new(origin),
+            learned_tpm: AtomicU64::new(0),
+            learned_rpm: AtomicU64::new(0),
         }
+    }
+
+    /// The limits in force: the configured ones, else those the upstream announced.
+    pub fn limits(&self, configured: &Limits) -> Limits {
+        let learned = |cell: &AtomicU64| Some(cell.load(Ordering::Relaxed)).filter(|n| *n > 0);
+        Limits {
+            tpm: configured.tpm.or_else(|| learned(&self.learned_tpm)),
+            rpm: configured.rpm.or_else(|| learned(&self.learned_rpm)),
+            window: configured.window,
+        }
+    }
+
+    /// Learns limits from an answer's `x-ratelimit-limit-*` headers.
+    pub fn learn(&self, info: &RateLimitInfo) {
+        if let Some(tpm) = info.limit_tokens {
+            self.learned_tpm.store(tpm, Ordering::Relaxed);
+        }
+        if let Some(rpm) = info.limit_requests {
+            self.learned_rpm.store(rpm, Ordering::Relaxed);
+        }
+    }
+
+    /// A cooldown another replica shared: this one honours it too.
+    pub fn cool_down_shared(&self, wait: Duration, now: Instant) {
+        self.cool_down(now + wait, REASON_RATE_LIMITED);
     }
 
     fn ms(&self, at: Instant) -> u64 {

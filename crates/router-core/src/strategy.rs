@@ -22,6 +22,7 @@
 //! | `least-busy` (`least-connection`, `least-connections`) | [`LeastBusy`] | P2C on in-flight requests, random tie-break |
 //! | `least-latency` | [`LeastLatency`] | P2C on PeakEWMA latency × (in-flight + 1) |
 //! | `weighted` (`simple-shuffle`) | [`Weighted`] | at random, in proportion to weights |
+//! | `usage-based` (`usage-based-routing`) | [`UsageBased`] | P2C on free quota share |
 //!
 //! Priority tiers compose with any of them: [`pick_tiered`] offers the strategy only the best
 //! tier that has an eligible deployment.
@@ -195,6 +196,24 @@ impl Strategy for LeastLatency {
     }
 }
 
+/// P2C on quota headroom: the deployment with more of its quota free wins; deployments without
+/// a quota count as entirely free. Ties go to the less busy.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UsageBased;
+
+impl Strategy for UsageBased {
+    fn pick(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
+        // Lower cost wins: used share first, in-flight as a small tie-breaker.
+        p2c(candidates, rng, |c| {
+            (1.0 - c.headroom.unwrap_or(1.0)) + f64::from(c.in_flight) * 1e-6
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "usage-based"
+    }
+}
+
 /// At random, in proportion to the weights.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Weighted;
@@ -234,6 +253,8 @@ pub enum StrategyKind {
     LeastLatency,
     /// [`Weighted`].
     Weighted,
+    /// [`UsageBased`].
+    UsageBased,
 }
 
 impl StrategyKind {
@@ -252,6 +273,7 @@ impl StrategyKind {
             Self::LeastBusy => "least-busy",
             Self::LeastLatency => "least-latency",
             Self::Weighted => "weighted",
+            Self::UsageBased => "usage-based",
         }
     }
 
@@ -262,6 +284,7 @@ impl StrategyKind {
             Self::LeastBusy => Box::new(LeastBusy),
             Self::LeastLatency => Box::new(LeastLatency),
             Self::Weighted => Box::new(Weighted),
+            Self::UsageBased => Box::new(UsageBased),
         }
     }
 }
@@ -286,9 +309,12 @@ impl FromStr for StrategyKind {
             }
             "least-latency" | "latency" | "latency-based-routing" => Ok(Self::LeastLatency),
             "weighted" | "weighted-random" | "simple-shuffle" => Ok(Self::Weighted),
+            "usage-based" | "usage-based-routing" | "usage-based-routing-v2" | "least-usage" => {
+                Ok(Self::UsageBased)
+            }
             _ => Err(Error::config(format!(
                 "strategy: unknown name `{name}`; known: round-robin, least-busy \
-                 (least-connection), least-latency, weighted"
+                 (least-connection), least-latency, weighted, usage-based"
             ))),
         }
     }

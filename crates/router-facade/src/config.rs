@@ -6,7 +6,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use router_core::{Backend, Error, HealthPolicy, Strategy, StrategyKind};
+use router_core::{Backend, Error, HealthPolicy, Limits, StateStore, Strategy, StrategyKind};
 #[cfg(feature = "openai")]
 use secrecy::{ExposeSecret, SecretString};
 
@@ -26,6 +26,7 @@ pub struct Endpoint {
     pub(crate) deployments: Vec<DeploymentSpec>,
     pub(crate) weight: u32,
     pub(crate) priority: u32,
+    pub(crate) limits: Limits,
     #[cfg(feature = "openai")]
     pub(crate) timeouts: Option<Timeouts>,
 }
@@ -60,6 +61,10 @@ pub struct DeploymentSpec {
     pub weight: Option<u32>,
     /// Overrides the endpoint's priority tier.
     pub priority: Option<u32>,
+    /// Overrides the endpoint's tokens per minute.
+    pub tpm: Option<u64>,
+    /// Overrides the endpoint's requests per minute.
+    pub rpm: Option<u64>,
 }
 
 impl Endpoint {
@@ -70,6 +75,7 @@ impl Endpoint {
             deployments: Vec::new(),
             weight: 1,
             priority: 0,
+            limits: Limits::default(),
             #[cfg(feature = "openai")]
             timeouts: None,
         }
@@ -123,6 +129,8 @@ impl Endpoint {
             deployment: deployment.into(),
             weight: None,
             priority: None,
+            tpm: None,
+            rpm: None,
         });
         self
     }
@@ -143,6 +151,27 @@ impl Endpoint {
     /// when no deployment of a lower one can take it.
     pub fn priority(mut self, priority: u32) -> Self {
         self.priority = priority;
+        self
+    }
+
+    /// Tokens per minute of each deployment on this endpoint: the router keeps each below it
+    /// (reserving each request's estimate, reconciling with the real usage). Limits not set
+    /// are learned from the upstream's `x-ratelimit-limit-*` headers when it sends them.
+    pub fn tpm(mut self, tpm: u64) -> Self {
+        self.limits.tpm = Some(tpm);
+        self
+    }
+
+    /// Requests per minute of each deployment on this endpoint.
+    pub fn rpm(mut self, rpm: u64) -> Self {
+        self.limits.rpm = Some(rpm);
+        self
+    }
+
+    /// The burst window of the quotas: a deployment may use this much of its per-minute limit
+    /// at once (default 10 s; Azure evaluates over 1 s or 10 s).
+    pub fn quota_window(mut self, window: Duration) -> Self {
+        self.limits.window = window;
         self
     }
 
@@ -341,6 +370,9 @@ pub struct RouterBuilder {
     pub(crate) request_timeout: Duration,
     pub(crate) latency_decay: Duration,
     pub(crate) seed: Option<u64>,
+    pub(crate) store: Option<Arc<dyn StateStore>>,
+    pub(crate) expected_completion: u32,
+    pub(crate) max_waiting: usize,
 }
 
 impl Default for RouterBuilder {
@@ -354,6 +386,9 @@ impl Default for RouterBuilder {
             request_timeout: Duration::from_secs(600),
             latency_decay: Duration::from_secs(10),
             seed: None,
+            store: None,
+            expected_completion: 256,
+            max_waiting: 1024,
         }
     }
 }
@@ -428,6 +463,28 @@ impl RouterBuilder {
         self
     }
 
+    /// Where quota use and shared cooldowns live (default: this process's memory). A shared
+    /// store (`state-redis`) makes replicas stay within one quota together.
+    pub fn state_store(mut self, store: Arc<dyn StateStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Output tokens reserved for a request that sets no cap (default 256).
+    pub fn expected_completion(mut self, tokens: u32) -> Self {
+        self.expected_completion = tokens;
+        self
+    }
+
+    /// How many requests may wait, per router, for a deployment's quota or cooldown to free
+    /// up (default 1024; 0 never waits). A request waits only when the soonest recovery comes
+    /// before its deadline; otherwise it fails at once with a rate-limit error whose
+    /// `retry_after` is that recovery.
+    pub fn max_waiting(mut self, requests: usize) -> Self {
+        self.max_waiting = requests;
+        self
+    }
+
     /// Seeds the router's random choices, to replay a run exactly.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -475,11 +532,27 @@ impl RouterBuilder {
             if endpoint.weight == 0 {
                 return Err(Error::config(format!("{at}: weight must be at least 1")));
             }
+            if endpoint.limits.tpm == Some(0) || endpoint.limits.rpm == Some(0) {
+                return Err(Error::config(format!(
+                    "{at}: tpm/rpm must be at least 1 (leave unset for no limit)"
+                )));
+            }
+            if endpoint.limits.window.is_zero() {
+                return Err(Error::config(format!(
+                    "{at}: quota_window must be more than zero"
+                )));
+            }
             let mut models = HashSet::new();
             for spec in &endpoint.deployments {
                 if spec.model.trim().is_empty() || spec.deployment.trim().is_empty() {
                     return Err(Error::config(format!(
                         "{at}: a model or deployment name is empty"
+                    )));
+                }
+                if spec.tpm == Some(0) || spec.rpm == Some(0) {
+                    return Err(Error::config(format!(
+                        "{at}: deployment `{}` tpm/rpm must be at least 1 (leave unset for no limit)",
+                        spec.deployment
                     )));
                 }
                 if spec.weight == Some(0) {

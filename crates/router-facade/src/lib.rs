@@ -46,16 +46,19 @@
 //! - `azure` (default): Azure OpenAI endpoints.
 
 mod config;
+mod estimate;
+mod reservation;
 mod router;
 mod snapshot;
+mod waitlist;
 
 pub use config::{DeploymentSpec, Endpoint, RetryPolicy, RouterBuilder, StrategyFactory};
 pub use router::{DeploymentStats, RequestOptions, Routed, Router, RouterStream};
 
 pub use router_core::{
-    Availability, Backend, CallOptions, Candidate, ChatStream, EndpointId, Error, ErrorKind,
-    HealthPolicy, LatencyClass, RateLimitInfo, Reply, ResponseMeta, Rng, StateStats, Strategy,
-    StrategyKind,
+    Admission, Availability, Backend, CallOptions, Candidate, Charge, ChatStream, EndpointId,
+    Error, ErrorKind, HealthPolicy, LatencyClass, Limits, MemoryStore, RateLimitInfo, Reply,
+    ResponseMeta, Rng, Settlement, StateStats, StateStore, Strategy, StrategyKind,
 };
 pub use router_types as types;
 

@@ -14,9 +14,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures_core::Stream;
 use router_core::{
-    Availability, CallOptions, ChatStream, EndpointId, Error, ErrorKind, InFlightGuard,
-    LatencyClass, NothingEligible, Reply, ResponseMeta, RetryBudget, Rng, Selection, Slot,
-    StateStats, select,
+    Admission, Availability, CallOptions, Charge, ChatStream, EndpointId, Error, ErrorKind,
+    InFlightGuard, LatencyClass, NothingEligible, RateLimitInfo, Reply, ResponseMeta, RetryBudget,
+    Rng, Selection, Slot, StateStats, select,
 };
 use router_types::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -26,10 +26,13 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::config::RouterBuilder;
+use crate::estimate;
+use crate::reservation::Reservation;
 use crate::snapshot::{Deployment, Group, RouterSnapshot};
+use crate::waitlist::{Place, Waitlist};
 
 /// The router's clock: tokio's, so that paused time in tests applies.
-fn now() -> std::time::Instant {
+pub(crate) fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
@@ -48,6 +51,7 @@ struct Shared {
     requests: AtomicU64,
     seed: u64,
     reload: Mutex<()>,
+    waitlist: Waitlist,
 }
 
 /// A snapshot with the retry budget that goes with its policy.
@@ -64,6 +68,9 @@ pub struct RequestOptions {
     /// This request's deadline across all its attempts, instead of the router's
     /// `request_timeout`.
     pub timeout: Option<Duration>,
+    /// Its class when it has to wait for quota: a lower class is served first; within a
+    /// class, first come first served. Default 0.
+    pub priority: u8,
 }
 
 impl RequestOptions {
@@ -71,6 +78,13 @@ impl RequestOptions {
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Options with a waiting class (lower is served first).
+    #[must_use]
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
         self
     }
 }
@@ -140,6 +154,7 @@ impl Router {
                 requests: AtomicU64::new(0),
                 seed,
                 reload: Mutex::new(()),
+                waitlist: Waitlist::default(),
             }),
         })
     }
@@ -207,11 +222,14 @@ impl Router {
         request: &ChatCompletionRequest,
         options: &RequestOptions,
     ) -> Result<Routed<ChatCompletionResponse>, Error> {
+        let expected = self.expected_completion();
         self.execute(
             &request.model,
             LatencyClass::Generation,
             options,
+            || estimate::chat(request, expected),
             completion_tokens_chat,
+            |body: &ChatCompletionResponse| body.usage.as_ref().map(|u| u.total_tokens),
             |d, call| {
                 let request = renamed(request, &d.name);
                 async move { d.backend.chat(&request, &call).await }
@@ -239,7 +257,9 @@ impl Router {
             &request.model,
             LatencyClass::Call,
             options,
+            || estimate::embeddings(request),
             |_| None,
+            |body: &EmbeddingResponse| body.usage.as_ref().map(|u| u.total_tokens),
             |d, call| {
                 let request = renamed(request, &d.name);
                 async move { d.backend.embeddings(&request, &call).await }
@@ -263,11 +283,14 @@ impl Router {
         request: &CompletionRequest,
         options: &RequestOptions,
     ) -> Result<Routed<CompletionResponse>, Error> {
+        let expected = self.expected_completion();
         self.execute(
             &request.model,
             LatencyClass::Generation,
             options,
+            || estimate::completions(request, expected),
             |body: &CompletionResponse| body.usage.as_ref().and_then(|u| u.completion_tokens),
+            |body: &CompletionResponse| body.usage.as_ref().map(|u| u.total_tokens),
             |d, call| {
                 let request = renamed(request, &d.name);
                 async move { d.backend.completions(&request, &call).await }
@@ -276,26 +299,41 @@ impl Router {
         .await
     }
 
+    fn expected_completion(&self) -> u32 {
+        self.shared
+            .snapshot
+            .load()
+            .snapshot
+            .settings
+            .expected_completion
+    }
+
     fn rng(&self) -> Rng {
         let n = self.shared.requests.fetch_add(1, Ordering::Relaxed);
         Rng::with_seed(self.shared.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one generic pipeline for every operation"
+    )]
     async fn execute<T, F, Fut>(
         &self,
         model: &str,
         class: LatencyClass,
         options: &RequestOptions,
+        charge: impl FnOnce() -> Charge,
         output_tokens: fn(&T) -> Option<u64>,
+        used_tokens: fn(&T) -> Option<u64>,
         call: F,
     ) -> Result<Routed<T>, Error>
     where
         F: Fn(Arc<Deployment>, CallOptions) -> Fut,
         Fut: Future<Output = Result<Reply<T>, Error>>,
     {
-        let mut attempt = Attempts::begin(self, model, options)?;
+        let mut attempt = Attempts::begin(self, model, options, charge)?;
         loop {
-            let (deployment, guard) = attempt.next(class)?;
+            let (deployment, guard, reservation) = attempt.next(class).await?;
             let started = Instant::now();
             let span = attempt.span(&deployment);
             let result = attempt
@@ -312,14 +350,24 @@ impl Router {
                         }
                         _ => elapsed,
                     };
-                    deployment.state.observe_latency(class, sample, now());
+                    let at = now();
+                    deployment.state.observe_latency(class, sample, at);
                     deployment.state.record_success();
+                    attempt.upstream_said(&deployment, &reply.meta.rate_limits, at);
+                    if let Some(reservation) = reservation {
+                        reservation
+                            .settle(used_tokens(&reply.body), &reply.meta.rate_limits)
+                            .await;
+                    }
                     drop(guard);
                     return Ok(attempt.routed(reply, &deployment));
                 }
                 Err(error) => {
                     drop(guard);
-                    attempt.failed(&deployment, error, class)?;
+                    if let Some(reservation) = reservation {
+                        reservation.release().await;
+                    }
+                    attempt.failed(&deployment, error, class).await?;
                 }
             }
         }
@@ -344,12 +392,29 @@ impl Router {
         options: &RequestOptions,
     ) -> Result<RouterStream, Error> {
         let class = LatencyClass::Stream;
-        let mut attempt = Attempts::begin(self, &request.model, options)?;
+        let expected = self.expected_completion();
+        let mut attempt = Attempts::begin(self, &request.model, options, || {
+            estimate::chat(request, expected)
+        })?;
         loop {
-            let (deployment, guard) = attempt.next(class)?;
+            let (deployment, guard, reservation) = attempt.next(class).await?;
             let span = attempt.span(&deployment);
             let call = attempt.call_options();
-            let request = renamed(request, &deployment.name);
+            let mut request = renamed(request, &deployment.name);
+            // To account its tokens, ask for the usage chunk; the caller, who did not, never sees it.
+            let inject = reservation.is_some()
+                && request
+                    .stream_options
+                    .as_ref()
+                    .and_then(|o| o.include_usage)
+                    != Some(true);
+            if inject {
+                request
+                    .to_mut()
+                    .stream_options
+                    .get_or_insert_with(Default::default)
+                    .include_usage = Some(true);
+            }
             let backend = Arc::clone(&deployment.backend);
             let started = Instant::now();
             let opened = attempt
@@ -364,12 +429,15 @@ impl Router {
                     held,
                     ended,
                 }) => {
+                    let at = now();
                     let ttft = stream
                         .time_to_first_content()
                         .or_else(|| stream.time_to_first_event())
                         .unwrap_or_else(|| started.elapsed());
-                    deployment.state.observe_latency(class, ttft, now());
+                    deployment.state.observe_latency(class, ttft, at);
+                    attempt.upstream_said(&deployment, &stream.meta().rate_limits, at);
                     let mut routed = RouterStream {
+                        info: stream.meta().rate_limits.clone(),
                         held,
                         inner: Some(stream),
                         guard: Some(guard),
@@ -377,6 +445,9 @@ impl Router {
                         attempts: attempt.count,
                         health: attempt.live.snapshot.settings.health,
                         deployment,
+                        reservation,
+                        strip_usage: inject,
+                        used: None,
                     };
                     if ended {
                         routed.finish(None);
@@ -385,7 +456,10 @@ impl Router {
                 }
                 Err(error) => {
                     drop(guard);
-                    attempt.failed(&deployment, error, class)?;
+                    if let Some(reservation) = reservation {
+                        reservation.release().await;
+                    }
+                    attempt.failed(&deployment, error, class).await?;
                 }
             }
         }
@@ -462,8 +536,10 @@ fn renamed<'a, R: Named>(request: &'a R, deployment: &str) -> Cow<'a, R> {
     Cow::Owned(copy)
 }
 
-/// The attempts of one request: the snapshot it started with, its deadline, what it tried.
+/// The attempts of one request: the snapshot it started with, its deadline, what it tried,
+/// what it reserves, and its place when it waits.
 struct Attempts<'r> {
+    router: &'r Router,
     live: Arc<Live>,
     model: &'r str,
     deadline: Instant,
@@ -472,10 +548,19 @@ struct Attempts<'r> {
     rng: Rng,
     buffers: Selection,
     last_error: Option<Error>,
+    /// The request's cost, when a deployment of the group has a quota or the store is shared.
+    charge: Option<Charge>,
+    priority: u8,
+    place: Option<Place>,
 }
 
 impl<'r> Attempts<'r> {
-    fn begin(router: &Router, model: &'r str, options: &RequestOptions) -> Result<Self, Error> {
+    fn begin(
+        router: &'r Router,
+        model: &'r str,
+        options: &RequestOptions,
+        charge: impl FnOnce() -> Charge,
+    ) -> Result<Self, Error> {
         let live = router.shared.snapshot.load_full();
         let Some(group) = live.snapshot.groups.get(model) else {
             return Err(Error::with_message(
@@ -487,6 +572,11 @@ impl<'r> Attempts<'r> {
             ));
         };
         let members = group.members.len();
+        let accounted = live.snapshot.store.is_shared()
+            || group
+                .members
+                .iter()
+                .any(|d| d.state.limits(&d.limits).is_limited());
         let timeout = options
             .timeout
             .unwrap_or(live.snapshot.settings.request_timeout);
@@ -498,6 +588,10 @@ impl<'r> Attempts<'r> {
             rng: router.rng(),
             buffers: Selection::default(),
             last_error: None,
+            charge: accounted.then(charge),
+            priority: options.priority,
+            place: None,
+            router,
             model,
             live,
         })
@@ -508,9 +602,14 @@ impl<'r> Attempts<'r> {
         &self.live.snapshot.groups[self.model]
     }
 
-    /// Picks the next deployment and starts a request on it; the error when there is none,
-    /// the attempts are spent, the budget is, or the deadline has passed.
-    fn next(&mut self, class: LatencyClass) -> Result<(Arc<Deployment>, InFlightGuard), Error> {
+    /// Picks the next deployment, reserves its quota and starts a request on it; waits (in
+    /// order) when nothing can take the request yet but something will before the deadline;
+    /// the error when there is nothing, the attempts are spent, the budget is, or the deadline
+    /// has passed.
+    async fn next(
+        &mut self,
+        class: LatencyClass,
+    ) -> Result<(Arc<Deployment>, InFlightGuard, Option<Reservation>), Error> {
         let settings = &self.live.snapshot.settings;
         if self.count > 0 {
             let spent = self.count >= settings.retry.max_attempts;
@@ -520,42 +619,168 @@ impl<'r> Attempts<'r> {
         }
         let live = Arc::clone(&self.live);
         let group = &live.snapshot.groups[self.model];
-        let slots: Vec<Slot<'_>> = group
-            .members
-            .iter()
-            .map(|d| Slot {
-                state: &d.state,
-                weight: d.weight,
-                priority: d.priority,
-                headroom: None,
-            })
-            .collect();
-        let tried = &self.tried;
-        let picked = select(
-            &slots,
-            |i| tried[i],
-            class,
-            group.strategy.as_ref(),
-            now(),
-            &mut self.rng,
-            &mut self.buffers,
-        );
-        let index = match picked {
-            Ok(index) => index,
-            Err(nothing) => return Err(self.nothing_eligible(nothing)),
+        let waitlist = &self.router.shared.waitlist;
+        // Someone waits already: queue behind them, first come first served within a class.
+        if self.place.is_none() && self.count == 0 && !waitlist.is_empty() {
+            self.join_waitlist();
+        }
+        let mut refusals = 0;
+        loop {
+            if let Some(place) = &self.place {
+                waitlist.until_first(place, self.deadline).await;
+            }
+            let at = now();
+            let slots: Vec<Slot<'_>> = group
+                .members
+                .iter()
+                .map(|d| {
+                    let limits = d.state.limits(&d.limits);
+                    let (headroom, ready_at) = match self.charge {
+                        Some(charge) if limits.is_limited() => (
+                            d.state.quota.headroom(&limits, at),
+                            d.state.quota.available_at(&limits, charge, at),
+                        ),
+                        _ => (None, None),
+                    };
+                    Slot {
+                        state: &d.state,
+                        weight: d.weight,
+                        priority: d.priority,
+                        headroom,
+                        ready_at,
+                    }
+                })
+                .collect();
+            let tried = &self.tried;
+            let picked = select(
+                &slots,
+                |i| tried[i],
+                class,
+                group.strategy.as_ref(),
+                at,
+                &mut self.rng,
+                &mut self.buffers,
+            );
+            let index = match picked {
+                Ok(index) => index,
+                Err(nothing) => {
+                    if self.last_error.is_none() && self.may_wait(nothing.soonest).await {
+                        continue;
+                    }
+                    return Err(self.nothing_eligible(nothing));
+                }
+            };
+            let deployment = Arc::clone(&group.members[index]);
+            let reservation = match self.reserve(&deployment, at).await {
+                Ok(reservation) => reservation,
+                Err(()) => {
+                    // The store said no (another replica used the quota, or shares a cooldown):
+                    // the view now knows; choose again.
+                    refusals += 1;
+                    if refusals > group.members.len() * 2 {
+                        return Err(self.nothing_eligible(NothingEligible {
+                            soonest: None,
+                            all_tried: false,
+                        }));
+                    }
+                    continue;
+                }
+            };
+            self.tried[index] = true;
+            self.count += 1;
+            if let Some(place) = self.place.take() {
+                waitlist.leave(place);
+            }
+            tracing::trace!(
+                model = self.model,
+                endpoint = %deployment.endpoint,
+                strategy = group.strategy.name(),
+                attempt = self.count,
+                "picked"
+            );
+            let guard = deployment.state.start();
+            return Ok((deployment, guard, reservation));
+        }
+    }
+
+    /// Reserves the request's cost on `deployment`; `Err` when the store refused.
+    async fn reserve(
+        &self,
+        deployment: &Deployment,
+        at: std::time::Instant,
+    ) -> Result<Option<Reservation>, ()> {
+        let Some(charge) = self.charge else {
+            return Ok(None);
         };
-        self.tried[index] = true;
-        self.count += 1;
-        let deployment = Arc::clone(&group.members[index]);
-        tracing::trace!(
-            model = self.model,
-            endpoint = %deployment.endpoint,
-            strategy = group.strategy.name(),
-            attempt = self.count,
-            "picked"
-        );
-        let guard = deployment.state.start();
-        Ok((deployment, guard))
+        let limits = deployment.state.limits(&deployment.limits);
+        let store = &self.live.snapshot.store;
+        if !limits.is_limited() && !store.is_shared() {
+            return Ok(None);
+        }
+        match store.reserve(&deployment.key, &limits, charge, at).await {
+            Ok(Admission::Admitted {
+                tokens_left,
+                requests_left,
+            }) => {
+                deployment
+                    .state
+                    .quota
+                    .update(tokens_left, requests_left, at);
+                Ok(Some(Reservation::new(
+                    Arc::clone(store),
+                    Arc::clone(&deployment.key),
+                    limits,
+                    charge,
+                )))
+            }
+            Ok(Admission::Denied {
+                retry_after,
+                cooling,
+            }) => {
+                if cooling {
+                    deployment.state.cool_down_shared(retry_after, at);
+                } else {
+                    deployment.state.quota.block(retry_after, at);
+                }
+                Err(())
+            }
+            Err(error) => {
+                // A store that fails must not fail the request: route on the local view.
+                tracing::debug!(key = %deployment.key, %error, "quota store unavailable; not reserving");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Waits for the soonest recovery when it comes before the deadline and the waitlist has
+    /// room; `Ok(false)` when the request should fail now instead.
+    async fn may_wait(&mut self, soonest: Option<std::time::Instant>) -> bool {
+        let Some(soonest) = soonest else {
+            return false;
+        };
+        let until = Instant::from_std(soonest);
+        if until > self.deadline || (self.place.is_none() && !self.join_waitlist()) {
+            return false;
+        }
+        tokio::time::sleep_until(until).await;
+        true
+    }
+
+    /// Takes a place on the waitlist; `false` when it is full.
+    fn join_waitlist(&mut self) -> bool {
+        let max = self.live.snapshot.settings.max_waiting;
+        self.place = self.router.shared.waitlist.join(self.priority, max);
+        self.place.is_some()
+    }
+
+    /// Learns from an answer's rate-limit headers: limits announced, and how much is left.
+    fn upstream_said(&self, deployment: &Deployment, info: &RateLimitInfo, at: std::time::Instant) {
+        deployment.state.learn(info);
+        let limits = deployment.state.limits(&deployment.limits);
+        deployment
+            .state
+            .quota
+            .correct(&limits, info.remaining_tokens, info.remaining_requests, at);
     }
 
     fn span(&self, deployment: &Deployment) -> tracing::Span {
@@ -589,7 +814,7 @@ impl<'r> Attempts<'r> {
     }
 
     /// Records a failed attempt; `Ok` when another may follow.
-    fn failed(
+    async fn failed(
         &mut self,
         deployment: &Deployment,
         error: Error,
@@ -606,9 +831,23 @@ impl<'r> Attempts<'r> {
             });
         }
         let health = self.live.snapshot.settings.health;
+        let at = now();
         deployment
             .state
-            .record_failure(&error, class, &health, now(), &mut self.rng);
+            .record_failure(&error, class, &health, at, &mut self.rng);
+        if error.is_rate_limited() {
+            // Tell the other replicas, through a shared store.
+            let wait = error
+                .retry_after()
+                .unwrap_or(health.rate_limit_cooldown)
+                .min(health.max_rate_limit_cooldown);
+            let _ = self
+                .live
+                .snapshot
+                .store
+                .cool_down(&deployment.key, wait, at)
+                .await;
+        }
         if matches!(
             deployment.state.availability(now()),
             Availability::Disabled(_)
@@ -624,6 +863,9 @@ impl<'r> Attempts<'r> {
     }
 
     fn give_up(&mut self) -> Error {
+        if let Some(place) = self.place.take() {
+            self.router.shared.waitlist.leave(place);
+        }
         self.last_error.take().unwrap_or_else(|| {
             Error::with_message(
                 ErrorKind::Unavailable,
@@ -633,21 +875,30 @@ impl<'r> Attempts<'r> {
     }
 
     fn nothing_eligible(&mut self, nothing: NothingEligible) -> Error {
+        if let Some(place) = self.place.take() {
+            self.router.shared.waitlist.leave(place);
+        }
         if let Some(error) = self.last_error.take() {
             return error;
         }
-        let mut error = Error::with_message(
-            ErrorKind::Unavailable,
+        let members = self.group().members.len();
+        let Some(at) = nothing.soonest else {
+            return Error::with_message(
+                ErrorKind::Unavailable,
+                format!(
+                    "no deployment of `{}` can serve the request (all {members} disabled or tried)",
+                    self.model
+                ),
+            );
+        };
+        Error::with_message(
+            ErrorKind::Throttled,
             format!(
-                "no deployment of `{}` can take the request now (all {} cooling down or disabled)",
-                self.model,
-                self.group().members.len()
+                "no deployment of `{}` has room for the request before its deadline (all {members} out of quota or cooling down)",
+                self.model
             ),
-        );
-        if let Some(at) = nothing.soonest {
-            error = error.with_retry_after(at.saturating_duration_since(now()));
-        }
-        error
+        )
+        .with_retry_after(at.saturating_duration_since(now()))
     }
 
     fn routed<T>(&self, reply: Reply<T>, deployment: &Deployment) -> Routed<T> {
@@ -657,6 +908,14 @@ impl<'r> Attempts<'r> {
             deployment: deployment.name.clone(),
             attempts: self.count,
             meta: reply.meta,
+        }
+    }
+}
+
+impl Drop for Attempts<'_> {
+    fn drop(&mut self) {
+        if let Some(place) = self.place.take() {
+            self.router.shared.waitlist.leave(place);
         }
     }
 }
@@ -687,6 +946,11 @@ pub struct RouterStream {
     endpoint: EndpointId,
     attempts: u32,
     health: router_core::HealthPolicy,
+    reservation: Option<Reservation>,
+    /// The router asked for the usage chunk; the caller did not: drop it.
+    strip_usage: bool,
+    used: Option<u64>,
+    info: RateLimitInfo,
 }
 
 impl RouterStream {
@@ -702,17 +966,38 @@ impl RouterStream {
 
     fn finish(&mut self, error: Option<&Error>) {
         match error {
-            None => self.deployment.state.record_success(),
-            Some(error) => self.deployment.state.record_failure(
-                error,
-                LatencyClass::Stream,
-                &self.health,
-                now(),
-                &mut Rng::new(),
-            ),
+            None => {
+                self.deployment.state.record_success();
+                if let Some(reservation) = self.reservation.take() {
+                    reservation.settle_detached(self.used, &self.info);
+                }
+            }
+            Some(error) => {
+                self.deployment.state.record_failure(
+                    error,
+                    LatencyClass::Stream,
+                    &self.health,
+                    now(),
+                    &mut Rng::new(),
+                );
+                if let Some(reservation) = self.reservation.take() {
+                    reservation.release_detached();
+                }
+            }
         }
         self.inner = None;
         self.guard = None;
+    }
+
+    /// Notes a usage chunk; `true` when the caller must not see it.
+    fn usage_chunk(&mut self, chunk: &ChatCompletionChunk) -> bool {
+        if chunk.choices.is_empty() {
+            if let Some(usage) = &chunk.usage {
+                self.used = Some(usage.total_tokens);
+                return self.strip_usage;
+            }
+        }
+        false
     }
 }
 
@@ -721,23 +1006,32 @@ impl Stream for RouterStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if let Some(chunk) = this.held.pop_front() {
-            return Poll::Ready(Some(Ok(chunk)));
+        while let Some(chunk) = this.held.pop_front() {
+            if !this.usage_chunk(&chunk) {
+                return Poll::Ready(Some(Ok(chunk)));
+            }
         }
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(inner).poll_next(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(chunk))),
-            Poll::Ready(Some(Err(error))) => {
-                this.finish(Some(&error));
-                Poll::Ready(Some(Err(error)))
-            }
-            Poll::Ready(None) => {
-                this.finish(None);
-                Poll::Ready(None)
-            }
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            return match Pin::new(inner).poll_next(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if this.usage_chunk(&chunk) {
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(chunk)))
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.finish(Some(&error));
+                    Poll::Ready(Some(Err(error)))
+                }
+                Poll::Ready(None) => {
+                    this.finish(None);
+                    Poll::Ready(None)
+                }
+            };
         }
     }
 }

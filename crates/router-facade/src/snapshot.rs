@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use router_core::{Backend, DeploymentState, EndpointId, Error, Strategy};
+use router_core::{
+    Backend, DeploymentState, EndpointId, Error, Limits, MemoryStore, StateStore, Strategy,
+};
 
 use crate::config::{EndpointKind, RouterBuilder};
 
@@ -17,6 +19,10 @@ pub(crate) struct Deployment {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) weight: u32,
     pub(crate) priority: u32,
+    /// Configured limits (learned ones are in the state).
+    pub(crate) limits: Limits,
+    /// The deployment's name in the state store: `endpoint/model`.
+    pub(crate) key: Arc<str>,
     pub(crate) state: Arc<DeploymentState>,
     /// The endpoint's fingerprint plus the deployment name: what must not change for the live
     /// state to carry over a reload.
@@ -37,6 +43,7 @@ pub(crate) struct RouterSnapshot {
     /// Every deployment in configuration order, for stats.
     pub(crate) deployments: Vec<Arc<Deployment>>,
     pub(crate) settings: RouterBuilder,
+    pub(crate) store: Arc<dyn StateStore>,
 }
 
 impl RouterSnapshot {
@@ -87,6 +94,12 @@ impl RouterSnapshot {
                     backend: Arc::clone(&backend),
                     weight: spec.weight.unwrap_or(endpoint.weight).max(1),
                     priority: spec.priority.unwrap_or(endpoint.priority),
+                    limits: Limits {
+                        tpm: spec.tpm.or(endpoint.limits.tpm),
+                        rpm: spec.rpm.or(endpoint.limits.rpm),
+                        window: endpoint.limits.window,
+                    },
+                    key: Arc::from(format!("{}/{}", endpoint.name, spec.model)),
                     state,
                     identity,
                 }));
@@ -116,10 +129,16 @@ impl RouterSnapshot {
                 },
             );
         }
+        let store = config
+            .store
+            .clone()
+            .or_else(|| previous.map(|p| Arc::clone(&p.store)))
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()));
         Ok(Self {
             groups,
             deployments,
             settings: config,
+            store,
         })
     }
 

@@ -407,7 +407,7 @@ async fn unknown_model_names_the_known_ones() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn all_throttled_answers_unavailable_with_the_soonest_recovery() {
+async fn all_throttled_waits_for_the_soonest_recovery_or_says_when() {
     let sim = sim(2, LatencyModel::instant()).await;
     let router = builder(&sim, StrategyKind::RoundRobin)
         .max_attempts(2)
@@ -421,9 +421,24 @@ async fn all_throttled_answers_unavailable_with_the_soonest_recovery() {
         ErrorKind::RateLimited,
         "the last upstream answer"
     );
-    let error = router.chat(&request()).await.unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::Unavailable);
+
+    // A deadline before the soonest recovery: throttled at once, told when to come back.
+    let short = RequestOptions::default().with_timeout(Duration::from_secs(2));
+    let started = tokio::time::Instant::now();
+    let error = router.chat_with(&request(), &short).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Throttled);
+    assert_eq!(
+        error.status(),
+        None,
+        "the router's answer, not an upstream's"
+    );
     assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+    assert_eq!(started.elapsed(), Duration::ZERO);
+
+    // A deadline after it: waits until ep1 is back, then succeeds there.
+    let answer = router.chat(&request()).await.unwrap();
+    assert_eq!(answer.endpoint.as_str(), "ep1");
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
 }
 
 #[tokio::test(start_paused = true)]

@@ -107,11 +107,11 @@ proptest! {
 
     #[test]
     fn selection_never_picks_an_ineligible_deployment(
-        states in prop::collection::vec(0u8..5, 1..12),
+        states in prop::collection::vec(0u8..6, 1..12),
         tried_mask in any::<u16>(),
         seed in any::<u64>(),
     ) {
-        // 0 ready, 1 throttled, 2 ejected, 3 disabled, 4 ready but low priority.
+        // 0 ready, 1 throttled, 2 ejected, 3 disabled, 4 ready but low priority, 5 no quota now.
         let now = Instant::now();
         let policy = HealthPolicy::default().with_ejection(1, Duration::from_secs(30), Duration::from_secs(30));
         let mut rng = Rng::with_seed(seed);
@@ -126,7 +126,7 @@ proptest! {
             state
         }).collect();
         let mut slots: Vec<(usize, Slot<'_>)> = deployments.iter().zip(&states).enumerate().map(|(i, (d, s))| {
-            (i, Slot { state: d, weight: 1, priority: u32::from(*s == 4), headroom: None })
+            (i, Slot { state: d, weight: 1, priority: u32::from(*s == 4), headroom: None, ready_at: (*s == 5).then(|| now + Duration::from_secs(2)) })
         }).collect();
         slots.sort_by_key(|(_, s)| s.priority);
         let order: Vec<usize> = slots.iter().map(|(i, _)| *i).collect();
@@ -134,8 +134,8 @@ proptest! {
         let tried = |i: usize| tried_mask & (1 << (order[i] % 16)) != 0;
         for strategy in strategies() {
             let result = select(&slots, tried, LatencyClass::Call, strategy.as_ref(), now, &mut rng, &mut Selection::default());
-            let ready: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && slots[*i].state.availability(now) == Availability::Ready).collect();
-            let ejected: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && matches!(slots[*i].state.availability(now), Availability::Ejected(_))).collect();
+            let ready: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && slots[*i].ready_at.is_none() && slots[*i].state.availability(now) == Availability::Ready).collect();
+            let ejected: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && slots[*i].ready_at.is_none() && matches!(slots[*i].state.availability(now), Availability::Ejected(_))).collect();
             match result {
                 Ok(i) => {
                     prop_assert!(!tried(i));
@@ -149,7 +149,7 @@ proptest! {
                 }
                 Err(nothing) => {
                     prop_assert!(ready.is_empty() && ejected.is_empty());
-                    let any_cooling = states.iter().any(|s| *s == 1 || *s == 2);
+                    let any_cooling = states.iter().any(|s| *s == 1 || *s == 2 || *s == 5);
                     prop_assert_eq!(nothing.soonest.is_some(), any_cooling);
                 }
             }

@@ -1,0 +1,567 @@
+//! Quotas: tokens and requests per minute, reserved before a call and reconciled after it.
+//!
+//! Each limited deployment has a token bucket for tokens and one for requests. A bucket holds
+//! `window` worth of its per-minute limit (`limit × window / 60 s`, the burst the upstream
+//! tolerates: Azure evaluates over 1 s or 10 s windows) and refills continuously at
+//! `limit / 60 s`. A request takes its estimated cost when it is sent (as Azure charges the
+//! estimated prompt plus the output cap at admission); when the answer comes, the difference to
+//! the real usage is given back or taken; a failed request gives its whole reservation back.
+//! A request larger than a whole bucket is admitted only when the bucket is full, and leaves it
+//! in debt, so that a big request is never refused forever. The upstream's own
+//! `x-ratelimit-remaining-*` headers lower a bucket that thinks it has more.
+//!
+//! The math is in [`Bucket`], with every timestamp passed in. Where the buckets live is a
+//! [`StateStore`]: [`MemoryStore`] in the process, or a shared store (`state-redis`) so that
+//! replicas share one quota and one set of cooldowns.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use crate::error::Error;
+
+/// A deployment's quota. A limit of `None` is not enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Limits {
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// The burst window: a bucket holds this much of the per-minute limit. Default 10 s.
+    pub window: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tpm: None,
+            rpm: None,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// Tokens and requests per minute with the default 10 s window.
+    pub fn per_minute(tpm: Option<u64>, rpm: Option<u64>) -> Self {
+        Self {
+            tpm,
+            rpm,
+            ..Self::default()
+        }
+    }
+
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.tpm.is_some() || self.rpm.is_some()
+    }
+
+    /// The same limits scaled by `share` (a replica's share of a quota when it cannot reach
+    /// the shared store), never below 1.
+    #[must_use]
+    pub fn scaled(&self, share: f64) -> Self {
+        let scale = |limit: u64| ((limit as f64 * share).floor() as u64).max(1);
+        Self {
+            tpm: self.tpm.map(scale),
+            rpm: self.rpm.map(scale),
+            window: self.window,
+        }
+    }
+
+    /// The token bucket's shape, if tokens are limited.
+    pub fn tokens(&self) -> Option<Shape> {
+        self.tpm.map(|limit| Shape::new(limit, self.window))
+    }
+
+    /// The request bucket's shape, if requests are limited.
+    pub fn requests(&self) -> Option<Shape> {
+        self.rpm.map(|limit| Shape::new(limit, self.window))
+    }
+}
+
+/// A bucket's capacity and refill rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shape {
+    /// What a full bucket holds.
+    pub capacity: f64,
+    /// Refill per second.
+    pub rate: f64,
+}
+
+impl Shape {
+    /// The shape of a per-minute `limit` with a burst `window`.
+    pub fn new(limit: u64, window: Duration) -> Self {
+        let rate = limit as f64 / 60.0;
+        Self {
+            capacity: (rate * window.as_secs_f64()).max(1.0),
+            rate,
+        }
+    }
+
+    /// What a request of `cost` needs in the bucket: its cost, or a full bucket if it is larger.
+    pub fn needed(&self, cost: f64) -> f64 {
+        cost.min(self.capacity)
+    }
+}
+
+/// A token bucket's level at a time. Pure arithmetic; levels can go below zero (debt).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    /// Units available at `at` (negative: debt).
+    pub level: f64,
+    /// When `level` was true.
+    pub at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn full(shape: Shape, at: Instant) -> Self {
+        Self {
+            level: shape.capacity,
+            at,
+        }
+    }
+
+    /// The level at `now`, refilled and capped.
+    pub fn level_at(&self, shape: Shape, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.level + shape.rate * dt).min(shape.capacity)
+    }
+
+    /// Takes `cost` if the bucket holds what it needs; otherwise how long until it will.
+    pub fn take(&mut self, shape: Shape, cost: f64, now: Instant) -> Result<f64, Duration> {
+        let level = self.level_at(shape, now);
+        let needed = shape.needed(cost);
+        if level + 1e-9 >= needed {
+            self.level = level - cost;
+            self.at = now;
+            Ok(self.level)
+        } else {
+            Err(Duration::from_secs_f64(
+                (needed - level) / shape.rate.max(1e-9),
+            ))
+        }
+    }
+
+    /// Gives back (`amount > 0`) or takes more (`amount < 0`), capped at the capacity.
+    pub fn adjust(&mut self, shape: Shape, amount: f64, now: Instant) {
+        self.level = (self.level_at(shape, now) + amount).min(shape.capacity);
+        self.at = now;
+    }
+
+    /// Lowers the level to `remaining` if it is higher.
+    pub fn correct(&mut self, shape: Shape, remaining: f64, now: Instant) {
+        self.level = self.level_at(shape, now).min(remaining);
+        self.at = now;
+    }
+}
+
+/// What one request takes from a deployment's quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Charge {
+    /// Estimated tokens: prompt plus output cap times choices.
+    pub tokens: u64,
+    /// Requests (1).
+    pub requests: u64,
+}
+
+/// How a reservation ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settlement {
+    /// Tokens to give back (negative: to take more).
+    pub tokens_back: i64,
+    /// Requests to give back.
+    pub requests_back: i64,
+    /// The upstream's `x-ratelimit-remaining-tokens`, if it sent one.
+    pub remaining_tokens: Option<u64>,
+    /// The upstream's `x-ratelimit-remaining-requests`, if it sent one.
+    pub remaining_requests: Option<u64>,
+}
+
+impl Settlement {
+    /// The whole reservation back (the request failed or was dropped).
+    pub fn release(charge: Charge) -> Self {
+        Self {
+            tokens_back: i64::try_from(charge.tokens).unwrap_or(i64::MAX),
+            requests_back: i64::try_from(charge.requests).unwrap_or(i64::MAX),
+            ..Self::default()
+        }
+    }
+}
+
+/// A store's answer to a reservation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Admission {
+    /// Reserved; the levels left (where limited).
+    Admitted {
+        /// Tokens left in the bucket.
+        tokens_left: Option<f64>,
+        /// Requests left in the bucket.
+        requests_left: Option<f64>,
+    },
+    /// Not now: how long until the buckets allow it, or until a shared cooldown ends.
+    Denied {
+        /// The wait.
+        retry_after: Duration,
+        /// Whether a cooldown (a 429 seen by any replica), not the quota, refused it.
+        cooling: bool,
+    },
+}
+
+/// Where quota use and cooldowns live: in the process, or shared by replicas.
+///
+/// `key` names a deployment (stable across replicas: endpoint and model). `limits` travel with
+/// every call, so a store needs no configuration of its own. Implementations must be atomic
+/// per call: two replicas reserving at once never both get the last tokens.
+#[async_trait]
+pub trait StateStore: Send + Sync + fmt::Debug {
+    /// Reserves `charge` if the deployment's buckets allow it and no cooldown is shared.
+    async fn reserve(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        now: Instant,
+    ) -> Result<Admission, Error>;
+
+    /// Settles a reservation: gives `tokens` and `requests` back (negative: takes more, when
+    /// the real usage exceeded the estimate), then lowers the buckets to what the upstream
+    /// said is left, if it said.
+    async fn settle(
+        &self,
+        key: &str,
+        limits: &Limits,
+        settlement: Settlement,
+        now: Instant,
+    ) -> Result<(), Error>;
+
+    /// Shares a cooldown of `wait` from now.
+    async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error>;
+
+    /// Whether the store is shared right now (a shared store that fell back to local
+    /// accounting answers `false`).
+    fn is_shared(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    tokens: Option<Bucket>,
+    requests: Option<Bucket>,
+    cooling_until: Option<Instant>,
+}
+
+impl Entry {
+    fn tokens(&mut self, shape: Shape, now: Instant) -> &mut Bucket {
+        self.tokens.get_or_insert_with(|| Bucket::full(shape, now))
+    }
+
+    fn requests(&mut self, shape: Shape, now: Instant) -> &mut Bucket {
+        self.requests
+            .get_or_insert_with(|| Bucket::full(shape, now))
+    }
+}
+
+/// Quota and cooldowns in this process. The default store.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    entries: DashMap<String, Mutex<Entry>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, key: &str, f: impl FnOnce(&mut Entry) -> T) -> T {
+        if !self.entries.contains_key(key) {
+            self.entries.entry(key.to_owned()).or_default();
+        }
+        // The entry exists now; the shard guard is held only for this short, await-free call.
+        match self.entries.get(key) {
+            Some(entry) => f(&mut entry.lock().unwrap_or_else(PoisonError::into_inner)),
+            None => f(&mut Entry::default()),
+        }
+    }
+
+    /// Reserves synchronously (the async trait methods call this).
+    pub fn reserve_now(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        now: Instant,
+    ) -> Admission {
+        self.with(key, |entry| {
+            if let Some(until) = entry.cooling_until.filter(|until| *until > now) {
+                return Admission::Denied {
+                    retry_after: until - now,
+                    cooling: true,
+                };
+            }
+            let (tokens, requests) = (limits.tokens(), limits.requests());
+            // Check both before taking from either.
+            let mut wait = Duration::ZERO;
+            if let Some(shape) = tokens {
+                let mut probe = *entry.tokens(shape, now);
+                if let Err(w) = probe.take(shape, charge.tokens as f64, now) {
+                    wait = wait.max(w);
+                }
+            }
+            if let Some(shape) = requests {
+                let mut probe = *entry.requests(shape, now);
+                if let Err(w) = probe.take(shape, charge.requests as f64, now) {
+                    wait = wait.max(w);
+                }
+            }
+            if !wait.is_zero() {
+                return Admission::Denied {
+                    retry_after: wait,
+                    cooling: false,
+                };
+            }
+            let tokens_left = tokens.and_then(|shape| {
+                entry
+                    .tokens(shape, now)
+                    .take(shape, charge.tokens as f64, now)
+                    .ok()
+            });
+            let requests_left = requests.and_then(|shape| {
+                entry
+                    .requests(shape, now)
+                    .take(shape, charge.requests as f64, now)
+                    .ok()
+            });
+            Admission::Admitted {
+                tokens_left,
+                requests_left,
+            }
+        })
+    }
+
+    /// Adjusts synchronously.
+    pub fn adjust_now(&self, key: &str, limits: &Limits, tokens: i64, requests: i64, now: Instant) {
+        self.with(key, |entry| {
+            if let Some(shape) = limits.tokens() {
+                entry.tokens(shape, now).adjust(shape, tokens as f64, now);
+            }
+            if let Some(shape) = limits.requests() {
+                entry
+                    .requests(shape, now)
+                    .adjust(shape, requests as f64, now);
+            }
+        });
+    }
+
+    /// Corrects synchronously.
+    pub fn correct_now(
+        &self,
+        key: &str,
+        limits: &Limits,
+        tokens: Option<u64>,
+        requests: Option<u64>,
+        now: Instant,
+    ) {
+        self.with(key, |entry| {
+            if let (Some(shape), Some(remaining)) = (limits.tokens(), tokens) {
+                entry
+                    .tokens(shape, now)
+                    .correct(shape, remaining as f64, now);
+            }
+            if let (Some(shape), Some(remaining)) = (limits.requests(), requests) {
+                entry
+                    .requests(shape, now)
+                    .correct(shape, remaining as f64, now);
+            }
+        });
+    }
+
+    /// Settles synchronously.
+    pub fn settle_now(&self, key: &str, limits: &Limits, settlement: Settlement, now: Instant) {
+        self.adjust_now(
+            key,
+            limits,
+            settlement.tokens_back,
+            settlement.requests_back,
+            now,
+        );
+        self.correct_now(
+            key,
+            limits,
+            settlement.remaining_tokens,
+            settlement.remaining_requests,
+            now,
+        );
+    }
+
+    /// Cools down synchronously (only ever extends).
+    pub fn cool_down_now(&self, key: &str, wait: Duration, now: Instant) {
+        self.with(key, |entry| {
+            let until = now + wait;
+            entry.cooling_until = Some(entry.cooling_until.map_or(until, |u| u.max(until)));
+        });
+    }
+
+    /// The token level of `key` at `now`, for tests and stats.
+    pub fn tokens_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
+        let shape = limits.tokens()?;
+        self.with(key, |entry| {
+            Some(entry.tokens(shape, now).level_at(shape, now))
+        })
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    async fn reserve(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        now: Instant,
+    ) -> Result<Admission, Error> {
+        Ok(self.reserve_now(key, limits, charge, now))
+    }
+
+    async fn settle(
+        &self,
+        key: &str,
+        limits: &Limits,
+        settlement: Settlement,
+        now: Instant,
+    ) -> Result<(), Error> {
+        self.settle_now(key, limits, settlement, now);
+        Ok(())
+    }
+
+    async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error> {
+        self.cool_down_now(key, wait, now);
+        Ok(())
+    }
+}
+
+/// What this process last knew of a deployment's buckets, for choosing among deployments
+/// without asking the store: lock-free, refilled on read.
+#[derive(Debug)]
+pub struct QuotaView {
+    origin: Instant,
+    /// f32 level of the token bucket and u32 milliseconds since `origin`; NaN level: unknown.
+    tokens: AtomicU64,
+    requests: AtomicU64,
+    /// Milliseconds since `origin` before which the store said no.
+    blocked_until: AtomicU64,
+}
+
+fn pack(level: f32, at_ms: u32) -> u64 {
+    (u64::from(level.to_bits()) << 32) | u64::from(at_ms)
+}
+
+fn unpack(packed: u64) -> (f32, u32) {
+    (f32::from_bits((packed >> 32) as u32), packed as u32)
+}
+
+impl QuotaView {
+    /// A view that knows nothing yet (treated as full).
+    pub fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            tokens: AtomicU64::new(pack(f32::NAN, 0)),
+            requests: AtomicU64::new(pack(f32::NAN, 0)),
+            blocked_until: AtomicU64::new(0),
+        }
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    fn level(cell: &AtomicU64, shape: Shape, now_ms: u64) -> f64 {
+        let (level, at) = unpack(cell.load(Ordering::Relaxed));
+        if level.is_nan() {
+            return shape.capacity;
+        }
+        let dt = now_ms.saturating_sub(u64::from(at)) as f64 / 1000.0;
+        (f64::from(level) + shape.rate * dt).min(shape.capacity)
+    }
+
+    /// Records levels a store reported at `now`.
+    pub fn update(&self, tokens: Option<f64>, requests: Option<f64>, now: Instant) {
+        let at = self.ms(now) as u32;
+        if let Some(level) = tokens {
+            self.tokens.store(pack(level as f32, at), Ordering::Relaxed);
+        }
+        if let Some(level) = requests {
+            self.requests
+                .store(pack(level as f32, at), Ordering::Relaxed);
+        }
+    }
+
+    /// Lowers the view to what the upstream said is left.
+    pub fn correct(
+        &self,
+        limits: &Limits,
+        tokens: Option<u64>,
+        requests: Option<u64>,
+        now: Instant,
+    ) {
+        let now_ms = self.ms(now);
+        let lower = |cell: &AtomicU64, shape: Option<Shape>, remaining: Option<u64>| {
+            if let (Some(shape), Some(remaining)) = (shape, remaining) {
+                let level = Self::level(cell, shape, now_ms).min(remaining as f64);
+                cell.store(pack(level as f32, now_ms as u32), Ordering::Relaxed);
+            }
+        };
+        lower(&self.tokens, limits.tokens(), tokens);
+        lower(&self.requests, limits.requests(), requests);
+    }
+
+    /// The store said no until `now + wait`.
+    pub fn block(&self, wait: Duration, now: Instant) {
+        self.blocked_until
+            .fetch_max(self.ms(now + wait).max(1), Ordering::Relaxed);
+    }
+
+    /// When a request of `charge` could be admitted: `None` for now, else the time.
+    pub fn available_at(&self, limits: &Limits, charge: Charge, now: Instant) -> Option<Instant> {
+        let now_ms = self.ms(now);
+        let mut wait = 0.0_f64;
+        let blocked = self.blocked_until.load(Ordering::Relaxed);
+        if blocked > now_ms {
+            wait = (blocked - now_ms) as f64 / 1000.0;
+        }
+        for (cell, shape, cost) in [
+            (&self.tokens, limits.tokens(), charge.tokens as f64),
+            (&self.requests, limits.requests(), charge.requests as f64),
+        ] {
+            if let Some(shape) = shape {
+                let level = Self::level(cell, shape, now_ms);
+                let needed = shape.needed(cost);
+                if level < needed {
+                    wait = wait.max((needed - level) / shape.rate.max(1e-9));
+                }
+            }
+        }
+        (wait > 0.0).then(|| now + Duration::from_secs_f64(wait))
+    }
+
+    /// The free share of the token bucket (of the request bucket when tokens are not limited),
+    /// 0 to 1; `None` when the deployment has no limit.
+    pub fn headroom(&self, limits: &Limits, now: Instant) -> Option<f64> {
+        let now_ms = self.ms(now);
+        let (cell, shape) = match (limits.tokens(), limits.requests()) {
+            (Some(shape), _) => (&self.tokens, shape),
+            (None, Some(shape)) => (&self.requests, shape),
+            (None, None) => return None,
+        };
+        Some((Self::level(cell, shape, now_ms) / shape.capacity).clamp(0.0, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests;
