@@ -83,6 +83,7 @@ fn selection(c: &mut Criterion) {
                 weight: 1,
                 priority: 0,
                 headroom: None,
+                ready_at: None,
             })
             .collect();
         let strategy = StrategyKind::LeastLatency.build();

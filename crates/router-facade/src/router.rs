@@ -227,6 +227,7 @@ impl Router {
             &request.model,
             LatencyClass::Generation,
             options,
+            request.output_cap().unwrap_or(expected),
             || estimate::chat(request, expected),
             completion_tokens_chat,
             |body: &ChatCompletionResponse| body.usage.as_ref().map(|u| u.total_tokens),
@@ -257,6 +258,7 @@ impl Router {
             &request.model,
             LatencyClass::Call,
             options,
+            0,
             || estimate::embeddings(request),
             |_| None,
             |body: &EmbeddingResponse| body.usage.as_ref().map(|u| u.total_tokens),
@@ -288,6 +290,7 @@ impl Router {
             &request.model,
             LatencyClass::Generation,
             options,
+            request.max_tokens.unwrap_or(16),
             || estimate::completions(request, expected),
             |body: &CompletionResponse| body.usage.as_ref().and_then(|u| u.completion_tokens),
             |body: &CompletionResponse| body.usage.as_ref().map(|u| u.total_tokens),
@@ -322,6 +325,7 @@ impl Router {
         model: &str,
         class: LatencyClass,
         options: &RequestOptions,
+        output_hint: u32,
         charge: impl FnOnce() -> Charge,
         output_tokens: fn(&T) -> Option<u64>,
         used_tokens: fn(&T) -> Option<u64>,
@@ -332,6 +336,7 @@ impl Router {
         Fut: Future<Output = Result<Reply<T>, Error>>,
     {
         let mut attempt = Attempts::begin(self, model, options, charge)?;
+        attempt.output_hint = output_hint;
         loop {
             let (deployment, guard, reservation) = attempt.next(class).await?;
             let started = Instant::now();
@@ -353,7 +358,7 @@ impl Router {
                     let at = now();
                     deployment.state.observe_latency(class, sample, at);
                     deployment.state.record_success();
-                    attempt.upstream_said(&deployment, &reply.meta.rate_limits, at);
+                    Attempts::upstream_said(&deployment, &reply.meta.rate_limits, at);
                     if let Some(reservation) = reservation {
                         reservation
                             .settle(used_tokens(&reply.body), &reply.meta.rate_limits)
@@ -435,7 +440,7 @@ impl Router {
                         .or_else(|| stream.time_to_first_event())
                         .unwrap_or_else(|| started.elapsed());
                     deployment.state.observe_latency(class, ttft, at);
-                    attempt.upstream_said(&deployment, &stream.meta().rate_limits, at);
+                    Attempts::upstream_said(&deployment, &stream.meta().rate_limits, at);
                     let mut routed = RouterStream {
                         info: stream.meta().rate_limits.clone(),
                         held,
@@ -552,6 +557,12 @@ struct Attempts<'r> {
     charge: Option<Charge>,
     priority: u8,
     place: Option<Place>,
+    /// Attempts that count against `max_attempts` and the retry budget.
+    charged: u32,
+    /// The last attempt was refused with a 429.
+    after_rate_limit: bool,
+    /// Output tokens the request expects (its cap), to estimate how long it takes.
+    output_hint: u32,
 }
 
 impl<'r> Attempts<'r> {
@@ -591,6 +602,9 @@ impl<'r> Attempts<'r> {
             charge: accounted.then(charge),
             priority: options.priority,
             place: None,
+            charged: 0,
+            after_rate_limit: false,
+            output_hint: 0,
             router,
             model,
             live,
@@ -611,11 +625,20 @@ impl<'r> Attempts<'r> {
         class: LatencyClass,
     ) -> Result<(Arc<Deployment>, InFlightGuard, Option<Reservation>), Error> {
         let settings = &self.live.snapshot.settings;
-        if self.count > 0 {
-            let spent = self.count >= settings.retry.max_attempts;
-            if spent || Instant::now() >= self.deadline || !self.live.budget.try_withdraw() {
+        if Instant::now() >= self.deadline {
+            return Err(self.give_up());
+        }
+        // A failover after a 429 is free: the throttled deployment cools down, so it cannot
+        // storm, and the request must not fail while another deployment (or this one, later)
+        // has room.
+        if self.count > 0 && !self.after_rate_limit {
+            let spent = self.charged >= settings.retry.max_attempts;
+            if spent || !self.live.budget.try_withdraw() {
                 return Err(self.give_up());
             }
+        }
+        if !self.after_rate_limit || self.count == 0 {
+            self.charged += 1;
         }
         let live = Arc::clone(&self.live);
         let group = &live.snapshot.groups[self.model];
@@ -664,27 +687,25 @@ impl<'r> Attempts<'r> {
             let index = match picked {
                 Ok(index) => index,
                 Err(nothing) => {
-                    if self.last_error.is_none() && self.may_wait(nothing.soonest).await {
+                    let waitable = self.last_error.as_ref().is_none_or(Error::is_rate_limited);
+                    if waitable && self.may_wait(nothing.soonest, class).await {
                         continue;
                     }
                     return Err(self.nothing_eligible(nothing));
                 }
             };
             let deployment = Arc::clone(&group.members[index]);
-            let reservation = match self.reserve(&deployment, at).await {
-                Ok(reservation) => reservation,
-                Err(()) => {
-                    // The store said no (another replica used the quota, or shares a cooldown):
-                    // the view now knows; choose again.
-                    refusals += 1;
-                    if refusals > group.members.len() * 2 {
-                        return Err(self.nothing_eligible(NothingEligible {
-                            soonest: None,
-                            all_tried: false,
-                        }));
-                    }
-                    continue;
+            let Ok(reservation) = self.reserve(&deployment, at).await else {
+                // The store said no (another replica used the quota, or shares a cooldown):
+                // the view now knows; choose again.
+                refusals += 1;
+                if refusals > group.members.len() * 2 {
+                    return Err(self.nothing_eligible(NothingEligible {
+                        soonest: None,
+                        all_tried: false,
+                    }));
                 }
+                continue;
             };
             self.tried[index] = true;
             self.count += 1;
@@ -754,16 +775,38 @@ impl<'r> Attempts<'r> {
 
     /// Waits for the soonest recovery when it comes before the deadline and the waitlist has
     /// room; `Ok(false)` when the request should fail now instead.
-    async fn may_wait(&mut self, soonest: Option<std::time::Instant>) -> bool {
+    async fn may_wait(&mut self, soonest: Option<std::time::Instant>, class: LatencyClass) -> bool {
         let Some(soonest) = soonest else {
             return false;
         };
         let until = Instant::from_std(soonest);
-        if until > self.deadline || (self.place.is_none() && !self.join_waitlist()) {
+        // Worth waiting only if the request can still be served before its deadline.
+        let service = self.expected_service(class).mul_f64(1.5);
+        if until + service > self.deadline || (self.place.is_none() && !self.join_waitlist()) {
             return false;
         }
         tokio::time::sleep_until(until).await;
         true
+    }
+
+    /// How long the fastest deployment is expected to take to serve this request.
+    fn expected_service(&self, class: LatencyClass) -> Duration {
+        let at = now();
+        let tokens = match class {
+            LatencyClass::Generation => f64::from(self.output_hint.max(1)),
+            LatencyClass::Stream | LatencyClass::Call => 1.0,
+        };
+        let fastest = self
+            .group()
+            .members
+            .iter()
+            .map(|d| d.state.latency(class, at))
+            .fold(f64::INFINITY, f64::min);
+        if fastest.is_finite() {
+            Duration::from_secs_f64((fastest * tokens).max(0.0))
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// Takes a place on the waitlist; `false` when it is full.
@@ -774,7 +817,7 @@ impl<'r> Attempts<'r> {
     }
 
     /// Learns from an answer's rate-limit headers: limits announced, and how much is left.
-    fn upstream_said(&self, deployment: &Deployment, info: &RateLimitInfo, at: std::time::Instant) {
+    fn upstream_said(deployment: &Deployment, info: &RateLimitInfo, at: std::time::Instant) {
         deployment.state.learn(info);
         let limits = deployment.state.limits(&deployment.limits);
         deployment
@@ -858,6 +901,18 @@ impl<'r> Attempts<'r> {
             return Err(error);
         }
         tracing::debug!(endpoint = %deployment.endpoint, attempt = self.count, %error, "failing over");
+        self.after_rate_limit = error.is_rate_limited();
+        if self.after_rate_limit {
+            // Its cooldown keeps it out until it has room again; then it may be tried again.
+            if let Some(index) = self
+                .group()
+                .members
+                .iter()
+                .position(|d| std::ptr::eq(&raw const **d, deployment))
+            {
+                self.tried[index] = false;
+            }
+        }
         self.last_error = Some(error);
         Ok(())
     }
@@ -865,6 +920,22 @@ impl<'r> Attempts<'r> {
     fn give_up(&mut self) -> Error {
         if let Some(place) = self.place.take() {
             self.router.shared.waitlist.leave(place);
+        }
+        if self.last_error.as_ref().is_some_and(Error::is_rate_limited) {
+            let at = now();
+            let soonest = self
+                .group()
+                .members
+                .iter()
+                .filter_map(|d| match d.state.availability(at) {
+                    Availability::RateLimited(until) | Availability::Ejected(until) => Some(until),
+                    _ => None,
+                })
+                .min();
+            return self.nothing_eligible(NothingEligible {
+                soonest,
+                all_tried: false,
+            });
         }
         self.last_error.take().unwrap_or_else(|| {
             Error::with_message(
@@ -878,7 +949,9 @@ impl<'r> Attempts<'r> {
         if let Some(place) = self.place.take() {
             self.router.shared.waitlist.leave(place);
         }
-        if let Some(error) = self.last_error.take() {
+        if let Some(error) = self.last_error.take()
+            && !(error.is_rate_limited() && nothing.soonest.is_some())
+        {
             return error;
         }
         let members = self.group().members.len();
@@ -991,11 +1064,11 @@ impl RouterStream {
 
     /// Notes a usage chunk; `true` when the caller must not see it.
     fn usage_chunk(&mut self, chunk: &ChatCompletionChunk) -> bool {
-        if chunk.choices.is_empty() {
-            if let Some(usage) = &chunk.usage {
-                self.used = Some(usage.total_tokens);
-                return self.strip_usage;
-            }
+        if chunk.choices.is_empty()
+            && let Some(usage) = &chunk.usage
+        {
+            self.used = Some(usage.total_tokens);
+            return self.strip_usage;
         }
         false
     }

@@ -49,8 +49,10 @@ impl Waitlist {
     }
 
     /// Gives the place up and wakes the others to see who is first now.
+    #[expect(clippy::needless_pass_by_value, reason = "leaving uses the place up")]
     pub(crate) fn leave(&self, place: Place) {
-        self.waiting().remove(&(place.priority, place.seq));
+        let Place { priority, seq } = place;
+        self.waiting().remove(&(priority, seq));
         self.turn.notify_waiters();
     }
 

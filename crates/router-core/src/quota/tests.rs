@@ -216,11 +216,11 @@ proptest! {
                 Op::Settle { which, used_share } if !open.is_empty() => {
                     let cost = open.swap_remove(which % open.len());
                     let used = (cost as f64 * used_share).round() as i64;
-                    store.adjust_now("d", &l, cost as i64 - used, 0, now);
+                    store.adjust_now("d", &l, cost.cast_signed() - used, 0, now);
                 }
                 Op::Release(which) if !open.is_empty() => {
                     let cost = open.swap_remove(which % open.len());
-                    store.adjust_now("d", &l, cost as i64, 0, now);
+                    store.adjust_now("d", &l, cost.cast_signed(), 0, now);
                 }
                 Op::Wait(ms) => now += Duration::from_millis(ms),
                 _ => {}
@@ -230,7 +230,7 @@ proptest! {
             prop_assert!(level <= 1_000.0 + 1e-6, "over capacity: {level}");
         }
         for cost in open.drain(..) {
-            store.adjust_now("d", &l, cost as i64, 0, now);
+            store.adjust_now("d", &l, cost.cast_signed(), 0, now);
         }
         let later = now + Duration::from_secs(11);
         let level = store.tokens_level("d", &l, later).unwrap();
