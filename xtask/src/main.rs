@@ -185,6 +185,7 @@ fn run() -> Result<()> {
         "ci" => {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
             ensure_tool("cargo-deny", "deny", "cargo-deny")?;
+            ensure_redis()?;
             run_steps(&[
                 FMT,
                 CLIPPY,
@@ -200,6 +201,7 @@ fn run() -> Result<()> {
         }
         "test" => {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
+            ensure_redis()?;
             run_steps(&[NEXTEST, DOCTEST])
         }
         "bench" => run_steps(&[BENCH]),
@@ -216,6 +218,49 @@ fn run() -> Result<()> {
         }
         other => bail!("unknown task `{other}`; try `cargo xtask help`"),
     }
+}
+
+/// The Redis tests start their own `redis-server`: install it from Debian's packages when it
+/// is missing and this is root on a Debian-like machine; otherwise say how.
+fn ensure_redis() -> Result<()> {
+    let found = [
+        "/usr/bin/redis-server",
+        "/usr/local/bin/redis-server",
+        "/usr/sbin/redis-server",
+    ]
+    .iter()
+    .any(|path| std::path::Path::new(path).is_file())
+        || Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if found {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let apt = std::path::Path::new("/usr/bin/apt-get").is_file();
+    if !(root && apt) {
+        bail!(
+            "redis-server is needed by the Redis tests; install it: sudo apt-get install redis-server"
+        );
+    }
+    say("==> installing redis-server (Debian package) for the Redis tests");
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", "redis-server"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("could not install redis-server; install it: apt-get install redis-server");
+    }
+    Ok(())
 }
 
 /// Installs a cargo subcommand from the crate registry when it is missing.

@@ -336,6 +336,20 @@ impl fmt::Debug for StrategyChoice {
     }
 }
 
+/// How a reservation is reconciled once the answer says what the request used.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuotaAccounting {
+    /// As Azure and OpenAI count against their limits: the prompt plus the whole output cap,
+    /// at admission. The prompt estimate is corrected to the upstream's count; the unused
+    /// part of the cap is not given back (the upstream does not give it back either).
+    #[default]
+    Admission,
+    /// The real usage: the prompt and the tokens generated. For upstreams whose limits count
+    /// what was generated.
+    Usage,
+}
+
 /// Retries across deployments.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -373,6 +387,7 @@ pub struct RouterBuilder {
     pub(crate) store: Option<Arc<dyn StateStore>>,
     pub(crate) expected_completion: u32,
     pub(crate) max_waiting: usize,
+    pub(crate) accounting: QuotaAccounting,
 }
 
 impl Default for RouterBuilder {
@@ -389,6 +404,7 @@ impl Default for RouterBuilder {
             store: None,
             expected_completion: 256,
             max_waiting: 1024,
+            accounting: QuotaAccounting::default(),
         }
     }
 }
@@ -467,6 +483,13 @@ impl RouterBuilder {
     /// store (`state-redis`) makes replicas stay within one quota together.
     pub fn state_store(mut self, store: Arc<dyn StateStore>) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// How reservations are reconciled with what requests used (default: as the upstream
+    /// counts at admission).
+    pub fn quota_accounting(mut self, accounting: QuotaAccounting) -> Self {
+        self.accounting = accounting;
         self
     }
 

@@ -73,36 +73,48 @@ pub(crate) fn chat_prompt(request: &ChatCompletionRequest) -> u64 {
     per_message + 3
 }
 
+/// A request's reservation, and how much of it is for output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Estimate {
+    /// What is reserved: prompt plus output.
+    pub(crate) charge: Charge,
+    /// The output part: the cap times the choices.
+    pub(crate) output: u64,
+}
+
+impl Estimate {
+    fn new(prompt: u64, output: u64) -> Self {
+        Self {
+            charge: Charge {
+                tokens: prompt + output,
+                requests: 1,
+            },
+            output,
+        }
+    }
+}
+
 /// The reservation of a chat request.
-pub(crate) fn chat(request: &ChatCompletionRequest, expected_completion: u32) -> Charge {
+pub(crate) fn chat(request: &ChatCompletionRequest, expected_completion: u32) -> Estimate {
     let output = u64::from(request.output_cap().unwrap_or(expected_completion))
         * u64::from(request.n.unwrap_or(1).max(1));
-    Charge {
-        tokens: chat_prompt(request) + output,
-        requests: 1,
-    }
+    Estimate::new(chat_prompt(request), output)
 }
 
 /// The reservation of an embeddings request.
-pub(crate) fn embeddings(request: &EmbeddingRequest) -> Charge {
-    Charge {
-        tokens: prompt_tokens(&request.model, &request.input),
-        requests: 1,
-    }
+pub(crate) fn embeddings(request: &EmbeddingRequest) -> Estimate {
+    Estimate::new(prompt_tokens(&request.model, &request.input), 0)
 }
 
 /// The reservation of a legacy completion.
-pub(crate) fn completions(request: &CompletionRequest, expected_completion: u32) -> Charge {
+pub(crate) fn completions(request: &CompletionRequest, expected_completion: u32) -> Estimate {
     let prompt = request
         .prompt
         .as_ref()
         .map_or(0, |p| prompt_tokens(&request.model, p));
     let choices = u64::from(request.best_of.or(request.n).unwrap_or(1).max(1));
-    Charge {
-        tokens: prompt
-            + u64::from(request.max_tokens.unwrap_or(expected_completion.min(16))) * choices,
-        requests: 1,
-    }
+    let cap = u64::from(request.max_tokens.unwrap_or(expected_completion.min(16)));
+    Estimate::new(prompt, cap * choices)
 }
 
 #[cfg(test)]
@@ -126,11 +138,12 @@ mod tests {
         assert_eq!(prompt, 3 * 2 + 3 + text);
         request.max_completion_tokens = Some(100);
         request.n = Some(2);
-        assert_eq!(chat(&request, 256).tokens, prompt + 200);
+        assert_eq!(chat(&request, 256).charge.tokens, prompt + 200);
+        assert_eq!(chat(&request, 256).output, 200);
         request.max_completion_tokens = None;
         request.n = None;
         assert_eq!(
-            chat(&request, 256).tokens,
+            chat(&request, 256).charge.tokens,
             prompt + 256,
             "the expected completion"
         );
@@ -166,6 +179,6 @@ mod tests {
     fn embeddings_count_every_input() {
         let request =
             EmbeddingRequest::new("text-embedding-3-small", PromptInput::Tokens(vec![1, 2, 3]));
-        assert_eq!(embeddings(&request).tokens, 3);
+        assert_eq!(embeddings(&request).charge.tokens, 3);
     }
 }

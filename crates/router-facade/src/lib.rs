@@ -52,7 +52,9 @@ mod router;
 mod snapshot;
 mod waitlist;
 
-pub use config::{DeploymentSpec, Endpoint, RetryPolicy, RouterBuilder, StrategyFactory};
+pub use config::{
+    DeploymentSpec, Endpoint, QuotaAccounting, RetryPolicy, RouterBuilder, StrategyFactory,
+};
 pub use router::{DeploymentStats, RequestOptions, Routed, Router, RouterStream};
 
 pub use router_core::{

@@ -4,6 +4,18 @@ use std::sync::Arc;
 
 use router_core::{Charge, Limits, RateLimitInfo, Settlement, StateStore};
 
+use crate::config::QuotaAccounting;
+use crate::estimate::Estimate;
+
+/// What an answer said it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Used {
+    /// Prompt tokens as the upstream counted them.
+    pub(crate) prompt: u64,
+    /// Prompt plus completion tokens.
+    pub(crate) total: u64,
+}
+
 /// Tokens and a request reserved on a deployment. Settle it with the real usage, or release it;
 /// dropped unsettled (a cancelled request), it releases itself in the background.
 pub(crate) struct Reservation {
@@ -11,6 +23,8 @@ pub(crate) struct Reservation {
     key: Arc<str>,
     limits: Limits,
     charge: Charge,
+    output: u64,
+    accounting: QuotaAccounting,
     open: bool,
 }
 
@@ -19,21 +33,28 @@ impl Reservation {
         store: Arc<dyn StateStore>,
         key: Arc<str>,
         limits: Limits,
-        charge: Charge,
+        estimate: Estimate,
+        accounting: QuotaAccounting,
     ) -> Self {
         Self {
             store,
             key,
             limits,
-            charge,
+            charge: estimate.charge,
+            output: estimate.output,
+            accounting,
             open: true,
         }
     }
 
-    /// What settling with `used` tokens (the estimate when unknown) and the upstream's headers
-    /// gives back.
-    fn settlement(&self, used: Option<u64>, info: Option<&RateLimitInfo>) -> Settlement {
-        let used = used.unwrap_or(self.charge.tokens);
+    /// What settling with `used` (the estimate when unknown) and the upstream's headers gives
+    /// back. At admission accounting the output cap stays charged, as the upstream charged it;
+    /// only the prompt estimate is corrected to the upstream's count.
+    fn settlement(&self, used: Option<Used>, info: Option<&RateLimitInfo>) -> Settlement {
+        let used = used.map_or(self.charge.tokens, |used| match self.accounting {
+            QuotaAccounting::Admission => used.prompt + self.output,
+            QuotaAccounting::Usage => used.total,
+        });
         Settlement {
             tokens_back: i64::try_from(self.charge.tokens).unwrap_or(i64::MAX)
                 - i64::try_from(used).unwrap_or(i64::MAX),
@@ -43,8 +64,8 @@ impl Reservation {
         }
     }
 
-    /// The request succeeded having used `used` tokens.
-    pub(crate) async fn settle(mut self, used: Option<u64>, info: &RateLimitInfo) {
+    /// The request succeeded having used `used`.
+    pub(crate) async fn settle(mut self, used: Option<Used>, info: &RateLimitInfo) {
         self.open = false;
         let settlement = self.settlement(used, Some(info));
         self.apply(settlement).await;
@@ -57,7 +78,7 @@ impl Reservation {
     }
 
     /// Settles without waiting (from `poll_next`): `used` tokens, the estimate when unknown.
-    pub(crate) fn settle_detached(mut self, used: Option<u64>, info: &RateLimitInfo) {
+    pub(crate) fn settle_detached(mut self, used: Option<Used>, info: &RateLimitInfo) {
         self.open = false;
         let settlement = self.settlement(used, Some(info));
         self.spawn(settlement);

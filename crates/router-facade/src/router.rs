@@ -14,9 +14,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures_core::Stream;
 use router_core::{
-    Admission, Availability, CallOptions, Charge, ChatStream, EndpointId, Error, ErrorKind,
-    InFlightGuard, LatencyClass, NothingEligible, RateLimitInfo, Reply, ResponseMeta, RetryBudget,
-    Rng, Selection, Slot, StateStats, select,
+    Admission, Availability, CallOptions, ChatStream, EndpointId, Error, ErrorKind, InFlightGuard,
+    LatencyClass, NothingEligible, RateLimitInfo, Reply, ResponseMeta, RetryBudget, Rng, Selection,
+    Slot, StateStats, select,
 };
 use router_types::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -27,7 +27,8 @@ use tracing::Instrument as _;
 
 use crate::config::RouterBuilder;
 use crate::estimate;
-use crate::reservation::Reservation;
+use crate::estimate::Estimate;
+use crate::reservation::{Reservation, Used};
 use crate::snapshot::{Deployment, Group, RouterSnapshot};
 use crate::waitlist::{Place, Waitlist};
 
@@ -230,7 +231,7 @@ impl Router {
             request.output_cap().unwrap_or(expected),
             || estimate::chat(request, expected),
             completion_tokens_chat,
-            |body: &ChatCompletionResponse| body.usage.as_ref().map(|u| u.total_tokens),
+            |body: &ChatCompletionResponse| used(body.usage.as_ref()),
             |d, call| {
                 let request = renamed(request, &d.name);
                 async move { d.backend.chat(&request, &call).await }
@@ -261,7 +262,7 @@ impl Router {
             0,
             || estimate::embeddings(request),
             |_| None,
-            |body: &EmbeddingResponse| body.usage.as_ref().map(|u| u.total_tokens),
+            |body: &EmbeddingResponse| used(body.usage.as_ref()),
             |d, call| {
                 let request = renamed(request, &d.name);
                 async move { d.backend.embeddings(&request, &call).await }
@@ -293,7 +294,7 @@ impl Router {
             request.max_tokens.unwrap_or(16),
             || estimate::completions(request, expected),
             |body: &CompletionResponse| body.usage.as_ref().and_then(|u| u.completion_tokens),
-            |body: &CompletionResponse| body.usage.as_ref().map(|u| u.total_tokens),
+            |body: &CompletionResponse| used(body.usage.as_ref()),
             |d, call| {
                 let request = renamed(request, &d.name);
                 async move { d.backend.completions(&request, &call).await }
@@ -326,9 +327,9 @@ impl Router {
         class: LatencyClass,
         options: &RequestOptions,
         output_hint: u32,
-        charge: impl FnOnce() -> Charge,
+        charge: impl FnOnce() -> Estimate,
         output_tokens: fn(&T) -> Option<u64>,
-        used_tokens: fn(&T) -> Option<u64>,
+        used_tokens: fn(&T) -> Option<Used>,
         call: F,
     ) -> Result<Routed<T>, Error>
     where
@@ -505,6 +506,13 @@ async fn first_content(mut stream: ChatStream) -> Result<Opened, Error> {
     }
 }
 
+fn used(usage: Option<&Usage>) -> Option<Used> {
+    usage.map(|u| Used {
+        prompt: u.prompt_tokens,
+        total: u.total_tokens,
+    })
+}
+
 fn completion_tokens_chat(body: &ChatCompletionResponse) -> Option<u64> {
     body.usage
         .as_ref()
@@ -554,7 +562,7 @@ struct Attempts<'r> {
     buffers: Selection,
     last_error: Option<Error>,
     /// The request's cost, when a deployment of the group has a quota or the store is shared.
-    charge: Option<Charge>,
+    estimate: Option<Estimate>,
     priority: u8,
     place: Option<Place>,
     /// Attempts that count against `max_attempts` and the retry budget.
@@ -570,7 +578,7 @@ impl<'r> Attempts<'r> {
         router: &'r Router,
         model: &'r str,
         options: &RequestOptions,
-        charge: impl FnOnce() -> Charge,
+        charge: impl FnOnce() -> Estimate,
     ) -> Result<Self, Error> {
         let live = router.shared.snapshot.load_full();
         let Some(group) = live.snapshot.groups.get(model) else {
@@ -599,7 +607,7 @@ impl<'r> Attempts<'r> {
             rng: router.rng(),
             buffers: Selection::default(),
             last_error: None,
-            charge: accounted.then(charge),
+            estimate: accounted.then(charge),
             priority: options.priority,
             place: None,
             charged: 0,
@@ -658,7 +666,7 @@ impl<'r> Attempts<'r> {
                 .iter()
                 .map(|d| {
                     let limits = d.state.limits(&d.limits);
-                    let (headroom, ready_at) = match self.charge {
+                    let (headroom, ready_at) = match self.estimate.map(|e| e.charge) {
                         Some(charge) if limits.is_limited() => (
                             d.state.quota.headroom(&limits, at),
                             d.state.quota.available_at(&limits, charge, at),
@@ -699,9 +707,11 @@ impl<'r> Attempts<'r> {
                 // The store said no (another replica used the quota, or shares a cooldown):
                 // the view now knows; choose again.
                 refusals += 1;
-                if refusals > group.members.len() * 2 {
+                if refusals > group.members.len() * 4 {
+                    // Replicas keep taking the room first: throttle, and say when to retry.
+                    let soonest = Some(now() + Duration::from_millis(100));
                     return Err(self.nothing_eligible(NothingEligible {
-                        soonest: None,
+                        soonest,
                         all_tried: false,
                     }));
                 }
@@ -730,9 +740,10 @@ impl<'r> Attempts<'r> {
         deployment: &Deployment,
         at: std::time::Instant,
     ) -> Result<Option<Reservation>, ()> {
-        let Some(charge) = self.charge else {
+        let Some(estimate) = self.estimate else {
             return Ok(None);
         };
+        let charge = estimate.charge;
         let limits = deployment.state.limits(&deployment.limits);
         let store = &self.live.snapshot.store;
         if !limits.is_limited() && !store.is_shared() {
@@ -751,7 +762,8 @@ impl<'r> Attempts<'r> {
                     Arc::clone(store),
                     Arc::clone(&deployment.key),
                     limits,
-                    charge,
+                    estimate,
+                    self.live.snapshot.settings.accounting,
                 )))
             }
             Ok(Admission::Denied {
@@ -949,13 +961,16 @@ impl<'r> Attempts<'r> {
         if let Some(place) = self.place.take() {
             self.router.shared.waitlist.leave(place);
         }
-        if let Some(error) = self.last_error.take()
-            && !(error.is_rate_limited() && nothing.soonest.is_some())
-        {
-            return error;
+        let mut soonest = nothing.soonest;
+        if let Some(error) = self.last_error.take() {
+            if !error.is_rate_limited() {
+                return error;
+            }
+            // An upstream's 429 never reaches the caller: the router throttles instead.
+            soonest = soonest.or_else(|| Some(now() + error.retry_after().unwrap_or_default()));
         }
         let members = self.group().members.len();
-        let Some(at) = nothing.soonest else {
+        let Some(at) = soonest else {
             return Error::with_message(
                 ErrorKind::Unavailable,
                 format!(
@@ -1022,7 +1037,7 @@ pub struct RouterStream {
     reservation: Option<Reservation>,
     /// The router asked for the usage chunk; the caller did not: drop it.
     strip_usage: bool,
-    used: Option<u64>,
+    used: Option<Used>,
     info: RateLimitInfo,
 }
 
@@ -1067,7 +1082,7 @@ impl RouterStream {
         if chunk.choices.is_empty()
             && let Some(usage) = &chunk.usage
         {
-            self.used = Some(usage.total_tokens);
+            self.used = used(Some(usage));
             return self.strip_usage;
         }
         false

@@ -1,0 +1,256 @@
+//! The Redis store against a real `redis-server`, and routers sharing it. Real time (Redis
+//! keeps its own clock), bounded to a few seconds each.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::print_stderr,
+    reason = "test helpers fail loudly and report"
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::RedisServer;
+use router_core::{Admission, Charge, Limits, Settlement, StateStore};
+use router_facade::types::{ChatCompletionRequest, ChatMessage};
+use router_facade::{Endpoint, Router};
+use state_redis::{RedisOptions, RedisStore};
+use upstream_sim::{EndpointConfig, LatencyModel, Sim, SimDialect};
+
+fn options(test: &str) -> RedisOptions {
+    // A prefix per test, so that tests share nothing even on one server.
+    RedisOptions::default().with_prefix(format!("test-{test}-{}", std::process::id()))
+}
+
+#[tokio::test]
+async fn scripts_reserve_deny_settle_and_share_cooldowns() {
+    let redis = RedisServer::start().await;
+    let a = RedisStore::connect(&redis.url(), options("scripts"))
+        .await
+        .unwrap();
+    let b = RedisStore::connect(&redis.url(), options("scripts"))
+        .await
+        .unwrap();
+    assert!(a.is_shared() && b.is_shared());
+    // 6,000 TPM over 10 s: 1,000 tokens.
+    let limits = Limits::per_minute(Some(6_000), Some(600));
+    let charge = Charge {
+        tokens: 600,
+        requests: 1,
+    };
+    let now = Instant::now();
+    let Admission::Admitted {
+        tokens_left,
+        requests_left,
+    } = a.reserve("ep/m", &limits, charge, now).await.unwrap()
+    else {
+        panic!("a full bucket admits");
+    };
+    assert!(
+        (tokens_left.unwrap() - 400.0).abs() < 5.0,
+        "{tokens_left:?}"
+    );
+    assert!((requests_left.unwrap() - 99.0).abs() < 1.0);
+    // The other replica sees the same bucket.
+    let Admission::Denied {
+        retry_after,
+        cooling,
+    } = b.reserve("ep/m", &limits, charge, now).await.unwrap()
+    else {
+        panic!("only 400 left for both replicas");
+    };
+    assert!(!cooling);
+    assert!(
+        retry_after > Duration::from_millis(1500) && retry_after <= Duration::from_secs(2),
+        "{retry_after:?}"
+    );
+    // Settling gives back what the estimate overshot.
+    let back = Settlement {
+        tokens_back: 500,
+        ..Settlement::default()
+    };
+    a.settle("ep/m", &limits, back, now).await.unwrap();
+    assert!(matches!(
+        b.reserve("ep/m", &limits, charge, now).await.unwrap(),
+        Admission::Admitted { .. }
+    ));
+    // A cooldown one replica saw stops the other.
+    a.cool_down("ep/other", Duration::from_secs(5), now)
+        .await
+        .unwrap();
+    let Admission::Denied {
+        retry_after,
+        cooling,
+    } = b
+        .reserve("ep/other", &Limits::default(), charge, now)
+        .await
+        .unwrap()
+    else {
+        panic!("cooling");
+    };
+    assert!(cooling && retry_after > Duration::from_secs(4));
+    assert_eq!(a.fallbacks() + b.fallbacks(), 0);
+}
+
+fn request() -> ChatCompletionRequest {
+    let mut request = ChatCompletionRequest::new(
+        "m",
+        vec![ChatMessage::user("share the quota between replicas")],
+    );
+    request.max_tokens = Some(60);
+    request
+}
+
+/// One upstream with 60,000 TPM over 1 s windows (1,000 tokens a second); `replicas` routers,
+/// each configured with the whole quota; each offered the whole quota for `seconds`.
+async fn replicas(shared: Option<&RedisServer>, test: &str, seconds: u64) -> (u64, u64, u64) {
+    let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
+        .with_models(["m"])
+        .with_latency(LatencyModel::instant())
+        .with_limits(
+            upstream_sim::Limits::per_minute(Some(60_000), None)
+                .with_window(Duration::from_secs(1)),
+        );
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let mut routers = Vec::new();
+    for _ in 0..2 {
+        let mut builder = Router::builder()
+            .endpoint(
+                Endpoint::openai("up", sim.endpoints()[0].openai_base_url())
+                    .model("m")
+                    .tpm(60_000)
+                    .quota_window(Duration::from_secs(1)),
+            )
+            .request_timeout(Duration::from_secs(3));
+        if let Some(redis) = shared {
+            builder = builder.state_store(Arc::new(
+                RedisStore::connect(&redis.url(), options(test))
+                    .await
+                    .unwrap(),
+            ));
+        }
+        routers.push(builder.build().unwrap());
+    }
+    let failures = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for router in &routers {
+        // About 80 tokens a request: 12 a second each is the whole quota per router.
+        let (router, failures, ok) = (router.clone(), Arc::clone(&failures), Arc::clone(&ok));
+        tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(83));
+            let mut inner = Vec::new();
+            for _ in 0..seconds * 12 {
+                ticks.tick().await;
+                let (router, failures, ok) =
+                    (router.clone(), Arc::clone(&failures), Arc::clone(&ok));
+                inner.push(tokio::spawn(async move {
+                    match router.chat(&request()).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) if e.is_throttled() => 0,
+                        Err(e) => {
+                            assert_ne!(
+                                e.status(),
+                                Some(429),
+                                "an upstream 429 reached a caller: {e}"
+                            );
+                            failures.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }));
+            }
+            for task in inner {
+                task.await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let counters = sim.endpoints()[0].counters();
+    (
+        counters.rate_limited,
+        ok.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed),
+    )
+}
+
+#[tokio::test]
+async fn replicas_sharing_redis_stay_within_the_quota_and_without_it_overshoot() {
+    let redis = RedisServer::start().await;
+    let (alone_429s, alone_ok, alone_failed) = replicas(None, "alone", 3).await;
+    let (shared_429s, shared_ok, shared_failed) = replicas(Some(&redis), "shared", 3).await;
+    eprintln!(
+        "without sharing: {alone_429s} upstream 429s, {alone_ok} served; with Redis: {shared_429s} 429s, {shared_ok} served"
+    );
+    assert_eq!(alone_failed + shared_failed, 0);
+    // Local accounting: each replica spends the whole quota, the pair twice it, and the
+    // upstream refuses the excess. Shared: the pair spends one quota; the few 429s left are at
+    // the upstream's window edges, which a continuous bucket does not see.
+    assert!(
+        alone_429s >= 8,
+        "two replicas with local accounting each use the whole quota: {alone_429s}"
+    );
+    assert!(
+        shared_429s * 2 < alone_429s,
+        "sharing should keep the pair within one quota: {shared_429s} vs {alone_429s}"
+    );
+    assert!(shared_ok > 0);
+}
+
+#[tokio::test]
+async fn redis_going_away_fails_no_request_and_sharing_resumes() {
+    let mut redis = RedisServer::start().await;
+    let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
+        .with_models(["m"])
+        .with_latency(LatencyModel::instant());
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let store = Arc::new(
+        RedisStore::connect(
+            &redis.url(),
+            options("away").with_timeout(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap(),
+    );
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("up", sim.endpoints()[0].openai_base_url())
+                .model("m")
+                .tpm(600_000),
+        )
+        .state_store(Arc::clone(&store) as Arc<dyn StateStore>)
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        router.chat(&request()).await.unwrap();
+    }
+    assert!(store.is_shared());
+    assert_eq!(store.fallbacks(), 0);
+
+    redis.stop().await;
+    for _ in 0..20 {
+        router.chat(&request()).await.unwrap(); // no request fails because Redis did
+    }
+    assert!(store.fallbacks() > 0, "the fallback is counted");
+    assert!(!store.is_shared());
+
+    redis.restart().await;
+    let started = Instant::now();
+    while !store.is_shared() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sharing did not resume"
+        );
+        router.chat(&request()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fallbacks = store.fallbacks();
+    for _ in 0..5 {
+        router.chat(&request()).await.unwrap();
+    }
+    assert_eq!(store.fallbacks(), fallbacks, "shared again");
+}
