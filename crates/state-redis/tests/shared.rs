@@ -1,11 +1,7 @@
 //! The Redis store against a real `redis-server`, and routers sharing it. Real time (Redis
 //! keeps its own clock), bounded to a few seconds each.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::print_stderr,
-    reason = "test helpers fail loudly and report"
-)]
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
 
 mod common;
 

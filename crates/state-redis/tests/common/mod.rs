@@ -1,5 +1,10 @@
 //! A throwaway `redis-server` on a free loopback port, persistence off, stopped on drop.
 
+#![expect(
+    clippy::panic,
+    reason = "a missing or broken redis-server must fail the tests, loudly"
+)]
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
