@@ -3,17 +3,15 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::RedisServer;
 use router_core::{Admission, Charge, Limits, Settlement, StateStore};
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
 use router_facade::{Endpoint, Router};
 use state_redis::{RedisOptions, RedisStore};
+use upstream_sim::redis_server::RedisServer;
 use upstream_sim::{EndpointConfig, LatencyModel, Sim, SimDialect};
 
 fn options(test: &str) -> RedisOptions {
@@ -23,7 +21,7 @@ fn options(test: &str) -> RedisOptions {
 
 #[tokio::test]
 async fn scripts_reserve_deny_settle_and_share_cooldowns() {
-    let redis = RedisServer::start().await;
+    let redis = RedisServer::start().await.unwrap();
     let a = RedisStore::connect(&redis.url(), options("scripts"))
         .await
         .unwrap();
@@ -176,7 +174,7 @@ async fn replicas(shared: Option<&RedisServer>, test: &str, seconds: u64) -> (u6
 
 #[tokio::test]
 async fn replicas_sharing_redis_stay_within_the_quota_and_without_it_overshoot() {
-    let redis = RedisServer::start().await;
+    let redis = RedisServer::start().await.unwrap();
     let (alone_429s, alone_ok, alone_failed) = replicas(None, "alone", 3).await;
     let (shared_429s, shared_ok, shared_failed) = replicas(Some(&redis), "shared", 3).await;
     eprintln!(
@@ -199,7 +197,7 @@ async fn replicas_sharing_redis_stay_within_the_quota_and_without_it_overshoot()
 
 #[tokio::test]
 async fn redis_going_away_fails_no_request_and_sharing_resumes() {
-    let mut redis = RedisServer::start().await;
+    let mut redis = RedisServer::start().await.unwrap();
     let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
         .with_models(["m"])
         .with_latency(LatencyModel::instant());
@@ -234,7 +232,7 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
     assert!(store.fallbacks() > 0, "the fallback is counted");
     assert!(!store.is_shared());
 
-    redis.restart().await;
+    redis.restart().await.unwrap();
     let started = Instant::now();
     while !store.is_shared() {
         assert!(

@@ -35,6 +35,7 @@
 mod config;
 mod faults;
 mod limiter;
+pub mod redis_server;
 mod server;
 mod state;
 
