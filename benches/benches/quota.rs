@@ -117,26 +117,32 @@ async fn offer(routers: &[Router], rate: f64, sim: &Sim) -> (Arc<Tally>, u64) {
         }));
     }
     // Charged at admission: what the upstreams admitted while the load was offered.
-    let charged = sim.endpoints().iter().map(|e| e.counters().tokens_charged).sum();
+    let charged = sim
+        .endpoints()
+        .iter()
+        .map(|e| e.counters().tokens_charged)
+        .sum();
     for task in tasks {
         task.await.unwrap();
     }
     (tally, charged)
 }
 
-fn report(name: &str, sim: &Sim, tally: &Tally, elapsed: Duration) {
+fn report(
+    name: &str,
+    sim: &Sim,
+    tally: &Tally,
+    charged: u64,
+    offered_for: Duration,
+    elapsed: Duration,
+) {
     let summed: u64 = TPMS.iter().sum();
-    let charged: u64 = sim
-        .endpoints()
-        .iter()
-        .map(|e| e.counters().tokens_charged)
-        .sum();
     let upstream_429s: u64 = sim
         .endpoints()
         .iter()
         .map(|e| e.counters().rate_limited)
         .sum();
-    let share = charged as f64 / (summed as f64 * elapsed.as_secs_f64() / 60.0);
+    let share = charged as f64 / (summed as f64 * offered_for.as_secs_f64() / 60.0);
     let mut latencies = tally.latencies.lock().unwrap().clone();
     latencies.sort_unstable();
     let pct = |p: f64| {
