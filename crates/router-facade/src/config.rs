@@ -388,6 +388,9 @@ pub struct RouterBuilder {
     pub(crate) expected_completion: u32,
     pub(crate) max_waiting: usize,
     pub(crate) accounting: QuotaAccounting,
+    pub(crate) group_limits: Vec<(String, crate::RateLimits)>,
+    pub(crate) caller_limits: Vec<(String, crate::RateLimits)>,
+    pub(crate) default_caller_limits: Option<crate::RateLimits>,
 }
 
 impl Default for RouterBuilder {
@@ -405,6 +408,9 @@ impl Default for RouterBuilder {
             expected_completion: 256,
             max_waiting: 1024,
             accounting: QuotaAccounting::default(),
+            group_limits: Vec::new(),
+            caller_limits: Vec::new(),
+            default_caller_limits: None,
         }
     }
 }
@@ -491,6 +497,48 @@ impl RouterBuilder {
     pub fn quota_accounting(mut self, accounting: QuotaAccounting) -> Self {
         self.accounting = accounting;
         self
+    }
+
+    /// Limits the router enforces on a model group, whoever calls.
+    pub fn group_limits(mut self, model: impl Into<String>, limits: crate::RateLimits) -> Self {
+        self.group_limits.push((model.into(), limits));
+        self
+    }
+
+    /// Limits the router enforces on one caller (`RequestOptions::caller`).
+    pub fn caller_limits(mut self, caller: impl Into<String>, limits: crate::RateLimits) -> Self {
+        self.caller_limits.push((caller.into(), limits));
+        self
+    }
+
+    /// Limits for callers without limits of their own.
+    pub fn default_caller_limits(mut self, limits: crate::RateLimits) -> Self {
+        self.default_caller_limits = Some(limits);
+        self
+    }
+
+    /// The router-side limits that apply to a request for `model` from `caller`.
+    pub(crate) fn scopes(
+        &self,
+        model: &str,
+        caller: Option<&str>,
+    ) -> Vec<(String, crate::RateLimits)> {
+        let mut scopes = Vec::new();
+        if let Some((_, limits)) = self.group_limits.iter().rev().find(|(m, _)| m == model) {
+            scopes.push((format!("group:{model}"), *limits));
+        }
+        if let Some(caller) = caller {
+            let own = self
+                .caller_limits
+                .iter()
+                .rev()
+                .find(|(c, _)| c == caller)
+                .map(|(_, l)| *l);
+            if let Some(limits) = own.or(self.default_caller_limits) {
+                scopes.push((format!("caller:{caller}"), limits));
+            }
+        }
+        scopes
     }
 
     /// Output tokens reserved for a request that sets no cap (default 256).

@@ -47,6 +47,7 @@
 
 mod config;
 mod estimate;
+mod limits;
 mod reservation;
 mod router;
 mod snapshot;
@@ -55,6 +56,7 @@ mod waitlist;
 pub use config::{
     DeploymentSpec, Endpoint, QuotaAccounting, RetryPolicy, RouterBuilder, StrategyFactory,
 };
+pub use limits::RateLimits;
 pub use router::{DeploymentStats, RequestOptions, Routed, Router, RouterStream};
 
 pub use router_core::{

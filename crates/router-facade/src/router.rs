@@ -28,6 +28,7 @@ use tracing::Instrument as _;
 use crate::config::RouterBuilder;
 use crate::estimate;
 use crate::estimate::Estimate;
+use crate::limits::{Limiters, Permit};
 use crate::reservation::{Reservation, Used};
 use crate::snapshot::{Deployment, Group, RouterSnapshot};
 use crate::waitlist::{Place, Waitlist};
@@ -53,6 +54,7 @@ struct Shared {
     seed: u64,
     reload: Mutex<()>,
     waitlist: Waitlist,
+    limiters: Limiters,
 }
 
 /// A snapshot with the retry budget that goes with its policy.
@@ -72,6 +74,8 @@ pub struct RequestOptions {
     /// Its class when it has to wait for quota: a lower class is served first; within a
     /// class, first come first served. Default 0.
     pub priority: u8,
+    /// Who is calling, for the router's per-caller limits (a gateway key's name, a tenant).
+    pub caller: Option<String>,
 }
 
 impl RequestOptions {
@@ -79,6 +83,13 @@ impl RequestOptions {
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Options naming the caller, for per-caller limits.
+    #[must_use]
+    pub fn with_caller(mut self, caller: impl Into<String>) -> Self {
+        self.caller = Some(caller.into());
         self
     }
 
@@ -156,6 +167,7 @@ impl Router {
                 seed,
                 reload: Mutex::new(()),
                 waitlist: Waitlist::default(),
+                limiters: Limiters::default(),
             }),
         })
     }
@@ -338,6 +350,7 @@ impl Router {
     {
         let mut attempt = Attempts::begin(self, model, options, charge)?;
         attempt.output_hint = output_hint;
+        attempt.admit().await?;
         loop {
             let (deployment, guard, reservation) = attempt.next(class).await?;
             let started = Instant::now();
@@ -402,6 +415,8 @@ impl Router {
         let mut attempt = Attempts::begin(self, &request.model, options, || {
             estimate::chat(request, expected)
         })?;
+        attempt.output_hint = request.output_cap().unwrap_or(expected);
+        attempt.admit().await?;
         loop {
             let (deployment, guard, reservation) = attempt.next(class).await?;
             let span = attempt.span(&deployment);
@@ -454,6 +469,7 @@ impl Router {
                         reservation,
                         strip_usage: inject,
                         used: None,
+                        _permit: attempt.permit.take(),
                     };
                     if ended {
                         routed.finish(None);
@@ -571,6 +587,9 @@ struct Attempts<'r> {
     after_rate_limit: bool,
     /// Output tokens the request expects (its cap), to estimate how long it takes.
     output_hint: u32,
+    /// The router-side limits that apply, and the slots they granted.
+    scopes: Vec<(String, crate::RateLimits)>,
+    permit: Option<Permit>,
 }
 
 impl<'r> Attempts<'r> {
@@ -591,7 +610,12 @@ impl<'r> Attempts<'r> {
             ));
         };
         let members = group.members.len();
+        let scopes = live
+            .snapshot
+            .settings
+            .scopes(model, options.caller.as_deref());
         let accounted = live.snapshot.store.is_shared()
+            || !scopes.is_empty()
             || group
                 .members
                 .iter()
@@ -613,10 +637,34 @@ impl<'r> Attempts<'r> {
             charged: 0,
             after_rate_limit: false,
             output_hint: 0,
+            scopes,
+            permit: None,
             router,
             model,
             live,
         })
+    }
+
+    /// Passes the router-side limits (waiting for room within the deadline).
+    async fn admit(&mut self) -> Result<(), Error> {
+        if self.scopes.is_empty() {
+            return Ok(());
+        }
+        let charge = self.estimate.map_or(
+            router_core::Charge {
+                tokens: 0,
+                requests: 1,
+            },
+            |e| e.charge,
+        );
+        let permit = self
+            .router
+            .shared
+            .limiters
+            .admit(&self.scopes, charge, self.deadline)
+            .await?;
+        self.permit = Some(permit);
+        Ok(())
     }
 
     fn group(&self) -> &Group {
@@ -1039,6 +1087,8 @@ pub struct RouterStream {
     strip_usage: bool,
     used: Option<Used>,
     info: RateLimitInfo,
+    /// Router-side concurrency slots, held until the stream ends or drops.
+    _permit: Option<Permit>,
 }
 
 impl RouterStream {

@@ -208,3 +208,42 @@ async fn waiting_requests_are_served_in_priority_then_arrival_order() {
     assert_eq!(*order.lock().unwrap(), vec!["high", "low-1", "low-2"]);
     let _ = ErrorKind::Throttled;
 }
+
+#[tokio::test(start_paused = true)]
+async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::instant());
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let router = Router::builder()
+        .endpoint(Endpoint::openai("only", sim.endpoints()[0].openai_base_url()).model(MODEL))
+        // 12 a minute: two at once, then one every 5 s.
+        .caller_limits("team-a", router_facade::RateLimits::new().with_rpm(12))
+        .group_limits(MODEL, router_facade::RateLimits::new().with_concurrency(8))
+        .build()
+        .unwrap();
+    let team_a = RequestOptions::default()
+        .with_caller("team-a")
+        .with_timeout(Duration::from_secs(2));
+    router.chat_with(&request(1), &team_a).await.unwrap();
+    router.chat_with(&request(2), &team_a).await.unwrap();
+    let error = router.chat_with(&request(3), &team_a).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(5)));
+    assert!(error.to_string().contains("team-a"));
+    // Another caller is not affected.
+    let team_b = RequestOptions::default().with_caller("team-b");
+    router.chat_with(&request(4), &team_b).await.unwrap();
+    // With a deadline past its turn, team-a waits for it.
+    let patient = RequestOptions::default()
+        .with_caller("team-a")
+        .with_timeout(Duration::from_secs(30));
+    let started = tokio::time::Instant::now();
+    router.chat_with(&request(5), &patient).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(
+        sim.endpoints()[0].counters().requests,
+        4,
+        "the throttled request never left the router"
+    );
+}
