@@ -247,3 +247,87 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
         "the throttled request never left the router"
     );
 }
+
+#[tokio::test]
+async fn streams_are_accounted_without_changing_what_the_caller_receives() {
+    use futures_util::StreamExt;
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::instant());
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .tpm(600_000),
+        )
+        .build()
+        .unwrap();
+    // The caller did not ask for usage: the router asks upstream, and strips the usage chunk.
+    let mut stream = router.chat_stream(&request(1)).await.unwrap();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        chunks.push(chunk.unwrap());
+    }
+    let seen = sim.endpoints()[0].last_request().unwrap();
+    assert_eq!(
+        seen.body["stream_options"]["include_usage"], true,
+        "the router asked for usage"
+    );
+    assert!(
+        chunks.iter().all(|c| c.usage.is_none()),
+        "the caller gets no usage chunk"
+    );
+    assert!(!chunks.last().unwrap().choices.is_empty());
+
+    // The caller asked: it gets the usage chunk, unchanged.
+    let mut asked = request(2);
+    asked.stream_options = Some(router_facade::types::StreamOptions {
+        include_usage: Some(true),
+        ..Default::default()
+    });
+    let mut stream = router.chat_stream(&asked).await.unwrap();
+    let mut last = None;
+    while let Some(chunk) = stream.next().await {
+        last = Some(chunk.unwrap());
+    }
+    let last = last.unwrap();
+    assert!(last.choices.is_empty() && last.usage.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_request_gives_its_reservation_back() {
+    let slow = LatencyModel::new(Duration::from_secs(10), Duration::from_millis(10));
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(slow);
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let store = Arc::new(router_facade::MemoryStore::new());
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .tpm(6_000),
+        )
+        .state_store(Arc::clone(&store) as Arc<dyn router_facade::StateStore>)
+        .build()
+        .unwrap();
+    let limits = router_facade::Limits::per_minute(Some(6_000), None);
+    let key = format!("only/{MODEL}");
+    let full = store
+        .tokens_level(&key, &limits, tokio::time::Instant::now().into_std())
+        .unwrap();
+    let pending = request(1);
+    let call = router.chat(&pending);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), call)
+            .await
+            .is_err(),
+        "dropped mid-flight"
+    );
+    let during = tokio::time::Instant::now().into_std();
+    tokio::task::yield_now().await; // the release runs on the runtime
+    tokio::task::yield_now().await;
+    let level = store.tokens_level(&key, &limits, during).unwrap();
+    assert!((level - full).abs() < 1.0, "released: {level} of {full}");
+}
