@@ -1,7 +1,7 @@
 //! The quota scenario: 3 endpoints with different TPM limits, offered 1.3 times their sum.
 //!
-//! Real time on loopback, time-scaled: the simulated endpoints count their quota over 1 s
-//! windows (Azure uses 1 s or 10 s), so 30 s of load is thirty quota windows. Reported:
+//! Real time on loopback: the simulated endpoints count their quota over 10 s windows, as
+//! Azure counts tokens, so a minute of load is six quota windows. Reported:
 //! the share of the summed quota served, upstream 429s (and how many reached callers: the
 //! target is none), router throttles carrying retry-after, p50/p99 latency. Then the same
 //! load through 3 replicas: sharing one Redis, and each on its own.
@@ -26,7 +26,9 @@ use upstream_sim::{EndpointConfig, LatencyModel, Limits, Sim, SimDialect};
 
 const MODEL: &str = "gpt-4o-mini";
 const TPMS: [u64; 3] = [30_000, 60_000, 90_000];
-const SECONDS: u64 = 30;
+const SECONDS: u64 = 60;
+/// The quota window of the endpoints and of the router.
+const WINDOW: Duration = Duration::from_secs(10);
 /// Tokens the simulator charges one request (prompt estimate plus the 60-token cap).
 const PER_REQUEST: f64 = 120.0;
 
@@ -39,9 +41,7 @@ fn world() -> Vec<EndpointConfig> {
             EndpointConfig::new(format!("ep{i}-{}k", tpm / 1000), SimDialect::OpenAi)
                 .with_models([MODEL])
                 .with_latency(latency)
-                .with_limits(
-                    Limits::per_minute(Some(*tpm), None).with_window(Duration::from_secs(1)),
-                )
+                .with_limits(Limits::per_minute(Some(*tpm), None).with_window(WINDOW))
         })
         .collect()
 }
@@ -55,7 +55,7 @@ fn router(sim: &Sim, store: Option<Arc<dyn StateStore>>) -> Router {
             Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
                 .model(MODEL)
                 .tpm(tpm)
-                .quota_window(Duration::from_secs(1)),
+                .quota_window(WINDOW),
         );
     }
     if let Some(store) = store {
@@ -207,7 +207,11 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        println!("quota scenario: TPM {TPMS:?} (sum {}), offered 1.3x for {SECONDS} s, 1 s quota windows", TPMS.iter().sum::<u64>());
+        println!(
+            "quota scenario: TPM {TPMS:?} (sum {}), offered 1.3x for {SECONDS} s, {} s quota windows",
+            TPMS.iter().sum::<u64>(),
+            WINDOW.as_secs()
+        );
         println!("| run | share of summed quota served | upstream 429s | 429s reaching callers | router throttles (retry-after) | other errors | served | p50 | p99 |");
         println!("|---|---|---|---|---|---|---|---|---|");
         scenario("1 router", 1, None).await;

@@ -72,7 +72,9 @@ pub use backend::{
 };
 pub use endpoint::EndpointId;
 pub use error::{Error, ErrorKind, HealthEffect};
-pub use quota::{Admission, Charge, Limits, MemoryStore, QuotaView, Settlement, StateStore};
+pub use quota::{
+    Admission, Charge, Limits, MemoryStore, QuotaView, Settlement, StateStore, upstream_allowance,
+};
 pub use ratelimit::RateLimitInfo;
 pub use retry::RetryBudget;
 pub use rng::Rng;

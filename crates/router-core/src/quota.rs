@@ -83,6 +83,31 @@ impl Limits {
     }
 }
 
+/// What the upstream's `x-ratelimit-remaining-*` headers allow this router's buckets to hold.
+///
+/// Upstreams count over windows that reset: "R left, full again in T" (OpenAI sends T as
+/// `x-ratelimit-reset-*`; Azure does not, and half a window is assumed). A continuous bucket
+/// that holds R + rate × T is never more generous than the upstream will be, and is lowered
+/// only when others use the same quota, not each time the upstream's window nears its end.
+pub fn upstream_allowance(
+    limits: &Limits,
+    info: &crate::RateLimitInfo,
+) -> (Option<u64>, Option<u64>) {
+    let allowance = |remaining: Option<u64>, reset: Option<Duration>, shape: Option<Shape>| {
+        let (remaining, shape) = (remaining?, shape?);
+        let reset = reset.unwrap_or(limits.window / 2);
+        Some(remaining.saturating_add((shape.rate * reset.as_secs_f64()) as u64))
+    };
+    (
+        allowance(info.remaining_tokens, info.reset_tokens, limits.tokens()),
+        allowance(
+            info.remaining_requests,
+            info.reset_requests,
+            limits.requests(),
+        ),
+    )
+}
+
 /// A bucket's capacity and refill rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Shape {

@@ -51,6 +51,9 @@ impl Reservation {
     /// back. At admission accounting the output cap stays charged, as the upstream charged it;
     /// only the prompt estimate is corrected to the upstream's count.
     fn settlement(&self, used: Option<Used>, info: Option<&RateLimitInfo>) -> Settlement {
+        let allowance = info.map_or((None, None), |info| {
+            router_core::upstream_allowance(&self.limits, info)
+        });
         let used = used.map_or(self.charge.tokens, |used| match self.accounting {
             QuotaAccounting::Admission => used.prompt + self.output,
             QuotaAccounting::Usage => used.total,
@@ -59,8 +62,8 @@ impl Reservation {
             tokens_back: i64::try_from(self.charge.tokens).unwrap_or(i64::MAX)
                 - i64::try_from(used).unwrap_or(i64::MAX),
             requests_back: 0,
-            remaining_tokens: info.and_then(|i| i.remaining_tokens),
-            remaining_requests: info.and_then(|i| i.remaining_requests),
+            remaining_tokens: allowance.0,
+            remaining_requests: allowance.1,
         }
     }
 

@@ -880,10 +880,11 @@ impl<'r> Attempts<'r> {
     fn upstream_said(deployment: &Deployment, info: &RateLimitInfo, at: std::time::Instant) {
         deployment.state.learn(info);
         let limits = deployment.state.limits(&deployment.limits);
+        let (tokens, requests) = router_core::upstream_allowance(&limits, info);
         deployment
             .state
             .quota
-            .correct(&limits, info.remaining_tokens, info.remaining_requests, at);
+            .correct(&limits, tokens, requests, at);
     }
 
     fn span(&self, deployment: &Deployment) -> tracing::Span {
