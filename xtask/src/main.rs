@@ -160,7 +160,7 @@ const DEMO_RELEASE: Step = Step {
 const DENY: Step = Step {
     name: "cargo deny",
     program: "cargo",
-    args: &["deny", "--offline", "check", "bans", "licenses", "sources"],
+    args: &["deny", "check", "bans", "licenses", "sources"],
     env: &[],
 };
 
