@@ -336,6 +336,8 @@ impl DeploymentState {
                     (n > 0).then_some((*kind, n))
                 })
                 .collect(),
+            learned_tpm: Some(self.learned_tpm.load(Ordering::Relaxed)).filter(|n| *n > 0),
+            learned_rpm: Some(self.learned_rpm.load(Ordering::Relaxed)).filter(|n| *n > 0),
         }
     }
 }
@@ -373,6 +375,10 @@ pub struct StateStats {
     pub successes: u64,
     /// Failed attempts by kind (kinds with none left out).
     pub failures: Vec<(ErrorKind, u64)>,
+    /// Tokens per minute the upstream announced (`x-ratelimit-limit-tokens`), if it did.
+    pub learned_tpm: Option<u64>,
+    /// Requests per minute the upstream announced, if it did.
+    pub learned_rpm: Option<u64>,
 }
 
 #[cfg(test)]

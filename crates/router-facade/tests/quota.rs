@@ -331,3 +331,39 @@ async fn a_dropped_request_gives_its_reservation_back() {
     let level = store.tokens_level(&key, &limits, during).unwrap();
     assert!((level - full).abs() < 1.0, "released: {level} of {full}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn limits_not_configured_are_learned_from_the_upstreams_headers() {
+    // The router is told nothing about this endpoint's quota; OpenAI-style headers tell it.
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::instant())
+        .with_limits(
+            Limits::per_minute(Some(6_000), Some(60)).with_window(Duration::from_secs(10)),
+        );
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let router = Router::builder()
+        .endpoint(Endpoint::openai("only", sim.endpoints()[0].openai_base_url()).model(MODEL))
+        .build()
+        .unwrap();
+    router.chat(&request(0)).await.unwrap();
+    let stats = &router.stats()[0].state;
+    assert_eq!(
+        (stats.learned_tpm, stats.learned_rpm),
+        (Some(6_000), Some(60))
+    );
+    // From now on it reserves: a burst beyond the window's 1,000 tokens waits for room
+    // instead of drawing 429s from the upstream.
+    let mut tasks = Vec::new();
+    for i in 1..=12 {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move { router.chat(&request(i)).await }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    // Without the learned limit all twelve would leave at once and five would draw a 429 (the
+    // window holds 1,000 tokens, the first request used 120, each takes 120).
+    let refused = sim.endpoints()[0].counters().rate_limited;
+    assert!(refused < 5, "{refused} upstream 429s");
+}
