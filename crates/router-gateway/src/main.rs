@@ -1,11 +1,18 @@
 //! `openai-router`: the router as a program.
 //!
+//! - `openai-router serve --config router.toml`: the OpenAI-compatible HTTP gateway.
+//! - `openai-router check --config router.toml`: validates a configuration.
+//! - `openai-router hash-key`: the SHA-256 a gateway key is configured by.
 //! - `openai-router demo`: simulated OpenAI and Azure endpoints (one fast, one slow, one that
 //!   starts failing midway, one that throttles), the same concurrent workload through each
 //!   strategy, and a table per strategy. No keys, no network beyond 127.0.0.1.
 
+mod config;
 mod demo;
+mod server;
 
+use std::io::Read as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +27,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serves the router as an OpenAI-compatible HTTP API.
+    Serve {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Checks a configuration file (and the environment variables it names).
+    Check {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Prints the SHA-256 of a gateway key (read from standard input), for the `sha256` field.
+    HashKey,
     /// Runs every strategy against simulated endpoints and prints what each did.
     Demo(demo::Args),
 }
@@ -45,6 +66,35 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Serve { config } => runtime.block_on(async {
+            let loaded = config::Config::load(&config)?;
+            server::serve(loaded, Some(config)).await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Check { config } => runtime.block_on(async {
+            let loaded = config::Config::load(&config)?;
+            loaded.keys()?;
+            let builder = loaded.builder()?;
+            let router = builder.build()?;
+            demo::say(&format!(
+                "{}: ok: {} endpoint(s), model groups: {}, {} gateway key(s)",
+                config.display(),
+                loaded.endpoints.len(),
+                router.models().join(", "),
+                loaded.keys.len()
+            ));
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::HashKey => {
+            let mut key = String::new();
+            match std::io::stdin().read_to_string(&mut key) {
+                Ok(_) if !key.trim().is_empty() => {
+                    demo::say(&config::hash_key(key.trim()));
+                    Ok(ExitCode::SUCCESS)
+                }
+                _ => Err(anyhow::anyhow!("hash-key: give the key on standard input")),
+            }
+        }
     };
     match result {
         Ok(code) => code,

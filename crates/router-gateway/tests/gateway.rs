@@ -1,0 +1,419 @@
+//! The `openai-router` binary serving upstream-sim endpoints, driven over real HTTP: raw
+//! requests for framing and headers, and the official `openai` Python package as a client.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test helpers fail loudly by design"
+)]
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt as _;
+use tokio::process::{Child, Command};
+use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times};
+
+const UPSTREAM_KEY: &str = "sk-upstream-secret-7d1f";
+const AZURE_KEY: &str = "az-upstream-secret-91ab";
+const GATEWAY_KEY: &str = "sk-gw-team-a-4e2c";
+
+struct Gateway {
+    child: Child,
+    base: String,
+    _dir: PathBuf,
+}
+
+impl Gateway {
+    async fn logs(mut self) -> String {
+        self.child.start_kill().unwrap();
+        let mut logs = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            stderr.read_to_string(&mut logs).await.unwrap();
+        }
+        if let Some(mut stdout) = self.child.stdout.take() {
+            stdout.read_to_string(&mut logs).await.unwrap();
+        }
+        logs
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The digest `openai-router hash-key` prints, computed by the binary itself.
+fn hash(key: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_openai-router"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(key.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+async fn start(sim: &Sim, extra: &str) -> Gateway {
+    start_with(sim, extra, 5000).await
+}
+
+async fn start_with(sim: &Sim, extra: &str, timeout: u64) -> Gateway {
+    let dir = std::env::temp_dir().join(format!(
+        "openai-router-test-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let (openai, azure) = (&sim.endpoints()[0], &sim.endpoints()[1]);
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+
+[router]
+strategy = "round-robin"
+request_timeout_ms = {timeout}
+
+[[endpoints]]
+name = "oai"
+kind = "openai"
+url = "{}"
+api_key_env = "TEST_UPSTREAM_KEY"
+models = ["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"]
+
+[[endpoints]]
+name = "az"
+kind = "azure"
+url = "{}"
+api_version = "2024-10-21"
+api_key_env = "TEST_AZURE_KEY"
+deployments = {{ "gpt-4o-mini" = "mini-dep", "text-embedding-3-small" = "emb-dep" }}
+
+[[keys]]
+name = "team-a"
+sha256 = "{}"
+models = ["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"]
+{extra}
+"#,
+        openai.openai_base_url(),
+        azure.url(),
+        hash(GATEWAY_KEY)
+    );
+    let path = dir.join("router.toml");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(config.as_bytes())
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_openai-router"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("TEST_AZURE_KEY", AZURE_KEY)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..250 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            return Gateway {
+                child,
+                base,
+                _dir: dir,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway did not start");
+}
+
+async fn sim() -> Sim {
+    Sim::start(
+        3,
+        [
+            EndpointConfig::new("oai", SimDialect::OpenAi)
+                .with_api_key(UPSTREAM_KEY)
+                .with_models([
+                    "gpt-4o-mini",
+                    "text-embedding-3-small",
+                    "gpt-3.5-turbo-instruct",
+                ])
+                .with_latency(LatencyModel::instant()),
+            EndpointConfig::new("az", SimDialect::Azure)
+                .with_api_key(AZURE_KEY)
+                .with_models(["mini-dep", "emb-dep"])
+                .with_latency(LatencyModel::instant()),
+        ],
+    )
+    .await
+    .unwrap()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(gateway: &Gateway, path: &str, key: Option<&str>, body: Value) -> reqwest::Response {
+    let mut request = client().post(format!("{}{path}", gateway.base)).json(&body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one gateway, one walk through its surface"
+)]
+async fn raw_http_framing_headers_and_errors() {
+    let sim = sim().await;
+    let gateway = start(&sim, "").await;
+
+    // Unknown fields reach the upstream; unknown answer fields reach the client.
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "x_future": {"a": 1}});
+    let response = post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), body).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    let seen = sim
+        .endpoints()
+        .iter()
+        .find_map(upstream_sim::SimEndpoint::last_request)
+        .unwrap();
+    assert_eq!(seen.body["x_future"]["a"], 1);
+    assert!(answer.get("x_sim_extra").is_some() || answer.get("prompt_filter_results").is_some());
+    // The client's credential never goes upstream: each upstream got its own.
+    for endpoint in sim.endpoints() {
+        for request in endpoint.requests() {
+            let auth = format!("{:?}", request.headers);
+            assert!(
+                !auth.contains(GATEWAY_KEY),
+                "gateway key forwarded upstream"
+            );
+        }
+    }
+
+    // A stream: SSE events, each `data: {json}`, then `data: [DONE]`.
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let response = post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    for event in &events[..events.len() - 1] {
+        let data = event.strip_prefix("data: ").unwrap();
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        assert!(chunk.get("choices").is_some());
+    }
+
+    // Embeddings and models.
+    let response = post(
+        &gateway,
+        "/v1/embeddings",
+        Some(GATEWAY_KEY),
+        json!({"model": "text-embedding-3-small", "input": ["a", "b"]}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let models: Value = client()
+        .get(format!("{}/v1/models", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"text-embedding-3-small"));
+
+    // OpenAI-shaped errors with the right status.
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    let response = post(&gateway, "/v1/chat/completions", None, chat.clone()).await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_api_key"
+    );
+    let response = post(
+        &gateway,
+        "/v1/chat/completions",
+        Some("sk-wrong"),
+        chat.clone(),
+    )
+    .await;
+    assert_eq!(response.status(), 401);
+    let unknown = json!({"model": "gpt-9", "messages": []});
+    let response = post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), unknown).await;
+    assert_eq!(response.status(), 403, "not on the key's allow-list");
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .bearer_auth(GATEWAY_KEY)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["type"],
+        "invalid_request_error"
+    );
+
+    // Every upstream throttles beyond the deadline: 429 with Retry-After.
+    for endpoint in sim.endpoints() {
+        endpoint.inject(Fault::rate_limited(Duration::from_secs(30)), Times::Next(1));
+    }
+    let response = post(
+        &gateway,
+        "/v1/chat/completions",
+        Some(GATEWAY_KEY),
+        chat.clone(),
+    )
+    .await;
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((25..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "rate_limit_exceeded"
+    );
+
+    // Keys never appear in the logs, even at trace level.
+    let logs = gateway.logs().await;
+    for secret in [UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY] {
+        assert!(!logs.contains(secret), "a key in the logs");
+    }
+    assert!(logs.contains("serving"), "the logs were captured: {logs}");
+}
+
+/// A venv under the target directory with the official `openai` package from `PyPI`.
+fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("py-openai");
+    let python = venv.join("bin/python");
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(
+            made.success(),
+            "python3 -m venv failed: install python3-venv"
+        );
+        let installed = std::process::Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai>=1.50,<4",
+            ])
+            .status()
+            .unwrap();
+        assert!(installed.success(), "pip install openai failed");
+    }
+    python
+}
+
+async fn run_python(gateway: &Gateway, phase: &str, key: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg(phase)
+        .env("OPENAI_BASE_URL", format!("{}/v1", gateway.base))
+        .env("OPENAI_API_KEY", key)
+        .env("OPEN_KEY", OPEN_KEY)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "python phase `{phase}` failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+const OPEN_KEY: &str = "sk-gw-team-b-no-allowlist";
+
+#[tokio::test]
+async fn the_official_python_client() {
+    let sim = sim().await;
+    let extra = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n",
+        hash(OPEN_KEY)
+    );
+    let gateway = start(&sim, &extra).await;
+    for phase in ["basic", "stream_tools", "embeddings", "errors"] {
+        run_python(&gateway, phase, GATEWAY_KEY).await;
+    }
+    for endpoint in sim.endpoints() {
+        endpoint.inject(
+            Fault::status_with_code(400, "context_length_exceeded"),
+            Times::Always,
+        );
+    }
+    run_python(&gateway, "bad_request", GATEWAY_KEY).await;
+    for endpoint in sim.endpoints() {
+        endpoint.clear_faults();
+        endpoint.inject(Fault::rate_limited(Duration::from_secs(30)), Times::Next(1));
+    }
+    run_python(&gateway, "throttled", GATEWAY_KEY).await;
+    drop(gateway);
+
+    // A shorter deadline, so that a 2 s cooldown makes the gateway answer 429 + Retry-After: 2.
+    drop(sim);
+    let fresh = self::sim().await;
+    let gateway = start_with(&fresh, "", 1500).await;
+    for endpoint in fresh.endpoints() {
+        endpoint.inject(Fault::rate_limited(Duration::from_secs(2)), Times::Next(1));
+    }
+    run_python(&gateway, "throttled_then_retried", GATEWAY_KEY).await;
+    let logs = gateway.logs().await;
+    for secret in [UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY, OPEN_KEY] {
+        assert!(!logs.contains(secret), "a key in the logs");
+    }
+}

@@ -1,0 +1,121 @@
+"""The official `openai` Python package against the openai-router gateway.
+
+Run by tests/gateway.rs, one phase at a time: `python client.py PHASE`, with OPENAI_BASE_URL
+and OPENAI_API_KEY set. Exits non-zero (an assertion) when the gateway misbehaves.
+"""
+
+import json
+import os
+import sys
+import time
+
+import openai
+from openai import OpenAI
+
+BASE = os.environ["OPENAI_BASE_URL"]
+KEY = os.environ["OPENAI_API_KEY"]
+OPEN_KEY = os.environ.get("OPEN_KEY", "")
+
+
+def client(**kwargs):
+    return OpenAI(base_url=BASE, api_key=kwargs.pop("api_key", KEY), **kwargs)
+
+
+def basic():
+    answer = client().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=5,
+    )
+    assert answer.choices[0].message.content, answer
+    assert answer.choices[0].finish_reason == "stop", answer
+    assert answer.usage.completion_tokens == 5, answer.usage
+
+
+def stream_tools():
+    tools = [{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+        },
+    }]
+    stream = client().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Weather in Boston?"}],
+        tools=tools,
+        stream=True,
+    )
+    name, arguments, finish = None, "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                if call.function and call.function.name:
+                    name = call.function.name
+                if call.function and call.function.arguments:
+                    arguments += call.function.arguments
+            finish = choice.finish_reason or finish
+    assert name == "get_weather", name
+    assert json.loads(arguments)["location"] == "Boston", arguments
+    assert finish == "tool_calls", finish
+
+
+def embeddings():
+    answer = client().embeddings.create(model="text-embedding-3-small", input=["a", "b", "c"])
+    assert len(answer.data) == 3, answer
+    assert [d.index for d in answer.data] == [0, 1, 2]
+    assert len(answer.data[0].embedding) > 0
+
+
+def errors():
+    try:
+        client(api_key="sk-not-a-key").chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        raise AssertionError("401 expected")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401
+    try:
+        client(api_key=OPEN_KEY).chat.completions.create(
+            model="gpt-unknown", messages=[{"role": "user", "content": "hi"}])
+        raise AssertionError("404 expected")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404
+        assert "gpt-4o-mini" in e.message, e.message  # the known models are named
+
+
+def bad_request():
+    # Both upstreams answer 400 context_length_exceeded: passed through as it was.
+    try:
+        client(max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        raise AssertionError("400 expected")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+        assert e.code == "context_length_exceeded", e.code
+
+
+def throttled():
+    try:
+        client(max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        raise AssertionError("429 expected")
+    except openai.RateLimitError as e:
+        assert e.status_code == 429
+        assert int(e.response.headers["retry-after"]) >= 1
+
+
+def throttled_then_retried():
+    # The gateway throttles with Retry-After: 2; the SDK waits that long and retries.
+    started = time.monotonic()
+    answer = client(max_retries=2).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    waited = time.monotonic() - started
+    assert answer.choices[0].message.content
+    assert waited >= 1.5, waited
+
+
+PHASES = {f.__name__: f for f in [basic, stream_tools, embeddings, errors, bad_request, throttled, throttled_then_retried]}
+
+if __name__ == "__main__":
+    PHASES[sys.argv[1]]()
+    print("ok", sys.argv[1])
