@@ -339,6 +339,33 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configurations_check() {
+        for (file, vars) in [
+            (
+                "examples/sim.toml",
+                &["SIM_OPENAI_KEY", "SIM_AZURE_KEY"][..],
+            ),
+            (
+                "examples/azure-openai.toml",
+                &["AZURE_EAST_KEY", "AZURE_WEST_KEY", "OPENAI_API_KEY"][..],
+            ),
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let config = Config::load(&path).unwrap();
+            config.keys().unwrap();
+            // The keys come from the environment; a missing one is named.
+            let missing = format!("{:#}", config.builder().unwrap_err());
+            assert!(missing.contains(vars[0]), "{file}: {missing}");
+            // With the variables set, the router builds.
+            let mut set = config.clone();
+            for e in &mut set.endpoints {
+                e.api_key_env = Some("PATH".to_owned()); // any variable that is set
+            }
+            set.builder().unwrap().build().unwrap();
+        }
+    }
+
+    #[test]
     fn key_digests() {
         let hex = hash_key("sk-gw-test");
         assert_eq!(hex.len(), 64);
