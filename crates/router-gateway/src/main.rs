@@ -9,6 +9,7 @@
 
 mod config;
 mod demo;
+mod metrics;
 mod server;
 
 use std::io::Read as _;

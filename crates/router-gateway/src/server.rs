@@ -24,6 +24,7 @@ use crate::config::{Config, GatewayKey, digest};
 /// What the handlers share.
 pub(crate) struct AppState {
     pub(crate) router: Router,
+    pub(crate) metrics: crate::metrics::Metrics,
     pub(crate) keys: ArcSwap<Vec<GatewayKey>>,
     pub(crate) config_path: Option<PathBuf>,
 }
@@ -35,6 +36,7 @@ pub(crate) fn app(state: Arc<AppState>, body_limit: usize) -> axum::Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .fallback(|| async {
@@ -200,33 +202,66 @@ fn json<T: Serialize>(body: &T) -> Response {
 }
 
 async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = std::time::Instant::now();
     let request: ChatCompletionRequest = match parse(&body) {
         Ok(request) => request,
         Err(response) => return response,
     };
-    let caller = match authenticate(&state, &headers, &request.model) {
+    let response = chat_answer(&state, &headers, &request, started).await;
+    state.metrics.answered(
+        "chat",
+        &request.model,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+async fn chat_answer(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    request: &ChatCompletionRequest,
+    started: std::time::Instant,
+) -> Response {
+    let caller = match authenticate(state, headers, &request.model) {
         Ok(caller) => caller,
         Err(response) => return response,
     };
     let options = options(caller);
     if request.is_stream() {
-        return match state.router.chat_stream_with(&request, &options).await {
-            Ok(stream) => sse(stream),
+        return match state.router.chat_stream_with(request, &options).await {
+            Ok(stream) => {
+                state.metrics.retried(stream.attempts());
+                sse(stream, Arc::clone(state), started)
+            }
             Err(e) => router_error(&e),
         };
     }
-    match state.router.chat_with(&request, &options).await {
-        Ok(answer) => json(&answer.body),
+    match state.router.chat_with(request, &options).await {
+        Ok(answer) => {
+            state.metrics.retried(answer.attempts);
+            json(&answer.body)
+        }
         Err(e) => router_error(&e),
     }
 }
 
 /// Relays a stream as server-sent events, each event written as soon as it arrives.
-fn sse(stream: router_facade::RouterStream) -> Response {
+fn sse(
+    stream: router_facade::RouterStream,
+    state: Arc<AppState>,
+    started: std::time::Instant,
+) -> Response {
+    let mut first = true;
     let events = stream
-        .map(|item| {
+        .map(move |item| {
             let frame = match item {
                 Ok(chunk) => match serde_json::to_string(&chunk) {
+                    Ok(json) if first && chunk.has_content() => {
+                        first = false;
+                        state.metrics.first_token(started.elapsed());
+                        format!("data: {json}\n\n")
+                    }
                     Ok(json) => format!("data: {json}\n\n"),
                     Err(e) => format!(
                         "data: {}\n\n",
@@ -310,6 +345,15 @@ async fn completions(
     }
 }
 
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = state.metrics.render(&state.router).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
 async fn models(State(state): State<Arc<AppState>>) -> Response {
     let data: Vec<serde_json::Value> = state
         .router
@@ -374,6 +418,7 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Resu
     let router = config.router().await?;
     let state = Arc::new(AppState {
         router,
+        metrics: crate::metrics::Metrics::default(),
         keys: ArcSwap::from_pointee(keys),
         config_path: path,
     });

@@ -316,6 +316,36 @@ async fn raw_http_framing_headers_and_errors() {
         "rate_limit_exceeded"
     );
 
+    // Prometheus metrics: answers by route and status, streams' time to first token, the
+    // deployments' state.
+    let metrics = client()
+        .get(format!("{}/metrics", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"openai_router_requests_total{route="chat",model="gpt-4o-mini",status="200"} 2"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"status="429"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains("openai_router_time_to_first_token_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"openai_router_in_flight{endpoint="az",model="gpt-4o-mini",deployment="mini-dep"} 0"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"openai_router_deployment_state{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini"} 1"#), "rate limited: {metrics}");
+    assert!(!metrics.contains(GATEWAY_KEY));
+
     // Keys never appear in the logs, even at trace level.
     let logs = gateway.logs().await;
     for secret in [UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY] {

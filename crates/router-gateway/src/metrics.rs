@@ -1,0 +1,224 @@
+//! `/metrics`: Prometheus text exposition, written by hand from atomics and the router's
+//! stats (no exporter crate, nothing on the request path but a few relaxed increments).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use router_facade::{Availability, Router};
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    sum_micros: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
+        }
+        let total = self.total.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {total}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let labels = labels.trim_end_matches(',');
+        let block = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{block} {sum}");
+        let _ = writeln!(out, "{name}_count{block} {total}");
+    }
+}
+
+/// The gateway's own counters.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    /// Answers by (route, model, status).
+    requests: DashMap<(&'static str, String, u16), AtomicU64>,
+    latency: DashMap<&'static str, Histogram>,
+    ttft: Histogram,
+    retries: AtomicU64,
+    throttles: AtomicU64,
+}
+
+impl Metrics {
+    /// One answer.
+    pub(crate) fn answered(&self, route: &'static str, model: &str, status: u16, took: Duration) {
+        self.requests
+            .entry((route, model.to_owned(), status))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+        self.latency.entry(route).or_default().observe(took);
+        if status == 429 {
+            self.throttles.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Attempts beyond the first.
+    pub(crate) fn retried(&self, attempts: u32) {
+        self.retries
+            .fetch_add(u64::from(attempts.saturating_sub(1)), Ordering::Relaxed);
+    }
+
+    /// A stream's first chunk reached the client.
+    pub(crate) fn first_token(&self, ttft: Duration) {
+        self.ttft.observe(ttft);
+    }
+
+    /// The exposition.
+    #[expect(clippy::too_many_lines, reason = "one metric family after another")]
+    pub(crate) fn render(&self, router: &Router) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str(
+            "# HELP openai_router_requests_total Answers by route, model group and status.\n",
+        );
+        out.push_str("# TYPE openai_router_requests_total counter\n");
+        let mut rows: Vec<_> = self
+            .requests
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        rows.sort();
+        for ((route, model, status), n) in rows {
+            let _ = writeln!(
+                out,
+                "openai_router_requests_total{{route=\"{route}\",model=\"{}\",status=\"{status}\"}} {n}",
+                escape(&model)
+            );
+        }
+        out.push_str("# HELP openai_router_request_duration_seconds Time to the whole answer (to the headers, for streams).\n");
+        out.push_str("# TYPE openai_router_request_duration_seconds histogram\n");
+        for entry in &self.latency {
+            entry.value().render(
+                &mut out,
+                "openai_router_request_duration_seconds",
+                &format!("route=\"{}\",", entry.key()),
+            );
+        }
+        out.push_str("# HELP openai_router_time_to_first_token_seconds Streams: time to the first content chunk.\n");
+        out.push_str("# TYPE openai_router_time_to_first_token_seconds histogram\n");
+        self.ttft
+            .render(&mut out, "openai_router_time_to_first_token_seconds", "");
+        let _ = writeln!(
+            out,
+            "# TYPE openai_router_retries_total counter\nopenai_router_retries_total {}",
+            self.retries.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE openai_router_throttled_total counter\nopenai_router_throttled_total {}",
+            self.throttles.load(Ordering::Relaxed)
+        );
+
+        let stats = router.stats();
+        out.push_str("# HELP openai_router_in_flight Requests in flight per deployment (streams until they end).\n# TYPE openai_router_in_flight gauge\n");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "openai_router_in_flight{{{}}} {}",
+                labels(s),
+                s.state.in_flight
+            );
+        }
+        let now = std::time::Instant::now();
+        let availability = |s: &router_facade::DeploymentStats| match s.state.availability {
+            Availability::Ready => (0, None),
+            Availability::RateLimited(at) => (1, Some(at)),
+            Availability::Ejected(at) => (2, Some(at)),
+            Availability::Disabled(_) => (3, None),
+        };
+        out.push_str("# HELP openai_router_deployment_state 0 ready, 1 rate limited, 2 ejected, 3 disabled.\n# TYPE openai_router_deployment_state gauge\n");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "openai_router_deployment_state{{{}}} {}",
+                labels(s),
+                availability(s).0
+            );
+        }
+        out.push_str("# HELP openai_router_cooldown_seconds Seconds until a cooling deployment is back.\n# TYPE openai_router_cooldown_seconds gauge\n");
+        for s in &stats {
+            let remaining = availability(s)
+                .1
+                .map_or(0.0, |at| at.saturating_duration_since(now).as_secs_f64());
+            let _ = writeln!(
+                out,
+                "openai_router_cooldown_seconds{{{}}} {remaining}",
+                labels(s)
+            );
+        }
+        out.push_str("# TYPE openai_router_upstream_successes_total counter\n");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "openai_router_upstream_successes_total{{{}}} {}",
+                labels(s),
+                s.state.successes
+            );
+        }
+        out.push_str("# HELP openai_router_upstream_failures_total Failed attempts by kind.\n# TYPE openai_router_upstream_failures_total counter\n");
+        for s in &stats {
+            for (kind, n) in &s.state.failures {
+                let _ = writeln!(
+                    out,
+                    "openai_router_upstream_failures_total{{{},kind=\"{}\"}} {n}",
+                    labels(s),
+                    kind.as_str()
+                );
+            }
+        }
+        out.push_str("# HELP openai_router_latency_estimate_seconds PeakEWMA time to first token per deployment.\n# TYPE openai_router_latency_estimate_seconds gauge\n");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "openai_router_latency_estimate_seconds{{{}}} {}",
+                labels(s),
+                s.state.latency_stream
+            );
+        }
+        out.push_str("# HELP openai_router_learned_tpm Tokens per minute the upstream announced.\n# TYPE openai_router_learned_tpm gauge\n");
+        for s in &stats {
+            if let Some(tpm) = s.state.learned_tpm {
+                let _ = writeln!(out, "openai_router_learned_tpm{{{}}} {tpm}", labels(s));
+            }
+        }
+        out
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels(s: &router_facade::DeploymentStats) -> String {
+    format!(
+        "endpoint=\"{}\",model=\"{}\",deployment=\"{}\"",
+        escape(s.endpoint.as_str()),
+        escape(&s.model),
+        escape(&s.deployment)
+    )
+}
