@@ -83,6 +83,12 @@ pub(crate) struct RouterConfig {
     pub(crate) expected_completion: Option<u32>,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_url_env: Option<String>,
+    /// Upstream timeouts, for every endpoint: connecting, to the first byte of a stream, to
+    /// the answer of a non-streamed request, and between two chunks.
+    pub(crate) connect_timeout_ms: Option<u64>,
+    pub(crate) stream_first_byte_timeout_ms: Option<u64>,
+    pub(crate) first_byte_timeout_ms: Option<u64>,
+    pub(crate) between_chunks_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -187,6 +193,7 @@ impl Config {
         if let Some(tokens) = self.router.expected_completion {
             builder = builder.expected_completion(tokens);
         }
+        let timeouts = self.timeouts();
         for (i, e) in self.endpoints.iter().enumerate() {
             let at = format!("endpoints[{i}] (`{}`)", e.name);
             let mut endpoint = match e.kind {
@@ -240,6 +247,9 @@ impl Config {
             if let Some(ms) = e.quota_window_ms {
                 endpoint = endpoint.quota_window(Duration::from_millis(ms));
             }
+            if let Some(timeouts) = timeouts {
+                endpoint = endpoint.timeouts(timeouts);
+            }
             builder = builder.endpoint(endpoint);
         }
         for key in &self.keys {
@@ -256,6 +266,29 @@ impl Config {
             builder = builder.caller_limits(&key.name, limits);
         }
         Ok(builder)
+    }
+
+    /// The upstream timeouts, when any is configured.
+    fn timeouts(&self) -> Option<router_facade::Timeouts> {
+        let r = &self.router;
+        let any = r.connect_timeout_ms.is_some()
+            || r.stream_first_byte_timeout_ms.is_some()
+            || r.first_byte_timeout_ms.is_some()
+            || r.between_chunks_timeout_ms.is_some();
+        if !any {
+            return None;
+        }
+        let defaults = router_facade::Timeouts::default();
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        Some(
+            defaults
+                .with_connect(ms(r.connect_timeout_ms, defaults.connect))
+                .with_first_byte(
+                    ms(r.stream_first_byte_timeout_ms, defaults.first_byte_stream),
+                    ms(r.first_byte_timeout_ms, defaults.first_byte),
+                )
+                .with_between_chunks(ms(r.between_chunks_timeout_ms, defaults.between_chunks)),
+        )
     }
 
     /// The gateway keys, checked.
@@ -363,6 +396,19 @@ mod tests {
             }
             set.builder().unwrap().build().unwrap();
         }
+    }
+
+    #[test]
+    fn upstream_timeouts() {
+        let config = Config::parse(
+            "[router]\nstream_first_byte_timeout_ms = 1500\nbetween_chunks_timeout_ms = 900\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap();
+        let timeouts = config.timeouts().unwrap();
+        assert_eq!(timeouts.first_byte_stream, Duration::from_millis(1500));
+        assert_eq!(timeouts.between_chunks, Duration::from_millis(900));
+        assert_eq!(timeouts.connect, router_facade::Timeouts::default().connect);
+        config.builder().unwrap().build().unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -177,9 +178,20 @@ fn authenticate(
     Ok(Some(key.name.clone()))
 }
 
+/// The body, or the OpenAI-shaped answer to a body that could not be read (too large: 413).
 #[expect(clippy::result_large_err, reason = "the error is the answer to send")]
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| {
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = (status == StatusCode::PAYLOAD_TOO_LARGE).then_some("request_too_large");
+        error(
+            status,
+            &rejection.body_text(),
+            "invalid_request_error",
+            code,
+        )
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
             &format!("the body is not a valid request: {e}"),
@@ -201,9 +213,13 @@ fn json<T: Serialize>(body: &T) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = std::time::Instant::now();
-    let request: ChatCompletionRequest = match parse(&body) {
+    let request: ChatCompletionRequest = match parse(body) {
         Ok(request) => request,
         Err(response) => return response,
     };
@@ -294,9 +310,9 @@ fn error_event(message: &str) -> String {
 async fn embeddings(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request: EmbeddingRequest = match parse(&body) {
+    let request: EmbeddingRequest = match parse(body) {
         Ok(request) => request,
         Err(response) => return response,
     };
@@ -317,9 +333,9 @@ async fn embeddings(
 async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request: CompletionRequest = match parse(&body) {
+    let request: CompletionRequest = match parse(body) {
         Ok(request) => request,
         Err(response) => return response,
     };

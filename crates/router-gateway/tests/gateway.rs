@@ -293,6 +293,22 @@ async fn raw_http_framing_headers_and_errors() {
         "invalid_request_error"
     );
 
+    // A body over the limit (16 MiB by default): 413, OpenAI-shaped.
+    let huge = vec![b' '; 17 * 1024 * 1024];
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .bearer_auth(GATEWAY_KEY)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "request_too_large"
+    );
+
     // Every upstream throttles beyond the deadline: 429 with Retry-After.
     for endpoint in sim.endpoints() {
         endpoint.inject(Fault::rate_limited(Duration::from_secs(30)), Times::Next(1));
