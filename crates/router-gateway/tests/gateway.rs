@@ -25,7 +25,7 @@ const GATEWAY_KEY: &str = "sk-gw-team-a-4e2c";
 struct Gateway {
     child: Child,
     base: String,
-    _dir: PathBuf,
+    dir: PathBuf,
 }
 
 impl Gateway {
@@ -137,11 +137,7 @@ models = ["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"]
     let client = reqwest::Client::new();
     for _ in 0..250 {
         if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            return Gateway {
-                child,
-                base,
-                _dir: dir,
-            };
+            return Gateway { child, base, dir };
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -462,4 +458,77 @@ async fn the_official_python_client() {
     for secret in [UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY, OPEN_KEY] {
         assert!(!logs.contains(secret), "a key in the logs");
     }
+}
+
+async fn model_ids(gateway: &Gateway) -> Vec<String> {
+    let models: Value = client()
+        .get(format!("{}/v1/models", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn hangup(gateway: &Gateway) {
+    let pid = gateway.child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_a_bad_file_keeps_the_old_configuration() {
+    let sim = sim().await;
+    let gateway = start(&sim, "").await;
+    assert!(!model_ids(&gateway).await.contains(&"gpt-4.1".to_owned()));
+    let path = gateway.dir.join("router.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+
+    // A new model group on the OpenAI endpoint.
+    let grown = text.replacen(
+        "\"gpt-3.5-turbo-instruct\"]",
+        "\"gpt-3.5-turbo-instruct\", \"gpt-4.1\"]",
+        1,
+    );
+    assert_ne!(grown, text);
+    std::fs::write(&path, &grown).unwrap();
+    hangup(&gateway);
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if model_ids(&gateway).await.contains(&"gpt-4.1".to_owned()) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reloaded, "SIGHUP did not reload");
+
+    // A broken file: refused, the running configuration stays.
+    std::fs::write(&path, "[[endpoints]]\nname = \"x\"\nkind = \"nonsense\"\n").unwrap();
+    hangup(&gateway);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(model_ids(&gateway).await.contains(&"gpt-4.1".to_owned()));
+    let body =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "still there?"}]});
+    assert_eq!(
+        post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), body)
+            .await
+            .status(),
+        200
+    );
+    let logs = gateway.logs().await;
+    assert!(
+        logs.contains("reload refused"),
+        "the refusal is logged: {logs}"
+    );
 }
