@@ -6,7 +6,8 @@
 //!   sources). Tools it needs and can install from the crate registry
 //!   (`cargo-deny`, `cargo-nextest`) are installed when missing.
 //! - `test`: the test suite and the doc tests only.
-//! - `bench`: the criterion benchmarks in `benches/`.
+//! - `bench`: the benchmarks: criterion in `benches/` (pick, overhead), the quota scenario,
+//!   and the gateway under load (`router-gateway/benches/gateway.rs`).
 //! - `demo`: `openai-router demo` in release mode.
 //!
 //! Each step prints its command and duration; a summary closes the run.
@@ -143,6 +144,19 @@ const BENCH: Step = Step {
     args: &["bench", "--locked", "-p", "benches"],
     env: &[],
 };
+const BENCH_GATEWAY: Step = Step {
+    name: "bench gateway",
+    program: "cargo",
+    args: &[
+        "bench",
+        "--locked",
+        "-p",
+        "router-gateway",
+        "--bench",
+        "gateway",
+    ],
+    env: &[],
+};
 const DEMO_RELEASE: Step = Step {
     name: "demo",
     program: "cargo",
@@ -204,7 +218,10 @@ fn run() -> Result<()> {
             ensure_redis()?;
             run_steps(&[NEXTEST, DOCTEST])
         }
-        "bench" => run_steps(&[BENCH]),
+        "bench" => {
+            ensure_redis()?;
+            run_steps(&[BENCH, BENCH_GATEWAY])
+        }
         "demo" => run_steps(&[DEMO_RELEASE]),
         "" | "help" | "--help" | "-h" => {
             say(concat!(
