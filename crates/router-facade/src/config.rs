@@ -248,6 +248,24 @@ impl Endpoint {
         &self.name
     }
 
+    /// Whether the upstream accepts `stream_options` (for the usage chunk). OpenAI and Azure's
+    /// v1 form do; Azure's dated API versions do from `2024-09-01-preview` (GA `2024-10-21`);
+    /// a custom backend is not assumed to.
+    pub(crate) fn accepts_stream_usage(&self) -> bool {
+        match &self.kind {
+            #[cfg(feature = "openai")]
+            EndpointKind::OpenAi { .. } => true,
+            #[cfg(feature = "azure")]
+            EndpointKind::Azure { api, .. } => match api {
+                Some(backend_azure::AzureApi::Deployments { api_version }) => api_version
+                    .get(..10)
+                    .is_some_and(|date| date >= "2024-09-01"),
+                _ => true,
+            },
+            EndpointKind::Custom(_) => false,
+        }
+    }
+
     /// A hash of everything that makes this endpoint's backend what it is (URL, credential,
     /// dialect, timeouts): a reconfiguration keeps the live state of a deployment only when it
     /// is unchanged. Secrets are hashed in memory, never shown.

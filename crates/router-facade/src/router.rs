@@ -424,6 +424,7 @@ impl Router {
             let mut request = renamed(request, &deployment.name);
             // To account its tokens, ask for the usage chunk; the caller, who did not, never sees it.
             let inject = reservation.is_some()
+                && deployment.stream_usage
                 && request
                     .stream_options
                     .as_ref()

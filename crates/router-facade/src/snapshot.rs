@@ -23,6 +23,9 @@ pub(crate) struct Deployment {
     pub(crate) limits: Limits,
     /// The deployment's name in the state store: `endpoint/model`.
     pub(crate) key: Arc<str>,
+    /// Whether the upstream accepts `stream_options.include_usage` (the router asks for the
+    /// usage chunk only where it may: Azure's dated API versions before 2024-09-01 refuse it).
+    pub(crate) stream_usage: bool,
     pub(crate) state: Arc<DeploymentState>,
     /// The endpoint's fingerprint plus the deployment name: what must not change for the live
     /// state to carry over a reload.
@@ -100,6 +103,7 @@ impl RouterSnapshot {
                         window: endpoint.limits.window,
                     },
                     key: Arc::from(format!("{}/{}", endpoint.name, spec.model)),
+                    stream_usage: endpoint.accepts_stream_usage(),
                     state,
                     identity,
                 }));

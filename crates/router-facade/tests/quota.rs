@@ -367,3 +367,38 @@ async fn limits_not_configured_are_learned_from_the_upstreams_headers() {
     let refused = sim.endpoints()[0].counters().rate_limited;
     assert!(refused < 5, "{refused} upstream 429s");
 }
+
+#[tokio::test]
+async fn no_stream_options_for_azure_api_versions_that_refuse_them() {
+    use futures_util::StreamExt;
+    let endpoint = EndpointConfig::new("az", SimDialect::Azure)
+        .with_models(["dep"])
+        .with_latency(LatencyModel::instant());
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    for (version, asks) in [
+        ("2024-06-01", false),
+        ("2024-10-21", true),
+        ("2024-09-01-preview", true),
+    ] {
+        let router = Router::builder()
+            .endpoint(
+                Endpoint::azure("az", sim.endpoints()[0].url())
+                    .api_version(version)
+                    .api_key("k")
+                    .deployment(MODEL, "dep")
+                    .tpm(600_000),
+            )
+            .build()
+            .unwrap();
+        let mut stream = router.chat_stream(&request(1)).await.unwrap();
+        while let Some(chunk) = stream.next().await {
+            chunk.unwrap();
+        }
+        let seen = sim.endpoints()[0].last_request().unwrap();
+        assert_eq!(
+            seen.body.get("stream_options").is_some(),
+            asks,
+            "api-version {version}"
+        );
+    }
+}
