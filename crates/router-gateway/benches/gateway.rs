@@ -107,8 +107,42 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// A simulated upstream on its own thread pinned to core 0 (the gateway's core): the cost of
+/// one cross-core round trip, the floor under any extra hop on this machine.
+fn upstream_on_core_0() -> String {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(tid) = std::fs::read_link("/proc/thread-self")
+            && let Some(tid) = tid.file_name().and_then(|t| t.to_str())
+        {
+            let _ = std::process::Command::new("taskset")
+                .args(["-p", "-c", "0", tid])
+                .stdout(Stdio::null())
+                .status();
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let sim = Sim::start(
+                2,
+                [EndpointConfig::new("far", SimDialect::OpenAi)
+                    .with_models(["gpt-4o-mini"])
+                    .with_latency(LatencyModel::instant())],
+            )
+            .await
+            .unwrap();
+            sender.send(sim.endpoints()[0].openai_base_url()).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    format!("{}/chat/completions", receiver.recv().unwrap())
+}
+
 fn main() {
     pin_self(1);
+    let far = upstream_on_core_0();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -148,8 +182,12 @@ fn main() {
         sequential(&client, &direct, 200).await;
         sequential(&client, &via, 200).await;
 
-        let straight = sequential(&client, &direct, 3000).await;
-        let gatewayed = sequential(&client, &via, 3000).await;
+        // GATEWAY_BENCH_SEQUENTIAL lengthens the one-connection phase (to profile it).
+        let n = std::env::var("GATEWAY_BENCH_SEQUENTIAL").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+        sequential(&client, &far, 200).await;
+        let straight = sequential(&client, &direct, n).await;
+        let across = sequential(&client, &far, n).await;
+        let gatewayed = sequential(&client, &via, n).await;
         let (p50, p99) = (percentile(&straight, 0.5), percentile(&straight, 0.99));
         let (g50, g99) = (percentile(&gatewayed, 0.5), percentile(&gatewayed, 0.99));
         let rps_direct = throughput(&client, &direct, BODY, 50, 5).await;
@@ -162,6 +200,11 @@ fn main() {
         println!("|---|---|---|---|");
         println!("| latency p50, 1 connection | {:.0} µs | {:.0} µs | {:.0} µs |", us(p50), us(g50), us(g50) - us(p50));
         println!("| latency p99, 1 connection | {:.0} µs | {:.0} µs | {:.0} µs |", us(p99), us(g99), us(g99) - us(p99));
+        println!(
+            "| (floor) an upstream on core 0, 1 connection: one cross-core round trip | p50 {:.0} µs, p99 {:.0} µs | | |",
+            us(percentile(&across, 0.5)),
+            us(percentile(&across, 0.99))
+        );
         println!("| requests/s, 50 connections | {rps_direct:.0} | {rps_gateway:.0} | |");
         println!("| streamed requests/s, 50 connections | {streams_direct:.0} | {streams_gateway:.0} | |");
         println!("| gateway peak RSS | | {rss:.1} MiB | |");
