@@ -310,6 +310,53 @@ impl Config {
     }
 }
 
+/// Sends each endpoint, alone, a one-token request for each model it serves (an embeddings
+/// request for models named like embeddings), and prints what happened. `true` when all
+/// answered.
+pub(crate) async fn probe(config: &Config) -> anyhow::Result<bool> {
+    use router_facade::types::{ChatCompletionRequest, ChatMessage, EmbeddingRequest};
+    let mut all_ok = true;
+    for endpoint in &config.endpoints {
+        let alone = Config {
+            endpoints: vec![endpoint.clone()],
+            keys: Vec::new(),
+            ..config.clone()
+        };
+        let router = alone
+            .builder()?
+            .max_attempts(1)
+            .request_timeout(Duration::from_secs(30))
+            .build()?;
+        for model in router.models() {
+            let started = std::time::Instant::now();
+            let result = if model.contains("embedding") {
+                router
+                    .embeddings(&EmbeddingRequest::new(&model, "probe"))
+                    .await
+                    .map(|_| ())
+            } else {
+                let mut request =
+                    ChatCompletionRequest::new(&model, vec![ChatMessage::user("Say ok")]);
+                request.max_tokens = Some(1);
+                router.chat(&request).await.map(|_| ())
+            };
+            let line = match result {
+                Ok(()) => format!(
+                    "  {} / {model}: ok in {} ms",
+                    endpoint.name,
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => {
+                    all_ok = false;
+                    format!("  {} / {model}: FAILED ({}): {e}", endpoint.name, e.kind())
+                }
+            };
+            crate::demo::say(&line);
+        }
+    }
+    Ok(all_ok)
+}
+
 fn parse_digest(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
     if text.len() != 64 {

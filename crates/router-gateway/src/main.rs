@@ -39,6 +39,9 @@ enum Command {
         /// The configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Also sends each endpoint a one-token request per model it serves.
+        #[arg(long)]
+        probe: bool,
     },
     /// Prints the SHA-256 of a gateway key (read from standard input), for the `sha256` field.
     HashKey,
@@ -72,7 +75,7 @@ fn main() -> ExitCode {
             server::serve(loaded, Some(config)).await?;
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Check { config } => runtime.block_on(async {
+        Command::Check { config, probe } => runtime.block_on(async {
             let loaded = config::Config::load(&config)?;
             loaded.keys()?;
             let builder = loaded.builder()?;
@@ -84,6 +87,9 @@ fn main() -> ExitCode {
                 router.models().join(", "),
                 loaded.keys.len()
             ));
+            if probe && !config::probe(&loaded).await? {
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }),
         Command::HashKey => {

@@ -74,7 +74,8 @@ async fn start(sim: &Sim, extra: &str) -> Gateway {
     start_with(sim, extra, 5000).await
 }
 
-async fn start_with(sim: &Sim, extra: &str, timeout: u64) -> Gateway {
+/// Writes a gateway configuration for `sim` into a fresh folder; returns it and the port.
+fn write_config(sim: &Sim, extra: &str, timeout: u64) -> (PathBuf, u16) {
     let dir = std::env::temp_dir().join(format!(
         "openai-router-test-{}-{}",
         std::process::id(),
@@ -122,6 +123,12 @@ models = ["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"]
         .unwrap()
         .write_all(config.as_bytes())
         .unwrap();
+    (dir, port)
+}
+
+async fn start_with(sim: &Sim, extra: &str, timeout: u64) -> Gateway {
+    let (dir, port) = write_config(sim, extra, timeout);
+    let path = dir.join("router.toml");
     let child = Command::new(env!("CARGO_BIN_EXE_openai-router"))
         .args(["serve", "--config"])
         .arg(&path)
@@ -531,4 +538,30 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_configuration() {
         logs.contains("reload refused"),
         "the refusal is logged: {logs}"
     );
+}
+
+#[tokio::test]
+async fn check_probe_reports_each_endpoint() {
+    let sim = sim().await;
+    let (dir, _) = write_config(&sim, "", 5000);
+    let output = Command::new(env!("CARGO_BIN_EXE_openai-router"))
+        .args(["check", "--probe", "--config"])
+        .arg(dir.join("router.toml"))
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("TEST_AZURE_KEY", "az-wrong-key")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "a failed probe fails the check");
+    assert!(stdout.contains("oai / gpt-4o-mini: ok"), "{stdout}");
+    assert!(
+        stdout.contains("oai / text-embedding-3-small: ok"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("az / gpt-4o-mini: FAILED (unauthorized)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("az-wrong-key"), "no key in the output");
 }
