@@ -565,3 +565,62 @@ async fn check_probe_reports_each_endpoint() {
     );
     assert!(!stdout.contains("az-wrong-key"), "no key in the output");
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_the_upstream_call() {
+    let slow = LatencyModel::new(Duration::from_secs(5), Duration::from_millis(10));
+    let sim = Sim::start(
+        4,
+        [
+            EndpointConfig::new("oai", SimDialect::OpenAi)
+                .with_api_key(UPSTREAM_KEY)
+                .with_latency(slow),
+            EndpointConfig::new("az", SimDialect::Azure)
+                .with_api_key(AZURE_KEY)
+                .with_latency(slow),
+        ],
+    )
+    .await
+    .unwrap();
+    let gateway = start(&sim, "").await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let request = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .bearer_auth(GATEWAY_KEY)
+        .json(&body)
+        .timeout(Duration::from_millis(300))
+        .send();
+    assert!(request.await.is_err(), "the client gives up first");
+    let reached: u64 = sim.endpoints().iter().map(|e| e.counters().requests).sum();
+    assert_eq!(
+        reached, 1,
+        "the call reached an upstream before the client left"
+    );
+    // The gateway drops its call, so the upstream connection closes and nothing is in flight.
+    let mut released = false;
+    for _ in 0..50 {
+        let upstream: u64 = sim.endpoints().iter().map(|e| e.counters().in_flight).sum();
+        let metrics = client()
+            .get(format!("{}/metrics", gateway.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let gateway_in_flight: u64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("openai_router_in_flight{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if upstream == 0 && gateway_in_flight == 0 {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        released,
+        "the upstream call was not cancelled within 1 s (its answer takes 5 s)"
+    );
+}
