@@ -12,6 +12,16 @@
 use router_core::Charge;
 use router_types::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PromptInput};
 
+/// Loads the tokenizers in the background, so that the first request that needs an estimate
+/// does not wait for them (parsing their vocabularies takes a moment).
+pub(crate) fn warm_up() {
+    #[cfg(feature = "tokenizer")]
+    std::thread::spawn(|| {
+        let _ = tiktoken_rs::o200k_base_singleton();
+        let _ = tiktoken_rs::cl100k_base_singleton();
+    });
+}
+
 /// Tokens in `text` for `model`.
 pub(crate) fn text_tokens(model: &str, text: &str) -> u64 {
     if text.is_empty() {

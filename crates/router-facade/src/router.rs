@@ -158,7 +158,15 @@ impl Router {
     pub(crate) fn from_builder(builder: RouterBuilder) -> Result<Self, Error> {
         let origin = now();
         let seed = builder.seed.unwrap_or_else(|| Rng::new().fork_seed());
+        let needs_estimates = builder.endpoints.iter().any(|e| e.limits.is_limited())
+            || builder.store.is_some()
+            || !builder.group_limits.is_empty()
+            || !builder.caller_limits.is_empty()
+            || builder.default_caller_limits.is_some();
         let snapshot = RouterSnapshot::build(builder, None, origin)?;
+        if needs_estimates {
+            crate::estimate::warm_up();
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(Live::new(snapshot)),
