@@ -26,16 +26,20 @@ struct Step {
     env: &'static [(&'static str, &'static str)],
 }
 
-const FMT: Step = Step {
-    name: "format",
-    program: "cargo",
-    args: &["fmt", "--all", "--check"],
-    env: &[],
-};
-const CLIPPY: Step = Step {
-    name: "clippy",
-    program: "cargo",
-    args: &[
+/// A `cargo` step.
+const fn cargo(name: &'static str, args: &'static [&'static str]) -> Step {
+    Step {
+        name,
+        program: "cargo",
+        args,
+        env: &[],
+    }
+}
+
+const FMT: Step = cargo("format", &["fmt", "--all", "--check"]);
+const CLIPPY: Step = cargo(
+    "clippy",
+    &[
         "clippy",
         "--workspace",
         "--all-targets",
@@ -45,12 +49,10 @@ const CLIPPY: Step = Step {
         "-D",
         "warnings",
     ],
-    env: &[],
-};
-const NEXTEST: Step = Step {
-    name: "tests",
-    program: "cargo",
-    args: &[
+);
+const NEXTEST: Step = cargo(
+    "tests",
+    &[
         "nextest",
         "run",
         "--workspace",
@@ -59,14 +61,11 @@ const NEXTEST: Step = Step {
         "--profile",
         "ci",
     ],
-    env: &[],
-};
-const DOCTEST: Step = Step {
-    name: "doc tests",
-    program: "cargo",
-    args: &["test", "--doc", "--workspace", "--all-features", "--locked"],
-    env: &[],
-};
+);
+const DOCTEST: Step = cargo(
+    "doc tests",
+    &["test", "--doc", "--workspace", "--all-features", "--locked"],
+);
 const RUSTDOC: Step = Step {
     name: "rustdoc",
     program: "cargo",
@@ -79,53 +78,49 @@ const RUSTDOC: Step = Step {
     ],
     env: &[("RUSTDOCFLAGS", "-D warnings")],
 };
-const EXAMPLES: Step = Step {
-    name: "examples",
-    program: "cargo",
-    args: &[
-        "run",
-        "--quiet",
-        "--locked",
-        "-p",
-        "router-facade",
-        "--example",
-        "least_latency",
-    ],
-    env: &[],
-};
-const EXAMPLE_BACKEND: Step = Step {
-    name: "examples",
-    program: "cargo",
-    args: &[
-        "run",
-        "--quiet",
-        "--locked",
-        "-p",
-        "router-facade",
-        "--example",
-        "custom_backend",
-    ],
-    env: &[],
-};
-const EXAMPLE_STRATEGY: Step = Step {
-    name: "examples",
-    program: "cargo",
-    args: &[
-        "run",
-        "--quiet",
-        "--locked",
-        "-p",
-        "router-facade",
-        "--example",
-        "custom_strategy",
-    ],
-    env: &[],
-};
+/// The router examples: each runs against the simulator and checks what it shows.
+const EXAMPLES: [Step; 3] = [
+    cargo(
+        "examples",
+        &[
+            "run",
+            "--quiet",
+            "--locked",
+            "-p",
+            "router-facade",
+            "--example",
+            "least_latency",
+        ],
+    ),
+    cargo(
+        "examples",
+        &[
+            "run",
+            "--quiet",
+            "--locked",
+            "-p",
+            "router-facade",
+            "--example",
+            "custom_backend",
+        ],
+    ),
+    cargo(
+        "examples",
+        &[
+            "run",
+            "--quiet",
+            "--locked",
+            "-p",
+            "router-facade",
+            "--example",
+            "custom_strategy",
+        ],
+    ),
+];
 /// The demo, short: it must end with zero caller-visible failures on the default seed.
-const DEMO: Step = Step {
-    name: "demo",
-    program: "cargo",
-    args: &[
+const DEMO: Step = cargo(
+    "demo",
+    &[
         "run",
         "--quiet",
         "--locked",
@@ -136,31 +131,10 @@ const DEMO: Step = Step {
         "--duration",
         "3",
     ],
-    env: &[],
-};
-const BENCH: Step = Step {
-    name: "bench",
-    program: "cargo",
-    args: &["bench", "--locked", "-p", "benches"],
-    env: &[],
-};
-const BENCH_GATEWAY: Step = Step {
-    name: "bench gateway",
-    program: "cargo",
-    args: &[
-        "bench",
-        "--locked",
-        "-p",
-        "router-gateway",
-        "--bench",
-        "gateway",
-    ],
-    env: &[],
-};
-const DEMO_RELEASE: Step = Step {
-    name: "demo",
-    program: "cargo",
-    args: &[
+);
+const DEMO_RELEASE: Step = cargo(
+    "demo",
+    &[
         "run",
         "--release",
         "--locked",
@@ -169,14 +143,23 @@ const DEMO_RELEASE: Step = Step {
         "--",
         "demo",
     ],
-    env: &[],
-};
-const DENY: Step = Step {
-    name: "cargo deny",
-    program: "cargo",
-    args: &["deny", "check", "bans", "licenses", "sources"],
-    env: &[],
-};
+);
+const BENCH: Step = cargo("bench", &["bench", "--locked", "-p", "benches"]);
+const BENCH_GATEWAY: Step = cargo(
+    "bench gateway",
+    &[
+        "bench",
+        "--locked",
+        "-p",
+        "router-gateway",
+        "--bench",
+        "gateway",
+    ],
+);
+const DENY: Step = cargo(
+    "cargo deny",
+    &["deny", "check", "bans", "licenses", "sources"],
+);
 
 fn main() -> ExitCode {
     match run() {
@@ -200,17 +183,9 @@ fn run() -> Result<()> {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
             ensure_tool("cargo-deny", "deny", "cargo-deny")?;
             ensure_redis()?;
+            let [example_a, example_b, example_c] = EXAMPLES;
             run_steps(&[
-                FMT,
-                CLIPPY,
-                NEXTEST,
-                DOCTEST,
-                RUSTDOC,
-                EXAMPLES,
-                EXAMPLE_BACKEND,
-                EXAMPLE_STRATEGY,
-                DEMO,
-                DENY,
+                FMT, CLIPPY, NEXTEST, DOCTEST, RUSTDOC, example_a, example_b, example_c, DEMO, DENY,
             ])
         }
         "test" => {

@@ -448,6 +448,15 @@ async fn connection_refused_is_connect() {
     assert!(error.is_retryable());
 }
 
+/// A backend that waits 300 ms for headers and between chunks.
+fn impatient_backend(sim: &Sim) -> OpenAiBackend {
+    OpenAiBackend::builder("oai", sim.endpoints()[0].openai_base_url())
+        .api_key(KEY)
+        .timeouts(short_timeouts())
+        .build()
+        .unwrap()
+}
+
 fn short_timeouts() -> Timeouts {
     Timeouts::default()
         .with_first_byte(Duration::from_millis(300), Duration::from_millis(300))
@@ -463,11 +472,7 @@ async fn stall_before_headers_times_out() {
             Fault::StallBeforeHeaders(Duration::from_secs(30)),
             Times::Next(1),
         );
-        let backend = OpenAiBackend::builder("oai", sim.endpoints()[0].openai_base_url())
-            .api_key(KEY)
-            .timeouts(short_timeouts())
-            .build()
-            .unwrap();
+        let backend = impatient_backend(&sim);
         let started = Instant::now();
         let error = if stream {
             backend
@@ -495,11 +500,7 @@ async fn stall_mid_stream_times_out() {
         },
         Times::Next(1),
     );
-    let backend = OpenAiBackend::builder("oai", sim.endpoints()[0].openai_base_url())
-        .api_key(KEY)
-        .timeouts(short_timeouts())
-        .build()
-        .unwrap();
+    let backend = impatient_backend(&sim);
     let stream = backend
         .chat_stream(&chat_request(), &CallOptions::default())
         .await

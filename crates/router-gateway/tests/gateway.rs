@@ -248,21 +248,10 @@ async fn raw_http_framing_headers_and_errors() {
             .len(),
         2
     );
-    let models: Value = client()
-        .get(format!("{}/v1/models", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"text-embedding-3-small"));
+    let ids = model_ids(&gateway).await;
+    assert!(
+        ids.iter().any(|m| m == "gpt-4o-mini") && ids.iter().any(|m| m == "text-embedding-3-small")
+    );
 
     // OpenAI-shaped errors with the right status.
     let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
@@ -337,14 +326,7 @@ async fn raw_http_framing_headers_and_errors() {
 
     // Prometheus metrics: answers by route and status, streams' time to first token, the
     // deployments' state.
-    let metrics = client()
-        .get(format!("{}/metrics", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gateway).await;
     assert!(
         metrics.contains(
             r#"openai_router_requests_total{route="chat",model="gpt-4o-mini",status="200"} 2"#
@@ -367,9 +349,7 @@ async fn raw_http_framing_headers_and_errors() {
 
     // Keys never appear in the logs, even at trace level.
     let logs = gateway.logs().await;
-    for secret in [UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY] {
-        assert!(!logs.contains(secret), "a key in the logs");
-    }
+    assert_no_secret(&logs, &[UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY]);
     assert!(logs.contains("serving"), "the logs were captured: {logs}");
 }
 
@@ -462,9 +442,7 @@ async fn the_official_python_client() {
     }
     run_python(&gateway, "throttled_then_retried", GATEWAY_KEY).await;
     let logs = gateway.logs().await;
-    for secret in [UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY, OPEN_KEY] {
-        assert!(!logs.contains(secret), "a key in the logs");
-    }
+    assert_no_secret(&logs, &[UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY, OPEN_KEY]);
 }
 
 async fn model_ids(gateway: &Gateway) -> Vec<String> {
@@ -600,14 +578,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_call() {
     let mut released = false;
     for _ in 0..50 {
         let upstream: u64 = sim.endpoints().iter().map(|e| e.counters().in_flight).sum();
-        let metrics = client()
-            .get(format!("{}/metrics", gateway.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&gateway).await;
         let gateway_in_flight: u64 = metrics
             .lines()
             .filter(|l| l.starts_with("openai_router_in_flight{"))
@@ -623,4 +594,22 @@ async fn a_client_that_disconnects_cancels_the_upstream_call() {
         released,
         "the upstream call was not cancelled within 1 s (its answer takes 5 s)"
     );
+}
+
+async fn metrics_text(gateway: &Gateway) -> String {
+    client()
+        .get(format!("{}/metrics", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// No key, of the gateway's or an upstream's, in what the gateway printed.
+fn assert_no_secret(logs: &str, secrets: &[&str]) {
+    for secret in secrets {
+        assert!(!logs.contains(secret), "a key in the logs");
+    }
 }
