@@ -542,7 +542,10 @@ impl RouterBuilder {
         caller: Option<&str>,
     ) -> Vec<(String, crate::RateLimits)> {
         let mut scopes = Vec::new();
-        if let Some((_, limits)) = self.group_limits.iter().rev().find(|(m, _)| m == model) {
+        // A scope that limits nothing is left out: it would cost an estimate and a lookup.
+        if let Some((_, limits)) = self.group_limits.iter().rev().find(|(m, _)| m == model)
+            && limits.is_limited()
+        {
             scopes.push((format!("group:{model}"), *limits));
         }
         if let Some(caller) = caller {
@@ -552,7 +555,9 @@ impl RouterBuilder {
                 .rev()
                 .find(|(c, _)| c == caller)
                 .map(|(_, l)| *l);
-            if let Some(limits) = own.or(self.default_caller_limits) {
+            if let Some(limits) = own.or(self.default_caller_limits)
+                && limits.is_limited()
+            {
                 scopes.push((format!("caller:{caller}"), limits));
             }
         }
@@ -681,5 +686,30 @@ impl fmt::Debug for RouterBuilder {
             .field("retry", &self.retry)
             .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RateLimits;
+
+    #[test]
+    fn scopes_that_limit_nothing_are_left_out() {
+        let builder = RouterBuilder::default()
+            .group_limits("gpt-4o-mini", RateLimits::new())
+            .caller_limits("open", RateLimits::new())
+            .caller_limits("metered", RateLimits::new().with_tpm(1_000))
+            .default_caller_limits(RateLimits::new().with_rpm(60));
+        assert!(builder.scopes("gpt-4o-mini", None).is_empty());
+        // Its own (empty) limits override the default: nothing to check.
+        assert!(builder.scopes("gpt-4o-mini", Some("open")).is_empty());
+        let metered = builder.scopes("gpt-4o-mini", Some("metered"));
+        assert_eq!(metered.len(), 1);
+        assert_eq!(metered[0].0, "caller:metered");
+        assert!(metered[0].1.counts_tokens());
+        let other = builder.scopes("gpt-4o-mini", Some("someone"));
+        assert_eq!(other.len(), 1);
+        assert!(!other[0].1.counts_tokens());
     }
 }

@@ -55,6 +55,16 @@ impl RateLimits {
         self
     }
 
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.rpm.is_some() || self.tpm.is_some() || self.concurrency.is_some()
+    }
+
+    /// Whether a token limit is set (admission then needs a token estimate).
+    pub(crate) fn counts_tokens(&self) -> bool {
+        self.tpm.is_some()
+    }
+
     fn buckets(&self) -> Limits {
         Limits::per_minute(self.tpm, self.rpm)
     }

@@ -158,11 +158,18 @@ impl Router {
     pub(crate) fn from_builder(builder: RouterBuilder) -> Result<Self, Error> {
         let origin = now();
         let seed = builder.seed.unwrap_or_else(|| Rng::new().fork_seed());
+        // Token estimates (and so the tokenizers, tens of MB) only where something counts
+        // tokens: an endpoint's quota, shared state, or a router-side token limit.
         let needs_estimates = builder.endpoints.iter().any(|e| e.limits.is_limited())
             || builder.store.is_some()
-            || !builder.group_limits.is_empty()
-            || !builder.caller_limits.is_empty()
-            || builder.default_caller_limits.is_some();
+            || builder
+                .group_limits
+                .iter()
+                .chain(&builder.caller_limits)
+                .any(|(_, l)| l.counts_tokens())
+            || builder
+                .default_caller_limits
+                .is_some_and(|l| l.counts_tokens());
         let snapshot = RouterSnapshot::build(builder, None, origin)?;
         if needs_estimates {
             crate::estimate::warm_up();
@@ -624,7 +631,7 @@ impl<'r> Attempts<'r> {
             .settings
             .scopes(model, options.caller.as_deref());
         let accounted = live.snapshot.store.is_shared()
-            || !scopes.is_empty()
+            || scopes.iter().any(|(_, l)| l.counts_tokens())
             || group
                 .members
                 .iter()

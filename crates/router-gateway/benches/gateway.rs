@@ -3,8 +3,12 @@
 //! The gateway (the release `openai-router` binary) is pinned to core 0; this process (the
 //! load generator and the simulated upstream) to core 1. Reported: added latency p50/p99 at one
 //! connection, requests/s at 50 connections (plain and streamed), and the gateway's peak RSS.
+//! With `--litellm PYTHON` (a venv's Python with `litellm[proxy]`), the LiteLLM proxy is
+//! measured the same way, in the same run, pinned to the same core. Both gateways require a
+//! key. Writes `gateway.json` to `--out` (default `target/bench`) for `bench-report`.
 //!
-//! `cargo bench -p router-gateway --bench gateway` (part of `cargo xtask bench`).
+//! `cargo bench -p router-gateway --bench gateway [-- --litellm PYTHON]` (part of
+//! `cargo xtask bench [--compare litellm]`).
 
 #![expect(
     clippy::unwrap_used,
@@ -14,11 +18,13 @@
 
 use std::io::Write as _;
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use sha2::Digest as _;
 use upstream_sim::{EndpointConfig, LatencyModel, Sim, SimDialect};
 
 const BODY: &str =
@@ -140,7 +146,88 @@ fn upstream_on_core_0() -> String {
     format!("{}/chat/completions", receiver.recv().unwrap())
 }
 
+/// The key both gateways require (the LiteLLM proxy refuses to start without one).
+const KEY: &str = "sk-bench-0123456789abcdef0123456789abcdef";
+
+struct Args {
+    /// The Python of a venv with `litellm[proxy]`: also run the LiteLLM proxy.
+    litellm: Option<PathBuf>,
+    out: PathBuf,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        litellm: None,
+        out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--litellm" => args.litellm = it.next().map(PathBuf::from),
+            "--out" => args.out = it.next().map(PathBuf::from).expect("--out DIR"),
+            _ => {} // `cargo bench` passes `--bench`
+        }
+    }
+    args
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `url` answers (any status), for at most 60 s.
+async fn wait_for(
+    client: &reqwest::Client,
+    url: &str,
+    child: &mut tokio::process::Child,
+    what: &str,
+) {
+    for _ in 0..600 {
+        if client.get(url).send().await.is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before answering: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} did not answer {url} within 60 s");
+}
+
+/// One gateway measured: latency at one connection, requests/s at 50 (plain and streamed), RSS.
+async fn measure(
+    client: &reqwest::Client,
+    url: &str,
+    sequential_n: usize,
+    pid: u32,
+    straight: &[Duration],
+) -> serde_json::Value {
+    sequential(client, url, sequential_n / 10 + 20).await;
+    let latencies = sequential(client, url, sequential_n).await;
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    println!(
+        "      p50 {:.0} µs, p99 {:.0} µs at one connection; now 50 connections",
+        us(p50),
+        us(p99)
+    );
+    let rps = throughput(client, url, BODY, 50, 5).await;
+    let streamed = throughput(client, url, STREAM_BODY, 50, 5).await;
+    println!("      {rps:.0} requests/s, {streamed:.0} streamed requests/s");
+    serde_json::json!({
+        "p50_us": us(p50), "p99_us": us(p99),
+        "added_p50_us": us(p50) - us(percentile(straight, 0.5)),
+        "added_p99_us": us(p99) - us(percentile(straight, 0.99)),
+        "rps": rps, "streamed_rps": streamed, "peak_rss_mib": peak_rss_mib(pid),
+        "sequential_requests": sequential_n,
+    })
+}
+
 fn main() {
+    let args = args();
     pin_self(1);
     let far = upstream_on_core_0();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -151,12 +238,36 @@ fn main() {
         let sim = Sim::start(1, [EndpointConfig::new("sim", SimDialect::OpenAi).with_models(["gpt-4o-mini"]).with_latency(LatencyModel::instant())])
             .await
             .unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let upstream = sim.endpoints()[0].openai_base_url();
         let dir = std::env::temp_dir().join(format!("openai-router-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(64)
+            .default_headers(
+                [(reqwest::header::AUTHORIZATION, format!("Bearer {KEY}").parse().unwrap())]
+                    .into_iter()
+                    .collect(),
+            )
+            .build()
+            .unwrap();
+        let direct = format!("{upstream}/chat/completions");
+
+        println!("[1/3] straight to the simulated upstream, and one cross-core round trip");
+        sequential(&client, &direct, 200).await;
+        sequential(&client, &far, 200).await;
+        // GATEWAY_BENCH_SEQUENTIAL lengthens the one-connection phase (to profile it).
+        let n = std::env::var("GATEWAY_BENCH_SEQUENTIAL").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+        let straight = sequential(&client, &direct, n).await;
+        let across = sequential(&client, &far, n).await;
+        let rps_direct = throughput(&client, &direct, BODY, 50, 5).await;
+        let streams_direct = throughput(&client, &direct, STREAM_BODY, 50, 5).await;
+
+        println!("[2/3] openai-router serve (pinned to core 0)");
+        let port = free_port();
+        let digest: String = sha2::Sha256::digest(KEY.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[[endpoints]]\nname = \"sim\"\nkind = \"openai\"\nurl = \"{}\"\nmodels = [\"gpt-4o-mini\"]\n",
-            sim.endpoints()[0].openai_base_url()
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[[endpoints]]\nname = \"sim\"\nkind = \"openai\"\nurl = \"{upstream}\"\nmodels = [\"gpt-4o-mini\"]\n[[keys]]\nname = \"bench\"\nsha256 = \"{digest}\"\n"
         );
         let path = dir.join("router.toml");
         std::fs::File::create(&path).unwrap().write_all(config.as_bytes()).unwrap();
@@ -168,47 +279,61 @@ fn main() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        wait_for(&client, &format!("http://127.0.0.1:{port}/healthz"), &mut gateway, "openai-router").await;
         let pid = gateway.id().unwrap();
-        let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build().unwrap();
-        let via = format!("http://127.0.0.1:{port}/v1/chat/completions");
-        let direct = format!("{}/chat/completions", sim.endpoints()[0].openai_base_url());
-        for _ in 0..250 {
-            if client.get(format!("http://127.0.0.1:{port}/healthz")).send().await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Warm up both paths.
-        sequential(&client, &direct, 200).await;
-        sequential(&client, &via, 200).await;
-
-        // GATEWAY_BENCH_SEQUENTIAL lengthens the one-connection phase (to profile it).
-        let n = std::env::var("GATEWAY_BENCH_SEQUENTIAL").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
-        sequential(&client, &far, 200).await;
-        let straight = sequential(&client, &direct, n).await;
-        let across = sequential(&client, &far, n).await;
-        let gatewayed = sequential(&client, &via, n).await;
-        let (p50, p99) = (percentile(&straight, 0.5), percentile(&straight, 0.99));
-        let (g50, g99) = (percentile(&gatewayed, 0.5), percentile(&gatewayed, 0.99));
-        let rps_direct = throughput(&client, &direct, BODY, 50, 5).await;
-        let rps_gateway = throughput(&client, &via, BODY, 50, 5).await;
-        let streams_direct = throughput(&client, &direct, STREAM_BODY, 50, 5).await;
-        let streams_gateway = throughput(&client, &via, STREAM_BODY, 50, 5).await;
-        let rss = peak_rss_mib(pid);
-        println!("gateway benchmark (gateway on core 0; load generator and upstream on core 1)");
-        println!("| measure | straight to the upstream | through the gateway | added |");
-        println!("|---|---|---|---|");
-        println!("| latency p50, 1 connection | {:.0} µs | {:.0} µs | {:.0} µs |", us(p50), us(g50), us(g50) - us(p50));
-        println!("| latency p99, 1 connection | {:.0} µs | {:.0} µs | {:.0} µs |", us(p99), us(g99), us(g99) - us(p99));
-        println!(
-            "| (floor) an upstream on core 0, 1 connection: one cross-core round trip | p50 {:.0} µs, p99 {:.0} µs | | |",
-            us(percentile(&across, 0.5)),
-            us(percentile(&across, 0.99))
-        );
-        println!("| requests/s, 50 connections | {rps_direct:.0} | {rps_gateway:.0} | |");
-        println!("| streamed requests/s, 50 connections | {streams_direct:.0} | {streams_gateway:.0} | |");
-        println!("| gateway peak RSS | | {rss:.1} MiB | |");
+        let ours = measure(&client, &format!("http://127.0.0.1:{port}/v1/chat/completions"), n, pid, &straight).await;
         gateway.start_kill().unwrap();
+
+        let litellm = match &args.litellm {
+            None => serde_json::Value::Null,
+            Some(python) => {
+                println!("[3/3] the LiteLLM proxy (pinned to core 0; one worker)");
+                let port = free_port();
+                let config = format!(
+                    "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n      api_base: {upstream}\n      api_key: sk-bench-upstream\n"
+                );
+                let path = dir.join("litellm.yaml");
+                std::fs::write(&path, config).unwrap();
+                let cli = python.with_file_name("litellm");
+                let log = args.out.join("litellm-proxy.log");
+                std::fs::create_dir_all(&args.out).unwrap();
+                let mut proxy = tokio::process::Command::new("taskset")
+                    .args(["-c", "0"])
+                    .arg(&cli)
+                    .args(["--config"])
+                    .arg(&path)
+                    .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--num_workers", "1"])
+                    .env("LITELLM_MASTER_KEY", KEY)
+                    .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+                    .env("LITELLM_LOG", "ERROR")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {}: {e}", cli.display()));
+                wait_for(&client, &format!("http://127.0.0.1:{port}/health/liveliness"), &mut proxy, "the LiteLLM proxy").await;
+                let pid = proxy.id().unwrap();
+                // A tenth of the sequential requests: each takes milliseconds here.
+                let theirs = measure(&client, &format!("http://127.0.0.1:{port}/v1/chat/completions"), n / 10, pid, &straight).await;
+                proxy.start_kill().unwrap();
+                theirs
+            }
+        };
+
+        let results = serde_json::json!({
+            "direct": {
+                "p50_us": us(percentile(&straight, 0.5)), "p99_us": us(percentile(&straight, 0.99)),
+                "rps": rps_direct, "streamed_rps": streams_direct,
+            },
+            "cross_core": {"p50_us": us(percentile(&across, 0.5)), "p99_us": us(percentile(&across, 0.99))},
+            "openai-router": ours,
+            "litellm": litellm,
+        });
+        std::fs::create_dir_all(&args.out).unwrap();
+        let out = args.out.join("gateway.json");
+        std::fs::write(&out, serde_json::to_vec_pretty(&results).unwrap()).unwrap();
+        println!("{}", serde_json::to_string_pretty(&results).unwrap());
+        println!("wrote {}", out.display());
     });
 }
 

@@ -190,6 +190,12 @@ impl SimEndpoint {
         self.state.set_limits(limits);
     }
 
+    /// Starts the quota windows again from now, with full budgets: lines a measurement up with
+    /// the windows (a benchmark that starts its load at a window edge measures whole windows).
+    pub fn restart_windows(&self) {
+        self.state.limiter().restart(tokio::time::Instant::now());
+    }
+
     /// Injects `fault` for `times`. Faults apply in the order injected; the first that applies
     /// to a request wins.
     pub fn inject(&self, fault: Fault, times: Times) {

@@ -57,6 +57,14 @@ impl Limiter {
         self.limits
     }
 
+    /// Starts the windows again from `now`, with full budgets.
+    pub(crate) fn restart(&mut self, now: Instant) {
+        self.origin = now;
+        self.window = 0;
+        self.requests = 0;
+        self.tokens = 0;
+    }
+
     fn roll(&mut self, now: Instant) -> Duration {
         let window = self.limits.window();
         let elapsed = now.saturating_duration_since(self.origin);
@@ -137,6 +145,25 @@ mod tests {
         assert!(matches!(
             limiter.admit(origin, 1_001),
             Admission::TooLarge(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restart_gives_full_budgets_and_moves_the_window_edges() {
+        let limits = Limits::per_minute(Some(6_000), None).with_window(Duration::from_secs(10));
+        let origin = Instant::now();
+        let mut limiter = Limiter::new(limits, origin);
+        assert!(matches!(limiter.admit(origin, 900), Admission::Admitted(_)));
+        let later = origin + Duration::from_secs(3);
+        limiter.restart(later);
+        let Admission::Admitted(snapshot) = limiter.admit(later, 900) else {
+            panic!("a restarted window has its whole budget");
+        };
+        // The window now ends 10 s after the restart, not at the old edge (7 s away).
+        assert_eq!(snapshot.reset, Duration::from_secs(10));
+        assert!(matches!(
+            limiter.admit(later + Duration::from_secs(9), 200),
+            Admission::TooManyTokens(_)
         ));
     }
 

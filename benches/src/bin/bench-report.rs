@@ -1,0 +1,798 @@
+//! Turns the results of `cargo xtask bench` into `BENCHMARKS.md` tables and SVG plots.
+//!
+//! Reads, from the bench directory (default `target/bench`): `scenarios*.json` (the
+//! degradation and quota scenarios, `benches/benches/scenarios.rs`) and `gateway.json`
+//! (`router-gateway/benches/gateway.rs`); and criterion's estimates under `target/criterion`
+//! (pick, select, overhead). Writes the plots to `docs/benchmarks/` and replaces, in
+//! `BENCHMARKS.md`, the text between each `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`
+//! pair; the prose around them is kept as it is. Prints the side-by-side table.
+//!
+//! `cargo run --release -p benches --bin bench-report -- [--command "..."]`
+
+#![expect(
+    clippy::print_stdout,
+    reason = "the side-by-side table is printed as well as written"
+)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use plotters::prelude::*;
+use serde_json::Value;
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench-report: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+struct Args {
+    root: PathBuf,
+    command: String,
+}
+
+fn args() -> Result<Args> {
+    let mut args = Args {
+        root: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+        command: "cargo xtask bench".to_owned(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--command" => args.command = it.next().context("--command needs a value")?,
+            "--root" => args.root = it.next().context("--root needs a value")?.into(),
+            other => bail!("unknown argument `{other}` (known: --command TEXT, --root DIR)"),
+        }
+    }
+    Ok(args)
+}
+
+fn run() -> Result<()> {
+    let args = args()?;
+    let bench = args.root.join("target/bench");
+    let plots = args.root.join("docs/benchmarks");
+    std::fs::create_dir_all(&plots)
+        .with_context(|| format!("cannot create {}", plots.display()))?;
+    let scenarios = load_scenarios(&bench)?;
+    let gateway = read_json(&bench.join("gateway.json"))?;
+    let criterion = args.root.join("target/criterion");
+
+    let mut sections: BTreeMap<&str, String> = BTreeMap::new();
+    sections.insert("machine", machine(&args));
+    sections.insert("pick", pick_table(&criterion));
+    sections.insert("select", select_table(&criterion));
+    sections.insert(
+        "in-process",
+        overhead_table(
+            &criterion,
+            "in_process",
+            "backend_direct",
+            "backend called directly",
+            1e-3,
+            "µs",
+        ),
+    );
+    sections.insert(
+        "over-http",
+        overhead_table(
+            &criterion,
+            "over_http",
+            "reqwest_direct",
+            "reqwest, directly",
+            1e-3,
+            "µs",
+        ),
+    );
+    sections.insert("degradation", degradation_table(&scenarios.runs));
+    sections.insert("quota", quota_table(&scenarios.runs));
+    sections.insert("gateway", gateway_table(gateway.as_ref()));
+    let comparison = comparison_table(&scenarios.runs, gateway.as_ref());
+    sections.insert("comparison", comparison.clone());
+
+    let degradation: Vec<&Value> = scenarios.of("degradation");
+    if !degradation.is_empty() {
+        let at = scenarios.document["degradation"]["at"]
+            .as_f64()
+            .unwrap_or(10.0);
+        plot_degradation_latency(&plots.join("degradation-latency.svg"), &degradation, at)?;
+        plot_degradation_share(&plots.join("degradation-share.svg"), &degradation, at)?;
+    }
+    let quota: Vec<&Value> = scenarios.of("quota");
+    if !quota.is_empty() {
+        plot_quota(&plots.join("quota-tokens-per-minute.svg"), &quota)?;
+    }
+
+    let path = args.root.join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = replace_sections(&text, &sections)?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{comparison}");
+    println!(
+        "wrote {} and the plots in {}",
+        path.display(),
+        plots.display()
+    );
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            Ok(Some(serde_json::from_str(&text).with_context(|| {
+                format!("{} is not JSON", path.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+struct Scenarios {
+    /// The parameters (of the newest file).
+    document: Value,
+    runs: Vec<Value>,
+}
+
+impl Scenarios {
+    fn of(&self, scenario: &str) -> Vec<&Value> {
+        self.runs
+            .iter()
+            .filter(|r| r["scenario"] == scenario)
+            .collect()
+    }
+}
+
+/// `scenarios.json` and any partial `scenarios-NAME.json`, oldest first, so that a newer run of
+/// the same scenario, router and strategy replaces an older one.
+fn load_scenarios(dir: &Path) -> Result<Scenarios> {
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("scenarios") && name.ends_with(".json") {
+                let modified = entry.metadata().and_then(|m| m.modified())?;
+                files.push((modified, entry.path()));
+            }
+        }
+    }
+    files.sort();
+    let mut document = Value::Null;
+    let mut runs: Vec<Value> = Vec::new();
+    for (_, path) in files {
+        let Some(file) = read_json(&path)? else {
+            continue;
+        };
+        for run in file["runs"].as_array().into_iter().flatten() {
+            let key = |r: &Value| (r["scenario"].clone(), r["system"].clone(), r["run"].clone());
+            runs.retain(|r| key(r) != key(run));
+            runs.push(run.clone());
+        }
+        document = file;
+    }
+    // Our runs first, then LiteLLM's, each in the order they ran.
+    runs.sort_by_key(|r| r["system"] != "openai-router");
+    Ok(Scenarios { document, runs })
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn machine(args: &Args) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or("unknown".to_owned(), |kb| {
+            format!("{:.1} GiB", kb / 1024.0 / 1024.0)
+        });
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map_or("unknown".to_owned(), |v| v.trim_matches('"').to_owned());
+    let rustc = output("rustc", &["--version"]).unwrap_or_else(|| "unknown".to_owned());
+    let python = args.root.join("target/litellm-venv/bin/python");
+    let litellm = output(
+        &python.to_string_lossy(),
+        &[
+            "-c",
+            "import importlib.metadata as m, sys; print(m.version('litellm'), 'on Python', sys.version.split()[0])",
+        ],
+    );
+    let date = output("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default();
+    let mut s = String::new();
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(s, "| date | {date} |");
+    let _ = writeln!(s, "| command | `{}` |", args.command);
+    let _ = writeln!(s, "| CPU | {cpu}, {cores} cores |");
+    let _ = writeln!(s, "| memory | {memory} |");
+    let _ = writeln!(s, "| OS | {os} |");
+    let _ = writeln!(s, "| Rust | {rustc}, release profile |");
+    let _ = writeln!(
+        s,
+        "| LiteLLM | {} |",
+        litellm.unwrap_or_else(|| "not installed (run with `--compare litellm`)".to_owned())
+    );
+    s
+}
+
+/// Criterion's estimate of one benchmark, in nanoseconds: the slope when it has one, else the
+/// mean.
+fn estimate(criterion: &Path, id: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(criterion.join(id).join("new/estimates.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v["slope"]["point_estimate"]
+        .as_f64()
+        .or_else(|| v["mean"]["point_estimate"].as_f64())
+}
+
+fn nanos(ns: Option<f64>) -> String {
+    match ns {
+        None => "not run".to_owned(),
+        Some(ns) if ns >= 1000.0 => format!("{:.2} µs", ns / 1000.0),
+        Some(ns) if ns >= 100.0 => format!("{ns:.0} ns"),
+        Some(ns) => format!("{ns:.1} ns"),
+    }
+}
+
+const SIZES: [u32; 4] = [2, 8, 64, 256];
+
+fn pick_table(criterion: &Path) -> String {
+    let mut s =
+        String::from("| strategy | N = 2 | N = 8 | N = 64 | N = 256 |\n|---|---|---|---|---|\n");
+    for (id, label) in [
+        ("round-robin", "round-robin"),
+        ("least-busy", "least-busy (P2C)"),
+        (
+            "least-latency",
+            "least-latency (P2C, PeakEWMA × (in-flight + 1))",
+        ),
+        ("weighted", "weighted"),
+    ] {
+        let cells: Vec<String> = SIZES
+            .iter()
+            .map(|n| {
+                let ns = estimate(criterion, &format!("pick/{id}/{n}"));
+                let text = nanos(ns);
+                if ns.is_some_and(|ns| ns > 50.0) {
+                    format!("**{text}**")
+                } else {
+                    text
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    }
+    s
+}
+
+fn select_table(criterion: &Path) -> String {
+    let cells: Vec<String> = SIZES
+        .iter()
+        .map(|n| nanos(estimate(criterion, &format!("select/least-latency/{n}"))))
+        .collect();
+    format!(
+        "| N = 2 | N = 8 | N = 64 | N = 256 |\n|---|---|---|---|\n| {} |\n",
+        cells.join(" | ")
+    )
+}
+
+fn overhead_table(
+    criterion: &Path,
+    group: &str,
+    direct: &str,
+    direct_label: &str,
+    scale: f64,
+    unit: &str,
+) -> String {
+    let base = estimate(criterion, &format!("{group}/{direct}"));
+    let routed = estimate(criterion, &format!("{group}/router"));
+    let show =
+        |v: Option<f64>| v.map_or("not run".to_owned(), |v| format!("{:.2} {unit}", v * scale));
+    let added = match (base, routed) {
+        (Some(b), Some(r)) => format!("**{:.2} {unit}**", (r - b) * scale),
+        _ => "not run".to_owned(),
+    };
+    format!(
+        "| path | time per request |\n|---|---|\n| {direct_label} | {} |\n| through the router | {} |\n| **added by the router** | {added} |\n",
+        show(base),
+        show(routed)
+    )
+}
+
+fn ms(v: &Value) -> String {
+    v.as_f64().map_or("-".to_owned(), |v| format!("{v:.0} ms"))
+}
+
+fn pct(v: &Value) -> String {
+    v.as_f64()
+        .map_or("-".to_owned(), |v| format!("{:.1} %", v * 100.0))
+}
+
+fn failed(run: &Value) -> u64 {
+    run["requests"].as_u64().unwrap_or_default() - run["ok"].as_u64().unwrap_or_default()
+}
+
+fn degradation_table(runs: &[Value]) -> String {
+    let mut s = String::from(
+        "| router | strategy | p50 before | p99 before | p50 after | p99 after | slow endpoint's share after | failed requests |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for run in runs.iter().filter(|r| r["scenario"] == "degradation") {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            run["system"].as_str().unwrap_or_default(),
+            run["run"].as_str().unwrap_or_default(),
+            ms(&run["before_p50_ms"]),
+            ms(&run["before_p99_ms"]),
+            ms(&run["after_p50_ms"]),
+            ms(&run["after_p99_ms"]),
+            pct(&run["slow_share_after"]),
+            failed(run),
+        );
+    }
+    s
+}
+
+fn quota_table(runs: &[Value]) -> String {
+    let mut s = String::from(
+        "| router | run | share of summed quota served | upstream 429s | 429s reaching callers | router throttles | timeouts | other errors | served | p50 | p99 |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for run in runs.iter().filter(|r| r["scenario"] == "quota") {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            run["system"].as_str().unwrap_or_default(),
+            run["run"].as_str().unwrap_or_default(),
+            pct(&run["share_served"]),
+            run["upstream_429s"],
+            run["upstream_429_to_caller"],
+            run["throttled"],
+            run["timeout"],
+            run["error"],
+            run["ok"],
+            ms(&run["p50_ms"]),
+            ms(&run["p99_ms"]),
+        );
+    }
+    s
+}
+
+fn us(v: &Value) -> String {
+    v.as_f64().map_or("-".to_owned(), |v| {
+        if v >= 1000.0 {
+            format!("{:.2} ms", v / 1000.0)
+        } else {
+            format!("{v:.0} µs")
+        }
+    })
+}
+
+fn gateway_table(gateway: Option<&Value>) -> String {
+    let Some(g) = gateway else {
+        return "Not run: `cargo xtask bench` runs it.\n".to_owned();
+    };
+    let ours = &g["openai-router"];
+    let direct = &g["direct"];
+    let litellm = &g["litellm"];
+    let with_litellm = litellm.is_object();
+    let mut s = String::from("| measure | straight to the upstream | through openai-router |");
+    if with_litellm {
+        s.push_str(" through the LiteLLM proxy |");
+    }
+    s.push_str("\n|---|---|---|");
+    if with_litellm {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    let rps = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.0}"));
+    let mib = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.1} MiB"));
+    let rows: [(&str, &str, &dyn Fn(&Value) -> String); 7] = [
+        ("latency p50, 1 connection", "p50_us", &us),
+        ("latency p99, 1 connection", "p99_us", &us),
+        ("added p50 (over straight)", "added_p50_us", &us),
+        ("added p99 (over straight)", "added_p99_us", &us),
+        ("requests/s, 50 connections", "rps", &rps),
+        ("streamed requests/s, 50 connections", "streamed_rps", &rps),
+        ("peak RSS", "peak_rss_mib", &mib),
+    ];
+    for (label, key, show) in rows {
+        let _ = write!(
+            s,
+            "| {label} | {} | {} |",
+            show(&direct[key]),
+            show(&ours[key])
+        );
+        if with_litellm {
+            let _ = write!(s, " {} |", show(&litellm[key]));
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "| one cross-core round trip (the floor of any extra hop here) | p50 {}, p99 {} | | {}",
+        us(&g["cross_core"]["p50_us"]),
+        us(&g["cross_core"]["p99_us"]),
+        if with_litellm { "|" } else { "" }
+    );
+    s
+}
+
+fn find<'a>(runs: &'a [Value], scenario: &str, system: &str, run: &str) -> Option<&'a Value> {
+    runs.iter()
+        .find(|r| r["scenario"] == scenario && r["system"] == system && r["run"] == run)
+}
+
+/// openai-router ÷ LiteLLM, as text.
+fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
+    match (ours, theirs) {
+        (Some(o), Some(t)) if t != 0.0 => {
+            let r = o / t;
+            if r >= 10.0 {
+                format!("{r:.0}×")
+            } else {
+                format!("{r:.2}×")
+            }
+        }
+        (Some(o), Some(_)) if o == 0.0 => "equal (both 0)".to_owned(),
+        (Some(_), Some(_)) => "∞".to_owned(),
+        _ => "-".to_owned(),
+    }
+}
+
+fn comparison_table(runs: &[Value], gateway: Option<&Value>) -> String {
+    let mut s = String::from(
+        "| scenario | measure | openai-router | LiteLLM | openai-router ÷ LiteLLM |\n|---|---|---|---|---|\n",
+    );
+    let mut rows = 0;
+    for (ours, theirs) in [
+        ("least-latency", "latency-based-routing"),
+        ("least-busy", "least-busy"),
+        ("usage-based", "usage-based-routing-v2"),
+        ("weighted", "simple-shuffle"),
+    ] {
+        let (Some(o), Some(t)) = (
+            find(runs, "degradation", "openai-router", ours),
+            find(runs, "degradation", "litellm", theirs),
+        ) else {
+            continue;
+        };
+        for (label, key, show) in [
+            (
+                "p99 after the slowdown",
+                "after_p99_ms",
+                ms as fn(&Value) -> String,
+            ),
+            ("p50 after the slowdown", "after_p50_ms", ms),
+            ("slow endpoint's share after", "slow_share_after", pct),
+        ] {
+            let _ = writeln!(
+                s,
+                "| degradation | {label} | {} ({ours}) | {} ({theirs}) | {} |",
+                show(&o[key]),
+                show(&t[key]),
+                ratio(o[key].as_f64(), t[key].as_f64())
+            );
+            rows += 1;
+        }
+    }
+    if let Some(o) = find(runs, "quota", "openai-router", "least-latency") {
+        for theirs in [
+            "usage-based-routing-v2",
+            "simple-shuffle",
+            "least-busy",
+            "latency-based-routing",
+        ] {
+            let Some(t) = find(runs, "quota", "litellm", theirs) else {
+                continue;
+            };
+            for (label, key, show) in [
+                (
+                    "share of summed quota served",
+                    "share_served",
+                    pct as fn(&Value) -> String,
+                ),
+                (
+                    "upstream 429s reaching callers",
+                    "upstream_429_to_caller",
+                    |v: &Value| v.to_string(),
+                ),
+                ("requests served", "ok", |v: &Value| v.to_string()),
+                ("p50 of served requests", "p50_ms", ms),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "| quota | {label} | {} (quota-aware) | {} ({theirs}) | {} |",
+                    show(&o[key]),
+                    show(&t[key]),
+                    ratio(o[key].as_f64(), t[key].as_f64())
+                );
+                rows += 1;
+            }
+        }
+    }
+    if let Some(g) = gateway.filter(|g| g["litellm"].is_object()) {
+        let rps = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.0}"));
+        let mib = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.1} MiB"));
+        let rows_g: [(&str, &str, &dyn Fn(&Value) -> String); 5] = [
+            ("added latency p50, 1 connection", "added_p50_us", &us),
+            ("added latency p99, 1 connection", "added_p99_us", &us),
+            ("requests/s, 50 connections", "rps", &rps),
+            ("streamed requests/s, 50 connections", "streamed_rps", &rps),
+            ("peak RSS", "peak_rss_mib", &mib),
+        ];
+        for (label, key, show) in rows_g {
+            let (o, t) = (&g["openai-router"][key], &g["litellm"][key]);
+            let _ = writeln!(
+                s,
+                "| gateway | {label} | {} | {} (proxy) | {} |",
+                show(o),
+                show(t),
+                ratio(o.as_f64(), t.as_f64())
+            );
+            rows += 1;
+        }
+    }
+    if rows == 0 {
+        return "Not run: `cargo xtask bench --compare litellm` runs it.\n".to_owned();
+    }
+    s
+}
+
+fn replace_sections(text: &str, sections: &BTreeMap<&str, String>) -> Result<String> {
+    let mut text = text.to_owned();
+    for (name, body) in sections {
+        let open = format!("<!-- bench:{name} -->");
+        let close = format!("<!-- /bench:{name} -->");
+        let (Some(start), Some(end)) = (text.find(&open), text.find(&close)) else {
+            bail!("BENCHMARKS.md lacks the markers {open} … {close}");
+        };
+        if end < start {
+            bail!("BENCHMARKS.md: {close} comes before {open}");
+        }
+        text.replace_range(start + open.len()..end, &format!("\n{body}"));
+    }
+    Ok(text)
+}
+
+// Plots.
+
+const COLOURS: [RGBColor; 3] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+];
+
+struct Line {
+    name: String,
+    colour: RGBColor,
+    points: Vec<(f64, f64)>,
+}
+
+fn per_second(run: &Value, key: &str) -> Vec<(f64, f64)> {
+    run["series"][key]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(s, v)| v.as_f64().map(|v| (s as f64 + 0.5, v)))
+        .collect()
+}
+
+/// One panel per run, in a grid of rows × columns, each with its lines.
+fn grid(
+    path: &Path,
+    title: &str,
+    panels: &[(String, Vec<Line>)],
+    x_max: f64,
+    y_max: f64,
+    y_desc: &str,
+    marker: Option<f64>,
+) -> Result<()> {
+    let columns = panels.len().clamp(1, 5);
+    let rows = panels.len().div_ceil(columns);
+    let size = (260 * columns as u32 + 20, 230 * rows as u32 + 50);
+    let root = SVGBackend::new(path, size).into_drawing_area();
+    let draw = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing {}: {e:?}", path.display());
+    root.fill(&WHITE).map_err(draw)?;
+    let root = root.titled(title, ("sans-serif", 20)).map_err(draw)?;
+    let areas = root.split_evenly((rows, columns));
+    for ((name, lines), area) in panels.iter().zip(areas) {
+        let mut chart = ChartBuilder::on(&area)
+            .caption(name, ("sans-serif", 14))
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+            .map_err(draw)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc(y_desc)
+            .x_labels(5)
+            .y_labels(5)
+            .label_style(("sans-serif", 11))
+            .draw()
+            .map_err(draw)?;
+        if let Some(x) = marker {
+            chart
+                .draw_series(LineSeries::new([(x, 0.0), (x, y_max)], BLACK.mix(0.3)))
+                .map_err(draw)?;
+        }
+        for line in lines {
+            let colour = line.colour;
+            chart
+                .draw_series(LineSeries::new(
+                    line.points.iter().copied(),
+                    colour.stroke_width(2),
+                ))
+                .map_err(draw)?
+                .label(line.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 14, y)], colour.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 11))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(draw)?;
+    }
+    root.present().map_err(draw)?;
+    Ok(())
+}
+
+fn panel_name(run: &Value) -> String {
+    let system = if run["system"] == "litellm" {
+        "LiteLLM"
+    } else {
+        "openai-router"
+    };
+    format!("{system}: {}", run["run"].as_str().unwrap_or_default())
+}
+
+fn plot_degradation_latency(path: &Path, runs: &[&Value], at: f64) -> Result<()> {
+    let x_max = runs
+        .iter()
+        .map(|r| per_second(r, "p99_ms").len())
+        .max()
+        .unwrap_or(1) as f64;
+    let panels: Vec<(String, Vec<Line>)> = runs
+        .iter()
+        .map(|run| {
+            (
+                panel_name(run),
+                vec![
+                    Line {
+                        name: "p99".into(),
+                        colour: COLOURS[0],
+                        points: per_second(run, "p99_ms"),
+                    },
+                    Line {
+                        name: "p50".into(),
+                        colour: COLOURS[1],
+                        points: per_second(run, "p50_ms"),
+                    },
+                ],
+            )
+        })
+        .collect();
+    grid(
+        path,
+        "Degradation: latency of the requests sent each second (ep0 turns 5× slower at the grey line)",
+        &panels,
+        x_max,
+        1500.0,
+        "ms",
+        Some(at),
+    )
+}
+
+fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64) -> Result<()> {
+    let x_max = runs
+        .iter()
+        .map(|r| per_second(r, "p50_ms").len())
+        .max()
+        .unwrap_or(1) as f64;
+    let panels: Vec<(String, Vec<Line>)> = runs
+        .iter()
+        .map(|run| {
+            let lines = ["ep0", "ep1", "ep2"]
+                .iter()
+                .zip(COLOURS)
+                .map(|(ep, colour)| Line {
+                    name: if *ep == "ep0" {
+                        "ep0 (slowed)".into()
+                    } else {
+                        (*ep).into()
+                    },
+                    colour,
+                    points: run["series"]["share"][ep]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                        .filter_map(|(s, v)| v.as_f64().map(|v| (s as f64 + 0.5, v * 100.0)))
+                        .collect(),
+                })
+                .collect();
+            (panel_name(run), lines)
+        })
+        .collect();
+    grid(
+        path,
+        "Degradation: share of each second's requests per endpoint (ep0 turns 5× slower at the grey line)",
+        &panels,
+        x_max,
+        100.0,
+        "% of requests",
+        Some(at),
+    )
+}
+
+fn plot_quota(path: &Path, runs: &[&Value]) -> Result<()> {
+    let summed = runs
+        .first()
+        .and_then(|r| r["summed_tpm"].as_f64())
+        .unwrap_or(1.0);
+    let mut x_max: f64 = 1.0;
+    let panels: Vec<(String, Vec<Line>)> = runs
+        .iter()
+        .map(|run| {
+            let points: Vec<(f64, f64)> = run["tokens_per_minute"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()? / 1000.0)))
+                .collect();
+            x_max = points.iter().map(|p| p.0).fold(x_max, f64::max);
+            (
+                panel_name(run),
+                vec![
+                    Line {
+                        name: "admitted by the endpoints".into(),
+                        colour: COLOURS[1],
+                        points,
+                    },
+                    Line {
+                        name: "summed quota".into(),
+                        colour: COLOURS[0],
+                        points: vec![(0.0, summed / 1000.0), (1e6, summed / 1000.0)],
+                    },
+                ],
+            )
+        })
+        .collect();
+    grid(
+        path,
+        "Quota: tokens per minute the endpoints admitted (trailing 10 s) against the summed quota",
+        &panels,
+        x_max.ceil(),
+        summed / 1000.0 * 1.4,
+        "thousand tokens/min",
+        None,
+    )
+}
