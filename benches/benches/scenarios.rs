@@ -1,5 +1,5 @@
 //! Routing quality on simulated endpoints, for openai-router and (with `--litellm PYTHON`)
-//! for LiteLLM's Router, against the same endpoints, the same offered load and the same clock.
+//! for `LiteLLM`'s Router, against the same endpoints, the same offered load and the same clock.
 //!
 //! - **degradation**: three equal endpoints; midway, one turns five times slower. Latency p50
 //!   and p99 and each endpoint's share of the traffic, per second, for every strategy.
@@ -8,7 +8,7 @@
 //!   and how many reached callers, router throttles, latency, served tokens per minute over time.
 //!
 //! Real time on loopback. Each run starts a fresh simulated world on the same seed; the load is
-//! open loop (one request every 1/rate seconds whatever the answers). The LiteLLM runs go
+//! open loop (one request every 1/rate seconds whatever the answers). The `LiteLLM` runs go
 //! through `benches/litellm/driver.py`, which offers the same requests and writes one record
 //! per request; this process owns the simulator and the clock of every run, and computes every
 //! figure from the records the same way for both routers.
@@ -21,8 +21,10 @@
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
+    clippy::panic,
     clippy::print_stdout,
-    reason = "a benchmark report"
+    clippy::too_many_lines,
+    reason = "a benchmark report: a failed setup should stop it loudly"
 )]
 
 use std::path::{Path, PathBuf};
@@ -54,6 +56,8 @@ const DEGRADE_SECONDS: u64 = 20;
 const DEGRADE_AT: u64 = 10;
 const SLOWDOWN: f64 = 5.0;
 const SLOW_ENDPOINT: &str = "ep0";
+/// "Settled": requests sent this long after the slowdown.
+const SETTLE: f64 = 3.0;
 
 /// The quota scenario.
 const TPMS: [u64; 3] = [30_000, 60_000, 90_000];
@@ -225,7 +229,7 @@ fn request(i: u64) -> ChatCompletionRequest {
     request
 }
 
-/// The simulator's cumulative charged tokens, sampled every 500 ms.
+/// The simulator's cumulative charged tokens, sampled every 500 ms from the run's start.
 #[derive(Default)]
 struct Samples {
     points: Mutex<Vec<(f64, u64)>>,
@@ -235,7 +239,8 @@ fn sample(sim: &Sim, started: Instant, samples: &Arc<Samples>) -> tokio::task::J
     let endpoints = sim.endpoints().to_vec();
     let samples = Arc::clone(samples);
     tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(Duration::from_millis(500));
+        // On the run's clock, so that samples fall on the quota windows' edges.
+        let mut ticks = tokio::time::interval_at(started.into(), Duration::from_millis(500));
         loop {
             ticks.tick().await;
             let charged = endpoints.iter().map(|e| e.counters().tokens_charged).sum();
@@ -293,10 +298,10 @@ async fn run(
                 routers.push(our_router(scenario, &sim, *strategy, store));
             }
             let started = start_windows(&sim);
-            let sampler = sample(&sim, started, &samples);
+            let sampling = sample(&sim, started, &samples);
             let degrade = degrade_later(scenario, &sim, started);
             let (records, charged) = offer(&routers, scenario, &sim, started).await;
-            sampler.abort();
+            sampling.abort();
             degrade.abort();
             (records, started, charged)
         }
@@ -388,10 +393,10 @@ async fn offer(
             let answer = router.chat(&request(i)).await;
             let ms = sent.elapsed().as_secs_f64() * 1000.0;
             match answer {
-                Ok(routed) => Record {
+                Ok(answered) => Record {
                     t,
                     ms,
-                    endpoint: Some(routed.endpoint.to_string()),
+                    endpoint: Some(answered.endpoint.to_string()),
                     outcome: Outcome::Ok,
                     error: None,
                 },
@@ -431,7 +436,7 @@ fn charged(sim: &Sim) -> u64 {
         .sum()
 }
 
-/// Offers the same load through LiteLLM's Router (benches/litellm/driver.py).
+/// Offers the same load through `LiteLLM`'s Router (`benches/litellm/driver.py`).
 async fn litellm(
     scenario: Scenario,
     strategy: &str,
@@ -483,7 +488,7 @@ async fn litellm(
     let started = start_windows(sim);
     stdin.write_all(b"go\n").await.unwrap();
     stdin.flush().await.unwrap();
-    let sampler = sample(sim, started, samples);
+    let sampling = sample(sim, started, samples);
     let degrade = degrade_later(scenario, sim, started);
     let offered_until = started + Duration::from_secs(scenario.seconds());
     tokio::time::sleep_until(offered_until.into()).await;
@@ -492,7 +497,7 @@ async fn litellm(
         .await
         .expect("the LiteLLM driver did not finish")
         .unwrap();
-    sampler.abort();
+    sampling.abort();
     degrade.abort();
     assert!(
         status.success(),
@@ -571,19 +576,24 @@ fn series(records: &[Record], seconds: u64) -> Value {
     })
 }
 
-/// Tokens per minute the endpoints admitted, over trailing 10 s, every 500 ms.
-fn tokens_per_minute(samples: &[(f64, u64)]) -> Value {
-    let mut points = Vec::new();
-    for (i, (t, charged)) in samples.iter().enumerate() {
-        let Some((t0, c0)) = samples[..i]
+/// Tokens the endpoints admitted in each quota window of the run, as tokens per minute:
+/// `[window start s, window end s, tokens/min]`. The windows restart with the run's clock and
+/// the samples fall on their edges.
+fn tokens_per_window(samples: &[(f64, u64)], seconds: u64) -> Value {
+    let at = |edge: f64| {
+        samples
             .iter()
-            .rev()
-            .find(|(t0, _)| t - t0 >= 10.0 - 1e-6)
-        else {
-            continue;
-        };
-        points.push(json!([t, (charged - c0) as f64 * 60.0 / (t - t0)]));
-    }
+            .min_by(|a, b| (a.0 - edge).abs().total_cmp(&(b.0 - edge).abs()))
+            .map_or(0, |s| s.1)
+    };
+    let window = QUOTA_WINDOW.as_secs_f64();
+    let windows = (seconds as f64 / window).round() as u64;
+    let points: Vec<Value> = (0..windows)
+        .map(|k| {
+            let (from, to) = (k as f64 * window, (k + 1) as f64 * window);
+            json!([from, to, (at(to) - at(from)) as f64 * 60.0 / window])
+        })
+        .collect();
     json!(points)
 }
 
@@ -624,10 +634,30 @@ fn summarize(scenario: Scenario, system: &System, data: &RunData) -> Value {
                 .iter()
                 .filter(|r| r.endpoint.as_deref() == Some(SLOW_ENDPOINT))
                 .count();
+            // No herding: the least any endpoint served while all were equal.
+            let served_before: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.outcome == Outcome::Ok && r.t >= 2.0 && r.t < at)
+                .collect();
+            let least_before = ["ep0", "ep1", "ep2"]
+                .iter()
+                .map(|name| {
+                    served_before
+                        .iter()
+                        .filter(|r| r.endpoint.as_deref() == Some(*name))
+                        .count()
+                })
+                .min()
+                .unwrap_or_default();
+            summary["least_share_before"] =
+                json!(least_before as f64 / served_before.len().max(1) as f64);
             summary["before_p50_ms"] = json!(percentile(&before, 0.5));
             summary["before_p99_ms"] = json!(percentile(&before, 0.99));
             summary["after_p50_ms"] = json!(percentile(&after, 0.5));
             summary["after_p99_ms"] = json!(percentile(&after, 0.99));
+            // Once the requests already on their way to the slow endpoint are done.
+            let settled = latencies(records, at + SETTLE, f64::MAX);
+            summary["settled_p99_ms"] = json!(percentile(&settled, 0.99));
             summary["slow_share_after"] = json!(slow as f64 / served_after.len().max(1) as f64);
         }
         Scenario::Quota => {
@@ -635,7 +665,7 @@ fn summarize(scenario: Scenario, system: &System, data: &RunData) -> Value {
             let quota = summed as f64 * scenario.seconds() as f64 / 60.0;
             summary["share_served"] = json!(data.charged as f64 / quota);
             summary["upstream_429s"] = json!(data.upstream_429s);
-            summary["tokens_per_minute"] = tokens_per_minute(&data.samples);
+            summary["tokens_per_window"] = tokens_per_window(&data.samples, scenario.seconds());
             summary["summed_tpm"] = json!(summed);
         }
     }
@@ -650,11 +680,13 @@ fn one_line(summary: &Value) -> String {
     };
     match summary["scenario"].as_str() {
         Some("degradation") => format!(
-            "p50/p99 before {}/{}, after {}/{}; slow endpoint's share after {:.1} %; {} ok, {} failed",
+            "least share before {:.1} %; p50/p99 before {}/{}, after {}/{}, settled p99 {}; slow endpoint's share after {:.1} %; {} ok, {} failed",
+            summary["least_share_before"].as_f64().unwrap_or_default() * 100.0,
             ms("before_p50_ms"),
             ms("before_p99_ms"),
             ms("after_p50_ms"),
             ms("after_p99_ms"),
+            ms("settled_p99_ms"),
             summary["slow_share_after"].as_f64().unwrap_or_default() * 100.0,
             summary["ok"],
             summary["requests"].as_u64().unwrap_or_default()

@@ -6,8 +6,13 @@
 //!   sources). Tools it needs and can install from the crate registry
 //!   (`cargo-deny`, `cargo-nextest`) are installed when missing.
 //! - `test`: the test suite and the doc tests only.
-//! - `bench`: the benchmarks: criterion in `benches/` (pick, overhead), the quota scenario,
-//!   and the gateway under load (`router-gateway/benches/gateway.rs`).
+//! - `bench [--compare litellm]`: the benchmarks: criterion in `benches/` (pick, overhead; with
+//!   shortened warm-up and measurement), the degradation and quota scenarios
+//!   (`benches/benches/scenarios.rs`), the gateway under load
+//!   (`router-gateway/benches/gateway.rs`), then `bench-report`, which rewrites the tables of
+//!   `BENCHMARKS.md` and the plots in `docs/benchmarks/`. With `--compare litellm` the
+//!   scenarios and the gateway load also go through `LiteLLM` (its Router and its proxy),
+//!   installed from `PyPI` into `target/litellm-venv`.
 //! - `demo`: `openai-router demo` in release mode.
 //!
 //! Each step prints its command and duration; a summary closes the run.
@@ -23,7 +28,16 @@ struct Step {
     name: &'static str,
     program: &'static str,
     args: &'static [&'static str],
+    /// Arguments known only at run time, after `args`.
+    extra: Vec<String>,
     env: &'static [(&'static str, &'static str)],
+}
+
+impl Step {
+    fn with(mut self, extra: impl IntoIterator<Item = String>) -> Self {
+        self.extra.extend(extra);
+        self
+    }
 }
 
 /// A `cargo` step.
@@ -32,6 +46,7 @@ const fn cargo(name: &'static str, args: &'static [&'static str]) -> Step {
         name,
         program: "cargo",
         args,
+        extra: Vec::new(),
         env: &[],
     }
 }
@@ -76,6 +91,7 @@ const RUSTDOC: Step = Step {
         "--all-features",
         "--locked",
     ],
+    extra: Vec::new(),
     env: &[("RUSTDOCFLAGS", "-D warnings")],
 };
 /// The router examples: each runs against the simulator and checks what it shows.
@@ -144,7 +160,29 @@ const DEMO_RELEASE: Step = cargo(
         "demo",
     ],
 );
-const BENCH: Step = cargo("bench", &["bench", "--locked", "-p", "benches"]);
+/// Criterion's settings for `cargo xtask bench`: shorter than its defaults (3 s warm-up, 5 s
+/// measurement), so that the whole run, `LiteLLM` included, stays near ten minutes on 2 cores.
+const CRITERION_QUICK: [&str; 5] = ["--", "--warm-up-time", "1", "--measurement-time", "2"];
+const BENCH_PICK: Step = cargo(
+    "bench pick",
+    &["bench", "--locked", "-p", "benches", "--bench", "pick"],
+);
+const BENCH_OVERHEAD: Step = cargo(
+    "bench overhead",
+    &["bench", "--locked", "-p", "benches", "--bench", "overhead"],
+);
+const BENCH_SCENARIOS: Step = cargo(
+    "scenarios",
+    &[
+        "bench",
+        "--locked",
+        "-p",
+        "benches",
+        "--bench",
+        "scenarios",
+        "--",
+    ],
+);
 const BENCH_GATEWAY: Step = cargo(
     "bench gateway",
     &[
@@ -154,8 +192,26 @@ const BENCH_GATEWAY: Step = cargo(
         "router-gateway",
         "--bench",
         "gateway",
+        "--",
     ],
 );
+const BENCH_REPORT: Step = cargo(
+    "report",
+    &[
+        "run",
+        "--quiet",
+        "--release",
+        "--locked",
+        "-p",
+        "benches",
+        "--bin",
+        "bench-report",
+        "--",
+    ],
+);
+/// Where `--compare litellm` keeps its Python environment.
+const LITELLM_VENV: &str = "target/litellm-venv";
+const LITELLM_REQUIREMENTS: &str = "benches/litellm/requirements.txt";
 const DENY: Step = cargo(
     "cargo deny",
     &["deny", "check", "bans", "licenses", "sources"],
@@ -194,16 +250,48 @@ fn run() -> Result<()> {
             run_steps(&[NEXTEST, DOCTEST])
         }
         "bench" => {
+            let compare = match env::args().nth(2).as_deref() {
+                None => None,
+                Some("--compare") => match env::args().nth(3).as_deref() {
+                    Some("litellm") => Some("litellm"),
+                    other => bail!(
+                        "--compare takes `litellm` (got {})",
+                        other.unwrap_or("nothing")
+                    ),
+                },
+                Some(other) => bail!("unknown argument `{other}`; try `cargo xtask help`"),
+            };
             ensure_redis()?;
-            run_steps(&[BENCH, BENCH_GATEWAY])
+            let python = match compare {
+                Some(_) => Some(ensure_litellm()?),
+                None => None,
+            };
+            let litellm: Vec<String> = python
+                .iter()
+                .flat_map(|p| ["--litellm".to_owned(), p.clone()])
+                .collect();
+            let command = match compare {
+                Some(_) => "cargo xtask bench --compare litellm",
+                None => "cargo xtask bench",
+            };
+            let quick = CRITERION_QUICK.map(str::to_owned);
+            run_steps(&[
+                BENCH_PICK.with(quick.clone()),
+                BENCH_OVERHEAD.with(quick),
+                BENCH_SCENARIOS.with(litellm.clone()),
+                BENCH_GATEWAY.with(litellm),
+                BENCH_REPORT.with(["--command".to_owned(), command.to_owned()]),
+            ])
         }
         "demo" => run_steps(&[DEMO_RELEASE]),
         "" | "help" | "--help" | "-h" => {
             say(concat!(
-                "usage: cargo xtask <ci|test|bench|demo>\n",
+                "usage: cargo xtask <ci|test|bench [--compare litellm]|demo>\n",
                 "  ci     format, clippy, tests, doc tests, rustdoc, examples, a short demo, cargo deny\n",
                 "  test   tests and doc tests\n",
-                "  bench  the criterion benchmarks (benches/)\n",
+                "  bench  every benchmark, then BENCHMARKS.md and its plots (docs/benchmarks/);\n",
+                "         --compare litellm: the same scenarios and gateway load through LiteLLM too\n",
+                "         (installed from PyPI into target/litellm-venv)\n",
                 "  demo   the demo, in release mode",
             ));
             Ok(())
@@ -229,6 +317,65 @@ fn ensure_redis() -> Result<()> {
     if found {
         return Ok(());
     }
+    install_debian(&["redis-server"], "redis-server (for the Redis tests)")
+}
+
+/// The Python of a venv under `target/` holding the pinned `LiteLLM`: created, and installed
+/// from `PyPI`, when missing or when `benches/litellm/requirements.txt` changed since.
+fn ensure_litellm() -> Result<String> {
+    // Absolute: the bench binaries run from their own package's directory.
+    let venv = env::current_dir()?.join(LITELLM_VENV);
+    let venv = venv.as_path();
+    let python = venv.join("bin/python");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(LITELLM_REQUIREMENTS)
+        .with_context(|| format!("cannot read {LITELLM_REQUIREMENTS}"))?;
+    if python.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(python.to_string_lossy().into_owned());
+    }
+    if !python.is_file() {
+        say(&format!("==> creating a Python venv in {LITELLM_VENV}"));
+        if !Command::new("python3")
+            .args(["-m", "venv", LITELLM_VENV])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            // Debian's python3 lacks venv until python3-venv is installed.
+            install_debian(&["python3", "python3-venv"], "python3 with venv")?;
+            let _ = std::fs::remove_dir_all(venv);
+            let ok = Command::new("python3")
+                .args(["-m", "venv", LITELLM_VENV])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                bail!("cannot create a venv: python3 -m venv {LITELLM_VENV} failed");
+            }
+        }
+    }
+    say(&format!(
+        "==> installing LiteLLM from PyPI ({LITELLM_REQUIREMENTS}); this happens once per machine"
+    ));
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            LITELLM_REQUIREMENTS,
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("pip could not install {LITELLM_REQUIREMENTS} into {LITELLM_VENV}");
+    }
+    std::fs::write(&stamp, wanted).with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(python.to_string_lossy().into_owned())
+}
+
+/// Installs Debian packages when this is root on a Debian-like machine; otherwise says how.
+fn install_debian(packages: &[&str], what: &str) -> Result<()> {
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -236,21 +383,29 @@ fn ensure_redis() -> Result<()> {
     let apt = std::path::Path::new("/usr/bin/apt-get").is_file();
     if !(root && apt) {
         bail!(
-            "redis-server is needed by the Redis tests; install it: sudo apt-get install redis-server"
+            "{what} is needed; install it: sudo apt-get install {}",
+            packages.join(" ")
         );
     }
-    say("==> installing redis-server (Debian package) for the Redis tests");
+    say(&format!(
+        "==> installing {} (Debian packages)",
+        packages.join(" ")
+    ));
     let ok = Command::new("apt-get")
         .args(["update", "-qq"])
         .status()
         .is_ok_and(|s| s.success())
         && Command::new("apt-get")
-            .args(["install", "-y", "-qq", "redis-server"])
+            .args(["install", "-y", "-qq"])
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success());
     if !ok {
-        bail!("could not install redis-server; install it: apt-get install redis-server");
+        bail!(
+            "could not install {what}: apt-get install {}",
+            packages.join(" ")
+        );
     }
     Ok(())
 }
@@ -285,11 +440,17 @@ fn run_steps(steps: &[Step]) -> Result<()> {
             "==> {}: {} {}",
             step.name,
             step.program,
-            step.args.join(" ")
+            step.args
+                .iter()
+                .copied()
+                .chain(step.extra.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" ")
         ));
         let step_started = Instant::now();
         let status = Command::new(step.program)
             .args(step.args)
+            .args(&step.extra)
             .envs(step.env.iter().copied())
             .status()
             .with_context(|| format!("cannot run {}", step.program))?;

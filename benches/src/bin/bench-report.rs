@@ -11,7 +11,8 @@
 
 #![expect(
     clippy::print_stdout,
-    reason = "the side-by-side table is printed as well as written"
+    clippy::print_stderr,
+    reason = "a command-line report: the table on stdout, a failure on stderr"
 )]
 
 use std::collections::BTreeMap;
@@ -106,7 +107,10 @@ fn run() -> Result<()> {
     }
     let quota: Vec<&Value> = scenarios.of("quota");
     if !quota.is_empty() {
-        plot_quota(&plots.join("quota-tokens-per-minute.svg"), &quota)?;
+        let offered = scenarios.document["quota"]["offered"]
+            .as_f64()
+            .unwrap_or(1.0);
+        plot_quota(&plots.join("quota-tokens-per-minute.svg"), &quota, offered)?;
     }
 
     let path = args.root.join("BENCHMARKS.md");
@@ -157,7 +161,10 @@ fn load_scenarios(dir: &Path) -> Result<Scenarios> {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("scenarios") && name.ends_with(".json") {
+            let json = Path::new(&name)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+            if name.starts_with("scenarios") && json {
                 let modified = entry.metadata().and_then(|m| m.modified())?;
                 files.push((modified, entry.path()));
             }
@@ -194,8 +201,10 @@ fn machine(args: &Args) -> String {
     let cpu = cpuinfo
         .lines()
         .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_else(|| "unknown".to_owned());
+        .map_or_else(
+            || "unknown".to_owned(),
+            |l| l.trim_start_matches([' ', '\t', ':']).to_owned(),
+        );
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -335,18 +344,20 @@ fn failed(run: &Value) -> u64 {
 
 fn degradation_table(runs: &[Value]) -> String {
     let mut s = String::from(
-        "| router | strategy | p50 before | p99 before | p50 after | p99 after | slow endpoint's share after | failed requests |\n|---|---|---|---|---|---|---|---|\n",
+        "| router | strategy | least share before | p50 before | p99 before | p50 after | p99 after | p99 settled | slow endpoint's share after | failed requests |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for run in runs.iter().filter(|r| r["scenario"] == "degradation") {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             run["system"].as_str().unwrap_or_default(),
             run["run"].as_str().unwrap_or_default(),
+            pct(&run["least_share_before"]),
             ms(&run["before_p50_ms"]),
             ms(&run["before_p99_ms"]),
             ms(&run["after_p50_ms"]),
             ms(&run["after_p99_ms"]),
+            ms(&run["settled_p99_ms"]),
             pct(&run["slow_share_after"]),
             failed(run),
         );
@@ -405,16 +416,14 @@ fn gateway_table(gateway: Option<&Value>) -> String {
         s.push_str("---|");
     }
     s.push('\n');
-    let rps = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.0}"));
-    let mib = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.1} MiB"));
-    let rows: [(&str, &str, &dyn Fn(&Value) -> String); 7] = [
-        ("latency p50, 1 connection", "p50_us", &us),
-        ("latency p99, 1 connection", "p99_us", &us),
-        ("added p50 (over straight)", "added_p50_us", &us),
-        ("added p99 (over straight)", "added_p99_us", &us),
-        ("requests/s, 50 connections", "rps", &rps),
-        ("streamed requests/s, 50 connections", "streamed_rps", &rps),
-        ("peak RSS", "peak_rss_mib", &mib),
+    let rows: [(&str, &str, Show); 7] = [
+        ("latency p50, 1 connection", "p50_us", us),
+        ("latency p99, 1 connection", "p99_us", us),
+        ("added p50 (over straight)", "added_p50_us", us),
+        ("added p99 (over straight)", "added_p99_us", us),
+        ("requests/s, 50 connections", "rps", rps),
+        ("streamed requests/s, 50 connections", "streamed_rps", rps),
+        ("peak RSS", "peak_rss_mib", mib),
     ];
     for (label, key, show) in rows {
         let _ = write!(
@@ -438,12 +447,23 @@ fn gateway_table(gateway: Option<&Value>) -> String {
     s
 }
 
+/// How a figure is shown.
+type Show = fn(&Value) -> String;
+
+fn rps(v: &Value) -> String {
+    v.as_f64().map_or("-".to_owned(), |v| format!("{v:.0}"))
+}
+
+fn mib(v: &Value) -> String {
+    v.as_f64().map_or("-".to_owned(), |v| format!("{v:.1} MiB"))
+}
+
 fn find<'a>(runs: &'a [Value], scenario: &str, system: &str, run: &str) -> Option<&'a Value> {
     runs.iter()
         .find(|r| r["scenario"] == scenario && r["system"] == system && r["run"] == run)
 }
 
-/// openai-router ÷ LiteLLM, as text.
+/// Ours divided by `LiteLLM`'s, as text.
 fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
     match (ours, theirs) {
         (Some(o), Some(t)) if t != 0.0 => {
@@ -454,7 +474,7 @@ fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
                 format!("{r:.2}×")
             }
         }
-        (Some(o), Some(_)) if o == 0.0 => "equal (both 0)".to_owned(),
+        (Some(0.0), Some(_)) => "equal (both 0)".to_owned(),
         (Some(_), Some(_)) => "∞".to_owned(),
         _ => "-".to_owned(),
     }
@@ -479,11 +499,12 @@ fn comparison_table(runs: &[Value], gateway: Option<&Value>) -> String {
         };
         for (label, key, show) in [
             (
-                "p99 after the slowdown",
-                "after_p99_ms",
-                ms as fn(&Value) -> String,
+                "least share while all were equal",
+                "least_share_before",
+                pct as fn(&Value) -> String,
             ),
-            ("p50 after the slowdown", "after_p50_ms", ms),
+            ("p99 after the slowdown", "after_p99_ms", ms),
+            ("p99 settled (3 s after it)", "settled_p99_ms", ms),
             ("slow endpoint's share after", "slow_share_after", pct),
         ] {
             let _ = writeln!(
@@ -497,12 +518,9 @@ fn comparison_table(runs: &[Value], gateway: Option<&Value>) -> String {
         }
     }
     if let Some(o) = find(runs, "quota", "openai-router", "least-latency") {
-        for theirs in [
-            "usage-based-routing-v2",
-            "simple-shuffle",
-            "least-busy",
-            "latency-based-routing",
-        ] {
+        // LiteLLM's strategy made for quotas; the quota table has its other three, which
+        // fare the same here.
+        for theirs in ["usage-based-routing-v2"] {
             let Some(t) = find(runs, "quota", "litellm", theirs) else {
                 continue;
             };
@@ -517,8 +535,14 @@ fn comparison_table(runs: &[Value], gateway: Option<&Value>) -> String {
                     "upstream_429_to_caller",
                     |v: &Value| v.to_string(),
                 ),
-                ("requests served", "ok", |v: &Value| v.to_string()),
+                ("requests served, of the same offered", "ok", |v: &Value| {
+                    v.to_string()
+                }),
+                ("requests the router refused", "throttled", |v: &Value| {
+                    v.to_string()
+                }),
                 ("p50 of served requests", "p50_ms", ms),
+                ("p99 of served requests", "p99_ms", ms),
             ] {
                 let _ = writeln!(
                     s,
@@ -532,14 +556,12 @@ fn comparison_table(runs: &[Value], gateway: Option<&Value>) -> String {
         }
     }
     if let Some(g) = gateway.filter(|g| g["litellm"].is_object()) {
-        let rps = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.0}"));
-        let mib = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.1} MiB"));
-        let rows_g: [(&str, &str, &dyn Fn(&Value) -> String); 5] = [
-            ("added latency p50, 1 connection", "added_p50_us", &us),
-            ("added latency p99, 1 connection", "added_p99_us", &us),
-            ("requests/s, 50 connections", "rps", &rps),
-            ("streamed requests/s, 50 connections", "streamed_rps", &rps),
-            ("peak RSS", "peak_rss_mib", &mib),
+        let rows_g: [(&str, &str, Show); 5] = [
+            ("added latency p50, 1 connection", "added_p50_us", us),
+            ("added latency p99, 1 connection", "added_p99_us", us),
+            ("requests/s, 50 connections", "rps", rps),
+            ("streamed requests/s, 50 connections", "streamed_rps", rps),
+            ("peak RSS", "peak_rss_mib", mib),
         ];
         for (label, key, show) in rows_g {
             let (o, t) = (&g["openai-router"][key], &g["litellm"][key]);
@@ -600,15 +622,24 @@ fn per_second(run: &Value, key: &str) -> Vec<(f64, f64)> {
 }
 
 /// One panel per run, in a grid of rows × columns, each with its lines.
-fn grid(
-    path: &Path,
-    title: &str,
-    panels: &[(String, Vec<Line>)],
+/// The axes every panel of a figure shares.
+struct Axes {
     x_max: f64,
     y_max: f64,
-    y_desc: &str,
+    y_desc: &'static str,
+    /// A vertical line (the moment something changed).
     marker: Option<f64>,
-) -> Result<()> {
+    legend: SeriesLabelPosition,
+}
+
+fn grid(path: &Path, title: &str, panels: &[(String, Vec<Line>)], axes: &Axes) -> Result<()> {
+    let Axes {
+        x_max,
+        y_max,
+        y_desc,
+        marker,
+        ref legend,
+    } = *axes;
     let columns = panels.len().clamp(1, 5);
     let rows = panels.len().div_ceil(columns);
     let size = (260 * columns as u32 + 20, 230 * rows as u32 + 50);
@@ -654,7 +685,7 @@ fn grid(
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(legend.clone())
             .label_font(("sans-serif", 11))
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK.mix(0.3))
@@ -704,10 +735,13 @@ fn plot_degradation_latency(path: &Path, runs: &[&Value], at: f64) -> Result<()>
         path,
         "Degradation: latency of the requests sent each second (ep0 turns 5× slower at the grey line)",
         &panels,
-        x_max,
-        1500.0,
-        "ms",
-        Some(at),
+        &Axes {
+            x_max,
+            y_max: 1500.0,
+            y_desc: "ms",
+            marker: Some(at),
+            legend: SeriesLabelPosition::UpperLeft,
+        },
     )
 }
 
@@ -746,41 +780,57 @@ fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64) -> Result<()> {
         path,
         "Degradation: share of each second's requests per endpoint (ep0 turns 5× slower at the grey line)",
         &panels,
-        x_max,
-        100.0,
-        "% of requests",
-        Some(at),
+        &Axes {
+            x_max,
+            // Headroom above 100 % for the legend.
+            y_max: 145.0,
+            y_desc: "% of requests",
+            marker: Some(at),
+            legend: SeriesLabelPosition::UpperLeft,
+        },
     )
 }
 
-fn plot_quota(path: &Path, runs: &[&Value]) -> Result<()> {
+fn plot_quota(path: &Path, runs: &[&Value], offered_factor: f64) -> Result<()> {
     let summed = runs
         .first()
         .and_then(|r| r["summed_tpm"].as_f64())
         .unwrap_or(1.0);
+    let offered = summed * offered_factor;
     let mut x_max: f64 = 1.0;
     let panels: Vec<(String, Vec<Line>)> = runs
         .iter()
         .map(|run| {
-            let points: Vec<(f64, f64)> = run["tokens_per_minute"]
+            // Steps: one level per quota window.
+            let points: Vec<(f64, f64)> = run["tokens_per_window"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()? / 1000.0)))
+                .filter_map(|w| {
+                    let level = w[2].as_f64()? / 1000.0;
+                    Some([(w[0].as_f64()?, level), (w[1].as_f64()?, level)])
+                })
+                .flatten()
                 .collect();
             x_max = points.iter().map(|p| p.0).fold(x_max, f64::max);
             (
                 panel_name(run),
+                // The admitted line last, so that it is drawn over the quota it meets.
                 vec![
                     Line {
-                        name: "admitted by the endpoints".into(),
-                        colour: COLOURS[1],
-                        points,
+                        name: "offered".into(),
+                        colour: COLOURS[2],
+                        points: vec![(0.0, offered / 1000.0), (1e6, offered / 1000.0)],
                     },
                     Line {
                         name: "summed quota".into(),
                         colour: COLOURS[0],
                         points: vec![(0.0, summed / 1000.0), (1e6, summed / 1000.0)],
+                    },
+                    Line {
+                        name: "admitted by the endpoints".into(),
+                        colour: COLOURS[1],
+                        points,
                     },
                 ],
             )
@@ -788,11 +838,92 @@ fn plot_quota(path: &Path, runs: &[&Value]) -> Result<()> {
         .collect();
     grid(
         path,
-        "Quota: tokens per minute the endpoints admitted (trailing 10 s) against the summed quota",
+        "Quota: tokens the endpoints admitted in each 10 s quota window, per minute, against the summed quota",
         &panels,
-        x_max.ceil(),
-        summed / 1000.0 * 1.4,
-        "thousand tokens/min",
-        None,
+        &Axes {
+            x_max: x_max.ceil(),
+            y_max: summed / 1000.0 * 1.4,
+            y_desc: "thousand tokens/min",
+            marker: None,
+            legend: SeriesLabelPosition::LowerRight,
+        },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every section the report writes, in the order `run` inserts them.
+    const SECTIONS: [&str; 9] = [
+        "machine",
+        "pick",
+        "select",
+        "in-process",
+        "over-http",
+        "degradation",
+        "quota",
+        "gateway",
+        "comparison",
+    ];
+
+    #[test]
+    fn replaces_between_markers_and_keeps_the_prose() {
+        let text = "intro\n<!-- bench:pick -->\nold table\n<!-- /bench:pick -->\nprose after\n";
+        let sections = BTreeMap::from([("pick", "| new |\n".to_owned())]);
+        let out = replace_sections(text, &sections).unwrap();
+        assert_eq!(
+            out,
+            "intro\n<!-- bench:pick -->\n| new |\n<!-- /bench:pick -->\nprose after\n"
+        );
+        // Twice gives the same text: the markers stay.
+        assert_eq!(replace_sections(&out, &sections).unwrap(), out);
+    }
+
+    #[test]
+    fn a_missing_marker_is_an_error_that_names_it() {
+        let sections = BTreeMap::from([("quota", String::new())]);
+        let error = replace_sections("no markers here", &sections).unwrap_err();
+        assert!(
+            error.to_string().contains("<!-- bench:quota -->"),
+            "{error}"
+        );
+        let reversed = "<!-- /bench:quota --> <!-- bench:quota -->";
+        assert!(replace_sections(reversed, &sections).is_err());
+    }
+
+    #[test]
+    fn benchmarks_md_has_every_marker() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        let sections: BTreeMap<&str, String> =
+            SECTIONS.iter().map(|name| (*name, String::new())).collect();
+        replace_sections(&text, &sections).unwrap();
+    }
+
+    #[test]
+    fn ratios() {
+        assert_eq!(ratio(Some(1.0), Some(4.0)), "0.25×");
+        assert_eq!(ratio(Some(300.0), Some(2.0)), "150×");
+        assert_eq!(ratio(Some(0.0), Some(0.0)), "equal (both 0)");
+        assert_eq!(ratio(Some(3.0), Some(0.0)), "∞");
+        assert_eq!(ratio(None, Some(1.0)), "-");
+    }
+
+    #[test]
+    fn comparison_pairs_our_strategy_with_litellms() {
+        let runs = vec![
+            serde_json::json!({"scenario": "degradation", "system": "openai-router", "run": "least-latency",
+                               "after_p99_ms": 300.0, "after_p50_ms": 180.0, "slow_share_after": 0.05}),
+            serde_json::json!({"scenario": "degradation", "system": "litellm", "run": "latency-based-routing",
+                               "after_p99_ms": 900.0, "after_p50_ms": 190.0, "slow_share_after": 0.10}),
+        ];
+        let table = comparison_table(&runs, None);
+        assert!(table.contains("| degradation | p99 after the slowdown | 300 ms (least-latency) | 900 ms (latency-based-routing) | 0.33× |"), "{table}");
+        assert!(
+            table.contains("| 5.0 % (least-latency) | 10.0 % (latency-based-routing) | 0.50× |"),
+            "{table}"
+        );
+        assert!(comparison_table(&runs[..1], None).starts_with("Not run"));
+    }
 }

@@ -3,7 +3,7 @@
 //! The gateway (the release `openai-router` binary) is pinned to core 0; this process (the
 //! load generator and the simulated upstream) to core 1. Reported: added latency p50/p99 at one
 //! connection, requests/s at 50 connections (plain and streamed), and the gateway's peak RSS.
-//! With `--litellm PYTHON` (a venv's Python with `litellm[proxy]`), the LiteLLM proxy is
+//! With `--litellm PYTHON` (a venv's Python with `litellm[proxy]`), the `LiteLLM` proxy is
 //! measured the same way, in the same run, pinned to the same core. Both gateways require a
 //! key. Writes `gateway.json` to `--out` (default `target/bench`) for `bench-report`.
 //!
@@ -12,10 +12,14 @@
 
 #![expect(
     clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
     clippy::print_stdout,
-    reason = "a benchmark report"
+    clippy::too_many_lines,
+    reason = "a benchmark report: a failed setup should stop it loudly"
 )]
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -146,11 +150,11 @@ fn upstream_on_core_0() -> String {
     format!("{}/chat/completions", receiver.recv().unwrap())
 }
 
-/// The key both gateways require (the LiteLLM proxy refuses to start without one).
+/// The key both gateways require (the `LiteLLM` proxy refuses to start without one).
 const KEY: &str = "sk-bench-0123456789abcdef0123456789abcdef";
 
 struct Args {
-    /// The Python of a venv with `litellm[proxy]`: also run the LiteLLM proxy.
+    /// The Python of a venv with `litellm[proxy]`: also run the `LiteLLM` proxy.
     litellm: Option<PathBuf>,
     out: PathBuf,
 }
@@ -265,7 +269,10 @@ fn main() {
 
         println!("[2/3] openai-router serve (pinned to core 0)");
         let port = free_port();
-        let digest: String = sha2::Sha256::digest(KEY.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let digest = sha2::Sha256::digest(KEY.as_bytes()).iter().fold(String::new(), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        });
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[[endpoints]]\nname = \"sim\"\nkind = \"openai\"\nurl = \"{upstream}\"\nmodels = [\"gpt-4o-mini\"]\n[[keys]]\nname = \"bench\"\nsha256 = \"{digest}\"\n"
         );
