@@ -55,7 +55,9 @@ const DEGRADE_RATE: f64 = 30.0;
 const DEGRADE_SECONDS: u64 = 20;
 const DEGRADE_AT: u64 = 10;
 const SLOWDOWN: f64 = 5.0;
-const SLOW_ENDPOINT: &str = "ep0";
+/// The simulated endpoints of every run, by name; the first is the one that slows.
+const ENDPOINTS: [&str; 3] = ["ep0", "ep1", "ep2"];
+const SLOW_ENDPOINT: &str = ENDPOINTS[0];
 /// "Settled": requests sent this long after the slowdown.
 const SETTLE: f64 = 3.0;
 
@@ -128,14 +130,14 @@ impl System {
                 strategy,
                 replicas: 1,
                 ..
-            } => strategy_name(*strategy).to_owned(),
+            } => strategy.as_str().to_owned(),
             Self::Ours {
                 strategy,
                 replicas,
                 redis,
             } => format!(
                 "{}, {replicas} replicas, {}",
-                strategy_name(*strategy),
+                strategy.as_str(),
                 if *redis {
                     "shared Redis"
                 } else {
@@ -144,17 +146,6 @@ impl System {
             ),
             Self::LiteLlm { strategy } => (*strategy).to_owned(),
         }
-    }
-}
-
-fn strategy_name(kind: StrategyKind) -> &'static str {
-    match kind {
-        StrategyKind::RoundRobin => "round-robin",
-        StrategyKind::LeastBusy => "least-busy",
-        StrategyKind::LeastLatency => "least-latency",
-        StrategyKind::Weighted => "weighted",
-        StrategyKind::UsageBased => "usage-based",
-        _ => "other",
     }
 }
 
@@ -189,7 +180,7 @@ impl Scenario {
     fn world(self) -> Vec<EndpointConfig> {
         let latency = LatencyModel::new(Duration::from_millis(100), Duration::from_millis(5))
             .with_jitter(0.2);
-        (0..3)
+        (0..ENDPOINTS.len())
             .map(|i| {
                 let limits = match self {
                     Self::Degradation => Limits::unlimited(),
@@ -197,7 +188,7 @@ impl Scenario {
                         Limits::per_minute(Some(TPMS[i]), None).with_window(QUOTA_WINDOW)
                     }
                 };
-                EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+                EndpointConfig::new(ENDPOINTS[i], SimDialect::OpenAi)
                     .with_models([MODEL])
                     .with_api_key(API_KEY)
                     .with_latency(latency)
@@ -545,7 +536,7 @@ fn count(records: &[Record], outcome: Outcome) -> usize {
 /// Per-second series: latency p50/p99 of the requests sent in that second, and the share of
 /// them each endpoint served.
 fn series(records: &[Record], seconds: u64) -> Value {
-    let names = ["ep0", "ep1", "ep2"];
+    let names = ENDPOINTS;
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     let mut shares: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
@@ -639,7 +630,7 @@ fn summarize(scenario: Scenario, system: &System, data: &RunData) -> Value {
                 .iter()
                 .filter(|r| r.outcome == Outcome::Ok && r.t >= 2.0 && r.t < at)
                 .collect();
-            let least_before = ["ep0", "ep1", "ep2"]
+            let least_before = ENDPOINTS
                 .iter()
                 .map(|name| {
                     served_before

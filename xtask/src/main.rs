@@ -335,19 +335,17 @@ fn ensure_litellm() -> Result<String> {
     }
     if !python.is_file() {
         say(&format!("==> creating a Python venv in {LITELLM_VENV}"));
-        if !Command::new("python3")
-            .args(["-m", "venv", LITELLM_VENV])
-            .status()
-            .is_ok_and(|s| s.success())
-        {
+        let create = || {
+            Command::new("python3")
+                .args(["-m", "venv", LITELLM_VENV])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !create() {
             // Debian's python3 lacks venv until python3-venv is installed.
             install_debian(&["python3", "python3-venv"], "python3 with venv")?;
             let _ = std::fs::remove_dir_all(venv);
-            let ok = Command::new("python3")
-                .args(["-m", "venv", LITELLM_VENV])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
+            if !create() {
                 bail!("cannot create a venv: python3 -m venv {LITELLM_VENV} failed");
             }
         }

@@ -76,8 +76,6 @@ fn run() -> Result<()> {
             "in_process",
             "backend_direct",
             "backend called directly",
-            1e-3,
-            "µs",
         ),
     );
     sections.insert(
@@ -87,8 +85,6 @@ fn run() -> Result<()> {
             "over_http",
             "reqwest_direct",
             "reqwest, directly",
-            1e-3,
-            "µs",
         ),
     );
     sections.insert("degradation", degradation_table(&scenarios.runs));
@@ -102,8 +98,16 @@ fn run() -> Result<()> {
         let at = scenarios.document["degradation"]["at"]
             .as_f64()
             .unwrap_or(10.0);
-        plot_degradation_latency(&plots.join("degradation-latency.svg"), &degradation, at)?;
-        plot_degradation_share(&plots.join("degradation-share.svg"), &degradation, at)?;
+        let slow = scenarios.document["degradation"]["slow_endpoint"]
+            .as_str()
+            .unwrap_or_default();
+        plot_degradation_latency(
+            &plots.join("degradation-latency.svg"),
+            &degradation,
+            at,
+            slow,
+        )?;
+        plot_degradation_share(&plots.join("degradation-share.svg"), &degradation, at, slow)?;
     }
     let quota: Vec<&Value> = scenarios.of("quota");
     if !quota.is_empty() {
@@ -306,20 +310,13 @@ fn select_table(criterion: &Path) -> String {
     )
 }
 
-fn overhead_table(
-    criterion: &Path,
-    group: &str,
-    direct: &str,
-    direct_label: &str,
-    scale: f64,
-    unit: &str,
-) -> String {
+/// A direct call against the same call through the router, in µs (criterion gives ns).
+fn overhead_table(criterion: &Path, group: &str, direct: &str, direct_label: &str) -> String {
     let base = estimate(criterion, &format!("{group}/{direct}"));
     let routed = estimate(criterion, &format!("{group}/router"));
-    let show =
-        |v: Option<f64>| v.map_or("not run".to_owned(), |v| format!("{:.2} {unit}", v * scale));
+    let show = |v: Option<f64>| v.map_or("not run".to_owned(), |v| format!("{:.2} µs", v / 1e3));
     let added = match (base, routed) {
-        (Some(b), Some(r)) => format!("**{:.2} {unit}**", (r - b) * scale),
+        (Some(b), Some(r)) => format!("**{:.2} µs**", (r - b) / 1e3),
         _ => "not run".to_owned(),
     };
     format!(
@@ -705,7 +702,7 @@ fn panel_name(run: &Value) -> String {
     format!("{system}: {}", run["run"].as_str().unwrap_or_default())
 }
 
-fn plot_degradation_latency(path: &Path, runs: &[&Value], at: f64) -> Result<()> {
+fn plot_degradation_latency(path: &Path, runs: &[&Value], at: f64, slow: &str) -> Result<()> {
     let x_max = runs
         .iter()
         .map(|r| per_second(r, "p99_ms").len())
@@ -733,7 +730,9 @@ fn plot_degradation_latency(path: &Path, runs: &[&Value], at: f64) -> Result<()>
         .collect();
     grid(
         path,
-        "Degradation: latency of the requests sent each second (ep0 turns 5× slower at the grey line)",
+        &format!(
+            "Degradation: latency of the requests sent each second ({slow} turns 5× slower at the grey line)"
+        ),
         &panels,
         &Axes {
             x_max,
@@ -745,7 +744,7 @@ fn plot_degradation_latency(path: &Path, runs: &[&Value], at: f64) -> Result<()>
     )
 }
 
-fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64) -> Result<()> {
+fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64, slow: &str) -> Result<()> {
     let x_max = runs
         .iter()
         .map(|r| per_second(r, "p50_ms").len())
@@ -754,17 +753,20 @@ fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64) -> Result<()> {
     let panels: Vec<(String, Vec<Line>)> = runs
         .iter()
         .map(|run| {
-            let lines = ["ep0", "ep1", "ep2"]
-                .iter()
+            // The endpoints as the scenario named them (sorted: the slowed one first).
+            let lines = run["series"]["share"]
+                .as_object()
+                .into_iter()
+                .flatten()
                 .zip(COLOURS)
-                .map(|(ep, colour)| Line {
-                    name: if *ep == "ep0" {
-                        "ep0 (slowed)".into()
+                .map(|((ep, shares), colour)| Line {
+                    name: if ep == slow {
+                        format!("{ep} (slowed)")
                     } else {
-                        (*ep).into()
+                        ep.clone()
                     },
                     colour,
-                    points: run["series"]["share"][ep]
+                    points: shares
                         .as_array()
                         .into_iter()
                         .flatten()
@@ -778,7 +780,9 @@ fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64) -> Result<()> {
         .collect();
     grid(
         path,
-        "Degradation: share of each second's requests per endpoint (ep0 turns 5× slower at the grey line)",
+        &format!(
+            "Degradation: share of each second's requests per endpoint ({slow} turns 5× slower at the grey line)"
+        ),
         &panels,
         &Axes {
             x_max,
