@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use router_core::{
-    Candidate, DeploymentState, LatencyClass, Rng, Selection, Slot, StrategyKind, pick_tiered,
-    select,
+    Ask, Candidate, DeploymentState, LatencyClass, Limits, Rng, Selection, Slot, StrategyKind,
+    pick_tiered, select,
 };
 
 const SIZES: [usize; 4] = [2, 8, 64, 256];
@@ -82,8 +82,7 @@ fn selection(c: &mut Criterion) {
                 state,
                 weight: 1,
                 priority: 0,
-                headroom: None,
-                ready_at: None,
+                limits: Limits::default(),
             })
             .collect();
         let strategy = StrategyKind::LeastLatency.build();
@@ -94,7 +93,10 @@ fn selection(c: &mut Criterion) {
                 select(
                     black_box(&slots),
                     |_| false,
-                    LatencyClass::Stream,
+                    Ask {
+                        class: LatencyClass::Stream,
+                        charge: None,
+                    },
                     strategy.as_ref(),
                     Instant::now(),
                     &mut rng,

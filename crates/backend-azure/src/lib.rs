@@ -52,7 +52,7 @@ pub use backend_openai::{StaticToken, TokenProvider};
 
 /// Which of Azure's URL forms an endpoint uses.
 #[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AzureApi {
     /// `/openai/deployments/{deployment}/…?api-version=…`.
     Deployments {
@@ -64,6 +64,19 @@ pub enum AzureApi {
         /// `preview` for preview features; none for GA.
         api_version: Option<String>,
     },
+}
+
+impl AzureApi {
+    /// Whether streamed chat accepts `stream_options` (for the usage chunk): the v1 form does,
+    /// and the dated versions from `2024-09-01-preview` (GA `2024-10-21`); older ones refuse it.
+    pub fn accepts_stream_options(&self) -> bool {
+        match self {
+            Self::Deployments { api_version } => api_version
+                .get(..10)
+                .is_some_and(|date| date >= "2024-09-01"),
+            Self::V1 { .. } => true,
+        }
+    }
 }
 
 /// Azure's URLs and headers.

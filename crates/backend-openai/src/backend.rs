@@ -315,9 +315,12 @@ impl Backend for OpenAiBackend {
             self.inner.timeouts.between_chunks,
             options.deadline.map(Instant::from_std),
         );
-        Ok(EventStream::new(events, meta, sent_at.into_std(), || {
-            Instant::now().into_std()
-        }))
+        Ok(EventStream::with_data(
+            events,
+            meta,
+            sent_at.into_std(),
+            || Instant::now().into_std(),
+        ))
     }
 
     async fn embeddings(

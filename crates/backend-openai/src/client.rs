@@ -8,7 +8,17 @@ use router_core::Error;
 /// A pool of upstream connections, shared by any number of backends. Cheap to clone.
 ///
 /// Built on reqwest with rustls, no redirects (an upstream that redirects is misconfigured, and
-/// following it could leak a key), no system proxy, `TCP_NODELAY`, and the connect timeout.
+/// following it could leak a key), no retries of its own (the router decides every retry, on
+/// another deployment; reqwest's default would resend on a protocol NACK), `TCP_NODELAY`, and the
+/// connect timeout.
+///
+/// # Proxies
+///
+/// Upstream connections go through the proxy the environment names, as curl's do:
+/// `HTTPS_PROXY` (or `https_proxy`) for `https://` endpoints, `HTTP_PROXY` (or `http_proxy`) for
+/// `http://` ones, `ALL_PROXY` for both; hosts, domains and IP ranges in `NO_PROXY` (or
+/// `no_proxy`; comma-separated, `*` for all) connect directly. Nothing set, no proxy. The
+/// variables are read when the client is built (at router build and reconfiguration).
 #[derive(Clone)]
 pub struct HttpClient {
     pub(crate) inner: reqwest::Client,
@@ -20,6 +30,7 @@ impl HttpClient {
         let inner = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("openai-router/", env!("CARGO_PKG_VERSION")))
@@ -37,7 +48,7 @@ impl fmt::Debug for HttpClient {
 
 /// How long a backend waits. Every wait is also cut at the call's deadline, when it has one.
 #[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Timeouts {
     /// Making the TCP (and TLS) connection. Default 5 s.
     pub connect: Duration,

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures_core::Stream;
 use futures_util::StreamExt;
-use router_core::{EndpointId, Error, ErrorKind};
+use router_core::{EndpointId, Error, ErrorKind, Event};
 use router_types::ErrorResponse;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -30,6 +30,17 @@ enum Frame<T> {
     Item(T),
 }
 
+/// One event's data as a frame. An error object has a top-level `"error"` key, so data without
+/// that string anywhere is parsed straight into `T` (one pass); only the rest goes through the
+/// untagged `Frame`, which buffers the document to try each shape.
+fn parse<T: DeserializeOwned>(data: &str) -> Result<Frame<T>, serde_json::Error> {
+    if data.contains("\"error\"") {
+        serde_json::from_str::<Frame<T>>(data)
+    } else {
+        serde_json::from_str::<T>(data).map(Frame::Item)
+    }
+}
+
 struct State<S> {
     events: S,
     endpoint: EndpointId,
@@ -39,14 +50,15 @@ struct State<S> {
     finished: bool,
 }
 
-/// Decodes `body` (the raw byte stream of a 200 answer) into items of type `T`.
+/// Decodes `body` (the raw byte stream of a 200 answer) into items of type `T`, each with the
+/// event's data as received.
 pub(crate) fn decode<T, B, E>(
     body: B,
     endpoint: EndpointId,
     scrubber: Scrubber,
     idle: Duration,
     deadline: Option<Instant>,
-) -> impl Stream<Item = Result<T, Error>> + Send + 'static
+) -> impl Stream<Item = Result<Event<T>, Error>> + Send + 'static
 where
     T: DeserializeOwned + Send + 'static,
     B: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
@@ -109,8 +121,11 @@ where
                     if data == "[DONE]" {
                         return None;
                     }
-                    match serde_json::from_str::<Frame<T>>(data) {
-                        Ok(Frame::Item(item)) => Ok(item),
+                    match parse::<T>(data) {
+                        Ok(Frame::Item(item)) => Ok(Event {
+                            item,
+                            data: Some(event.data),
+                        }),
                         Ok(Frame::Error(mut body)) => {
                             body.error.message = state.scrubber.scrub(&body.error.message);
                             Err(Error::stream_event(state.endpoint.clone(), body.error))
@@ -148,6 +163,14 @@ mod tests {
     );
 
     async fn decode_parts(parts: Vec<Vec<u8>>) -> Vec<Result<ChatCompletionChunk, Error>> {
+        decode_events(parts)
+            .await
+            .into_iter()
+            .map(|e| e.map(|e| e.item))
+            .collect()
+    }
+
+    async fn decode_events(parts: Vec<Vec<u8>>) -> Vec<Result<Event<ChatCompletionChunk>, Error>> {
         let body = futures_util::stream::iter(
             parts
                 .into_iter()
@@ -198,6 +221,31 @@ mod tests {
             assert_eq!(contents(&items), "héllo wörld 🦀", "{ending:?}");
             assert_eq!(items.len(), 3, "{ending:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn each_item_keeps_its_data_as_received() {
+        let events = decode_events(vec![STREAM.as_bytes().to_vec()]).await;
+        assert_eq!(events.len(), 3);
+        let expected: Vec<&str> = STREAM
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .collect();
+        for (event, data) in events.iter().zip(expected) {
+            assert_eq!(event.as_ref().unwrap().data.as_deref(), Some(data));
+        }
+    }
+
+    #[tokio::test]
+    async fn content_that_mentions_error_is_still_an_item() {
+        let text = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"the \\\"error\\\": key\"},\"finish_reason\":null}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let items = decode_parts(vec![text.as_bytes().to_vec()]).await;
+        assert_eq!(items.len(), 1);
+        assert_eq!(contents(&items), "the \"error\": key");
     }
 
     #[tokio::test]

@@ -150,7 +150,24 @@ impl StreamItem for CompletionResponse {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Error>> + Send>>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<Event<T>, Error>> + Send>>;
+
+/// One decoded event of a stream: the typed item, and the event's `data` as the upstream sent
+/// it when the backend kept it (so that a relay can pass it on without encoding it again).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event<T> {
+    /// The typed item.
+    pub item: T,
+    /// The event's data field, exactly as received (`None` from backends that do not keep it).
+    pub data: Option<String>,
+}
+
+impl<T> Event<T> {
+    /// An event without its original data.
+    pub fn typed(item: T) -> Self {
+        Self { item, data: None }
+    }
+}
 
 /// A streamed answer: typed events, the answer's metadata, and when the first content arrived.
 pub struct EventStream<T> {
@@ -167,11 +184,22 @@ pub type ChatStream = EventStream<ChatCompletionChunk>;
 /// A streamed legacy completion.
 pub type CompletionStream = EventStream<CompletionResponse>;
 
-impl<T: StreamItem> EventStream<T> {
+impl<T: StreamItem + Send + 'static> EventStream<T> {
     /// Wraps `events`, an upstream answer's decoded events, sent at `sent_at`. `clock` reads the
     /// same clock as `sent_at` (a runtime's clock, so that paused time in tests applies).
     pub fn new(
         events: impl Stream<Item = Result<T, Error>> + Send + 'static,
+        meta: ResponseMeta,
+        sent_at: Instant,
+        clock: fn() -> Instant,
+    ) -> Self {
+        let inner = Box::pin(events);
+        Self::with_data(Typed { inner }, meta, sent_at, clock)
+    }
+
+    /// As [`new`](Self::new), from events that keep the upstream's data as received.
+    pub fn with_data(
+        events: impl Stream<Item = Result<Event<T>, Error>> + Send + 'static,
         meta: ResponseMeta,
         sent_at: Instant,
         clock: fn() -> Instant,
@@ -185,7 +213,9 @@ impl<T: StreamItem> EventStream<T> {
             clock,
         }
     }
+}
 
+impl<T: StreamItem> EventStream<T> {
     /// Status, headers and time to headers.
     pub fn meta(&self) -> &ResponseMeta {
         &self.meta
@@ -201,24 +231,55 @@ impl<T: StreamItem> EventStream<T> {
     pub fn time_to_first_content(&self) -> Option<Duration> {
         self.first_content
     }
+
+    /// The next event with its original data, as [`Stream::poll_next`] yields the item alone.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event<T>, Error>>> {
+        let polled = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(event))) = &polled
+            && (self.first_item.is_none()
+                || (self.first_content.is_none() && event.item.has_content()))
+        {
+            let since = (self.clock)().saturating_duration_since(self.sent_at);
+            self.first_item.get_or_insert(since);
+            if event.item.has_content() {
+                self.first_content.get_or_insert(since);
+            }
+        }
+        polled
+    }
 }
 
 impl<T: StreamItem> Stream for EventStream<T> {
     type Item = Result<T, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        let polled = this.inner.as_mut().poll_next(cx);
-        if let Poll::Ready(Some(Ok(item))) = &polled
-            && (this.first_item.is_none() || (this.first_content.is_none() && item.has_content()))
-        {
-            let since = (this.clock)().saturating_duration_since(this.sent_at);
-            this.first_item.get_or_insert(since);
-            if item.has_content() {
-                this.first_content.get_or_insert(since);
-            }
-        }
-        polled
+        self.get_mut()
+            .poll_event(cx)
+            .map(|next| next.map(|event| event.map(|e| e.item)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+/// Typed items as events without data.
+struct Typed<S> {
+    inner: Pin<Box<S>>,
+}
+
+impl<T, S> Stream for Typed<S>
+where
+    S: Stream<Item = Result<T, Error>>,
+{
+    type Item = Result<Event<T>, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut()
+            .inner
+            .as_mut()
+            .poll_next(cx)
+            .map(|next| next.map(|item| item.map(Event::typed)))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

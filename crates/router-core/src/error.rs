@@ -128,73 +128,93 @@ pub enum ErrorKind {
     DeadlineExceeded,
 }
 
-impl ErrorKind {
-    /// A short `snake_case` name, stable, for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RateLimited => "rate_limited",
-            Self::QuotaExhausted => "quota_exhausted",
-            Self::RequestTooLarge => "request_too_large",
-            Self::Unauthorized => "unauthorized",
-            Self::Forbidden => "forbidden",
-            Self::NotFound => "not_found",
-            Self::BadRequest => "bad_request",
-            Self::ContentFilter => "content_filter",
-            Self::ContextLengthExceeded => "context_length_exceeded",
-            Self::Unprocessable => "unprocessable",
-            Self::RequestTimeout => "request_timeout",
-            Self::Conflict => "conflict",
-            Self::ServerError => "server_error",
-            Self::UnexpectedStatus => "unexpected_status",
-            Self::Connect => "connect",
-            Self::Timeout => "timeout",
-            Self::Transport => "transport",
-            Self::Decode => "decode",
-            Self::StreamError => "stream_error",
-            Self::StreamTruncated => "stream_truncated",
-            Self::Unsupported => "unsupported",
-            Self::Config => "config",
-            Self::InvalidRequest => "invalid_request",
-            Self::UnknownModel => "unknown_model",
-            Self::Unavailable => "unavailable",
-            Self::Throttled => "throttled",
-            Self::DeadlineExceeded => "deadline_exceeded",
-        }
-    }
+/// One row of the kind table: everything the router and a server answering for it need to
+/// know about a kind, in one place.
+struct Row {
+    kind: ErrorKind,
+    name: &'static str,
+    retryable: bool,
+    effect: HealthEffect,
+    status: u16,
+    description: &'static str,
+}
 
+const fn row(
+    kind: ErrorKind,
+    name: &'static str,
+    retryable: bool,
+    effect: HealthEffect,
+    status: u16,
+    description: &'static str,
+) -> Row {
+    Row {
+        kind,
+        name,
+        retryable,
+        effect,
+        status,
+        description,
+    }
+}
+
+use HealthEffect::{Cooldown, Disable, Failure, None as Nothing};
+
+/// The kinds, in declaration order (a test checks it): name, retryable, health effect, the HTTP
+/// status a server answering for the router gives, and the description `Display` starts with.
+#[rustfmt::skip]
+const TABLE: [Row; 27] = [
+    row(ErrorKind::RateLimited, "rate_limited", true, Cooldown, 429, "rate limited"),
+    row(ErrorKind::QuotaExhausted, "quota_exhausted", true, Disable, 502, "quota exhausted"),
+    row(ErrorKind::RequestTooLarge, "request_too_large", true, Nothing, 502, "request too large for the endpoint's quota"),
+    row(ErrorKind::Unauthorized, "unauthorized", true, Disable, 502, "unauthorized"),
+    row(ErrorKind::Forbidden, "forbidden", true, Disable, 502, "forbidden"),
+    row(ErrorKind::NotFound, "not_found", true, Disable, 502, "not found"),
+    row(ErrorKind::BadRequest, "bad_request", false, Nothing, 400, "bad request"),
+    row(ErrorKind::ContentFilter, "content_filter", false, Nothing, 400, "blocked by the content filter"),
+    row(ErrorKind::ContextLengthExceeded, "context_length_exceeded", false, Nothing, 400, "context length exceeded"),
+    row(ErrorKind::Unprocessable, "unprocessable", false, Nothing, 422, "unprocessable request"),
+    row(ErrorKind::RequestTimeout, "request_timeout", true, Failure, 502, "request timed out upstream"),
+    row(ErrorKind::Conflict, "conflict", true, Failure, 502, "conflict"),
+    row(ErrorKind::ServerError, "server_error", true, Failure, 502, "upstream server error"),
+    row(ErrorKind::UnexpectedStatus, "unexpected_status", false, Nothing, 502, "unexpected status"),
+    row(ErrorKind::Connect, "connect", true, Failure, 502, "connection failed"),
+    row(ErrorKind::Timeout, "timeout", true, Failure, 504, "timed out"),
+    row(ErrorKind::Transport, "transport", true, Failure, 502, "connection broken"),
+    row(ErrorKind::Decode, "decode", true, Failure, 502, "malformed response"),
+    row(ErrorKind::StreamError, "stream_error", true, Failure, 502, "error event in stream"),
+    row(ErrorKind::StreamTruncated, "stream_truncated", true, Failure, 502, "stream ended before [DONE]"),
+    row(ErrorKind::Unsupported, "unsupported", true, Nothing, 502, "unsupported operation"),
+    row(ErrorKind::Config, "config", false, Nothing, 502, "invalid configuration"),
+    row(ErrorKind::InvalidRequest, "invalid_request", false, Nothing, 400, "invalid request"),
+    row(ErrorKind::UnknownModel, "unknown_model", false, Nothing, 404, "unknown model"),
+    row(ErrorKind::Unavailable, "unavailable", false, Nothing, 503, "no deployment available"),
+    row(ErrorKind::Throttled, "throttled", false, Nothing, 429, "throttled by the router"),
+    row(ErrorKind::DeadlineExceeded, "deadline_exceeded", false, Nothing, 504, "deadline exceeded"),
+];
+
+impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [Self; 27] = [
-        Self::RateLimited,
-        Self::QuotaExhausted,
-        Self::RequestTooLarge,
-        Self::Unauthorized,
-        Self::Forbidden,
-        Self::NotFound,
-        Self::BadRequest,
-        Self::ContentFilter,
-        Self::ContextLengthExceeded,
-        Self::Unprocessable,
-        Self::RequestTimeout,
-        Self::Conflict,
-        Self::ServerError,
-        Self::UnexpectedStatus,
-        Self::Connect,
-        Self::Timeout,
-        Self::Transport,
-        Self::Decode,
-        Self::StreamError,
-        Self::StreamTruncated,
-        Self::Unsupported,
-        Self::Config,
-        Self::InvalidRequest,
-        Self::UnknownModel,
-        Self::Unavailable,
-        Self::Throttled,
-        Self::DeadlineExceeded,
-    ];
+    pub const ALL: [Self; 27] = {
+        let mut all = [Self::RateLimited; 27];
+        let mut i = 0;
+        while i < TABLE.len() {
+            all[i] = TABLE[i].kind;
+            i += 1;
+        }
+        all
+    };
 
     /// How many kinds there are.
     pub const COUNT: usize = Self::ALL.len();
+
+    fn row(self) -> &'static Row {
+        &TABLE[self as usize]
+    }
+
+    /// A short `snake_case` name, stable, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        self.row().name
+    }
 
     /// The kind's position in [`ALL`](Self::ALL), for per-kind counters.
     pub fn index(self) -> usize {
@@ -211,99 +231,24 @@ impl ErrorKind {
 
     /// Whether another attempt, on another endpoint, may succeed.
     pub fn is_retryable(self) -> bool {
-        match self {
-            Self::RateLimited
-            | Self::QuotaExhausted
-            | Self::RequestTooLarge
-            | Self::Unauthorized
-            | Self::Forbidden
-            | Self::NotFound
-            | Self::RequestTimeout
-            | Self::Conflict
-            | Self::ServerError
-            | Self::Connect
-            | Self::Timeout
-            | Self::Transport
-            | Self::Decode
-            | Self::StreamError
-            | Self::StreamTruncated
-            | Self::Unsupported => true,
-            Self::BadRequest
-            | Self::ContentFilter
-            | Self::ContextLengthExceeded
-            | Self::Unprocessable
-            | Self::UnexpectedStatus
-            | Self::Config
-            | Self::InvalidRequest
-            | Self::UnknownModel
-            | Self::Unavailable
-            | Self::Throttled
-            | Self::DeadlineExceeded => false,
-        }
+        self.row().retryable
     }
 
     /// What the failure says about the endpoint that produced it.
     pub fn health_effect(self) -> HealthEffect {
-        match self {
-            Self::RateLimited => HealthEffect::Cooldown,
-            Self::QuotaExhausted | Self::Unauthorized | Self::Forbidden | Self::NotFound => {
-                HealthEffect::Disable
-            }
-            Self::RequestTimeout
-            | Self::Conflict
-            | Self::ServerError
-            | Self::Connect
-            | Self::Timeout
-            | Self::Transport
-            | Self::Decode
-            | Self::StreamError
-            | Self::StreamTruncated => HealthEffect::Failure,
-            Self::RequestTooLarge
-            | Self::BadRequest
-            | Self::ContentFilter
-            | Self::ContextLengthExceeded
-            | Self::Unprocessable
-            | Self::UnexpectedStatus
-            | Self::Unsupported
-            | Self::Config
-            | Self::InvalidRequest
-            | Self::UnknownModel
-            | Self::Unavailable
-            | Self::Throttled
-            | Self::DeadlineExceeded => HealthEffect::None,
-        }
+        self.row().effect
+    }
+
+    /// The HTTP status a server answering for the router gives a caller for this kind: 429 for
+    /// throttling, the 4xx of a request at fault (a caller's own upstream answer keeps the
+    /// upstream's status), 404 for an unknown model, 503 when nothing can serve, 504 for
+    /// deadlines and timeouts, 502 for an upstream that failed.
+    pub fn status(self) -> u16 {
+        self.row().status
     }
 
     fn describe(self) -> &'static str {
-        match self {
-            Self::RateLimited => "rate limited",
-            Self::QuotaExhausted => "quota exhausted",
-            Self::RequestTooLarge => "request too large for the endpoint's quota",
-            Self::Unauthorized => "unauthorized",
-            Self::Forbidden => "forbidden",
-            Self::NotFound => "not found",
-            Self::BadRequest => "bad request",
-            Self::ContentFilter => "blocked by the content filter",
-            Self::ContextLengthExceeded => "context length exceeded",
-            Self::Unprocessable => "unprocessable request",
-            Self::RequestTimeout => "request timed out upstream",
-            Self::Conflict => "conflict",
-            Self::ServerError => "upstream server error",
-            Self::UnexpectedStatus => "unexpected status",
-            Self::Connect => "connection failed",
-            Self::Timeout => "timed out",
-            Self::Transport => "connection broken",
-            Self::Decode => "malformed response",
-            Self::StreamError => "error event in stream",
-            Self::StreamTruncated => "stream ended before [DONE]",
-            Self::Unsupported => "unsupported operation",
-            Self::Config => "invalid configuration",
-            Self::InvalidRequest => "invalid request",
-            Self::UnknownModel => "unknown model",
-            Self::Unavailable => "no deployment available",
-            Self::Throttled => "throttled by the router",
-            Self::DeadlineExceeded => "deadline exceeded",
-        }
+        self.row().description
     }
 }
 
@@ -622,6 +567,13 @@ mod tests {
             body,
             &RateLimitInfo::default(),
         )
+    }
+
+    #[test]
+    fn the_table_is_in_declaration_order() {
+        for (i, row) in TABLE.iter().enumerate() {
+            assert_eq!(row.kind as usize, i, "row {i} is {:?}", row.kind);
+        }
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub mod state;
 pub mod strategy;
 
 pub use backend::{
-    Backend, CallOptions, ChatStream, CompletionStream, EventStream, Reply, ResponseMeta,
+    Backend, CallOptions, ChatStream, CompletionStream, Event, EventStream, Reply, ResponseMeta,
     StreamItem,
 };
 pub use endpoint::EndpointId;
@@ -78,7 +78,7 @@ pub use quota::{
 pub use ratelimit::RateLimitInfo;
 pub use retry::RetryBudget;
 pub use rng::Rng;
-pub use select::{NothingEligible, Selection, Slot, select};
+pub use select::{Ask, NothingEligible, Reason, Selection, Slot, select, soonest};
 pub use state::{
     Availability, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass, StateStats,
 };

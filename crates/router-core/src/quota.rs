@@ -157,19 +157,25 @@ impl Bucket {
         (self.level + shape.rate * dt).min(shape.capacity)
     }
 
+    /// How long until the bucket holds what a request of `cost` needs; zero when it does now.
+    pub fn wait_for(&self, shape: Shape, cost: f64, now: Instant) -> Duration {
+        let missing = shape.needed(cost) - self.level_at(shape, now);
+        if missing <= 1e-9 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(missing / shape.rate.max(1e-9))
+        }
+    }
+
     /// Takes `cost` if the bucket holds what it needs; otherwise how long until it will.
     pub fn take(&mut self, shape: Shape, cost: f64, now: Instant) -> Result<f64, Duration> {
-        let level = self.level_at(shape, now);
-        let needed = shape.needed(cost);
-        if level + 1e-9 >= needed {
-            self.level = level - cost;
-            self.at = now;
-            Ok(self.level)
-        } else {
-            Err(Duration::from_secs_f64(
-                (needed - level) / shape.rate.max(1e-9),
-            ))
+        let wait = self.wait_for(shape, cost, now);
+        if !wait.is_zero() {
+            return Err(wait);
         }
+        self.level = self.level_at(shape, now) - cost;
+        self.at = now;
+        Ok(self.level)
     }
 
     /// Gives back (`amount > 0`) or takes more (`amount < 0`), capped at the capacity.
@@ -506,24 +512,30 @@ impl QuotaView {
         at.saturating_duration_since(self.origin).as_millis() as u64
     }
 
-    fn level(cell: &AtomicU64, shape: Shape, now_ms: u64) -> f64 {
+    /// The bucket a cell holds (full at `now` when nothing is known yet): the same
+    /// [`Bucket`] arithmetic as the stores', from a packed level and timestamp.
+    fn bucket(&self, cell: &AtomicU64, shape: Shape, now: Instant) -> Bucket {
         let (level, at) = unpack(cell.load(Ordering::Relaxed));
         if level.is_nan() {
-            return shape.capacity;
+            return Bucket::full(shape, now);
         }
-        let dt = now_ms.saturating_sub(u64::from(at)) as f64 / 1000.0;
-        (f64::from(level) + shape.rate * dt).min(shape.capacity)
+        Bucket {
+            level: f64::from(level),
+            at: self.origin + Duration::from_millis(u64::from(at)),
+        }
+    }
+
+    fn store(&self, cell: &AtomicU64, level: f64, at: Instant) {
+        cell.store(pack(level as f32, self.ms(at) as u32), Ordering::Relaxed);
     }
 
     /// Records levels a store reported at `now`.
     pub fn update(&self, tokens: Option<f64>, requests: Option<f64>, now: Instant) {
-        let at = self.ms(now) as u32;
         if let Some(level) = tokens {
-            self.tokens.store(pack(level as f32, at), Ordering::Relaxed);
+            self.store(&self.tokens, level, now);
         }
         if let Some(level) = requests {
-            self.requests
-                .store(pack(level as f32, at), Ordering::Relaxed);
+            self.store(&self.requests, level, now);
         }
     }
 
@@ -535,11 +547,11 @@ impl QuotaView {
         requests: Option<u64>,
         now: Instant,
     ) {
-        let now_ms = self.ms(now);
         let lower = |cell: &AtomicU64, shape: Option<Shape>, remaining: Option<u64>| {
             if let (Some(shape), Some(remaining)) = (shape, remaining) {
-                let level = Self::level(cell, shape, now_ms).min(remaining as f64);
-                cell.store(pack(level as f32, now_ms as u32), Ordering::Relaxed);
+                let mut bucket = self.bucket(cell, shape, now);
+                bucket.correct(shape, remaining as f64, now);
+                self.store(cell, bucket.level, now);
             }
         };
         lower(&self.tokens, limits.tokens(), tokens);
@@ -548,43 +560,41 @@ impl QuotaView {
 
     /// The store said no until `now + wait`.
     pub fn block(&self, wait: Duration, now: Instant) {
+        // Rounded up, so that a wait shorter than a millisecond still blocks.
+        let until = (now + wait)
+            .saturating_duration_since(self.origin)
+            .as_micros()
+            .div_ceil(1000) as u64;
         self.blocked_until
-            .fetch_max(self.ms(now + wait).max(1), Ordering::Relaxed);
+            .fetch_max(until.max(1), Ordering::Relaxed);
     }
 
     /// When a request of `charge` could be admitted: `None` for now, else the time.
     pub fn available_at(&self, limits: &Limits, charge: Charge, now: Instant) -> Option<Instant> {
         let now_ms = self.ms(now);
-        let mut wait = 0.0_f64;
         let blocked = self.blocked_until.load(Ordering::Relaxed);
-        if blocked > now_ms {
-            wait = (blocked - now_ms) as f64 / 1000.0;
-        }
+        let mut wait = Duration::from_millis(blocked.saturating_sub(now_ms));
         for (cell, shape, cost) in [
             (&self.tokens, limits.tokens(), charge.tokens as f64),
             (&self.requests, limits.requests(), charge.requests as f64),
         ] {
             if let Some(shape) = shape {
-                let level = Self::level(cell, shape, now_ms);
-                let needed = shape.needed(cost);
-                if level < needed {
-                    wait = wait.max((needed - level) / shape.rate.max(1e-9));
-                }
+                wait = wait.max(self.bucket(cell, shape, now).wait_for(shape, cost, now));
             }
         }
-        (wait > 0.0).then(|| now + Duration::from_secs_f64(wait))
+        (!wait.is_zero()).then(|| now + wait)
     }
 
     /// The free share of the token bucket (of the request bucket when tokens are not limited),
     /// 0 to 1; `None` when the deployment has no limit.
     pub fn headroom(&self, limits: &Limits, now: Instant) -> Option<f64> {
-        let now_ms = self.ms(now);
         let (cell, shape) = match (limits.tokens(), limits.requests()) {
             (Some(shape), _) => (&self.tokens, shape),
             (None, Some(shape)) => (&self.requests, shape),
             (None, None) => return None,
         };
-        Some((Self::level(cell, shape, now_ms) / shape.capacity).clamp(0.0, 1.0))
+        let level = self.bucket(cell, shape, now).level_at(shape, now);
+        Some((level / shape.capacity).clamp(0.0, 1.0))
     }
 }
 

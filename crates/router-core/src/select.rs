@@ -1,15 +1,24 @@
-//! From a model group's deployments to the one that takes a request.
+//! From a model group's deployments to the one that takes a request: every eligibility rule in
+//! one place.
 //!
-//! [`select`] builds the candidates (deployments that are ready and that this request has not
-//! tried yet), offers the best priority tier to the strategy, and maps its choice back. When no
-//! deployment is ready it enters panic mode: deployments ejected for failures are offered again
+//! [`select`] decides, for each deployment, whether it can take this request now: not disabled,
+//! not cooling down after a 429, not ejected after failures, not already tried by this request,
+//! and with room in its quota for the request's [`Charge`] (by this process's [`QuotaView`] of
+//! it, when the request is accounted). The best priority tier that has any such deployment is
+//! offered to the strategy, and its choice mapped back.
+//!
+//! When none is ready it enters panic mode: deployments ejected for failures are offered again
 //! rather than failing the request (an ejection must never take the last usable deployment
 //! away), while throttled and disabled ones stay out (a throttled deployment would only answer
-//! 429 again), and so do those whose quota has no room for the request now (`ready_at`). When
-//! even that leaves nothing, it says when the soonest one recovers.
+//! 429 again), and so do those whose quota has no room for the request now. When even that
+//! leaves nothing, the answer is [`NothingEligible`]: "nothing until T, because R", the soonest
+//! recovery among the deployments this request may still use and what it waits for.
+//!
+//! [`QuotaView`]: crate::QuotaView
 
 use std::time::Instant;
 
+use crate::quota::{Charge, Limits};
 use crate::rng::Rng;
 use crate::state::{Availability, DeploymentState, LatencyClass};
 use crate::strategy::{Candidate, Strategy, pick_tiered};
@@ -17,16 +26,23 @@ use crate::strategy::{Candidate, Strategy, pick_tiered};
 /// One deployment as the selector sees it. Deployments must be given sorted by priority.
 #[derive(Debug, Clone, Copy)]
 pub struct Slot<'a> {
-    /// Its live state.
+    /// Its live state (availability, load, latency, and this process's view of its quota).
     pub state: &'a DeploymentState,
     /// Its weight (at least 1).
     pub weight: u32,
     /// Its priority tier (lower is preferred).
     pub priority: u32,
-    /// The share of its quota still free, when it has a quota.
-    pub headroom: Option<f64>,
-    /// When its quota will have room for this request, if not now.
-    pub ready_at: Option<Instant>,
+    /// The quota in force (configured, else learned from the upstream's headers).
+    pub limits: Limits,
+}
+
+/// What is being asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    /// The latency signal the request is routed on.
+    pub class: LatencyClass,
+    /// Its cost, when the request is accounted; `None` routes without looking at quotas.
+    pub charge: Option<Charge>,
 }
 
 /// Reusable buffers, so that selecting does not allocate once warmed up.
@@ -36,65 +52,140 @@ pub struct Selection {
     map: Vec<usize>,
 }
 
-/// Why nothing could be selected.
+/// What the soonest recovery waits for.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NothingEligible {
-    /// When the soonest throttled or ejected deployment recovers, if any will.
-    pub soonest: Option<Instant>,
-    /// Whether every deployment was already tried by this request.
-    pub all_tried: bool,
+pub enum Reason {
+    /// A deployment's quota to free room for the request (or another replica's use of it).
+    Quota,
+    /// A 429's cooldown to pass.
+    RateLimited,
+    /// An ejection after failures to end.
+    Ejected,
+    /// Nothing recovers by itself: every deployment this request may use is disabled.
+    Disabled,
+    /// Nothing is left: the request has tried every deployment it may use.
+    Tried,
 }
 
-/// Picks a slot index for a request of `class` at `now`, skipping those `tried(i)` says this
-/// request has already tried.
+/// Why nothing could be selected: "nothing until `until`, because `reason`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NothingEligible {
+    /// When the soonest deployment this request may still use recovers, if any will.
+    pub until: Option<Instant>,
+    /// What that recovery waits for (`Disabled` or `Tried` when `until` is `None`).
+    pub reason: Reason,
+}
+
+/// When the slot's quota has room for the request, if not now (never for a request that is
+/// not accounted).
+fn quota_at(slot: &Slot<'_>, ask: Ask, now: Instant) -> Option<Instant> {
+    ask.charge
+        .filter(|_| slot.limits.is_limited())
+        .and_then(|charge| slot.state.quota.available_at(&slot.limits, charge, now))
+}
+
+/// When a slot can take the request, if not now, and why.
+fn recovery(slot: &Slot<'_>, ask: Ask, now: Instant) -> Result<(), Option<(Instant, Reason)>> {
+    let quota = quota_at(slot, ask, now);
+    let cooling = match slot.state.availability(now) {
+        Availability::Ready => None,
+        Availability::RateLimited(at) => Some((at, Reason::RateLimited)),
+        Availability::Ejected(at) => Some((at, Reason::Ejected)),
+        Availability::Disabled(_) => return Err(None),
+    };
+    match (cooling, quota) {
+        (None, None) => Ok(()),
+        (Some(c), None) => Err(Some(c)),
+        (None, Some(q)) => Err(Some((q, Reason::Quota))),
+        (Some((c, reason)), Some(q)) => Err(Some(if q > c {
+            (q, Reason::Quota)
+        } else {
+            (c, reason)
+        })),
+    }
+}
+
+/// Picks a slot index for `ask` at `now`, skipping those `tried(i)` says this request has
+/// already tried.
 pub fn select(
     slots: &[Slot<'_>],
     tried: impl Fn(usize) -> bool,
-    class: LatencyClass,
+    ask: Ask,
     strategy: &dyn Strategy,
     now: Instant,
     rng: &mut Rng,
     buffers: &mut Selection,
 ) -> Result<usize, NothingEligible> {
-    let fill = |buffers: &mut Selection, accept: &dyn Fn(Availability) -> bool| {
+    let fill = |buffers: &mut Selection, panic_mode: bool| {
         buffers.candidates.clear();
         buffers.map.clear();
         for (i, slot) in slots.iter().enumerate() {
-            if tried(i) || slot.ready_at.is_some() || !accept(slot.state.availability(now)) {
+            if tried(i) {
+                continue;
+            }
+            let eligible = match recovery(slot, ask, now) {
+                Ok(()) => true,
+                // Panic mode: an ejection never takes the last usable deployment away, but a
+                // quota with no room stays out (the upstream would refuse it).
+                Err(Some((_, Reason::Ejected))) => panic_mode && quota_at(slot, ask, now).is_none(),
+                Err(_) => false,
+            };
+            if !eligible {
                 continue;
             }
             buffers.candidates.push(Candidate {
                 in_flight: slot.state.in_flight(),
-                latency: slot.state.latency(class, now),
+                latency: slot.state.latency(ask.class, now),
                 weight: slot.weight.max(1),
                 priority: slot.priority,
-                headroom: slot.headroom,
+                headroom: slot.state.quota.headroom(&slot.limits, now),
             });
             buffers.map.push(i);
         }
     };
-    fill(buffers, &|a| a == Availability::Ready);
+    fill(buffers, false);
     if buffers.candidates.is_empty() {
-        // Panic mode: an ejection never takes the last usable deployment away.
-        fill(buffers, &|a| {
-            matches!(a, Availability::Ready | Availability::Ejected(_))
-        });
+        fill(buffers, true);
     }
     if let Some(chosen) = pick_tiered(strategy, &buffers.candidates, now, rng) {
         return Ok(buffers.map[chosen]);
     }
-    let soonest = slots
-        .iter()
-        .filter_map(|slot| match slot.state.availability(now) {
-            Availability::RateLimited(at) | Availability::Ejected(at) => {
-                Some(slot.ready_at.map_or(at, |r| r.max(at)))
-            }
-            Availability::Ready => slot.ready_at,
-            Availability::Disabled(_) => None,
-        })
-        .min();
-    Err(NothingEligible {
-        soonest,
-        all_tried: (0..slots.len()).all(&tried),
-    })
+    Err(soonest(slots, tried, ask, now))
+}
+
+/// The soonest recovery among the slots not `tried`, and what it waits for.
+pub fn soonest(
+    slots: &[Slot<'_>],
+    tried: impl Fn(usize) -> bool,
+    ask: Ask,
+    now: Instant,
+) -> NothingEligible {
+    let mut best: Option<(Instant, Reason)> = None;
+    let mut untried = false;
+    for (i, slot) in slots.iter().enumerate() {
+        if tried(i) {
+            continue;
+        }
+        untried = true;
+        if let Err(Some((at, reason))) = recovery(slot, ask, now)
+            && best.is_none_or(|(b, _)| at < b)
+        {
+            best = Some((at, reason));
+        }
+    }
+    match best {
+        Some((until, reason)) => NothingEligible {
+            until: Some(until),
+            reason,
+        },
+        None => NothingEligible {
+            until: None,
+            reason: if untried {
+                Reason::Disabled
+            } else {
+                Reason::Tried
+            },
+        },
+    }
 }

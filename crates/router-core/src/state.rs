@@ -82,6 +82,14 @@ impl HealthPolicy {
         self
     }
 
+    /// How long a 429 cools its deployment: the upstream's wait, else the default, capped.
+    pub fn rate_limit_wait(&self, error: &Error) -> Duration {
+        error
+            .retry_after()
+            .unwrap_or(self.rate_limit_cooldown)
+            .min(self.max_rate_limit_cooldown)
+    }
+
     /// Sets the ejection jitter.
     #[must_use]
     pub fn with_jitter(mut self, jitter: f64) -> Self {
@@ -275,11 +283,7 @@ impl DeploymentState {
         self.failures[error.kind().index()].fetch_add(1, Ordering::Relaxed);
         match error.health_effect() {
             HealthEffect::Cooldown => {
-                let wait = error
-                    .retry_after()
-                    .unwrap_or(policy.rate_limit_cooldown)
-                    .min(policy.max_rate_limit_cooldown);
-                self.cool_down(now + wait, REASON_RATE_LIMITED);
+                self.cool_down(now + policy.rate_limit_wait(error), REASON_RATE_LIMITED);
             }
             HealthEffect::Failure => {
                 self.latency[class.index()].penalize(policy.failure_penalty, now);

@@ -259,11 +259,12 @@ pub enum StrategyKind {
 
 impl StrategyKind {
     /// Every built-in kind.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::RoundRobin,
         Self::LeastBusy,
         Self::LeastLatency,
         Self::Weighted,
+        Self::UsageBased,
     ];
 
     /// The canonical config name.

@@ -45,23 +45,32 @@
 //! - `openai` (default): OpenAI and OpenAI-compatible endpoints.
 //! - `azure` (default): Azure OpenAI endpoints.
 
-mod config;
+mod attempt;
+mod builder;
+mod clock;
+mod endpoint;
 mod estimate;
 mod limits;
+mod operation;
+mod options;
+mod path;
 mod reservation;
 mod router;
+mod settings;
 mod snapshot;
+mod stream;
 mod waitlist;
 
-pub use config::{
-    DeploymentSpec, Endpoint, QuotaAccounting, RetryPolicy, RouterBuilder, StrategyFactory,
-};
+pub use builder::{QuotaAccounting, RetryPolicy, RouterBuilder, StrategyFactory};
+pub use endpoint::{DeploymentSpec, Endpoint};
 pub use limits::RateLimits;
-pub use router::{DeploymentStats, RequestOptions, Routed, Router, RouterStream};
+pub use options::{DeploymentStats, RequestOptions, Routed};
+pub use router::Router;
+pub use stream::RouterStream;
 
 pub use router_core::{
     Admission, Availability, Backend, CallOptions, Candidate, Charge, ChatStream, EndpointId,
-    Error, ErrorKind, HealthPolicy, LatencyClass, Limits, MemoryStore, RateLimitInfo, Reply,
+    Error, ErrorKind, Event, HealthPolicy, LatencyClass, Limits, MemoryStore, RateLimitInfo, Reply,
     ResponseMeta, Rng, Settlement, StateStats, StateStore, Strategy, StrategyKind,
 };
 pub use router_types as types;
@@ -80,7 +89,7 @@ impl RouterBuilder {
     /// endpoint without a model, a duplicate name, an invalid URL, a missing Azure api-version
     /// or credential, a zero weight or attempt count.
     pub fn build(self) -> Result<Router, Error> {
-        Router::from_builder(self)
+        Router::from_builder(&self)
     }
 }
 

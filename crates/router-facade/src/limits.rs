@@ -4,9 +4,9 @@
 //! the upstreams' own quotas. Requests and tokens are token buckets (10 s of the per-minute
 //! limit at once, refilled continuously), charged with the request's estimate at admission;
 //! concurrency is a count held until the request (or its stream) ends. A request over a
-//! requests or tokens limit waits for its turn if that comes before its deadline, else it is
-//! throttled with `retry_after`; a request over a concurrency limit is throttled at once.
-//! These buckets are per process.
+//! requests or tokens limit waits for its turn in the scope's lane of the router's waitlist if
+//! that comes before its deadline, else it is throttled with `retry_after`; a request over a
+//! concurrency limit is throttled at once. These buckets are per process.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,6 +15,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use router_core::{Admission, Charge, Error, ErrorKind, Limits, MemoryStore, Settlement};
 use tokio::time::Instant;
+
+use crate::settings::Scope;
 
 /// Limits the router enforces itself. `None` is unlimited.
 #[non_exhaustive]
@@ -91,72 +93,89 @@ impl Drop for Permit {
     }
 }
 
-fn throttled(scope: &str, what: &str, retry_after: Duration) -> Error {
-    Error::with_message(
-        ErrorKind::Throttled,
-        format!("{scope}: over its {what} limit"),
-    )
-    .with_retry_after(retry_after)
+/// Why a request may not pass the router-side limits now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// The scope that refused (`caller:team-a`).
+    pub(crate) scope: String,
+    /// How long until it has room.
+    pub(crate) retry_after: Duration,
+    /// Whether its concurrency limit refused (waiting for a time would not help: a slot frees
+    /// when a request ends).
+    pub(crate) concurrency: bool,
+    what: &'static str,
+}
+
+impl Refusal {
+    /// The caller's error: throttled by the router, with when to retry.
+    pub(crate) fn error(&self) -> Error {
+        Error::with_message(
+            ErrorKind::Throttled,
+            format!("{}: over its {} limit", self.scope, self.what),
+        )
+        .with_retry_after(self.retry_after)
+    }
 }
 
 impl Limiters {
-    /// Admits a request of `charge` under every `(scope, limits)`, waiting for room until
-    /// `deadline` when that is enough.
-    pub(crate) async fn admit(
+    /// Admits a request of `charge` under every scope now, or says which refused and for how
+    /// long. Nothing is taken from any scope unless all admit.
+    pub(crate) fn try_admit(
         &self,
-        scopes: &[(String, RateLimits)],
+        scopes: &[Scope],
         charge: Charge,
-        deadline: Instant,
-    ) -> Result<Permit, Error> {
+        now: Instant,
+    ) -> Result<Permit, Refusal> {
+        let now = now.into_std();
         let mut permit = Permit::default();
-        for (scope, limits) in scopes {
-            if let Some(max) = limits.concurrency {
-                let count = Arc::clone(self.in_flight.entry(scope.clone()).or_default().value());
+        for scope in scopes {
+            if let Some(max) = scope.limits.concurrency {
+                let count = Arc::clone(
+                    self.in_flight
+                        .entry(scope.name.clone())
+                        .or_default()
+                        .value(),
+                );
                 let taken = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     (n < max).then_some(n + 1)
                 });
                 if taken.is_err() {
-                    return Err(throttled(scope, "concurrency", Duration::from_secs(1)));
+                    // The slots taken so far go back as `permit` drops.
+                    return Err(Refusal {
+                        scope: scope.name.clone(),
+                        retry_after: Duration::from_secs(1),
+                        concurrency: true,
+                        what: "concurrency",
+                    });
                 }
                 permit.held.push(count);
             }
         }
         let mut charged: Vec<(&str, Limits)> = Vec::new();
-        for (scope, limits) in scopes {
-            let buckets = limits.buckets();
+        for scope in scopes {
+            let buckets = scope.limits.buckets();
             if !buckets.is_limited() {
                 continue;
             }
-            loop {
-                let now = Instant::now();
-                match self
-                    .buckets
-                    .reserve_now(scope, &buckets, charge, now.into_std())
-                {
-                    Admission::Admitted { .. } => {
-                        charged.push((scope, buckets));
-                        break;
+            match self.buckets.reserve_now(&scope.name, &buckets, charge, now) {
+                Admission::Admitted { .. } => charged.push((&scope.name, buckets)),
+                Admission::Denied { retry_after, .. } => {
+                    // Give back what the scopes before this one took.
+                    for (name, buckets) in &charged {
+                        self.buckets
+                            .settle_now(name, buckets, Settlement::release(charge), now);
                     }
-                    Admission::Denied { retry_after, .. } => {
-                        if now + retry_after > deadline {
-                            // Give back what the scopes before this one took.
-                            for (scope, buckets) in &charged {
-                                self.buckets.settle_now(
-                                    scope,
-                                    buckets,
-                                    Settlement::release(charge),
-                                    now.into_std(),
-                                );
-                            }
-                            let what = if limits.rpm.is_some() && limits.tpm.is_none() {
-                                "requests"
-                            } else {
-                                "rate"
-                            };
-                            return Err(throttled(scope, what, retry_after));
-                        }
-                        tokio::time::sleep(retry_after).await;
-                    }
+                    let what = if scope.limits.rpm.is_some() && scope.limits.tpm.is_none() {
+                        "requests"
+                    } else {
+                        "rate"
+                    };
+                    return Err(Refusal {
+                        scope: scope.name.clone(),
+                        retry_after,
+                        concurrency: false,
+                        what,
+                    });
                 }
             }
         }
@@ -168,51 +187,71 @@ impl Limiters {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn requests_wait_within_the_deadline_or_are_throttled() {
+    fn scope(name: &str, limits: RateLimits) -> Vec<Scope> {
+        vec![Scope {
+            name: name.to_owned(),
+            limits,
+        }]
+    }
+
+    #[test]
+    fn requests_pass_until_the_bucket_is_empty_then_say_when() {
         let limiters = Limiters::default();
         // 12 a minute over 10 s: 2 at once, one more every 5 s.
-        let scopes = vec![("caller:a".to_owned(), RateLimits::new().with_rpm(12))];
+        let scopes = scope("caller:a", RateLimits::new().with_rpm(12));
         let charge = Charge {
             tokens: 10,
             requests: 1,
         };
-        let far = Instant::now() + Duration::from_secs(60);
-        limiters.admit(&scopes, charge, far).await.unwrap();
-        limiters.admit(&scopes, charge, far).await.unwrap();
-        let started = Instant::now();
-        limiters.admit(&scopes, charge, far).await.unwrap();
-        assert_eq!(
-            started.elapsed(),
-            Duration::from_secs(5),
-            "waited for its turn"
-        );
-        let soon = Instant::now() + Duration::from_secs(1);
-        let error = limiters.admit(&scopes, charge, soon).await.unwrap_err();
+        let now = Instant::now();
+        limiters.try_admit(&scopes, charge, now).unwrap();
+        limiters.try_admit(&scopes, charge, now).unwrap();
+        let refusal = limiters.try_admit(&scopes, charge, now).unwrap_err();
+        assert_eq!(refusal.retry_after, Duration::from_secs(5));
+        assert!(!refusal.concurrency);
+        let error = refusal.error();
         assert_eq!(error.kind(), ErrorKind::Throttled);
         assert_eq!(error.retry_after(), Some(Duration::from_secs(5)));
         assert!(error.to_string().contains("caller:a"));
+        limiters
+            .try_admit(&scopes, charge, now + Duration::from_secs(5))
+            .unwrap();
     }
 
-    #[tokio::test]
-    async fn concurrency_is_held_until_the_permit_drops() {
+    #[test]
+    fn a_refusal_takes_nothing_from_the_scopes_that_admitted() {
         let limiters = Limiters::default();
-        let scopes = vec![("group:m".to_owned(), RateLimits::new().with_concurrency(1))];
-        let far = Instant::now() + Duration::from_secs(60);
-        let first = limiters
-            .admit(&scopes, Charge::default(), far)
-            .await
-            .unwrap();
-        let error = limiters
-            .admit(&scopes, Charge::default(), far)
-            .await
+        let mut scopes = scope("group:m", RateLimits::new().with_rpm(60)); // 10 at once
+        scopes.extend(scope("caller:a", RateLimits::new().with_rpm(6))); // 1 at once
+        let charge = Charge {
+            tokens: 0,
+            requests: 1,
+        };
+        let now = Instant::now();
+        limiters.try_admit(&scopes, charge, now).unwrap();
+        for _ in 0..20 {
+            assert!(limiters.try_admit(&scopes, charge, now).is_err());
+        }
+        // The group's bucket lost only the one admitted request.
+        let group = &scopes[..1];
+        for _ in 0..9 {
+            limiters.try_admit(group, charge, now).unwrap();
+        }
+        assert!(limiters.try_admit(group, charge, now).is_err());
+    }
+
+    #[test]
+    fn concurrency_is_held_until_the_permit_drops() {
+        let limiters = Limiters::default();
+        let scopes = scope("group:m", RateLimits::new().with_concurrency(1));
+        let now = Instant::now();
+        let first = limiters.try_admit(&scopes, Charge::default(), now).unwrap();
+        let refusal = limiters
+            .try_admit(&scopes, Charge::default(), now)
             .unwrap_err();
-        assert_eq!(error.kind(), ErrorKind::Throttled);
-        assert!(error.retry_after().is_some());
+        assert!(refusal.concurrency);
+        assert_eq!(refusal.error().kind(), ErrorKind::Throttled);
         drop(first);
-        limiters
-            .admit(&scopes, Charge::default(), far)
-            .await
-            .unwrap();
+        limiters.try_admit(&scopes, Charge::default(), now).unwrap();
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use router_core::{Charge, Limits, RateLimitInfo, Settlement, StateStore};
 
-use crate::config::QuotaAccounting;
+use crate::builder::QuotaAccounting;
 use crate::estimate::Estimate;
 
 /// What an answer said it used.
@@ -16,8 +16,18 @@ pub(crate) struct Used {
     pub(crate) total: u64,
 }
 
+impl From<&router_types::Usage> for Used {
+    fn from(usage: &router_types::Usage) -> Self {
+        Self {
+            prompt: usage.prompt_tokens,
+            total: usage.total_tokens,
+        }
+    }
+}
+
 /// Tokens and a request reserved on a deployment. Settle it with the real usage, or release it;
 /// dropped unsettled (a cancelled request), it releases itself in the background.
+#[derive(Debug)]
 pub(crate) struct Reservation {
     store: Arc<dyn StateStore>,
     key: Arc<str>,
@@ -98,7 +108,7 @@ impl Reservation {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 let _ = store
-                    .settle(&key, &limits, settlement, crate::router::now())
+                    .settle(&key, &limits, settlement, crate::clock::now())
                     .await;
             });
         }
@@ -107,7 +117,7 @@ impl Reservation {
     async fn apply(&self, settlement: Settlement) {
         if let Err(error) = self
             .store
-            .settle(&self.key, &self.limits, settlement, crate::router::now())
+            .settle(&self.key, &self.limits, settlement, crate::clock::now())
             .await
         {
             tracing::debug!(key = %self.key, %error, "quota store could not settle");

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use router_core::{
-    Backend, DeploymentState, EndpointId, Error, Limits, MemoryStore, StateStore, Strategy,
+    Backend, DeploymentState, EndpointId, Error, Limits, MemoryStore, Slot, StateStore, Strategy,
 };
 
-use crate::config::{EndpointKind, RouterBuilder};
+use crate::builder::RouterBuilder;
+use crate::endpoint::EndpointKind;
+use crate::settings::{Scope, Settings};
 
 /// One model group's deployment on one endpoint.
 #[derive(Debug)]
@@ -32,6 +34,29 @@ pub(crate) struct Deployment {
     pub(crate) identity: (u64, String),
 }
 
+impl Deployment {
+    /// The quota in force: configured, else learned from the upstream's headers.
+    pub(crate) fn limits(&self) -> Limits {
+        self.state.limits(&self.limits)
+    }
+
+    /// Whether a request sent here is accounted (reserved in the store, then settled): when the
+    /// deployment has a quota, or the store is shared (its cooldowns are then shared too).
+    pub(crate) fn accounts(&self, store: &dyn StateStore) -> bool {
+        self.limits().is_limited() || store.is_shared()
+    }
+
+    /// How the selector sees it.
+    pub(crate) fn slot(&self) -> Slot<'_> {
+        Slot {
+            state: &self.state,
+            weight: self.weight,
+            priority: self.priority,
+            limits: self.limits(),
+        }
+    }
+}
+
 /// A model group: its strategy and its deployments, sorted by priority tier.
 #[derive(Debug)]
 pub(crate) struct Group {
@@ -45,15 +70,28 @@ pub(crate) struct RouterSnapshot {
     pub(crate) groups: HashMap<String, Group>,
     /// Every deployment in configuration order, for stats.
     pub(crate) deployments: Vec<Arc<Deployment>>,
-    pub(crate) settings: RouterBuilder,
+    pub(crate) settings: Settings,
     pub(crate) store: Arc<dyn StateStore>,
+    /// Whether requests may need token estimates (so the tokenizers are worth loading at
+    /// build): a configured quota, a state store, or a router-side token limit. Limits learned
+    /// later from headers load them on first use.
+    pub(crate) may_count_tokens: bool,
+}
+
+impl Group {
+    /// Whether a request to this group needs a token estimate: when any of its deployments is
+    /// accounted, or a router-side limit that applies counts tokens.
+    pub(crate) fn accounts(&self, store: &dyn StateStore, scopes: &[Scope]) -> bool {
+        scopes.iter().any(|s| s.limits.counts_tokens())
+            || self.members.iter().any(|d| d.accounts(store))
+    }
 }
 
 impl RouterSnapshot {
     /// Builds the backends and groups of `config`, reusing from `previous` the backend and the
     /// live state of every deployment whose endpoint and deployment name did not change.
     pub(crate) fn build(
-        config: RouterBuilder,
+        config: &RouterBuilder,
         previous: Option<&RouterSnapshot>,
         origin: Instant,
     ) -> Result<Self, Error> {
@@ -138,11 +176,16 @@ impl RouterSnapshot {
             .clone()
             .or_else(|| previous.map(|p| Arc::clone(&p.store)))
             .unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        let settings = Settings::new(config);
+        let may_count_tokens = deployments.iter().any(|d| d.limits.is_limited())
+            || config.store.is_some()
+            || settings.limits_count_tokens();
         Ok(Self {
             groups,
             deployments,
-            settings: config,
+            settings,
             store,
+            may_count_tokens,
         })
     }
 
@@ -156,7 +199,7 @@ impl RouterSnapshot {
 
 /// Builds the backend of a configured endpoint.
 fn build_backend(
-    endpoint: &crate::config::Endpoint,
+    endpoint: &crate::endpoint::Endpoint,
     #[cfg(feature = "openai")] client: &backend_openai::HttpClient,
 ) -> Result<Arc<dyn Backend>, Error> {
     match &endpoint.kind {

@@ -1,63 +1,115 @@
-//! The order in which requests waiting for quota get their turn.
+//! The order in which waiting requests get their turn: the router's one waiting mechanism.
 //!
-//! A request that finds no deployment with room waits until the soonest recovery. Waiters are
-//! served one at a time in order of (priority class, arrival): only the first may choose a
-//! deployment; when it leaves (served, failed, or dropped), the next is woken. A new request
-//! queues behind waiters rather than overtaking them.
+//! A request waits when nothing can take it yet: no deployment of its model group has room or
+//! is out of its cooldown, or a router-side limit (its caller's, its group's) has no room.
+//! Each thing waited for is a *lane*: the model group's name for quotas and cooldowns, the
+//! scope's name (`caller:team-a`) for router-side limits, so that one caller over its limit
+//! never holds up another. Within a lane, waiters are served one at a time in order of
+//! (priority class, arrival): only the first may try; when it leaves (served, failed, or
+//! dropped), the others are woken to see who is first. A new request queues behind the
+//! waiters of its lane rather than overtaking them. `max` bounds the waiters of all lanes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A place in the waitlist.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A place in one lane of the waitlist.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Place {
+    lane: Arc<str>,
     priority: u8,
     seq: u64,
+}
+
+impl Place {
+    /// The lane it waits in.
+    pub(crate) fn lane(&self) -> &str {
+        &self.lane
+    }
+}
+
+#[derive(Debug, Default)]
+struct Lanes {
+    lanes: HashMap<Arc<str>, BTreeSet<(u8, u64)>>,
+    total: usize,
 }
 
 /// The router's waitlist.
 #[derive(Debug, Default)]
 pub(crate) struct Waitlist {
-    waiting: Mutex<BTreeSet<(u8, u64)>>,
+    waiting: Mutex<Lanes>,
     seq: AtomicU64,
     turn: Notify,
 }
 
 impl Waitlist {
-    fn waiting(&self) -> MutexGuard<'_, BTreeSet<(u8, u64)>> {
-        // Held for a set operation, never across an await.
+    fn waiting(&self) -> MutexGuard<'_, Lanes> {
+        // Held for a map operation, never across an await.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.waiting().is_empty()
+    /// Whether anyone waits in `lane`.
+    pub(crate) fn is_busy(&self, lane: &str) -> bool {
+        self.waiting().lanes.contains_key(lane)
     }
 
-    /// A place at the back of `priority`'s class; `None` when `max` are waiting already.
-    pub(crate) fn join(&self, priority: u8, max: usize) -> Option<Place> {
+    /// Waiters in every lane.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.waiting().total
+    }
+
+    /// A place at the back of `priority`'s class in `lane`; `None` when `max` are waiting
+    /// already, in all lanes together.
+    pub(crate) fn join(&self, lane: &str, priority: u8, max: usize) -> Option<Place> {
         let mut waiting = self.waiting();
-        if waiting.len() >= max {
+        if waiting.total >= max {
             return None;
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        waiting.insert((priority, seq));
-        Some(Place { priority, seq })
+        let lane: Arc<str> = match waiting.lanes.get_key_value(lane) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(lane),
+        };
+        waiting
+            .lanes
+            .entry(Arc::clone(&lane))
+            .or_default()
+            .insert((priority, seq));
+        waiting.total += 1;
+        Some(Place {
+            lane,
+            priority,
+            seq,
+        })
     }
 
     /// Gives the place up and wakes the others to see who is first now.
     #[expect(clippy::needless_pass_by_value, reason = "leaving uses the place up")]
     pub(crate) fn leave(&self, place: Place) {
-        let Place { priority, seq } = place;
-        self.waiting().remove(&(priority, seq));
+        let mut waiting = self.waiting();
+        let Lanes { lanes, total } = &mut *waiting;
+        if let Some(set) = lanes.get_mut(&place.lane) {
+            if set.remove(&(place.priority, place.seq)) {
+                *total -= 1;
+            }
+            if set.is_empty() {
+                lanes.remove(&place.lane);
+            }
+        }
+        drop(waiting);
         self.turn.notify_waiters();
     }
 
     fn is_first(&self, place: &Place) -> bool {
-        self.waiting().first() == Some(&(place.priority, place.seq))
+        self.waiting()
+            .lanes
+            .get(&place.lane)
+            .and_then(BTreeSet::first)
+            == Some(&(place.priority, place.seq))
     }
 
     /// Returns when `place` is first, or at `deadline`.
@@ -83,10 +135,14 @@ mod tests {
     #[test]
     fn order_is_class_then_arrival_and_bounded() {
         let list = Waitlist::default();
-        let a = list.join(1, 3).unwrap();
-        let b = list.join(0, 3).unwrap();
-        let c = list.join(1, 3).unwrap();
-        assert!(list.join(0, 3).is_none(), "full");
+        let a = list.join("m", 1, 3).unwrap();
+        let b = list.join("m", 0, 3).unwrap();
+        let c = list.join("m", 1, 3).unwrap();
+        assert!(list.join("m", 0, 3).is_none(), "full");
+        assert!(
+            list.join("other", 0, 3).is_none(),
+            "the bound is across lanes"
+        );
         assert!(list.is_first(&b), "a lower class goes first");
         list.leave(b);
         assert!(
@@ -96,6 +152,23 @@ mod tests {
         list.leave(a);
         assert!(list.is_first(&c));
         list.leave(c);
-        assert!(list.is_empty());
+        assert_eq!(list.len(), 0);
+        assert!(!list.is_busy("m"));
+    }
+
+    #[test]
+    fn lanes_do_not_hold_each_other_up() {
+        let list = Waitlist::default();
+        let a = list.join("caller:a", 0, 10).unwrap();
+        let b = list.join("caller:b", 1, 10).unwrap();
+        assert!(
+            list.is_first(&a) && list.is_first(&b),
+            "first in its own lane"
+        );
+        assert!(list.is_busy("caller:a") && !list.is_busy("gpt-4o"));
+        assert_eq!(list.len(), 2);
+        list.leave(a);
+        list.leave(b);
+        assert_eq!(list.len(), 0);
     }
 }

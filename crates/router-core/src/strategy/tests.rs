@@ -8,10 +8,38 @@ use proptest::prelude::{Strategy as _, any, prop, prop_assert, prop_assert_eq, p
 use super::*;
 use crate::endpoint::EndpointId;
 use crate::error::Error;
+use crate::quota::{Charge, Limits};
 use crate::ratelimit::RateLimitInfo;
 use crate::rng::Rng;
-use crate::select::{Selection, Slot, select};
+use crate::select::{Ask, Reason, Selection, Slot, select};
 use crate::state::{Availability, DeploymentState, HealthPolicy, LatencyClass};
+
+/// `ALL` lists every kind: the match has no wildcard, so a new kind must be placed here, and
+/// each must be in `ALL` with a name that parses back to it.
+#[test]
+fn all_lists_every_kind() {
+    let position = |kind: StrategyKind| match kind {
+        StrategyKind::RoundRobin => 0,
+        StrategyKind::LeastBusy => 1,
+        StrategyKind::LeastLatency => 2,
+        StrategyKind::Weighted => 3,
+        StrategyKind::UsageBased => 4,
+    };
+    for kind in [
+        StrategyKind::RoundRobin,
+        StrategyKind::LeastBusy,
+        StrategyKind::LeastLatency,
+        StrategyKind::Weighted,
+        StrategyKind::UsageBased,
+    ] {
+        assert_eq!(
+            StrategyKind::ALL.get(position(kind)),
+            Some(&kind),
+            "{kind} missing from ALL"
+        );
+        assert_eq!(kind.as_str().parse::<StrategyKind>().unwrap(), kind);
+    }
+}
 
 fn arb_candidate() -> impl proptest::strategy::Strategy<Value = Candidate> {
     (0u32..50, 0.001f64..5.0, 1u32..10, 0u32..3).prop_map(
@@ -125,17 +153,26 @@ proptest! {
             }
             state
         }).collect();
+        // A quota with no room now: 60 tokens a minute over 10 s (10 tokens), blocked for 2 s.
+        let quota = Limits::per_minute(Some(60), None);
+        for (d, s) in deployments.iter().zip(&states) {
+            if *s == 5 {
+                d.quota.block(Duration::from_secs(2), now);
+            }
+        }
+        let ask = Ask { class: LatencyClass::Call, charge: Some(Charge { tokens: 1, requests: 1 }) };
         let mut slots: Vec<(usize, Slot<'_>)> = deployments.iter().zip(&states).enumerate().map(|(i, (d, s))| {
-            (i, Slot { state: d, weight: 1, priority: u32::from(*s == 4), headroom: None, ready_at: (*s == 5).then(|| now + Duration::from_secs(2)) })
+            (i, Slot { state: d, weight: 1, priority: u32::from(*s == 4), limits: quota })
         }).collect();
         slots.sort_by_key(|(_, s)| s.priority);
         let order: Vec<usize> = slots.iter().map(|(i, _)| *i).collect();
+        let no_room: Vec<bool> = order.iter().map(|i| states[*i] == 5).collect();
         let slots: Vec<Slot<'_>> = slots.into_iter().map(|(_, s)| s).collect();
         let tried = |i: usize| tried_mask & (1 << (order[i] % 16)) != 0;
         for strategy in strategies() {
-            let result = select(&slots, tried, LatencyClass::Call, strategy.as_ref(), now, &mut rng, &mut Selection::default());
-            let ready: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && slots[*i].ready_at.is_none() && slots[*i].state.availability(now) == Availability::Ready).collect();
-            let ejected: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && slots[*i].ready_at.is_none() && matches!(slots[*i].state.availability(now), Availability::Ejected(_))).collect();
+            let result = select(&slots, tried, ask, strategy.as_ref(), now, &mut rng, &mut Selection::default());
+            let ready: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && !no_room[*i] && slots[*i].state.availability(now) == Availability::Ready).collect();
+            let ejected: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && !no_room[*i] && matches!(slots[*i].state.availability(now), Availability::Ejected(_))).collect();
             match result {
                 Ok(i) => {
                     prop_assert!(!tried(i));
@@ -149,8 +186,24 @@ proptest! {
                 }
                 Err(nothing) => {
                     prop_assert!(ready.is_empty() && ejected.is_empty());
-                    let any_cooling = states.iter().any(|s| *s == 1 || *s == 2 || *s == 5);
-                    prop_assert_eq!(nothing.soonest.is_some(), any_cooling);
+                    // The soonest recovery is among the deployments this request may still use.
+                    let cooling: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && matches!(states[order[*i]], 1 | 2 | 5)).collect();
+                    prop_assert_eq!(nothing.until.is_some(), !cooling.is_empty());
+                    if cooling.is_empty() {
+                        let untried = (0..slots.len()).any(|i| !tried(i));
+                        prop_assert_eq!(nothing.reason, if untried { Reason::Disabled } else { Reason::Tried });
+                    } else {
+                        // Quota-blocked ones recover in 2 s, throttled ones in 5 s, ejections
+                        // in 30 s ± 10 % jitter.
+                        let (reason, low, high) = cooling.iter().map(|i| match states[order[*i]] {
+                            5 => (Reason::Quota, 2.0_f64, 2.0_f64),
+                            1 => (Reason::RateLimited, 5.0, 5.0),
+                            _ => (Reason::Ejected, 27.0, 33.0),
+                        }).min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+                        prop_assert_eq!(nothing.reason, reason);
+                        let wait = (nothing.until.unwrap() - now).as_secs_f64();
+                        prop_assert!(wait >= low - 0.002 && wait <= high + 0.002, "{wait}");
+                    }
                 }
             }
         }

@@ -1,0 +1,157 @@
+//! One attempt of a request on one deployment, as one handle.
+//!
+//! An [`Attempt`] owns everything the attempt holds: the deployment's in-flight slot
+//! ([`InFlightGuard`]), the quota it reserved ([`Reservation`]), and, once it is the attempt
+//! that answers, the router-side limit slots of its request ([`Permit`]). It records the
+//! outcome exactly once, however the attempt ends:
+//!
+//! | the attempt | latency sample | health | reservation |
+//! |---|---|---|---|
+//! | answered ([`Attempt::answered`]) | taken there | success | settled with the usage |
+//! | failed ([`Attempt::failed`]) | the failure's penalty | the error's effect | released |
+//! | stream finished ([`Attempt::finished`] with `Ok`) | at its first content ([`Attempt::opened`]) | success | settled |
+//! | stream failed ([`Attempt::finished`] with `Err`) | at its first content, then the penalty | the error's effect | released |
+//! | stream or future dropped (`Drop`) | none | none | released |
+//!
+//! Every slot is released when the handle goes, whichever row applies. This is tower's
+//! "completion by one handle" (`load::peak_ewma::Handle`) with the quota added.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use router_core::{Error, HealthPolicy, InFlightGuard, LatencyClass, RateLimitInfo, Rng};
+
+use crate::clock::now;
+use crate::limits::Permit;
+use crate::reservation::{Reservation, Used};
+use crate::snapshot::Deployment;
+
+/// One attempt's hold on a deployment; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Attempt {
+    deployment: Arc<Deployment>,
+    class: LatencyClass,
+    health: HealthPolicy,
+    /// Drawn from the request's seeded generator, so that a seeded router replays exactly.
+    rng: Rng,
+    reservation: Option<Reservation>,
+    permit: Option<Permit>,
+    _slot: InFlightGuard,
+}
+
+impl Attempt {
+    /// Starts an attempt on `deployment`: its in-flight count goes up until the handle goes.
+    pub(crate) fn start(
+        deployment: Arc<Deployment>,
+        class: LatencyClass,
+        health: HealthPolicy,
+        rng: Rng,
+        reservation: Option<Reservation>,
+    ) -> Self {
+        let slot = deployment.state.start();
+        Self {
+            deployment,
+            class,
+            health,
+            rng,
+            reservation,
+            permit: None,
+            _slot: slot,
+        }
+    }
+
+    pub(crate) fn deployment(&self) -> &Arc<Deployment> {
+        &self.deployment
+    }
+
+    /// Whether the attempt is accounted (holds a reservation to settle).
+    pub(crate) fn is_accounted(&self) -> bool {
+        self.reservation.is_some()
+    }
+
+    /// Keeps the request's router-side limit slots until the attempt ends (a stream's end).
+    pub(crate) fn hold(&mut self, permit: Option<Permit>) {
+        self.permit = permit;
+    }
+
+    /// Learns from an answer's rate-limit headers: the limits announced, and how much is left.
+    fn upstream_said(&self, info: &RateLimitInfo) {
+        let state = &self.deployment.state;
+        state.learn(info);
+        let limits = self.deployment.limits();
+        let (tokens, requests) = router_core::upstream_allowance(&limits, info);
+        state.quota.correct(&limits, tokens, requests, now());
+    }
+
+    /// A non-streamed answer: records `sample` and the success, learns from the headers, and
+    /// settles the reservation with what the answer used.
+    pub(crate) async fn answered(
+        mut self,
+        sample: Duration,
+        used: Option<Used>,
+        info: &RateLimitInfo,
+    ) {
+        let state = &self.deployment.state;
+        state.observe_latency(self.class, sample, now());
+        state.record_success();
+        self.upstream_said(info);
+        if let Some(reservation) = self.reservation.take() {
+            reservation.settle(used, info).await;
+        }
+    }
+
+    /// A stream opened: records its time to first content and learns from the headers. Its
+    /// outcome comes with [`finished`](Self::finished).
+    pub(crate) fn opened(&self, ttft: Duration, info: &RateLimitInfo) {
+        self.deployment
+            .state
+            .observe_latency(self.class, ttft, now());
+        self.upstream_said(info);
+    }
+
+    /// A stream ended (from `poll_next`, so nothing is awaited): success, settled with `used`,
+    /// or the error's effect and the reservation released.
+    pub(crate) fn finished(
+        mut self,
+        outcome: Result<(), &Error>,
+        used: Option<Used>,
+        info: &RateLimitInfo,
+    ) {
+        match outcome {
+            Ok(()) => {
+                self.deployment.state.record_success();
+                if let Some(reservation) = self.reservation.take() {
+                    reservation.settle_detached(used, info);
+                }
+            }
+            Err(error) => {
+                self.record_failure(error);
+                if let Some(reservation) = self.reservation.take() {
+                    reservation.release_detached();
+                }
+            }
+        }
+    }
+
+    /// The attempt failed before the caller got anything: the error's health effect, the
+    /// reservation released.
+    pub(crate) async fn failed(mut self, error: &Error) {
+        self.record_failure(error);
+        if let Some(reservation) = self.reservation.take() {
+            reservation.release().await;
+        }
+    }
+
+    /// The request ran out of time, not the deployment: nothing recorded, everything back.
+    pub(crate) async fn cancelled(mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            reservation.release().await;
+        }
+    }
+
+    fn record_failure(&mut self, error: &Error) {
+        self.deployment
+            .state
+            .record_failure(error, self.class, &self.health, now(), &mut self.rng);
+    }
+}

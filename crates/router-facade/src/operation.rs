@@ -1,0 +1,316 @@
+//! What differs between the kinds of request the router serves, and nothing else: how a request
+//! is estimated, sent to one deployment, and turned into the caller's answer. The one attempt
+//! loop ([`crate::path`]) serves them all.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use router_core::{Backend, CallOptions, Error, LatencyClass, Reply};
+use router_types::{
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+    EmbeddingRequest, EmbeddingResponse,
+};
+
+use crate::attempt::Attempt;
+use crate::estimate::{self, Estimate};
+use crate::options::Routed;
+use crate::reservation::Used;
+use crate::stream::{Opened, RouterStream, first_content};
+
+type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
+
+/// One kind of request.
+pub(crate) trait Operation {
+    /// What a successful send gives.
+    type Sent: Send;
+    /// What the caller gets.
+    type Output;
+
+    /// The model group asked for.
+    fn model(&self) -> &str;
+    /// The latency signal it feeds and is routed on.
+    fn class(&self) -> LatencyClass;
+    /// Its cost for quotas; `expected` is the configured output for requests without a cap.
+    fn estimate(&self, expected: u32) -> Estimate;
+    /// The output tokens it expects, to estimate how long serving it takes.
+    fn output_hint(&self, expected: u32) -> u32;
+    /// Sends it to the attempt's deployment.
+    fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent>;
+    /// The caller's answer, ending the attempt (a stream keeps it until the stream ends).
+    fn complete(
+        &self,
+        sent: Self::Sent,
+        attempt: Attempt,
+        attempts: u32,
+        took: Duration,
+    ) -> impl Future<Output = Self::Output> + Send;
+}
+
+/// A request answered in one body.
+pub(crate) trait Plain: Clone + Send + Sync {
+    type Response: Send;
+    const CLASS: LatencyClass;
+    fn model(&self) -> &str;
+    fn set_model(&mut self, model: String);
+    fn estimate(&self, expected: u32) -> Estimate;
+    fn output_hint(&self, expected: u32) -> u32;
+    /// Output tokens generated, for the per-token latency sample of generations.
+    fn output_tokens(response: &Self::Response) -> Option<u64>;
+    fn used(response: &Self::Response) -> Option<Used>;
+    fn call<'a>(
+        backend: &'a dyn Backend,
+        request: &'a Self,
+        call: &'a CallOptions,
+    ) -> Call<'a, Reply<Self::Response>>;
+}
+
+/// The request with its model renamed to the deployment; copied only when the names differ.
+fn renamed<'a, R: Plain>(request: &'a R, deployment: &str) -> Cow<'a, R> {
+    if request.model() == deployment {
+        return Cow::Borrowed(request);
+    }
+    let mut copy = request.clone();
+    copy.set_model(deployment.to_owned());
+    Cow::Owned(copy)
+}
+
+/// A plain request by reference.
+pub(crate) struct Once<'r, R>(pub(crate) &'r R);
+
+impl<R: Plain + 'static> Operation for Once<'_, R> {
+    type Sent = Reply<R::Response>;
+    type Output = Routed<R::Response>;
+
+    fn model(&self) -> &str {
+        self.0.model()
+    }
+
+    fn class(&self) -> LatencyClass {
+        R::CLASS
+    }
+
+    fn estimate(&self, expected: u32) -> Estimate {
+        self.0.estimate(expected)
+    }
+
+    fn output_hint(&self, expected: u32) -> u32 {
+        self.0.output_hint(expected)
+    }
+
+    fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {
+        let deployment = std::sync::Arc::clone(attempt.deployment());
+        Box::pin(async move {
+            let request = renamed(self.0, &deployment.name);
+            R::call(deployment.backend.as_ref(), &request, &call).await
+        })
+    }
+
+    async fn complete(
+        &self,
+        reply: Self::Sent,
+        attempt: Attempt,
+        attempts: u32,
+        took: Duration,
+    ) -> Self::Output {
+        // A generation's signal is its time per output token, so that long and short answers
+        // compare fairly.
+        let sample = match (R::CLASS, R::output_tokens(&reply.body)) {
+            (LatencyClass::Generation, Some(tokens)) => {
+                took / u32::try_from(tokens.max(1)).unwrap_or(u32::MAX)
+            }
+            _ => took,
+        };
+        let deployment = std::sync::Arc::clone(attempt.deployment());
+        attempt
+            .answered(sample, R::used(&reply.body), &reply.meta.rate_limits)
+            .await;
+        Routed {
+            body: reply.body,
+            endpoint: deployment.endpoint.clone(),
+            deployment: deployment.name.clone(),
+            attempts,
+            meta: reply.meta,
+        }
+    }
+}
+
+impl Plain for ChatCompletionRequest {
+    type Response = ChatCompletionResponse;
+    const CLASS: LatencyClass = LatencyClass::Generation;
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn set_model(&mut self, model: String) {
+        self.model = model;
+    }
+
+    fn estimate(&self, expected: u32) -> Estimate {
+        estimate::chat(self, expected)
+    }
+
+    fn output_hint(&self, expected: u32) -> u32 {
+        self.output_cap().unwrap_or(expected)
+    }
+
+    fn output_tokens(response: &Self::Response) -> Option<u64> {
+        response.usage.as_ref().and_then(|u| u.completion_tokens)
+    }
+
+    fn used(response: &Self::Response) -> Option<Used> {
+        response.usage.as_ref().map(Used::from)
+    }
+
+    fn call<'a>(
+        backend: &'a dyn Backend,
+        request: &'a Self,
+        call: &'a CallOptions,
+    ) -> Call<'a, Reply<Self::Response>> {
+        backend.chat(request, call)
+    }
+}
+
+impl Plain for EmbeddingRequest {
+    type Response = EmbeddingResponse;
+    const CLASS: LatencyClass = LatencyClass::Call;
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn set_model(&mut self, model: String) {
+        self.model = model;
+    }
+
+    fn estimate(&self, _expected: u32) -> Estimate {
+        estimate::embeddings(self)
+    }
+
+    fn output_hint(&self, _expected: u32) -> u32 {
+        0
+    }
+
+    fn output_tokens(_: &Self::Response) -> Option<u64> {
+        None
+    }
+
+    fn used(response: &Self::Response) -> Option<Used> {
+        response.usage.as_ref().map(Used::from)
+    }
+
+    fn call<'a>(
+        backend: &'a dyn Backend,
+        request: &'a Self,
+        call: &'a CallOptions,
+    ) -> Call<'a, Reply<Self::Response>> {
+        backend.embeddings(request, call)
+    }
+}
+
+impl Plain for CompletionRequest {
+    type Response = CompletionResponse;
+    const CLASS: LatencyClass = LatencyClass::Generation;
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn set_model(&mut self, model: String) {
+        self.model = model;
+    }
+
+    fn estimate(&self, expected: u32) -> Estimate {
+        estimate::completions(self, expected)
+    }
+
+    fn output_hint(&self, _expected: u32) -> u32 {
+        // OpenAI's default `max_tokens` for legacy completions.
+        self.max_tokens.unwrap_or(16)
+    }
+
+    fn output_tokens(response: &Self::Response) -> Option<u64> {
+        response.usage.as_ref().and_then(|u| u.completion_tokens)
+    }
+
+    fn used(response: &Self::Response) -> Option<Used> {
+        response.usage.as_ref().map(Used::from)
+    }
+
+    fn call<'a>(
+        backend: &'a dyn Backend,
+        request: &'a Self,
+        call: &'a CallOptions,
+    ) -> Call<'a, Reply<Self::Response>> {
+        backend.completions(request, call)
+    }
+}
+
+/// A streamed chat completion.
+pub(crate) struct Streamed<'r>(pub(crate) &'r ChatCompletionRequest);
+
+impl Streamed<'_> {
+    /// Whether the router asks for the usage chunk (to account the stream's tokens) where the
+    /// caller did not; the caller never sees it then.
+    fn injects_usage(&self, attempt: &Attempt) -> bool {
+        attempt.is_accounted()
+            && attempt.deployment().stream_usage
+            && self.0.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true)
+    }
+}
+
+impl Operation for Streamed<'_> {
+    type Sent = Opened;
+    type Output = RouterStream;
+
+    fn model(&self) -> &str {
+        &self.0.model
+    }
+
+    fn class(&self) -> LatencyClass {
+        LatencyClass::Stream
+    }
+
+    fn estimate(&self, expected: u32) -> Estimate {
+        estimate::chat(self.0, expected)
+    }
+
+    fn output_hint(&self, expected: u32) -> u32 {
+        self.0.output_cap().unwrap_or(expected)
+    }
+
+    fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {
+        let deployment = std::sync::Arc::clone(attempt.deployment());
+        let inject = self.injects_usage(attempt);
+        Box::pin(async move {
+            let mut request = renamed(self.0, &deployment.name);
+            if inject {
+                request
+                    .to_mut()
+                    .stream_options
+                    .get_or_insert_with(Default::default)
+                    .include_usage = Some(true);
+            }
+            first_content(deployment.backend.chat_stream(&request, &call).await?).await
+        })
+    }
+
+    async fn complete(
+        &self,
+        opened: Opened,
+        attempt: Attempt,
+        attempts: u32,
+        took: Duration,
+    ) -> Self::Output {
+        let stream = opened.stream();
+        let ttft = stream
+            .time_to_first_content()
+            .or_else(|| stream.time_to_first_event())
+            .unwrap_or(took);
+        attempt.opened(ttft, &stream.meta().rate_limits);
+        let strip_usage = self.injects_usage(&attempt);
+        RouterStream::new(opened, attempt, attempts, strip_usage)
+    }
+}

@@ -1,0 +1,91 @@
+//! What a caller says about one request, and what it gets back besides the body.
+
+use std::ops::Deref;
+use std::time::Duration;
+
+use router_core::{EndpointId, ResponseMeta, StateStats};
+
+/// Per-request options.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    /// This request's deadline across all its attempts, instead of the router's
+    /// `request_timeout`.
+    pub timeout: Option<Duration>,
+    /// Its class when it has to wait for quota: a lower class is served first; within a
+    /// class, first come first served. Default 0.
+    pub priority: u8,
+    /// Who is calling, for the router's per-caller limits (a gateway key's name, a tenant).
+    pub caller: Option<String>,
+}
+
+impl RequestOptions {
+    /// Options with a timeout.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Options naming the caller, for per-caller limits.
+    #[must_use]
+    pub fn with_caller(mut self, caller: impl Into<String>) -> Self {
+        self.caller = Some(caller.into());
+        self
+    }
+
+    /// Options with a waiting class (lower is served first).
+    #[must_use]
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// An answer and how the router got it. Dereferences to the body.
+#[derive(Debug, Clone)]
+pub struct Routed<T> {
+    /// The upstream's answer.
+    pub body: T,
+    /// The endpoint that answered.
+    pub endpoint: EndpointId,
+    /// The deployment name it answered under.
+    pub deployment: String,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    /// Status, rate-limit headers and timings of the answering attempt.
+    pub meta: ResponseMeta,
+}
+
+impl<T> Routed<T> {
+    /// The body alone.
+    pub fn into_body(self) -> T {
+        self.body
+    }
+}
+
+impl<T> Deref for Routed<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.body
+    }
+}
+
+/// One deployment's state, for dashboards and tests.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentStats {
+    /// The endpoint.
+    pub endpoint: EndpointId,
+    /// The model group.
+    pub model: String,
+    /// The endpoint's name for it.
+    pub deployment: String,
+    /// Its weight.
+    pub weight: u32,
+    /// Its priority tier.
+    pub priority: u32,
+    /// In flight, latency estimates, availability and counters.
+    pub state: StateStats,
+}

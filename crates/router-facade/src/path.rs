@@ -1,0 +1,553 @@
+//! The request path: one request, possibly several attempts, top to bottom.
+//!
+//! ```text
+//! run ─► Path::begin     the snapshot (loaded once, kept to the end), the model group, the
+//!   │                    router-side scopes, the token estimate if anything counts tokens,
+//!   │                    the deadline
+//!   ├──► admit           router-side limits (caller, group): pass, wait in the scope's lane,
+//!   │                    or throttled with retry_after
+//!   └─┬► next            eligible + pick: router_core::select (every eligibility rule, the
+//!     │                  strategy, or "nothing until T because R": wait in the group's lane,
+//!     │                  in order, if T comes in time, else throttled);
+//!     │                  reserve: the store admits (or refuses: the view learns, pick again);
+//!     │                  Attempt::start (in-flight slot, reservation)
+//!     ├► send            Operation::send within the deadline
+//!     └► record          answered: Operation::complete (the attempt records and settles);
+//!                        failed: Path::failed (the attempt records and releases; cooldown
+//!                        shared; fail over to `next` while attempts, budget and deadline allow)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use router_core::{
+    Admission, Ask, CallOptions, Charge, Error, ErrorKind, LatencyClass, NothingEligible, Reason,
+    Rng, Selection, Slot, select,
+};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::attempt::Attempt;
+use crate::clock::now;
+use crate::estimate::Estimate;
+use crate::limits::Permit;
+use crate::operation::Operation;
+use crate::options::RequestOptions;
+use crate::reservation::Reservation;
+use crate::router::Shared;
+use crate::settings::Scope;
+use crate::snapshot::{Deployment, Group, RouterSnapshot};
+use crate::waitlist::Place;
+
+/// Serves one request of kind `O`.
+pub(crate) async fn run<O: Operation>(
+    shared: &Shared,
+    operation: O,
+    options: &RequestOptions,
+) -> Result<O::Output, Error> {
+    let mut path = Path::begin(shared, &operation, options)?;
+    path.admit().await?;
+    loop {
+        let mut attempt = path.next().await?;
+        let span = path.span(attempt.deployment());
+        let started = Instant::now();
+        let sent = path
+            .within_deadline(
+                operation
+                    .send(&attempt, path.call_options())
+                    .instrument(span),
+            )
+            .await;
+        match sent {
+            Ok(sent) => {
+                attempt.hold(path.permit.take());
+                return Ok(operation
+                    .complete(sent, attempt, path.count, started.elapsed())
+                    .await);
+            }
+            Err(error) => path.failed(attempt, error).await?,
+        }
+    }
+}
+
+/// One request's way through the router: the snapshot it started with, its deadline, what it
+/// tried, what it reserves, and its place when it waits.
+struct Path<'r> {
+    shared: &'r Shared,
+    live: Arc<RouterSnapshot>,
+    model: &'r str,
+    class: LatencyClass,
+    deadline: Instant,
+    tried: Vec<bool>,
+    /// Attempts made.
+    count: u32,
+    /// Attempts that count against `max_attempts` and the retry budget.
+    charged: u32,
+    rng: Rng,
+    buffers: Selection,
+    last_error: Option<Error>,
+    /// The request's cost, when anything counts its tokens.
+    estimate: Option<Estimate>,
+    /// Output tokens the request expects (its cap), to estimate how long it takes.
+    output_hint: u32,
+    priority: u8,
+    place: Option<Place>,
+    /// The last attempt was refused with a 429.
+    after_rate_limit: bool,
+    /// The router-side limits that apply, and the slots they granted.
+    scopes: Vec<Scope>,
+    permit: Option<Permit>,
+}
+
+impl<'r> Path<'r> {
+    fn begin<O: Operation>(
+        shared: &'r Shared,
+        operation: &'r O,
+        options: &RequestOptions,
+    ) -> Result<Self, Error> {
+        let live = shared.snapshot.load_full();
+        let model = operation.model();
+        let Some(group) = live.groups.get(model) else {
+            return Err(Error::with_message(
+                ErrorKind::UnknownModel,
+                format!(
+                    "model `{model}` is not served here; known models: {}",
+                    live.models().join(", ")
+                ),
+            ));
+        };
+        let settings = &live.settings;
+        let scopes = settings.scopes(model, options.caller.as_deref());
+        let expected = settings.expected_completion;
+        let estimate = group
+            .accounts(live.store.as_ref(), &scopes)
+            .then(|| operation.estimate(expected));
+        let timeout = options.timeout.unwrap_or(settings.request_timeout);
+        shared.budget().deposit();
+        Ok(Self {
+            deadline: Instant::now() + timeout,
+            tried: vec![false; group.members.len()],
+            class: operation.class(),
+            output_hint: operation.output_hint(expected),
+            count: 0,
+            charged: 0,
+            rng: shared.rng(),
+            buffers: Selection::default(),
+            last_error: None,
+            estimate,
+            priority: options.priority,
+            place: None,
+            after_rate_limit: false,
+            scopes,
+            permit: None,
+            shared,
+            model,
+            live,
+        })
+    }
+
+    fn group(&self) -> &Group {
+        // `begin` checked that the group exists in this snapshot, which never changes.
+        &self.live.groups[self.model]
+    }
+
+    fn charge(&self) -> Option<Charge> {
+        self.estimate.map(|e| e.charge)
+    }
+
+    /// Passes the router-side limits: at once, after waiting its turn in the refusing scope's
+    /// lane when that comes before the deadline, or throttled with when to retry.
+    async fn admit(&mut self) -> Result<(), Error> {
+        if self.scopes.is_empty() {
+            return Ok(());
+        }
+        let charge = self.charge().unwrap_or(Charge {
+            tokens: 0,
+            requests: 1,
+        });
+        let waitlist = &self.shared.waitlist;
+        // Someone waits already in one of its scopes: queue behind them.
+        if let Some(busy) = self.scopes.iter().find(|s| waitlist.is_busy(&s.name)) {
+            let lane = busy.name.clone();
+            self.wait_in(&lane, None).await?;
+        }
+        loop {
+            let refusal = match self
+                .shared
+                .limiters
+                .try_admit(&self.scopes, charge, Instant::now())
+            {
+                Ok(permit) => {
+                    self.permit = Some(permit);
+                    self.leave_waitlist();
+                    return Ok(());
+                }
+                Err(refusal) => refusal,
+            };
+            let until = Instant::now() + refusal.retry_after;
+            if refusal.concurrency || until > self.deadline {
+                self.leave_waitlist();
+                return Err(refusal.error());
+            }
+            if !self.wait_in(&refusal.scope, Some(until)).await? {
+                self.leave_waitlist();
+                return Err(refusal.error());
+            }
+        }
+    }
+
+    /// Waits in `lane` until `until` (if given) and then until first in it; `Ok(false)` when
+    /// the waitlist is full.
+    async fn wait_in(&mut self, lane: &str, until: Option<Instant>) -> Result<bool, Error> {
+        let waitlist = &self.shared.waitlist;
+        if self.place.as_ref().is_some_and(|p| p.lane() != lane) {
+            self.leave_waitlist();
+        }
+        if self.place.is_none() {
+            self.place = waitlist.join(lane, self.priority, self.live.settings.max_waiting);
+            if self.place.is_none() {
+                return Ok(false);
+            }
+        }
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+        if let Some(place) = &self.place {
+            waitlist.until_first(place, self.deadline).await;
+        }
+        Ok(true)
+    }
+
+    fn leave_waitlist(&mut self) {
+        if let Some(place) = self.place.take() {
+            self.shared.waitlist.leave(place);
+        }
+    }
+
+    /// Picks the next deployment, reserves its quota and starts an attempt on it; waits (in
+    /// order) when nothing can take the request yet but something will before the deadline;
+    /// the error when there is nothing, the attempts are spent, the budget is, or the deadline
+    /// has passed.
+    async fn next(&mut self) -> Result<Attempt, Error> {
+        if Instant::now() >= self.deadline {
+            return Err(self.give_up());
+        }
+        let settings = &self.live.settings;
+        // A failover after a 429 is free: the throttled deployment cools down, so it cannot
+        // storm, and the request must not fail while another deployment (or this one, later)
+        // has room.
+        if self.count > 0 && !self.after_rate_limit {
+            let spent = self.charged >= settings.retry.max_attempts;
+            if spent || !self.shared.budget().try_withdraw() {
+                return Err(self.give_up());
+            }
+        }
+        if !self.after_rate_limit || self.count == 0 {
+            self.charged += 1;
+        }
+        // Someone waits for this group already: queue behind them, first come first served
+        // within a class.
+        if self.place.is_none() && self.count == 0 && self.shared.waitlist.is_busy(self.model) {
+            let model = self.model;
+            self.wait_in(model, None).await?;
+        }
+        let live = Arc::clone(&self.live);
+        let group = &live.groups[self.model];
+        let ask = Ask {
+            class: self.class,
+            charge: self.charge(),
+        };
+        loop {
+            let at = now();
+            let slots: Vec<Slot<'_>> = group.members.iter().map(|d| d.slot()).collect();
+            let tried = &self.tried;
+            let picked = select(
+                &slots,
+                |i| tried[i],
+                ask,
+                group.strategy.as_ref(),
+                at,
+                &mut self.rng,
+                &mut self.buffers,
+            );
+            let index = match picked {
+                Ok(index) => index,
+                Err(nothing) => {
+                    if self.may_wait(nothing).await? {
+                        continue;
+                    }
+                    return Err(self.nothing_eligible(nothing));
+                }
+            };
+            let deployment = Arc::clone(&group.members[index]);
+            let Ok(reservation) = self.reserve(&deployment, at).await else {
+                // The store said no (another replica used the quota, or shares a cooldown);
+                // the deployment's view now knows until when: choose again.
+                continue;
+            };
+            self.tried[index] = true;
+            self.count += 1;
+            self.leave_waitlist();
+            tracing::trace!(
+                model = self.model,
+                endpoint = %deployment.endpoint,
+                strategy = group.strategy.name(),
+                attempt = self.count,
+                "picked"
+            );
+            let rng = Rng::with_seed(self.rng.fork_seed());
+            return Ok(Attempt::start(
+                deployment,
+                self.class,
+                self.live.settings.health,
+                rng,
+                reservation,
+            ));
+        }
+    }
+
+    /// Reserves the request's cost on `deployment` when it is accounted; `Err` when the store
+    /// refused (and the deployment's view has learned until when).
+    async fn reserve(
+        &self,
+        deployment: &Deployment,
+        at: std::time::Instant,
+    ) -> Result<Option<Reservation>, ()> {
+        let store = &self.live.store;
+        let Some(estimate) = self
+            .estimate
+            .filter(|_| deployment.accounts(store.as_ref()))
+        else {
+            return Ok(None);
+        };
+        let limits = deployment.limits();
+        match store
+            .reserve(&deployment.key, &limits, estimate.charge, at)
+            .await
+        {
+            Ok(Admission::Admitted {
+                tokens_left,
+                requests_left,
+            }) => {
+                deployment
+                    .state
+                    .quota
+                    .update(tokens_left, requests_left, at);
+                Ok(Some(Reservation::new(
+                    Arc::clone(store),
+                    Arc::clone(&deployment.key),
+                    limits,
+                    estimate,
+                    self.live.settings.accounting,
+                )))
+            }
+            Ok(Admission::Denied {
+                retry_after,
+                cooling,
+            }) => {
+                // At least a millisecond, so that selecting again cannot pick it at once.
+                let wait = retry_after.max(Duration::from_millis(1));
+                if cooling {
+                    deployment.state.cool_down_shared(wait, at);
+                } else {
+                    deployment.state.quota.block(wait, at);
+                }
+                Err(())
+            }
+            Err(error) => {
+                // A store that fails must not fail the request: route on the local view.
+                tracing::debug!(key = %deployment.key, %error, "quota store unavailable; not reserving");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Waits in the group's lane for the soonest recovery when the request could still be
+    /// served before its deadline and the waitlist has room; `false` when it should fail now.
+    async fn may_wait(&mut self, nothing: NothingEligible) -> Result<bool, Error> {
+        // Only quota and cooldowns recover by themselves; a failure other than a 429 is the
+        // caller's answer, not a reason to wait.
+        let waitable = self.last_error.as_ref().is_none_or(Error::is_rate_limited);
+        let Some(until) = nothing.until.filter(|_| waitable) else {
+            return Ok(false);
+        };
+        let until = Instant::from_std(until);
+        // Worth waiting only if the request can still be served before its deadline.
+        let service = self.expected_service().mul_f64(1.5);
+        if until + service > self.deadline {
+            return Ok(false);
+        }
+        let model = self.model;
+        self.wait_in(model, Some(until)).await
+    }
+
+    /// How long the fastest deployment is expected to take to serve this request.
+    fn expected_service(&self) -> Duration {
+        let at = now();
+        let tokens = match self.class {
+            LatencyClass::Generation => f64::from(self.output_hint.max(1)),
+            LatencyClass::Stream | LatencyClass::Call => 1.0,
+        };
+        let fastest = self
+            .group()
+            .members
+            .iter()
+            .map(|d| d.state.latency(self.class, at))
+            .fold(f64::INFINITY, f64::min);
+        if fastest.is_finite() {
+            Duration::from_secs_f64((fastest * tokens).max(0.0))
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn span(&self, deployment: &Deployment) -> tracing::Span {
+        tracing::debug_span!(
+            "attempt",
+            model = self.model,
+            endpoint = %deployment.endpoint,
+            deployment = %deployment.name,
+            attempt = self.count,
+        )
+    }
+
+    fn call_options(&self) -> CallOptions {
+        CallOptions::default().with_deadline(self.deadline.into_std())
+    }
+
+    async fn within_deadline<T>(
+        &self,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout_at(self.deadline, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::with_message(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "no answer for `{}` within the request's deadline",
+                    self.model
+                ),
+            )),
+        }
+    }
+
+    /// Records a failed attempt; `Ok` when another may follow.
+    async fn failed(&mut self, attempt: Attempt, error: Error) -> Result<(), Error> {
+        if error.kind() == ErrorKind::DeadlineExceeded || Instant::now() >= self.deadline {
+            // The request's own budget ran out: not the endpoint's fault.
+            attempt.cancelled().await;
+            return Err(match error.kind() {
+                ErrorKind::DeadlineExceeded => error,
+                _ => Error::with_message(
+                    ErrorKind::DeadlineExceeded,
+                    format!("the request's deadline passed; last attempt: {error}"),
+                ),
+            });
+        }
+        let deployment = Arc::clone(attempt.deployment());
+        attempt.failed(&error).await;
+        let health = self.live.settings.health;
+        if error.is_rate_limited() {
+            // Tell the other replicas, through a shared store.
+            let wait = health.rate_limit_wait(&error);
+            let _ = self
+                .live
+                .store
+                .cool_down(&deployment.key, wait, now())
+                .await;
+        }
+        if matches!(
+            deployment.state.availability(now()),
+            router_core::Availability::Disabled(_)
+        ) {
+            tracing::warn!(endpoint = %deployment.endpoint, deployment = %deployment.name, %error, "deployment disabled until reconfigured");
+        }
+        if !error.is_retryable() {
+            return Err(error);
+        }
+        tracing::debug!(endpoint = %deployment.endpoint, attempt = self.count, %error, "failing over");
+        self.after_rate_limit = error.is_rate_limited();
+        if self.after_rate_limit {
+            // Its cooldown keeps it out until it has room again; then it may be tried again.
+            if let Some(index) = self
+                .group()
+                .members
+                .iter()
+                .position(|d| Arc::ptr_eq(d, &deployment))
+            {
+                self.tried[index] = false;
+            }
+        }
+        self.last_error = Some(error);
+        Ok(())
+    }
+
+    /// The error when no attempt may follow.
+    fn give_up(&mut self) -> Error {
+        if self.last_error.as_ref().is_some_and(Error::is_rate_limited) {
+            // Every deployment this request may still use, and when the soonest recovers.
+            let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
+            let ask = Ask {
+                class: self.class,
+                charge: self.charge(),
+            };
+            let nothing = router_core::soonest(&slots, |_| false, ask, now());
+            return self.nothing_eligible(nothing);
+        }
+        self.leave_waitlist();
+        self.last_error.take().unwrap_or_else(|| {
+            Error::with_message(
+                ErrorKind::Unavailable,
+                format!("no attempt left for `{}`", self.model),
+            )
+        })
+    }
+
+    /// The caller's error when nothing can take the request in time: the last failure when it
+    /// was the request's fault or the upstream's, else throttled with the soonest recovery.
+    fn nothing_eligible(&mut self, nothing: NothingEligible) -> Error {
+        self.leave_waitlist();
+        let mut until = nothing.until;
+        if let Some(error) = self.last_error.take() {
+            if !error.is_rate_limited() {
+                return error;
+            }
+            // An upstream's 429 never reaches the caller: the router throttles instead.
+            until = until.or_else(|| Some(now() + error.retry_after().unwrap_or_default()));
+        }
+        let members = self.group().members.len();
+        let Some(at) = until else {
+            let why = match nothing.reason {
+                Reason::Tried => "all tried",
+                _ => "all disabled or tried",
+            };
+            return Error::with_message(
+                ErrorKind::Unavailable,
+                format!(
+                    "no deployment of `{}` can serve the request ({why}; {members} configured)",
+                    self.model
+                ),
+            );
+        };
+        let why = match nothing.reason {
+            Reason::Quota => "out of quota",
+            Reason::RateLimited => "cooling down after 429s",
+            Reason::Ejected => "ejected after failures",
+            _ => "out of quota or cooling down",
+        };
+        Error::with_message(
+            ErrorKind::Throttled,
+            format!(
+                "no deployment of `{}` has room for the request before its deadline (all {members} {why})",
+                self.model
+            ),
+        )
+        .with_retry_after(at.saturating_duration_since(now()))
+    }
+}
+
+impl Drop for Path<'_> {
+    fn drop(&mut self) {
+        self.leave_waitlist();
+    }
+}

@@ -1,0 +1,124 @@
+//! The router's settings at run time: what a [`RouterBuilder`] checked, in the form requests
+//! look things up in. Built once per configuration and kept in its snapshot.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use router_core::HealthPolicy;
+
+use crate::builder::{QuotaAccounting, RetryPolicy, RouterBuilder};
+use crate::limits::RateLimits;
+
+/// One router-side limit that applies to a request: its name (`group:{model}`,
+/// `caller:{name}`), which is also its bucket key and its waiting lane, and its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scope {
+    pub(crate) name: String,
+    pub(crate) limits: RateLimits,
+}
+
+/// The settings a request reads.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) retry: RetryPolicy,
+    pub(crate) health: HealthPolicy,
+    pub(crate) request_timeout: Duration,
+    pub(crate) expected_completion: u32,
+    pub(crate) max_waiting: usize,
+    pub(crate) accounting: QuotaAccounting,
+    /// Only limits that limit something: a scope that limits nothing would cost an estimate and
+    /// a lookup per request.
+    group_limits: HashMap<String, RateLimits>,
+    caller_limits: HashMap<String, RateLimits>,
+    default_caller_limits: Option<RateLimits>,
+}
+
+impl Settings {
+    pub(crate) fn new(builder: &RouterBuilder) -> Self {
+        // The last setting for a name wins.
+        let limited = |list: &[(String, RateLimits)]| -> HashMap<String, RateLimits> {
+            list.iter().cloned().collect()
+        };
+        Self {
+            retry: builder.retry,
+            health: builder.health,
+            request_timeout: builder.request_timeout,
+            expected_completion: builder.expected_completion,
+            max_waiting: builder.max_waiting,
+            accounting: builder.accounting,
+            group_limits: limited(&builder.group_limits),
+            caller_limits: limited(&builder.caller_limits),
+            default_caller_limits: builder.default_caller_limits,
+        }
+    }
+
+    /// The router-side limits that apply to a request for `model` from `caller`.
+    pub(crate) fn scopes(&self, model: &str, caller: Option<&str>) -> Vec<Scope> {
+        let mut scopes = Vec::new();
+        if let Some(limits) = self.group_limits.get(model).filter(|l| l.is_limited()) {
+            scopes.push(Scope {
+                name: format!("group:{model}"),
+                limits: *limits,
+            });
+        }
+        if let Some(caller) = caller {
+            // Its own limits, even empty ones, override the default.
+            let limits = self
+                .caller_limits
+                .get(caller)
+                .copied()
+                .or(self.default_caller_limits);
+            if let Some(limits) = limits.filter(RateLimits::is_limited) {
+                scopes.push(Scope {
+                    name: format!("caller:{caller}"),
+                    limits,
+                });
+            }
+        }
+        scopes
+    }
+
+    /// Whether any router-side limit counts tokens (so requests may need estimates).
+    pub(crate) fn limits_count_tokens(&self) -> bool {
+        self.group_limits
+            .values()
+            .chain(self.caller_limits.values())
+            .chain(&self.default_caller_limits)
+            .any(RateLimits::counts_tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_that_limit_nothing_are_left_out() {
+        let builder = RouterBuilder::default()
+            .group_limits("gpt-4o-mini", RateLimits::new())
+            .caller_limits("open", RateLimits::new())
+            .caller_limits("metered", RateLimits::new().with_tpm(1_000))
+            .default_caller_limits(RateLimits::new().with_rpm(60));
+        let settings = Settings::new(&builder);
+        assert!(settings.scopes("gpt-4o-mini", None).is_empty());
+        // Its own (empty) limits override the default: nothing to check.
+        assert!(settings.scopes("gpt-4o-mini", Some("open")).is_empty());
+        let metered = settings.scopes("gpt-4o-mini", Some("metered"));
+        assert_eq!(metered.len(), 1);
+        assert_eq!(metered[0].name, "caller:metered");
+        assert!(metered[0].limits.counts_tokens());
+        let other = settings.scopes("gpt-4o-mini", Some("someone"));
+        assert_eq!(other.len(), 1);
+        assert!(!other[0].limits.counts_tokens());
+        assert!(settings.limits_count_tokens());
+    }
+
+    #[test]
+    fn the_last_setting_for_a_name_wins() {
+        let builder = RouterBuilder::default()
+            .caller_limits("a", RateLimits::new().with_rpm(1))
+            .caller_limits("a", RateLimits::new().with_rpm(2));
+        let scopes = Settings::new(&builder).scopes("m", Some("a"));
+        assert_eq!(scopes[0].limits.rpm, Some(2));
+    }
+}

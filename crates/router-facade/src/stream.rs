@@ -1,0 +1,188 @@
+//! The stream relay: a routed chat completion stream, from its first content chunk to its end.
+//!
+//! A stream is opened by [`first_content`]: events before the first content chunk (Azure's
+//! prompt-filter annotations, the role chunk) are held back, so that the attempt can still fail
+//! over if the stream breaks before any content; once content arrives the stream belongs to the
+//! caller, and a failure is its last item, never a retry. [`RouterStream`] then hands out the
+//! held events and the rest, each with the upstream's data as received (so a relay can pass it
+//! on without encoding it again), drops the usage chunk the router asked for and the caller did
+//! not, and ends its [`Attempt`] when the upstream's stream ends, fails, or the caller drops it.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use router_core::{ChatStream, EndpointId, Error, Event, RateLimitInfo};
+use router_types::ChatCompletionChunk;
+
+use crate::attempt::Attempt;
+use crate::reservation::Used;
+
+/// A routed chat completion stream: the upstream's chunks, then the end, or one error item.
+///
+/// Holds the deployment's in-flight slot (and the request's router-side limit slots) until it
+/// ends or is dropped; its success or failure is recorded when it ends.
+pub struct RouterStream {
+    held: VecDeque<Event<ChatCompletionChunk>>,
+    inner: Option<ChatStream>,
+    attempt: Option<Attempt>,
+    endpoint: EndpointId,
+    attempts: u32,
+    /// The router asked for the usage chunk; the caller did not: drop it.
+    strip_usage: bool,
+    used: Option<Used>,
+    info: RateLimitInfo,
+}
+
+/// A stream opened up to its first content chunk.
+pub(crate) struct Opened {
+    stream: ChatStream,
+    held: VecDeque<Event<ChatCompletionChunk>>,
+    ended: bool,
+}
+
+impl Opened {
+    pub(crate) fn stream(&self) -> &ChatStream {
+        &self.stream
+    }
+}
+
+/// Reads `stream` up to its first content chunk (or its end), holding what came before.
+pub(crate) async fn first_content(mut stream: ChatStream) -> Result<Opened, Error> {
+    let mut held = VecDeque::new();
+    loop {
+        match std::future::poll_fn(|cx| stream.poll_event(cx)).await {
+            Some(Ok(event)) => {
+                let content = event.item.has_content();
+                held.push_back(event);
+                if content {
+                    return Ok(Opened {
+                        stream,
+                        held,
+                        ended: false,
+                    });
+                }
+            }
+            Some(Err(error)) => return Err(error),
+            None => {
+                return Ok(Opened {
+                    stream,
+                    held,
+                    ended: true,
+                });
+            }
+        }
+    }
+}
+
+impl RouterStream {
+    /// The stream of an opened attempt.
+    pub(crate) fn new(opened: Opened, attempt: Attempt, attempts: u32, strip_usage: bool) -> Self {
+        let Opened {
+            stream,
+            held,
+            ended,
+        } = opened;
+        let mut routed = Self {
+            info: stream.meta().rate_limits.clone(),
+            endpoint: attempt.deployment().endpoint.clone(),
+            held,
+            inner: Some(stream),
+            attempt: Some(attempt),
+            attempts,
+            strip_usage,
+            used: None,
+        };
+        if ended {
+            routed.finish(Ok(()));
+        }
+        routed
+    }
+
+    /// The endpoint streaming.
+    pub fn endpoint(&self) -> &EndpointId {
+        &self.endpoint
+    }
+
+    /// Attempts made to open it, this one included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The next event, with the upstream's data as received when the backend kept it (the
+    /// built-in backends do): what a relay writes without encoding the chunk again.
+    /// [`Stream::poll_next`] yields the same events' chunks.
+    pub fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Event<ChatCompletionChunk>, Error>>> {
+        while let Some(event) = self.held.pop_front() {
+            if !self.usage_chunk(&event.item) {
+                return Poll::Ready(Some(Ok(event)));
+            }
+        }
+        loop {
+            let Some(inner) = self.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            return match inner.poll_event(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(event))) => {
+                    if self.usage_chunk(&event.item) {
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(event)))
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    self.finish(Err(&error));
+                    Poll::Ready(Some(Err(error)))
+                }
+                Poll::Ready(None) => {
+                    self.finish(Ok(()));
+                    Poll::Ready(None)
+                }
+            };
+        }
+    }
+
+    fn finish(&mut self, outcome: Result<(), &Error>) {
+        if let Some(attempt) = self.attempt.take() {
+            attempt.finished(outcome, self.used, &self.info);
+        }
+        self.inner = None;
+    }
+
+    /// Notes a usage chunk; `true` when the caller must not see it.
+    fn usage_chunk(&mut self, chunk: &ChatCompletionChunk) -> bool {
+        if chunk.choices.is_empty()
+            && let Some(usage) = &chunk.usage
+        {
+            self.used = Some(Used::from(usage));
+            return self.strip_usage;
+        }
+        false
+    }
+}
+
+impl Stream for RouterStream {
+    type Item = Result<ChatCompletionChunk, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut()
+            .poll_event(cx)
+            .map(|next| next.map(|event| event.map(|e| e.item)))
+    }
+}
+
+impl fmt::Debug for RouterStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterStream")
+            .field("endpoint", &self.endpoint)
+            .field("attempts", &self.attempts)
+            .field("held", &self.held.len())
+            .field("open", &self.inner.is_some())
+            .finish_non_exhaustive()
+    }
+}
