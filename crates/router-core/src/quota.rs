@@ -439,6 +439,14 @@ impl MemoryStore {
         });
     }
 
+    /// The request level of `key` at `now`, for tests and stats.
+    pub fn requests_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
+        let shape = limits.requests()?;
+        self.with(key, |entry| {
+            Some(entry.requests(shape, now).level_at(shape, now))
+        })
+    }
+
     /// The token level of `key` at `now`, for tests and stats.
     pub fn tokens_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
         let shape = limits.tokens()?;

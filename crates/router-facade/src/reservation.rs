@@ -133,3 +133,139 @@ impl Drop for Reservation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::{Strategy as _, any, prop, prop_assert, proptest};
+    use router_core::{Admission, MemoryStore};
+
+    use super::*;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Op {
+        Reserve {
+            prompt: u64,
+            output: u64,
+        },
+        Settle {
+            which: usize,
+            prompt: u64,
+            completion: u64,
+            detached: bool,
+        },
+        Release {
+            which: usize,
+            detached: bool,
+        },
+        Drop(usize),
+    }
+
+    fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
+        proptest::prop_oneof![
+            (1u64..500, 0u64..500).prop_map(|(prompt, output)| Op::Reserve { prompt, output }),
+            (any::<usize>(), 0u64..600, 0u64..600, any::<bool>()).prop_map(
+                |(which, prompt, completion, detached)| Op::Settle {
+                    which,
+                    prompt,
+                    completion,
+                    detached
+                }
+            ),
+            (any::<usize>(), any::<bool>())
+                .prop_map(|(which, detached)| Op::Release { which, detached }),
+            any::<usize>().prop_map(Op::Drop),
+        ]
+    }
+
+    /// Lets the settlements spawned by detached calls and drops run.
+    async fn settle_spawned() {
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    proptest! {
+        /// The store's buckets hold exactly what the open reservations and the settled ones
+        /// account for, after every step: a reservation takes its estimate; settling keeps what
+        /// the accounting says was used (the prompt as counted plus the output cap at
+        /// admission, the real total under usage accounting) and the request; releasing,
+        /// detached or not, and dropping give everything back. Time does not move, so nothing
+        /// refills: any token or request not given back, or given back twice, shows.
+        #[test]
+        fn reservations_neither_leak_nor_give_back_twice(
+            ops in prop::collection::vec(arb_op(), 0..80),
+            usage in any::<bool>(),
+        ) {
+            let accounting = if usage { QuotaAccounting::Usage } else { QuotaAccounting::Admission };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let store = Arc::new(MemoryStore::new());
+                let dyn_store: Arc<dyn StateStore> = Arc::clone(&store) as Arc<dyn StateStore>;
+                let key: Arc<str> = Arc::from("endpoint/model");
+                // 60,000 tokens and 600 requests a minute over 10 s: 10,000 and 100 at once.
+                let limits = Limits::per_minute(Some(60_000), Some(600));
+                let (tokens_full, requests_full) = (10_000.0, 100.0);
+                let now = crate::clock::now();
+                let mut open: Vec<(Reservation, Charge)> = Vec::new();
+                let (mut kept_tokens, mut kept_requests) = (0.0_f64, 0.0_f64);
+                for op in ops {
+                    match op {
+                        Op::Reserve { prompt, output } => {
+                            let estimate = Estimate { charge: Charge { tokens: prompt + output, requests: 1 }, output };
+                            let admitted = dyn_store.reserve(&key, &limits, estimate.charge, now).await.unwrap();
+                            if let Admission::Admitted { .. } = admitted {
+                                let reservation = Reservation::new(Arc::clone(&dyn_store), Arc::clone(&key), limits, estimate, accounting);
+                                open.push((reservation, estimate.charge));
+                            }
+                        }
+                        Op::Settle { which, prompt, completion, detached } if !open.is_empty() => {
+                            let (reservation, charge) = open.swap_remove(which % open.len());
+                            let used = Used { prompt, total: prompt + completion };
+                            let output = reservation.output;
+                            kept_tokens += match accounting {
+                                QuotaAccounting::Admission => (prompt + output) as f64,
+                                QuotaAccounting::Usage => used.total as f64,
+                            };
+                            kept_requests += charge.requests as f64;
+                            if detached {
+                                reservation.settle_detached(Some(used), &RateLimitInfo::default());
+                            } else {
+                                reservation.settle(Some(used), &RateLimitInfo::default()).await;
+                            }
+                        }
+                        Op::Release { which, detached } if !open.is_empty() => {
+                            let (reservation, _) = open.swap_remove(which % open.len());
+                            if detached {
+                                reservation.release_detached();
+                            } else {
+                                reservation.release().await;
+                            }
+                        }
+                        Op::Drop(which) if !open.is_empty() => {
+                            drop(open.swap_remove(which % open.len()));
+                        }
+                        _ => {}
+                    }
+                    settle_spawned().await;
+                    let held: f64 = open.iter().map(|(_, c)| c.tokens as f64).sum();
+                    let expected = (tokens_full - held - kept_tokens).min(tokens_full);
+                    let level = store.tokens_level(&key, &limits, now).unwrap();
+                    prop_assert!((level - expected).abs() < 1e-6, "tokens: {level}, expected {expected}");
+                    let expected = requests_full - open.len() as f64 - kept_requests;
+                    let level = store.requests_level(&key, &limits, now).unwrap();
+                    prop_assert!((level - expected).abs() < 1e-6, "requests: {level}, expected {expected}");
+                }
+                drop(open);
+                settle_spawned().await;
+                let level = store.tokens_level(&key, &limits, now).unwrap();
+                let expected = (tokens_full - kept_tokens).min(tokens_full);
+                prop_assert!((level - expected).abs() < 1e-6, "after all: {level}, expected {expected}");
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -196,11 +196,11 @@ fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
 }
 
 proptest! {
-    /// With costs within a bucket, a level never goes below zero nor above the capacity; and
-    /// once every reservation is settled or released and time passes, the bucket is full again:
-    /// nothing leaks.
+    /// With costs within a bucket, a level never goes below zero nor above the capacity,
+    /// whatever the order of takes, refunds and waits. (That nothing leaks is the
+    /// reservation's property, tested on `Reservation` itself in router-facade.)
     #[test]
-    fn reservations_never_leave_a_negative_or_leaked_balance(ops in prop::collection::vec(arb_op(), 0..120)) {
+    fn bucket_levels_stay_within_zero_and_the_capacity(ops in prop::collection::vec(arb_op(), 0..120)) {
         let store = MemoryStore::new();
         let l = limits(6_000); // 1,000 tokens
         let t0 = Instant::now();
@@ -229,11 +229,5 @@ proptest! {
             prop_assert!(level >= -1e-6, "negative: {level}");
             prop_assert!(level <= 1_000.0 + 1e-6, "over capacity: {level}");
         }
-        for cost in open.drain(..) {
-            store.adjust_now("d", &l, cost.cast_signed(), 0, now);
-        }
-        let later = now + Duration::from_secs(11);
-        let level = store.tokens_level("d", &l, later).unwrap();
-        prop_assert!((level - 1_000.0).abs() < 1e-6, "leaked: {level}");
     }
 }
