@@ -538,3 +538,86 @@ fn build_errors_name_the_field() {
     let error = Router::builder().strategy_name("fastest").unwrap_err();
     assert!(error.to_string().contains("fastest"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_budget_survives_a_reconfiguration() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    for endpoint in sim.endpoints() {
+        endpoint.inject(
+            Fault::Status {
+                status: 500,
+                code: None,
+                retry_after: None,
+            },
+            Times::Always,
+        );
+    }
+    // One retry in the budget, none earned: the first request may retry once, then no more.
+    let mut policy = router_facade::RetryPolicy::default();
+    policy.budget_ratio = 0.0;
+    policy.budget_min = 1;
+    let health =
+        HealthPolicy::default().with_ejection(100, Duration::from_secs(1), Duration::from_secs(1));
+    let configured = || {
+        builder(&sim, StrategyKind::RoundRobin)
+            .retry_policy(policy)
+            .health_policy(health)
+    };
+    let router = configured().build().unwrap();
+    let sent = || -> u64 { sim.endpoints().iter().map(|e| e.counters().requests).sum() };
+    router.chat(&request()).await.unwrap_err();
+    assert_eq!(sent(), 2, "the one retry the budget holds");
+    router.chat(&request()).await.unwrap_err();
+    assert_eq!(sent(), 3, "the budget is spent");
+    // The same policy again: the budget is the router's, not the configuration's.
+    router.reconfigure(configured()).unwrap();
+    router.chat(&request()).await.unwrap_err();
+    assert_eq!(sent(), 4, "a reload does not refill the budget");
+    // A changed policy is a new budget.
+    let mut changed = policy;
+    changed.budget_min = 2;
+    router
+        .reconfigure(configured().retry_policy(changed))
+        .unwrap();
+    router.chat(&request()).await.unwrap_err();
+    assert_eq!(sent(), 6);
+}
+
+/// The ejection that a stream failing after its first chunk causes, as seen from when the
+/// failure reached the caller: its jitter comes from the request's generator.
+async fn ejection_after_a_cut_stream(seed: u64) -> Duration {
+    let sim = sim(1, LatencyModel::instant()).await;
+    sim.endpoints()[0].inject(Fault::TruncateStream { after_events: 4 }, Times::Always);
+    let health = HealthPolicy::default()
+        .with_ejection(1, Duration::from_secs(10), Duration::from_secs(100))
+        .with_jitter(1.0);
+    let router = builder(&sim, StrategyKind::RoundRobin)
+        .seed(seed)
+        .health_policy(health)
+        .build()
+        .unwrap();
+    let stream = router.chat_stream(&request()).await.unwrap();
+    let (_, error) = collect(stream).await;
+    let failed_at = tokio::time::Instant::now().into_std();
+    assert_eq!(error.unwrap().kind(), ErrorKind::StreamTruncated);
+    match router.stats()[0].state.availability {
+        router_facade::Availability::Ejected(until) => until.saturating_duration_since(failed_at),
+        other => panic!("not ejected: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_seeded_router_replays_the_jitter_of_a_failed_stream() {
+    // Jitter of ±100 % on 10 s: two unseeded draws would differ by seconds.
+    let first = ejection_after_a_cut_stream(42).await;
+    let again = ejection_after_a_cut_stream(42).await;
+    assert!(
+        first.abs_diff(again) <= Duration::from_millis(2),
+        "{first:?} vs {again:?}"
+    );
+    let other = ejection_after_a_cut_stream(43).await;
+    assert!(
+        first.abs_diff(other) > Duration::from_millis(2),
+        "another seed draws another jitter: {first:?} vs {other:?}"
+    );
+}
