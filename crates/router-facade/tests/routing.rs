@@ -600,10 +600,11 @@ async fn ejection_after_a_cut_stream(seed: u64) -> Duration {
     let (_, error) = collect(stream).await;
     let failed_at = tokio::time::Instant::now().into_std();
     assert_eq!(error.unwrap().kind(), ErrorKind::StreamTruncated);
-    match router.stats()[0].state.availability {
-        router_facade::Availability::Ejected(until) => until.saturating_duration_since(failed_at),
-        other => panic!("not ejected: {other:?}"),
-    }
+    let availability = router.stats()[0].state.availability;
+    let router_facade::Availability::Ejected(until) = availability else {
+        unreachable!("not ejected: {availability:?}");
+    };
+    until.saturating_duration_since(failed_at)
 }
 
 #[tokio::test(start_paused = true)]
