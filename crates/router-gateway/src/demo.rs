@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use crate::console::say;
+use crate::problem::{Context as _, Problem, bail};
 use futures_core::Stream as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
@@ -39,14 +39,6 @@ pub(crate) struct Args {
     stream_every: u64,
 }
 
-pub(crate) fn say(line: &str) {
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
-}
-
-pub(crate) fn say_err(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
 /// The simulated world: four endpoints, as the issue describes them.
 fn world() -> Vec<EndpointConfig> {
     let ms = Duration::from_millis;
@@ -74,7 +66,7 @@ fn world() -> Vec<EndpointConfig> {
     ]
 }
 
-fn router_for(sim: &Sim, strategy: StrategyKind, seed: u64) -> anyhow::Result<Router> {
+fn router_for(sim: &Sim, strategy: StrategyKind, seed: u64) -> Result<Router, Problem> {
     let mut builder = Router::builder()
         .strategy(strategy)
         .seed(seed)
@@ -112,17 +104,17 @@ struct Outcome {
     upstream_errors: BTreeMap<String, u64>,
 }
 
-pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: Args) -> Result<ExitCode, Problem> {
     let strategies: Vec<StrategyKind> = if args.strategies.is_empty() {
         StrategyKind::ALL.to_vec()
     } else {
         args.strategies
             .iter()
-            .map(|s| s.parse().map_err(anyhow::Error::from))
-            .collect::<anyhow::Result<_>>()?
+            .map(|s| s.parse().context("--strategies"))
+            .collect::<Result<_, _>>()?
     };
     if args.concurrency == 0 || args.duration == 0 {
-        anyhow::bail!("--concurrency and --duration must be at least 1");
+        bail!("--concurrency and --duration must be at least 1");
     }
     say(&format!(
         "openai-router demo: {} strategies x {} s, {} concurrent requests, seed {}",

@@ -7,10 +7,18 @@
 //!   starts failing midway, one that throttles), the same concurrent workload through each
 //!   strategy, and a table per strategy. No keys, no network beyond 127.0.0.1.
 
+mod assemble;
+mod auth;
 mod config;
+mod console;
 mod demo;
+mod error;
+mod lifecycle;
 mod metrics;
-mod server;
+mod probe;
+mod problem;
+mod routes;
+mod sse;
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -64,15 +72,17 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            demo::say_err(&format!("openai-router: cannot start the runtime: {error}"));
+            console::say_err(&format!("openai-router: cannot start the runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
     let result = match cli.command {
-        Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Demo(args) => runtime
+            .block_on(demo::run(args))
+            .map_err(anyhow::Error::from),
         Command::Serve { config } => runtime.block_on(async {
             let loaded = config::Config::load(&config)?;
-            server::serve(loaded, Some(config)).await?;
+            lifecycle::serve(loaded, Some(config)).await?;
             Ok(ExitCode::SUCCESS)
         }),
         Command::Check { config, probe } => runtime.block_on(async {
@@ -80,14 +90,14 @@ fn main() -> ExitCode {
             loaded.keys()?;
             let builder = loaded.builder()?;
             let router = builder.build()?;
-            demo::say(&format!(
+            console::say(&format!(
                 "{}: ok: {} endpoint(s), model groups: {}, {} gateway key(s)",
                 config.display(),
                 loaded.endpoints.len(),
                 router.models().join(", "),
                 loaded.keys.len()
             ));
-            if probe && !config::probe(&loaded).await? {
+            if probe && !probe::probe(&loaded).await? {
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
@@ -96,7 +106,7 @@ fn main() -> ExitCode {
             let mut key = String::new();
             match std::io::stdin().read_to_string(&mut key) {
                 Ok(_) if !key.trim().is_empty() => {
-                    demo::say(&config::hash_key(key.trim()));
+                    console::say(&auth::hash_key(key.trim()));
                     Ok(ExitCode::SUCCESS)
                 }
                 _ => Err(anyhow::anyhow!("hash-key: give the key on standard input")),
@@ -106,7 +116,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            demo::say_err(&format!("openai-router: {error:#}"));
+            console::say_err(&format!("openai-router: {error:#}"));
             ExitCode::FAILURE
         }
     }

@@ -51,10 +51,14 @@ impl Histogram {
     }
 }
 
+/// The `model` label of a request for a model group that is not configured (or a body that
+/// named none): one value, so that clients cannot grow the label set.
+pub(crate) const UNKNOWN_MODEL: &str = "unknown";
+
 /// The gateway's own counters.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
-    /// Answers by (route, model, status).
+    /// Answers by (route, model group or `unknown`, status).
     requests: DashMap<(&'static str, String, u16), AtomicU64>,
     latency: DashMap<&'static str, Histogram>,
     ttft: Histogram,
@@ -63,12 +67,18 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    /// One answer.
+    /// One answer of `route`; `model` is the request's model group when the router serves it,
+    /// else [`UNKNOWN_MODEL`] (the caller decides, with [`Router::serves`]).
     pub(crate) fn answered(&self, route: &'static str, model: &str, status: u16, took: Duration) {
-        self.requests
-            .entry((route, model.to_owned(), status))
-            .or_default()
-            .fetch_add(1, Ordering::Relaxed);
+        let key = (route, model.to_owned(), status);
+        if let Some(count) = self.requests.get(&key) {
+            count.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.requests
+                .entry(key)
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.latency.entry(route).or_default().observe(took);
         if status == 429 {
             self.throttles.fetch_add(1, Ordering::Relaxed);

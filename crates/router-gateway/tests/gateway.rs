@@ -127,9 +127,32 @@ models = ["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"]
 }
 
 async fn start_with(sim: &Sim, extra: &str, timeout: u64) -> Gateway {
+    start_in(sim, extra, timeout, &[]).await
+}
+
+/// The proxy variables the gateway's upstream client reads; a test sets them only on purpose.
+const PROXY_VARS: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+async fn start_in(sim: &Sim, extra: &str, timeout: u64, env: &[(&str, String)]) -> Gateway {
     let (dir, port) = write_config(sim, extra, timeout);
     let path = dir.join("router.toml");
-    let child = Command::new(env!("CARGO_BIN_EXE_openai-router"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_openai-router"));
+    for var in PROXY_VARS {
+        command.env_remove(var);
+    }
+    for (var, value) in env {
+        command.env(var, value);
+    }
+    let child = command
         .args(["serve", "--config"])
         .arg(&path)
         .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
@@ -612,4 +635,134 @@ fn assert_no_secret(logs: &str, secrets: &[&str]) {
     for secret in secrets {
         assert!(!logs.contains(secret), "a key in the logs");
     }
+}
+
+#[tokio::test]
+async fn every_route_is_counted_under_a_bounded_model_label() {
+    let sim = sim().await;
+    let gateway = start(&sim, "").await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(
+        post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), chat)
+            .await
+            .status(),
+        200
+    );
+    let embed = json!({"model": "text-embedding-3-small", "input": "hi"});
+    assert_eq!(
+        post(&gateway, "/v1/embeddings", Some(GATEWAY_KEY), embed)
+            .await
+            .status(),
+        200
+    );
+    let complete = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 4});
+    assert_eq!(
+        post(&gateway, "/v1/completions", Some(GATEWAY_KEY), complete)
+            .await
+            .status(),
+        200
+    );
+    // Model names the gateway does not serve, each different: one label value for all.
+    for i in 0..3 {
+        let body = json!({"model": format!("made-up-model-{i}"), "input": "hi"});
+        post(&gateway, "/v1/embeddings", Some(GATEWAY_KEY), body).await;
+    }
+    let unreadable = client()
+        .post(format!("{}/v1/completions", gateway.base))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unreadable.status(), 400);
+    let text = metrics_text(&gateway).await;
+    for line in [
+        r#"openai_router_requests_total{route="chat",model="gpt-4o-mini",status="200"} 1"#,
+        r#"openai_router_requests_total{route="embeddings",model="text-embedding-3-small",status="200"} 1"#,
+        r#"openai_router_requests_total{route="completions",model="gpt-3.5-turbo-instruct",status="200"} 1"#,
+        r#"openai_router_requests_total{route="embeddings",model="unknown",status="403"} 3"#,
+        r#"openai_router_requests_total{route="completions",model="unknown",status="400"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(
+        !text.contains("made-up-model"),
+        "a client's model name became a label"
+    );
+    assert!(
+        text.contains(r#"openai_router_request_duration_seconds_count{route="embeddings"} 4"#),
+        "{text}"
+    );
+}
+
+/// A forward proxy on loopback: records each connection's first request line and pipes the
+/// connection to the target it names.
+async fn forward_proxy() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let record = std::sync::Arc::clone(&record);
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let n = client.peek(&mut head).await.unwrap();
+                let line = String::from_utf8_lossy(&head[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                record.lock().unwrap().push(line.clone());
+                // `POST http://127.0.0.1:PORT/v1/... HTTP/1.1`: the upstream accepts the
+                // absolute form as it is.
+                let target = line
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|url| url.strip_prefix("http://"))
+                    .and_then(|rest| rest.split('/').next())
+                    .unwrap()
+                    .to_owned();
+                let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (address, seen)
+}
+
+#[tokio::test]
+async fn upstream_calls_go_through_the_proxy_the_environment_names() {
+    let sim = sim().await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+
+    let (proxy, seen) = forward_proxy().await;
+    let env = [("HTTP_PROXY", proxy.clone())];
+    let gateway = start_in(&sim, "", 5000, &env).await;
+    for _ in 0..2 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    let lines = seen.lock().unwrap().clone();
+    assert!(!lines.is_empty(), "no upstream call went through the proxy");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with("POST http://127.0.0.1:") && l.contains("/chat/completions")),
+        "{lines:?}"
+    );
+    drop(gateway);
+
+    // NO_PROXY names the upstreams' host: they are called directly.
+    let (proxy, seen) = forward_proxy().await;
+    let env = [("HTTP_PROXY", proxy), ("NO_PROXY", "127.0.0.1".to_owned())];
+    let gateway = start_in(&sim, "", 5000, &env).await;
+    let response = post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), chat).await;
+    assert_eq!(response.status(), 200);
+    assert!(seen.lock().unwrap().is_empty(), "NO_PROXY was not honoured");
 }

@@ -1,0 +1,212 @@
+//! From the configuration file to a router: endpoints, strategies, timeouts, per-key limits,
+//! and the shared state store. Secrets are read from the environment variables the file names,
+//! when the router is built (at start and on each reload).
+
+use std::time::Duration;
+
+use router_facade::{Endpoint, RateLimits, Router, RouterBuilder, StrategyKind};
+
+use crate::config::{Config, Kind};
+use crate::problem::{Context as _, Problem, bail};
+
+impl Config {
+    /// The router this configuration describes (secrets read from the environment now).
+    pub(crate) async fn router(&self) -> Result<Router, Problem> {
+        let mut builder = self.builder()?;
+        let redis = match (&self.router.redis_url, &self.router.redis_url_env) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(var)) => Some(
+                std::env::var(var)
+                    .with_context(|| format!("router.redis_url_env: ${var} is not set"))?,
+            ),
+            (None, None) => None,
+        };
+        if let Some(url) = redis {
+            let store =
+                state_redis::RedisStore::connect(&url, state_redis::RedisOptions::default())
+                    .await
+                    .context("router.redis_url")?;
+            builder = builder.state_store(std::sync::Arc::new(store));
+        }
+        Ok(builder.build()?)
+    }
+
+    pub(crate) fn builder(&self) -> Result<RouterBuilder, Problem> {
+        let mut builder = Router::builder();
+        if let Some(strategy) = &self.router.strategy {
+            let kind: StrategyKind = strategy.parse().context("router.strategy")?;
+            builder = builder.strategy(kind);
+        }
+        if let Some(attempts) = self.router.max_attempts {
+            builder = builder.max_attempts(attempts);
+        }
+        if let Some(ms) = self.router.request_timeout_ms {
+            builder = builder.request_timeout(Duration::from_millis(ms));
+        }
+        if let Some(tokens) = self.router.expected_completion {
+            builder = builder.expected_completion(tokens);
+        }
+        let timeouts = self.timeouts();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let at = format!("endpoints[{i}] (`{}`)", e.name);
+            let mut endpoint = match e.kind {
+                Kind::OpenAi => Endpoint::openai(&e.name, &e.url),
+                Kind::Azure => {
+                    let endpoint = Endpoint::azure(&e.name, &e.url);
+                    match (&e.api_version, e.v1) {
+                        (Some(version), false) => endpoint.api_version(version),
+                        (None, true) => endpoint.v1(),
+                        (Some(_), true) => {
+                            bail!("{at}: api_version and v1 = true exclude each other")
+                        }
+                        (None, false) => {
+                            bail!("{at}: api_version is required for Azure (or v1 = true)")
+                        }
+                    }
+                }
+            };
+            if let Some(var) = &e.api_key_env {
+                let key = std::env::var(var)
+                    .with_context(|| format!("{at}: api_key_env: ${var} is not set"))?;
+                endpoint = endpoint.api_key(key);
+            } else if e.kind == Kind::Azure {
+                bail!(
+                    "{at}: api_key_env is required for Azure (the key is read from the environment)"
+                );
+            }
+            if e.models.is_empty() && e.deployments.is_empty() {
+                bail!(
+                    "{at}: serves no model; set models = [...] or deployments = {{ model = \"deployment\" }}"
+                );
+            }
+            for model in &e.models {
+                endpoint = endpoint.model(model);
+            }
+            for (model, deployment) in &e.deployments {
+                endpoint = endpoint.deployment(model, deployment);
+            }
+            if let Some(weight) = e.weight {
+                endpoint = endpoint.weight(weight);
+            }
+            if let Some(priority) = e.priority {
+                endpoint = endpoint.priority(priority);
+            }
+            if let Some(tpm) = e.tpm {
+                endpoint = endpoint.tpm(tpm);
+            }
+            if let Some(rpm) = e.rpm {
+                endpoint = endpoint.rpm(rpm);
+            }
+            if let Some(ms) = e.quota_window_ms {
+                endpoint = endpoint.quota_window(Duration::from_millis(ms));
+            }
+            if let Some(timeouts) = timeouts {
+                endpoint = endpoint.timeouts(timeouts);
+            }
+            builder = builder.endpoint(endpoint);
+        }
+        for key in &self.keys {
+            let mut limits = RateLimits::new();
+            if let Some(rpm) = key.rpm {
+                limits = limits.with_rpm(rpm);
+            }
+            if let Some(tpm) = key.tpm {
+                limits = limits.with_tpm(tpm);
+            }
+            if let Some(concurrency) = key.concurrency {
+                limits = limits.with_concurrency(concurrency);
+            }
+            builder = builder.caller_limits(&key.name, limits);
+        }
+        Ok(builder)
+    }
+
+    /// The upstream timeouts, when any is configured.
+    fn timeouts(&self) -> Option<router_facade::Timeouts> {
+        let r = &self.router;
+        let any = r.connect_timeout_ms.is_some()
+            || r.stream_first_byte_timeout_ms.is_some()
+            || r.first_byte_timeout_ms.is_some()
+            || r.between_chunks_timeout_ms.is_some();
+        if !any {
+            return None;
+        }
+        let defaults = router_facade::Timeouts::default();
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        Some(
+            defaults
+                .with_connect(ms(r.connect_timeout_ms, defaults.connect))
+                .with_first_byte(
+                    ms(r.stream_first_byte_timeout_ms, defaults.first_byte_stream),
+                    ms(r.first_byte_timeout_ms, defaults.first_byte),
+                )
+                .with_between_chunks(ms(r.between_chunks_timeout_ms, defaults.between_chunks)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn azure_needs_a_version_and_a_key_from_the_environment() {
+        let config = Config::parse(
+            "[[endpoints]]\nname = \"az\"\nkind = \"azure\"\nurl = \"https://r.openai.azure.com\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", config.builder().unwrap_err());
+        assert!(
+            error.contains("endpoints[0] (`az`): api_version"),
+            "{error}"
+        );
+        let config = Config::parse(
+            "[[endpoints]]\nname = \"az\"\nkind = \"azure\"\nurl = \"https://r.openai.azure.com\"\napi_version = \"2024-10-21\"\napi_key_env = \"SURELY_NOT_SET_4711\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", config.builder().unwrap_err());
+        assert!(error.contains("SURELY_NOT_SET_4711 is not set"), "{error}");
+    }
+
+    #[test]
+    fn the_example_configurations_check() {
+        for (file, vars) in [
+            (
+                "examples/sim.toml",
+                &["SIM_OPENAI_KEY", "SIM_AZURE_KEY"][..],
+            ),
+            (
+                "examples/azure-openai.toml",
+                &["AZURE_EAST_KEY", "AZURE_WEST_KEY", "OPENAI_API_KEY"][..],
+            ),
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let config = Config::load(&path).unwrap();
+            config.keys().unwrap();
+            // The keys come from the environment; a missing one is named.
+            let missing = format!("{:#}", config.builder().unwrap_err());
+            assert!(missing.contains(vars[0]), "{file}: {missing}");
+            // With the variables set, the router builds.
+            let mut set = config.clone();
+            for e in &mut set.endpoints {
+                e.api_key_env = Some("PATH".to_owned()); // any variable that is set
+            }
+            set.builder().unwrap().build().unwrap();
+        }
+    }
+
+    #[test]
+    fn upstream_timeouts() {
+        let config = Config::parse(
+            "[router]\nstream_first_byte_timeout_ms = 1500\nbetween_chunks_timeout_ms = 900\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap();
+        let timeouts = config.timeouts().unwrap();
+        assert_eq!(timeouts.first_byte_stream, Duration::from_millis(1500));
+        assert_eq!(timeouts.between_chunks, Duration::from_millis(900));
+        assert_eq!(timeouts.connect, router_facade::Timeouts::default().connect);
+        config.builder().unwrap().build().unwrap();
+    }
+}

@@ -1,0 +1,221 @@
+//! The routes of the OpenAI-compatible API, and what each handler does: read the body, check
+//! the key, call the router, answer (or relay the stream), count the answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use router_facade::types::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
+use router_facade::{RequestOptions, Router};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::auth::{GatewayKey, authenticate};
+use crate::error::ApiError;
+use crate::metrics::{Metrics, UNKNOWN_MODEL};
+
+/// What the handlers share.
+pub(crate) struct AppState {
+    pub(crate) router: Router,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) keys: ArcSwap<Vec<GatewayKey>>,
+}
+
+impl AppState {
+    /// Counts an answer of `route` for `model` (as a label only when it is a configured group).
+    fn count(
+        &self,
+        route: &'static str,
+        model: Option<&str>,
+        response: &Response,
+        started: Instant,
+    ) {
+        let label = model
+            .filter(|m| self.router.serves(m))
+            .unwrap_or(UNKNOWN_MODEL);
+        self.metrics
+            .answered(route, label, response.status().as_u16(), started.elapsed());
+    }
+
+    /// The options of a request from `headers` for `model`, once its key checks out.
+    fn options(&self, headers: &HeaderMap, model: &str) -> Result<RequestOptions, ApiError> {
+        let caller = authenticate(&self.keys.load(), headers, model)?;
+        let mut options = RequestOptions::default();
+        if let Some(caller) = caller {
+            options = options.with_caller(caller);
+        }
+        Ok(options)
+    }
+}
+
+/// The routes.
+pub(crate) fn app(state: Arc<AppState>, body_limit: usize) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { ApiError::no_route() })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The body as a request, or why not (too large: 413).
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body =
+        body.map_err(|rejection| ApiError::unreadable(rejection.status(), rejection.body_text()))?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_body(format!("the body is not a valid request: {e}")))
+}
+
+fn json<T: Serialize>(body: &T) -> Response {
+    axum::Json(body).into_response()
+}
+
+/// Reads a request of type `R`, answers it with `answer` (which gives back the request's model
+/// with the answer), and counts the answer under `route`.
+async fn handle<R, F>(
+    state: &Arc<AppState>,
+    route: &'static str,
+    body: Result<Bytes, BytesRejection>,
+    answer: impl FnOnce(R) -> F,
+) -> Response
+where
+    R: DeserializeOwned,
+    F: Future<Output = (String, Response)>,
+{
+    let started = Instant::now();
+    match parse::<R>(body) {
+        Ok(request) => {
+            let (model, response) = answer(request).await;
+            state.count(route, Some(&model), &response, started);
+            response
+        }
+        Err(error) => {
+            let response = error.into_response();
+            state.count(route, None, &response, started);
+            response
+        }
+    }
+}
+
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let answer = |request: ChatCompletionRequest| async {
+        let response = chat_answer(&state, &headers, &request, started)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+        (request.model, response)
+    };
+    handle(&state, "chat", body, answer).await
+}
+
+async fn chat_answer(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    request: &ChatCompletionRequest,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let options = state.options(headers, &request.model)?;
+    if request.is_stream() {
+        let stream = state.router.chat_stream_with(request, &options).await?;
+        state.metrics.retried(stream.attempts());
+        return Ok(crate::sse::relay(
+            stream,
+            Arc::clone(&state.metrics),
+            started,
+        ));
+    }
+    let answer = state.router.chat_with(request, &options).await?;
+    state.metrics.retried(answer.attempts);
+    Ok(json(&answer.body))
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = |request: EmbeddingRequest| async {
+        let response = async {
+            let options = state.options(&headers, &request.model)?;
+            let answer = state.router.embeddings_with(&request, &options).await?;
+            state.metrics.retried(answer.attempts);
+            Ok::<_, ApiError>(json(&answer.body))
+        }
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+        (request.model, response)
+    };
+    handle(&state, "embeddings", body, answer).await
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = |request: CompletionRequest| async {
+        let response = async {
+            let options = state.options(&headers, &request.model)?;
+            if request.stream == Some(true) {
+                return Err(ApiError::unsupported(
+                    "streamed legacy completions are not supported yet",
+                ));
+            }
+            let answer = state.router.completions_with(&request, &options).await?;
+            state.metrics.retried(answer.attempts);
+            Ok(json(&answer.body))
+        }
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+        (request.model, response)
+    };
+    handle(&state, "completions", body, answer).await
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = state.metrics.render(&state.router).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let data: Vec<serde_json::Value> = state
+        .router
+        .models()
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "openai-router"}))
+        .collect();
+    json(&serde_json::json!({"object": "list", "data": data}))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let usable = state.router.stats().iter().any(|s| {
+        !matches!(
+            s.state.availability,
+            router_facade::Availability::Disabled(_)
+        )
+    });
+    if usable {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no usable deployment").into_response()
+    }
+}
