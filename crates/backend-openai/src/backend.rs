@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::client::{HttpClient, Timeouts};
 use crate::credential::Credential;
 use crate::dialect::{Dialect, OpenAiDialect, Operation};
+use crate::scrub::Scrubber;
 use crate::sse;
 
 /// How much of a non-JSON error body (an HTML page from a proxy, say) goes into the message.
@@ -470,31 +471,5 @@ impl fmt::Debug for OpenAiBackendBuilder {
             .field("base_url", &self.base_url)
             .field("credential", &self.credential)
             .finish_non_exhaustive()
-    }
-}
-
-/// Removes the endpoint's own key from upstream text: some upstreams echo the key they were
-/// given ("Incorrect API key provided: sk-…"), and that text ends up in errors and logs.
-#[derive(Clone, Default)]
-pub(crate) struct Scrubber {
-    secret: Option<Arc<SecretString>>,
-}
-
-impl Scrubber {
-    fn new(secret: Option<&str>) -> Self {
-        Self {
-            secret: secret
-                .filter(|s| !s.is_empty())
-                .map(|s| Arc::new(SecretString::from(s.to_owned()))),
-        }
-    }
-
-    pub(crate) fn scrub(&self, text: &str) -> String {
-        match &self.secret {
-            Some(secret) if text.contains(secret.expose_secret()) => {
-                text.replace(secret.expose_secret(), "[REDACTED]")
-            }
-            _ => text.to_owned(),
-        }
     }
 }

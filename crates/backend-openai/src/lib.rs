@@ -36,6 +36,7 @@ mod backend;
 mod client;
 mod credential;
 mod dialect;
+mod scrub;
 mod sse;
 
 pub use backend::{OpenAiBackend, OpenAiBackendBuilder};

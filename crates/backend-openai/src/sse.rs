@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use crate::backend::Scrubber;
+use crate::scrub::Scrubber;
 
 /// One event's data: an error object or an item.
 #[derive(Deserialize)]

@@ -57,6 +57,7 @@ mod path;
 mod reservation;
 mod router;
 mod settings;
+mod shared;
 mod snapshot;
 mod stream;
 mod waitlist;

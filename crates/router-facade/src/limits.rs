@@ -16,8 +16,6 @@ use dashmap::DashMap;
 use router_core::{Admission, Charge, Error, ErrorKind, Limits, MemoryStore, Settlement};
 use tokio::time::Instant;
 
-use crate::settings::Scope;
-
 /// Limits the router enforces itself. `None` is unlimited.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,6 +68,14 @@ impl RateLimits {
     fn buckets(&self) -> Limits {
         Limits::per_minute(self.tpm, self.rpm)
     }
+}
+
+/// One router-side limit that applies to a request: its name (`group:{model}`,
+/// `caller:{name}`), which is also its bucket key and its waiting lane, and its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scope {
+    pub(crate) name: String,
+    pub(crate) limits: RateLimits,
 }
 
 /// The router's limiters, kept across reconfigurations.

@@ -1,6 +1,6 @@
 //! What differs between the kinds of request the router serves, and nothing else: how a request
 //! is estimated, sent to one deployment, and turned into the caller's answer. The one attempt
-//! loop ([`crate::path`]) serves them all.
+//! loop (the `path` module) serves them all.
 
 use std::borrow::Cow;
 use std::future::Future;

@@ -31,11 +31,11 @@ use crate::attempt::Attempt;
 use crate::clock::now;
 use crate::estimate::Estimate;
 use crate::limits::Permit;
+use crate::limits::Scope;
 use crate::operation::Operation;
 use crate::options::RequestOptions;
 use crate::reservation::Reservation;
-use crate::router::Shared;
-use crate::settings::Scope;
+use crate::shared::Shared;
 use crate::snapshot::{Deployment, Group, RouterSnapshot};
 use crate::waitlist::Place;
 

@@ -1,23 +1,24 @@
-//! The public [`Router`]: what a caller holds. Each call goes down the request path
-//! ([`crate::path::run`]) with the [`Operation`](crate::operation::Operation) of its kind.
+//! The public [`Router`]: what a caller holds. Each call goes down the request path (the
+//! `path` module) with the operation of its kind.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use arc_swap::{ArcSwap, Guard};
-use router_core::{Error, RetryBudget, Rng};
+use arc_swap::ArcSwap;
+use router_core::{Error, Rng};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
     EmbeddingRequest, EmbeddingResponse,
 };
 
-use crate::builder::{RetryPolicy, RouterBuilder};
+use crate::builder::RouterBuilder;
 use crate::clock::now;
 use crate::limits::Limiters;
 use crate::operation::{Once, Streamed};
 use crate::options::{DeploymentStats, RequestOptions, Routed};
 use crate::path::run;
+use crate::shared::{Budget, Shared};
 use crate::snapshot::RouterSnapshot;
 use crate::stream::RouterStream;
 use crate::waitlist::Waitlist;
@@ -29,64 +30,6 @@ use crate::waitlist::Waitlist;
 #[derive(Clone)]
 pub struct Router {
     shared: Arc<Shared>,
-}
-
-/// What every request of a router shares, across reconfigurations.
-pub(crate) struct Shared {
-    pub(crate) snapshot: ArcSwap<RouterSnapshot>,
-    pub(crate) waitlist: Waitlist,
-    pub(crate) limiters: Limiters,
-    /// The retry budget, kept across reconfigurations while the retry policy stays the same.
-    budget: ArcSwap<Budget>,
-    origin: std::time::Instant,
-    requests: AtomicU64,
-    seed: u64,
-    reload: Mutex<()>,
-}
-
-/// A retry budget and the policy it was made for.
-#[derive(Debug)]
-struct Budget {
-    policy: RetryPolicy,
-    budget: RetryBudget,
-}
-
-impl Budget {
-    fn new(policy: RetryPolicy) -> Self {
-        Self {
-            budget: RetryBudget::new(
-                policy.budget_ratio,
-                policy.budget_min,
-                policy.budget_min.max(100),
-            ),
-            policy,
-        }
-    }
-}
-
-impl Shared {
-    /// The retry budget.
-    pub(crate) fn budget(&self) -> BudgetGuard {
-        BudgetGuard(self.budget.load())
-    }
-
-    /// A generator for one request: from the router's seed and the request's number, so that a
-    /// seeded router replays exactly.
-    pub(crate) fn rng(&self) -> Rng {
-        let n = self.requests.fetch_add(1, Ordering::Relaxed);
-        Rng::with_seed(self.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    }
-}
-
-/// The retry budget, as loaded.
-pub(crate) struct BudgetGuard(Guard<Arc<Budget>>);
-
-impl std::ops::Deref for BudgetGuard {
-    type Target = RetryBudget;
-
-    fn deref(&self) -> &RetryBudget {
-        &self.0.budget
-    }
 }
 
 impl Router {

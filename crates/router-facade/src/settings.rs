@@ -7,15 +7,7 @@ use std::time::Duration;
 use router_core::HealthPolicy;
 
 use crate::builder::{QuotaAccounting, RetryPolicy, RouterBuilder};
-use crate::limits::RateLimits;
-
-/// One router-side limit that applies to a request: its name (`group:{model}`,
-/// `caller:{name}`), which is also its bucket key and its waiting lane, and its limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Scope {
-    pub(crate) name: String,
-    pub(crate) limits: RateLimits,
-}
+use crate::limits::{RateLimits, Scope};
 
 /// The settings a request reads.
 #[derive(Debug, Clone)]

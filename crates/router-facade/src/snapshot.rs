@@ -10,7 +10,8 @@ use router_core::{
 
 use crate::builder::RouterBuilder;
 use crate::endpoint::EndpointKind;
-use crate::settings::{Scope, Settings};
+use crate::limits::Scope;
+use crate::settings::Settings;
 
 /// One model group's deployment on one endpoint.
 #[derive(Debug)]

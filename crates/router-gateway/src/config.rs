@@ -23,7 +23,7 @@
 //! ```
 //!
 //! Every error names the file, the line (from the TOML parser) or the field, and the problem.
-//! What the file becomes, a router, is [`crate::assemble`]'s.
+//! What the file becomes, a router, is the `assemble` module's.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
