@@ -2,9 +2,11 @@
 //!
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings denied, the whole
 //!   test suite (nextest), doc tests, rustdoc with warnings denied, the examples, a short run of
-//!   the demo (which fails on any caller-visible failure), and `cargo deny` (bans, licenses,
-//!   sources). Tools it needs and can install from the crate registry
-//!   (`cargo-deny`, `cargo-nextest`) are installed when missing.
+//!   the demo (which fails on any caller-visible failure), every feature of each library crate
+//!   alone (`cargo hack check --each-feature --no-dev-deps`), and `cargo deny` (bans, licenses,
+//!   sources). The tests include the architecture checks (`arch.rs`: dependency edges as
+//!   ARCHITECTURE.md draws them, no import circles). Tools it needs and can install from the
+//!   crate registry (`cargo-deny`, `cargo-nextest`, `cargo-hack`) are installed when missing.
 //! - `test`: the test suite and the doc tests only.
 //! - `bench [--compare litellm]`: the benchmarks: criterion in `benches/` (pick, overhead; with
 //!   shortened warm-up and measurement), the degradation and quota scenarios
@@ -16,6 +18,9 @@
 //! - `demo`: `openai-router demo` in release mode.
 //!
 //! Each step prints its command and duration; a summary closes the run.
+
+#[cfg(test)]
+mod arch;
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -212,6 +217,29 @@ const BENCH_REPORT: Step = cargo(
 /// Where `--compare litellm` keeps its Python environment.
 const LITELLM_VENV: &str = "target/litellm-venv";
 const LITELLM_REQUIREMENTS: &str = "benches/litellm/requirements.txt";
+/// Every feature of each library crate on its own, without dev-dependencies (which would
+/// turn features on): a feature that does not build alone fails here.
+const HACK: Step = cargo(
+    "features",
+    &[
+        "hack",
+        "check",
+        "--each-feature",
+        "--no-dev-deps",
+        "-p",
+        "router-types",
+        "-p",
+        "router-core",
+        "-p",
+        "backend-openai",
+        "-p",
+        "backend-azure",
+        "-p",
+        "router-facade",
+        "-p",
+        "state-redis",
+    ],
+);
 const DENY: Step = cargo(
     "cargo deny",
     &["deny", "check", "bans", "licenses", "sources"],
@@ -238,10 +266,12 @@ fn run() -> Result<()> {
         "ci" => {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
             ensure_tool("cargo-deny", "deny", "cargo-deny")?;
+            ensure_tool("cargo-hack", "hack", "cargo-hack")?;
             ensure_redis()?;
             let [example_a, example_b, example_c] = EXAMPLES;
             run_steps(&[
-                FMT, CLIPPY, NEXTEST, DOCTEST, RUSTDOC, example_a, example_b, example_c, DEMO, DENY,
+                FMT, CLIPPY, NEXTEST, DOCTEST, RUSTDOC, example_a, example_b, example_c, DEMO,
+                HACK, DENY,
             ])
         }
         "test" => {
@@ -287,7 +317,8 @@ fn run() -> Result<()> {
         "" | "help" | "--help" | "-h" => {
             say(concat!(
                 "usage: cargo xtask <ci|test|bench [--compare litellm]|demo>\n",
-                "  ci     format, clippy, tests, doc tests, rustdoc, examples, a short demo, cargo deny\n",
+                "  ci     format, clippy, tests, doc tests, rustdoc, examples, a short demo,\n",
+                "         each library feature alone (cargo hack), cargo deny\n",
                 "  test   tests and doc tests\n",
                 "  bench  every benchmark, then BENCHMARKS.md and its plots (docs/benchmarks/);\n",
                 "         --compare litellm: the same scenarios and gateway load through LiteLLM too\n",
