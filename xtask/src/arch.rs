@@ -145,7 +145,7 @@ fn module_imports(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             continue;
         }
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        if !file.ends_with(".rs") || file == "tests.rs" {
+        if path.extension().is_none_or(|e| e != "rs") || file == "tests.rs" {
             continue;
         }
         let relative = path.strip_prefix(src).unwrap();
