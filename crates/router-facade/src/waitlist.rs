@@ -10,7 +10,7 @@
 //! waiters of its lane rather than overtaking them. `max` bounds the waiters of all lanes.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
@@ -41,6 +41,9 @@ struct Lanes {
 #[derive(Debug, Default)]
 pub(crate) struct Waitlist {
     waiting: Mutex<Lanes>,
+    /// Waiters in all lanes, readable without the lock: while nobody waits (the common case),
+    /// a request checks the waitlist without taking it.
+    count: AtomicUsize,
     seq: AtomicU64,
     turn: Notify,
 }
@@ -53,7 +56,8 @@ impl Waitlist {
 
     /// Whether anyone waits in `lane`.
     pub(crate) fn is_busy(&self, lane: &str) -> bool {
-        self.waiting().lanes.contains_key(lane)
+        // Relaxed: a waiter that joins a moment later is behind this request anyway.
+        self.count.load(Ordering::Relaxed) > 0 && self.waiting().lanes.contains_key(lane)
     }
 
     /// Waiters in every lane.
@@ -80,6 +84,7 @@ impl Waitlist {
             .or_default()
             .insert((priority, seq));
         waiting.total += 1;
+        self.count.store(waiting.total, Ordering::Relaxed);
         Some(Place {
             lane,
             priority,
@@ -100,6 +105,7 @@ impl Waitlist {
                 lanes.remove(&place.lane);
             }
         }
+        self.count.store(*total, Ordering::Relaxed);
         drop(waiting);
         self.turn.notify_waiters();
     }

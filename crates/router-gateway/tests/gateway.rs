@@ -149,15 +149,19 @@ async fn start_in(sim: &Sim, extra: &str, timeout: u64, env: &[(&str, String)]) 
     for var in PROXY_VARS {
         command.env_remove(var);
     }
-    for (var, value) in env {
-        command.env(var, value);
-    }
-    let child = command
+    command
         .args(["serve", "--config"])
         .arg(&path)
         .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
         .env("TEST_AZURE_KEY", AZURE_KEY)
-        .env("RUST_LOG", "trace")
+        // Every log line, so that tests can look for secrets in them. The pipes are read only
+        // when a test asks for the logs: a test with much traffic sets a quieter `RUST_LOG`,
+        // or a full pipe would stall the gateway.
+        .env("RUST_LOG", "trace");
+    for (var, value) in env {
+        command.env(var, value);
+    }
+    let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -765,4 +769,122 @@ async fn upstream_calls_go_through_the_proxy_the_environment_names() {
     let response = post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), chat).await;
     assert_eq!(response.status(), 200);
     assert!(seen.lock().unwrap().is_empty(), "NO_PROXY was not honoured");
+}
+
+/// One relayed stream, checked: every event a JSON chunk of the same completion (nothing
+/// spliced from another stream), content tokens each once and in order, at most one usage
+/// chunk (only when asked for, and last), one `[DONE]` at the very end.
+fn check_stream(text: &str, tokens: usize, usage_asked: bool) -> Result<(), String> {
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    if events.last() != Some(&"data: [DONE]") {
+        return Err(format!("does not end with [DONE]: {text}"));
+    }
+    let (mut ids, mut content, mut usage) = (Vec::new(), Vec::new(), 0);
+    for event in &events[..events.len() - 1] {
+        let data = event
+            .strip_prefix("data: ")
+            .ok_or(format!("not a data event: {event}"))?;
+        let chunk: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        // Azure's prompt-filter annotation has no id of its own.
+        if let Some(id) = chunk["id"].as_str().filter(|id| !id.is_empty()) {
+            ids.push(id.to_owned());
+        }
+        if chunk["usage"].is_object() && chunk["choices"].as_array().is_some_and(Vec::is_empty) {
+            usage += 1;
+            continue;
+        }
+        if usage > 0 {
+            return Err("a chunk after the usage chunk".to_owned());
+        }
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str()
+            && !text.is_empty()
+        {
+            content.push(text.to_owned());
+        }
+    }
+    ids.dedup();
+    if ids.len() != 1 {
+        return Err(format!("chunks of several completions: {ids:?}"));
+    }
+    if content.concat().split_whitespace().count() != tokens {
+        return Err(format!(
+            "{} tokens, not {tokens}: {content:?}",
+            content.len()
+        ));
+    }
+    if usage != usize::from(usage_asked) {
+        return Err(format!("{usage} usage chunks"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_streams_are_relayed_whole_and_unmixed() {
+    let sim = sim().await;
+    let gateway = start_in(&sim, "", 5000, &[("RUST_LOG", "warn".to_owned())]).await;
+    let mut tasks = Vec::new();
+    for i in 0..120_usize {
+        let base = gateway.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let usage_asked = i % 3 == 0;
+            let mut body = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 4 + i % 9,
+                "messages": [{"role": "user", "content": "hi"}]});
+            if usage_asked {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            let response = tokio::time::timeout(
+                Duration::from_secs(10),
+                client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(GATEWAY_KEY)
+                    .json(&body)
+                    .send(),
+            )
+            .await
+            .map_err(|_| "no headers".to_owned())?
+            .unwrap();
+            assert_eq!(response.status(), 200);
+            let text = tokio::time::timeout(Duration::from_secs(10), response.text())
+                .await
+                .map_err(|_| "no body".to_owned())?
+                .unwrap();
+            check_stream(&text, 4 + i % 9, usage_asked)
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        if let Err(problem) = task.await.unwrap() {
+            panic!("stream {i}: {problem}");
+        }
+    }
+}
+
+#[test]
+fn the_stream_check_catches_splices_duplicates_and_a_missing_done() {
+    let chunk = |id: &str, text: &str| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": id, "choices": [{"index": 0, "delta": {"content": text}}]})
+        )
+    };
+    let good = format!(
+        "{}{}data: [DONE]\n\n",
+        chunk("a", "one "),
+        chunk("a", "two")
+    );
+    assert_eq!(check_stream(&good, 2, false), Ok(()));
+    let spliced = format!(
+        "{}{}data: [DONE]\n\n",
+        chunk("a", "one "),
+        chunk("b", "two")
+    );
+    assert!(check_stream(&spliced, 2, false).is_err());
+    let doubled = format!(
+        "{}{}{}data: [DONE]\n\n",
+        chunk("a", "one "),
+        chunk("a", "two "),
+        chunk("a", "two")
+    );
+    assert!(check_stream(&doubled, 2, false).is_err());
+    let unfinished = format!("{}{}", chunk("a", "one "), chunk("a", "two"));
+    assert!(check_stream(&unfinished, 2, false).is_err());
 }
