@@ -186,8 +186,10 @@ impl LatencyModel {
 }
 
 /// A quota enforced the way Azure does: the estimated cost of a request (prompt tokens from
-/// its characters, plus its output cap times `n`) is charged when it arrives, over short fixed
-/// windows; a request that does not fit gets a 429 with `retry-after` until the window ends.
+/// its characters, plus its output cap times `n`) is charged when it arrives, over short
+/// windows of the kind [`WindowKind`] says; a request that does not fit gets a 429 with
+/// `retry-after` (whole seconds, rounded up) and `retry-after-ms` for when it would. The
+/// `x-ratelimit-*` headers are as [`HeaderMode`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -201,6 +203,48 @@ pub struct Limits {
     /// `window / 60 s`. Azure evaluates over 1 s or 10 s.
     #[serde(default = "defaults::window_ms")]
     pub window_ms: u64,
+    /// How the window counts.
+    #[serde(default)]
+    pub kind: WindowKind,
+    /// How truthful the `x-ratelimit-*` and `retry-after` headers are.
+    #[serde(default)]
+    pub headers: HeaderMode,
+}
+
+/// How a quota's window counts what it admitted.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WindowKind {
+    /// Windows one after another, each with its whole budget from its start (the budgets
+    /// restart at each edge).
+    #[default]
+    Fixed,
+    /// A log of admissions: what a request used frees only when that request's admission is
+    /// a whole window old.
+    Sliding,
+    /// Provisioned throughput (PTU): a leaky bucket on utilisation that drains at the
+    /// per-minute rate; a request is admitted while utilisation is under 100 % (and may take
+    /// it over), refused until it has drained below. Requests per minute are not limited.
+    Provisioned,
+}
+
+/// How an endpoint reports its quota in headers.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeaderMode {
+    /// `x-ratelimit-remaining-*` as the quota stands; 429s with `retry-after` and
+    /// `retry-after-ms`.
+    #[default]
+    Truthful,
+    /// No `x-ratelimit-*` headers, and 429s without `retry-after` headers (the message still
+    /// says when, as Azure's does).
+    Missing,
+    /// `x-ratelimit-remaining-*` of `-1`, as some gateways in front of Azure send.
+    MinusOne,
+    /// `x-ratelimit-remaining-*` as the quota stood up to a window ago.
+    Stale,
 }
 
 impl Default for Limits {
@@ -209,6 +253,8 @@ impl Default for Limits {
             tpm: None,
             rpm: None,
             window_ms: defaults::window_ms(),
+            kind: WindowKind::default(),
+            headers: HeaderMode::default(),
         }
     }
 }
@@ -219,13 +265,27 @@ impl Limits {
         Self::default()
     }
 
-    /// Tokens and requests per minute over 10-second windows.
+    /// Tokens and requests per minute over fixed 10-second windows.
     pub fn per_minute(tpm: Option<u64>, rpm: Option<u64>) -> Self {
         Self {
             tpm,
             rpm,
-            window_ms: defaults::window_ms(),
+            ..Self::default()
         }
+    }
+
+    /// Sets how the window counts.
+    #[must_use]
+    pub fn with_kind(mut self, kind: WindowKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Sets how truthful the headers are.
+    #[must_use]
+    pub fn with_headers(mut self, headers: HeaderMode) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Sets the window.

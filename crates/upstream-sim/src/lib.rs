@@ -50,7 +50,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use config::{EndpointConfig, LatencyModel, Limits, OutputModel, SimConfig, SimDialect};
+pub use config::{
+    EndpointConfig, HeaderMode, LatencyModel, Limits, OutputModel, SimConfig, SimDialect,
+    WindowKind,
+};
 pub use faults::{Fault, Times};
 pub use state::{Counters, RecordedRequest};
 

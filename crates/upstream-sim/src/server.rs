@@ -16,7 +16,7 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::config::{EndpointConfig, SimDialect};
+use crate::config::{EndpointConfig, HeaderMode, SimDialect};
 use crate::faults::{self, Fault};
 use crate::limiter::{Admission, Snapshot};
 use crate::state::{EndpointState, RecordedRequest};
@@ -731,19 +731,19 @@ impl EndpointState {
             insert(headers, "x-ms-region", "Simulated Region".to_owned());
         }
         let snapshot = snapshot.copied().unwrap_or_else(|| self.peek());
-        if let Some(remaining) = snapshot.remaining_requests {
-            insert(
-                headers,
-                "x-ratelimit-remaining-requests",
-                remaining.to_string(),
-            );
+        let (mode, snapshot) = self.limiter().reported(Instant::now(), snapshot);
+        let remaining = |value: u64| match mode {
+            HeaderMode::MinusOne => "-1".to_owned(),
+            _ => value.to_string(),
+        };
+        if mode == HeaderMode::Missing {
+            return;
         }
-        if let Some(remaining) = snapshot.remaining_tokens {
-            insert(
-                headers,
-                "x-ratelimit-remaining-tokens",
-                remaining.to_string(),
-            );
+        if let Some(left) = snapshot.remaining_requests {
+            insert(headers, "x-ratelimit-remaining-requests", remaining(left));
+        }
+        if let Some(left) = snapshot.remaining_tokens {
+            insert(headers, "x-ratelimit-remaining-tokens", remaining(left));
         }
         // Azure sends only the two `remaining` headers; OpenAI all six.
         if dialect == SimDialect::OpenAi {
@@ -856,7 +856,9 @@ impl EndpointState {
                 go_duration(wait)
             ),
         };
-        let mut response = self.reply_error(seq, 429, None, &message, Some(wait));
+        let headers = self.limiter().limits().headers;
+        let announced = (headers != HeaderMode::Missing).then_some(wait);
+        let mut response = self.reply_error(seq, 429, None, &message, announced);
         self.base_headers(seq, Some(snapshot), response.headers_mut());
         response
     }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use upstream_sim::{
-    EndpointConfig, Fault, LatencyModel, Limits, Sim, SimConfig, SimDialect, Times,
+    EndpointConfig, Fault, HeaderMode, LatencyModel, Limits, Sim, SimConfig, SimDialect, Times,
+    WindowKind,
 };
 
 async fn post(
@@ -205,4 +206,110 @@ fn unknown_config_fields_are_refused() {
     let error =
         toml::from_str::<SimConfig>("[[endpoint]]\nname = \"a\"\nlatencyy = {}\n").unwrap_err();
     assert!(error.to_string().contains("latencyy"), "{error}");
+}
+
+async fn quota_endpoint(limits: Limits) -> (Sim, String) {
+    let config = EndpointConfig::new("q", SimDialect::OpenAi)
+        .with_latency(LatencyModel::instant())
+        .with_limits(limits);
+    let sim = Sim::start(1, [config]).await.unwrap();
+    let url = format!("{}/chat/completions", sim.endpoints()[0].openai_base_url());
+    (sim, url)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sliding_window_over_http_frees_at_the_admissions_age_with_whole_seconds() {
+    // 12 RPM over 10 s: 2 requests in any 10 s.
+    let limits = Limits::per_minute(None, Some(12))
+        .with_window(Duration::from_secs(10))
+        .with_kind(WindowKind::Sliding);
+    let (_sim, url) = quota_endpoint(limits).await;
+    let client = reqwest::Client::new();
+    assert_eq!(post(&client, &url, chat_body()).await.0, 200);
+    tokio::time::advance(Duration::from_millis(6_500)).await;
+    assert_eq!(post(&client, &url, chat_body()).await.0, 200);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let (status, headers, _) = post(&client, &url, chat_body()).await;
+    assert_eq!(status, 429);
+    // The first admission frees 2.5 s from now: whole seconds rounded up, and the millis.
+    assert_eq!(headers["retry-after"], "3");
+    assert_eq!(headers["retry-after-ms"], "2500");
+    tokio::time::advance(Duration::from_millis(2_500)).await;
+    assert_eq!(post(&client, &url, chat_body()).await.0, 200);
+    // A fixed window would have restarted at 10 s; the sliding one still holds the second
+    // admission (6.5 s) and the third (10 s).
+    assert_eq!(post(&client, &url, chat_body()).await.0, 429);
+}
+
+#[tokio::test(start_paused = true)]
+async fn headers_can_be_missing_minus_one_or_stale() {
+    let limits = || Limits::per_minute(Some(60_000), Some(12)).with_window(Duration::from_secs(10));
+    let client = reqwest::Client::new();
+
+    let (_sim, url) = quota_endpoint(limits().with_headers(HeaderMode::Missing)).await;
+    let (status, headers, _) = post(&client, &url, chat_body()).await;
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-ratelimit")),
+        "{headers:?}"
+    );
+    post(&client, &url, chat_body()).await;
+    let (status, headers, body) = post(&client, &url, chat_body()).await;
+    assert_eq!(status, 429);
+    assert!(headers.get("retry-after").is_none() && headers.get("retry-after-ms").is_none());
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("try again in"),
+        "{body}"
+    );
+
+    let (_sim, url) = quota_endpoint(limits().with_headers(HeaderMode::MinusOne)).await;
+    let (_, headers, _) = post(&client, &url, chat_body()).await;
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "-1");
+    assert_eq!(headers["x-ratelimit-remaining-tokens"], "-1");
+
+    let (_sim, url) = quota_endpoint(limits().with_headers(HeaderMode::Stale)).await;
+    let (_, first, _) = post(&client, &url, chat_body()).await;
+    let (_, second, _) = post(&client, &url, chat_body()).await;
+    assert_eq!(first["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(
+        second["x-ratelimit-remaining-requests"], "1",
+        "still the value of the first answer"
+    );
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let (_, later, _) = post(&client, &url, chat_body()).await;
+    assert_eq!(
+        later["x-ratelimit-remaining-requests"], "1",
+        "a window later: fresh again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn provisioned_throughput_answers_retry_after_ms_until_it_drains() {
+    // 60,000 TPM: 1,000 tokens drain a second; 1 s of it is 100 %.
+    let limits = Limits::per_minute(Some(60_000), None)
+        .with_window(Duration::from_secs(1))
+        .with_kind(WindowKind::Provisioned);
+    let (_sim, url) = quota_endpoint(limits).await;
+    let client = reqwest::Client::new();
+    let big = || json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 700});
+    assert_eq!(post(&client, &url, big()).await.0, 200);
+    assert_eq!(
+        post(&client, &url, big()).await.0,
+        200,
+        "under 100 % when it came"
+    );
+    let (status, headers, _) = post(&client, &url, big()).await;
+    assert_eq!(status, 429);
+    let wait: u64 = headers["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (390..=420).contains(&wait),
+        "about 400 ms over 100 %: {wait}"
+    );
+    tokio::time::advance(Duration::from_millis(wait + 1)).await;
+    assert_eq!(post(&client, &url, big()).await.0, 200);
 }
