@@ -89,6 +89,7 @@ pub struct RouterBuilder {
     pub(crate) store: Option<Arc<dyn StateStore>>,
     pub(crate) expected_completion: u32,
     pub(crate) max_waiting: usize,
+    pub(crate) max_queue_wait: Duration,
     pub(crate) accounting: QuotaAccounting,
     pub(crate) group_limits: Vec<(String, crate::RateLimits)>,
     pub(crate) caller_limits: Vec<(String, crate::RateLimits)>,
@@ -109,6 +110,7 @@ impl Default for RouterBuilder {
             store: None,
             expected_completion: 256,
             max_waiting: 1024,
+            max_queue_wait: Duration::from_secs(2),
             accounting: QuotaAccounting::default(),
             group_limits: Vec::new(),
             caller_limits: Vec::new(),
@@ -231,6 +233,18 @@ impl RouterBuilder {
     /// `retry_after` is that recovery.
     pub fn max_waiting(mut self, requests: usize) -> Self {
         self.max_waiting = requests;
+        self
+    }
+
+    /// The longest a request may wait for its turn (quota to free, a cooldown to pass, a
+    /// router-side limit to have room), default 2 s; separate from, and never longer than,
+    /// its deadline. A request whose expected wait (the soonest recovery, and the requests
+    /// queued ahead of it at the rate the quota frees) is longer is refused at once with
+    /// [`Throttled`](router_core::ErrorKind::Throttled) and a `retry_after` of that
+    /// expected wait, rather than held until its deadline. `RequestOptions::max_queue_wait`
+    /// sets it per request.
+    pub fn max_queue_wait(mut self, wait: Duration) -> Self {
+        self.max_queue_wait = wait;
         self
     }
 

@@ -65,7 +65,7 @@ impl RateLimits {
         self.tpm.is_some()
     }
 
-    fn buckets(&self) -> Limits {
+    pub(crate) fn buckets(&self) -> Limits {
         Limits::per_minute(self.tpm, self.rpm)
     }
 }

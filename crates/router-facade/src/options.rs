@@ -17,6 +17,9 @@ pub struct RequestOptions {
     pub priority: u8,
     /// Who is calling, for the router's per-caller limits (a gateway key's name, a tenant).
     pub caller: Option<String>,
+    /// The longest this request may wait for its turn, instead of the router's
+    /// `max_queue_wait` (never longer than its deadline).
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl RequestOptions {
@@ -31,6 +34,13 @@ impl RequestOptions {
     #[must_use]
     pub fn with_caller(mut self, caller: impl Into<String>) -> Self {
         self.caller = Some(caller.into());
+        self
+    }
+
+    /// Options with the longest wait for a turn (0: refused at once when nothing has room).
+    #[must_use]
+    pub fn with_max_queue_wait(mut self, wait: Duration) -> Self {
+        self.max_queue_wait = Some(wait);
         self
     }
 

@@ -78,6 +78,9 @@ struct Path<'r> {
     model: &'r str,
     class: LatencyClass,
     deadline: Instant,
+    /// No wait for a turn may end after this: the start plus the max queue wait.
+    wait_limit: Instant,
+    max_queue_wait: Duration,
     tried: Vec<bool>,
     /// Attempts made.
     count: u32,
@@ -123,9 +126,13 @@ impl<'r> Path<'r> {
             .accounts(live.store.as_ref(), &scopes)
             .then(|| operation.estimate(expected));
         let timeout = options.timeout.unwrap_or(settings.request_timeout);
+        let max_queue_wait = options.max_queue_wait.unwrap_or(settings.max_queue_wait);
         shared.budget().deposit();
+        let start = Instant::now();
         Ok(Self {
-            deadline: Instant::now() + timeout,
+            deadline: start + timeout,
+            wait_limit: start + max_queue_wait.min(timeout),
+            max_queue_wait,
             tried: vec![false; group.members.len()],
             class: operation.class(),
             output_hint: operation.output_hint(expected),
@@ -184,16 +191,44 @@ impl<'r> Path<'r> {
                 }
                 Err(refusal) => refusal,
             };
-            let until = Instant::now() + refusal.retry_after;
-            if refusal.concurrency || until > self.deadline {
+            let now = Instant::now();
+            let until = now + refusal.retry_after;
+            // Its turn comes after the requests ahead of it in the scope's lane, each taking
+            // what the scope frees at its rate.
+            let ahead =
+                self.shared
+                    .waitlist
+                    .ahead(&refusal.scope, self.priority, self.place.as_ref());
+            let scope = self.scopes.iter().find(|s| s.name == refusal.scope);
+            let interval =
+                scope.map_or(Duration::ZERO, |s| interval(&[s.limits.buckets()], charge));
+            let expected =
+                until + interval.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
+            if refusal.concurrency || expected > self.deadline || expected > self.wait_limit {
                 self.leave_waitlist();
-                return Err(refusal.error());
+                let error = refusal.error().with_retry_after(expected - now);
+                return Err(if expected > self.wait_limit && expected <= self.deadline {
+                    self.over_max_queue_wait(&error, expected - now)
+                } else {
+                    error
+                });
             }
             if !self.wait_in(&refusal.scope, Some(until)).await? {
                 self.leave_waitlist();
                 return Err(refusal.error());
             }
         }
+    }
+
+    /// The error of a request refused because its expected wait is over its max queue wait.
+    fn over_max_queue_wait(&self, error: &Error, expected: Duration) -> Error {
+        let message = format!(
+            "{}; expected to wait {:.1}s for its turn, over its max queue wait of {:.1}s",
+            error.message().unwrap_or_default(),
+            expected.as_secs_f64(),
+            self.max_queue_wait.as_secs_f64(),
+        );
+        Error::with_message(ErrorKind::Throttled, message).with_retry_after(expected)
     }
 
     /// Waits in `lane` until `until` (if given) and then until first in it; `Ok(false)` when
@@ -248,6 +283,16 @@ impl<'r> Path<'r> {
         // Someone waits for this group already: queue behind them, first come first served
         // within a class.
         if self.place.is_none() && self.count == 0 && self.shared.waitlist.is_busy(self.model) {
+            // Only if its turn behind them is expected in time.
+            let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
+            let ask = Ask {
+                class: self.class,
+                charge: self.charge(),
+            };
+            let nothing = router_core::soonest(&slots, |_| false, ask, now());
+            drop(slots);
+            let until = nothing.until.map_or_else(Instant::now, Instant::from_std);
+            self.may_wait_for(until, nothing)?;
             let model = self.model;
             self.wait_in(model, None).await?;
         }
@@ -372,13 +417,44 @@ impl<'r> Path<'r> {
             return Ok(false);
         };
         let until = Instant::from_std(until);
-        // Worth waiting only if the request can still be served before its deadline.
-        let service = self.expected_service().mul_f64(1.5);
-        if until + service > self.deadline {
-            return Ok(false);
-        }
+        self.may_wait_for(until, nothing)?;
         let model = self.model;
         self.wait_in(model, Some(until)).await
+    }
+
+    /// When this request's turn is expected in the group's lane if the soonest recovery is at
+    /// `until`: after the requests ahead of it, each taking what the group's quota frees at
+    /// its rate.
+    fn expected_turn(&self, until: Instant) -> Instant {
+        let ahead = self
+            .shared
+            .waitlist
+            .ahead(self.model, self.priority, self.place.as_ref());
+        let limits: Vec<router_core::Limits> =
+            self.group().members.iter().map(|d| d.limits()).collect();
+        let interval = self
+            .charge()
+            .map_or(Duration::ZERO, |c| interval(&limits, c));
+        until.max(Instant::now())
+            + interval.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX))
+    }
+
+    /// `Ok` when a turn at `until` (and the queue ahead) comes within the max queue wait and
+    /// leaves time to serve the request before its deadline; else the caller's error, with
+    /// the expected wait as its `retry_after`.
+    fn may_wait_for(&mut self, until: Instant, nothing: NothingEligible) -> Result<(), Error> {
+        let now = Instant::now();
+        let expected = self.expected_turn(until);
+        let service = self.expected_service().mul_f64(1.5);
+        if expected + service > self.deadline {
+            let error = self.nothing_eligible(nothing);
+            return Err(error.with_retry_after(expected - now));
+        }
+        if expected > self.wait_limit {
+            let error = self.nothing_eligible(nothing);
+            return Err(self.over_max_queue_wait(&error, expected - now));
+        }
+        Ok(())
     }
 
     /// How long the fastest deployment is expected to take to serve this request.
@@ -544,6 +620,27 @@ impl<'r> Path<'r> {
         )
         .with_retry_after(at.saturating_duration_since(now()))
     }
+}
+
+/// The time one more request takes to be admitted, at the rate `limits` free quota for a
+/// request of `charge` (zero when nothing limits it).
+fn interval(limits: &[router_core::Limits], charge: Charge) -> Duration {
+    let (mut tokens, mut requests) = (0.0_f64, 0.0_f64);
+    for l in limits {
+        tokens += l.tpm.map_or(0.0, |tpm| tpm as f64 / 60.0);
+        requests += l.rpm.map_or(0.0, |rpm| rpm as f64 / 60.0);
+    }
+    let by_tokens = if tokens > 0.0 {
+        charge.tokens as f64 / tokens
+    } else {
+        0.0
+    };
+    let by_requests = if requests > 0.0 {
+        charge.requests as f64 / requests
+    } else {
+        0.0
+    };
+    Duration::from_secs_f64(by_tokens.max(by_requests))
 }
 
 impl Drop for Path<'_> {

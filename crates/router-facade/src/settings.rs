@@ -17,6 +17,7 @@ pub(crate) struct Settings {
     pub(crate) request_timeout: Duration,
     pub(crate) expected_completion: u32,
     pub(crate) max_waiting: usize,
+    pub(crate) max_queue_wait: Duration,
     pub(crate) accounting: QuotaAccounting,
     /// Only limits that limit something: a scope that limits nothing would cost an estimate and
     /// a lookup per request.
@@ -37,6 +38,7 @@ impl Settings {
             request_timeout: builder.request_timeout,
             expected_completion: builder.expected_completion,
             max_waiting: builder.max_waiting,
+            max_queue_wait: builder.max_queue_wait,
             accounting: builder.accounting,
             group_limits: limited(&builder.group_limits),
             caller_limits: limited(&builder.caller_limits),

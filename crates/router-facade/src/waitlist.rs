@@ -110,6 +110,22 @@ impl Waitlist {
         self.turn.notify_waiters();
     }
 
+    /// How many wait ahead of a request of class `priority` in `lane`: ahead of `place` when
+    /// it has one there, else everyone a newcomer of that class would queue behind.
+    pub(crate) fn ahead(&self, lane: &str, priority: u8, place: Option<&Place>) -> usize {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let waiting = self.waiting();
+        let Some(set) = waiting.lanes.get(lane) else {
+            return 0;
+        };
+        match place.filter(|p| &*p.lane == lane) {
+            Some(place) => set.range(..(place.priority, place.seq)).count(),
+            None => set.range(..=(priority, u64::MAX)).count(),
+        }
+    }
+
     fn is_first(&self, place: &Place) -> bool {
         self.waiting()
             .lanes
@@ -160,6 +176,28 @@ mod tests {
         list.leave(c);
         assert_eq!(list.len(), 0);
         assert!(!list.is_busy("m"));
+    }
+
+    #[test]
+    fn ahead_counts_who_is_served_first() {
+        let list = Waitlist::default();
+        assert_eq!(list.ahead("m", 0, None), 0);
+        let a = list.join("m", 1, 10).unwrap();
+        let b = list.join("m", 0, 10).unwrap();
+        let c = list.join("m", 1, 10).unwrap();
+        assert_eq!(list.ahead("m", 0, Some(&b)), 0);
+        assert_eq!(list.ahead("m", 1, Some(&a)), 1, "b, of a lower class");
+        assert_eq!(list.ahead("m", 1, Some(&c)), 2);
+        assert_eq!(
+            list.ahead("m", 0, None),
+            1,
+            "a newcomer of class 0 queues behind b only"
+        );
+        assert_eq!(list.ahead("m", 2, None), 3);
+        assert_eq!(list.ahead("other", 2, None), 0);
+        for place in [a, b, c] {
+            list.leave(place);
+        }
     }
 
     #[test]

@@ -183,6 +183,8 @@ async fn waiting_requests_are_served_in_priority_then_arrival_order() {
                 .quota_window(Duration::from_secs(1)),
         )
         .request_timeout(Duration::from_secs(30))
+        // The last of the three waits about 3 s for its turn.
+        .max_queue_wait(Duration::from_secs(30))
         .build()
         .unwrap();
     // Fill the bucket (100 tokens) with one request.
@@ -237,7 +239,8 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
     // With a deadline past its turn, team-a waits for it.
     let patient = RequestOptions::default()
         .with_caller("team-a")
-        .with_timeout(Duration::from_secs(30));
+        .with_timeout(Duration::from_secs(30))
+        .with_max_queue_wait(Duration::from_secs(10));
     let started = tokio::time::Instant::now();
     router.chat_with(&request(5), &patient).await.unwrap();
     assert_eq!(started.elapsed(), Duration::from_secs(5));
@@ -344,6 +347,8 @@ async fn limits_not_configured_are_learned_from_the_upstreams_headers() {
     let sim = Sim::start(1, [endpoint]).await.unwrap();
     let router = Router::builder()
         .endpoint(Endpoint::openai("only", sim.endpoints()[0].openai_base_url()).model(MODEL))
+        // The burst below waits up to a window for room.
+        .max_queue_wait(Duration::from_secs(60))
         .build()
         .unwrap();
     router.chat(&request(0)).await.unwrap();
@@ -401,4 +406,60 @@ async fn no_stream_options_for_azure_api_versions_that_refuse_them() {
             "api-version {version}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_expected_to_wait_too_long_is_refused_at_once_and_its_retry_after_works() {
+    // One endpoint with room for about one request a second (100 tokens a second, each
+    // request about that).
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::instant());
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .tpm(6_000)
+                .quota_window(Duration::from_secs(1)),
+        )
+        .request_timeout(Duration::from_secs(30))
+        .max_queue_wait(Duration::from_millis(1_500))
+        .build()
+        .unwrap();
+    let mut big = request(0);
+    big.max_tokens = Some(40);
+    router.chat(&big).await.unwrap();
+    // The next one waits about a second for the bucket: within its max queue wait.
+    let first = {
+        let (router, req) = (router.clone(), big.clone());
+        tokio::spawn(async move { router.chat(&req).await })
+    };
+    // Let it reach its place in line.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // One more is behind it: about two seconds, over 1.5 s. Refused at once, not at 30 s.
+    let started = tokio::time::Instant::now();
+    let error = router.chat(&big).await.unwrap_err();
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "refused at once: {error}"
+    );
+    assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
+    assert!(error.to_string().contains("max queue wait"), "{error}");
+    let retry_after = error.retry_after().unwrap();
+    assert!(
+        retry_after > Duration::from_millis(1_500) && retry_after < Duration::from_secs(3),
+        "the expected wait, one turn behind the waiter: {retry_after:?}"
+    );
+    first.await.unwrap().unwrap();
+    // Retrying when told to: served.
+    tokio::time::sleep(retry_after).await;
+    router.chat(&big).await.unwrap();
+    // The same request with a longer max queue wait of its own waits instead.
+    let patient = RequestOptions::default().with_max_queue_wait(Duration::from_secs(10));
+    router.chat(&big).await.unwrap();
+    let started = tokio::time::Instant::now();
+    router.chat_with(&big, &patient).await.unwrap();
+    assert!(started.elapsed() > Duration::ZERO, "it waited for its turn");
 }

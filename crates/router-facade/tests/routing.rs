@@ -430,8 +430,17 @@ async fn all_throttled_waits_for_the_soonest_recovery_or_says_when() {
     assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
     assert_eq!(started.elapsed(), Duration::ZERO);
 
-    // A deadline after the soonest recovery: waits until ep1 is back, then succeeds there.
-    let answer = router.chat(&request()).await.unwrap();
+    // A deadline after the soonest recovery, but 3 s is over the max queue wait (2 s by
+    // default): refused at once too, with the same retry-after.
+    let error = router.chat(&request()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
+    assert!(error.to_string().contains("max queue wait"), "{error}");
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+    assert_eq!(started.elapsed(), Duration::ZERO);
+
+    // Allowed to wait that long: waits until ep1 is back, then succeeds there.
+    let patient = RequestOptions::default().with_max_queue_wait(Duration::from_secs(5));
+    let answer = router.chat_with(&request(), &patient).await.unwrap();
     assert_eq!(answer.endpoint.as_str(), "ep1");
     assert_eq!(started.elapsed(), Duration::from_secs(3));
 }

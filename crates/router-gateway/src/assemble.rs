@@ -46,6 +46,9 @@ impl Config {
         if let Some(tokens) = self.router.expected_completion {
             builder = builder.expected_completion(tokens);
         }
+        if let Some(ms) = self.router.max_queue_wait_ms {
+            builder = builder.max_queue_wait(Duration::from_millis(ms));
+        }
         let timeouts = self.timeouts();
         for (i, e) in self.endpoints.iter().enumerate() {
             let at = format!("endpoints[{i}] (`{}`)", e.name);

@@ -5,6 +5,8 @@
 //! without stopping at the first match or the first differing byte, so that the time taken
 //! says nothing about how close a guess was.
 
+use std::time::Duration;
+
 use axum::http::{HeaderMap, header};
 
 use crate::error::ApiError;
@@ -15,14 +17,16 @@ pub(crate) struct GatewayKey {
     pub(crate) name: String,
     pub(crate) digest: [u8; 32],
     pub(crate) models: Vec<String>,
+    /// Its requests' longest wait for a turn, when it has its own.
+    pub(crate) max_queue_wait: Option<Duration>,
 }
 
-/// Who is calling: the key's name, or `None` when no keys are configured.
-pub(crate) fn authenticate(
-    keys: &[GatewayKey],
+/// Who is calling: the key, or `None` when no keys are configured.
+pub(crate) fn authenticate<'k>(
+    keys: &'k [GatewayKey],
     headers: &HeaderMap,
     model: &str,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<&'k GatewayKey>, ApiError> {
     if keys.is_empty() {
         return Ok(None);
     }
@@ -56,7 +60,7 @@ pub(crate) fn authenticate(
     if !key.models.is_empty() && !key.models.iter().any(|m| m == model) {
         return Err(ApiError::forbidden_model(model));
     }
-    Ok(Some(key.name.clone()))
+    Ok(Some(key))
 }
 
 pub(crate) fn parse_digest(text: &str) -> Option<[u8; 32]> {
@@ -108,11 +112,11 @@ mod tests {
             name: "team-a".to_owned(),
             digest: digest("sk-a"),
             models: vec!["m".to_owned()],
+            max_queue_wait: None,
         }];
         let mut headers = HeaderMap::new();
-        assert_eq!(
-            authenticate(&[], &headers, "m").unwrap(),
-            None,
+        assert!(
+            authenticate(&[], &headers, "m").unwrap().is_none(),
             "no keys: open"
         );
         assert_eq!(
@@ -128,10 +132,8 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer sk-a"),
         );
-        assert_eq!(
-            authenticate(&keys, &headers, "m").unwrap().as_deref(),
-            Some("team-a")
-        );
+        let key = authenticate(&keys, &headers, "m").unwrap().unwrap();
+        assert_eq!(key.name, "team-a");
         assert_eq!(
             authenticate(&keys, &headers, "other").unwrap_err().status(),
             403

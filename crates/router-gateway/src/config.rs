@@ -82,6 +82,9 @@ pub(crate) struct RouterConfig {
     pub(crate) max_attempts: Option<u32>,
     pub(crate) request_timeout_ms: Option<u64>,
     pub(crate) expected_completion: Option<u32>,
+    /// The longest a request may wait for its turn (default 2,000 ms); a request expected to
+    /// wait longer is answered 429 with `Retry-After` at once.
+    pub(crate) max_queue_wait_ms: Option<u64>,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_url_env: Option<String>,
     /// Upstream timeouts, for every endpoint: connecting, to the first byte of a stream, to
@@ -133,6 +136,8 @@ pub(crate) struct KeyConfig {
     pub(crate) rpm: Option<u64>,
     pub(crate) tpm: Option<u64>,
     pub(crate) concurrency: Option<u32>,
+    /// This key's longest wait for a turn, instead of the router's.
+    pub(crate) max_queue_wait_ms: Option<u64>,
 }
 
 impl Config {
@@ -164,6 +169,7 @@ impl Config {
                     name: key.name.clone(),
                     digest,
                     models: key.models.clone(),
+                    max_queue_wait: key.max_queue_wait_ms.map(std::time::Duration::from_millis),
                 })
             })
             .collect()
@@ -181,6 +187,22 @@ mod tests {
         assert!(text.contains("lisen") && text.contains("line 3"), "{text}");
         let none = Config::parse("").unwrap_err();
         assert!(format!("{none:#}").contains("endpoints"));
+    }
+
+    #[test]
+    fn max_queue_wait_per_router_and_per_key() {
+        let digest = crate::auth::hash_key("k");
+        let config = Config::parse(&format!(
+            "[router]\nmax_queue_wait_ms = 500\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n[[keys]]\nname = \"patient\"\nsha256 = \"{digest}\"\nmax_queue_wait_ms = 10000\n",
+        ))
+        .unwrap();
+        assert_eq!(config.router.max_queue_wait_ms, Some(500));
+        let keys = config.keys().unwrap();
+        assert_eq!(
+            keys[0].max_queue_wait,
+            Some(std::time::Duration::from_secs(10))
+        );
+        config.builder().unwrap().build().unwrap();
     }
 
     #[test]

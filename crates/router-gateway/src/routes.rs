@@ -45,10 +45,13 @@ impl AppState {
 
     /// The options of a request from `headers` for `model`, once its key checks out.
     fn options(&self, headers: &HeaderMap, model: &str) -> Result<RequestOptions, ApiError> {
-        let caller = authenticate(&self.keys.load(), headers, model)?;
+        let keys = self.keys.load();
         let mut options = RequestOptions::default();
-        if let Some(caller) = caller {
-            options = options.with_caller(caller);
+        if let Some(key) = authenticate(&keys, headers, model)? {
+            options = options.with_caller(key.name.clone());
+            if let Some(wait) = key.max_queue_wait {
+                options = options.with_max_queue_wait(wait);
+            }
         }
         Ok(options)
     }
