@@ -7,6 +7,9 @@
 //! it, when the request is accounted). The best priority tier that has any such deployment is
 //! offered to the strategy, and its choice mapped back.
 //!
+//! A half-open deployment (back from a 429's cooldown, not yet proven) whose one request is in
+//! flight is not eligible ([`Reason::Probing`]).
+//!
 //! When none is ready it enters panic mode: deployments ejected for failures are offered again
 //! rather than failing the request (an ejection must never take the last usable deployment
 //! away), while throttled and disabled ones stay out (a throttled deployment would only answer
@@ -16,7 +19,7 @@
 //!
 //! [`QuotaView`]: crate::QuotaView
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::quota::{Charge, Limits};
 use crate::rng::Rng;
@@ -62,6 +65,9 @@ pub enum Reason {
     RateLimited,
     /// An ejection after failures to end.
     Ejected,
+    /// A half-open deployment's one request to come back (the time is an estimate: its
+    /// latency).
+    Probing,
     /// Nothing recovers by itself: every deployment this request may use is disabled.
     Disabled,
     /// Nothing is left: the request has tried every deployment it may use.
@@ -92,6 +98,10 @@ fn recovery(slot: &Slot<'_>, ask: Ask, now: Instant) -> Result<(), Option<(Insta
         Availability::Ready => None,
         Availability::RateLimited(at) => Some((at, Reason::RateLimited)),
         Availability::Ejected(at) => Some((at, Reason::Ejected)),
+        Availability::Probing => {
+            let back = Duration::from_secs_f64(slot.state.latency(ask.class, now).max(0.010));
+            Some((now + back, Reason::Probing))
+        }
         Availability::Disabled(_) => return Err(None),
     };
     match (cooling, quota) {

@@ -8,6 +8,9 @@
 //! - `Cooldown` (429): the deployment gets nothing until the upstream's wait has passed, exactly
 //!   (capped at [`HealthPolicy::max_rate_limit_cooldown`]; [`HealthPolicy::rate_limit_cooldown`]
 //!   when the upstream gave none). A later, longer wait extends it; a shorter one never shortens it.
+//!   Then it is *half-open* until a request succeeds there: it takes one request at a time
+//!   ([`DeploymentState::try_start`] claims the one slot; [`Availability::Probing`] while it is
+//!   taken), so a deployment that has just said no is not sent a burst the moment its wait ends.
 //! - `Failure` (5xx, timeouts, resets, cut streams): counts toward ejection. After
 //!   [`HealthPolicy::failure_threshold`] consecutive failures the deployment is ejected for
 //!   `base × 2^k` (k = ejections in a row), jittered, capped. A success resets both counts.
@@ -18,7 +21,7 @@
 //! (panic mode) is the router's choice: [`DeploymentState::availability`] tells the three apart.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, HealthEffect};
@@ -130,10 +133,14 @@ impl LatencyClass {
 }
 
 /// Whether a deployment can take a request now.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Availability {
     /// Ready.
     Ready,
+    /// Back from a 429's cooldown and not yet proven by a success: it takes one request at a
+    /// time, and that one is in flight.
+    Probing,
     /// Throttled by the upstream until the given time.
     RateLimited(Instant),
     /// Ejected after consecutive failures until the given time.
@@ -159,6 +166,10 @@ pub struct DeploymentState {
     disabled: AtomicU8,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
+    /// Throttled since its last success: one request at a time (half-open).
+    half_open: AtomicBool,
+    /// The half-open deployment's one request is in flight.
+    probing: AtomicBool,
     successes: AtomicU64,
     failures: [AtomicU64; ErrorKind::COUNT],
     /// What this process last knew of the deployment's quota buckets.
@@ -185,6 +196,8 @@ impl DeploymentState {
             disabled: AtomicU8::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            half_open: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
             successes: AtomicU64::new(0),
             failures: std::array::from_fn(|_| AtomicU64::new(0)),
             quota: QuotaView::new(origin),
@@ -213,9 +226,15 @@ impl DeploymentState {
         }
     }
 
-    /// A cooldown another replica shared: this one honours it too.
+    /// A cooldown another replica shared: this one honours it too, and is half-open after it.
     pub fn cool_down_shared(&self, wait: Duration, now: Instant) {
         self.cool_down(now + wait, REASON_RATE_LIMITED);
+        self.half_open.store(true, Ordering::Release);
+    }
+
+    /// Whether it is half-open: throttled since its last success, one request at a time.
+    pub fn is_half_open(&self) -> bool {
+        self.half_open.load(Ordering::Acquire)
     }
 
     fn ms(&self, at: Instant) -> u64 {
@@ -246,15 +265,41 @@ impl DeploymentState {
                 _ => Availability::Ejected(at),
             };
         }
+        if self.is_half_open() && self.probing.load(Ordering::Acquire) {
+            return Availability::Probing;
+        }
         Availability::Ready
     }
 
-    /// Starts a request: the in-flight count goes up until the guard drops.
+    /// Starts a request: the in-flight count goes up until the guard drops. Takes no notice of
+    /// half-open; the router starts requests with [`try_start`](Self::try_start).
     pub fn start(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             state: Arc::clone(self),
+            probe: false,
         }
+    }
+
+    /// Starts a request unless the deployment is half-open and its one request is in flight
+    /// already; a half-open deployment's request holds that one slot until its guard drops.
+    pub fn try_start(self: &Arc<Self>) -> Option<InFlightGuard> {
+        let probe = self.is_half_open();
+        // AcqRel: the claim is the single-flight rule itself; of two racing requests exactly
+        // one sees `false`.
+        if probe
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return None;
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(InFlightGuard {
+            state: Arc::clone(self),
+            probe,
+        })
     }
 
     /// Records a success: resets the failure and ejection counts. The latency sample is
@@ -264,6 +309,8 @@ impl DeploymentState {
         self.successes.fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
+        // Proven: open for as many as come.
+        self.half_open.store(false, Ordering::Release);
     }
 
     /// Records a latency sample of `class` taken at `now`.
@@ -284,6 +331,7 @@ impl DeploymentState {
         match error.health_effect() {
             HealthEffect::Cooldown => {
                 self.cool_down(now + policy.rate_limit_wait(error), REASON_RATE_LIMITED);
+                self.half_open.store(true, Ordering::Release);
             }
             HealthEffect::Failure => {
                 self.latency[class.index()].penalize(policy.failure_penalty, now);
@@ -346,16 +394,20 @@ impl DeploymentState {
     }
 }
 
-/// Holds one in-flight slot of a deployment; the count goes down when it drops, whether the
-/// request finished, failed, or its future was dropped.
+/// Holds one in-flight slot of a deployment (and, on a half-open one, its one slot); the count
+/// goes down when it drops, whether the request finished, failed, or its future was dropped.
 #[derive(Debug)]
 pub struct InFlightGuard {
     state: Arc<DeploymentState>,
+    probe: bool,
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            self.state.probing.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -528,6 +580,68 @@ mod tests {
         assert_eq!(failures.len(), 2);
         assert!(failures.contains(&(ErrorKind::Unauthorized, 1)));
         assert!(failures.contains(&(ErrorKind::BadRequest, 1)));
+    }
+
+    #[test]
+    fn after_a_429_one_request_at_a_time_until_one_succeeds() {
+        let t0 = Instant::now();
+        let state = Arc::new(DeploymentState::new(t0, Duration::from_secs(10)));
+        let policy = HealthPolicy::default();
+        let mut rng = Rng::with_seed(1);
+        let open: Vec<InFlightGuard> = (0..3).map(|_| state.try_start().unwrap()).collect();
+        assert_eq!(state.in_flight(), 3, "not half-open: as many as come");
+        drop(open);
+        state.record_failure(
+            &upstream(429, Some(Duration::from_secs(2))),
+            LatencyClass::Call,
+            &policy,
+            t0,
+            &mut rng,
+        );
+        let after = t0 + Duration::from_secs(2);
+        assert_eq!(state.availability(after), Availability::Ready);
+        let probe = state.try_start().expect("one request may go");
+        assert!(state.try_start().is_none(), "only one");
+        assert_eq!(state.availability(after), Availability::Probing);
+        drop(probe);
+        // Cancelled or failed: the slot is free again, still half-open.
+        let probe = state.try_start().unwrap();
+        assert!(state.try_start().is_none());
+        state.record_success();
+        drop(probe);
+        let open: Vec<InFlightGuard> = (0..3).map(|_| state.try_start().unwrap()).collect();
+        assert_eq!(open.len(), 3, "proven: open again");
+    }
+
+    #[test]
+    fn racing_threads_never_hold_two_half_open_slots() {
+        let t0 = Instant::now();
+        let state = Arc::new(DeploymentState::new(t0, Duration::from_secs(10)));
+        state.cool_down_shared(Duration::ZERO, t0);
+        assert!(state.is_half_open());
+        let holders = Arc::new(AtomicU32::new(0));
+        let most = Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (state, holders, most) =
+                    (Arc::clone(&state), Arc::clone(&holders), Arc::clone(&most));
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        if let Some(guard) = state.try_start() {
+                            let now = holders.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            holders.fetch_sub(1, Ordering::SeqCst);
+                            drop(guard);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 1);
+        assert_eq!(state.in_flight(), 0);
     }
 
     #[test]

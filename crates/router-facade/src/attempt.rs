@@ -40,15 +40,16 @@ pub(crate) struct Attempt {
 }
 
 impl Attempt {
-    /// Starts an attempt on `deployment`: its in-flight count goes up until the handle goes.
-    pub(crate) fn start(
+    /// An attempt on `deployment`, holding its in-flight `slot` (from
+    /// `DeploymentState::try_start`) until the handle goes.
+    pub(crate) fn new(
         deployment: Arc<Deployment>,
+        slot: InFlightGuard,
         class: LatencyClass,
         health: HealthPolicy,
         rng: Rng,
         reservation: Option<Reservation>,
     ) -> Self {
-        let slot = deployment.state.start();
         Self {
             deployment,
             class,

@@ -325,9 +325,14 @@ impl<'r> Path<'r> {
                 }
             };
             let deployment = Arc::clone(&group.members[index]);
+            let Some(slot) = deployment.state.try_start() else {
+                // Half-open, and another request took its one slot since the choice: it shows
+                // as probing now, so choosing again cannot pick it.
+                continue;
+            };
             let Ok(reservation) = self.reserve(&deployment, at).await else {
                 // The store said no (another replica used the quota, or shares a cooldown);
-                // the deployment's view now knows until when: choose again.
+                // the deployment's view now knows until when: choose again (the slot goes).
                 continue;
             };
             self.tried[index] = true;
@@ -341,8 +346,9 @@ impl<'r> Path<'r> {
                 "picked"
             );
             let rng = Rng::with_seed(self.rng.fork_seed());
-            return Ok(Attempt::start(
+            return Ok(Attempt::new(
                 deployment,
+                slot,
                 self.class,
                 self.live.settings.health,
                 rng,
@@ -609,6 +615,7 @@ impl<'r> Path<'r> {
             Reason::Quota => "out of quota",
             Reason::RateLimited => "cooling down after 429s",
             Reason::Ejected => "ejected after failures",
+            Reason::Probing => "back from a 429, one request at a time",
             _ => "out of quota or cooling down",
         };
         Error::with_message(

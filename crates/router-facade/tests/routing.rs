@@ -631,3 +631,50 @@ async fn a_seeded_router_replays_the_jitter_of_a_failed_stream() {
         "another seed draws another jitter: {first:?} vs {other:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_429_the_deployment_gets_one_request_at_a_time_until_one_succeeds() {
+    let sim = sim(
+        1,
+        LatencyModel::new(Duration::from_millis(200), Duration::ZERO),
+    )
+    .await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    let endpoint = &sim.endpoints()[0];
+    endpoint.inject(Fault::rate_limited(Duration::from_secs(1)), Times::Next(1));
+    // The first request's 429 cools it for 1 s; that request waits it out (within its max
+    // queue wait), and so do four more that come meanwhile.
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move { router.chat(&request()).await }));
+        if i == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Just after the cooldown: only one of the five is upstream.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        endpoint.counters().in_flight,
+        1,
+        "one request at a time while half-open"
+    );
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(in_flight(&router), 0);
+    // Proven by a success: as many as come, at once.
+    let started = tokio::time::Instant::now();
+    let burst: Vec<_> = (0..4)
+        .map(|_| {
+            let router = router.clone();
+            tokio::spawn(async move { router.chat(&request()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(endpoint.counters().in_flight, 4, "open again");
+    for task in burst {
+        task.await.unwrap().unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_millis(400));
+}

@@ -157,8 +157,10 @@ impl Metrics {
             Availability::RateLimited(at) => (1, Some(at)),
             Availability::Ejected(at) => (2, Some(at)),
             Availability::Disabled(_) => (3, None),
+            Availability::Probing => (4, None),
+            _ => (5, None),
         };
-        out.push_str("# HELP openai_router_deployment_state 0 ready, 1 rate limited, 2 ejected, 3 disabled.\n# TYPE openai_router_deployment_state gauge\n");
+        out.push_str("# HELP openai_router_deployment_state 0 ready, 1 rate limited, 2 ejected, 3 disabled, 4 half-open with its one request in flight.\n# TYPE openai_router_deployment_state gauge\n");
         for s in &stats {
             let _ = writeln!(
                 out,

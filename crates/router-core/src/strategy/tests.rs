@@ -12,7 +12,7 @@ use crate::quota::{Charge, Limits};
 use crate::ratelimit::RateLimitInfo;
 use crate::rng::Rng;
 use crate::select::{Ask, Reason, Selection, Slot, select};
-use crate::state::{Availability, DeploymentState, HealthPolicy, LatencyClass};
+use crate::state::{Availability, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass};
 
 /// `ALL` lists every kind: the match has no wildcard, so a new kind must be placed here, and
 /// each must be in `ALL` with a name that parses back to it.
@@ -207,6 +207,48 @@ proptest! {
                 }
             }
         }
+    }
+
+    /// No sequence of 429s, other failures, successes, starts, ends and waits lets a half-open
+    /// deployment carry more than its one request, or leaves a deployment shut for good.
+    #[test]
+    fn half_open_admits_one_at_a_time_and_never_stays_shut(ops in prop::collection::vec((0u8..6, 0u64..3_000), 0..200)) {
+        let t0 = Instant::now();
+        let state = Arc::new(DeploymentState::new(t0, Duration::from_secs(1)));
+        let policy = HealthPolicy::default().with_ejection(3, Duration::from_secs(1), Duration::from_secs(4));
+        let mut rng = Rng::with_seed(7);
+        let mut now = t0;
+        // Each request in flight, and whether it took the half-open slot.
+        let mut held: Vec<(InFlightGuard, bool)> = Vec::new();
+        let upstream = |status: u16| {
+            let limits = RateLimitInfo { retry_after: Some(Duration::from_millis(500)), ..RateLimitInfo::default() };
+            Error::upstream(EndpointId::new("e"), status, None, &limits)
+        };
+        for (op, ms) in ops {
+            match op {
+                0 | 1 => {
+                    let probe = state.is_half_open();
+                    if let Some(guard) = state.try_start() {
+                        held.push((guard, probe));
+                    } else {
+                        prop_assert!(probe, "refused while not half-open");
+                        prop_assert!(held.iter().any(|(_, p)| *p), "refused with no probe in flight");
+                    }
+                }
+                2 if !held.is_empty() => { held.remove(ms as usize % held.len()); }
+                3 => state.record_failure(&upstream(429), LatencyClass::Call, &policy, now, &mut rng),
+                4 => state.record_failure(&upstream(500), LatencyClass::Call, &policy, now, &mut rng),
+                5 => state.record_success(),
+                _ => now += Duration::from_millis(ms),
+            }
+            let probes = held.iter().filter(|(_, p)| *p).count();
+            prop_assert!(probes <= 1, "{probes} half-open requests in flight");
+        }
+        // Every request ends and time passes: it takes a request again.
+        held.clear();
+        let later = now + Duration::from_secs(10);
+        prop_assert_eq!(state.availability(later), Availability::Ready);
+        prop_assert!(state.try_start().is_some());
     }
 
     #[test]
