@@ -726,13 +726,7 @@ fn main() {
     let args = args();
     std::fs::create_dir_all(&args.out).unwrap();
     let mut plan: Vec<(Scenario, System)> = Vec::new();
-    for kind in [
-        StrategyKind::RoundRobin,
-        StrategyKind::LeastBusy,
-        StrategyKind::LeastLatency,
-        StrategyKind::Weighted,
-        StrategyKind::UsageBased,
-    ] {
+    for kind in StrategyKind::ALL {
         plan.push((
             Scenario::Degradation,
             System::Ours {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use router_core::{Backend, CallOptions, Error, LatencyClass, Reply};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    EmbeddingRequest, EmbeddingResponse,
+    EmbeddingRequest, EmbeddingResponse, Usage,
 };
 
 use crate::attempt::Attempt;
@@ -48,17 +48,41 @@ pub(crate) trait Operation {
     ) -> impl Future<Output = Self::Output> + Send;
 }
 
-/// A request answered in one body.
-pub(crate) trait Plain: Clone + Send + Sync {
-    type Response: Send;
-    const CLASS: LatencyClass;
+/// A request whose `model` the router rewrites to each endpoint's deployment name.
+pub(crate) trait Named: Clone {
     fn model(&self) -> &str;
     fn set_model(&mut self, model: String);
+}
+
+macro_rules! named {
+    ($($t:ty),*) => {$(
+        impl Named for $t {
+            fn model(&self) -> &str {
+                &self.model
+            }
+            fn set_model(&mut self, model: String) {
+                self.model = model;
+            }
+        }
+    )*};
+}
+named!(ChatCompletionRequest, EmbeddingRequest, CompletionRequest);
+
+/// A request answered in one body.
+pub(crate) trait Plain: Named + Send + Sync {
+    type Response: Send;
+    const CLASS: LatencyClass;
     fn estimate(&self, expected: u32) -> Estimate;
     fn output_hint(&self, expected: u32) -> u32;
+    /// The answer's usage, when it reports one.
+    fn usage(response: &Self::Response) -> Option<&Usage>;
     /// Output tokens generated, for the per-token latency sample of generations.
-    fn output_tokens(response: &Self::Response) -> Option<u64>;
-    fn used(response: &Self::Response) -> Option<Used>;
+    fn output_tokens(response: &Self::Response) -> Option<u64> {
+        Self::usage(response).and_then(|u| u.completion_tokens)
+    }
+    fn used(response: &Self::Response) -> Option<Used> {
+        Self::usage(response).map(Used::from)
+    }
     fn call<'a>(
         backend: &'a dyn Backend,
         request: &'a Self,
@@ -67,7 +91,7 @@ pub(crate) trait Plain: Clone + Send + Sync {
 }
 
 /// The request with its model renamed to the deployment; copied only when the names differ.
-fn renamed<'a, R: Plain>(request: &'a R, deployment: &str) -> Cow<'a, R> {
+fn renamed<'a, R: Named>(request: &'a R, deployment: &str) -> Cow<'a, R> {
     if request.model() == deployment {
         return Cow::Borrowed(request);
     }
@@ -140,14 +164,6 @@ impl Plain for ChatCompletionRequest {
     type Response = ChatCompletionResponse;
     const CLASS: LatencyClass = LatencyClass::Generation;
 
-    fn model(&self) -> &str {
-        &self.model
-    }
-
-    fn set_model(&mut self, model: String) {
-        self.model = model;
-    }
-
     fn estimate(&self, expected: u32) -> Estimate {
         estimate::chat(self, expected)
     }
@@ -156,12 +172,8 @@ impl Plain for ChatCompletionRequest {
         self.output_cap().unwrap_or(expected)
     }
 
-    fn output_tokens(response: &Self::Response) -> Option<u64> {
-        response.usage.as_ref().and_then(|u| u.completion_tokens)
-    }
-
-    fn used(response: &Self::Response) -> Option<Used> {
-        response.usage.as_ref().map(Used::from)
+    fn usage(response: &Self::Response) -> Option<&Usage> {
+        response.usage.as_ref()
     }
 
     fn call<'a>(
@@ -177,14 +189,6 @@ impl Plain for EmbeddingRequest {
     type Response = EmbeddingResponse;
     const CLASS: LatencyClass = LatencyClass::Call;
 
-    fn model(&self) -> &str {
-        &self.model
-    }
-
-    fn set_model(&mut self, model: String) {
-        self.model = model;
-    }
-
     fn estimate(&self, _expected: u32) -> Estimate {
         estimate::embeddings(self)
     }
@@ -193,12 +197,8 @@ impl Plain for EmbeddingRequest {
         0
     }
 
-    fn output_tokens(_: &Self::Response) -> Option<u64> {
-        None
-    }
-
-    fn used(response: &Self::Response) -> Option<Used> {
-        response.usage.as_ref().map(Used::from)
+    fn usage(response: &Self::Response) -> Option<&Usage> {
+        response.usage.as_ref()
     }
 
     fn call<'a>(
@@ -214,14 +214,6 @@ impl Plain for CompletionRequest {
     type Response = CompletionResponse;
     const CLASS: LatencyClass = LatencyClass::Generation;
 
-    fn model(&self) -> &str {
-        &self.model
-    }
-
-    fn set_model(&mut self, model: String) {
-        self.model = model;
-    }
-
     fn estimate(&self, expected: u32) -> Estimate {
         estimate::completions(self, expected)
     }
@@ -231,12 +223,8 @@ impl Plain for CompletionRequest {
         self.max_tokens.unwrap_or(16)
     }
 
-    fn output_tokens(response: &Self::Response) -> Option<u64> {
-        response.usage.as_ref().and_then(|u| u.completion_tokens)
-    }
-
-    fn used(response: &Self::Response) -> Option<Used> {
-        response.usage.as_ref().map(Used::from)
+    fn usage(response: &Self::Response) -> Option<&Usage> {
+        response.usage.as_ref()
     }
 
     fn call<'a>(

@@ -64,6 +64,27 @@ fn request(i: u64) -> ChatCompletionRequest {
     request
 }
 
+/// One instant endpoint with room for about one request a second (6,000 TPM over 1 s: 100
+/// tokens, about one request), behind a router with a 30 s deadline and `max_queue_wait`.
+async fn one_request_a_second(max_queue_wait: Duration) -> (Sim, Router) {
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::instant());
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .tpm(6_000)
+                .quota_window(Duration::from_secs(1)),
+        )
+        .request_timeout(Duration::from_secs(30))
+        .max_queue_wait(max_queue_wait)
+        .build()
+        .unwrap();
+    (sim, router)
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     ok: AtomicU64,
@@ -170,23 +191,9 @@ async fn usage_based_spreads_by_headroom() {
 
 #[tokio::test(start_paused = true)]
 async fn waiting_requests_are_served_in_priority_then_arrival_order() {
-    // One endpoint with room for about one request a second.
-    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
-        .with_models([MODEL])
-        .with_latency(LatencyModel::instant());
-    let sim = Sim::start(1, [endpoint]).await.unwrap();
-    let router = Router::builder()
-        .endpoint(
-            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
-                .model(MODEL)
-                .tpm(6_000)
-                .quota_window(Duration::from_secs(1)),
-        )
-        .request_timeout(Duration::from_secs(30))
-        // The last of the three waits about 3 s for its turn.
-        .max_queue_wait(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    // One endpoint with room for about one request a second. The last of the three waits
+    // about 3 s for its turn.
+    let (_sim, router) = one_request_a_second(Duration::from_secs(30)).await;
     // Fill the bucket (100 tokens) with one request.
     let mut big = request(0);
     big.max_tokens = Some(40);
@@ -410,23 +417,7 @@ async fn no_stream_options_for_azure_api_versions_that_refuse_them() {
 
 #[tokio::test(start_paused = true)]
 async fn a_request_expected_to_wait_too_long_is_refused_at_once_and_its_retry_after_works() {
-    // One endpoint with room for about one request a second (100 tokens a second, each
-    // request about that).
-    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
-        .with_models([MODEL])
-        .with_latency(LatencyModel::instant());
-    let sim = Sim::start(1, [endpoint]).await.unwrap();
-    let router = Router::builder()
-        .endpoint(
-            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
-                .model(MODEL)
-                .tpm(6_000)
-                .quota_window(Duration::from_secs(1)),
-        )
-        .request_timeout(Duration::from_secs(30))
-        .max_queue_wait(Duration::from_millis(1_500))
-        .build()
-        .unwrap();
+    let (_sim, router) = one_request_a_second(Duration::from_millis(1_500)).await;
     let mut big = request(0);
     big.max_tokens = Some(40);
     router.chat(&big).await.unwrap();
