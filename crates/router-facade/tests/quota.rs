@@ -95,6 +95,11 @@ struct Tally {
 
 /// Offers `rate` requests a second for `seconds`, open loop.
 async fn offer(router: &Router, rate: f64, seconds: u64) -> Arc<Tally> {
+    offer_sized(router, rate, seconds, None).await
+}
+
+/// As `offer`, with each request's output cap set to `output` when given.
+async fn offer_sized(router: &Router, rate: f64, seconds: u64, output: Option<u32>) -> Arc<Tally> {
     let tally = Arc::new(Tally::default());
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let total = (rate * seconds as f64) as u64;
@@ -102,8 +107,10 @@ async fn offer(router: &Router, rate: f64, seconds: u64) -> Arc<Tally> {
     for i in 0..total {
         ticks.tick().await;
         let (router, tally) = (router.clone(), Arc::clone(&tally));
+        let mut req = request(i);
+        req.max_tokens = output.or(req.max_tokens);
         tasks.push(tokio::spawn(async move {
-            match router.chat(&request(i)).await {
+            match router.chat(&req).await {
                 Ok(_) => tally.ok.fetch_add(1, Ordering::Relaxed),
                 Err(e) if e.is_throttled() && e.retry_after().is_some() => {
                     tally.throttled_with_wait.fetch_add(1, Ordering::Relaxed)
@@ -495,34 +502,8 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
                 let router = builder.build().unwrap();
                 let per_request = 60.0 + f64::from(output);
                 let rate = 1.3 * TPMS.iter().sum::<u64>() as f64 / 60.0 / per_request;
-                let seconds = 30;
-                let tally = Arc::new(Tally::default());
-                let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-                let mut tasks = Vec::new();
-                for i in 0..(rate * seconds as f64) as u64 {
-                    ticks.tick().await;
-                    let (router, tally) = (router.clone(), Arc::clone(&tally));
-                    let mut req = request(i);
-                    req.max_tokens = Some(output);
-                    tasks.push(tokio::spawn(async move {
-                        match router.chat(&req).await {
-                            Ok(_) => tally.ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) if e.is_throttled() && e.retry_after().is_some() => {
-                                tally.throttled_with_wait.fetch_add(1, Ordering::Relaxed)
-                            }
-                            Err(e) if e.status() == Some(429) => {
-                                tally.upstream_429.fetch_add(1, Ordering::Relaxed)
-                            }
-                            Err(e) => {
-                                eprintln!("unexpected error: {e}");
-                                tally.other.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }));
-                }
-                for task in tasks {
-                    task.await.unwrap();
-                }
+                let seconds = 30_u32;
+                let tally = offer_sized(&router, rate, u64::from(seconds), Some(output)).await;
                 let charged: u64 = sim
                     .endpoints()
                     .iter()
@@ -536,7 +517,7 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
                 let upstream_requests: u64 =
                     sim.endpoints().iter().map(|e| e.counters().requests).sum();
                 let share =
-                    charged as f64 / (TPMS.iter().sum::<u64>() as f64 * seconds as f64 / 60.0);
+                    charged as f64 / (TPMS.iter().sum::<u64>() as f64 * f64::from(seconds) / 60.0);
                 let case = format!("{kind:?} {}s out {output}", window.as_secs());
                 report.push(format!(
                     "{case}: share {share:.3}, upstream 429s {upstream_429s}/{upstream_requests}, ok {}, throttled {}",
