@@ -87,7 +87,11 @@ where
                     .min(deadline.saturating_duration_since(Instant::now())),
                 None => state.idle,
             };
-            let next = tokio::time::timeout(wait, state.events.next()).await;
+            // An event already buffered needs no timer (most of a fast stream's events).
+            let next = match futures_util::FutureExt::now_or_never(state.events.next()) {
+                Some(ready) => Ok(ready),
+                None => tokio::time::timeout(wait, state.events.next()).await,
+            };
             let outcome = match next {
                 Err(_elapsed) => Err(Error::transport(
                     ErrorKind::Timeout,
