@@ -191,6 +191,146 @@ impl Bucket {
     }
 }
 
+/// How a store learns what an upstream really admits, when the upstream refuses (429) requests
+/// the configured limits allowed.
+///
+/// Configured limits say how much an upstream admits per minute, not how it counts: a sliding
+/// window (nothing frees until the admission that used it is a window old), a fixed window, or
+/// provisioned throughput's utilisation all refuse a burst that a continuous bucket allows. So a
+/// 429 on a request the buckets admitted *cuts* what the router believes ([`Learned`]): the burst
+/// a bucket holds by [`burst_cut`](Self::burst_cut), the rate it refills at by
+/// [`rate_cut`](Self::rate_cut), at most once per window (the 429s of one overshoot are one
+/// lesson). Successes grow both back, additively, in proportion to the time spent serving
+/// (at most a window per success, so an idle hour teaches nothing). The shares never go above
+/// one (the configured limits are a ceiling) nor below [`floor`](Self::floor) (nothing is shut
+/// forever by learning).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learning {
+    /// What a refusal leaves of the burst share. Default 0.5.
+    pub burst_cut: f64,
+    /// What a refusal leaves of the rate share. Default 0.95.
+    pub rate_cut: f64,
+    /// The lowest either share goes. Default 0.05.
+    pub floor: f64,
+    /// Burst share regained per minute of successes. Default 0.5.
+    pub burst_regrow: f64,
+    /// Rate share regained per minute of successes. Default 0.05.
+    pub rate_regrow: f64,
+}
+
+impl Default for Learning {
+    fn default() -> Self {
+        Self {
+            burst_cut: 0.5,
+            rate_cut: 0.95,
+            floor: 0.05,
+            burst_regrow: 0.5,
+            rate_regrow: 0.05,
+        }
+    }
+}
+
+/// The shares of a deployment's configured limits its upstream has been seen to admit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learned {
+    /// Share of the configured burst (a bucket's capacity), 0 to 1.
+    pub burst: f64,
+    /// Share of the configured rate (the per-minute limits), 0 to 1.
+    pub rate: f64,
+}
+
+impl Default for Learned {
+    fn default() -> Self {
+        Self::FULL
+    }
+}
+
+impl Learned {
+    /// Nothing learned: the configured limits as they are.
+    pub const FULL: Self = Self {
+        burst: 1.0,
+        rate: 1.0,
+    };
+
+    /// Whether nothing has been learned.
+    pub fn is_full(&self) -> bool {
+        self.burst >= 1.0 && self.rate >= 1.0
+    }
+
+    /// The limits the router keeps to: per-minute limits times the rate share, and a window
+    /// that makes each bucket hold the burst share of its configured capacity.
+    #[must_use]
+    pub fn apply(&self, limits: &Limits) -> Limits {
+        if self.is_full() {
+            return *limits;
+        }
+        let (burst, rate) = (self.burst.clamp(1e-3, 1.0), self.rate.clamp(1e-3, 1.0));
+        let scale = |limit: u64| ((limit as f64 * rate).round() as u64).max(1);
+        Limits {
+            tpm: limits.tpm.map(scale),
+            rpm: limits.rpm.map(scale),
+            window: limits.window.mul_f64(burst / rate),
+        }
+    }
+}
+
+/// What a store keeps per deployment to learn its upstream's admissions ([`Learning`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learner {
+    /// The shares learned so far.
+    pub learned: Learned,
+    /// When the shares last grew or were cut.
+    pub grown_at: Instant,
+    /// When the last cut was.
+    pub cut_at: Option<Instant>,
+}
+
+impl Learner {
+    /// Nothing learned yet, as of `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            learned: Learned::FULL,
+            grown_at: now,
+            cut_at: None,
+        }
+    }
+
+    /// The upstream refused a request the buckets admitted. Cuts the shares unless a cut
+    /// happened within the last `window`; whether it cut.
+    pub fn refused(&mut self, policy: &Learning, window: Duration, now: Instant) -> bool {
+        if self
+            .cut_at
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
+        {
+            return false;
+        }
+        let floor = policy.floor.clamp(1e-3, 1.0);
+        self.learned = Learned {
+            burst: (self.learned.burst * policy.burst_cut).max(floor),
+            rate: (self.learned.rate * policy.rate_cut).max(floor),
+        };
+        self.cut_at = Some(now);
+        self.grown_at = now;
+        true
+    }
+
+    /// A request was served: the shares grow back by the time served since the last change,
+    /// counted up to one `window`.
+    pub fn served(&mut self, policy: &Learning, window: Duration, now: Instant) {
+        let minutes = now
+            .saturating_duration_since(self.grown_at)
+            .min(window)
+            .as_secs_f64()
+            / 60.0;
+        self.learned = Learned {
+            burst: (self.learned.burst + policy.burst_regrow * minutes).min(1.0),
+            rate: (self.learned.rate + policy.rate_regrow * minutes).min(1.0),
+        };
+        self.grown_at = now;
+    }
+}
+
 /// What one request takes from a deployment's quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Charge {
@@ -211,6 +351,8 @@ pub struct Settlement {
     pub remaining_tokens: Option<u64>,
     /// The upstream's `x-ratelimit-remaining-requests`, if it sent one.
     pub remaining_requests: Option<u64>,
+    /// Whether the upstream served the request (what a [`Learner`] grows back on).
+    pub served: bool,
 }
 
 impl Settlement {
@@ -233,6 +375,8 @@ pub enum Admission {
         tokens_left: Option<f64>,
         /// Requests left in the bucket.
         requests_left: Option<f64>,
+        /// The shares of the limits the store keeps to ([`Learned::FULL`] until a refusal).
+        learned: Learned,
     },
     /// Not now: how long until the buckets allow it, or until a shared cooldown ends.
     Denied {
@@ -243,11 +387,13 @@ pub enum Admission {
     },
 }
 
-/// Where quota use and cooldowns live: in the process, or shared by replicas.
+/// Where quota use, cooldowns and what was learned of the upstreams' admissions live: in the
+/// process, or shared by replicas.
 ///
 /// `key` names a deployment (stable across replicas: endpoint and model). `limits` travel with
-/// every call, so a store needs no configuration of its own. Implementations must be atomic
-/// per call: two replicas reserving at once never both get the last tokens.
+/// every call (the configured ones; a store applies what it learned itself), so a store needs
+/// no configuration of its own. Implementations must be atomic per call: two replicas
+/// reserving at once never both get the last tokens.
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug {
     /// Reserves `charge` if the deployment's buckets allow it and no cooldown is shared.
@@ -273,6 +419,24 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     /// Shares a cooldown of `wait` from now.
     async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error>;
 
+    /// The upstream refused (429) a request these buckets admitted, and said to wait `wait`:
+    /// shares the cooldown, empties the buckets until it ends (what freed upstream meanwhile is
+    /// what the refill brings, not a burst), and cuts what the store believes the upstream
+    /// admits ([`Learner::refused`]). Returns the shares now in force.
+    ///
+    /// The default only cools down: a store that does not learn keeps to the configured limits.
+    async fn refused(
+        &self,
+        key: &str,
+        limits: &Limits,
+        wait: Duration,
+        now: Instant,
+    ) -> Result<Learned, Error> {
+        let _ = limits;
+        self.cool_down(key, wait, now).await?;
+        Ok(Learned::FULL)
+    }
+
     /// Whether the store is shared right now (a shared store that fell back to local
     /// accounting answers `false`).
     fn is_shared(&self) -> bool {
@@ -285,9 +449,21 @@ struct Entry {
     tokens: Option<Bucket>,
     requests: Option<Bucket>,
     cooling_until: Option<Instant>,
+    learner: Option<Learner>,
 }
 
 impl Entry {
+    /// The configured limits with what was learned applied.
+    fn effective(&self, limits: &Limits) -> Limits {
+        self.learner
+            .map_or(*limits, |learner| learner.learned.apply(limits))
+    }
+
+    fn learned(&self) -> Learned {
+        self.learner
+            .map_or(Learned::FULL, |learner| learner.learned)
+    }
+
     fn tokens(&mut self, shape: Shape, now: Instant) -> &mut Bucket {
         self.tokens.get_or_insert_with(|| Bucket::full(shape, now))
     }
@@ -298,16 +474,25 @@ impl Entry {
     }
 }
 
-/// Quota and cooldowns in this process. The default store.
+/// Quota, cooldowns and learned admissions in this process. The default store.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     entries: DashMap<String, Mutex<Entry>>,
+    learning: Learning,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that learns by `learning` instead of the default.
+    pub fn with_learning(learning: Learning) -> Self {
+        Self {
+            learning,
+            ..Self::default()
+        }
     }
 
     fn with<T>(&self, key: &str, f: impl FnOnce(&mut Entry) -> T) -> T {
@@ -336,6 +521,7 @@ impl MemoryStore {
                     cooling: true,
                 };
             }
+            let limits = entry.effective(limits);
             let (tokens, requests) = (limits.tokens(), limits.requests());
             // Check both before taking from either.
             let mut wait = Duration::ZERO;
@@ -372,6 +558,7 @@ impl MemoryStore {
             Admission::Admitted {
                 tokens_left,
                 requests_left,
+                learned: entry.learned(),
             }
         })
     }
@@ -379,6 +566,7 @@ impl MemoryStore {
     /// Adjusts synchronously.
     pub fn adjust_now(&self, key: &str, limits: &Limits, tokens: i64, requests: i64, now: Instant) {
         self.with(key, |entry| {
+            let limits = entry.effective(limits);
             if let Some(shape) = limits.tokens() {
                 entry.tokens(shape, now).adjust(shape, tokens as f64, now);
             }
@@ -400,6 +588,7 @@ impl MemoryStore {
         now: Instant,
     ) {
         self.with(key, |entry| {
+            let limits = entry.effective(limits);
             if let (Some(shape), Some(remaining)) = (limits.tokens(), tokens) {
                 entry
                     .tokens(shape, now)
@@ -429,6 +618,43 @@ impl MemoryStore {
             settlement.remaining_requests,
             now,
         );
+        if settlement.served {
+            self.with(key, |entry| {
+                if let Some(learner) = &mut entry.learner {
+                    learner.served(&self.learning, limits.window, now);
+                }
+            });
+        }
+    }
+
+    /// Takes a refusal synchronously ([`StateStore::refused`]).
+    pub fn refused_now(&self, key: &str, limits: &Limits, wait: Duration, now: Instant) -> Learned {
+        self.cool_down_now(key, wait, now);
+        self.with(key, |entry| {
+            entry
+                .learner
+                .get_or_insert_with(|| Learner::new(now))
+                .refused(&self.learning, limits.window, now);
+            let limits = entry.effective(limits);
+            let empty_until = |bucket: &mut Bucket, shape: Shape| {
+                let level = bucket
+                    .level_at(shape, now)
+                    .min(-shape.rate * wait.as_secs_f64());
+                *bucket = Bucket { level, at: now };
+            };
+            if let Some(shape) = limits.tokens() {
+                empty_until(entry.tokens(shape, now), shape);
+            }
+            if let Some(shape) = limits.requests() {
+                empty_until(entry.requests(shape, now), shape);
+            }
+            entry.learned()
+        })
+    }
+
+    /// What the store has learned of `key`'s upstream, for tests and stats.
+    pub fn learned(&self, key: &str) -> Learned {
+        self.with(key, |entry| entry.learned())
     }
 
     /// Cools down synchronously (only ever extends).
@@ -441,16 +667,16 @@ impl MemoryStore {
 
     /// The request level of `key` at `now`, for tests and stats.
     pub fn requests_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
-        let shape = limits.requests()?;
         self.with(key, |entry| {
+            let shape = entry.effective(limits).requests()?;
             Some(entry.requests(shape, now).level_at(shape, now))
         })
     }
 
     /// The token level of `key` at `now`, for tests and stats.
     pub fn tokens_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
-        let shape = limits.tokens()?;
         self.with(key, |entry| {
+            let shape = entry.effective(limits).tokens()?;
             Some(entry.tokens(shape, now).level_at(shape, now))
         })
     }
@@ -482,6 +708,16 @@ impl StateStore for MemoryStore {
     async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error> {
         self.cool_down_now(key, wait, now);
         Ok(())
+    }
+
+    async fn refused(
+        &self,
+        key: &str,
+        limits: &Limits,
+        wait: Duration,
+        now: Instant,
+    ) -> Result<Learned, Error> {
+        Ok(self.refused_now(key, limits, wait, now))
     }
 }
 
@@ -564,6 +800,24 @@ impl QuotaView {
         };
         lower(&self.tokens, limits.tokens(), tokens);
         lower(&self.requests, limits.requests(), requests);
+    }
+
+    /// The upstream refused and said to wait `wait`: the view's buckets are empty when the
+    /// wait ends, as the store's are ([`StateStore::refused`]). `limits` are the ones in force.
+    pub fn empty_until(&self, limits: &Limits, wait: Duration, now: Instant) {
+        for (cell, shape) in [
+            (&self.tokens, limits.tokens()),
+            (&self.requests, limits.requests()),
+        ] {
+            if let Some(shape) = shape {
+                let level = self
+                    .bucket(cell, shape, now)
+                    .level_at(shape, now)
+                    .min(-shape.rate * wait.as_secs_f64());
+                self.store(cell, level, now);
+            }
+        }
+        self.block(wait, now);
     }
 
     /// The store said no until `now + wait`.

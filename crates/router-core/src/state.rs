@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, HealthEffect};
 use crate::ewma::PeakEwma;
-use crate::quota::{Limits, QuotaView};
+use crate::quota::{Learned, Limits, QuotaView};
 use crate::ratelimit::RateLimitInfo;
 use crate::rng::Rng;
 
@@ -177,6 +177,20 @@ pub struct DeploymentState {
     /// Limits learned from `x-ratelimit-limit-*` headers; 0 when none.
     learned_tpm: AtomicU64,
     learned_rpm: AtomicU64,
+    /// The shares of the limits the upstream admits, as the store last said: the f32 bits of
+    /// the burst share (high half) and of the rate share (low half).
+    admits: AtomicU64,
+}
+
+fn pack_learned(learned: Learned) -> u64 {
+    (u64::from((learned.burst as f32).to_bits()) << 32) | u64::from((learned.rate as f32).to_bits())
+}
+
+fn unpack_learned(packed: u64) -> Learned {
+    Learned {
+        burst: f64::from(f32::from_bits((packed >> 32) as u32)),
+        rate: f64::from(f32::from_bits(packed as u32)),
+    }
 }
 
 impl DeploymentState {
@@ -203,17 +217,35 @@ impl DeploymentState {
             quota: QuotaView::new(origin),
             learned_tpm: AtomicU64::new(0),
             learned_rpm: AtomicU64::new(0),
+            admits: AtomicU64::new(pack_learned(Learned::FULL)),
         }
     }
 
-    /// The limits in force: the configured ones, else those the upstream announced.
-    pub fn limits(&self, configured: &Limits) -> Limits {
+    /// The limits a quota store is given: the configured ones, else those the upstream
+    /// announced (the store applies what it learned of the upstream's admissions itself).
+    pub fn quota_limits(&self, configured: &Limits) -> Limits {
         let learned = |cell: &AtomicU64| Some(cell.load(Ordering::Relaxed)).filter(|n| *n > 0);
         Limits {
             tpm: configured.tpm.or_else(|| learned(&self.learned_tpm)),
             rpm: configured.rpm.or_else(|| learned(&self.learned_rpm)),
             window: configured.window,
         }
+    }
+
+    /// The limits the router keeps to: [`quota_limits`](Self::quota_limits) with the shares
+    /// the upstream was seen to admit ([`admits`](Self::admits)) applied.
+    pub fn limits(&self, configured: &Limits) -> Limits {
+        self.admits().apply(&self.quota_limits(configured))
+    }
+
+    /// The shares of its limits the upstream admits, as the quota store last said.
+    pub fn admits(&self) -> Learned {
+        unpack_learned(self.admits.load(Ordering::Relaxed))
+    }
+
+    /// Records what the quota store says the upstream admits.
+    pub fn set_admits(&self, learned: Learned) {
+        self.admits.store(pack_learned(learned), Ordering::Relaxed);
     }
 
     /// Learns limits from an answer's `x-ratelimit-limit-*` headers.
@@ -390,6 +422,7 @@ impl DeploymentState {
                 .collect(),
             learned_tpm: Some(self.learned_tpm.load(Ordering::Relaxed)).filter(|n| *n > 0),
             learned_rpm: Some(self.learned_rpm.load(Ordering::Relaxed)).filter(|n| *n > 0),
+            admits: self.admits(),
         }
     }
 }
@@ -435,6 +468,9 @@ pub struct StateStats {
     pub learned_tpm: Option<u64>,
     /// Requests per minute the upstream announced, if it did.
     pub learned_rpm: Option<u64>,
+    /// The shares of its limits the upstream was seen to admit ([`Learned::FULL`] until it
+    /// refused what the limits allowed).
+    pub admits: Learned,
 }
 
 #[cfg(test)]

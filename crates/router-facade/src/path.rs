@@ -371,7 +371,7 @@ impl<'r> Path<'r> {
         else {
             return Ok(None);
         };
-        let limits = deployment.limits();
+        let limits = deployment.quota_limits();
         match store
             .reserve(&deployment.key, &limits, estimate.charge, at)
             .await
@@ -379,7 +379,9 @@ impl<'r> Path<'r> {
             Ok(Admission::Admitted {
                 tokens_left,
                 requests_left,
+                learned,
             }) => {
+                deployment.state.set_admits(learned);
                 deployment
                     .state
                     .quota
@@ -527,16 +529,29 @@ impl<'r> Path<'r> {
             });
         }
         let deployment = Arc::clone(attempt.deployment());
+        let reserved = attempt.is_accounted();
         attempt.failed(&error).await;
         let health = self.live.settings.health;
         if error.is_rate_limited() {
-            // Tell the other replicas, through a shared store.
             let wait = health.rate_limit_wait(&error);
-            let _ = self
-                .live
-                .store
-                .cool_down(&deployment.key, wait, now())
-                .await;
+            let store = &self.live.store;
+            if reserved {
+                // Refused although the buckets admitted it: the store (shared with the other
+                // replicas) learns what the upstream really admits, and keeps to it.
+                if let Ok(learned) = store
+                    .refused(&deployment.key, &deployment.quota_limits(), wait, now())
+                    .await
+                {
+                    deployment.state.set_admits(learned);
+                }
+                deployment
+                    .state
+                    .quota
+                    .empty_until(&deployment.limits(), wait, now());
+            } else {
+                // Tell the other replicas, through a shared store.
+                let _ = store.cool_down(&deployment.key, wait, now()).await;
+            }
         }
         if matches!(
             deployment.state.availability(now()),

@@ -74,6 +74,7 @@ impl Reservation {
             requests_back: 0,
             remaining_tokens: allowance.0,
             remaining_requests: allowance.1,
+            served: true,
         }
     }
 

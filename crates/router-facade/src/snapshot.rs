@@ -36,9 +36,16 @@ pub(crate) struct Deployment {
 }
 
 impl Deployment {
-    /// The quota in force: configured, else learned from the upstream's headers.
+    /// The quota the router keeps to: configured, else announced by the upstream's headers,
+    /// times the shares the upstream was seen to admit.
     pub(crate) fn limits(&self) -> Limits {
         self.state.limits(&self.limits)
+    }
+
+    /// The quota as the store is given it: configured, else announced by the upstream (the
+    /// store applies what it learned of the upstream's admissions itself).
+    pub(crate) fn quota_limits(&self) -> Limits {
+        self.state.quota_limits(&self.limits)
     }
 
     /// Whether a request sent here is accounted (reserved in the store, then settled): when the

@@ -519,11 +519,13 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
                 let share =
                     charged as f64 / (TPMS.iter().sum::<u64>() as f64 * f64::from(seconds) / 60.0);
                 let case = format!("{kind:?} {}s out {output}", window.as_secs());
-                report.push(format!(
+                let line = format!(
                     "{case}: share {share:.3}, upstream 429s {upstream_429s}/{upstream_requests}, ok {}, throttled {}",
                     tally.ok.load(Ordering::Relaxed),
                     tally.throttled_with_wait.load(Ordering::Relaxed)
-                ));
+                );
+                eprintln!("{line}");
+                report.push(line);
                 assert_eq!(
                     tally.upstream_429.load(Ordering::Relaxed),
                     0,
@@ -538,15 +540,24 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
                     share >= SHARE_FLOOR,
                     "{case}: served only {share:.3} of the summed quota"
                 );
+                assert!(
+                    upstream_429s * 100 <= upstream_requests * MAX_429_PERCENT,
+                    "{case}: a 429 storm: {upstream_429s} of {upstream_requests} upstream requests"
+                );
             }
         }
     }
     eprintln!("{}", report.join("\n"));
 }
 
-/// What every case above must serve at least (the lowest case served 91.5 % when this was
-/// written: sliding 1 s windows with large requests). The targets (97 % on fixed
-/// windows, 92 % on sliding ones, at most 2 % of upstream requests answered 429) are benchmark
-/// targets; the 429 share is reported, not asserted: on sliding windows it is far over 2 %
-/// today (the router's continuous bucket believes in room the log has not freed).
-const SHARE_FLOOR: f64 = 0.9;
+/// What every case above must serve at least. The lowest case serves 85.9 %: sliding 1 s
+/// windows with 210-token requests, where the upstream itself admits at most 91 % of the summed
+/// quota (a 500-token window holds two such requests, 84 %; 1,000 holds four, 84 %; 1,500
+/// holds seven, 98 %), and the router learns to stay under that. Before the router learned
+/// upstream admissions this case served 91.5 % by drawing 741 upstream 429s for 1,133 requests.
+const SHARE_FLOOR: f64 = 0.85;
+
+/// The most upstream requests any case may see answered 429, in percent. Every case stays at
+/// or under 2.9 % over its 30 s (the first overshoot of each endpoint is most of it); the
+/// issue's 2 % is a benchmark target over two minutes.
+const MAX_429_PERCENT: u64 = 4;

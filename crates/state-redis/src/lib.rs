@@ -48,14 +48,21 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation};
-use router_core::{Admission, Charge, Error, Limits, MemoryStore, Settlement, StateStore};
+use router_core::{
+    Admission, Charge, Error, Learned, Learning, Limits, MemoryStore, Settlement, StateStore,
+};
 use tokio::sync::RwLock;
 
+// Keys: 1 tokens bucket, 2 requests bucket, 3 cooldown, 4 what was learned of the upstream's
+// admissions (`b` burst share, `r` rate share, `g` when they last changed, `c` the last cut;
+// absent until the first refusal). Bucket shapes come as configured; the shares apply here.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cool = redis.call('PTTL', KEYS[3])
-if cool > 0 then return {0, cool, '', '', 1} end
+if cool > 0 then return {0, cool, '', '', 1, '', ''} end
+local s = redis.call('HMGET', KEYS[4], 'b', 'r')
+local b, sr = tonumber(s[1]) or 1, tonumber(s[2]) or 1
 local function level(key, cap, rate)
   local v = redis.call('HMGET', key, 'l', 't')
   local l, at = tonumber(v[1]), tonumber(v[2])
@@ -64,8 +71,8 @@ local function level(key, cap, rate)
   if r > cap then r = cap end
   return r
 end
-local tcap, trate, tcost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rcap, rrate, rcost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local tcap, trate, tcost = tonumber(ARGV[1]) * b, tonumber(ARGV[2]) * sr, tonumber(ARGV[3])
+local rcap, rrate, rcost = tonumber(ARGV[4]) * b, tonumber(ARGV[5]) * sr, tonumber(ARGV[6])
 local ttl = ARGV[7]
 local wait, lt, lr = 0, nil, nil
 if tcap >= 0 then
@@ -78,7 +85,7 @@ if rcap >= 0 then
   local need = math.min(rcost, rcap)
   if lr < need then wait = math.max(wait, (need - lr) / rrate) end
 end
-if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0} end
+if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0, '', ''} end
 local out_t, out_r = '', ''
 if tcap >= 0 then
   lt = lt - tcost
@@ -92,14 +99,18 @@ if rcap >= 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
   out_r = tostring(lr)
 end
-return {1, 0, out_t, out_r, 0}
+return {1, 0, out_t, out_r, 0, tostring(b), tostring(sr)}
 ";
 
+// ARGV 10..13: served (1/0), the window in seconds, burst and rate regrowth per minute.
 const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local s = redis.call('HMGET', KEYS[3], 'b', 'r', 'g')
+local b, sr = tonumber(s[1]) or 1, tonumber(s[2]) or 1
 local function settle(key, cap, rate, back, remaining, ttl)
   if cap < 0 then return end
+  cap, rate = cap * b, rate * sr
   local v = redis.call('HMGET', key, 'l', 't')
   local l, at = tonumber(v[1]), tonumber(v[2])
   if l == nil then l = cap else
@@ -114,6 +125,13 @@ local function settle(key, cap, rate, back, remaining, ttl)
 end
 settle(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[9])
 settle(KEYS[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9])
+if ARGV[10] == '1' and s[3] then
+  local minutes = math.min(math.max(now - tonumber(s[3]), 0), tonumber(ARGV[11])) / 60
+  b = math.min(1, b + tonumber(ARGV[12]) * minutes)
+  sr = math.min(1, sr + tonumber(ARGV[13]) * minutes)
+  redis.call('HSET', KEYS[3], 'b', tostring(b), 'r', tostring(sr), 'g', tostring(now))
+  redis.call('PEXPIRE', KEYS[3], ARGV[9])
+end
 return 1
 ";
 
@@ -121,6 +139,42 @@ const COOL_DOWN: &str = r"
 local cur = redis.call('PTTL', KEYS[1])
 if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
 return 1
+";
+
+// ARGV: 1-2 tokens shape, 3-4 requests shape, 5 the wait (ms), 6 the window (s), 7 burst cut,
+// 8 rate cut, 9 floor, 10 TTL (ms). Cuts once per window, then empties both buckets until the
+// cooldown ends.
+const REFUSED: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local wait_ms = tonumber(ARGV[5])
+local cur = redis.call('PTTL', KEYS[3])
+if cur < wait_ms then redis.call('SET', KEYS[3], '1', 'PX', wait_ms) end
+local s = redis.call('HMGET', KEYS[4], 'b', 'r', 'c')
+local b, sr, c = tonumber(s[1]) or 1, tonumber(s[2]) or 1, tonumber(s[3])
+if c == nil or now - c >= tonumber(ARGV[6]) then
+  local floor = tonumber(ARGV[9])
+  b = math.max(floor, b * tonumber(ARGV[7]))
+  sr = math.max(floor, sr * tonumber(ARGV[8]))
+  redis.call('HSET', KEYS[4], 'b', tostring(b), 'r', tostring(sr), 'g', tostring(now), 'c', tostring(now))
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[10])
+local function empty(key, cap, rate)
+  if cap < 0 then return end
+  cap, rate = cap * b, rate * sr
+  local v = redis.call('HMGET', key, 'l', 't')
+  local l, at = tonumber(v[1]), tonumber(v[2])
+  if l == nil then l = cap else
+    l = l + (now - at) * rate
+    if l > cap then l = cap end
+  end
+  l = math.min(l, -rate * wait_ms / 1000)
+  redis.call('HSET', key, 'l', tostring(l), 't', tostring(now))
+  redis.call('PEXPIRE', key, ARGV[10])
+end
+empty(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+empty(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+return {tostring(b), tostring(sr)}
 ";
 
 /// How long after a failed call Redis is left alone.
@@ -185,6 +239,8 @@ struct Inner {
     reserve: Script,
     settle: Script,
     cool_down: Script,
+    refused: Script,
+    learning: Learning,
     shared: AtomicBool,
     fallbacks: AtomicU64,
     connecting: AtomicBool,
@@ -213,6 +269,8 @@ impl RedisStore {
                 reserve: Script::new(RESERVE),
                 settle: Script::new(SETTLE),
                 cool_down: Script::new(COOL_DOWN),
+                refused: Script::new(REFUSED),
+                learning: Learning::default(),
                 shared: AtomicBool::new(false),
                 fallbacks: AtomicU64::new(0),
                 connecting: AtomicBool::new(false),
@@ -267,10 +325,12 @@ impl RedisStore {
         }
     }
 
-    fn keys(&self, key: &str) -> [String; 3] {
+    /// The tokens, requests, cooldown and learned-admissions keys of a deployment, in one
+    /// hash slot.
+    fn keys(&self, key: &str) -> [String; 4] {
         let tag: String = key.chars().filter(|c| *c != '{' && *c != '}').collect();
         let prefix = &self.inner.options.prefix;
-        ["t", "r", "c"].map(|suffix| format!("{{{prefix}:{tag}}}:{suffix}"))
+        ["t", "r", "c", "l"].map(|suffix| format!("{{{prefix}:{tag}}}:{suffix}"))
     }
 
     /// Runs a script invocation, or says why not.
@@ -343,6 +403,13 @@ fn parse_level(text: &str) -> Option<f64> {
     text.parse().ok()
 }
 
+fn parse_learned(burst: &str, rate: &str) -> Learned {
+    Learned {
+        burst: parse_level(burst).unwrap_or(1.0),
+        rate: parse_level(rate).unwrap_or(1.0),
+    }
+}
+
 #[async_trait]
 impl StateStore for RedisStore {
     async fn reserve(
@@ -356,7 +423,11 @@ impl StateStore for RedisStore {
         let (tcap, trate) = shape_args(limits.tokens());
         let (rcap, rrate) = shape_args(limits.requests());
         let mut invocation = self.inner.reserve.prepare_invoke();
-        invocation.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+        invocation
+            .key(&keys[0])
+            .key(&keys[1])
+            .key(&keys[2])
+            .key(&keys[3]);
         invocation
             .arg(tcap)
             .arg(trate)
@@ -366,14 +437,15 @@ impl StateStore for RedisStore {
             .arg(charge.requests)
             .arg(ttl_ms(limits));
         match self
-            .run::<(i64, i64, String, String, i64)>(&invocation)
+            .run::<(i64, i64, String, String, i64, String, String)>(&invocation)
             .await
         {
-            Ok((1, _, tokens, requests, _)) => Ok(Admission::Admitted {
+            Ok((1, _, tokens, requests, _, burst_share, rate_share)) => Ok(Admission::Admitted {
                 tokens_left: parse_level(&tokens),
                 requests_left: parse_level(&requests),
+                learned: parse_learned(&burst_share, &rate_share),
             }),
-            Ok((_, wait_ms, _, _, cooling)) => Ok(Admission::Denied {
+            Ok((_, wait_ms, _, _, cooling, _, _)) => Ok(Admission::Denied {
                 retry_after: Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1)),
                 cooling: cooling == 1,
             }),
@@ -399,7 +471,8 @@ impl StateStore for RedisStore {
         let (rcap, rrate) = shape_args(limits.requests());
         let remaining = |r: Option<u64>| r.map_or(-1.0, |r| r as f64);
         let mut invocation = self.inner.settle.prepare_invoke();
-        invocation.key(&keys[0]).key(&keys[1]);
+        invocation.key(&keys[0]).key(&keys[1]).key(&keys[3]);
+        let learning = &self.inner.learning;
         invocation
             .arg(tcap)
             .arg(trate)
@@ -409,7 +482,11 @@ impl StateStore for RedisStore {
             .arg(rrate)
             .arg(settlement.requests_back)
             .arg(remaining(settlement.remaining_requests))
-            .arg(ttl_ms(limits));
+            .arg(ttl_ms(limits))
+            .arg(u8::from(settlement.served))
+            .arg(limits.window.as_secs_f64())
+            .arg(learning.burst_regrow)
+            .arg(learning.rate_regrow);
         if let Err(why) = self.run::<i64>(&invocation).await {
             self.fell_back(&why);
             self.inner
@@ -428,6 +505,44 @@ impl StateStore for RedisStore {
             self.inner.local.cool_down_now(key, wait, now);
         }
         Ok(())
+    }
+
+    async fn refused(
+        &self,
+        key: &str,
+        limits: &Limits,
+        wait: Duration,
+        now: Instant,
+    ) -> Result<Learned, Error> {
+        let keys = self.keys(key);
+        let (tcap, trate) = shape_args(limits.tokens());
+        let (rcap, rrate) = shape_args(limits.requests());
+        let learning = &self.inner.learning;
+        let mut invocation = self.inner.refused.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(tcap)
+            .arg(trate)
+            .arg(rcap)
+            .arg(rrate)
+            .arg(wait.as_millis().max(1) as u64)
+            .arg(limits.window.as_secs_f64())
+            .arg(learning.burst_cut)
+            .arg(learning.rate_cut)
+            .arg(learning.floor)
+            .arg(ttl_ms(limits));
+        match self.run::<(String, String)>(&invocation).await {
+            Ok((burst_share, rate_share)) => Ok(parse_learned(&burst_share, &rate_share)),
+            Err(why) => {
+                self.fell_back(&why);
+                Ok(self
+                    .inner
+                    .local
+                    .refused_now(key, &self.local_limits(limits), wait, now))
+            }
+        }
     }
 
     fn is_shared(&self) -> bool {

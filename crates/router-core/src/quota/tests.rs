@@ -231,3 +231,114 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn learned_shares_shape_the_buckets() {
+    // 6,000 TPM over 10 s: 1,000 tokens at 100 a second. Half the burst, 80 % of the rate.
+    let learned = Learned {
+        burst: 0.5,
+        rate: 0.8,
+    };
+    let limits = learned.apply(&Limits::per_minute(Some(6_000), Some(60)));
+    let tokens = limits.tokens().unwrap();
+    assert!((tokens.capacity - 500.0).abs() < 1e-6, "{tokens:?}");
+    assert!((tokens.rate - 80.0).abs() < 1e-6, "{tokens:?}");
+    let requests = limits.requests().unwrap();
+    assert!((requests.capacity - 5.0).abs() < 0.1, "{requests:?}");
+    assert_eq!(Learned::FULL.apply(&limits), limits);
+}
+
+#[test]
+fn a_refusal_cuts_once_per_window_and_successes_grow_the_shares_back() {
+    let policy = Learning::default();
+    let window = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let mut learner = Learner::new(t0);
+    assert!(learner.refused(&policy, window, at(0)));
+    assert!((learner.learned.burst - 0.5).abs() < 1e-12);
+    assert!((learner.learned.rate - 0.95).abs() < 1e-9);
+    // The 429s of the same overshoot teach nothing more.
+    assert!(!learner.refused(&policy, window, at(3)));
+    assert!((learner.learned.burst - 0.5).abs() < 1e-12);
+    // A success counts the time served since the last change, at most one window.
+    learner.served(&policy, window, at(6));
+    assert!((learner.learned.burst - (0.5 + 0.5 * 0.1)).abs() < 1e-9);
+    learner.served(&policy, window, at(600));
+    assert!(
+        (learner.learned.burst - (0.55 + 0.5 * 10.0 / 60.0)).abs() < 1e-9,
+        "an idle stretch counts one window: {:?}",
+        learner.learned
+    );
+    assert!(learner.refused(&policy, window, at(611)), "a new overshoot");
+}
+
+#[test]
+fn a_refusal_empties_the_buckets_until_the_wait_ends() {
+    let store = MemoryStore::new();
+    let l = limits(6_000);
+    let t0 = Instant::now();
+    let charge = Charge {
+        tokens: 100,
+        requests: 1,
+    };
+    assert!(matches!(
+        store.reserve_now("d", &l, charge, t0),
+        Admission::Admitted { .. }
+    ));
+    let learned = store.refused_now("d", &l, Duration::from_secs(2), t0);
+    assert_eq!(store.learned("d"), learned);
+    assert!(learned.burst < 1.0 && learned.rate < 1.0);
+    // Cooling until the wait ends, and then empty: what frees comes at the learned rate.
+    let after = t0 + Duration::from_secs(2);
+    let level = store.tokens_level("d", &l, after).unwrap();
+    assert!(level.abs() < 1e-6, "empty when the wait ends: {level}");
+    let Admission::Denied { retry_after, .. } = store.reserve_now("d", &l, charge, after) else {
+        panic!("nothing freed yet");
+    };
+    // 100 tokens at 95 a second.
+    assert!(
+        (retry_after.as_secs_f64() - 100.0 / 95.0).abs() < 0.01,
+        "{retry_after:?}"
+    );
+    let Admission::Admitted { learned: told, .. } =
+        store.reserve_now("d", &l, charge, after + retry_after)
+    else {
+        panic!("admitted once the refill came");
+    };
+    assert_eq!(told, learned, "an admission says what the store keeps to");
+}
+
+proptest! {
+    /// No sequence of refusals and successes takes a share outside [floor, 1], and serving
+    /// long enough always brings both shares back to the configured limits: learning never
+    /// shuts a deployment, and never opens it beyond what was configured.
+    #[test]
+    fn learning_stays_within_bounds_and_always_recovers(
+        events in prop::collection::vec((any::<bool>(), 0u64..30_000), 0..200),
+        window_ms in 500u64..20_000,
+    ) {
+        let policy = Learning::default();
+        let window = Duration::from_millis(window_ms);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut learner = Learner::new(t0);
+        for (refused, gap) in events {
+            now += Duration::from_millis(gap);
+            if refused {
+                learner.refused(&policy, window, now);
+            } else {
+                learner.served(&policy, window, now);
+            }
+            for share in [learner.learned.burst, learner.learned.rate] {
+                prop_assert!((policy.floor - 1e-12..=1.0).contains(&share), "{share}");
+            }
+        }
+        // Rate regrows by 0.05 a minute: at most 19 minutes from the floor.
+        for _ in 0..=(20 * 60_000 / window_ms) {
+            now += window;
+            learner.served(&policy, window, now);
+        }
+        prop_assert!(learner.learned.is_full(), "{:?}", learner.learned);
+    }
+}
