@@ -540,6 +540,18 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
                     share >= SHARE_FLOOR,
                     "{case}: served only {share:.3} of the summed quota"
                 );
+                // Where the upstream refused what the configured limits allowed, the router
+                // learned it, and says so; where it never refused, nothing was learned.
+                let learned = router
+                    .stats()
+                    .iter()
+                    .filter(|d| !d.state.admits.is_full())
+                    .count();
+                assert_eq!(
+                    learned > 0,
+                    upstream_429s > 0,
+                    "{case}: {learned} deployments learned from {upstream_429s} 429s"
+                );
                 assert!(
                     upstream_429s * 100 <= upstream_requests * MAX_429_PERCENT,
                     "{case}: a 429 storm: {upstream_429s} of {upstream_requests} upstream requests"
