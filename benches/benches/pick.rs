@@ -25,7 +25,7 @@ fn candidates(n: usize) -> Vec<Candidate> {
             latency: 0.05 + (i % 5) as f64 * 0.01,
             weight: 1 + (i % 3) as u32,
             priority: 0,
-            headroom: None,
+            ..Candidate::default()
         })
         .collect()
 }

@@ -6,17 +6,28 @@
 //! - **quota**: three endpoints with 30k, 60k and 90k TPM counted over 10 s windows as Azure
 //!   counts them, offered 1.3 times their sum. Share of the summed quota served, upstream 429s
 //!   and how many reached callers, router throttles, latency, served tokens per minute over time.
+//! - **pressure**: the matrix routing under pressure is judged on, each cell with its own
+//!   parameters (window lengths, request sizes, endpoint counts differ from cell to cell, so
+//!   that no claim rests on one parameter set):
+//!   - quota under every upstream quota model (fixed, sliding and provisioned windows) at 1.3
+//!     and 2 times the summed quota, Poisson arrivals, a caller that retries a refusal once at
+//!     the `Retry-After` it was given;
+//!   - degradation at 3, 5 and 20 times slower, open loop and closed loop (callers that send
+//!     the next request when the last is answered), with a recovery phase, each beside an
+//!     oracle: the same load on the healthy endpoints alone.
 //!
-//! Real time on loopback. Each run starts a fresh simulated world on the same seed; the load is
-//! open loop (one request every 1/rate seconds whatever the answers). The `LiteLLM` runs go
-//! through `benches/litellm/driver.py`, which offers the same requests and writes one record
-//! per request; this process owns the simulator and the clock of every run, and computes every
+//! Real time on loopback. Each run starts a fresh simulated world on the same seed. The `LiteLLM`
+//! runs go through `benches/litellm/driver.py`, which offers the same requests (the same
+//! arrival times, or the same number of closed-loop callers) and writes one record per
+//! request; this process owns the simulator and the clock of every run, and computes every
 //! figure from the records the same way for both routers.
 //!
 //! Writes `scenarios.json` (summaries and per-second series) to `--out` (default
 //! `target/bench`), which `cargo run -p benches --bin bench-report` turns into tables and
-//! plots. `cargo bench -p benches --bench scenarios [-- --litellm PYTHON] [--only NAME]`;
-//! `cargo xtask bench [--compare litellm]` runs it with the rest.
+//! plots. `cargo bench -p benches --bench scenarios [-- --litellm PYTHON] [--only NAME]
+//! [--quick]`; `--only` keeps the runs whose scenario name starts with NAME; `--quick` runs
+//! the pressure matrix alone, with short phases (under three minutes without `LiteLLM`).
+//! `cargo xtask bench [--quick] [--compare litellm]` runs it with the rest.
 
 #![expect(
     clippy::unwrap_used,
@@ -27,6 +38,7 @@
     reason = "a benchmark report: a failed setup should stop it loudly"
 )]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -38,35 +50,25 @@ use serde_json::{Value, json};
 use state_redis::{RedisOptions, RedisStore};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use upstream_sim::redis_server::RedisServer;
-use upstream_sim::{EndpointConfig, LatencyModel, Limits, Sim, SimDialect};
+use upstream_sim::{EndpointConfig, LatencyModel, Limits, Sim, SimDialect, WindowKind};
 
 const MODEL: &str = "gpt-4o-mini";
 const API_KEY: &str = "sk-bench";
 const SEED: u64 = 7;
-/// Words of every prompt, and its output cap: about 120 tokens charged a request.
-const PROMPT_WORDS: u64 = 40;
-const MAX_TOKENS: u32 = 60;
 /// Every request's deadline, and the attempts one request may make.
 const DEADLINE: Duration = Duration::from_secs(3);
+/// The pressure matrix's deadline (the gateway deadline).
+const PRESSURE_DEADLINE: Duration = Duration::from_secs(30);
 const ATTEMPTS: u32 = 3;
-
-/// The degradation scenario.
-const DEGRADE_RATE: f64 = 30.0;
-const DEGRADE_SECONDS: u64 = 20;
-const DEGRADE_AT: u64 = 10;
-const SLOWDOWN: f64 = 5.0;
-/// The simulated endpoints of every run, by name; the first is the one that slows.
-const ENDPOINTS: [&str; 3] = ["ep0", "ep1", "ep2"];
-const SLOW_ENDPOINT: &str = ENDPOINTS[0];
+/// The router's default max queue wait, which the quota cells' p99 bound adds.
+const MAX_QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// "Settled": requests sent this long after the slowdown.
 const SETTLE: f64 = 3.0;
-
-/// The quota scenario.
-const TPMS: [u64; 3] = [30_000, 60_000, 90_000];
-const QUOTA_SECONDS: u64 = 30;
-const QUOTA_WINDOW: Duration = Duration::from_secs(10);
-const OFFERED: f64 = 1.3;
-const PER_REQUEST: f64 = 120.0;
+/// The recovered endpoint must be back within this long.
+const RAMP: u64 = 10;
+/// Endpoint names; the first is the one that slows.
+const NAMES: [&str; 4] = ["ep0", "ep1", "ep2", "ep3"];
+const SLOW_ENDPOINT: &str = NAMES[0];
 
 /// How a request ended, the same classes for both routers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +103,8 @@ struct Record {
     endpoint: Option<String>,
     outcome: Outcome,
     error: Option<String>,
+    /// A refusal retried once at its `Retry-After`: whether the retry was served.
+    retry: Option<bool>,
 }
 
 /// Who routes a run.
@@ -117,6 +121,14 @@ enum System {
 }
 
 impl System {
+    fn ours(strategy: StrategyKind) -> Self {
+        Self::Ours {
+            strategy,
+            replicas: 1,
+            redis: false,
+        }
+    }
+
     fn system_name(&self) -> &'static str {
         match self {
             Self::Ours { .. } => "openai-router",
@@ -149,46 +161,146 @@ impl System {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scenario {
-    Degradation,
-    Quota,
+/// How the load is offered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Load {
+    /// Requests at `rate` a second whatever the answers: evenly spaced, or Poisson arrivals.
+    Open { rate: f64, poisson: bool },
+    /// `callers` callers, each sending its next request when its last is answered.
+    Closed { callers: usize },
+}
+
+/// The simulated world of a run.
+#[derive(Debug, Clone, PartialEq)]
+enum World {
+    /// Equal endpoints without quotas; `SLOW_ENDPOINT` turns `slowdown` times slower at `at`
+    /// and back at `recover`. An oracle run has the healthy endpoints alone and no slowdown.
+    Degrade {
+        endpoints: usize,
+        latency: LatencyModel,
+        slowdown: f64,
+        at: u64,
+        recover: Option<u64>,
+        oracle: bool,
+    },
+    /// Endpoints with these TPMs (and RPMs, when set) over windows of `window` and `kind`.
+    Quota {
+        tpms: Vec<u64>,
+        rpm_per_ktpm: Option<u64>,
+        window: Duration,
+        kind: WindowKind,
+        latency: LatencyModel,
+        offered: f64,
+    },
+}
+
+/// One run's parameters.
+#[derive(Debug, Clone, PartialEq)]
+struct Scenario {
+    /// `degradation`, `quota`, `pressure-degradation`, `pressure-quota`.
+    name: &'static str,
+    /// The cell within the scenario (empty for the classic two).
+    case: String,
+    world: World,
+    load: Load,
+    seconds: u64,
+    prompt_words: u64,
+    max_tokens: u32,
+    deadline: Duration,
+    /// Whether a caller retries a refusal once at its `Retry-After`.
+    retry: bool,
 }
 
 impl Scenario {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Degradation => "degradation",
-            Self::Quota => "quota",
+    fn degradation() -> Self {
+        Self {
+            name: "degradation",
+            case: String::new(),
+            world: World::Degrade {
+                endpoints: 3,
+                latency: LatencyModel::new(Duration::from_millis(100), Duration::from_millis(5))
+                    .with_jitter(0.2),
+                slowdown: 5.0,
+                at: 10,
+                recover: None,
+                oracle: false,
+            },
+            load: Load::Open {
+                rate: 30.0,
+                poisson: false,
+            },
+            seconds: 20,
+            prompt_words: 40,
+            max_tokens: 60,
+            deadline: DEADLINE,
+            retry: false,
         }
     }
 
-    fn rate(self) -> f64 {
-        match self {
-            Self::Degradation => DEGRADE_RATE,
-            Self::Quota => OFFERED * TPMS.iter().sum::<u64>() as f64 / 60.0 / PER_REQUEST,
+    fn quota() -> Self {
+        let tpms = vec![30_000, 60_000, 90_000];
+        let offered = 1.3;
+        Self {
+            name: "quota",
+            case: String::new(),
+            load: Load::Open {
+                rate: open_rate(&tpms, offered, 120.0),
+                poisson: false,
+            },
+            world: World::Quota {
+                tpms,
+                rpm_per_ktpm: None,
+                window: Duration::from_secs(10),
+                kind: WindowKind::Fixed,
+                latency: LatencyModel::new(Duration::from_millis(100), Duration::from_millis(5))
+                    .with_jitter(0.2),
+                offered,
+            },
+            seconds: 30,
+            prompt_words: 40,
+            max_tokens: 60,
+            deadline: DEADLINE,
+            retry: false,
         }
     }
 
-    fn seconds(self) -> u64 {
-        match self {
-            Self::Degradation => DEGRADE_SECONDS,
-            Self::Quota => QUOTA_SECONDS,
+    fn endpoints(&self) -> usize {
+        match &self.world {
+            World::Degrade {
+                endpoints, oracle, ..
+            } => endpoints - usize::from(*oracle),
+            World::Quota { tpms, .. } => tpms.len(),
         }
     }
 
-    fn world(self) -> Vec<EndpointConfig> {
-        let latency = LatencyModel::new(Duration::from_millis(100), Duration::from_millis(5))
-            .with_jitter(0.2);
-        (0..ENDPOINTS.len())
-            .map(|i| {
-                let limits = match self {
-                    Self::Degradation => Limits::unlimited(),
-                    Self::Quota => {
-                        Limits::per_minute(Some(TPMS[i]), None).with_window(QUOTA_WINDOW)
-                    }
+    /// The endpoints' names in the run (an oracle has no slowed endpoint).
+    fn names(&self) -> Vec<&'static str> {
+        let skip = usize::from(matches!(self.world, World::Degrade { oracle: true, .. }));
+        NAMES[skip..skip + self.endpoints()].to_vec()
+    }
+
+    fn world(&self) -> Vec<EndpointConfig> {
+        self.names()
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let (latency, limits) = match &self.world {
+                    World::Degrade { latency, .. } => (*latency, Limits::unlimited()),
+                    World::Quota {
+                        tpms,
+                        rpm_per_ktpm,
+                        window,
+                        kind,
+                        latency,
+                        ..
+                    } => (
+                        *latency,
+                        Limits::per_minute(Some(tpms[i]), rpm_per_ktpm.map(|r| tpms[i] / 1000 * r))
+                            .with_window(*window)
+                            .with_kind(*kind),
+                    ),
                 };
-                EndpointConfig::new(ENDPOINTS[i], SimDialect::OpenAi)
+                EndpointConfig::new(*name, SimDialect::OpenAi)
                     .with_models([MODEL])
                     .with_api_key(API_KEY)
                     .with_latency(latency)
@@ -197,26 +309,321 @@ impl Scenario {
             .collect()
     }
 
-    /// The TPM each router is told per endpoint. In the degradation scenario the endpoints
-    /// have no limit; a large figure gives the usage-based strategies a denominator.
-    fn told_tpm(self, i: usize) -> u64 {
-        match self {
-            Self::Degradation => 1_000_000,
-            Self::Quota => TPMS[i],
+    /// The TPM (and RPM) each router is told per endpoint. Without quotas, a large TPM gives
+    /// the usage-based strategies a denominator.
+    fn told(&self, i: usize) -> (u64, Option<u64>) {
+        match &self.world {
+            World::Degrade { .. } => (1_000_000, None),
+            World::Quota {
+                tpms, rpm_per_ktpm, ..
+            } => (tpms[i], rpm_per_ktpm.map(|r| tpms[i] / 1000 * r)),
         }
+    }
+
+    fn quota_window(&self) -> Option<Duration> {
+        match &self.world {
+            World::Quota { window, .. } => Some(*window),
+            World::Degrade { .. } => None,
+        }
+    }
+
+    /// When each open-loop request is sent, in seconds from the start.
+    fn arrivals(&self) -> Vec<f64> {
+        let Load::Open { rate, poisson } = self.load else {
+            return Vec::new();
+        };
+        let seconds = self.seconds as f64;
+        if !poisson {
+            let total = (rate * seconds) as u64;
+            return (0..total).map(|i| i as f64 / rate).collect();
+        }
+        let mut rng = router_facade::Rng::with_seed(SEED ^ 0x5eed);
+        let mut t = 0.0;
+        let mut out = Vec::new();
+        loop {
+            t += -(1.0 - rng.unit()).ln() / rate;
+            if t >= seconds {
+                return out;
+            }
+            out.push(t);
+        }
+    }
+
+    /// The unloaded p99 of one request: the latency model at its jitter's top.
+    fn unloaded_ms(&self) -> f64 {
+        let latency = match &self.world {
+            World::Degrade { latency, .. } | World::Quota { latency, .. } => *latency,
+        };
+        (latency.ttft_ms as f64 + latency.per_token_ms * f64::from(self.max_tokens))
+            * (1.0 + latency.jitter)
+    }
+
+    fn describe(&self) -> String {
+        let load = match self.load {
+            Load::Open { rate, poisson } => format!(
+                "{rate:.1} requests/s{}",
+                if poisson { ", Poisson" } else { "" }
+            ),
+            Load::Closed { callers } => format!("{callers} closed-loop callers"),
+        };
+        format!("{} s at {load}", self.seconds)
     }
 }
 
-fn request(i: u64) -> ChatCompletionRequest {
+/// The open-loop rate that offers `offered` times the summed TPM with requests of `per_request`
+/// tokens.
+fn open_rate(tpms: &[u64], offered: f64, per_request: f64) -> f64 {
+    offered * tpms.iter().sum::<u64>() as f64 / 60.0 / per_request
+}
+
+/// Tokens a request is charged: about 1.33 tokens a word plus the chat overhead, and its cap.
+fn per_request(words: u64, max_tokens: u32) -> f64 {
+    words as f64 * 4.0 / 3.0 + 8.0 + f64::from(max_tokens)
+}
+
+/// Phase lengths of the pressure matrix: full, or `--quick`.
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    equal: u64,
+    slow: u64,
+    recovered: u64,
+    quota: u64,
+}
+
+const FULL: Phases = Phases {
+    equal: 10,
+    slow: 15,
+    recovered: 15,
+    quota: 60,
+};
+
+const QUICK: Phases = Phases {
+    equal: 4,
+    slow: 6,
+    recovered: 11,
+    quota: 12,
+};
+
+/// A quota cell: model, offered, window (s), TPMs, RPM per 1k TPM, prompt words, output cap.
+type QuotaCell = (WindowKind, f64, u64, &'static [u64], Option<u64>, u64, u32);
+
+/// The pressure matrix. Every cell differs from its neighbours in more than the one parameter
+/// it is named by (window length, request size, endpoint count, latency model), so that the
+/// targets are shown to hold across parameter sets, not on one.
+fn pressure(phases: Phases) -> Vec<Scenario> {
+    let mut cells = Vec::new();
+    // Quota: (model, offered, window, TPMs, RPM per 1k TPM, prompt words, output cap).
+    let quota: [QuotaCell; 6] = [
+        (
+            WindowKind::Fixed,
+            1.3,
+            10,
+            &[30_000, 60_000, 90_000],
+            None,
+            40,
+            60,
+        ),
+        (WindowKind::Fixed, 2.0, 1, &[20_000, 40_000], None, 100, 150),
+        // The world: 6k / 12k / 24k TPM, RPM = TPM/1000 x 6, ~150 prompt tokens.
+        (
+            WindowKind::Sliding,
+            1.3,
+            10,
+            &[6_000, 12_000, 24_000],
+            Some(6),
+            110,
+            150,
+        ),
+        (
+            WindowKind::Sliding,
+            2.0,
+            1,
+            &[15_000, 30_000, 30_000, 60_000],
+            None,
+            40,
+            60,
+        ),
+        (
+            WindowKind::Provisioned,
+            1.3,
+            1,
+            &[30_000, 60_000, 90_000],
+            None,
+            100,
+            150,
+        ),
+        (
+            WindowKind::Provisioned,
+            2.0,
+            10,
+            &[20_000, 40_000, 60_000],
+            None,
+            40,
+            60,
+        ),
+    ];
+    for (kind, offered, window, tpms, rpm, words, max_tokens) in quota {
+        let per = per_request(words, max_tokens);
+        cells.push(Scenario {
+            name: "pressure-quota",
+            case: format!(
+                "{} {window} s windows, {offered}x, {} endpoints, {per:.0}-token requests",
+                kind_name(kind),
+                tpms.len()
+            ),
+            world: World::Quota {
+                tpms: tpms.to_vec(),
+                rpm_per_ktpm: rpm,
+                window: Duration::from_secs(window),
+                kind,
+                latency: LatencyModel::new(Duration::from_millis(150), Duration::from_millis(4))
+                    .with_jitter(0.2),
+                offered,
+            },
+            load: Load::Open {
+                rate: open_rate(tpms, offered, per),
+                poisson: true,
+            },
+            seconds: phases.quota,
+            prompt_words: words,
+            max_tokens,
+            deadline: PRESSURE_DEADLINE,
+            retry: true,
+        });
+    }
+    // Degradation: (slowdown, closed loop callers or open rate, endpoints, TTFT, per token,
+    // output cap).
+    let degrade: [(f64, Load, usize, u64, u64, u32); 6] = [
+        (
+            3.0,
+            Load::Open {
+                rate: 30.0,
+                poisson: true,
+            },
+            3,
+            100,
+            5,
+            60,
+        ),
+        (
+            5.0,
+            Load::Open {
+                rate: 40.0,
+                poisson: true,
+            },
+            4,
+            150,
+            5,
+            60,
+        ),
+        (
+            20.0,
+            Load::Open {
+                rate: 25.0,
+                poisson: true,
+            },
+            3,
+            150,
+            4,
+            100,
+        ),
+        (3.0, Load::Closed { callers: 24 }, 3, 150, 5, 60),
+        (5.0, Load::Closed { callers: 24 }, 3, 150, 5, 60),
+        (20.0, Load::Closed { callers: 32 }, 4, 100, 5, 60),
+    ];
+    for (slowdown, load, endpoints, ttft, per_token, max_tokens) in degrade {
+        let latency = LatencyModel::new(
+            Duration::from_millis(ttft),
+            Duration::from_millis(per_token),
+        )
+        .with_jitter(0.2);
+        let at = phases.equal;
+        let recover = at + phases.slow;
+        let loop_name = match load {
+            Load::Open { .. } => "open loop",
+            Load::Closed { .. } => "closed loop",
+        };
+        cells.push(Scenario {
+            name: "pressure-degradation",
+            case: format!(
+                "{slowdown:.0}x, {loop_name}, {endpoints} endpoints, {ttft} ms + {per_token} ms x {max_tokens}"
+            ),
+            world: World::Degrade {
+                endpoints,
+                latency,
+                slowdown,
+                at,
+                recover: Some(recover),
+                oracle: false,
+            },
+            load,
+            seconds: recover + phases.recovered,
+            prompt_words: 40,
+            max_tokens,
+            deadline: PRESSURE_DEADLINE,
+            retry: false,
+        });
+    }
+    cells
+}
+
+fn kind_name(kind: WindowKind) -> &'static str {
+    match kind {
+        WindowKind::Sliding => "sliding",
+        WindowKind::Provisioned => "provisioned",
+        _ => "fixed",
+    }
+}
+
+/// The oracle of a degradation cell: the same load on its healthy endpoints alone, through the
+/// slow phase.
+fn oracle(cell: &Scenario) -> Option<Scenario> {
+    let World::Degrade {
+        endpoints,
+        latency,
+        at,
+        recover: Some(recover),
+        ..
+    } = cell.world
+    else {
+        return None;
+    };
+    let loop_name = match cell.load {
+        Load::Open { .. } => "open loop",
+        Load::Closed { .. } => "closed loop",
+    };
+    Some(Scenario {
+        name: "pressure-oracle",
+        case: format!(
+            "{loop_name}, {} healthy endpoints, {} ms + {} ms x {}",
+            endpoints - 1,
+            latency.ttft_ms,
+            latency.per_token_ms,
+            cell.max_tokens
+        ),
+        world: World::Degrade {
+            endpoints,
+            latency,
+            slowdown: 1.0,
+            at,
+            recover: Some(recover),
+            oracle: true,
+        },
+        seconds: recover,
+        ..cell.clone()
+    })
+}
+
+fn request(i: u64, words: u64, max_tokens: u32) -> ChatCompletionRequest {
     // Must match `prompt()` in benches/litellm/driver.py.
-    let words = [
+    let vocabulary = [
         "route", "each", "call", "where", "quota", "room", "left", "fast",
     ];
-    let prompt: Vec<&str> = (0..PROMPT_WORDS)
-        .map(|k| words[((i + k) % 8) as usize])
+    let prompt: Vec<&str> = (0..words)
+        .map(|k| vocabulary[((i + k) % 8) as usize])
         .collect();
     let mut request = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user(prompt.join(" "))]);
-    request.max_tokens = Some(MAX_TOKENS);
+    request.max_tokens = Some(max_tokens);
     request
 }
 
@@ -250,12 +657,13 @@ struct RunData {
     /// Tokens the endpoints admitted while the load was offered.
     charged: u64,
     upstream_429s: u64,
+    upstream_requests: u64,
     samples: Vec<(f64, u64)>,
     elapsed: f64,
 }
 
 async fn run(
-    scenario: Scenario,
+    scenario: &Scenario,
     system: &System,
     python: Option<&Path>,
     out: &Path,
@@ -277,7 +685,7 @@ async fn run(
                             &redis.url(),
                             RedisOptions::default().with_prefix(format!(
                                 "bench-{}-{}",
-                                scenario.name(),
+                                scenario.name,
                                 std::process::id()
                             )),
                         )
@@ -301,38 +709,41 @@ async fn run(
             litellm(scenario, strategy, &sim, python, out, &samples).await
         }
     };
-    let upstream_429s = sim
-        .endpoints()
-        .iter()
-        .map(|e| e.counters().rate_limited)
-        .sum();
+    let sum = |f: fn(&upstream_sim::Counters) -> u64| {
+        sim.endpoints().iter().map(|e| f(&e.counters())).sum()
+    };
     let samples = samples.points.lock().unwrap().clone();
     RunData {
         records,
         charged,
-        upstream_429s,
+        upstream_429s: sum(|c| c.rate_limited),
+        upstream_requests: sum(|c| c.requests),
         samples,
         elapsed: started.elapsed().as_secs_f64(),
     }
 }
 
 fn our_router(
-    scenario: Scenario,
+    scenario: &Scenario,
     sim: &Sim,
     strategy: StrategyKind,
     store: Option<Arc<dyn StateStore>>,
 ) -> Router {
     let mut builder = Router::builder()
         .strategy(strategy)
-        .request_timeout(DEADLINE)
+        .request_timeout(scenario.deadline)
         .max_attempts(ATTEMPTS);
     for (i, endpoint) in sim.endpoints().iter().enumerate() {
+        let (tpm, rpm) = scenario.told(i);
         let mut configured = Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
             .api_key(API_KEY)
             .model(MODEL)
-            .tpm(scenario.told_tpm(i));
-        if scenario == Scenario::Quota {
-            configured = configured.quota_window(QUOTA_WINDOW);
+            .tpm(tpm);
+        if let Some(rpm) = rpm {
+            configured = configured.rpm(rpm);
+        }
+        if let Some(window) = scenario.quota_window() {
+            configured = configured.quota_window(window);
         }
         builder = builder.endpoint(configured);
     }
@@ -351,71 +762,124 @@ fn start_windows(sim: &Sim) -> Instant {
     Instant::now()
 }
 
-/// In the degradation scenario, slows the first endpoint down midway.
-fn degrade_later(scenario: Scenario, sim: &Sim, started: Instant) -> tokio::task::JoinHandle<()> {
+/// In a degradation run, slows the first endpoint down at `at` and back at `recover`.
+fn degrade_later(scenario: &Scenario, sim: &Sim, started: Instant) -> tokio::task::JoinHandle<()> {
     let slow = sim.endpoint(SLOW_ENDPOINT).cloned();
+    let world = scenario.world.clone();
     tokio::spawn(async move {
-        if scenario != Scenario::Degradation {
+        let (
+            World::Degrade {
+                slowdown,
+                at,
+                recover,
+                oracle: false,
+                ..
+            },
+            Some(slow),
+        ) = (world, slow)
+        else {
             return;
-        }
-        tokio::time::sleep_until((started + Duration::from_secs(DEGRADE_AT)).into()).await;
-        if let Some(slow) = slow {
-            slow.set_latency(slow.latency().scaled(SLOWDOWN));
+        };
+        let healthy = slow.latency();
+        tokio::time::sleep_until((started + Duration::from_secs(at)).into()).await;
+        slow.set_latency(healthy.scaled(slowdown));
+        if let Some(recover) = recover {
+            tokio::time::sleep_until((started + Duration::from_secs(recover)).into()).await;
+            slow.set_latency(healthy);
         }
     })
+}
+
+/// Sends request `i` and records how it ended; a refusal is retried once at its
+/// `Retry-After` when the scenario says so.
+async fn one(router: &Router, scenario: &Scenario, i: u64, started: Instant) -> Record {
+    let sent = Instant::now();
+    let t = sent.duration_since(started).as_secs_f64();
+    let request = request(i, scenario.prompt_words, scenario.max_tokens);
+    let answer = router.chat(&request).await;
+    let ms = sent.elapsed().as_secs_f64() * 1000.0;
+    match answer {
+        Ok(answered) => Record {
+            t,
+            ms,
+            endpoint: Some(answered.endpoint.to_string()),
+            outcome: Outcome::Ok,
+            error: None,
+            retry: None,
+        },
+        Err(e) => {
+            let outcome = if e.is_throttled() {
+                Outcome::Throttled
+            } else if e.status() == Some(429) {
+                Outcome::Upstream429
+            } else if e.kind() == router_facade::ErrorKind::DeadlineExceeded {
+                Outcome::Timeout
+            } else {
+                Outcome::Error
+            };
+            let mut retry = None;
+            if scenario.retry
+                && outcome == Outcome::Throttled
+                && let Some(wait) = e.retry_after()
+                && t + wait.as_secs_f64() < scenario.seconds as f64
+            {
+                // A client that does as it was told: back at the `Retry-After`.
+                tokio::time::sleep(wait).await;
+                retry = Some(router.chat(&request).await.is_ok());
+            }
+            Record {
+                t,
+                ms,
+                endpoint: None,
+                outcome,
+                error: Some(e.to_string()),
+                retry,
+            }
+        }
+    }
 }
 
 /// Offers the scenario's load through our routers (round robin over replicas).
 async fn offer(
     routers: &[Router],
-    scenario: Scenario,
+    scenario: &Scenario,
     sim: &Sim,
     started: Instant,
 ) -> (Vec<Record>, u64) {
-    let rate = scenario.rate();
-    let total = (rate * scenario.seconds() as f64) as u64;
-    let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
-        let router = routers[(i as usize) % routers.len()].clone();
-        tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let t = sent.duration_since(started).as_secs_f64();
-            let answer = router.chat(&request(i)).await;
-            let ms = sent.elapsed().as_secs_f64() * 1000.0;
-            match answer {
-                Ok(answered) => Record {
-                    t,
-                    ms,
-                    endpoint: Some(answered.endpoint.to_string()),
-                    outcome: Outcome::Ok,
-                    error: None,
-                },
-                Err(e) => {
-                    let outcome = if e.is_throttled() {
-                        Outcome::Throttled
-                    } else if e.status() == Some(429) {
-                        Outcome::Upstream429
-                    } else if e.kind() == router_facade::ErrorKind::DeadlineExceeded {
-                        Outcome::Timeout
-                    } else {
-                        Outcome::Error
-                    };
-                    Record {
-                        t,
-                        ms,
-                        endpoint: None,
-                        outcome,
-                        error: Some(e.to_string()),
-                    }
-                }
+    let mut tasks = Vec::new();
+    match scenario.load {
+        Load::Open { .. } => {
+            for (i, at) in scenario.arrivals().into_iter().enumerate() {
+                tokio::time::sleep_until((started + Duration::from_secs_f64(at)).into()).await;
+                let router = routers[i % routers.len()].clone();
+                let scenario = scenario.clone();
+                tasks.push(tokio::spawn(async move {
+                    vec![one(&router, &scenario, i as u64, started).await]
+                }));
             }
-        }));
+        }
+        Load::Closed { callers } => {
+            let end = started + Duration::from_secs(scenario.seconds);
+            for caller in 0..callers {
+                let router = routers[caller % routers.len()].clone();
+                let scenario = scenario.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut records = Vec::new();
+                    let mut i = caller as u64;
+                    while Instant::now() < end {
+                        records.push(one(&router, &scenario, i, started).await);
+                        i += callers as u64;
+                    }
+                    records
+                }));
+            }
+            tokio::time::sleep_until(end.into()).await;
+        }
     }
     let charged = charged(sim);
-    let mut records = Vec::with_capacity(tasks.len());
+    let mut records = Vec::new();
     for task in tasks {
-        records.push(task.await.unwrap());
+        records.extend(task.await.unwrap());
     }
     (records, charged)
 }
@@ -429,28 +893,38 @@ fn charged(sim: &Sim) -> u64 {
 
 /// Offers the same load through `LiteLLM`'s Router (`benches/litellm/driver.py`).
 async fn litellm(
-    scenario: Scenario,
+    scenario: &Scenario,
     strategy: &str,
     sim: &Sim,
     python: &Path,
     out: &Path,
     samples: &Arc<Samples>,
 ) -> (Vec<Record>, Instant, u64) {
-    let name = format!("litellm-{}-{strategy}", scenario.name());
+    let slug: String = scenario
+        .case
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let name = format!("litellm-{}-{slug}-{strategy}", scenario.name);
     let endpoints: Vec<Value> = sim
         .endpoints()
         .iter()
         .enumerate()
         .map(|(i, e)| {
+            let (tpm, rpm) = scenario.told(i);
             json!({"name": e.name(), "api_base": e.openai_base_url(), "api_key": API_KEY,
-                   "tpm": scenario.told_tpm(i)})
+                   "tpm": tpm, "rpm": rpm})
         })
         .collect();
+    let callers = match scenario.load {
+        Load::Closed { callers } => Some(callers),
+        Load::Open { .. } => None,
+    };
     let spec = json!({
         "strategy": strategy, "model": MODEL, "endpoints": endpoints,
-        "rate": scenario.rate(), "seconds": scenario.seconds(),
-        "prompt_words": PROMPT_WORDS, "max_tokens": MAX_TOKENS,
-        "timeout_s": DEADLINE.as_secs_f64(), "num_retries": ATTEMPTS - 1,
+        "arrivals": scenario.arrivals(), "callers": callers, "seconds": scenario.seconds,
+        "prompt_words": scenario.prompt_words, "max_tokens": scenario.max_tokens,
+        "timeout_s": scenario.deadline.as_secs_f64(), "num_retries": ATTEMPTS - 1,
     });
     let spec_path = out.join(format!("{name}.spec.json"));
     let records_path = out.join(format!("{name}.records.jsonl"));
@@ -481,10 +955,10 @@ async fn litellm(
     stdin.flush().await.unwrap();
     let sampling = sample(sim, started, samples);
     let degrade = degrade_later(scenario, sim, started);
-    let offered_until = started + Duration::from_secs(scenario.seconds());
+    let offered_until = started + Duration::from_secs(scenario.seconds);
     tokio::time::sleep_until(offered_until.into()).await;
     let charged = charged(sim);
-    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
+    let status = tokio::time::timeout(scenario.deadline + Duration::from_secs(120), child.wait())
         .await
         .expect("the LiteLLM driver did not finish")
         .unwrap();
@@ -506,6 +980,7 @@ async fn litellm(
                 endpoint: v["endpoint"].as_str().map(str::to_owned),
                 outcome: Outcome::parse(v["outcome"].as_str().unwrap_or_default()),
                 error: v["error"].as_str().map(str::to_owned),
+                retry: None,
             }
         })
         .collect();
@@ -533,51 +1008,60 @@ fn count(records: &[Record], outcome: Outcome) -> usize {
     records.iter().filter(|r| r.outcome == outcome).count()
 }
 
+/// Each endpoint's share of the requests served among those sent in `[from, to)`.
+fn shares(records: &[Record], names: &[&str], from: f64, to: f64) -> Vec<f64> {
+    let served: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Ok && r.t >= from && r.t < to)
+        .collect();
+    names
+        .iter()
+        .map(|name| {
+            let n = served
+                .iter()
+                .filter(|r| r.endpoint.as_deref() == Some(name))
+                .count();
+            if served.is_empty() {
+                0.0
+            } else {
+                n as f64 / served.len() as f64
+            }
+        })
+        .collect()
+}
+
 /// Per-second series: latency p50/p99 of the requests sent in that second, and the share of
 /// them each endpoint served.
-fn series(records: &[Record], seconds: u64) -> Value {
-    let names = ENDPOINTS;
+fn series(records: &[Record], names: &[&str], seconds: u64) -> Value {
     let mut p50 = Vec::new();
     let mut p99 = Vec::new();
-    let mut shares: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut by_endpoint: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for s in 0..seconds {
         let (from, to) = (s as f64, s as f64 + 1.0);
         let ms = latencies(records, from, to);
         p50.push(percentile(&ms, 0.5));
         p99.push(percentile(&ms, 0.99));
-        let served: Vec<&Record> = records
-            .iter()
-            .filter(|r| r.outcome == Outcome::Ok && r.t >= from && r.t < to)
-            .collect();
-        for (i, name) in names.iter().enumerate() {
-            let n = served
-                .iter()
-                .filter(|r| r.endpoint.as_deref() == Some(name))
-                .count();
-            shares[i].push(if served.is_empty() {
-                0.0
-            } else {
-                n as f64 / served.len() as f64
-            });
+        for (i, share) in shares(records, names, from, to).into_iter().enumerate() {
+            by_endpoint[i].push(share);
         }
     }
     json!({
         "p50_ms": p50, "p99_ms": p99,
-        "share": names.iter().zip(shares).map(|(n, s)| (n.to_string(), json!(s))).collect::<serde_json::Map<_, _>>(),
+        "share": names.iter().zip(by_endpoint).map(|(n, s)| ((*n).to_owned(), json!(s))).collect::<serde_json::Map<_, _>>(),
     })
 }
 
 /// Tokens the endpoints admitted in each quota window of the run, as tokens per minute:
 /// `[window start s, window end s, tokens/min]`. The windows restart with the run's clock and
-/// the samples fall on their edges.
-fn tokens_per_window(samples: &[(f64, u64)], seconds: u64) -> Value {
+/// the samples fall on their edges; windows shorter than 5 s are summed to 5 s for reading.
+fn tokens_per_window(samples: &[(f64, u64)], window: Duration, seconds: u64) -> Value {
     let at = |edge: f64| {
         samples
             .iter()
             .min_by(|a, b| (a.0 - edge).abs().total_cmp(&(b.0 - edge).abs()))
             .map_or(0, |s| s.1)
     };
-    let window = QUOTA_WINDOW.as_secs_f64();
+    let window = window.as_secs_f64().max(5.0);
     let windows = (seconds as f64 / window).round() as u64;
     let points: Vec<Value> = (0..windows)
         .map(|k| {
@@ -588,15 +1072,18 @@ fn tokens_per_window(samples: &[(f64, u64)], seconds: u64) -> Value {
     json!(points)
 }
 
-fn summarize(scenario: Scenario, system: &System, data: &RunData) -> Value {
+fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
     let records = &data.records;
+    let names = scenario.names();
     let errors: Vec<&str> = records
         .iter()
         .filter_map(|r| r.error.as_deref())
         .take(3)
         .collect();
     let mut summary = json!({
-        "scenario": scenario.name(),
+        "scenario": scenario.name,
+        "case": scenario.case,
+        "load": scenario.describe(),
         "system": system.system_name(),
         "run": system.label(),
         "requests": records.len(),
@@ -607,57 +1094,81 @@ fn summarize(scenario: Scenario, system: &System, data: &RunData) -> Value {
         "error": count(records, Outcome::Error),
         "sample_errors": errors,
         "elapsed_s": data.elapsed,
-        "series": series(records, scenario.seconds()),
+        "series": series(records, &names, scenario.seconds),
     });
     let all = latencies(records, 0.0, f64::MAX);
     summary["p50_ms"] = json!(percentile(&all, 0.5));
     summary["p99_ms"] = json!(percentile(&all, 0.99));
-    match scenario {
-        Scenario::Degradation => {
-            let at = DEGRADE_AT as f64;
+    match &scenario.world {
+        World::Degrade {
+            at,
+            recover,
+            oracle,
+            endpoints,
+            ..
+        } => {
+            let at = *at as f64;
+            let end = recover.map_or(f64::MAX, |r| r as f64);
             let before = latencies(records, 2.0, at);
-            let after = latencies(records, at, f64::MAX);
-            let served_after: Vec<&Record> = records
-                .iter()
-                .filter(|r| r.outcome == Outcome::Ok && r.t >= at)
-                .collect();
-            let slow = served_after
-                .iter()
-                .filter(|r| r.endpoint.as_deref() == Some(SLOW_ENDPOINT))
-                .count();
+            let after = latencies(records, at, end);
+            let slow_phase = shares(records, &names, at, end);
             // No herding: the least any endpoint served while all were equal.
-            let served_before: Vec<&Record> = records
-                .iter()
-                .filter(|r| r.outcome == Outcome::Ok && r.t >= 2.0 && r.t < at)
-                .collect();
-            let least_before = ENDPOINTS
-                .iter()
-                .map(|name| {
-                    served_before
-                        .iter()
-                        .filter(|r| r.endpoint.as_deref() == Some(*name))
-                        .count()
-                })
-                .min()
-                .unwrap_or_default();
-            summary["least_share_before"] =
-                json!(least_before as f64 / served_before.len().max(1) as f64);
+            let least_before = shares(records, &names, 2.0, at)
+                .into_iter()
+                .fold(f64::MAX, f64::min);
+            summary["least_share_before"] = json!(least_before);
+            summary["fair_share"] = json!(1.0 / *endpoints as f64);
             summary["before_p50_ms"] = json!(percentile(&before, 0.5));
             summary["before_p99_ms"] = json!(percentile(&before, 0.99));
             summary["after_p50_ms"] = json!(percentile(&after, 0.5));
             summary["after_p99_ms"] = json!(percentile(&after, 0.99));
             // Once the requests already on their way to the slow endpoint are done.
-            let settled = latencies(records, at + SETTLE, f64::MAX);
+            let settled = latencies(records, at + SETTLE, end);
             summary["settled_p99_ms"] = json!(percentile(&settled, 0.99));
-            summary["slow_share_after"] = json!(slow as f64 / served_after.len().max(1) as f64);
+            if !oracle {
+                summary["slow_share_after"] = json!(slow_phase[0]);
+            }
+            if let (Some(recover), false) = (recover, oracle) {
+                // The recovered endpoint's share, second by second, and the most any endpoint
+                // had while it ramped back.
+                let recover = *recover as f64;
+                let fair = 1.0 / *endpoints as f64;
+                let mut back_within = None;
+                let mut most = 0.0_f64;
+                for s in 0..RAMP {
+                    let from = recover + s as f64;
+                    let share = shares(records, &names, from, from + 1.0);
+                    if back_within.is_none() && share[0] >= 0.75 * fair {
+                        back_within = Some(s + 1);
+                    }
+                    most = share.iter().copied().fold(most, f64::max);
+                }
+                summary["recovered_within_s"] = json!(back_within);
+                summary["most_share_during_ramp"] = json!(most);
+            }
         }
-        Scenario::Quota => {
-            let summed: u64 = TPMS.iter().sum();
-            let quota = summed as f64 * scenario.seconds() as f64 / 60.0;
+        World::Quota {
+            tpms,
+            window,
+            offered,
+            ..
+        } => {
+            let summed: u64 = tpms.iter().sum();
+            let quota = summed as f64 * scenario.seconds as f64 / 60.0;
             summary["share_served"] = json!(data.charged as f64 / quota);
             summary["upstream_429s"] = json!(data.upstream_429s);
-            summary["tokens_per_window"] = tokens_per_window(&data.samples, scenario.seconds());
+            summary["upstream_requests"] = json!(data.upstream_requests);
+            summary["upstream_429_share"] =
+                json!(data.upstream_429s as f64 / data.upstream_requests.max(1) as f64);
+            summary["tokens_per_window"] =
+                tokens_per_window(&data.samples, *window, scenario.seconds);
             summary["summed_tpm"] = json!(summed);
+            summary["offered"] = json!(offered);
+            summary["p99_bound_ms"] =
+                json!(scenario.unloaded_ms() + MAX_QUEUE_WAIT.as_secs_f64() * 1000.0);
+            let retries: Vec<bool> = records.iter().filter_map(|r| r.retry).collect();
+            summary["retries"] = json!(retries.len());
+            summary["retries_served"] = json!(retries.iter().filter(|ok| **ok).count());
         }
     }
     summary
@@ -669,31 +1180,45 @@ fn one_line(summary: &Value) -> String {
             .as_f64()
             .map_or("-".to_owned(), |v| format!("{v:.0} ms"))
     };
-    match summary["scenario"].as_str() {
-        Some("degradation") => format!(
-            "least share before {:.1} %; p50/p99 before {}/{}, after {}/{}, settled p99 {}; slow endpoint's share after {:.1} %; {} ok, {} failed",
-            summary["least_share_before"].as_f64().unwrap_or_default() * 100.0,
+    let pct = |key: &str| {
+        summary[key]
+            .as_f64()
+            .map_or("-".to_owned(), |v| format!("{:.1} %", v * 100.0))
+    };
+    if summary["share_served"].is_number() {
+        format!(
+            "{} of the summed quota served; upstream 429s {}/{} ({} reached callers); {} throttled ({} of {} retries at Retry-After served), {} timed out, {} other; p50/p99 {}/{}",
+            pct("share_served"),
+            summary["upstream_429s"],
+            summary["upstream_requests"],
+            summary["upstream_429_to_caller"],
+            summary["throttled"],
+            summary["retries_served"],
+            summary["retries"],
+            summary["timeout"],
+            summary["error"],
+            ms("p50_ms"),
+            ms("p99_ms"),
+        )
+    } else {
+        format!(
+            "least share before {}; p50/p99 before {}/{}, after {}/{}, settled p99 {}{}; slow endpoint's share after {}; back within {} s, most share while ramping {}; {} ok, {} failed",
+            pct("least_share_before"),
             ms("before_p50_ms"),
             ms("before_p99_ms"),
             ms("after_p50_ms"),
             ms("after_p99_ms"),
             ms("settled_p99_ms"),
-            summary["slow_share_after"].as_f64().unwrap_or_default() * 100.0,
+            summary["p99_vs_oracle"]
+                .as_f64()
+                .map_or(String::new(), |r| format!(" ({r:.2}x the oracle)")),
+            pct("slow_share_after"),
+            summary["recovered_within_s"],
+            pct("most_share_during_ramp"),
             summary["ok"],
             summary["requests"].as_u64().unwrap_or_default()
                 - summary["ok"].as_u64().unwrap_or_default(),
-        ),
-        _ => format!(
-            "{:.1} % of the summed quota served; upstream 429s {} ({} reached callers); {} throttled, {} timed out, {} other; p50/p99 {}/{}",
-            summary["share_served"].as_f64().unwrap_or_default() * 100.0,
-            summary["upstream_429s"],
-            summary["upstream_429_to_caller"],
-            summary["throttled"],
-            summary["timeout"],
-            summary["error"],
-            ms("p50_ms"),
-            ms("p99_ms"),
-        ),
+        )
     }
 }
 
@@ -701,6 +1226,7 @@ struct Args {
     python: Option<PathBuf>,
     out: PathBuf,
     only: Option<String>,
+    quick: bool,
 }
 
 fn args() -> Args {
@@ -708,6 +1234,7 @@ fn args() -> Args {
         python: None,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
         only: None,
+        quick: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -715,6 +1242,7 @@ fn args() -> Args {
             "--litellm" => args.python = it.next().map(PathBuf::from),
             "--out" => args.out = it.next().map(PathBuf::from).expect("--out DIR"),
             "--only" => args.only = it.next(),
+            "--quick" => args.quick = true,
             // `cargo bench` passes `--bench`; criterion-style filters are not used here.
             _ => {}
         }
@@ -722,52 +1250,68 @@ fn args() -> Args {
     args
 }
 
-fn main() {
-    let args = args();
-    std::fs::create_dir_all(&args.out).unwrap();
+fn plan(args: &Args) -> Vec<(Scenario, System)> {
     let mut plan: Vec<(Scenario, System)> = Vec::new();
-    for kind in StrategyKind::ALL {
+    if !args.quick {
+        for kind in StrategyKind::ALL {
+            plan.push((Scenario::degradation(), System::ours(kind)));
+        }
+        plan.push((Scenario::quota(), System::ours(StrategyKind::LeastLatency)));
         plan.push((
-            Scenario::Degradation,
+            Scenario::quota(),
             System::Ours {
-                strategy: kind,
-                replicas: 1,
-                redis: false,
+                strategy: StrategyKind::LeastLatency,
+                replicas: 3,
+                redis: true,
             },
         ));
-    }
-    plan.push((
-        Scenario::Quota,
-        System::Ours {
-            strategy: StrategyKind::LeastLatency,
-            replicas: 1,
-            redis: false,
-        },
-    ));
-    plan.push((
-        Scenario::Quota,
-        System::Ours {
-            strategy: StrategyKind::LeastLatency,
-            replicas: 3,
-            redis: true,
-        },
-    ));
-    if args.python.is_some() {
-        for scenario in [Scenario::Degradation, Scenario::Quota] {
-            for strategy in [
-                "simple-shuffle",
-                "least-busy",
-                "latency-based-routing",
-                "usage-based-routing-v2",
-            ] {
-                plan.push((scenario, System::LiteLlm { strategy }));
+        if args.python.is_some() {
+            for scenario in [Scenario::degradation(), Scenario::quota()] {
+                for strategy in [
+                    "simple-shuffle",
+                    "least-busy",
+                    "latency-based-routing",
+                    "usage-based-routing-v2",
+                ] {
+                    plan.push((scenario.clone(), System::LiteLlm { strategy }));
+                }
             }
         }
     }
-    if let Some(only) = &args.only {
-        plan.retain(|(scenario, _)| scenario.name() == only);
+    let cells = pressure(if args.quick { QUICK } else { FULL });
+    let mut oracles: Vec<Scenario> = Vec::new();
+    for cell in &cells {
+        if let Some(oracle) = oracle(cell)
+            && !oracles.contains(&oracle)
+        {
+            oracles.push(oracle);
+        }
     }
-    let total: u64 = plan.iter().map(|(s, _)| s.seconds()).sum();
+    for oracle in oracles {
+        plan.push((oracle, System::ours(StrategyKind::LeastLatency)));
+    }
+    for cell in cells {
+        plan.push((cell.clone(), System::ours(StrategyKind::LeastLatency)));
+        if args.python.is_some() {
+            let theirs = if cell.name == "pressure-quota" {
+                "usage-based-routing-v2"
+            } else {
+                "latency-based-routing"
+            };
+            plan.push((cell, System::LiteLlm { strategy: theirs }));
+        }
+    }
+    if let Some(only) = &args.only {
+        plan.retain(|(scenario, _)| scenario.name.starts_with(only.as_str()));
+    }
+    plan
+}
+
+fn main() {
+    let args = args();
+    std::fs::create_dir_all(&args.out).unwrap();
+    let plan = plan(&args);
+    let total: u64 = plan.iter().map(|(s, _)| s.seconds).sum();
     println!(
         "scenarios: {} runs, about {} s of offered load{}",
         plan.len(),
@@ -792,41 +1336,68 @@ fn main() {
         } else {
             None
         };
+        // Oracle p99s by the cell they stand beside (the same world and load, healthy).
+        let mut oracle_p99: BTreeMap<String, f64> = BTreeMap::new();
         let mut summaries = Vec::new();
         for (n, (scenario, system)) in plan.iter().enumerate() {
             println!(
-                "[{}/{}] {} · {} · {} ({} s at {:.1} requests/s)",
+                "[{}/{}] {}{} · {} · {} ({})",
                 n + 1,
                 plan.len(),
-                scenario.name(),
+                scenario.name,
+                if scenario.case.is_empty() {
+                    String::new()
+                } else {
+                    format!(" · {}", scenario.case)
+                },
                 system.system_name(),
                 system.label(),
-                scenario.seconds(),
-                scenario.rate()
+                scenario.describe(),
             );
             let data = run(
-                *scenario,
+                scenario,
                 system,
                 args.python.as_deref(),
                 &args.out,
                 redis.as_ref(),
             )
             .await;
-            let summary = summarize(*scenario, system, &data);
+            let mut summary = summarize(scenario, system, &data);
+            if scenario.name == "pressure-oracle" {
+                if let Some(p99) = summary["settled_p99_ms"].as_f64() {
+                    oracle_p99.insert(scenario.case.clone(), p99);
+                }
+            } else if let Some(oracle) = oracle(scenario) {
+                let key = oracle.case;
+                if let (Some(o), Some(p99)) =
+                    (oracle_p99.get(&key), summary["settled_p99_ms"].as_f64())
+                {
+                    summary["oracle_p99_ms"] = json!(o);
+                    summary["p99_vs_oracle"] = json!(p99 / o);
+                }
+            }
             println!("      {}", one_line(&summary));
             summaries.push(summary);
         }
         summaries
     });
-    let path = args.out.join(match &args.only {
-        Some(only) => format!("scenarios-{only}.json"),
-        None => "scenarios.json".to_owned(),
+    let path = args.out.join(match (&args.only, args.quick) {
+        (Some(only), _) => format!("scenarios-{only}.json"),
+        (None, true) => "scenarios-quick.json".to_owned(),
+        (None, false) => "scenarios.json".to_owned(),
     });
+    let classic = Scenario::degradation();
+    let World::Degrade { at, slowdown, .. } = classic.world else {
+        unreachable!("the classic degradation scenario degrades")
+    };
+    let quota = Scenario::quota();
     let document = json!({
-        "degradation": {"rate": DEGRADE_RATE, "seconds": DEGRADE_SECONDS, "at": DEGRADE_AT,
-                        "slowdown": SLOWDOWN, "slow_endpoint": SLOW_ENDPOINT},
-        "quota": {"tpms": TPMS, "seconds": QUOTA_SECONDS, "window_s": QUOTA_WINDOW.as_secs(),
-                  "offered": OFFERED, "rate": Scenario::Quota.rate()},
+        "degradation": {"rate": 30.0, "seconds": classic.seconds, "at": at,
+                        "slowdown": slowdown, "slow_endpoint": SLOW_ENDPOINT},
+        "quota": {"tpms": [30_000, 60_000, 90_000], "seconds": quota.seconds, "window_s": 10,
+                  "offered": 1.3},
+        "pressure": {"quick": args.quick, "settle_s": SETTLE, "ramp_s": RAMP,
+                     "max_queue_wait_s": MAX_QUEUE_WAIT.as_secs_f64()},
         "deadline_s": DEADLINE.as_secs_f64(), "attempts": ATTEMPTS,
         "runs": summaries,
     });

@@ -1,13 +1,16 @@
 """Runs one benchmark scenario through LiteLLM's Router, for `cargo xtask bench --compare litellm`.
 
 The Rust scenario bench (benches/benches/scenarios.rs) owns the simulated endpoints and the
-clock of the scenario; this script only offers the load through LiteLLM, the same open-loop
-load the Rust side offers through openai-router, and writes one JSON line per request.
+clock of the scenario; this script only offers the load through LiteLLM, the same load the Rust
+side offers through openai-router (open loop: the same arrival times; closed loop: the same
+number of callers, each sending its next request when its last is answered), and writes one
+JSON line per request.
 
     driver.py SPEC.json RECORDS.jsonl
 
-SPEC holds the strategy, the endpoints (name, OpenAI base URL, key, TPM), the offered rate, the
-duration, the request shape, the deadline and the retries. The script prints `ready` once
+SPEC holds the strategy, the endpoints (name, OpenAI base URL, key, TPM, RPM), the arrival
+times (open loop) or the number of callers (closed loop), the duration, the request shape, the
+deadline and the retries. The script prints `ready` once
 LiteLLM is imported and the Router built, waits for a line on stdin, then starts the clock.
 """
 
@@ -60,6 +63,8 @@ async def main() -> None:
         }
         if endpoint.get("tpm"):
             params["tpm"] = endpoint["tpm"]
+        if endpoint.get("rpm"):
+            params["rpm"] = endpoint["rpm"]
         model_list.append(
             {
                 "model_name": model,
@@ -95,13 +100,24 @@ async def main() -> None:
     print("ready", flush=True)
     sys.stdin.readline()
     clock = time.perf_counter()
-    total = int(spec["rate"] * spec["seconds"])
     tasks = []
-    for i in range(total):
-        delay = clock + i / spec["rate"] - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, clock)))
+    callers = spec.get("callers")
+    if callers:
+        end = clock + spec["seconds"]
+
+        async def caller(first: int) -> None:
+            i = first
+            while time.perf_counter() < end:
+                await one(i, clock)
+                i += callers
+
+        tasks = [asyncio.create_task(caller(c)) for c in range(callers)]
+    else:
+        for i, at in enumerate(spec["arrivals"]):
+            delay = clock + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, clock)))
     await asyncio.gather(*tasks)
     with open(out_path, "w", encoding="utf-8") as f:
         for record in records:

@@ -6,9 +6,14 @@
 //!   loses traffic on its first slow answer;
 //! - a sample below moves the estimate toward it with weight `1 - exp(-dt / decay)`, where `dt`
 //!   is the time since the previous sample: a time constant, whatever the request rate;
-//! - read at time `now`, the estimate has decayed toward zero by `exp(-dt / decay)` since the
-//!   last sample, so an endpoint nobody tried lately looks cheaper and gets probed again
-//!   (it cannot starve, unlike a lifetime mean).
+//! - a sample below that comes [`STALE`] or more after the previous one, or at most half the
+//!   estimate, replaces it: the estimate is old news, and the sample (a probe's, typically:
+//!   see [`LeastLatency`](crate::LeastLatency)) says what the endpoint is like now (a
+//!   recovered endpoint would otherwise need a dozen decay constants of probes to look fast);
+//! - read at time `now`, the estimate has decayed toward zero by `exp(-dt / (6 × decay))` since
+//!   the last sample, so an endpoint nobody tried for a long while looks cheaper and gets tried
+//!   again (it cannot starve, unlike a lifetime mean), slowly enough that a slow endpoint
+//!   between two probes does not look fast again.
 //!
 //! The state is one `AtomicU64` (the estimate as `f32` milliseconds and the time of the last
 //! sample as `u32` milliseconds since the estimator's origin), updated with a CAS loop: reads
@@ -34,6 +39,12 @@ fn unpack(packed: u64) -> (f32, u32) {
     (f32::from_bits((packed >> 32) as u32), packed as u32)
 }
 
+/// How old an estimate is when a lower sample replaces it, as a share of the decay.
+pub const STALE: f64 = 0.25;
+
+/// How much slower an unsampled estimate decays than a sampled one moves.
+pub const IDLE_DECAY: f64 = 6.0;
+
 /// `estimate` decayed toward zero over `dt_ms` with time constant `decay_ms`.
 pub fn decayed(estimate_ms: f64, dt_ms: f64, decay_ms: f64) -> f64 {
     estimate_ms * (-dt_ms / decay_ms).exp()
@@ -41,7 +52,7 @@ pub fn decayed(estimate_ms: f64, dt_ms: f64, decay_ms: f64) -> f64 {
 
 /// The estimate after a `sample` arriving `dt_ms` after the previous one.
 pub fn updated(estimate_ms: f64, sample_ms: f64, dt_ms: f64, decay_ms: f64) -> f64 {
-    if sample_ms > estimate_ms {
+    if sample_ms > estimate_ms || dt_ms >= decay_ms * STALE || sample_ms * 2.0 <= estimate_ms {
         return sample_ms;
     }
     let w = (-dt_ms / decay_ms).exp();
@@ -67,7 +78,22 @@ impl PeakEwma {
     pub fn get(&self, now: Instant) -> f64 {
         let (estimate, at) = unpack(self.packed.load(Ordering::Relaxed));
         let dt = self.ms(now).wrapping_sub(at);
-        decayed(f64::from(estimate), f64::from(dt), self.decay_ms) / 1000.0
+        decayed(
+            f64::from(estimate),
+            f64::from(dt),
+            self.decay_ms * IDLE_DECAY,
+        ) / 1000.0
+    }
+
+    /// How long since the last sample (or since the start, when there was none).
+    pub fn since_sample(&self, now: Instant) -> Duration {
+        let (_, at) = unpack(self.packed.load(Ordering::Relaxed));
+        Duration::from_millis(u64::from(self.ms(now).wrapping_sub(at)))
+    }
+
+    /// The time constant.
+    pub fn decay(&self) -> Duration {
+        Duration::from_secs_f64(self.decay_ms / 1000.0)
     }
 
     /// Records a sample taken at `now`.
@@ -109,10 +135,10 @@ mod tests {
             (ewma.get(t0 + Duration::from_millis(10)) - 0.5).abs() < 1e-6,
             "peak"
         );
-        // A fast sample 1 s later moves it only part of the way.
-        ewma.observe(Duration::from_millis(100), t0 + Duration::from_millis(1010));
+        // A faster sample 1 s later moves it only part of the way.
+        ewma.observe(Duration::from_millis(300), t0 + Duration::from_millis(1010));
         let after = ewma.get(t0 + Duration::from_millis(1010));
-        assert!(after > 0.4 && after < 0.5, "{after}");
+        assert!(after > 0.45 && after < 0.5, "{after}");
         // Fast samples over 60 s (six time constants) bring it down near them.
         for i in 1..=600 {
             ewma.observe(
@@ -125,12 +151,33 @@ mod tests {
     }
 
     #[test]
-    fn idle_estimates_decay_toward_zero() {
+    fn idle_estimates_decay_toward_zero_six_times_slower() {
         let t0 = Instant::now();
         let ewma = PeakEwma::new(Duration::from_secs(1), DECAY, t0);
         ewma.observe(Duration::from_secs(2), t0);
-        let later = ewma.get(t0 + DECAY);
+        let later = ewma.get(t0 + DECAY * 6);
         assert!((later - 2.0 / std::f64::consts::E).abs() < 1e-3, "{later}");
+    }
+
+    #[test]
+    fn a_lower_sample_after_a_stale_estimate_replaces_it() {
+        let t0 = Instant::now();
+        let ewma = PeakEwma::new(Duration::from_millis(100), DECAY, t0);
+        ewma.observe(Duration::from_secs(2), t0);
+        // 2 s later (under a quarter of the decay), somewhat lower: smoothed.
+        ewma.observe(Duration::from_millis(1500), t0 + Duration::from_secs(2));
+        let smoothed = ewma.get(t0 + Duration::from_secs(2));
+        assert!(smoothed > 1.6 && smoothed < 2.0, "{smoothed}");
+        // 3 s after that: the estimate is old news; the sample is the endpoint now.
+        ewma.observe(Duration::from_millis(1500), t0 + Duration::from_secs(5));
+        assert!((ewma.get(t0 + Duration::from_secs(5)) - 1.5).abs() < 1e-6);
+        // At most half the estimate, at once: the endpoint recovered.
+        ewma.observe(Duration::from_millis(200), t0 + Duration::from_secs(6));
+        assert!((ewma.get(t0 + Duration::from_secs(6)) - 0.2).abs() < 1e-6);
+        assert_eq!(
+            ewma.since_sample(t0 + Duration::from_secs(7)),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
@@ -148,10 +195,18 @@ mod tests {
             (updated(100.0, 200.0, 5.0, 1000.0) - 200.0).abs() < f64::EPSILON,
             "peak"
         );
-        let w = (-0.5_f64).exp();
+        let w = (-0.2_f64).exp();
         assert!(
-            (updated(100.0, 50.0, 500.0, 1000.0) - (100.0 * w + 50.0 * (1.0 - w))).abs() < 1e-9
+            (updated(100.0, 60.0, 200.0, 1000.0) - (100.0 * w + 60.0 * (1.0 - w))).abs() < 1e-9
         );
         assert!((decayed(100.0, 1000.0, 1000.0) - 100.0 / std::f64::consts::E).abs() < 1e-9);
+        assert!(
+            (updated(100.0, 60.0, 250.0, 1000.0) - 60.0).abs() < f64::EPSILON,
+            "stale"
+        );
+        assert!(
+            (updated(100.0, 50.0, 10.0, 1000.0) - 50.0).abs() < f64::EPSILON,
+            "half"
+        );
     }
 }

@@ -150,6 +150,8 @@ pub fn select(
                 weight: slot.weight.max(1),
                 priority: slot.priority,
                 headroom: slot.state.quota.headroom(&slot.limits, now),
+                idle: slot.state.idle(now),
+                ramp: slot.state.ramp(now),
             });
             buffers.map.push(i);
         }

@@ -180,6 +180,11 @@ pub struct DeploymentState {
     /// The shares of the limits the upstream admits, as the store last said: the f32 bits of
     /// the burst share (high half) and of the rate share (low half).
     admits: AtomicU64,
+    /// Milliseconds since `origin`, plus one, when a request last started; 0 for never.
+    last_start: AtomicU64,
+    /// Milliseconds since `origin`, plus one, when it came back from looking slow (a sample
+    /// far below a stale estimate): it ramps back over [`DeploymentState::RAMP`]; 0 for never.
+    ramp_from: AtomicU64,
 }
 
 fn pack_learned(learned: Learned) -> u64 {
@@ -218,6 +223,32 @@ impl DeploymentState {
             learned_tpm: AtomicU64::new(0),
             learned_rpm: AtomicU64::new(0),
             admits: AtomicU64::new(pack_learned(Learned::FULL)),
+            last_start: AtomicU64::new(0),
+            ramp_from: AtomicU64::new(0),
+        }
+    }
+
+    /// How long a deployment that came back from looking slow takes to ramp back to its
+    /// whole share (slow start: [`ramp`](Self::ramp)).
+    pub const RAMP: Duration = Duration::from_secs(3);
+
+    /// Seconds since a request last started here; infinite when none has.
+    pub fn idle(&self, now: Instant) -> f64 {
+        match self.last_start.load(Ordering::Relaxed) {
+            0 => f64::INFINITY,
+            at => (self.ms(now) + 1).saturating_sub(at) as f64 / 1000.0,
+        }
+    }
+
+    /// How far it has ramped back since it came back from looking slow: 0 just then, 1 after
+    /// [`RAMP`](Self::RAMP) (and when it never looked slow).
+    pub fn ramp(&self, now: Instant) -> f64 {
+        match self.ramp_from.load(Ordering::Relaxed) {
+            0 => 1.0,
+            from => {
+                let since = (self.ms(now) + 1).saturating_sub(from) as f64 / 1000.0;
+                (since / Self::RAMP.as_secs_f64()).min(1.0)
+            }
         }
     }
 
@@ -313,9 +344,10 @@ impl DeploymentState {
         }
     }
 
-    /// Starts a request unless the deployment is half-open and its one request is in flight
-    /// already; a half-open deployment's request holds that one slot until its guard drops.
-    pub fn try_start(self: &Arc<Self>) -> Option<InFlightGuard> {
+    /// Starts a request at `now` unless the deployment is half-open and its one request is in
+    /// flight already; a half-open deployment's request holds that one slot until its guard
+    /// drops.
+    pub fn try_start(self: &Arc<Self>, now: Instant) -> Option<InFlightGuard> {
         let probe = self.is_half_open();
         // AcqRel: the claim is the single-flight rule itself; of two racing requests exactly
         // one sees `false`.
@@ -328,6 +360,7 @@ impl DeploymentState {
             return None;
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.last_start.store(self.ms(now) + 1, Ordering::Relaxed);
         Some(InFlightGuard {
             state: Arc::clone(self),
             probe,
@@ -345,9 +378,15 @@ impl DeploymentState {
         self.half_open.store(false, Ordering::Release);
     }
 
-    /// Records a latency sample of `class` taken at `now`.
+    /// Records a latency sample of `class` taken at `now`. A sample at most half the estimate
+    /// (the deployment looked slow and is not any more; a probe's answer, typically) starts
+    /// the ramp back.
     pub fn observe_latency(&self, class: LatencyClass, sample: Duration, now: Instant) {
-        self.latency[class.index()].observe(sample, now);
+        let ewma = &self.latency[class.index()];
+        if sample.as_secs_f64() * 2.0 <= ewma.get(now) {
+            self.ramp_from.store(self.ms(now) + 1, Ordering::Relaxed);
+        }
+        ewma.observe(sample, now);
     }
 
     /// Records a failure and applies its health effect.
@@ -624,7 +663,9 @@ mod tests {
         let state = Arc::new(DeploymentState::new(t0, Duration::from_secs(10)));
         let policy = HealthPolicy::default();
         let mut rng = Rng::with_seed(1);
-        let open: Vec<InFlightGuard> = (0..3).map(|_| state.try_start().unwrap()).collect();
+        let open: Vec<InFlightGuard> = (0..3)
+            .map(|_| state.try_start(Instant::now()).unwrap())
+            .collect();
         assert_eq!(state.in_flight(), 3, "not half-open: as many as come");
         drop(open);
         state.record_failure(
@@ -636,16 +677,18 @@ mod tests {
         );
         let after = t0 + Duration::from_secs(2);
         assert_eq!(state.availability(after), Availability::Ready);
-        let probe = state.try_start().expect("one request may go");
-        assert!(state.try_start().is_none(), "only one");
+        let probe = state.try_start(Instant::now()).expect("one request may go");
+        assert!(state.try_start(Instant::now()).is_none(), "only one");
         assert_eq!(state.availability(after), Availability::Probing);
         drop(probe);
         // Cancelled or failed: the slot is free again, still half-open.
-        let probe = state.try_start().unwrap();
-        assert!(state.try_start().is_none());
+        let probe = state.try_start(Instant::now()).unwrap();
+        assert!(state.try_start(Instant::now()).is_none());
         state.record_success();
         drop(probe);
-        let open: Vec<InFlightGuard> = (0..3).map(|_| state.try_start().unwrap()).collect();
+        let open: Vec<InFlightGuard> = (0..3)
+            .map(|_| state.try_start(Instant::now()).unwrap())
+            .collect();
         assert_eq!(open.len(), 3, "proven: open again");
     }
 
@@ -663,7 +706,7 @@ mod tests {
                     (Arc::clone(&state), Arc::clone(&holders), Arc::clone(&most));
                 std::thread::spawn(move || {
                     for _ in 0..2_000 {
-                        if let Some(guard) = state.try_start() {
+                        if let Some(guard) = state.try_start(Instant::now()) {
                             let now = holders.fetch_add(1, Ordering::SeqCst) + 1;
                             most.fetch_max(now, Ordering::SeqCst);
                             holders.fetch_sub(1, Ordering::SeqCst);

@@ -20,7 +20,7 @@
 //! |---|---|---|
 //! | `round-robin` | [`RoundRobin`] | the next one in turn, per model group, atomically |
 //! | `least-busy` (`least-connection`, `least-connections`) | [`LeastBusy`] | P2C on in-flight requests, random tie-break |
-//! | `least-latency` | [`LeastLatency`] | P2C on PeakEWMA latency × (in-flight + 1) |
+//! | `least-latency` | [`LeastLatency`] | P2C on PeakEWMA latency × (1 + in-flight ÷ the group's mean in-flight + 1), a bounded probe of a starved deployment, slow start |
 //! | `weighted` (`simple-shuffle`) | [`Weighted`] | at random, in proportion to weights |
 //! | `usage-based` (`usage-based-routing`) | [`UsageBased`] | P2C on free quota share |
 //!
@@ -45,7 +45,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::rng::Rng;
@@ -63,6 +63,10 @@ pub struct Candidate {
     pub priority: u32,
     /// The share of the deployment's quota still free, 0 to 1, when it has a quota.
     pub headroom: Option<f64>,
+    /// Seconds since a request last started there; infinite when none has.
+    pub idle: f64,
+    /// How far it has ramped back after looking slow, 0 to 1 (1: not ramping).
+    pub ramp: f64,
 }
 
 impl Default for Candidate {
@@ -73,6 +77,8 @@ impl Default for Candidate {
             weight: 1,
             priority: 0,
             headroom: None,
+            idle: 0.0,
+            ramp: 1.0,
         }
     }
 }
@@ -175,20 +181,95 @@ impl Strategy for LeastBusy {
     }
 }
 
-/// P2C on PeakEWMA latency × (in-flight + 1): the expected wait if this request joined.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LeastLatency;
+/// P2C on a latency cost, with a bounded probe budget and slow start.
+///
+/// - **Cost**: the PeakEWMA latency estimate × (1 + in-flight above the candidates' mean ÷
+///   (the mean + 1)). An LLM endpoint serves concurrent requests in parallel until it
+///   saturates, so in-flight is not a queue: a deployment carrying up to the group's usual
+///   concurrency costs its latency, whatever that concurrency is, and one carrying more than
+///   the others costs more (which keeps P2C's balance among equals). A slower deployment is
+///   therefore not chosen just because the faster ones are busy.
+/// - **Probe budget**: a slower deployment gets nothing by cost, so its estimate would never
+///   learn that it recovered. When the group is in use (a request started somewhere within
+///   the last second) and a candidate has had none for [`probe_interval`](Self::probe_interval)
+///   longer than the busiest, it gets the next request: one live request per interval per
+///   starved deployment, not a share of the traffic. Its answer, coming to a stale estimate,
+///   replaces it ([`crate::ewma`]).
+/// - **Slow start**: a deployment whose answer came in far below its stale estimate (it
+///   recovered) ramps back over [`DeploymentState::RAMP`](crate::DeploymentState::RAMP): when
+///   P2C chooses it, the choice stands with a probability of its ramp (0 to 1), else the other
+///   of the two is taken, so its share grows in proportion to the time since it came back
+///   rather than all the requests that had piled onto the others moving to it at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeastLatency {
+    /// How long a starved deployment waits between probes. Default 5 s.
+    pub probe_interval: Duration,
+}
+
+impl Default for LeastLatency {
+    fn default() -> Self {
+        Self {
+            probe_interval: Duration::from_secs(5),
+        }
+    }
+}
 
 impl LeastLatency {
-    /// The cost compared: latency estimate times (in-flight + 1).
-    pub fn cost(candidate: &Candidate) -> f64 {
-        candidate.latency * (f64::from(candidate.in_flight) + 1.0)
+    /// Least latency probing a starved deployment every `interval` (at least 100 ms).
+    pub fn with_probe_interval(interval: Duration) -> Self {
+        Self {
+            probe_interval: interval.max(Duration::from_millis(100)),
+        }
+    }
+
+    /// The cost compared: latency × (1 + in-flight above `mean_in_flight` ÷
+    /// (`mean_in_flight` + 1)).
+    pub fn cost(candidate: &Candidate, mean_in_flight: f64) -> f64 {
+        let above = (f64::from(candidate.in_flight) - mean_in_flight).max(0.0);
+        candidate.latency * (1.0 + above / (mean_in_flight + 1.0))
+    }
+
+    /// The candidate owed a probe, if any: the group is in use, and it has gone a probe
+    /// interval longer than the busiest without a request.
+    pub fn starved(&self, candidates: &[Candidate]) -> Option<usize> {
+        let busiest = candidates
+            .iter()
+            .map(|c| c.idle)
+            .fold(f64::INFINITY, f64::min);
+        if busiest >= 1.0 {
+            return None;
+        }
+        let interval = self.probe_interval.as_secs_f64();
+        candidates.iter().position(|c| c.idle - busiest >= interval)
     }
 }
 
 impl Strategy for LeastLatency {
     fn pick(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
-        p2c(candidates, rng, Self::cost)
+        if let Some(starved) = self.starved(candidates) {
+            return Some(starved);
+        }
+        let total: u32 = candidates.iter().map(|c| c.in_flight).sum();
+        let mean = f64::from(total) / candidates.len().max(1) as f64;
+        if candidates.len() < 2 {
+            return p2c(candidates, rng, |c| Self::cost(c, mean));
+        }
+        let (a, b) = sample_two(candidates.len(), rng);
+        let (cost_a, cost_b) = (
+            Self::cost(&candidates[a], mean),
+            Self::cost(&candidates[b], mean),
+        );
+        let (better, other) = if cost_a < cost_b || (cost_a <= cost_b && rng.coin()) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        // Slow start: a ramping deployment's win stands with the probability of its ramp.
+        let ramp = candidates[better].ramp;
+        if ramp < 1.0 && rng.unit() >= ramp {
+            return Some(other);
+        }
+        Some(better)
     }
 
     fn name(&self) -> &'static str {
@@ -283,7 +364,7 @@ impl StrategyKind {
         match self {
             Self::RoundRobin => Box::new(RoundRobin::default()),
             Self::LeastBusy => Box::new(LeastBusy),
-            Self::LeastLatency => Box::new(LeastLatency),
+            Self::LeastLatency => Box::new(LeastLatency::default()),
             Self::Weighted => Box::new(Weighted),
             Self::UsageBased => Box::new(UsageBased),
         }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use router_core::{Error, HealthPolicy, StateStore, Strategy, StrategyKind};
+use router_core::{Error, HealthPolicy, LeastLatency, StateStore, Strategy, StrategyKind};
 
 use crate::endpoint::Endpoint;
 
@@ -21,8 +21,12 @@ pub(crate) enum StrategyChoice {
 }
 
 impl StrategyChoice {
-    pub(crate) fn build(&self) -> Box<dyn Strategy> {
+    /// A fresh strategy; least latency probes starved deployments every `probe_interval`.
+    pub(crate) fn build(&self, probe_interval: Duration) -> Box<dyn Strategy> {
         match self {
+            Self::Kind(StrategyKind::LeastLatency) => {
+                Box::new(LeastLatency::with_probe_interval(probe_interval))
+            }
             Self::Kind(kind) => kind.build(),
             Self::Custom(_, factory) => factory(),
         }
@@ -90,6 +94,7 @@ pub struct RouterBuilder {
     pub(crate) expected_completion: u32,
     pub(crate) max_waiting: usize,
     pub(crate) max_queue_wait: Duration,
+    pub(crate) probe_interval: Duration,
     pub(crate) accounting: QuotaAccounting,
     pub(crate) group_limits: Vec<(String, crate::RateLimits)>,
     pub(crate) caller_limits: Vec<(String, crate::RateLimits)>,
@@ -111,6 +116,7 @@ impl Default for RouterBuilder {
             expected_completion: 256,
             max_waiting: 1024,
             max_queue_wait: Duration::from_secs(2),
+            probe_interval: LeastLatency::default().probe_interval,
             accounting: QuotaAccounting::default(),
             group_limits: Vec::new(),
             caller_limits: Vec::new(),
@@ -245,6 +251,16 @@ impl RouterBuilder {
     /// sets it per request.
     pub fn max_queue_wait(mut self, wait: Duration) -> Self {
         self.max_queue_wait = wait;
+        self
+    }
+
+    /// The probe budget of `least-latency`: a deployment that gets no traffic because it is
+    /// slower than the others (or was, and nobody has looked since) is sent one live request
+    /// per `interval` while the group is in use (default 5 s, at least 100 ms), so that the
+    /// router learns when it has recovered; it then ramps back over 3 s. Shorter finds a
+    /// recovery sooner and sends more requests to a slow endpoint: one per interval each.
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval;
         self
     }
 

@@ -22,7 +22,7 @@ use crate::stream::{Opened, RouterStream, first_content};
 type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
 
 /// One kind of request.
-pub(crate) trait Operation {
+pub(crate) trait Operation: Sync {
     /// What a successful send gives.
     type Sent: Send;
     /// What the caller gets.
@@ -36,6 +36,9 @@ pub(crate) trait Operation {
     fn estimate(&self, expected: u32) -> Estimate;
     /// The output tokens it expects, to estimate how long serving it takes.
     fn output_hint(&self, expected: u32) -> u32;
+    /// What tells a retry of this request from another request (the same body, the same
+    /// fingerprint): a promised turn is kept for the request it was promised to.
+    fn fingerprint(&self) -> u64;
     /// Sends it to the attempt's deployment.
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent>;
     /// The caller's answer, ending the attempt (a stream keeps it until the stream ends).
@@ -69,7 +72,7 @@ macro_rules! named {
 named!(ChatCompletionRequest, EmbeddingRequest, CompletionRequest);
 
 /// A request answered in one body.
-pub(crate) trait Plain: Named + Send + Sync {
+pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
     type Response: Send;
     const CLASS: LatencyClass;
     fn estimate(&self, expected: u32) -> Estimate;
@@ -88,6 +91,26 @@ pub(crate) trait Plain: Named + Send + Sync {
         request: &'a Self,
         call: &'a CallOptions,
     ) -> Call<'a, Reply<Self::Response>>;
+}
+
+/// A hash of a request's JSON body, written straight into the hasher (no buffer): the same
+/// request gives the same fingerprint within this process.
+pub(crate) fn fingerprint<T: serde::Serialize>(value: &T) -> u64 {
+    use std::hash::Hasher as _;
+    struct Hashing(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.write(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(std::collections::hash_map::DefaultHasher::new());
+    // A request that does not serialize is sent nowhere anyway; it fingerprints as far as it went.
+    let _ = serde_json::to_writer(&mut hashing, value);
+    hashing.0.finish()
 }
 
 /// The request with its model renamed to the deployment; copied only when the names differ.
@@ -121,6 +144,10 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
 
     fn output_hint(&self, expected: u32) -> u32 {
         self.0.output_hint(expected)
+    }
+
+    fn fingerprint(&self) -> u64 {
+        fingerprint(self.0)
     }
 
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {
@@ -267,6 +294,10 @@ impl Operation for Streamed<'_> {
 
     fn output_hint(&self, expected: u32) -> u32 {
         self.0.output_cap().unwrap_or(expected)
+    }
+
+    fn fingerprint(&self) -> u64 {
+        fingerprint(self.0)
     }
 
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {

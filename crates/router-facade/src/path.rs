@@ -37,7 +37,7 @@ use crate::options::RequestOptions;
 use crate::reservation::Reservation;
 use crate::shared::Shared;
 use crate::snapshot::{Deployment, Group, RouterSnapshot};
-use crate::waitlist::Place;
+use crate::waitlist::{Claim, Place};
 
 /// Serves one request of kind `O`.
 pub(crate) async fn run<O: Operation>(
@@ -95,6 +95,15 @@ struct Path<'r> {
     output_hint: u32,
     priority: u8,
     place: Option<Place>,
+    /// A turn promised to an earlier refusal, claimed by this request (its place in the
+    /// group's lane until it joins it).
+    claim: Option<Claim>,
+    /// Whether this request came on a promise (it does not leave turns to promises).
+    promised: bool,
+    /// The request's fingerprint, once known (only promises need it).
+    fingerprint: Option<u64>,
+    /// The request, for its fingerprint.
+    operation: &'r dyn Fingerprinted,
     /// The last attempt was refused with a 429.
     after_rate_limit: bool,
     /// The router-side limits that apply, and the slots they granted.
@@ -129,6 +138,12 @@ impl<'r> Path<'r> {
         let max_queue_wait = options.max_queue_wait.unwrap_or(settings.max_queue_wait);
         shared.budget().deposit();
         let start = Instant::now();
+        let fingerprint = shared
+            .waitlist
+            .has_promises()
+            .then(|| operation.fingerprint());
+        let claim =
+            fingerprint.and_then(|fingerprint| shared.waitlist.claim(model, start, fingerprint));
         Ok(Self {
             deadline: start + timeout,
             wait_limit: start + max_queue_wait.min(timeout),
@@ -144,6 +159,10 @@ impl<'r> Path<'r> {
             estimate,
             priority: options.priority,
             place: None,
+            claim,
+            promised: claim.is_some(),
+            fingerprint,
+            operation,
             after_rate_limit: false,
             scopes,
             permit: None,
@@ -208,7 +227,7 @@ impl<'r> Path<'r> {
                 self.leave_waitlist();
                 let error = refusal.error().with_retry_after(expected - now);
                 return Err(if expected > self.wait_limit && expected <= self.deadline {
-                    self.over_max_queue_wait(&error, expected - now)
+                    self.over_max_queue_wait(&error, expected - now, expected - now)
                 } else {
                     error
                 });
@@ -221,14 +240,14 @@ impl<'r> Path<'r> {
     }
 
     /// The error of a request refused because its expected wait is over its max queue wait.
-    fn over_max_queue_wait(&self, error: &Error, expected: Duration) -> Error {
+    fn over_max_queue_wait(&self, error: &Error, expected: Duration, retry: Duration) -> Error {
         let message = format!(
             "{}; expected to wait {:.1}s for its turn, over its max queue wait of {:.1}s",
             error.message().unwrap_or_default(),
             expected.as_secs_f64(),
             self.max_queue_wait.as_secs_f64(),
         );
-        Error::with_message(ErrorKind::Throttled, message).with_retry_after(expected)
+        Error::with_message(ErrorKind::Throttled, message).with_retry_after(retry)
     }
 
     /// Waits in `lane` until `until` (if given) and then until first in it; `Ok(false)` when
@@ -239,7 +258,12 @@ impl<'r> Path<'r> {
             self.leave_waitlist();
         }
         if self.place.is_none() {
-            self.place = waitlist.join(lane, self.priority, self.live.settings.max_waiting);
+            let claim = if lane == self.model {
+                self.claim.take()
+            } else {
+                None
+            };
+            self.place = waitlist.join(lane, self.priority, self.live.settings.max_waiting, claim);
             if self.place.is_none() {
                 return Ok(false);
             }
@@ -248,7 +272,9 @@ impl<'r> Path<'r> {
             tokio::time::sleep_until(until).await;
         }
         if let Some(place) = &self.place {
-            waitlist.until_first(place, self.deadline).await;
+            waitlist
+                .until_first(place, self.wait_limit.min(self.deadline))
+                .await;
         }
         Ok(true)
     }
@@ -281,7 +307,7 @@ impl<'r> Path<'r> {
             self.charged += 1;
         }
         // Someone waits for this group already: queue behind them, first come first served
-        // within a class.
+        // within a class (a request on a promise stands where it stood when refused).
         if self.place.is_none() && self.count == 0 && self.shared.waitlist.is_busy(self.model) {
             // Only if its turn behind them is expected in time.
             let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
@@ -325,7 +351,7 @@ impl<'r> Path<'r> {
                 }
             };
             let deployment = Arc::clone(&group.members[index]);
-            let Some(slot) = deployment.state.try_start() else {
+            let Some(slot) = deployment.state.try_start(at) else {
                 // Half-open, and another request took its one slot since the choice: it shows
                 // as probing now, so choosing again cannot pick it.
                 continue;
@@ -434,17 +460,23 @@ impl<'r> Path<'r> {
     /// `until`: after the requests ahead of it, each taking what the group's quota frees at
     /// its rate.
     fn expected_turn(&self, until: Instant) -> Instant {
-        let ahead = self
-            .shared
-            .waitlist
-            .ahead(self.model, self.priority, self.place.as_ref());
+        let waitlist = &self.shared.waitlist;
+        let ahead = match (&self.place, self.claim) {
+            (None, Some(claim)) => waitlist.ahead_of_claim(self.model, claim),
+            (place, _) => waitlist.ahead(self.model, self.priority, place.as_ref()),
+        };
+        until.max(Instant::now()) + self.turns(ahead)
+    }
+
+    /// How long `n` requests like this one take to be admitted, at the rate the group's
+    /// quota frees.
+    fn turns(&self, n: usize) -> Duration {
         let limits: Vec<router_core::Limits> =
             self.group().members.iter().map(|d| d.limits()).collect();
         let interval = self
             .charge()
             .map_or(Duration::ZERO, |c| interval(&limits, c));
-        until.max(Instant::now())
-            + interval.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX))
+        interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// `Ok` when a turn at `until` (and the queue ahead) comes within the max queue wait and
@@ -456,13 +488,36 @@ impl<'r> Path<'r> {
         let service = self.expected_service().mul_f64(1.5);
         if expected + service > self.deadline {
             let error = self.nothing_eligible(nothing);
-            return Err(error.with_retry_after(expected - now));
+            let retry_at = self.promise(expected);
+            return Err(error.with_retry_after(retry_at - now));
         }
         if expected > self.wait_limit {
             let error = self.nothing_eligible(nothing);
-            return Err(self.over_max_queue_wait(&error, expected - now));
+            let retry_at = self.promise(expected);
+            return Err(self.over_max_queue_wait(&error, expected - now, retry_at - now));
         }
         Ok(())
+    }
+
+    /// The turn to promise a request refused when its turn was expected at `expected`: after
+    /// the turns promised already to those refused before it (one each), kept for whoever
+    /// comes back then. Returns the promised time (the refusal's `Retry-After`).
+    fn promise(&self, expected: Instant) -> Instant {
+        let now = Instant::now();
+        let waitlist = &self.shared.waitlist;
+        let before = if self.promised {
+            0
+        } else {
+            waitlist.promised(self.model, now, expected + MAX_PROMISE)
+        };
+        let at = expected + self.turns(before);
+        if at > now && at - now <= MAX_PROMISE {
+            let fingerprint = self
+                .fingerprint
+                .unwrap_or_else(|| self.operation.fingerprint());
+            waitlist.promise(self.model, self.priority, at, fingerprint);
+        }
+        at
     }
 
     /// How long the fastest deployment is expected to take to serve this request.
@@ -643,6 +698,20 @@ impl<'r> Path<'r> {
         .with_retry_after(at.saturating_duration_since(now()))
     }
 }
+
+/// A request's fingerprint, behind a reference that does not name the operation's type.
+pub(crate) trait Fingerprinted: Sync {
+    fn fingerprint(&self) -> u64;
+}
+
+impl<O: Operation> Fingerprinted for O {
+    fn fingerprint(&self) -> u64 {
+        Operation::fingerprint(self)
+    }
+}
+
+/// The furthest turn the router promises: a longer `Retry-After` is advice, not a booking.
+const MAX_PROMISE: Duration = Duration::from_secs(60);
 
 /// The time one more request takes to be admitted, at the rate `limits` free quota for a
 /// request of `charge` (zero when nothing limits it).

@@ -174,7 +174,7 @@ impl RouterSnapshot {
             groups.insert(
                 model.to_owned(),
                 Group {
-                    strategy: choice.build(),
+                    strategy: choice.build(config.probe_interval),
                     members: list,
                 },
             );

@@ -8,10 +8,20 @@
 //! (priority class, arrival): only the first may try; when it leaves (served, failed, or
 //! dropped), the others are woken to see who is first. A new request queues behind the
 //! waiters of its lane rather than overtaking them. `max` bounds the waiters of all lanes.
+//!
+//! A request refused because its turn was too far off is told when to come back (its
+//! `Retry-After`), and that is a *promise*: the lane keeps it (with the request's
+//! fingerprint), later refusals are told to come back after it, and the same request arriving
+//! when it is due ([`Waitlist::claim`]) takes the place it had when it was refused, ahead of
+//! those who came after. So a client that comes back when told finds its turn instead of
+//! queueing behind everyone who arrived meanwhile. Promises never hold capacity back from a
+//! request that can be served now (nothing idles for a client that may not come back); a
+//! promise nobody claims lapses [`PROMISE_GRACE`] after it was due.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -32,24 +42,53 @@ impl Place {
 }
 
 #[derive(Debug, Default)]
-struct Lanes {
+struct Queues {
     lanes: HashMap<Arc<str>, BTreeSet<(u8, u64)>>,
     total: usize,
+    /// Promised turns by lane, soonest first.
+    promises: HashMap<Arc<str>, VecDeque<Promise>>,
+}
+
+/// How long after it was due a promise may still be claimed (a client that rounds its
+/// `Retry-After` up to whole seconds comes up to a second late).
+pub(crate) const PROMISE_GRACE: Duration = Duration::from_millis(1500);
+
+/// How early a request may claim a promise.
+const PROMISE_EARLY: Duration = Duration::from_millis(250);
+
+/// A turn promised to a refused request.
+#[derive(Debug, Clone, Copy)]
+struct Promise {
+    due: Instant,
+    priority: u8,
+    /// Its order when refused.
+    seq: u64,
+    /// The refused request's fingerprint.
+    fingerprint: u64,
+}
+
+/// A promised turn claimed: the order the refused request had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claim {
+    priority: u8,
+    seq: u64,
 }
 
 /// The router's waitlist.
 #[derive(Debug, Default)]
 pub(crate) struct Waitlist {
-    waiting: Mutex<Lanes>,
+    waiting: Mutex<Queues>,
     /// Waiters in all lanes, readable without the lock: while nobody waits (the common case),
     /// a request checks the waitlist without taking it.
     count: AtomicUsize,
+    /// Promises in all lanes, readable without the lock.
+    promised: AtomicUsize,
     seq: AtomicU64,
     turn: Notify,
 }
 
 impl Waitlist {
-    fn waiting(&self) -> MutexGuard<'_, Lanes> {
+    fn waiting(&self) -> MutexGuard<'_, Queues> {
         // Held for a map operation, never across an await.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -66,14 +105,24 @@ impl Waitlist {
         self.waiting().total
     }
 
-    /// A place at the back of `priority`'s class in `lane`; `None` when `max` are waiting
-    /// already, in all lanes together.
-    pub(crate) fn join(&self, lane: &str, priority: u8, max: usize) -> Option<Place> {
+    /// A place at the back of `priority`'s class in `lane` (or, with a claimed promise, where
+    /// the refused request stood); `None` when `max` are waiting already, in all lanes
+    /// together.
+    pub(crate) fn join(
+        &self,
+        lane: &str,
+        priority: u8,
+        max: usize,
+        claim: Option<Claim>,
+    ) -> Option<Place> {
         let mut waiting = self.waiting();
         if waiting.total >= max {
             return None;
         }
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (priority, seq) = match claim {
+            Some(claim) => (claim.priority.min(priority), claim.seq),
+            None => (priority, self.seq.fetch_add(1, Ordering::Relaxed)),
+        };
         let lane: Arc<str> = match waiting.lanes.get_key_value(lane) {
             Some((key, _)) => Arc::clone(key),
             None => Arc::from(lane),
@@ -96,7 +145,7 @@ impl Waitlist {
     #[expect(clippy::needless_pass_by_value, reason = "leaving uses the place up")]
     pub(crate) fn leave(&self, place: Place) {
         let mut waiting = self.waiting();
-        let Lanes { lanes, total } = &mut *waiting;
+        let Queues { lanes, total, .. } = &mut *waiting;
         if let Some(set) = lanes.get_mut(&place.lane) {
             if set.remove(&(place.priority, place.seq)) {
                 *total -= 1;
@@ -124,6 +173,89 @@ impl Waitlist {
             Some(place) => set.range(..(place.priority, place.seq)).count(),
             None => set.range(..=(priority, u64::MAX)).count(),
         }
+    }
+
+    /// Whether any turn is promised, in any lane (without the lock).
+    pub(crate) fn has_promises(&self) -> bool {
+        self.promised.load(Ordering::Relaxed) > 0
+    }
+
+    /// Promises a turn in `lane` at `due` to the request of class `priority` and `fingerprint`
+    /// refused now.
+    pub(crate) fn promise(&self, lane: &str, priority: u8, due: Instant, fingerprint: u64) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut waiting = self.waiting();
+        let lanes = &mut *waiting;
+        let key: Arc<str> = match lanes.promises.get_key_value(lane) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(lane),
+        };
+        let queue = lanes.promises.entry(key).or_default();
+        queue.retain(|p| p.due + PROMISE_GRACE >= now);
+        let index = queue.partition_point(|p| p.due <= due);
+        queue.insert(
+            index,
+            Promise {
+                due,
+                priority,
+                seq,
+                fingerprint,
+            },
+        );
+        self.recount(lanes);
+    }
+
+    fn recount(&self, lanes: &mut Queues) {
+        lanes.promises.retain(|_, queue| !queue.is_empty());
+        let total = lanes.promises.values().map(VecDeque::len).sum();
+        self.promised.store(total, Ordering::Relaxed);
+    }
+
+    /// Takes the promise of `lane` made to the request of `fingerprint`, when it is due at
+    /// `now` (a little early, or within its grace): that request stands where it stood.
+    pub(crate) fn claim(&self, lane: &str, now: Instant, fingerprint: u64) -> Option<Claim> {
+        if !self.has_promises() {
+            return None;
+        }
+        let mut waiting = self.waiting();
+        let lanes = &mut *waiting;
+        let queue = lanes.promises.get_mut(lane)?;
+        queue.retain(|p| p.due + PROMISE_GRACE >= now);
+        let found = queue
+            .iter()
+            .position(|p| p.fingerprint == fingerprint && p.due <= now + PROMISE_EARLY);
+        let claim = found.and_then(|i| queue.remove(i)).map(|p| Claim {
+            priority: p.priority,
+            seq: p.seq,
+        });
+        self.recount(lanes);
+        claim
+    }
+
+    /// Promises of `lane` due by `by` and not lapsed at `now`: the turns a request refused now
+    /// must be told to come back after.
+    pub(crate) fn promised(&self, lane: &str, now: Instant, by: Instant) -> usize {
+        if !self.has_promises() {
+            return 0;
+        }
+        self.waiting().promises.get(lane).map_or(0, |queue| {
+            queue
+                .iter()
+                .filter(|p| p.due + PROMISE_GRACE >= now && p.due <= by)
+                .count()
+        })
+    }
+
+    /// How many wait in `lane` ahead of where a claimed promise stands.
+    pub(crate) fn ahead_of_claim(&self, lane: &str, claim: Claim) -> usize {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.waiting()
+            .lanes
+            .get(lane)
+            .map_or(0, |set| set.range(..(claim.priority, claim.seq)).count())
     }
 
     fn is_first(&self, place: &Place) -> bool {
@@ -157,12 +289,12 @@ mod tests {
     #[test]
     fn order_is_class_then_arrival_and_bounded() {
         let list = Waitlist::default();
-        let a = list.join("m", 1, 3).unwrap();
-        let b = list.join("m", 0, 3).unwrap();
-        let c = list.join("m", 1, 3).unwrap();
-        assert!(list.join("m", 0, 3).is_none(), "full");
+        let a = list.join("m", 1, 3, None).unwrap();
+        let b = list.join("m", 0, 3, None).unwrap();
+        let c = list.join("m", 1, 3, None).unwrap();
+        assert!(list.join("m", 0, 3, None).is_none(), "full");
         assert!(
-            list.join("other", 0, 3).is_none(),
+            list.join("other", 0, 3, None).is_none(),
             "the bound is across lanes"
         );
         assert!(list.is_first(&b), "a lower class goes first");
@@ -182,9 +314,9 @@ mod tests {
     fn ahead_counts_who_is_served_first() {
         let list = Waitlist::default();
         assert_eq!(list.ahead("m", 0, None), 0);
-        let a = list.join("m", 1, 10).unwrap();
-        let b = list.join("m", 0, 10).unwrap();
-        let c = list.join("m", 1, 10).unwrap();
+        let a = list.join("m", 1, 10, None).unwrap();
+        let b = list.join("m", 0, 10, None).unwrap();
+        let c = list.join("m", 1, 10, None).unwrap();
         assert_eq!(list.ahead("m", 0, Some(&b)), 0);
         assert_eq!(list.ahead("m", 1, Some(&a)), 1, "b, of a lower class");
         assert_eq!(list.ahead("m", 1, Some(&c)), 2);
@@ -203,8 +335,8 @@ mod tests {
     #[test]
     fn lanes_do_not_hold_each_other_up() {
         let list = Waitlist::default();
-        let a = list.join("caller:a", 0, 10).unwrap();
-        let b = list.join("caller:b", 1, 10).unwrap();
+        let a = list.join("caller:a", 0, 10, None).unwrap();
+        let b = list.join("caller:b", 1, 10, None).unwrap();
         assert!(
             list.is_first(&a) && list.is_first(&b),
             "first in its own lane"
@@ -214,5 +346,56 @@ mod tests {
         list.leave(a);
         list.leave(b);
         assert_eq!(list.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_promise_is_kept_for_who_comes_back_when_told() {
+        let list = Waitlist::default();
+        let t0 = Instant::now();
+        let due = t0 + Duration::from_secs(3);
+        // Refused at t0, told to come back at 3 s.
+        list.promise("m", 1, due, 42);
+        // A newcomer whose turn would come after 3 s leaves that turn to the promise.
+        assert_eq!(list.promised("m", t0, t0 + Duration::from_secs(4)), 1);
+        assert_eq!(list.promised("m", t0, t0 + Duration::from_secs(2)), 0);
+        assert_eq!(list.promised("other", t0, due), 0);
+        assert_eq!(list.claim("m", t0, 42), None, "not due yet");
+        // Someone else arrives meanwhile and waits.
+        let meanwhile = list.join("m", 1, 10, None).unwrap();
+        tokio::time::advance(Duration::from_millis(2_900)).await;
+        assert_eq!(
+            list.claim("m", Instant::now(), 7),
+            None,
+            "kept for the request it was promised to"
+        );
+        let claim = list
+            .claim("m", Instant::now(), 42)
+            .expect("due (a little early is fine)");
+        let back = list.join("m", 1, 10, Some(claim)).unwrap();
+        assert!(
+            list.is_first(&back),
+            "it stands where it stood when refused"
+        );
+        assert_eq!(list.ahead("m", 1, Some(&meanwhile)), 1);
+        assert_eq!(
+            list.claim("m", Instant::now(), 42),
+            None,
+            "one claim per promise"
+        );
+        list.leave(back);
+        list.leave(meanwhile);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_promise_nobody_claims_lapses() {
+        let list = Waitlist::default();
+        let t0 = Instant::now();
+        list.promise("m", 0, t0 + Duration::from_secs(1), 1);
+        tokio::time::advance(Duration::from_secs(1) + PROMISE_GRACE + Duration::from_millis(1))
+            .await;
+        let now = Instant::now();
+        assert_eq!(list.promised("m", now, now + Duration::from_secs(10)), 0);
+        assert_eq!(list.claim("m", now, 1), None);
+        assert_eq!(list.promised.load(Ordering::Relaxed), 0, "nothing kept");
     }
 }

@@ -678,3 +678,90 @@ async fn after_a_429_the_deployment_gets_one_request_at_a_time_until_one_succeed
     }
     assert!(started.elapsed() < Duration::from_millis(400));
 }
+
+/// Closed-loop callers for `seconds`: every request's start (seconds from `origin`) and the
+/// endpoint that served it.
+async fn closed_loop(
+    router: &Router,
+    callers: usize,
+    seconds: u64,
+    origin: tokio::time::Instant,
+) -> Vec<(f64, String)> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while tokio::time::Instant::now() < end {
+                let at = origin.elapsed().as_secs_f64();
+                let answer = router.chat(&request()).await.unwrap();
+                seen.push((at, answer.endpoint.to_string()));
+            }
+            seen
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
+}
+
+fn share_in(records: &[(f64, String)], name: &str, from: f64, to: f64) -> (usize, f64) {
+    let window: Vec<&(f64, String)> = records
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .collect();
+    let n = window.iter().filter(|(_, e)| e == name).count();
+    (n, n as f64 / window.len().max(1) as f64)
+}
+
+/// Under closed-loop load, a slowed endpoint gets only its probe budget (one live request per
+/// probe interval), not a share of the traffic; once it recovers, the next probe finds out and
+/// it ramps back: back to a fair share within 10 s, and no endpoint over half the traffic in
+/// any second of the ramp. Across slowdowns of 3x and 20x and two probe intervals.
+#[tokio::test(start_paused = true)]
+async fn a_slowed_endpoint_gets_its_probe_budget_then_ramps_back() {
+    for (slowdown, probe) in [(3.0, 5), (20.0, 2)] {
+        let latency = LatencyModel::new(Duration::from_millis(150), Duration::from_millis(5))
+            .with_jitter(0.2);
+        let sim = sim(3, latency).await;
+        let router = builder(&sim, StrategyKind::LeastLatency)
+            .probe_interval(Duration::from_secs(probe))
+            .build()
+            .unwrap();
+        let origin = tokio::time::Instant::now();
+        closed_loop(&router, 24, 5, origin).await;
+        sim.endpoints()[0].set_latency(latency.scaled(slowdown));
+        let slow = closed_loop(&router, 24, 25, origin).await;
+        sim.endpoints()[0].set_latency(latency);
+        let recovered_at = origin.elapsed().as_secs_f64();
+        let after = closed_loop(&router, 24, 15, origin).await;
+
+        // Once the first slow answers are in (3 s), only probes.
+        let (probes, _) = share_in(&slow, "ep0", 8.0, 30.0);
+        let budget = (22 / probe) as usize + 1;
+        assert!(
+            probes <= budget,
+            "{slowdown}x: {probes} requests to the slow endpoint in 22 s, budget {budget}"
+        );
+        // Back within 10 s of recovering, and nothing herds while it ramps.
+        let back = (0..10).find(|s| {
+            let from = recovered_at + f64::from(*s);
+            share_in(&after, "ep0", from, from + 1.0).1 >= 0.25
+        });
+        assert!(back.is_some(), "{slowdown}x: not back within 10 s");
+        for s in 0..10 {
+            let from = recovered_at + f64::from(s);
+            for name in ["ep0", "ep1", "ep2"] {
+                let (_, share) = share_in(&after, name, from, from + 1.0);
+                assert!(
+                    share <= 0.5,
+                    "{slowdown}x: {name} had {share:.2} in second {s} of the ramp"
+                );
+            }
+        }
+        assert_eq!(in_flight(&router), 0);
+    }
+}

@@ -49,6 +49,9 @@ impl Config {
         if let Some(ms) = self.router.max_queue_wait_ms {
             builder = builder.max_queue_wait(Duration::from_millis(ms));
         }
+        if let Some(ms) = self.router.probe_interval_ms {
+            builder = builder.probe_interval(Duration::from_millis(ms));
+        }
         let timeouts = self.timeouts();
         for (i, e) in self.endpoints.iter().enumerate() {
             let at = format!("endpoints[{i}] (`{}`)", e.name);

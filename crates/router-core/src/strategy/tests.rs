@@ -48,13 +48,13 @@ fn arb_candidate() -> impl proptest::strategy::Strategy<Value = Candidate> {
             latency,
             weight,
             priority,
-            headroom: None,
+            ..Candidate::default()
         },
     )
 }
 
 /// A P2C strategy and the cost it must minimise.
-type Check<'a> = (&'a dyn super::Strategy, fn(&Candidate) -> f64);
+type Check<'a> = (&'a dyn super::Strategy, Box<dyn Fn(&Candidate) -> f64>);
 
 fn strategies() -> Vec<Box<dyn super::Strategy>> {
     StrategyKind::ALL.iter().map(|k| k.build()).collect()
@@ -83,9 +83,12 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let now = Instant::now();
+        let mean = f64::from(candidates.iter().map(|c| c.in_flight).sum::<u32>())
+            / candidates.len() as f64;
+        let least_latency = LeastLatency::default();
         let checks: [Check<'_>; 2] = [
-            (&LeastBusy, |c| f64::from(c.in_flight)),
-            (&LeastLatency, LeastLatency::cost),
+            (&LeastBusy, Box::new(|c| f64::from(c.in_flight))),
+            (&least_latency, Box::new(move |c| LeastLatency::cost(c, mean))),
         ];
         for (strategy, cost) in checks {
             let chosen = strategy.pick(&candidates, now, &mut Rng::with_seed(seed)).unwrap();
@@ -228,7 +231,7 @@ proptest! {
             match op {
                 0 | 1 => {
                     let probe = state.is_half_open();
-                    if let Some(guard) = state.try_start() {
+                    if let Some(guard) = state.try_start(Instant::now()) {
                         held.push((guard, probe));
                     } else {
                         prop_assert!(probe, "refused while not half-open");
@@ -248,7 +251,7 @@ proptest! {
         held.clear();
         let later = now + Duration::from_secs(10);
         prop_assert_eq!(state.availability(later), Availability::Ready);
-        prop_assert!(state.try_start().is_some());
+        prop_assert!(state.try_start(Instant::now()).is_some());
     }
 
     #[test]
@@ -309,4 +312,118 @@ fn names_parse_including_the_seeds() {
     }
     let error = "fastest".parse::<StrategyKind>().unwrap_err();
     assert!(error.to_string().contains("fastest") && error.to_string().contains("least-latency"));
+}
+
+#[test]
+fn least_latency_does_not_read_concurrency_as_a_queue() {
+    // Two fast endpoints carrying twelve requests each (the group's concurrency, served in
+    // parallel), one three times slower and idle: the slow one is never chosen, although
+    // "latency x (in-flight + 1)" would send it most requests.
+    let fast = Candidate {
+        in_flight: 12,
+        latency: 0.4,
+        ..Candidate::default()
+    };
+    let slow = Candidate {
+        in_flight: 0,
+        latency: 1.2,
+        ..Candidate::default()
+    };
+    let candidates = [slow, fast, fast];
+    let strategy = LeastLatency::default();
+    let mut rng = Rng::with_seed(5);
+    let now = Instant::now();
+    for _ in 0..1_000 {
+        assert_ne!(strategy.pick(&candidates, now, &mut rng), Some(0));
+    }
+    // Up to the group's concurrency a request costs its latency; above it, more: among
+    // equals the busier one loses, which keeps P2C's balance.
+    let mean = 8.0;
+    let at_mean = Candidate {
+        in_flight: 8,
+        ..fast
+    };
+    let below = Candidate {
+        in_flight: 3,
+        ..fast
+    };
+    assert!((LeastLatency::cost(&at_mean, mean) - fast.latency).abs() < 1e-12);
+    assert!((LeastLatency::cost(&below, mean) - fast.latency).abs() < 1e-12);
+    let busier = Candidate {
+        in_flight: 12,
+        ..fast
+    };
+    assert!(LeastLatency::cost(&busier, mean) > LeastLatency::cost(&at_mean, mean));
+}
+
+#[test]
+fn a_starved_deployment_gets_one_probe_per_interval_while_the_group_is_busy() {
+    let strategy = LeastLatency::with_probe_interval(Duration::from_secs(5));
+    let busy = Candidate {
+        in_flight: 4,
+        latency: 0.3,
+        idle: 0.01,
+        ..Candidate::default()
+    };
+    let slow = Candidate {
+        latency: 3.0,
+        idle: 4.0,
+        ..Candidate::default()
+    };
+    let now = Instant::now();
+    let mut rng = Rng::with_seed(1);
+    assert_ne!(
+        strategy.pick(&[slow, busy, busy], now, &mut rng),
+        Some(0),
+        "not starved yet"
+    );
+    let starved = Candidate { idle: 5.2, ..slow };
+    assert_eq!(
+        strategy.pick(&[starved, busy, busy], now, &mut rng),
+        Some(0)
+    );
+    // Once probed its idle time restarts: nothing more until the next interval.
+    let probed = Candidate { idle: 0.2, ..slow };
+    for _ in 0..100 {
+        assert_ne!(strategy.pick(&[probed, busy, busy], now, &mut rng), Some(0));
+    }
+    // A group nobody uses probes nothing: the next request goes by cost.
+    let quiet = Candidate { idle: 30.0, ..busy };
+    let never = Candidate { idle: 60.0, ..slow };
+    for _ in 0..100 {
+        assert_ne!(
+            strategy.pick(&[never, quiet, quiet], now, &mut rng),
+            Some(0)
+        );
+    }
+}
+
+#[test]
+fn a_ramping_deployment_wins_in_proportion_to_its_ramp() {
+    let back = Candidate {
+        latency: 0.2,
+        ..Candidate::default()
+    };
+    let others = Candidate {
+        in_flight: 8,
+        latency: 0.3,
+        ..Candidate::default()
+    };
+    let strategy = LeastLatency::default();
+    let now = Instant::now();
+    let mut rng = Rng::with_seed(11);
+    let share = |ramp: f64, rng: &mut Rng| {
+        let candidates = [Candidate { ramp, ..back }, others, others];
+        (0..10_000)
+            .filter(|_| strategy.pick(&candidates, now, rng) == Some(0))
+            .count() as f64
+            / 10_000.0
+    };
+    // Cheapest, it wins every comparison it is in (two in three) once ramped; a fifth of
+    // that at a fifth of its ramp; none just back.
+    let full = share(1.0, &mut rng);
+    assert!((full - 2.0 / 3.0).abs() < 0.02, "{full}");
+    let fifth = share(0.2, &mut rng);
+    assert!((fifth - 2.0 / 15.0).abs() < 0.02, "{fifth}");
+    assert!(share(0.0, &mut rng) < 1e-9);
 }
