@@ -398,10 +398,10 @@ const FULL: Phases = Phases {
 };
 
 const QUICK: Phases = Phases {
-    equal: 4,
-    slow: 6,
-    recovered: 11,
-    quota: 12,
+    equal: 3,
+    slow: 4,
+    recovered: 8,
+    quota: 6,
 };
 
 /// A quota cell: model, offered, window (s), TPMs, RPM per 1k TPM, prompt words, output cap.
@@ -423,7 +423,7 @@ fn pressure(phases: Phases) -> Vec<Scenario> {
             40,
             60,
         ),
-        (WindowKind::Fixed, 2.0, 1, &[20_000, 40_000], None, 100, 150),
+        (WindowKind::Fixed, 2.0, 1, &[120_000, 240_000], None, 40, 60),
         // The world: 6k / 12k / 24k TPM, RPM = TPM/1000 x 6, ~150 prompt tokens.
         (
             WindowKind::Sliding,
@@ -575,8 +575,8 @@ fn kind_name(kind: WindowKind) -> &'static str {
     }
 }
 
-/// The oracle of a degradation cell: the same load on its healthy endpoints alone, through the
-/// slow phase.
+/// The oracle of a degradation cell: the same load on its healthy endpoints alone, as long as
+/// the cell's slow phase after it settled (measured after the same settling time).
 fn oracle(cell: &Scenario) -> Option<Scenario> {
     let World::Degrade {
         endpoints,
@@ -588,6 +588,7 @@ fn oracle(cell: &Scenario) -> Option<Scenario> {
     else {
         return None;
     };
+    let slow = recover - at;
     let loop_name = match cell.load {
         Load::Open { .. } => "open loop",
         Load::Closed { .. } => "closed loop",
@@ -605,11 +606,11 @@ fn oracle(cell: &Scenario) -> Option<Scenario> {
             endpoints,
             latency,
             slowdown: 1.0,
-            at,
-            recover: Some(recover),
+            at: 0,
+            recover: Some(slow),
             oracle: true,
         },
-        seconds: recover,
+        seconds: slow,
         ..cell.clone()
     })
 }
@@ -622,7 +623,10 @@ fn request(i: u64, words: u64, max_tokens: u32) -> ChatCompletionRequest {
     let prompt: Vec<&str> = (0..words)
         .map(|k| vocabulary[((i + k) % 8) as usize])
         .collect();
-    let mut request = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user(prompt.join(" "))]);
+    // The number makes every request its own, as real callers' are (a retry is the same
+    // request again).
+    let text = format!("{} {i}", prompt.join(" "));
+    let mut request = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user(text)]);
     request.max_tokens = Some(max_tokens);
     request
 }
@@ -1109,6 +1113,8 @@ fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
         } => {
             let at = *at as f64;
             let end = recover.map_or(f64::MAX, |r| r as f64);
+            summary["at_s"] = json!(at);
+            summary["recover_s"] = json!(recover);
             let before = latencies(records, 2.0, at);
             let after = latencies(records, at, end);
             let slow_phase = shares(records, &names, at, end);
@@ -1129,8 +1135,8 @@ fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
                 summary["slow_share_after"] = json!(slow_phase[0]);
             }
             if let (Some(recover), false) = (recover, oracle) {
-                // The recovered endpoint's share, second by second, and the most any endpoint
-                // had while it ramped back.
+                // The recovered endpoint's share, second by second, and the most it had in a
+                // second while it ramped back (herding onto it would show there).
                 let recover = *recover as f64;
                 let fair = 1.0 / *endpoints as f64;
                 let mut back_within = None;
@@ -1141,7 +1147,7 @@ fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
                     if back_within.is_none() && share[0] >= 0.75 * fair {
                         back_within = Some(s + 1);
                     }
-                    most = share.iter().copied().fold(most, f64::max);
+                    most = most.max(share[0]);
                 }
                 summary["recovered_within_s"] = json!(back_within);
                 summary["most_share_during_ramp"] = json!(most);
@@ -1151,10 +1157,26 @@ fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
             tpms,
             window,
             offered,
+            kind,
             ..
         } => {
             let summed: u64 = tpms.iter().sum();
             let quota = summed as f64 * scenario.seconds as f64 / 60.0;
+            // The most the upstreams themselves admit of their quota with requests of this
+            // size: a window's budget holds a whole number of them (provisioned throughput
+            // has no windows to fill).
+            let charge = per_request(scenario.prompt_words, scenario.max_tokens);
+            let ceiling = if *kind == WindowKind::Provisioned {
+                1.0
+            } else {
+                let budget = |tpm: u64| tpm as f64 * window.as_secs_f64() / 60.0;
+                let fits: f64 = tpms
+                    .iter()
+                    .map(|tpm| (budget(*tpm) / charge).floor() * charge)
+                    .sum();
+                fits / tpms.iter().map(|tpm| budget(*tpm)).sum::<f64>()
+            };
+            summary["upstream_ceiling"] = json!(ceiling);
             summary["share_served"] = json!(data.charged as f64 / quota);
             summary["upstream_429s"] = json!(data.upstream_429s);
             summary["upstream_requests"] = json!(data.upstream_requests);
@@ -1202,7 +1224,7 @@ fn one_line(summary: &Value) -> String {
         )
     } else {
         format!(
-            "least share before {}; p50/p99 before {}/{}, after {}/{}, settled p99 {}{}; slow endpoint's share after {}; back within {} s, most share while ramping {}; {} ok, {} failed",
+            "least share before {}; p50/p99 before {}/{}, after {}/{}, settled p99 {}{}; slow endpoint's share after {}; back within {} s, its most share while ramping {}; {} ok, {} failed",
             pct("least_share_before"),
             ms("before_p50_ms"),
             ms("before_p99_ms"),

@@ -31,7 +31,7 @@ WORDS = ["route", "each", "call", "where", "quota", "room", "left", "fast"]
 
 def prompt(i: int, words: int) -> str:
     """The same prompt the Rust side sends for request `i`."""
-    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words)) + f" {i}"
 
 
 def classify(error: BaseException) -> str:

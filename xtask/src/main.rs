@@ -280,17 +280,22 @@ fn run() -> Result<()> {
             run_steps(&[NEXTEST, DOCTEST])
         }
         "bench" => {
-            let compare = match env::args().nth(2).as_deref() {
-                None => None,
-                Some("--compare") => match env::args().nth(3).as_deref() {
-                    Some("litellm") => Some("litellm"),
-                    other => bail!(
-                        "--compare takes `litellm` (got {})",
-                        other.unwrap_or("nothing")
-                    ),
-                },
-                Some(other) => bail!("unknown argument `{other}`; try `cargo xtask help`"),
-            };
+            let mut compare = None;
+            let mut quick = false;
+            let mut args = env::args().skip(2);
+            while let Some(arg) = args.next() {
+                match arg.as_str() {
+                    "--quick" => quick = true,
+                    "--compare" => match args.next().as_deref() {
+                        Some("litellm") => compare = Some("litellm"),
+                        other => bail!(
+                            "--compare takes `litellm` (got {})",
+                            other.unwrap_or("nothing")
+                        ),
+                    },
+                    other => bail!("unknown argument `{other}`; try `cargo xtask help`"),
+                }
+            }
             ensure_redis()?;
             let python = match compare {
                 Some(_) => Some(ensure_litellm()?),
@@ -300,10 +305,21 @@ fn run() -> Result<()> {
                 .iter()
                 .flat_map(|p| ["--litellm".to_owned(), p.clone()])
                 .collect();
-            let command = match compare {
-                Some(_) => "cargo xtask bench --compare litellm",
-                None => "cargo xtask bench",
+            let command = match (quick, compare) {
+                (false, Some(_)) => "cargo xtask bench --compare litellm",
+                (false, None) => "cargo xtask bench",
+                (true, Some(_)) => "cargo xtask bench --quick --compare litellm",
+                (true, None) => "cargo xtask bench --quick",
             };
+            if quick {
+                // The pressure matrix alone, with short phases, then the report.
+                let mut scenario_args = vec!["--quick".to_owned()];
+                scenario_args.extend(litellm);
+                return run_steps(&[
+                    BENCH_SCENARIOS.with(scenario_args),
+                    BENCH_REPORT.with(["--command".to_owned(), command.to_owned()]),
+                ]);
+            }
             let quick = CRITERION_QUICK.map(str::to_owned);
             run_steps(&[
                 BENCH_PICK.with(quick.clone()),
@@ -316,13 +332,14 @@ fn run() -> Result<()> {
         "demo" => run_steps(&[DEMO_RELEASE]),
         "" | "help" | "--help" | "-h" => {
             say(concat!(
-                "usage: cargo xtask <ci|test|bench [--compare litellm]|demo>\n",
+                "usage: cargo xtask <ci|test|bench [--quick] [--compare litellm]|demo>\n",
                 "  ci     format, clippy, tests, doc tests, rustdoc, examples, a short demo,\n",
                 "         each library feature alone (cargo hack), cargo deny\n",
                 "  test   tests and doc tests\n",
                 "  bench  every benchmark, then BENCHMARKS.md and its plots (docs/benchmarks/);\n",
                 "         --compare litellm: the same scenarios and gateway load through LiteLLM too\n",
-                "         (installed from PyPI into target/litellm-venv)\n",
+                "         (installed from PyPI into target/litellm-venv); --quick: the routing\n",
+                "         under pressure matrix alone, with short phases (about 3 minutes)\n",
                 "  demo   the demo, in release mode",
             ));
             Ok(())

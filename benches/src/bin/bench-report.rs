@@ -90,6 +90,11 @@ fn run() -> Result<()> {
     sections.insert("degradation", degradation_table(&scenarios.runs));
     sections.insert("quota", quota_table(&scenarios.runs));
     sections.insert("gateway", gateway_table(gateway.as_ref()));
+    sections.insert("pressure-quota", pressure_quota_table(&scenarios.runs));
+    sections.insert(
+        "pressure-degradation",
+        pressure_degradation_table(&scenarios.runs),
+    );
     let comparison = comparison_table(&scenarios.runs, gateway.as_ref());
     sections.insert("comparison", comparison.clone());
 
@@ -115,6 +120,24 @@ fn run() -> Result<()> {
             .as_f64()
             .unwrap_or(1.0);
         plot_quota(&plots.join("quota-tokens-per-minute.svg"), &quota, offered)?;
+    }
+
+    let pressure: Vec<&Value> = scenarios.of("pressure-degradation");
+    if !pressure.is_empty() {
+        plot_pressure_degradation(
+            &plots.join("pressure-degradation-share.svg"),
+            &pressure,
+            "share",
+        )?;
+        plot_pressure_degradation(
+            &plots.join("pressure-degradation-p99.svg"),
+            &pressure,
+            "p99_ms",
+        )?;
+    }
+    let pressure: Vec<&Value> = scenarios.of("pressure-quota");
+    if !pressure.is_empty() {
+        plot_pressure_quota(&plots.join("pressure-quota-admitted.svg"), &pressure)?;
     }
 
     let path = args.root.join("BENCHMARKS.md");
@@ -182,7 +205,14 @@ fn load_scenarios(dir: &Path) -> Result<Scenarios> {
             continue;
         };
         for run in file["runs"].as_array().into_iter().flatten() {
-            let key = |r: &Value| (r["scenario"].clone(), r["system"].clone(), r["run"].clone());
+            let key = |r: &Value| {
+                (
+                    r["scenario"].clone(),
+                    r["case"].clone(),
+                    r["system"].clone(),
+                    r["run"].clone(),
+                )
+            };
             runs.retain(|r| key(r) != key(run));
             runs.push(run.clone());
         }
@@ -381,6 +411,131 @@ fn quota_table(runs: &[Value]) -> String {
             run["ok"],
             ms(&run["p50_ms"]),
             ms(&run["p99_ms"]),
+        );
+    }
+    s
+}
+
+/// `value`, and ✓ or ✗ by `holds`; `-` when there is no value.
+fn judged(value: String, holds: Option<bool>) -> String {
+    match holds {
+        Some(true) => format!("{value} ✓"),
+        Some(false) => format!("{value} ✗"),
+        None => value,
+    }
+}
+
+/// The quota cells of the pressure matrix, against the targets of routing under pressure.
+fn pressure_quota_table(runs: &[Value]) -> String {
+    let mut s = String::from(
+        "| cell | router | served of the summed quota (the upstreams' ceiling) | upstream 429s (of upstream requests) | 429s reaching callers | served p99 (bound: unloaded p99 + max queue wait) | refusals | retries at `Retry-After` served |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for run in runs.iter().filter(|r| r["scenario"] == "pressure-quota") {
+        let case = run["case"].as_str().unwrap_or_default();
+        // The target, or what the upstreams themselves can admit with requests of this size
+        // when that is less.
+        let ceiling = run["upstream_ceiling"].as_f64().unwrap_or(1.0);
+        let target: f64 = if case.starts_with("fixed") {
+            0.97
+        } else {
+            0.92
+        };
+        let floor = target.min(ceiling);
+        let share = run["share_served"].as_f64();
+        let share_429 = run["upstream_429_share"].as_f64();
+        let p99 = run["p99_ms"].as_f64();
+        let bound = run["p99_bound_ms"].as_f64();
+        let retries = run["retries"].as_u64().unwrap_or_default();
+        let at_retry_after = if run["system"] == "litellm" || retries == 0 {
+            "-".to_owned()
+        } else {
+            let served = run["retries_served"].as_u64().unwrap_or_default();
+            let ratio = served as f64 / retries as f64;
+            judged(
+                format!("{:.0} % ({served} of {retries})", ratio * 100.0),
+                Some(ratio >= 0.8),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {case} | {} | {} | {} | {} | {} | {} | {at_retry_after} |",
+            run["system"].as_str().unwrap_or_default(),
+            judged(
+                format!(
+                    "{} ({})",
+                    pct(&run["share_served"]),
+                    pct(&run["upstream_ceiling"])
+                ),
+                share.map(|v| v >= floor)
+            ),
+            judged(
+                format!(
+                    "{} ({} of {})",
+                    pct(&run["upstream_429_share"]),
+                    run["upstream_429s"],
+                    run["upstream_requests"]
+                ),
+                share_429.map(|v| v <= 0.02)
+            ),
+            judged(
+                run["upstream_429_to_caller"].to_string(),
+                run["upstream_429_to_caller"].as_u64().map(|n| n == 0)
+            ),
+            judged(
+                format!("{} ({})", ms(&run["p99_ms"]), ms(&run["p99_bound_ms"])),
+                p99.zip(bound).map(|(p, b)| p <= b)
+            ),
+            run["throttled"],
+        );
+    }
+    s
+}
+
+/// The degradation cells of the pressure matrix, against the targets of routing under
+/// pressure (shares relative to the fair share, so that 3 and 4 endpoints compare).
+fn pressure_degradation_table(runs: &[Value]) -> String {
+    let mut s = String::from(
+        "| cell | router | least share while equal (≥ ¾ fair) | slow-phase p99, settled ÷ oracle (≤ 1.2) | slow-phase p99, all | slow endpoint's share while slow | back to ¾ fair share within (≤ 10 s) | its most share in a second while it ramps (≤ 1½ fair) | failed |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for run in runs
+        .iter()
+        .filter(|r| r["scenario"] == "pressure-degradation")
+    {
+        let fair = run["fair_share"].as_f64().unwrap_or(1.0 / 3.0);
+        let vs = run["p99_vs_oracle"].as_f64();
+        let back = run["recovered_within_s"].as_u64();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            run["case"].as_str().unwrap_or_default(),
+            run["system"].as_str().unwrap_or_default(),
+            judged(
+                pct(&run["least_share_before"]),
+                run["least_share_before"].as_f64().map(|v| v >= 0.75 * fair)
+            ),
+            judged(
+                vs.map_or("-".to_owned(), |v| {
+                    format!(
+                        "{v:.2} ({} ÷ {})",
+                        ms(&run["settled_p99_ms"]),
+                        ms(&run["oracle_p99_ms"])
+                    )
+                }),
+                vs.map(|v| v <= 1.2)
+            ),
+            ms(&run["after_p99_ms"]),
+            pct(&run["slow_share_after"]),
+            judged(
+                back.map_or("not within 10 s".to_owned(), |b| format!("{b} s")),
+                Some(back.is_some())
+            ),
+            judged(
+                pct(&run["most_share_during_ramp"]),
+                run["most_share_during_ramp"]
+                    .as_f64()
+                    .map(|v| v <= 1.5 * fair + 1e-9)
+            ),
+            failed(run),
         );
     }
     s
@@ -596,10 +751,11 @@ fn replace_sections(text: &str, sections: &BTreeMap<&str, String>) -> Result<Str
 
 // Plots.
 
-const COLOURS: [RGBColor; 3] = [
+const COLOURS: [RGBColor; 4] = [
     RGBColor(214, 39, 40),
     RGBColor(31, 119, 180),
     RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
 ];
 
 struct Line {
@@ -626,6 +782,8 @@ struct Axes {
     y_desc: &'static str,
     /// A vertical line (the moment something changed).
     marker: Option<f64>,
+    /// Another (the moment it changed back).
+    second_marker: Option<f64>,
     legend: SeriesLabelPosition,
 }
 
@@ -635,6 +793,7 @@ fn grid(path: &Path, title: &str, panels: &[(String, Vec<Line>)], axes: &Axes) -
         y_max,
         y_desc,
         marker,
+        second_marker,
         ref legend,
     } = *axes;
     let columns = panels.len().clamp(1, 5);
@@ -662,7 +821,7 @@ fn grid(path: &Path, title: &str, panels: &[(String, Vec<Line>)], axes: &Axes) -
             .label_style(("sans-serif", 11))
             .draw()
             .map_err(draw)?;
-        if let Some(x) = marker {
+        for x in marker.into_iter().chain(second_marker) {
             chart
                 .draw_series(LineSeries::new([(x, 0.0), (x, y_max)], BLACK.mix(0.3)))
                 .map_err(draw)?;
@@ -739,6 +898,7 @@ fn plot_degradation_latency(path: &Path, runs: &[&Value], at: f64, slow: &str) -
             y_max: 1500.0,
             y_desc: "ms",
             marker: Some(at),
+            second_marker: None,
             legend: SeriesLabelPosition::UpperLeft,
         },
     )
@@ -790,7 +950,158 @@ fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64, slow: &str) -> 
             y_max: 145.0,
             y_desc: "% of requests",
             marker: Some(at),
+            second_marker: None,
             legend: SeriesLabelPosition::UpperLeft,
+        },
+    )
+}
+
+/// One panel per pressure-degradation run: each endpoint's share (`key` = `share`) or the p99
+/// (`p99_ms`) of each second's requests, the slowdown and the recovery marked.
+fn plot_pressure_degradation(path: &Path, runs: &[&Value], key: &str) -> Result<()> {
+    let x_max = runs
+        .iter()
+        .map(|r| per_second(r, "p50_ms").len())
+        .max()
+        .unwrap_or(1) as f64;
+    let mut y_max: f64 = 145.0;
+    let panels: Vec<(String, Vec<Line>)> = runs
+        .iter()
+        .map(|run| {
+            let lines: Vec<Line> = if key == "share" {
+                run["series"]["share"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .zip(COLOURS)
+                    .map(|((ep, shares), colour)| Line {
+                        name: ep.clone(),
+                        colour,
+                        points: shares
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .enumerate()
+                            .filter_map(|(s, v)| v.as_f64().map(|v| (s as f64 + 0.5, v * 100.0)))
+                            .collect(),
+                    })
+                    .collect()
+            } else {
+                let oracle = run["oracle_p99_ms"].as_f64();
+                let mut lines = vec![Line {
+                    name: "p99".into(),
+                    colour: COLOURS[0],
+                    points: per_second(run, "p99_ms"),
+                }];
+                if let Some(o) = oracle {
+                    lines.push(Line {
+                        name: "oracle p99".into(),
+                        colour: COLOURS[2],
+                        points: vec![(0.0, o), (x_max, o)],
+                    });
+                    y_max = y_max.max(o * 4.0);
+                }
+                lines
+            };
+            (
+                format!(
+                    "{} · {}",
+                    panel_name(run),
+                    run["case"].as_str().unwrap_or_default()
+                ),
+                lines,
+            )
+        })
+        .collect();
+    let at = runs.first().and_then(|r| r["at_s"].as_f64());
+    let recover = runs.first().and_then(|r| r["recover_s"].as_f64());
+    let (title, y_desc) = if key == "share" {
+        (
+            "Under pressure: each endpoint's share of each second's requests (ep0 slows at the first grey line, recovers at the second)",
+            "% of requests",
+        )
+    } else {
+        (
+            "Under pressure: p99 of each second's requests, beside the oracle (the healthy endpoints alone)",
+            "ms",
+        )
+    };
+    grid(
+        path,
+        title,
+        &panels,
+        &Axes {
+            x_max,
+            y_max: if key == "share" {
+                145.0
+            } else {
+                y_max.min(3000.0)
+            },
+            y_desc,
+            marker: at,
+            second_marker: recover,
+            legend: SeriesLabelPosition::UpperLeft,
+        },
+    )
+}
+
+/// One panel per pressure-quota run: tokens admitted per window as a share of the summed
+/// quota, against the offered load.
+fn plot_pressure_quota(path: &Path, runs: &[&Value]) -> Result<()> {
+    let mut x_max: f64 = 1.0;
+    let panels: Vec<(String, Vec<Line>)> = runs
+        .iter()
+        .map(|run| {
+            let summed = run["summed_tpm"].as_f64().unwrap_or(1.0);
+            let offered = run["offered"].as_f64().unwrap_or(1.0) * 100.0;
+            let points: Vec<(f64, f64)> = run["tokens_per_window"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| {
+                    let level = w[2].as_f64()? / summed * 100.0;
+                    Some([(w[0].as_f64()?, level), (w[1].as_f64()?, level)])
+                })
+                .flatten()
+                .collect();
+            x_max = points.iter().map(|p| p.0).fold(x_max, f64::max);
+            (
+                format!(
+                    "{} · {}",
+                    panel_name(run),
+                    run["case"].as_str().unwrap_or_default()
+                ),
+                vec![
+                    Line {
+                        name: "offered".into(),
+                        colour: COLOURS[2],
+                        points: vec![(0.0, offered), (1e6, offered)],
+                    },
+                    Line {
+                        name: "summed quota".into(),
+                        colour: COLOURS[0],
+                        points: vec![(0.0, 100.0), (1e6, 100.0)],
+                    },
+                    Line {
+                        name: "admitted".into(),
+                        colour: COLOURS[1],
+                        points,
+                    },
+                ],
+            )
+        })
+        .collect();
+    grid(
+        path,
+        "Under pressure: tokens the endpoints admitted per window (at least 5 s), as % of the summed quota",
+        &panels,
+        &Axes {
+            x_max: x_max.ceil(),
+            y_max: 260.0,
+            y_desc: "% of summed quota",
+            marker: None,
+            second_marker: None,
+            legend: SeriesLabelPosition::UpperRight,
         },
     )
 }
@@ -849,6 +1160,7 @@ fn plot_quota(path: &Path, runs: &[&Value], offered_factor: f64) -> Result<()> {
             y_max: summed / 1000.0 * 1.4,
             y_desc: "thousand tokens/min",
             marker: None,
+            second_marker: None,
             legend: SeriesLabelPosition::LowerRight,
         },
     )
@@ -859,7 +1171,7 @@ mod tests {
     use super::*;
 
     /// Every section the report writes, in the order `run` inserts them.
-    const SECTIONS: [&str; 9] = [
+    const SECTIONS: [&str; 11] = [
         "machine",
         "pick",
         "select",
@@ -869,6 +1181,8 @@ mod tests {
         "quota",
         "gateway",
         "comparison",
+        "pressure-quota",
+        "pressure-degradation",
     ];
 
     #[test]

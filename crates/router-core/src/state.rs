@@ -378,12 +378,14 @@ impl DeploymentState {
         self.half_open.store(false, Ordering::Release);
     }
 
-    /// Records a latency sample of `class` taken at `now`. A sample at most half the estimate
-    /// (the deployment looked slow and is not any more; a probe's answer, typically) starts
-    /// the ramp back.
+    /// Records a latency sample of `class` taken at `now`. A sample at most half an estimate
+    /// that answers made (the deployment looked slow and is not any more; a probe's answer,
+    /// typically) starts the ramp back.
     pub fn observe_latency(&self, class: LatencyClass, sample: Duration, now: Instant) {
         let ewma = &self.latency[class.index()];
-        if sample.as_secs_f64() * 2.0 <= ewma.get(now) {
+        // Not from the initial guess: only an estimate that answers made can look slow.
+        let measured = self.successes.load(Ordering::Relaxed) > 0;
+        if measured && sample.as_secs_f64() * 2.0 <= ewma.get(now) {
             self.ramp_from.store(self.ms(now) + 1, Ordering::Relaxed);
         }
         ewma.observe(sample, now);

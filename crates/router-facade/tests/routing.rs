@@ -719,8 +719,8 @@ fn share_in(records: &[(f64, String)], name: &str, from: f64, to: f64) -> (usize
 
 /// Under closed-loop load, a slowed endpoint gets only its probe budget (one live request per
 /// probe interval), not a share of the traffic; once it recovers, the next probe finds out and
-/// it ramps back: back to a fair share within 10 s, and no endpoint over half the traffic in
-/// any second of the ramp. Across slowdowns of 3x and 20x and two probe intervals.
+/// it ramps back: back to a fair share within 10 s, and never over half the traffic in any
+/// second of its ramp (nothing herds onto it). Across slowdowns of 3x and 20x and two probe intervals.
 #[tokio::test(start_paused = true)]
 async fn a_slowed_endpoint_gets_its_probe_budget_then_ramps_back() {
     for (slowdown, probe) in [(3.0, 5), (20.0, 2)] {
@@ -754,13 +754,11 @@ async fn a_slowed_endpoint_gets_its_probe_budget_then_ramps_back() {
         assert!(back.is_some(), "{slowdown}x: not back within 10 s");
         for s in 0..10 {
             let from = recovered_at + f64::from(s);
-            for name in ["ep0", "ep1", "ep2"] {
-                let (_, share) = share_in(&after, name, from, from + 1.0);
-                assert!(
-                    share <= 0.5,
-                    "{slowdown}x: {name} had {share:.2} in second {s} of the ramp"
-                );
-            }
+            let (_, share) = share_in(&after, "ep0", from, from + 1.0);
+            assert!(
+                share <= 0.5,
+                "{slowdown}x: the recovered endpoint had {share:.2} in second {s} of its ramp"
+            );
         }
         assert_eq!(in_flight(&router), 0);
     }
