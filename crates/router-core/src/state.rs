@@ -295,6 +295,12 @@ impl DeploymentState {
         self.half_open.store(true, Ordering::Release);
     }
 
+    /// Makes it half-open until its next success without a cooldown: the upstream said (in
+    /// its `x-ratelimit-remaining-*` headers) that the next request will not fit.
+    pub fn hold_to_one(&self) {
+        self.half_open.store(true, Ordering::Release);
+    }
+
     /// Whether it is half-open: throttled since its last success, one request at a time.
     pub fn is_half_open(&self) -> bool {
         self.half_open.load(Ordering::Acquire)

@@ -76,12 +76,17 @@ impl Attempt {
     }
 
     /// Learns from an answer's rate-limit headers: the limits announced, and how much is left.
+    /// When nothing is left, the deployment is half-open until its next success: one request
+    /// at a time, not a burst into a 429.
     fn upstream_said(&self, info: &RateLimitInfo) {
         let state = &self.deployment.state;
         state.learn(info);
         let limits = self.deployment.limits();
         let (tokens, requests) = router_core::upstream_allowance(&limits, info);
         state.quota.correct(&limits, tokens, requests, now());
+        if info.remaining_requests == Some(0) || info.remaining_tokens == Some(0) {
+            state.hold_to_one();
+        }
     }
 
     /// A non-streamed answer: records `sample` and the success, learns from the headers, and

@@ -653,3 +653,52 @@ async fn a_retry_at_the_given_retry_after_is_served() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// An upstream whose `x-ratelimit-remaining-requests` says 0 is sent one request at a time
+/// until one succeeds there, even when the router's own account (here a configured RPM far
+/// above the upstream's) says room: six concurrent requests draw a 429 per exhausted window,
+/// not one each.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_that_says_nothing_is_left_gets_one_request_at_a_time() {
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::new(
+            Duration::from_millis(50),
+            Duration::from_millis(1),
+        ))
+        .with_limits(Limits::per_minute(None, Some(18)).with_window(Duration::from_secs(10)));
+    let sim = Sim::start(2, [endpoint]).await.unwrap();
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .rpm(600),
+        )
+        .request_timeout(Duration::from_secs(60))
+        .max_queue_wait(Duration::from_secs(45))
+        .build()
+        .unwrap();
+    // Three requests use the upstream's window (three requests per 10 s); the third answer
+    // says none is left.
+    for i in 0..3 {
+        router.chat(&request(i)).await.unwrap();
+    }
+    assert_eq!(sim.endpoints()[0].counters().rate_limited, 0);
+    let tasks: Vec<_> = (3..9)
+        .map(|i| {
+            let router = router.clone();
+            tokio::spawn(async move { router.chat(&request(i)).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    // One 429 per window the requests exhaust (the one request that finds out the window is
+    // still full); without the rule all six went at once and seven came back 429.
+    let counters = sim.endpoints()[0].counters();
+    assert!(
+        counters.rate_limited <= 2,
+        "{} 429s: the upstream said nothing was left",
+        counters.rate_limited
+    );
+}
