@@ -198,6 +198,15 @@ fn load_scenarios(dir: &Path) -> Result<Scenarios> {
         }
     }
     files.sort();
+    // A quick run older than the full one is superseded by it (its cells have other lengths).
+    let full = files
+        .iter()
+        .find(|(_, p)| p.file_name().is_some_and(|n| n == "scenarios.json"))
+        .map(|(t, _)| *t);
+    files.retain(|(t, p)| {
+        !(p.file_name().is_some_and(|n| n == "scenarios-quick.json")
+            && full.is_some_and(|f| *t < f))
+    });
     let mut document = Value::Null;
     let mut runs: Vec<Value> = Vec::new();
     for (_, path) in files {

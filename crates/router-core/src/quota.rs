@@ -198,9 +198,11 @@ impl Bucket {
 /// window (nothing frees until the admission that used it is a window old), a fixed window, or
 /// provisioned throughput's utilisation all refuse a burst that a continuous bucket allows. So a
 /// 429 on a request the buckets admitted *cuts* what the router believes ([`Learned`]): the burst
-/// a bucket holds by [`burst_cut`](Self::burst_cut), the rate it refills at by
-/// [`rate_cut`](Self::rate_cut), at most once per window (the 429s of one overshoot are one
-/// lesson). Successes grow both back, additively, in proportion to the time spent serving
+/// a bucket holds by [`burst_cut`](Self::burst_cut), at most once per window (the 429s of one
+/// overshoot are one lesson); and, when it happens again within [`REPEAT_WINDOWS`] windows of
+/// the last cut (a smaller burst did not help: the rate is wrong), the rate it refills at by
+/// [`rate_cut`](Self::rate_cut). A fixed window's first overshoot is the burst's fault alone,
+/// and must not cost its rate. Successes grow both back, additively, in proportion to the time spent serving
 /// (at most a window per success, so an idle hour teaches nothing). The shares never go above
 /// one (the configured limits are a ceiling) nor below [`floor`](Self::floor) (nothing is shut
 /// forever by learning).
@@ -230,6 +232,9 @@ impl Default for Learning {
         }
     }
 }
+
+/// A refusal within this many windows of the last cut also cuts the rate.
+pub const REPEAT_WINDOWS: u32 = 6;
 
 /// The shares of a deployment's configured limits its upstream has been seen to admit.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -296,19 +301,23 @@ impl Learner {
         }
     }
 
-    /// The upstream refused a request the buckets admitted. Cuts the shares unless a cut
-    /// happened within the last `window`; whether it cut.
+    /// The upstream refused a request the buckets admitted. Cuts the burst share unless a cut
+    /// happened within the last `window`, and the rate share too when the last cut was within
+    /// [`REPEAT_WINDOWS`] windows; whether it cut.
     pub fn refused(&mut self, policy: &Learning, window: Duration, now: Instant) -> bool {
-        if self
-            .cut_at
-            .is_some_and(|at| now.saturating_duration_since(at) < window)
-        {
+        let since = self.cut_at.map(|at| now.saturating_duration_since(at));
+        if since.is_some_and(|since| since < window) {
             return false;
         }
+        let repeat = since.is_some_and(|since| since < window * REPEAT_WINDOWS);
         let floor = policy.floor.clamp(1e-3, 1.0);
         self.learned = Learned {
             burst: (self.learned.burst * policy.burst_cut).max(floor),
-            rate: (self.learned.rate * policy.rate_cut).max(floor),
+            rate: if repeat {
+                (self.learned.rate * policy.rate_cut).max(floor)
+            } else {
+                self.learned.rate
+            },
         };
         self.cut_at = Some(now);
         self.grown_at = now;

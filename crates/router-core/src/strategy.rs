@@ -20,7 +20,7 @@
 //! |---|---|---|
 //! | `round-robin` | [`RoundRobin`] | the next one in turn, per model group, atomically |
 //! | `least-busy` (`least-connection`, `least-connections`) | [`LeastBusy`] | P2C on in-flight requests, random tie-break |
-//! | `least-latency` | [`LeastLatency`] | P2C on PeakEWMA latency × (1 + in-flight ÷ the group's mean in-flight + 1), a bounded probe of a starved deployment, slow start |
+//! | `least-latency` | [`LeastLatency`] | P2C on PeakEWMA latency × (1 + in-flight above the pair's mean ÷ (that mean + 1)), a bounded probe of a starved deployment, slow start |
 //! | `weighted` (`simple-shuffle`) | [`Weighted`] | at random, in proportion to weights |
 //! | `usage-based` (`usage-based-routing`) | [`UsageBased`] | P2C on free quota share |
 //!
@@ -44,7 +44,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
@@ -183,34 +183,40 @@ impl Strategy for LeastBusy {
 
 /// P2C on a latency cost, with a bounded probe budget and slow start.
 ///
-/// - **Cost**: the PeakEWMA latency estimate × (1 + in-flight above the candidates' mean ÷
-///   (the mean + 1)). An LLM endpoint serves concurrent requests in parallel until it
-///   saturates, so in-flight is not a queue: a deployment carrying up to the group's usual
-///   concurrency costs its latency, whatever that concurrency is, and one carrying more than
-///   the others costs more (which keeps P2C's balance among equals). A slower deployment is
+/// - **Cost**: the PeakEWMA latency estimate × (1 + in-flight above the pair's mean ÷ (that
+///   mean + 1)), for the two candidates P2C compares. An LLM endpoint serves concurrent
+///   requests in parallel until it saturates, so in-flight is not a queue: a deployment
+///   carrying no more than the other costs its latency, whatever the concurrency, and one
+///   carrying more costs more (which keeps P2C's balance among equals). A slower deployment is
 ///   therefore not chosen just because the faster ones are busy.
 /// - **Probe budget**: a slower deployment gets nothing by cost, so its estimate would never
-///   learn that it recovered. When the group is in use (a request started somewhere within
-///   the last second) and a candidate has had none for [`probe_interval`](Self::probe_interval)
-///   longer than the busiest, it gets the next request: one live request per interval per
-///   starved deployment, not a share of the traffic. Its answer, coming to a stale estimate,
-///   replaces it ([`crate::ewma`]).
-/// - **Slow start**: a deployment whose answer came in far below its stale estimate (it
-///   recovered) ramps back over [`DeploymentState::RAMP`](crate::DeploymentState::RAMP): when
-///   P2C chooses it, the choice stands with a probability of its ramp (0 to 1), else the other
-///   of the two is taken, so its share grows in proportion to the time since it came back
-///   rather than all the requests that had piled onto the others moving to it at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
+///   learn that it recovered. When P2C's pair holds one that has had no request for
+///   [`probe_interval`](Self::probe_interval) longer than the other, while the other is in use
+///   (a request started there within the last second), it gets the request, at most once per
+///   [`probe_every`](Self::probe_every) picks of the group: one live request per interval per
+///   starved deployment and never more than that share of the traffic (so probes cannot make
+///   a p99). Its answer replaces a stale or doubled estimate ([`crate::ewma`]).
+/// - **Slow start**: a deployment whose answer came in far below its estimate (it recovered)
+///   ramps back over [`DeploymentState::RAMP`](crate::DeploymentState::RAMP): when P2C chooses
+///   it, the choice stands with a probability of its ramp (0 to 1), else the other of the two
+///   is taken, so its share grows with the time since it came back rather than all the
+///   requests that had piled onto the others moving to it at once.
+///
+/// Constant time: two candidates are read per pick, whatever the group's size.
+#[derive(Debug)]
 pub struct LeastLatency {
     /// How long a starved deployment waits between probes. Default 5 s.
     pub probe_interval: Duration,
+    /// The fewest picks of the group between two probes. Default 150 (at most 0.67 % of the
+    /// requests are probes).
+    pub probe_every: u64,
+    picks: AtomicU64,
+    last_probe: AtomicU64,
 }
 
 impl Default for LeastLatency {
     fn default() -> Self {
-        Self {
-            probe_interval: Duration::from_secs(5),
-        }
+        Self::with_probe_interval(Duration::from_secs(5))
     }
 }
 
@@ -219,6 +225,9 @@ impl LeastLatency {
     pub fn with_probe_interval(interval: Duration) -> Self {
         Self {
             probe_interval: interval.max(Duration::from_millis(100)),
+            probe_every: 150,
+            picks: AtomicU64::new(0),
+            last_probe: AtomicU64::new(0),
         }
     }
 
@@ -229,36 +238,39 @@ impl LeastLatency {
         candidate.latency * (1.0 + above / (mean_in_flight + 1.0))
     }
 
-    /// The candidate owed a probe, if any: the group is in use, and it has gone a probe
-    /// interval longer than the busiest without a request.
-    pub fn starved(&self, candidates: &[Candidate]) -> Option<usize> {
-        let busiest = candidates
-            .iter()
-            .map(|c| c.idle)
-            .fold(f64::INFINITY, f64::min);
-        if busiest >= 1.0 {
-            return None;
-        }
-        let interval = self.probe_interval.as_secs_f64();
-        candidates.iter().position(|c| c.idle - busiest >= interval)
+    /// Whether `starved` is owed a probe next to `busy`: `busy` is in use and `starved` has
+    /// gone a probe interval longer without a request.
+    pub fn is_starved(&self, starved: &Candidate, busy: &Candidate) -> bool {
+        busy.idle < 1.0 && starved.idle - busy.idle >= self.probe_interval.as_secs_f64()
+    }
+
+    /// Claims the group's next probe if `probe_every` picks have passed since the last one.
+    fn claim_probe(&self, pick: u64) -> bool {
+        let last = self.last_probe.load(Ordering::Relaxed);
+        pick.saturating_sub(last) >= self.probe_every
+            && self
+                .last_probe
+                .compare_exchange(last, pick, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
 impl Strategy for LeastLatency {
     fn pick(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
-        if let Some(starved) = self.starved(candidates) {
-            return Some(starved);
-        }
-        let total: u32 = candidates.iter().map(|c| c.in_flight).sum();
-        let mean = f64::from(total) / candidates.len().max(1) as f64;
         if candidates.len() < 2 {
-            return p2c(candidates, rng, |c| Self::cost(c, mean));
+            return (!candidates.is_empty()).then_some(0);
         }
+        // Relaxed: a counter of picks; only its own increments must be atomic.
+        let pick = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
         let (a, b) = sample_two(candidates.len(), rng);
-        let (cost_a, cost_b) = (
-            Self::cost(&candidates[a], mean),
-            Self::cost(&candidates[b], mean),
-        );
+        let (ca, cb) = (&candidates[a], &candidates[b]);
+        for (starved, busy, index) in [(ca, cb, a), (cb, ca, b)] {
+            if self.is_starved(starved, busy) && self.claim_probe(pick) {
+                return Some(index);
+            }
+        }
+        let mean = f64::from(ca.in_flight + cb.in_flight) / 2.0;
+        let (cost_a, cost_b) = (Self::cost(ca, mean), Self::cost(cb, mean));
         let (better, other) = if cost_a < cost_b || (cost_a <= cost_b && rng.coin()) {
             (a, b)
         } else {

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
 use router_facade::{Endpoint, ErrorKind, RequestOptions, Router, StrategyKind};
-use upstream_sim::{EndpointConfig, LatencyModel, Limits, Sim, SimDialect, WindowKind};
+use upstream_sim::{
+    EndpointConfig, Fault, LatencyModel, Limits, Sim, SimDialect, Times, WindowKind,
+};
 
 const MODEL: &str = "gpt-4o-mini";
 const TPMS: [u64; 3] = [30_000, 60_000, 90_000];
@@ -701,4 +703,84 @@ async fn an_upstream_that_says_nothing_is_left_gets_one_request_at_a_time() {
         "{} 429s: the upstream said nothing was left",
         counters.rate_limited
     );
+}
+
+/// Wake-ups after a cooldown are paced: a 429 on a request the buckets admitted leaves them
+/// empty until the upstream's wait ends, so the requests that queued behind it are admitted
+/// at the refill rate, one after another, not released together when the wait ends.
+#[tokio::test(start_paused = true)]
+async fn wake_ups_after_a_cooldown_are_paced_by_the_refill() {
+    // 6,000 TPM over 10 s windows: a bucket of 1,000 tokens, 100 a second; requests of about
+    // 120 tokens.
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::new(
+            Duration::from_millis(50),
+            Duration::from_millis(1),
+        ));
+    let sim = Sim::start(3, [endpoint]).await.unwrap();
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .tpm(6_000),
+        )
+        .request_timeout(Duration::from_secs(60))
+        .max_queue_wait(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    let upstream = sim.endpoints()[0].clone();
+    upstream.inject(Fault::rate_limited(Duration::from_secs(2)), Times::Next(1));
+    let started = tokio::time::Instant::now();
+    // Sample the upstream's request count every 50 ms.
+    let sampling = {
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut ticks = tokio::time::interval(Duration::from_millis(50));
+            for _ in 0..400 {
+                ticks.tick().await;
+                samples.push((
+                    started.elapsed().as_secs_f64(),
+                    upstream.counters().requests,
+                ));
+            }
+            samples
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move { router.chat(&request(i)).await }));
+        if i == 0 {
+            // The first draws the 429; the others come while its cooldown runs.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let samples = sampling.await.unwrap();
+    let at = |t: f64| {
+        samples
+            .iter()
+            .rev()
+            .find(|(s, _)| *s <= t)
+            .map_or(0, |(_, n)| *n)
+    };
+    // The first request drew the 429 at once; its wait ends at 2 s. Eight requests would fit
+    // the bucket at once, but none is released as a burst: at most two reach the upstream in
+    // any second after the wait.
+    let mut t = 2.0;
+    while t < 18.0 {
+        let sent = at(t + 1.0) - at(t);
+        assert!(
+            sent <= 2,
+            "{sent} upstream requests between {t:.1} s and {:.1} s",
+            t + 1.0
+        );
+        t += 0.25;
+    }
+    let counters = upstream.counters();
+    assert_eq!((counters.faults, counters.ok), (1, 8), "{counters:?}");
 }

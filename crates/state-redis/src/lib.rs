@@ -142,8 +142,8 @@ return 1
 ";
 
 // ARGV: 1-2 tokens shape, 3-4 requests shape, 5 the wait (ms), 6 the window (s), 7 burst cut,
-// 8 rate cut, 9 floor, 10 TTL (ms). Cuts once per window, then empties both buckets until the
-// cooldown ends.
+// 8 rate cut, 9 floor, 10 TTL (ms), 11 the windows within which a second cut also cuts the
+// rate. Cuts once per window, then empties both buckets until the cooldown ends.
 const REFUSED: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -155,7 +155,9 @@ local b, sr, c = tonumber(s[1]) or 1, tonumber(s[2]) or 1, tonumber(s[3])
 if c == nil or now - c >= tonumber(ARGV[6]) then
   local floor = tonumber(ARGV[9])
   b = math.max(floor, b * tonumber(ARGV[7]))
-  sr = math.max(floor, sr * tonumber(ARGV[8]))
+  if c ~= nil and now - c < tonumber(ARGV[6]) * tonumber(ARGV[11]) then
+    sr = math.max(floor, sr * tonumber(ARGV[8]))
+  end
   redis.call('HSET', KEYS[4], 'b', tostring(b), 'r', tostring(sr), 'g', tostring(now), 'c', tostring(now))
 end
 redis.call('PEXPIRE', KEYS[4], ARGV[10])
@@ -532,7 +534,8 @@ impl StateStore for RedisStore {
             .arg(learning.burst_cut)
             .arg(learning.rate_cut)
             .arg(learning.floor)
-            .arg(ttl_ms(limits));
+            .arg(ttl_ms(limits))
+            .arg(router_core::quota::REPEAT_WINDOWS);
         match self.run::<(String, String)>(&invocation).await {
             Ok((burst_share, rate_share)) => Ok(parse_learned(&burst_share, &rate_share)),
             Err(why) => {

@@ -257,7 +257,10 @@ fn a_refusal_cuts_once_per_window_and_successes_grow_the_shares_back() {
     let mut learner = Learner::new(t0);
     assert!(learner.refused(&policy, window, at(0)));
     assert!((learner.learned.burst - 0.5).abs() < 1e-12);
-    assert!((learner.learned.rate - 0.95).abs() < 1e-9);
+    assert!(
+        (learner.learned.rate - 1.0).abs() < 1e-12,
+        "a first overshoot is the burst's"
+    );
     // The 429s of the same overshoot teach nothing more.
     assert!(!learner.refused(&policy, window, at(3)));
     assert!((learner.learned.burst - 0.5).abs() < 1e-12);
@@ -271,6 +274,13 @@ fn a_refusal_cuts_once_per_window_and_successes_grow_the_shares_back() {
         learner.learned
     );
     assert!(learner.refused(&policy, window, at(611)), "a new overshoot");
+    assert!(
+        (learner.learned.rate - 1.0).abs() < 1e-12,
+        "long after the last cut: the burst's again"
+    );
+    // Again within six windows: the smaller burst did not help, so the rate is wrong too.
+    assert!(learner.refused(&policy, window, at(640)));
+    assert!((learner.learned.rate - 0.95).abs() < 1e-9);
 }
 
 #[test]
@@ -288,7 +298,7 @@ fn a_refusal_empties_the_buckets_until_the_wait_ends() {
     ));
     let learned = store.refused_now("d", &l, Duration::from_secs(2), t0);
     assert_eq!(store.learned("d"), learned);
-    assert!(learned.burst < 1.0 && learned.rate < 1.0);
+    assert!(learned.burst < 1.0);
     // Cooling until the wait ends, and then empty: what frees comes at the learned rate.
     let after = t0 + Duration::from_secs(2);
     let level = store.tokens_level("d", &l, after).unwrap();
@@ -296,9 +306,9 @@ fn a_refusal_empties_the_buckets_until_the_wait_ends() {
     let Admission::Denied { retry_after, .. } = store.reserve_now("d", &l, charge, after) else {
         panic!("nothing freed yet");
     };
-    // 100 tokens at 95 a second.
+    // 100 tokens at 100 a second.
     assert!(
-        (retry_after.as_secs_f64() - 100.0 / 95.0).abs() < 0.01,
+        (retry_after.as_secs_f64() - 1.0).abs() < 0.01,
         "{retry_after:?}"
     );
     let Admission::Admitted { learned: told, .. } =
