@@ -317,7 +317,7 @@ fn pick_table(criterion: &Path) -> String {
         ("least-busy", "least-busy (P2C)"),
         (
             "least-latency",
-            "least-latency (P2C, PeakEWMA × (in-flight + 1))",
+            "least-latency (P2C on the pair, probe budget, slow start)",
         ),
         ("weighted", "weighted"),
     ] {
