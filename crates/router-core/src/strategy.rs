@@ -195,7 +195,7 @@ impl Strategy for LeastBusy {
 ///   (a request started there within the last second), it gets the request, at most once per
 ///   [`probe_every`](Self::probe_every) picks of the group: one live request per interval per
 ///   starved deployment and never more than that share of the traffic (so probes cannot make
-///   a p99). Its answer replaces a stale or doubled estimate ([`crate::ewma`]).
+///   a p99). A deployment never tried gets the next request it is paired for. Its answer replaces a stale or doubled estimate ([`crate::ewma`]).
 /// - **Slow start**: a deployment whose answer came in far below its estimate (it recovered)
 ///   ramps back over [`DeploymentState::RAMP`](crate::DeploymentState::RAMP): when P2C chooses
 ///   it, the choice stands with a probability of its ramp (0 to 1), else the other of the two
@@ -265,7 +265,10 @@ impl Strategy for LeastLatency {
         let (a, b) = sample_two(candidates.len(), rng);
         let (ca, cb) = (&candidates[a], &candidates[b]);
         for (starved, busy, index) in [(ca, cb, a), (cb, ca, b)] {
-            if self.is_starved(starved, busy) && self.claim_probe(pick) {
+            // A deployment never tried is tried at once (its estimate is only a guess); others
+            // within the probe budget.
+            let untried = starved.idle.is_infinite() && busy.idle.is_finite();
+            if untried || (self.is_starved(starved, busy) && self.claim_probe(pick)) {
                 return Some(index);
             }
         }

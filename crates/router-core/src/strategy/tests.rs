@@ -423,3 +423,25 @@ fn a_ramping_deployment_wins_in_proportion_to_its_ramp() {
     assert!((fifth - 2.0 / 15.0).abs() < 0.02, "{fifth}");
     assert!(share(0.0, &mut rng) < 1e-9);
 }
+
+#[test]
+fn a_deployment_never_tried_gets_tried() {
+    // Its estimate is only the initial guess; without a first request it would never have
+    // another (the probe budget counts 150 picks first).
+    let tried = Candidate {
+        latency: 0.01,
+        idle: 0.05,
+        ..Candidate::default()
+    };
+    let never = Candidate {
+        latency: 0.03,
+        idle: f64::INFINITY,
+        ..Candidate::default()
+    };
+    let strategy = LeastLatency::default();
+    let mut rng = Rng::with_seed(2);
+    assert_eq!(
+        strategy.pick(&[tried, never], Instant::now(), &mut rng),
+        Some(1)
+    );
+}
