@@ -56,13 +56,12 @@ use tokio::sync::RwLock;
 // Keys: 1 tokens bucket, 2 requests bucket, 3 cooldown, 4 what was learned of the upstream's
 // admissions (`b` burst share, `r` rate share, `g` when they last changed, `c` the last cut;
 // absent until the first refusal). Bucket shapes come as configured; the shares apply here.
-const RESERVE: &str = r"
+//
+// Every script starts with `PRELUDE`: the server's clock, and a bucket's level refilled to now
+// (full when it was never touched), the same arithmetic as `router_core::quota::Bucket`.
+const PRELUDE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cool = redis.call('PTTL', KEYS[3])
-if cool > 0 then return {0, cool, '', '', 1, '', ''} end
-local s = redis.call('HMGET', KEYS[4], 'b', 'r')
-local b, sr = tonumber(s[1]) or 1, tonumber(s[2]) or 1
 local function level(key, cap, rate)
   local v = redis.call('HMGET', key, 'l', 't')
   local l, at = tonumber(v[1]), tonumber(v[2])
@@ -71,6 +70,13 @@ local function level(key, cap, rate)
   if r > cap then r = cap end
   return r
 end
+";
+
+const RESERVE: &str = r"
+local cool = redis.call('PTTL', KEYS[3])
+if cool > 0 then return {0, cool, '', '', 1, '', ''} end
+local s = redis.call('HMGET', KEYS[4], 'b', 'r')
+local b, sr = tonumber(s[1]) or 1, tonumber(s[2]) or 1
 local tcap, trate, tcost = tonumber(ARGV[1]) * b, tonumber(ARGV[2]) * sr, tonumber(ARGV[3])
 local rcap, rrate, rcost = tonumber(ARGV[4]) * b, tonumber(ARGV[5]) * sr, tonumber(ARGV[6])
 local ttl = ARGV[7]
@@ -104,20 +110,12 @@ return {1, 0, out_t, out_r, 0, tostring(b), tostring(sr)}
 
 // ARGV 10..13: served (1/0), the window in seconds, burst and rate regrowth per minute.
 const SETTLE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local s = redis.call('HMGET', KEYS[3], 'b', 'r', 'g')
 local b, sr = tonumber(s[1]) or 1, tonumber(s[2]) or 1
 local function settle(key, cap, rate, back, remaining, ttl)
   if cap < 0 then return end
   cap, rate = cap * b, rate * sr
-  local v = redis.call('HMGET', key, 'l', 't')
-  local l, at = tonumber(v[1]), tonumber(v[2])
-  if l == nil then l = cap else
-    l = l + (now - at) * rate
-    if l > cap then l = cap end
-  end
-  l = l + back
+  local l = level(key, cap, rate) + back
   if l > cap then l = cap end
   if remaining >= 0 and l > remaining then l = remaining end
   redis.call('HSET', key, 'l', tostring(l), 't', tostring(now))
@@ -145,8 +143,6 @@ return 1
 // 8 rate cut, 9 floor, 10 TTL (ms), 11 the windows within which a second cut also cuts the
 // rate. Cuts once per window, then empties both buckets until the cooldown ends.
 const REFUSED: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local wait_ms = tonumber(ARGV[5])
 local cur = redis.call('PTTL', KEYS[3])
 if cur < wait_ms then redis.call('SET', KEYS[3], '1', 'PX', wait_ms) end
@@ -164,13 +160,7 @@ redis.call('PEXPIRE', KEYS[4], ARGV[10])
 local function empty(key, cap, rate)
   if cap < 0 then return end
   cap, rate = cap * b, rate * sr
-  local v = redis.call('HMGET', key, 'l', 't')
-  local l, at = tonumber(v[1]), tonumber(v[2])
-  if l == nil then l = cap else
-    l = l + (now - at) * rate
-    if l > cap then l = cap end
-  end
-  l = math.min(l, -rate * wait_ms / 1000)
+  local l = math.min(level(key, cap, rate), -rate * wait_ms / 1000)
   redis.call('HSET', key, 'l', tostring(l), 't', tostring(now))
   redis.call('PEXPIRE', key, ARGV[10])
 end
@@ -268,10 +258,10 @@ impl RedisStore {
                 connection: RwLock::new(None),
                 options,
                 local: MemoryStore::new(),
-                reserve: Script::new(RESERVE),
-                settle: Script::new(SETTLE),
+                reserve: Script::new(&format!("{PRELUDE}{RESERVE}")),
+                settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
                 cool_down: Script::new(COOL_DOWN),
-                refused: Script::new(REFUSED),
+                refused: Script::new(&format!("{PRELUDE}{REFUSED}")),
                 learning: Learning::default(),
                 shared: AtomicBool::new(false),
                 fallbacks: AtomicU64::new(0),
