@@ -87,6 +87,40 @@ async fn one_request_a_second(max_queue_wait: Duration) -> (Sim, Router) {
     (sim, router)
 }
 
+/// The `TPMS` endpoints counting over windows of `kind` and `window`, and a router told each
+/// one's TPM and window: seeds (simulator, router) and the router's deadline in seconds.
+async fn windowed(
+    kind: WindowKind,
+    window: Duration,
+    latency: LatencyModel,
+    (sim_seed, router_seed): (u64, u64),
+    deadline_s: u64,
+) -> (Sim, Router) {
+    let endpoints = TPMS.iter().enumerate().map(|(i, tpm)| {
+        EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+            .with_models([MODEL])
+            .with_latency(latency)
+            .with_limits(
+                Limits::per_minute(Some(*tpm), None)
+                    .with_window(window)
+                    .with_kind(kind),
+            )
+    });
+    let sim = Sim::start(sim_seed, endpoints).await.unwrap();
+    let mut builder = Router::builder()
+        .seed(router_seed)
+        .request_timeout(Duration::from_secs(deadline_s));
+    for (endpoint, tpm) in sim.endpoints().iter().zip(TPMS) {
+        builder = builder.endpoint(
+            Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
+                .model(MODEL)
+                .tpm(tpm)
+                .quota_window(window),
+        );
+    }
+    (sim, builder.build().unwrap())
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     ok: AtomicU64,
@@ -479,29 +513,7 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
             for output in [30_u32, 150] {
                 let latency =
                     LatencyModel::new(Duration::from_millis(200), Duration::from_millis(5));
-                let endpoints = TPMS.iter().enumerate().map(|(i, tpm)| {
-                    EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
-                        .with_models([MODEL])
-                        .with_latency(latency)
-                        .with_limits(
-                            Limits::per_minute(Some(*tpm), None)
-                                .with_window(window)
-                                .with_kind(kind),
-                        )
-                });
-                let sim = Sim::start(5, endpoints).await.unwrap();
-                let mut builder = Router::builder()
-                    .seed(3)
-                    .request_timeout(Duration::from_secs(5));
-                for (endpoint, tpm) in sim.endpoints().iter().zip(TPMS) {
-                    builder = builder.endpoint(
-                        Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
-                            .model(MODEL)
-                            .tpm(tpm)
-                            .quota_window(window),
-                    );
-                }
-                let router = builder.build().unwrap();
+                let (sim, router) = windowed(kind, window, latency, (5, 3), 5).await;
                 let per_request = 60.0 + f64::from(output);
                 let rate = 1.3 * TPMS.iter().sum::<u64>() as f64 / 60.0 / per_request;
                 let seconds = 30_u32;
@@ -589,29 +601,8 @@ async fn a_retry_at_the_given_retry_after_is_served() {
         (WindowKind::Provisioned, 2.0, 10),
     ] {
         let latency = LatencyModel::new(Duration::from_millis(150), Duration::from_millis(4));
-        let endpoints = TPMS.iter().enumerate().map(|(i, tpm)| {
-            EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
-                .with_models([MODEL])
-                .with_latency(latency)
-                .with_limits(
-                    Limits::per_minute(Some(*tpm), None)
-                        .with_window(Duration::from_secs(window))
-                        .with_kind(kind),
-                )
-        });
-        let sim = Sim::start(9, endpoints).await.unwrap();
-        let mut builder = Router::builder()
-            .seed(4)
-            .request_timeout(Duration::from_secs(30));
-        for (endpoint, tpm) in sim.endpoints().iter().zip(TPMS) {
-            builder = builder.endpoint(
-                Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
-                    .model(MODEL)
-                    .tpm(tpm)
-                    .quota_window(Duration::from_secs(window)),
-            );
-        }
-        let router = builder.build().unwrap();
+        let (_sim, router) =
+            windowed(kind, Duration::from_secs(window), latency, (9, 4), 30).await;
         let rate = offered * TPMS.iter().sum::<u64>() as f64 / 60.0 / 120.0;
         let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         let mut tasks = Vec::new();
