@@ -921,31 +921,7 @@ fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64, slow: &str) -> 
         .unwrap_or(1) as f64;
     let panels: Vec<(String, Vec<Line>)> = runs
         .iter()
-        .map(|run| {
-            // The endpoints as the scenario named them (sorted: the slowed one first).
-            let lines = run["series"]["share"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .zip(COLOURS)
-                .map(|((ep, shares), colour)| Line {
-                    name: if ep == slow {
-                        format!("{ep} (slowed)")
-                    } else {
-                        ep.clone()
-                    },
-                    colour,
-                    points: shares
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .enumerate()
-                        .filter_map(|(s, v)| v.as_f64().map(|v| (s as f64 + 0.5, v * 100.0)))
-                        .collect(),
-                })
-                .collect();
-            (panel_name(run), lines)
-        })
+        .map(|run| (panel_name(run), share_lines(run, Some(slow))))
         .collect();
     grid(
         path,
@@ -965,6 +941,32 @@ fn plot_degradation_share(path: &Path, runs: &[&Value], at: f64, slow: &str) -> 
     )
 }
 
+/// Each endpoint's share of each second's requests in `run`, in percent, one line per endpoint
+/// as the scenario named them (sorted: the slowed one first, marked when `slow` names it).
+fn share_lines(run: &Value, slow: Option<&str>) -> Vec<Line> {
+    run["series"]["share"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .zip(COLOURS)
+        .map(|((ep, shares), colour)| Line {
+            name: if Some(ep.as_str()) == slow {
+                format!("{ep} (slowed)")
+            } else {
+                ep.clone()
+            },
+            colour,
+            points: shares
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .filter_map(|(s, v)| v.as_f64().map(|v| (s as f64 + 0.5, v * 100.0)))
+                .collect(),
+        })
+        .collect()
+}
+
 /// One panel per pressure-degradation run: each endpoint's share (`key` = `share`) or the p99
 /// (`p99_ms`) of each second's requests, the slowdown and the recovery marked.
 fn plot_pressure_degradation(path: &Path, runs: &[&Value], key: &str) -> Result<()> {
@@ -978,23 +980,7 @@ fn plot_pressure_degradation(path: &Path, runs: &[&Value], key: &str) -> Result<
         .iter()
         .map(|run| {
             let lines: Vec<Line> = if key == "share" {
-                run["series"]["share"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .zip(COLOURS)
-                    .map(|((ep, shares), colour)| Line {
-                        name: ep.clone(),
-                        colour,
-                        points: shares
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .enumerate()
-                            .filter_map(|(s, v)| v.as_f64().map(|v| (s as f64 + 0.5, v * 100.0)))
-                            .collect(),
-                    })
-                    .collect()
+                share_lines(run, None)
             } else {
                 let oracle = run["oracle_p99_ms"].as_f64();
                 let mut lines = vec![Line {

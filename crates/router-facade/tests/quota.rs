@@ -601,8 +601,7 @@ async fn a_retry_at_the_given_retry_after_is_served() {
         (WindowKind::Provisioned, 2.0, 10),
     ] {
         let latency = LatencyModel::new(Duration::from_millis(150), Duration::from_millis(4));
-        let (_sim, router) =
-            windowed(kind, Duration::from_secs(window), latency, (9, 4), 30).await;
+        let (_sim, router) = windowed(kind, Duration::from_secs(window), latency, (9, 4), 30).await;
         let rate = offered * TPMS.iter().sum::<u64>() as f64 / 60.0 / 120.0;
         let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         let mut tasks = Vec::new();
