@@ -1,19 +1,25 @@
 //! Quotas: tokens and requests per minute, reserved before a call and reconciled after it.
 //!
-//! Each limited deployment has a token bucket for tokens and one for requests. A bucket holds
-//! `window` worth of its per-minute limit (`limit × window / 60 s`, the burst the upstream
-//! tolerates: Azure evaluates over 1 s or 10 s windows) and refills continuously at
-//! `limit / 60 s`. A request takes its estimated cost when it is sent (as Azure charges the
-//! estimated prompt plus the output cap at admission); when the answer comes, the difference to
-//! the real usage is given back or taken; a failed request gives its whole reservation back.
-//! A request larger than a whole bucket is admitted only when the bucket is full, and leaves it
-//! in debt, so that a big request is never refused forever. The upstream's own
-//! `x-ratelimit-remaining-*` headers lower a bucket that thinks it has more.
+//! Each limited deployment has a [`Log`] of what it admitted over its last window (`window`,
+//! default 10 s: Azure evaluates its limits over 1 s or 10 s windows). A window holds
+//! `limit × window / 60 s`; a request fits while the window's total leaves room for it, and
+//! holds its estimated cost until it is a window old (as Azure charges the estimated prompt
+//! plus the output cap at admission). No upstream that counts per window, fixed, sliding or
+//! provisioned, refuses what such a log admits, where a continuous token bucket lets two
+//! windows' quota into one. When the answer comes, the difference to the real usage is given
+//! back or taken; a failed request gives its whole reservation back. A request larger than a
+//! whole window is admitted only into an empty one, and held for as many windows as it is
+//! large, so that a big request is never refused forever. The upstream's own
+//! `x-ratelimit-remaining-*` headers lower what a log thinks is left, and a 429 on a request
+//! the log admitted teaches the store the share of the limits the upstream really admits
+//! ([`Learning`]).
 //!
-//! The math is in [`Bucket`], with every timestamp passed in. Where the buckets live is a
-//! [`StateStore`]: [`MemoryStore`] in the process, or a shared store (`state-redis`) so that
-//! replicas share one quota and one set of cooldowns.
+//! The math is in [`Log`] and [`Learner`], with every timestamp passed in. Where the logs live
+//! is a [`StateStore`]: [`MemoryStore`] in the process, or a shared store (`state-redis`) so
+//! that replicas share one quota and one set of cooldowns. [`QuotaView`] is this process's
+//! lock-free hint of each deployment's room, for choosing among deployments.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -31,7 +37,9 @@ pub struct Limits {
     pub tpm: Option<u64>,
     /// Requests per minute.
     pub rpm: Option<u64>,
-    /// The burst window: a bucket holds this much of the per-minute limit. Default 10 s.
+    /// The window the upstream counts over: a window holds this much of the per-minute limit,
+    /// and an admission holds its cost until it is this old. Default 10 s; set it to the
+    /// upstream's (Azure: 1 s or 10 s).
     pub window: Duration,
 }
 
@@ -192,57 +200,74 @@ impl Bucket {
 }
 
 /// How a store learns what an upstream really admits, when the upstream refuses (429) requests
-/// the configured limits allowed.
+/// its log admitted.
 ///
-/// Configured limits say how much an upstream admits per minute, not how it counts: a sliding
-/// window (nothing frees until the admission that used it is a window old), a fixed window, or
-/// provisioned throughput's utilisation all refuse a burst that a continuous bucket allows. So a
-/// 429 on a request the buckets admitted *cuts* what the router believes ([`Learned`]): the burst
-/// a bucket holds by [`burst_cut`](Self::burst_cut), at most once per window (the 429s of one
-/// overshoot are one lesson); and, when it happens again within [`REPEAT_WINDOWS`] windows of
-/// the last cut (a smaller burst did not help: the rate is wrong), the rate it refills at by
-/// [`rate_cut`](Self::rate_cut). A fixed window's first overshoot is the burst's fault alone,
-/// and must not cost its rate. Successes grow both back, additively, in proportion to the time spent serving
-/// (at most a window per success, so an idle hour teaches nothing). The shares never go above
-/// one (the configured limits are a ceiling) nor below [`floor`](Self::floor) (nothing is shut
-/// forever by learning).
+/// A deployment's [`Log`] keeps to its configured limits per window, which no upstream that
+/// counts its quota per window (fixed, sliding or provisioned) refuses. A 429 on a request the
+/// log admitted therefore means the upstream admits less than configured: its quota is
+/// smaller, other clients share it, or it counts a request as more than the router's
+/// estimate. The refusal *measures* how much less: the share of its configured quota the log
+/// holds when the upstream says it is full. The store keeps to that share ([`Learned`]),
+/// cutting at least to [`cut`](Self::cut) of what it kept to and at most to
+/// [`deepest_cut`](Self::deepest_cut), at most once per window (the 429s of one overshoot are
+/// one lesson). Successes grow the share back, additively, in proportion to the time spent
+/// serving (at most a window per success, so an idle hour teaches nothing). The share never
+/// goes above one (the configured limits are a ceiling) nor below [`floor`](Self::floor)
+/// (nothing is shut forever by learning).
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Learning {
-    /// What a refusal leaves of the burst share. Default 0.5.
-    pub burst_cut: f64,
-    /// What a refusal leaves of the rate share. Default 0.95.
-    pub rate_cut: f64,
-    /// The lowest either share goes. Default 0.05.
+    /// The most a refusal leaves of the share: a refusal always cuts. Default 0.95.
+    pub cut: f64,
+    /// The least a refusal leaves of the share, however little the log held. Default 0.5.
+    pub deepest_cut: f64,
+    /// The lowest the share goes. Default 0.05.
     pub floor: f64,
-    /// Burst share regained per minute of successes. Default 0.5.
-    pub burst_regrow: f64,
-    /// Rate share regained per minute of successes. Default 0.05.
-    pub rate_regrow: f64,
+    /// Share regained per minute of successes. Default 0.2.
+    pub regrow: f64,
 }
 
 impl Default for Learning {
     fn default() -> Self {
         Self {
-            burst_cut: 0.5,
-            rate_cut: 0.95,
+            cut: 0.95,
+            deepest_cut: 0.5,
             floor: 0.05,
-            burst_regrow: 0.5,
-            rate_regrow: 0.05,
+            regrow: 0.2,
         }
     }
 }
 
-/// A refusal within this many windows of the last cut also cuts the rate.
-pub const REPEAT_WINDOWS: u32 = 6;
+impl Learning {
+    /// A policy with other cuts, floor and regrowth; each is clamped to (0, 1] (`regrow` to
+    /// at least 0), and `deepest_cut` to at most `cut`.
+    pub fn new(cut: f64, deepest_cut: f64, floor: f64, regrow: f64) -> Self {
+        let unit = |x: f64| {
+            if x.is_finite() {
+                x.clamp(1e-3, 1.0)
+            } else {
+                1.0
+            }
+        };
+        let cut = unit(cut);
+        Self {
+            cut,
+            deepest_cut: unit(deepest_cut).min(cut),
+            floor: unit(floor),
+            regrow: if regrow.is_finite() {
+                regrow.max(0.0)
+            } else {
+                0.0
+            },
+        }
+    }
+}
 
-/// The shares of a deployment's configured limits its upstream has been seen to admit.
+/// The share of a deployment's configured limits its upstream has been seen to admit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Learned {
-    /// Share of the configured burst (a bucket's capacity), 0 to 1.
-    pub burst: f64,
-    /// Share of the configured rate (the per-minute limits), 0 to 1.
-    pub rate: f64,
+    /// Share of the configured limits, 0 to 1.
+    pub share: f64,
 }
 
 impl Default for Learned {
@@ -253,29 +278,26 @@ impl Default for Learned {
 
 impl Learned {
     /// Nothing learned: the configured limits as they are.
-    pub const FULL: Self = Self {
-        burst: 1.0,
-        rate: 1.0,
-    };
+    pub const FULL: Self = Self { share: 1.0 };
 
     /// Whether nothing has been learned.
     pub fn is_full(&self) -> bool {
-        self.burst >= 1.0 && self.rate >= 1.0
+        self.share >= 1.0
     }
 
-    /// The limits the router keeps to: per-minute limits times the rate share, and a window
-    /// that makes each bucket hold the burst share of its configured capacity.
+    /// The limits the router keeps to: the per-minute limits times the share, over the same
+    /// window.
     #[must_use]
     pub fn apply(&self, limits: &Limits) -> Limits {
         if self.is_full() {
             return *limits;
         }
-        let (burst, rate) = (self.burst.clamp(1e-3, 1.0), self.rate.clamp(1e-3, 1.0));
-        let scale = |limit: u64| ((limit as f64 * rate).round() as u64).max(1);
+        let share = self.share.clamp(1e-3, 1.0);
+        let scale = |limit: u64| ((limit as f64 * share).floor() as u64).max(1);
         Limits {
             tpm: limits.tpm.map(scale),
             rpm: limits.rpm.map(scale),
-            window: limits.window.mul_f64(burst / rate),
+            window: limits.window,
         }
     }
 }
@@ -283,9 +305,9 @@ impl Learned {
 /// What a store keeps per deployment to learn its upstream's admissions ([`Learning`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Learner {
-    /// The shares learned so far.
+    /// The share learned so far.
     pub learned: Learned,
-    /// When the shares last grew or were cut.
+    /// When the share last grew or was cut.
     pub grown_at: Instant,
     /// When the last cut was.
     pub cut_at: Option<Instant>,
@@ -301,30 +323,35 @@ impl Learner {
         }
     }
 
-    /// The upstream refused a request the buckets admitted. Cuts the burst share unless a cut
-    /// happened within the last `window`, and the rate share too when the last cut was within
-    /// [`REPEAT_WINDOWS`] windows; whether it cut.
-    pub fn refused(&mut self, policy: &Learning, window: Duration, now: Instant) -> bool {
-        let since = self.cut_at.map(|at| now.saturating_duration_since(at));
-        if since.is_some_and(|since| since < window) {
+    /// The upstream refused a request the log admitted while the log held `held` of the
+    /// configured limits (the larger of the token and request shares). Cuts the share to
+    /// `held`, within [`Learning::deepest_cut`] and [`Learning::cut`] of what it was, unless a
+    /// cut happened within the last `window`; whether it cut.
+    pub fn refused(
+        &mut self,
+        policy: &Learning,
+        window: Duration,
+        held: f64,
+        now: Instant,
+    ) -> bool {
+        if self
+            .cut_at
+            .is_some_and(|at| now.saturating_duration_since(at) < window)
+        {
             return false;
         }
-        let repeat = since.is_some_and(|since| since < window * REPEAT_WINDOWS);
-        let floor = policy.floor.clamp(1e-3, 1.0);
+        let share = self.learned.share;
+        let held = if held.is_finite() { held } else { share };
+        let cut = held.max(share * policy.deepest_cut).min(share * policy.cut);
         self.learned = Learned {
-            burst: (self.learned.burst * policy.burst_cut).max(floor),
-            rate: if repeat {
-                (self.learned.rate * policy.rate_cut).max(floor)
-            } else {
-                self.learned.rate
-            },
+            share: cut.max(policy.floor).min(1.0),
         };
         self.cut_at = Some(now);
         self.grown_at = now;
         true
     }
 
-    /// A request was served: the shares grow back by the time served since the last change,
+    /// A request was served: the share grows back by the time served since the last change,
     /// counted up to one `window`.
     pub fn served(&mut self, policy: &Learning, window: Duration, now: Instant) {
         let minutes = now
@@ -333,11 +360,286 @@ impl Learner {
             .as_secs_f64()
             / 60.0;
         self.learned = Learned {
-            burst: (self.learned.burst + policy.burst_regrow * minutes).min(1.0),
-            rate: (self.learned.rate + policy.rate_regrow * minutes).min(1.0),
+            share: (self.learned.share + policy.regrow * minutes).min(1.0),
         };
         self.grown_at = now;
     }
+}
+
+/// Tokens and requests one admission holds in a [`Log`] until it leaves the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mark {
+    /// Names the admission, to settle or release it.
+    pub ticket: u64,
+    /// When it leaves the window.
+    pub until: Instant,
+    /// Tokens held.
+    pub tokens: f64,
+    /// Requests held.
+    pub requests: f64,
+    /// What had left the window (tokens, requests) when it was admitted: what has left since
+    /// is the log's [`freed`](Log::freed) less this.
+    pub freed: (f64, f64),
+    /// Whether it stands for what the upstream holds and the router did not admit (from its
+    /// headers or a refusal), not for an admission: it does not count as freed when it leaves.
+    pub unseen: bool,
+}
+
+/// What a deployment admitted in its last window, as the upstreams count it: an admission
+/// holds its estimate until it is a window old, and a request fits only while the window's
+/// total leaves room for it.
+///
+/// Whatever way an upstream counts per window (a fixed window that restarts at each edge, a
+/// sliding log, or provisioned throughput's utilisation draining at the limit's rate), it
+/// admits everything a log of the same window admits: no interval of a window's length ever
+/// holds more than a window's quota. A continuous token bucket does not have that property (a
+/// full bucket and its refill put two windows' quota into one), which is why it meets 429s
+/// that the upstream's arithmetic makes certain.
+///
+/// An admission leaves the window a little after the upstream's does
+/// ([`margin`](Self::margin)): the upstream counts it from when it arrived, later than the
+/// router sent it, and the next request must not arrive before the upstream's slot frees. A
+/// request larger than a whole window is admitted only into an empty log, and is held for as
+/// many windows as it is large, so that a big request is never refused forever and the
+/// average stays within the limit. Pure arithmetic, with every timestamp passed in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Log {
+    /// Oldest leaving first.
+    marks: VecDeque<Mark>,
+    tokens: f64,
+    requests: f64,
+    /// What the router's own admissions have let go of so far (tokens, requests).
+    freed: (f64, f64),
+}
+
+/// In how many parts what a refusal leaves of a window is let go ([`Log::fill_paced`]).
+pub const PACED_STEPS: u32 = 10;
+
+/// How long after the window an admission is still held: a hundredth of the window, at most
+/// 50 ms.
+pub fn margin(window: Duration) -> Duration {
+    (window / 100).min(Duration::from_millis(50))
+}
+
+impl Log {
+    /// Lets go of every admission that has left the window by `now`.
+    pub fn expire(&mut self, now: Instant) {
+        while self.marks.front().is_some_and(|mark| mark.until <= now) {
+            if let Some(mark) = self.marks.pop_front() {
+                self.tokens -= mark.tokens;
+                self.requests -= mark.requests;
+                if !mark.unseen {
+                    self.freed.0 += mark.tokens;
+                    self.freed.1 += mark.requests;
+                }
+            }
+        }
+        if self.marks.is_empty() {
+            // No drift from float sums: an empty log holds nothing.
+            self.tokens = 0.0;
+            self.requests = 0.0;
+        }
+    }
+
+    /// Tokens and requests the window holds (after [`expire`](Self::expire)).
+    pub fn held(&self) -> (f64, f64) {
+        (self.tokens.max(0.0), self.requests.max(0.0))
+    }
+
+    /// What the router's own admissions have let go of so far, leaving the window (tokens,
+    /// requests).
+    pub fn freed(&self) -> (f64, f64) {
+        self.freed
+    }
+
+    /// How many admissions the log holds.
+    pub fn len(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// Whether the log holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+
+    /// How long until a request of `charge` fits under `limits`; zero when it fits now.
+    pub fn wait_for(&mut self, limits: &Limits, charge: Charge, now: Instant) -> Duration {
+        self.expire(now);
+        let dims = [
+            (limits.tokens(), charge.tokens as f64, self.tokens, 0),
+            (limits.requests(), charge.requests as f64, self.requests, 1),
+        ];
+        let mut wait = Duration::ZERO;
+        for (shape, cost, held, dim) in dims {
+            let Some(shape) = shape else { continue };
+            let need = shape.needed(cost);
+            let mut over = held + need - shape.capacity;
+            if over <= 1e-9 {
+                continue;
+            }
+            // Walk the admissions in the order they leave until enough has left.
+            for mark in &self.marks {
+                over -= if dim == 0 { mark.tokens } else { mark.requests };
+                if over <= 1e-9 {
+                    wait = wait.max(mark.until.saturating_duration_since(now));
+                    break;
+                }
+            }
+        }
+        wait
+    }
+
+    /// Admits `charge` as `ticket` if it fits under `limits` now: the tokens and requests left
+    /// (where limited); otherwise how long until it fits.
+    pub fn admit(
+        &mut self,
+        limits: &Limits,
+        charge: Charge,
+        ticket: u64,
+        now: Instant,
+    ) -> Result<(Option<f64>, Option<f64>), Duration> {
+        let wait = self.wait_for(limits, charge, now);
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        let (tokens, requests) = (charge.tokens as f64, charge.requests as f64);
+        // A request larger than the window is held for as many windows as it is large.
+        let windows = [
+            limits.tokens().map(|s| tokens / s.capacity),
+            limits.requests().map(|s| requests / s.capacity),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(1.0_f64, f64::max);
+        let until = now + limits.window.mul_f64(windows.min(1e6)) + margin(limits.window);
+        self.insert(Mark {
+            ticket,
+            until,
+            tokens,
+            requests,
+            freed: self.freed,
+            unseen: false,
+        });
+        Ok(self.left(limits))
+    }
+
+    /// What is left under `limits` (where limited; negative: a large request's debt).
+    pub fn left(&self, limits: &Limits) -> (Option<f64>, Option<f64>) {
+        (
+            limits.tokens().map(|s| s.capacity - self.tokens),
+            limits.requests().map(|s| s.capacity - self.requests),
+        )
+    }
+
+    fn insert(&mut self, mark: Mark) {
+        let at = self.marks.partition_point(|m| m.until <= mark.until);
+        self.tokens += mark.tokens;
+        self.requests += mark.requests;
+        self.marks.insert(at, mark);
+    }
+
+    /// Gives back (`> 0`) or takes more (`< 0`) of admission `ticket`, never below nothing; an
+    /// admission that has left the window is not changed.
+    pub fn adjust(&mut self, ticket: u64, tokens_back: f64, requests_back: f64) {
+        if let Some(mark) = self.marks.iter_mut().rev().find(|m| m.ticket == ticket) {
+            let tokens = (mark.tokens - tokens_back).max(0.0);
+            let requests = (mark.requests - requests_back).max(0.0);
+            self.tokens += tokens - mark.tokens;
+            self.requests += requests - mark.requests;
+            mark.tokens = tokens;
+            mark.requests = requests;
+        }
+    }
+
+    /// Lowers what is left under `limits` to what the upstream said is left when it admitted
+    /// `settled`, plus what the router's admissions have let go of since (the upstream's
+    /// window let go of the same), if that is less: the difference, the upstream's own admissions that the router
+    /// did not see, is held as `ticket` until `until` (they leave the upstream's window some
+    /// time within it). Nothing is corrected when `settled` has left the window already.
+    pub fn correct(
+        &mut self,
+        limits: &Limits,
+        remaining: (Option<u64>, Option<u64>),
+        settled: u64,
+        ticket: u64,
+        until: Instant,
+    ) {
+        let Some(since) = self
+            .marks
+            .iter()
+            .rev()
+            .find(|m| m.ticket == settled)
+            .map(|m| (self.freed.0 - m.freed.0, self.freed.1 - m.freed.1))
+        else {
+            return;
+        };
+        let (left_tokens, left_requests) = self.left(limits);
+        let excess = |left: Option<f64>, remaining: Option<u64>, since: f64| match (left, remaining)
+        {
+            (Some(left), Some(remaining)) => (left - remaining as f64 - since).max(0.0),
+            _ => 0.0,
+        };
+        let (tokens, requests) = (
+            excess(left_tokens, remaining.0, since.0),
+            excess(left_requests, remaining.1, since.1),
+        );
+        if tokens > 0.0 || requests > 0.0 {
+            self.insert(Mark {
+                ticket,
+                until,
+                tokens,
+                requests,
+                freed: self.freed,
+                unseen: true,
+            });
+        }
+    }
+
+    /// The upstream said it is full: holds what is left under `limits` and lets it go in
+    /// [`PACED_STEPS`] equal parts over one window from `from` (when the upstream's wait
+    /// ends), at no more than the limit's rate, as the upstream's own admissions that the
+    /// router did not see would leave its window. Wake-ups after a refusal are paced, not
+    /// released together. `ticket` names each part.
+    pub fn fill_paced(&mut self, limits: &Limits, from: Instant, mut ticket: impl FnMut() -> u64) {
+        let (tokens, requests) = self.left(limits);
+        let (tokens, requests) = (
+            tokens.unwrap_or(0.0).max(0.0),
+            requests.unwrap_or(0.0).max(0.0),
+        );
+        if tokens <= 0.0 && requests <= 0.0 {
+            return;
+        }
+        let steps = f64::from(PACED_STEPS);
+        for step in 1..=PACED_STEPS {
+            let until = from + limits.window.mul_f64(f64::from(step) / steps);
+            self.insert(Mark {
+                ticket: ticket(),
+                until,
+                tokens: tokens / steps,
+                requests: requests / steps,
+                freed: self.freed,
+                unseen: true,
+            });
+        }
+    }
+
+    /// The share of `limits` the window holds: the larger of the token and request shares.
+    pub fn share_held(&self, limits: &Limits) -> f64 {
+        let (tokens, requests) = self.held();
+        [
+            limits.tokens().map(|s| tokens / s.capacity),
+            limits.requests().map(|s| requests / s.capacity),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(0.0_f64, f64::max)
+    }
+}
+
+/// How long what the upstream holds beyond the log is held: until the upstream's budgets are
+/// full again, if it said, within a window; else half a window.
+pub fn phantom_hold(limits: &Limits, reset: Option<Duration>) -> Duration {
+    reset.map_or(limits.window / 2, |reset| reset.min(limits.window))
 }
 
 /// What one request takes from a deployment's quota.
@@ -352,22 +654,29 @@ pub struct Charge {
 /// How a reservation ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Settlement {
+    /// The admission settled ([`Admission::Admitted::ticket`]).
+    pub ticket: u64,
     /// Tokens to give back (negative: to take more).
     pub tokens_back: i64,
     /// Requests to give back.
     pub requests_back: i64,
-    /// The upstream's `x-ratelimit-remaining-tokens`, if it sent one.
+    /// The upstream's `x-ratelimit-remaining-tokens` when it admitted the request, if it sent
+    /// one.
     pub remaining_tokens: Option<u64>,
     /// The upstream's `x-ratelimit-remaining-requests`, if it sent one.
     pub remaining_requests: Option<u64>,
+    /// Until the upstream's budgets are full again (`x-ratelimit-reset-*`), if it said: what
+    /// it holds beyond the log leaves within this (half a window when not said).
+    pub reset: Option<Duration>,
     /// Whether the upstream served the request (what a [`Learner`] grows back on).
     pub served: bool,
 }
 
 impl Settlement {
-    /// The whole reservation back (the request failed or was dropped).
-    pub fn release(charge: Charge) -> Self {
+    /// The whole reservation `ticket` back (the request failed or was dropped).
+    pub fn release(ticket: u64, charge: Charge) -> Self {
         Self {
+            ticket,
             tokens_back: i64::try_from(charge.tokens).unwrap_or(i64::MAX),
             requests_back: i64::try_from(charge.requests).unwrap_or(i64::MAX),
             ..Self::default()
@@ -378,16 +687,18 @@ impl Settlement {
 /// A store's answer to a reservation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Admission {
-    /// Reserved; the levels left (where limited).
+    /// Reserved; what is left (where limited).
     Admitted {
-        /// Tokens left in the bucket.
+        /// Tokens left in the window.
         tokens_left: Option<f64>,
-        /// Requests left in the bucket.
+        /// Requests left in the window.
         requests_left: Option<f64>,
-        /// The shares of the limits the store keeps to ([`Learned::FULL`] until a refusal).
+        /// The share of the limits the store keeps to ([`Learned::FULL`] until a refusal).
         learned: Learned,
+        /// Names the admission: settle it with this.
+        ticket: u64,
     },
-    /// Not now: how long until the buckets allow it, or until a shared cooldown ends.
+    /// Not now: how long until the window has room, or until a shared cooldown ends.
     Denied {
         /// The wait.
         retry_after: Duration,
@@ -405,7 +716,7 @@ pub enum Admission {
 /// reserving at once never both get the last tokens.
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug {
-    /// Reserves `charge` if the deployment's buckets allow it and no cooldown is shared.
+    /// Reserves `charge` if the deployment's window has room and no cooldown is shared.
     async fn reserve(
         &self,
         key: &str,
@@ -415,7 +726,7 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     ) -> Result<Admission, Error>;
 
     /// Settles a reservation: gives `tokens` and `requests` back (negative: takes more, when
-    /// the real usage exceeded the estimate), then lowers the buckets to what the upstream
+    /// the real usage exceeded the estimate), then lowers what is left to what the upstream
     /// said is left, if it said.
     async fn settle(
         &self,
@@ -428,10 +739,11 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     /// Shares a cooldown of `wait` from now.
     async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error>;
 
-    /// The upstream refused (429) a request these buckets admitted, and said to wait `wait`:
-    /// shares the cooldown, empties the buckets until it ends (what freed upstream meanwhile is
-    /// what the refill brings, not a burst), and cuts what the store believes the upstream
-    /// admits ([`Learner::refused`]). Returns the shares now in force.
+    /// The upstream refused (429) a request this store admitted (and that was released), and
+    /// said to wait `wait`: shares the cooldown, cuts the share of the limits the store keeps
+    /// to, to what its window holds ([`Learner::refused`]), and holds what is left of the
+    /// window, letting it go at the limit's pace once the wait ends ([`Log::fill_paced`]).
+    /// Returns the share now in force.
     ///
     /// The default only cools down: a store that does not learn keeps to the configured limits.
     async fn refused(
@@ -455,8 +767,8 @@ pub trait StateStore: Send + Sync + fmt::Debug {
 
 #[derive(Debug, Default)]
 struct Entry {
-    tokens: Option<Bucket>,
-    requests: Option<Bucket>,
+    log: Log,
+    next_ticket: u64,
     cooling_until: Option<Instant>,
     learner: Option<Learner>,
 }
@@ -473,13 +785,9 @@ impl Entry {
             .map_or(Learned::FULL, |learner| learner.learned)
     }
 
-    fn tokens(&mut self, shape: Shape, now: Instant) -> &mut Bucket {
-        self.tokens.get_or_insert_with(|| Bucket::full(shape, now))
-    }
-
-    fn requests(&mut self, shape: Shape, now: Instant) -> &mut Bucket {
-        self.requests
-            .get_or_insert_with(|| Bucket::full(shape, now))
+    fn ticket(&mut self) -> u64 {
+        self.next_ticket += 1;
+        self.next_ticket
     }
 }
 
@@ -531,132 +839,63 @@ impl MemoryStore {
                 };
             }
             let limits = entry.effective(limits);
-            let (tokens, requests) = (limits.tokens(), limits.requests());
-            // Check both before taking from either.
-            let mut wait = Duration::ZERO;
-            if let Some(shape) = tokens {
-                let mut probe = *entry.tokens(shape, now);
-                if let Err(w) = probe.take(shape, charge.tokens as f64, now) {
-                    wait = wait.max(w);
-                }
-            }
-            if let Some(shape) = requests {
-                let mut probe = *entry.requests(shape, now);
-                if let Err(w) = probe.take(shape, charge.requests as f64, now) {
-                    wait = wait.max(w);
-                }
-            }
-            if !wait.is_zero() {
-                return Admission::Denied {
-                    retry_after: wait,
+            let ticket = entry.ticket();
+            match entry.log.admit(&limits, charge, ticket, now) {
+                Ok((tokens_left, requests_left)) => Admission::Admitted {
+                    tokens_left,
+                    requests_left,
+                    learned: entry.learned(),
+                    ticket,
+                },
+                Err(retry_after) => Admission::Denied {
+                    retry_after,
                     cooling: false,
-                };
-            }
-            let tokens_left = tokens.and_then(|shape| {
-                entry
-                    .tokens(shape, now)
-                    .take(shape, charge.tokens as f64, now)
-                    .ok()
-            });
-            let requests_left = requests.and_then(|shape| {
-                entry
-                    .requests(shape, now)
-                    .take(shape, charge.requests as f64, now)
-                    .ok()
-            });
-            Admission::Admitted {
-                tokens_left,
-                requests_left,
-                learned: entry.learned(),
+                },
             }
         })
     }
 
-    /// Adjusts synchronously.
-    pub fn adjust_now(&self, key: &str, limits: &Limits, tokens: i64, requests: i64, now: Instant) {
-        self.with(key, |entry| {
-            let limits = entry.effective(limits);
-            if let Some(shape) = limits.tokens() {
-                entry.tokens(shape, now).adjust(shape, tokens as f64, now);
-            }
-            if let Some(shape) = limits.requests() {
-                entry
-                    .requests(shape, now)
-                    .adjust(shape, requests as f64, now);
-            }
-        });
-    }
-
-    /// Corrects synchronously.
-    pub fn correct_now(
-        &self,
-        key: &str,
-        limits: &Limits,
-        tokens: Option<u64>,
-        requests: Option<u64>,
-        now: Instant,
-    ) {
-        self.with(key, |entry| {
-            let limits = entry.effective(limits);
-            if let (Some(shape), Some(remaining)) = (limits.tokens(), tokens) {
-                entry
-                    .tokens(shape, now)
-                    .correct(shape, remaining as f64, now);
-            }
-            if let (Some(shape), Some(remaining)) = (limits.requests(), requests) {
-                entry
-                    .requests(shape, now)
-                    .correct(shape, remaining as f64, now);
-            }
-        });
-    }
-
     /// Settles synchronously.
     pub fn settle_now(&self, key: &str, limits: &Limits, settlement: Settlement, now: Instant) {
-        self.adjust_now(
-            key,
-            limits,
-            settlement.tokens_back,
-            settlement.requests_back,
-            now,
-        );
-        self.correct_now(
-            key,
-            limits,
-            settlement.remaining_tokens,
-            settlement.remaining_requests,
-            now,
-        );
-        if settlement.served {
-            self.with(key, |entry| {
-                if let Some(learner) = &mut entry.learner {
-                    learner.served(&self.learning, limits.window, now);
-                }
-            });
-        }
+        self.with(key, |entry| {
+            entry.log.expire(now);
+            entry.log.adjust(
+                settlement.ticket,
+                settlement.tokens_back as f64,
+                settlement.requests_back as f64,
+            );
+            let effective = entry.effective(limits);
+            let remaining = (settlement.remaining_tokens, settlement.remaining_requests);
+            if remaining.0.is_some() || remaining.1.is_some() {
+                let ticket = entry.ticket();
+                let until = now + phantom_hold(&effective, settlement.reset);
+                entry
+                    .log
+                    .correct(&effective, remaining, settlement.ticket, ticket, until);
+            }
+            if let Some(learner) = entry.learner.as_mut().filter(|_| settlement.served) {
+                learner.served(&self.learning, limits.window, now);
+            }
+        });
     }
 
     /// Takes a refusal synchronously ([`StateStore::refused`]).
     pub fn refused_now(&self, key: &str, limits: &Limits, wait: Duration, now: Instant) -> Learned {
         self.cool_down_now(key, wait, now);
         self.with(key, |entry| {
+            entry.log.expire(now);
+            let held = entry.log.share_held(limits);
             entry
                 .learner
                 .get_or_insert_with(|| Learner::new(now))
-                .refused(&self.learning, limits.window, now);
-            let limits = entry.effective(limits);
-            let empty_until = |bucket: &mut Bucket, shape: Shape| {
-                let level = bucket
-                    .level_at(shape, now)
-                    .min(-shape.rate * wait.as_secs_f64());
-                *bucket = Bucket { level, at: now };
-            };
-            if let Some(shape) = limits.tokens() {
-                empty_until(entry.tokens(shape, now), shape);
-            }
-            if let Some(shape) = limits.requests() {
-                empty_until(entry.requests(shape, now), shape);
-            }
+                .refused(&self.learning, limits.window, held, now);
+            let effective = entry.effective(limits);
+            let mut next = entry.next_ticket;
+            entry.log.fill_paced(&effective, now + wait, || {
+                next += 1;
+                next
+            });
+            entry.next_ticket = next;
             entry.learned()
         })
     }
@@ -674,19 +913,27 @@ impl MemoryStore {
         });
     }
 
-    /// The request level of `key` at `now`, for tests and stats.
-    pub fn requests_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
+    /// What `key`'s window holds at `now` (tokens, requests), for tests and stats.
+    pub fn held(&self, key: &str, now: Instant) -> (f64, f64) {
         self.with(key, |entry| {
-            let shape = entry.effective(limits).requests()?;
-            Some(entry.requests(shape, now).level_at(shape, now))
+            entry.log.expire(now);
+            entry.log.held()
         })
     }
 
-    /// The token level of `key` at `now`, for tests and stats.
+    /// The requests `key`'s window has left at `now` under `limits`, for tests and stats.
+    pub fn requests_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
+        self.with(key, |entry| {
+            entry.log.expire(now);
+            entry.log.left(&entry.effective(limits)).1
+        })
+    }
+
+    /// The tokens `key`'s window has left at `now` under `limits`, for tests and stats.
     pub fn tokens_level(&self, key: &str, limits: &Limits, now: Instant) -> Option<f64> {
         self.with(key, |entry| {
-            let shape = entry.effective(limits).tokens()?;
-            Some(entry.tokens(shape, now).level_at(shape, now))
+            entry.log.expire(now);
+            entry.log.left(&entry.effective(limits)).0
         })
     }
 }

@@ -177,9 +177,11 @@ pub struct DeploymentState {
     /// Limits learned from `x-ratelimit-limit-*` headers; 0 when none.
     learned_tpm: AtomicU64,
     learned_rpm: AtomicU64,
-    /// The shares of the limits the upstream admits, as the store last said: the f32 bits of
-    /// the burst share (high half) and of the rate share (low half).
+    /// The share of the limits the upstream admits, as the store last said: its f64 bits.
     admits: AtomicU64,
+    /// How the upstream counts a prompt against the router's count (its f64 bits; 1 until
+    /// an answer reports its usage): see [`DeploymentState::observe_prompt`].
+    prompt_ratio: AtomicU64,
     /// Milliseconds since `origin`, plus one, when a request last started; 0 for never.
     last_start: AtomicU64,
     /// Milliseconds since `origin`, plus one, when it came back from looking slow (a sample
@@ -188,13 +190,12 @@ pub struct DeploymentState {
 }
 
 fn pack_learned(learned: Learned) -> u64 {
-    (u64::from((learned.burst as f32).to_bits()) << 32) | u64::from((learned.rate as f32).to_bits())
+    learned.share.to_bits()
 }
 
 fn unpack_learned(packed: u64) -> Learned {
     Learned {
-        burst: f64::from(f32::from_bits((packed >> 32) as u32)),
-        rate: f64::from(f32::from_bits(packed as u32)),
+        share: f64::from_bits(packed),
     }
 }
 
@@ -223,6 +224,7 @@ impl DeploymentState {
             learned_tpm: AtomicU64::new(0),
             learned_rpm: AtomicU64::new(0),
             admits: AtomicU64::new(pack_learned(Learned::FULL)),
+            prompt_ratio: AtomicU64::new(1.0_f64.to_bits()),
             last_start: AtomicU64::new(0),
             ramp_from: AtomicU64::new(0),
         }
@@ -263,15 +265,38 @@ impl DeploymentState {
         }
     }
 
-    /// The limits the router keeps to: [`quota_limits`](Self::quota_limits) with the shares
+    /// The limits the router keeps to: [`quota_limits`](Self::quota_limits) with the share
     /// the upstream was seen to admit ([`admits`](Self::admits)) applied.
     pub fn limits(&self, configured: &Limits) -> Limits {
         self.admits().apply(&self.quota_limits(configured))
     }
 
-    /// The shares of its limits the upstream admits, as the quota store last said.
+    /// The share of its limits the upstream admits, as the quota store last said.
     pub fn admits(&self) -> Learned {
         unpack_learned(self.admits.load(Ordering::Relaxed))
+    }
+
+    /// How many tokens the upstream counts a prompt as, per token the router counted: what
+    /// quota reservations scale the router's prompt estimate by, so that an upstream that
+    /// counts differently (Azure estimates from characters) is charged as it charges itself.
+    pub fn prompt_ratio(&self) -> f64 {
+        f64::from_bits(self.prompt_ratio.load(Ordering::Relaxed))
+    }
+
+    /// An answer reported `reported` prompt tokens for a prompt the router counted as
+    /// `counted`: the ratio moves a fifth of the way to it (prompts under 8 tokens teach
+    /// nothing), within a quarter and four times.
+    pub fn observe_prompt(&self, counted: u64, reported: u64) {
+        if counted < 8 || reported == 0 {
+            return;
+        }
+        let sample = (reported as f64 / counted as f64).clamp(0.25, 4.0);
+        let _ = self
+            .prompt_ratio
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let ratio = f64::from_bits(bits);
+                Some((ratio + (sample - ratio) * 0.2).to_bits())
+            });
     }
 
     /// Records what the quota store says the upstream admits.
@@ -515,7 +540,7 @@ pub struct StateStats {
     pub learned_tpm: Option<u64>,
     /// Requests per minute the upstream announced, if it did.
     pub learned_rpm: Option<u64>,
-    /// The shares of its limits the upstream was seen to admit ([`Learned::FULL`] until it
+    /// The share of its limits the upstream was seen to admit ([`Learned::FULL`] until it
     /// refused what the limits allowed).
     pub admits: Learned,
 }

@@ -102,6 +102,9 @@ impl Attempt {
         state.record_success();
         self.upstream_said(info);
         if let Some(reservation) = self.reservation.take() {
+            if let Some(used) = used {
+                state.observe_prompt(reservation.counted_prompt(), used.prompt);
+            }
             reservation.settle(used, info).await;
         }
     }
@@ -127,6 +130,11 @@ impl Attempt {
             Ok(()) => {
                 self.deployment.state.record_success();
                 if let Some(reservation) = self.reservation.take() {
+                    if let Some(used) = used {
+                        self.deployment
+                            .state
+                            .observe_prompt(reservation.counted_prompt(), used.prompt);
+                    }
                     reservation.settle_detached(used, info);
                 }
             }

@@ -90,16 +90,36 @@ pub(crate) struct Estimate {
     pub(crate) charge: Charge,
     /// The output part: the cap times the choices.
     pub(crate) output: u64,
+    /// The prompt as the router counted it, before [`scaled`](Self::scaled).
+    pub(crate) counted_prompt: u64,
 }
 
 impl Estimate {
-    fn new(prompt: u64, output: u64) -> Self {
+    pub(crate) fn new(prompt: u64, output: u64) -> Self {
         Self {
             charge: Charge {
                 tokens: prompt + output,
                 requests: 1,
             },
             output,
+            counted_prompt: prompt,
+        }
+    }
+
+    /// The estimate with its prompt counted the way a deployment's upstream counts prompts:
+    /// the router's count times `ratio` (what the upstream reported using, over the router's
+    /// count, learned per deployment), rounded up.
+    pub(crate) fn scaled(self, ratio: f64) -> Self {
+        if (ratio - 1.0).abs() < 1e-6 || !ratio.is_finite() {
+            return self;
+        }
+        let prompt = (self.counted_prompt as f64 * ratio).ceil() as u64;
+        Self {
+            charge: Charge {
+                tokens: prompt + self.output,
+                requests: self.charge.requests,
+            },
+            ..self
         }
     }
 }

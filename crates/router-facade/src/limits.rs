@@ -1,12 +1,13 @@
 //! Router-side rate limits: per model group and per caller (requests, tokens, concurrency).
 //!
 //! These protect the router's users from each other and the upstreams from one user, on top of
-//! the upstreams' own quotas. Requests and tokens are token buckets (10 s of the per-minute
-//! limit at once, refilled continuously), charged with the request's estimate at admission;
+//! the upstreams' own quotas. Requests and tokens are counted over sliding 10 s windows (no
+//! 10 s holds more than 10 s of the per-minute limit: the same [`Log`](router_core::Log)
+//! arithmetic as the upstreams' quotas), charged with the request's estimate at admission;
 //! concurrency is a count held until the request (or its stream) ends. A request over a
 //! requests or tokens limit waits for its turn in the scope's lane of the router's waitlist if
 //! that comes before its deadline, else it is throttled with `retry_after`; a request over a
-//! concurrency limit is throttled at once. These buckets are per process.
+//! concurrency limit is throttled at once. These windows are per process.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -65,13 +66,13 @@ impl RateLimits {
         self.tpm.is_some()
     }
 
-    pub(crate) fn buckets(&self) -> Limits {
+    pub(crate) fn windows(&self) -> Limits {
         Limits::per_minute(self.tpm, self.rpm)
     }
 }
 
 /// One router-side limit that applies to a request: its name (`group:{model}`,
-/// `caller:{name}`), which is also its bucket key and its waiting lane, and its limits.
+/// `caller:{name}`), which is also its window key and its waiting lane, and its limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Scope {
     pub(crate) name: String,
@@ -81,7 +82,7 @@ pub(crate) struct Scope {
 /// The router's limiters, kept across reconfigurations.
 #[derive(Debug, Default)]
 pub(crate) struct Limiters {
-    buckets: MemoryStore,
+    windows: MemoryStore,
     in_flight: DashMap<String, Arc<AtomicU32>>,
 }
 
@@ -157,19 +158,23 @@ impl Limiters {
                 permit.held.push(count);
             }
         }
-        let mut charged: Vec<(&str, Limits)> = Vec::new();
+        let mut charged: Vec<(&str, Limits, u64)> = Vec::new();
         for scope in scopes {
-            let buckets = scope.limits.buckets();
-            if !buckets.is_limited() {
+            let windows = scope.limits.windows();
+            if !windows.is_limited() {
                 continue;
             }
-            match self.buckets.reserve_now(&scope.name, &buckets, charge, now) {
-                Admission::Admitted { .. } => charged.push((&scope.name, buckets)),
+            match self.windows.reserve_now(&scope.name, &windows, charge, now) {
+                Admission::Admitted { ticket, .. } => charged.push((&scope.name, windows, ticket)),
                 Admission::Denied { retry_after, .. } => {
                     // Give back what the scopes before this one took.
-                    for (name, buckets) in &charged {
-                        self.buckets
-                            .settle_now(name, buckets, Settlement::release(charge), now);
+                    for (name, windows, ticket) in &charged {
+                        self.windows.settle_now(
+                            name,
+                            windows,
+                            Settlement::release(*ticket, charge),
+                            now,
+                        );
                     }
                     let what = if scope.limits.rpm.is_some() && scope.limits.tpm.is_none() {
                         "requests"
@@ -201,9 +206,10 @@ mod tests {
     }
 
     #[test]
-    fn requests_pass_until_the_bucket_is_empty_then_say_when() {
+    fn requests_pass_until_the_window_is_full_then_say_when() {
         let limiters = Limiters::default();
-        // 12 a minute over 10 s: 2 at once, one more every 5 s.
+        // 12 a minute over 10 s: 2 in any 10 s; the first leaves the window after 10 s and
+        // the 50 ms margin.
         let scopes = scope("caller:a", RateLimits::new().with_rpm(12));
         let charge = Charge {
             tokens: 10,
@@ -213,15 +219,20 @@ mod tests {
         limiters.try_admit(&scopes, charge, now).unwrap();
         limiters.try_admit(&scopes, charge, now).unwrap();
         let refusal = limiters.try_admit(&scopes, charge, now).unwrap_err();
-        assert_eq!(refusal.retry_after, Duration::from_secs(5));
+        let wait = Duration::from_millis(10_050);
+        assert_eq!(refusal.retry_after, wait);
         assert!(!refusal.concurrency);
         let error = refusal.error();
         assert_eq!(error.kind(), ErrorKind::Throttled);
-        assert_eq!(error.retry_after(), Some(Duration::from_secs(5)));
+        assert_eq!(error.retry_after(), Some(wait));
         assert!(error.to_string().contains("caller:a"));
-        limiters
-            .try_admit(&scopes, charge, now + Duration::from_secs(5))
-            .unwrap();
+        assert!(
+            limiters
+                .try_admit(&scopes, charge, now + Duration::from_secs(5))
+                .is_err(),
+            "a bucket would have refilled one by now; the window has not"
+        );
+        limiters.try_admit(&scopes, charge, now + wait).unwrap();
     }
 
     #[test]

@@ -220,7 +220,7 @@ impl<'r> Path<'r> {
                     .ahead(&refusal.scope, self.priority, self.place.as_ref());
             let scope = self.scopes.iter().find(|s| s.name == refusal.scope);
             let interval =
-                scope.map_or(Duration::ZERO, |s| interval(&[s.limits.buckets()], charge));
+                scope.map_or(Duration::ZERO, |s| interval(&[s.limits.windows()], charge));
             let expected =
                 until + interval.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
             if refusal.concurrency || expected > self.deadline || expected > self.wait_limit {
@@ -394,6 +394,7 @@ impl<'r> Path<'r> {
         let Some(estimate) = self
             .estimate
             .filter(|_| deployment.accounts(store.as_ref()))
+            .map(|estimate| estimate.scaled(deployment.state.prompt_ratio()))
         else {
             return Ok(None);
         };
@@ -406,6 +407,7 @@ impl<'r> Path<'r> {
                 tokens_left,
                 requests_left,
                 learned,
+                ticket,
             }) => {
                 deployment.state.set_admits(learned);
                 deployment
@@ -416,6 +418,7 @@ impl<'r> Path<'r> {
                     Arc::clone(store),
                     Arc::clone(&deployment.key),
                     limits,
+                    ticket,
                     estimate,
                     self.live.settings.accounting,
                 )))

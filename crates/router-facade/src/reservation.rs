@@ -32,8 +32,12 @@ pub(crate) struct Reservation {
     store: Arc<dyn StateStore>,
     key: Arc<str>,
     limits: Limits,
+    /// The store's name for this admission.
+    ticket: u64,
     charge: Charge,
     output: u64,
+    /// The prompt as the router counted it (before scaling to the upstream's way).
+    counted_prompt: u64,
     accounting: QuotaAccounting,
     open: bool,
 }
@@ -43,6 +47,7 @@ impl Reservation {
         store: Arc<dyn StateStore>,
         key: Arc<str>,
         limits: Limits,
+        ticket: u64,
         estimate: Estimate,
         accounting: QuotaAccounting,
     ) -> Self {
@@ -50,8 +55,10 @@ impl Reservation {
             store,
             key,
             limits,
+            ticket,
             charge: estimate.charge,
             output: estimate.output,
+            counted_prompt: estimate.counted_prompt,
             accounting,
             open: true,
         }
@@ -61,21 +68,25 @@ impl Reservation {
     /// back. At admission accounting the output cap stays charged, as the upstream charged it;
     /// only the prompt estimate is corrected to the upstream's count.
     fn settlement(&self, used: Option<Used>, info: Option<&RateLimitInfo>) -> Settlement {
-        let allowance = info.map_or((None, None), |info| {
-            router_core::upstream_allowance(&self.limits, info)
-        });
         let used = used.map_or(self.charge.tokens, |used| match self.accounting {
             QuotaAccounting::Admission => used.prompt + self.output,
             QuotaAccounting::Usage => used.total,
         });
         Settlement {
+            ticket: self.ticket,
             tokens_back: i64::try_from(self.charge.tokens).unwrap_or(i64::MAX)
                 - i64::try_from(used).unwrap_or(i64::MAX),
             requests_back: 0,
-            remaining_tokens: allowance.0,
-            remaining_requests: allowance.1,
+            remaining_tokens: info.and_then(|info| info.remaining_tokens),
+            remaining_requests: info.and_then(|info| info.remaining_requests),
+            reset: info.and_then(|info| info.reset_tokens.max(info.reset_requests)),
             served: true,
         }
+    }
+
+    /// The prompt as the router counted it, before scaling to the upstream's way.
+    pub(crate) fn counted_prompt(&self) -> u64 {
+        self.counted_prompt
     }
 
     /// The request succeeded having used `used`.
@@ -88,7 +99,8 @@ impl Reservation {
     /// The request failed: everything back.
     pub(crate) async fn release(mut self) {
         self.open = false;
-        self.apply(Settlement::release(self.charge)).await;
+        self.apply(Settlement::release(self.ticket, self.charge))
+            .await;
     }
 
     /// Settles without waiting (from `poll_next`): `used` tokens, the estimate when unknown.
@@ -101,7 +113,7 @@ impl Reservation {
     /// Releases without waiting.
     pub(crate) fn release_detached(mut self) {
         self.open = false;
-        self.spawn(Settlement::release(self.charge));
+        self.spawn(Settlement::release(self.ticket, self.charge));
     }
 
     fn spawn(&self, settlement: Settlement) {
@@ -130,7 +142,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if self.open {
             self.open = false;
-            self.spawn(Settlement::release(self.charge));
+            self.spawn(Settlement::release(self.ticket, self.charge));
         }
     }
 }
@@ -216,10 +228,10 @@ mod tests {
                 for op in ops {
                     match op {
                         Op::Reserve { prompt, output } => {
-                            let estimate = Estimate { charge: Charge { tokens: prompt + output, requests: 1 }, output };
+                            let estimate = Estimate::new(prompt, output);
                             let admitted = dyn_store.reserve(&key, &limits, estimate.charge, now).await.unwrap();
-                            if let Admission::Admitted { .. } = admitted {
-                                let reservation = Reservation::new(Arc::clone(&dyn_store), Arc::clone(&key), limits, estimate, accounting);
+                            if let Admission::Admitted { ticket, .. } = admitted {
+                                let reservation = Reservation::new(Arc::clone(&dyn_store), Arc::clone(&key), limits, ticket, estimate, accounting);
                                 open.push((reservation, estimate.charge));
                             }
                         }

@@ -269,7 +269,7 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
     let sim = Sim::start(1, [endpoint]).await.unwrap();
     let router = Router::builder()
         .endpoint(Endpoint::openai("only", sim.endpoints()[0].openai_base_url()).model(MODEL))
-        // 12 a minute: two at once, then one every 5 s.
+        // 12 a minute: two in any 10 s window.
         .caller_limits("team-a", router_facade::RateLimits::new().with_rpm(12))
         .group_limits(MODEL, router_facade::RateLimits::new().with_concurrency(8))
         .build()
@@ -281,7 +281,9 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
     router.chat_with(&request(2), &team_a).await.unwrap();
     let error = router.chat_with(&request(3), &team_a).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
-    assert_eq!(error.retry_after(), Some(Duration::from_secs(5)));
+    // The first leaves the caller's window after 10 s and the 50 ms margin.
+    let turn = Duration::from_millis(10_050);
+    assert_eq!(error.retry_after(), Some(turn));
     assert!(error.to_string().contains("team-a"));
     // Another caller is not affected.
     let team_b = RequestOptions::default().with_caller("team-b");
@@ -290,10 +292,10 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
     let patient = RequestOptions::default()
         .with_caller("team-a")
         .with_timeout(Duration::from_secs(30))
-        .with_max_queue_wait(Duration::from_secs(10));
+        .with_max_queue_wait(Duration::from_secs(15));
     let started = tokio::time::Instant::now();
     router.chat_with(&request(5), &patient).await.unwrap();
-    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(started.elapsed(), turn);
     assert_eq!(
         sim.endpoints()[0].counters().requests,
         4,
@@ -554,17 +556,16 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
                     share >= SHARE_FLOOR,
                     "{case}: served only {share:.3} of the summed quota"
                 );
-                // Where the upstream refused what the configured limits allowed, the router
-                // learned it, and says so; where it never refused, nothing was learned.
+                // Where the upstream never refused, nothing was learned (a lesson regrows
+                // while serving, so a refusal early in the run may be forgotten by its end).
                 let learned = router
                     .stats()
                     .iter()
                     .filter(|d| !d.state.admits.is_full())
                     .count();
-                assert_eq!(
-                    learned > 0,
-                    upstream_429s > 0,
-                    "{case}: {learned} deployments learned from {upstream_429s} 429s"
+                assert!(
+                    upstream_429s > 0 || learned == 0,
+                    "{case}: {learned} deployments learned without a 429"
                 );
                 assert!(
                     upstream_429s * 100 <= upstream_requests * MAX_429_PERCENT,
@@ -576,17 +577,16 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
     eprintln!("{}", report.join("\n"));
 }
 
-/// What every case above must serve at least. The lowest case serves 85.9 %: sliding 1 s
-/// windows with 210-token requests, where the upstream itself admits at most 91 % of the summed
-/// quota (a 500-token window holds two such requests, 84 %; 1,000 holds four, 84 %; 1,500
-/// holds seven, 98 %), and the router learns to stay under that. Before the router learned
-/// upstream admissions this case served 91.5 % by drawing 741 upstream 429s for 1,133 requests.
-const SHARE_FLOOR: f64 = 0.85;
+/// What every case above must serve at least. The lowest cases serve 91.2 %: 1 s windows
+/// with 210-token requests, where the upstream itself admits at most 91 % of the summed quota
+/// (a 500-token window holds two such requests, 84 %; 1,000 holds four, 84 %; 1,500 holds
+/// seven, 98 %). With a continuous token bucket instead of a log of each window, the sliding
+/// case served 85.9 % and drew a 429 for 2.9 % of its upstream requests.
+const SHARE_FLOOR: f64 = 0.9;
 
 /// The most upstream requests any case may see answered 429, in percent. Every case stays at
-/// or under 2.9 % over its 30 s (the first overshoot of each endpoint is most of it); the
-/// issue's 2 % is a benchmark target over two minutes.
-const MAX_429_PERCENT: u64 = 4;
+/// or under 0.2 % over its 30 s (the target is 2 %).
+const MAX_429_PERCENT: u64 = 1;
 
 /// A client that comes back at the `Retry-After` it was given finds its turn: the refusal
 /// promised it one, and a request arriving when a promise is due stands ahead of those who
@@ -695,12 +695,13 @@ async fn an_upstream_that_says_nothing_is_left_gets_one_request_at_a_time() {
     );
 }
 
-/// Wake-ups after a cooldown are paced: a 429 on a request the buckets admitted leaves them
-/// empty until the upstream's wait ends, so the requests that queued behind it are admitted
-/// at the refill rate, one after another, not released together when the wait ends.
+/// Wake-ups after a cooldown are paced: a 429 on a request the window admitted leaves it
+/// full, letting what is left go a tenth at a time over a window from the end of the
+/// upstream's wait, so the requests that queued behind it are admitted at the limit's rate,
+/// one after another, not released together when the wait ends.
 #[tokio::test(start_paused = true)]
-async fn wake_ups_after_a_cooldown_are_paced_by_the_refill() {
-    // 6,000 TPM over 10 s windows: a bucket of 1,000 tokens, 100 a second; requests of about
+async fn wake_ups_after_a_cooldown_are_paced_at_the_limits_rate() {
+    // 6,000 TPM over 10 s windows: 1,000 tokens a window, 100 a second; requests of about
     // 120 tokens.
     let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
         .with_models([MODEL])
@@ -759,7 +760,7 @@ async fn wake_ups_after_a_cooldown_are_paced_by_the_refill() {
             .map_or(0, |(_, n)| *n)
     };
     // The first request drew the 429 at once; its wait ends at 2 s. Eight requests would fit
-    // the bucket at once, but none is released as a burst: at most two reach the upstream in
+    // the window at once, but none is released as a burst: at most two reach the upstream in
     // any second after the wait.
     let mut t = 2.0;
     while t < 18.0 {

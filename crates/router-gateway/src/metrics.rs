@@ -217,14 +217,12 @@ impl Metrics {
         }
         out.push_str("# HELP openai_router_admitted_share Share of the configured limits the upstream was seen to admit (1 until it refused what they allowed).\n# TYPE openai_router_admitted_share gauge\n");
         for s in &stats {
-            let admits = s.state.admits;
-            for (part, share) in [("burst", admits.burst), ("rate", admits.rate)] {
-                let _ = writeln!(
-                    out,
-                    "openai_router_admitted_share{{{},part=\"{part}\"}} {share:.3}",
-                    labels(s)
-                );
-            }
+            let _ = writeln!(
+                out,
+                "openai_router_admitted_share{{{}}} {:.3}",
+                labels(s),
+                s.state.admits.share
+            );
         }
         out
     }

@@ -373,7 +373,7 @@ async fn raw_http_framing_headers_and_errors() {
     );
     assert!(metrics.contains(r#"openai_router_deployment_state{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini"} 1"#), "rate limited: {metrics}");
     // No quota is configured here, so the 429s taught nothing about what the upstream admits.
-    assert!(metrics.contains(r#"openai_router_admitted_share{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini",part="rate"} 1.000"#), "{metrics}");
+    assert!(metrics.contains(r#"openai_router_admitted_share{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini"} 1.000"#), "{metrics}");
     assert!(!metrics.contains(GATEWAY_KEY));
 
     // Keys never appear in the logs, even at trace level.

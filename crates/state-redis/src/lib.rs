@@ -4,11 +4,14 @@
 //! Each operation is one Lua script, one round trip, atomic on the server, timed by the
 //! server's clock (`TIME`), so replicas with skewed clocks agree:
 //!
-//! - `reserve` refills a deployment's token and request buckets, checks a shared cooldown,
-//!   and takes the request's estimate only if both buckets have room (a request larger than a
-//!   bucket needs a full one and leaves it in debt), else answers how long to wait;
-//! - `settle` gives back what the estimate overshot and lowers the buckets to the upstream's
-//!   `x-ratelimit-remaining-*`;
+//! - `reserve` lets go of what has left a deployment's window, checks a shared cooldown, and
+//!   holds the request's estimate (under a ticket) only if the window has room for both its
+//!   tokens and its request (a request larger than a window needs an empty one, and is held
+//!   for as many windows as it is large), else answers how long until enough leaves;
+//! - `settle` gives back what the estimate overshot, holds what the upstream's
+//!   `x-ratelimit-remaining-*` says is used beyond the log, and grows back what was learned;
+//! - `refused` shares a 429's cooldown and cuts the share of the limits kept to, to what the
+//!   window held when the upstream said it was full ([`Learning`]);
 //! - `cool_down` shares a 429's cooldown, extending and never shortening one.
 //!
 //! A deployment's keys share one hash tag, `{prefix:endpoint/model}`, so every script touches
@@ -53,82 +56,163 @@ use router_core::{
 };
 use tokio::sync::RwLock;
 
-// Keys: 1 tokens bucket, 2 requests bucket, 3 cooldown, 4 what was learned of the upstream's
-// admissions (`b` burst share, `r` rate share, `g` when they last changed, `c` the last cut;
-// absent until the first refusal). Bucket shapes come as configured; the shares apply here.
+// Keys: 1 the window's log (a sorted set: each admission's ticket, scored by when it leaves
+// the window), 2 what each admission holds (`<ticket>` = "tokens:requests:freed tokens:freed
+// requests", the last two what had left the window when it was admitted) with the window's
+// totals (`T` tokens, `R` requests), what has left it so far (`FT`, `FR`) and the last ticket
+// (`N`), 3 the cooldown, 4 what was
+// learned of the upstream's admissions (`s` the share, `g` when it last changed, `c` the last
+// cut; absent until the first refusal). Limits come as configured (per minute, `-1`: not
+// limited, and the window in seconds); the share applies here.
 //
-// Every script starts with `PRELUDE`: the server's clock, and a bucket's level refilled to now
-// (full when it was never touched), the same arithmetic as `router_core::quota::Bucket`.
+// Every script but the cooldown starts with `PRELUDE`: the server's clock, letting go of what
+// has left the window, and a window's capacity, the same arithmetic as
+// `router_core::quota::{Log, Learned}`.
 const PRELUDE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local function level(key, cap, rate)
-  local v = redis.call('HMGET', key, 'l', 't')
-  local l, at = tonumber(v[1]), tonumber(v[2])
-  if l == nil then return cap end
-  local r = l + (now - at) * rate
-  if r > cap then r = cap end
-  return r
+local function parse(v)
+  local a, b, c, d = string.match(v, '^([^:]+):([^:]+):([^:]+):(.+)$')
+  return tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+end
+-- Lets go of the marks that have left the window: their totals, and, for the router's own
+-- admissions (not the `u` tickets standing for what the upstream holds unseen), what is freed.
+local function expire()
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+  if #gone == 0 then return end
+  local at, ar, ft, fr = 0, 0, 0, 0
+  for i = 1, #gone, 500 do
+    local part = {}
+    for j = i, math.min(i + 499, #gone) do part[#part + 1] = gone[j] end
+    local vals = redis.call('HMGET', KEYS[2], unpack(part))
+    for j = 1, #part do
+      if vals[j] then
+        local a, b = parse(vals[j])
+        at, ar = at + a, ar + b
+        if string.sub(part[j], 1, 1) ~= 'u' then ft, fr = ft + a, fr + b end
+      end
+    end
+    redis.call('HDEL', KEYS[2], unpack(part))
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) == 0 then
+    redis.call('HSET', KEYS[2], 'T', 0, 'R', 0)
+  else
+    redis.call('HINCRBYFLOAT', KEYS[2], 'T', -at)
+    redis.call('HINCRBYFLOAT', KEYS[2], 'R', -ar)
+  end
+  redis.call('HINCRBYFLOAT', KEYS[2], 'FT', ft)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'FR', fr)
+end
+local function freed()
+  local v = redis.call('HMGET', KEYS[2], 'FT', 'FR')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0
+end
+local function held()
+  local v = redis.call('HMGET', KEYS[2], 'T', 'R')
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0
+end
+local function capacity(limit, share, window)
+  if limit < 0 then return -1 end
+  if share < 1 then
+    limit = math.max(1, math.floor(limit * math.max(share, 0.001)))
+  end
+  return math.max(limit / 60 * window, 1)
+end
+local function hold(ticket, tokens, requests, untl, ttl)
+  local ft, fr = freed()
+  redis.call('ZADD', KEYS[1], untl, ticket)
+  redis.call('HSET', KEYS[2], ticket, tokens .. ':' .. requests .. ':' .. ft .. ':' .. fr)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'T', tokens)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'R', requests)
+  local ms = math.max(tonumber(ttl), math.ceil((untl - now) * 1000) + 1000)
+  redis.call('PEXPIRE', KEYS[1], ms)
+  redis.call('PEXPIRE', KEYS[2], ms)
 end
 ";
 
+// ARGV: 1 TPM, 2 RPM, 3 the window (s), 4 the margin (s), 5 tokens, 6 requests, 7 TTL (ms).
 const RESERVE: &str = r"
 local cool = redis.call('PTTL', KEYS[3])
-if cool > 0 then return {0, cool, '', '', 1, '', ''} end
-local s = redis.call('HMGET', KEYS[4], 'b', 'r')
-local b, sr = tonumber(s[1]) or 1, tonumber(s[2]) or 1
-local tcap, trate, tcost = tonumber(ARGV[1]) * b, tonumber(ARGV[2]) * sr, tonumber(ARGV[3])
-local rcap, rrate, rcost = tonumber(ARGV[4]) * b, tonumber(ARGV[5]) * sr, tonumber(ARGV[6])
-local ttl = ARGV[7]
-local wait, lt, lr = 0, nil, nil
-if tcap >= 0 then
-  lt = level(KEYS[1], tcap, trate)
-  local need = math.min(tcost, tcap)
-  if lt < need then wait = math.max(wait, (need - lt) / trate) end
+if cool > 0 then return {0, cool, '', '', 1, '', 0} end
+expire()
+local share = tonumber(redis.call('HGET', KEYS[4], 's')) or 1
+local window = tonumber(ARGV[3])
+local tcap = capacity(tonumber(ARGV[1]), share, window)
+local rcap = capacity(tonumber(ARGV[2]), share, window)
+local tcost, rcost = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ht, hr = held()
+local wait = 0
+local marks = nil
+local function wait_for(cap, cost, h, dim)
+  if cap < 0 then return end
+  local over = h + math.min(cost, cap) - cap
+  if over <= 1e-9 then return end
+  marks = marks or redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #marks, 2 do
+    local v = redis.call('HGET', KEYS[2], marks[i])
+    if v then
+      local a, b = parse(v)
+      if dim == 1 then over = over - a else over = over - b end
+    end
+    if over <= 1e-9 then
+      wait = math.max(wait, tonumber(marks[i + 1]) - now)
+      return
+    end
+  end
 end
-if rcap >= 0 then
-  lr = level(KEYS[2], rcap, rrate)
-  local need = math.min(rcost, rcap)
-  if lr < need then wait = math.max(wait, (need - lr) / rrate) end
-end
-if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0, '', ''} end
+wait_for(tcap, tcost, ht, 1)
+wait_for(rcap, rcost, hr, 2)
+if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0, '', 0} end
+local windows = 1
+if tcap >= 0 then windows = math.max(windows, tcost / tcap) end
+if rcap >= 0 then windows = math.max(windows, rcost / rcap) end
+local ticket = redis.call('HINCRBY', KEYS[2], 'N', 1)
+hold(ticket, tcost, rcost, now + window * math.min(windows, 1e6) + tonumber(ARGV[4]), ARGV[7])
 local out_t, out_r = '', ''
-if tcap >= 0 then
-  lt = lt - tcost
-  redis.call('HSET', KEYS[1], 'l', tostring(lt), 't', tostring(now))
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  out_t = tostring(lt)
-end
-if rcap >= 0 then
-  lr = lr - rcost
-  redis.call('HSET', KEYS[2], 'l', tostring(lr), 't', tostring(now))
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  out_r = tostring(lr)
-end
-return {1, 0, out_t, out_r, 0, tostring(b), tostring(sr)}
+if tcap >= 0 then out_t = tostring(tcap - ht - tcost) end
+if rcap >= 0 then out_r = tostring(rcap - hr - rcost) end
+return {1, 0, out_t, out_r, 0, tostring(share), ticket}
 ";
 
-// ARGV 10..13: served (1/0), the window in seconds, burst and rate regrowth per minute.
+// ARGV: 1 the ticket, 2 tokens back, 3 requests back, 4-5 the remaining tokens and requests
+// the upstream said when it admitted it (-1: not said), 6 TPM, 7 RPM, 8 the window (s), 9 TTL
+// (ms), 10 served (1/0), 11 share regrowth per minute, 12 how long what the upstream holds
+// beyond the log is held (s).
 const SETTLE: &str = r"
-local s = redis.call('HMGET', KEYS[3], 'b', 'r', 'g')
-local b, sr = tonumber(s[1]) or 1, tonumber(s[2]) or 1
-local function settle(key, cap, rate, back, remaining, ttl)
-  if cap < 0 then return end
-  cap, rate = cap * b, rate * sr
-  local l = level(key, cap, rate) + back
-  if l > cap then l = cap end
-  if remaining >= 0 and l > remaining then l = remaining end
-  redis.call('HSET', key, 'l', tostring(l), 't', tostring(now))
-  redis.call('PEXPIRE', key, ttl)
+expire()
+local v = redis.call('HGET', KEYS[2], ARGV[1])
+local since_t, since_r = nil, nil
+if v then
+  local a, b, fa, fb = parse(v)
+  local na, nb = math.max(a - tonumber(ARGV[2]), 0), math.max(b - tonumber(ARGV[3]), 0)
+  redis.call('HSET', KEYS[2], ARGV[1], na .. ':' .. nb .. ':' .. fa .. ':' .. fb)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'T', na - a)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'R', nb - b)
+  local ft, fr = freed()
+  since_t, since_r = ft - fa, fr - fb
 end
-settle(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[9])
-settle(KEYS[2], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9])
-if ARGV[10] == '1' and s[3] then
-  local minutes = math.min(math.max(now - tonumber(s[3]), 0), tonumber(ARGV[11])) / 60
-  b = math.min(1, b + tonumber(ARGV[12]) * minutes)
-  sr = math.min(1, sr + tonumber(ARGV[13]) * minutes)
-  redis.call('HSET', KEYS[3], 'b', tostring(b), 'r', tostring(sr), 'g', tostring(now))
-  redis.call('PEXPIRE', KEYS[3], ARGV[9])
+local s = redis.call('HMGET', KEYS[4], 's', 'g')
+local share = tonumber(s[1]) or 1
+local window = tonumber(ARGV[8])
+local rt, rr = tonumber(ARGV[4]), tonumber(ARGV[5])
+if since_t and (rt >= 0 or rr >= 0) then
+  local ht, hr = held()
+  local tcap = capacity(tonumber(ARGV[6]), share, window)
+  local rcap = capacity(tonumber(ARGV[7]), share, window)
+  local et, er = 0, 0
+  if tcap >= 0 and rt >= 0 then et = math.max(tcap - ht - rt - since_t, 0) end
+  if rcap >= 0 and rr >= 0 then er = math.max(rcap - hr - rr - since_r, 0) end
+  if et > 0 or er > 0 then
+    local ticket = 'u' .. redis.call('HINCRBY', KEYS[2], 'N', 1)
+    hold(ticket, et, er, now + tonumber(ARGV[12]), ARGV[9])
+  end
+end
+if ARGV[10] == '1' and s[2] then
+  local minutes = math.min(math.max(now - tonumber(s[2]), 0), window) / 60
+  share = math.min(1, share + tonumber(ARGV[11]) * minutes)
+  redis.call('HSET', KEYS[4], 's', tostring(share), 'g', tostring(now))
+  redis.call('PEXPIRE', KEYS[4], ARGV[9])
 end
 return 1
 ";
@@ -139,34 +223,42 @@ if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) e
 return 1
 ";
 
-// ARGV: 1-2 tokens shape, 3-4 requests shape, 5 the wait (ms), 6 the window (s), 7 burst cut,
-// 8 rate cut, 9 floor, 10 TTL (ms), 11 the windows within which a second cut also cuts the
-// rate. Cuts once per window, then empties both buckets until the cooldown ends.
+// ARGV: 1 the wait (ms), 2 TPM, 3 RPM, 4 the window (s), 5 cut, 6 deepest cut, 7 floor, 8 TTL
+// (ms), 9 the parts a refusal's fill is let go in. Cools down, cuts the share to what the
+// window holds of the configured limits (once per window), then holds what is left of the
+// window and lets it go in equal parts over one window from the wait's end.
 const REFUSED: &str = r"
-local wait_ms = tonumber(ARGV[5])
+local wait_ms = tonumber(ARGV[1])
 local cur = redis.call('PTTL', KEYS[3])
 if cur < wait_ms then redis.call('SET', KEYS[3], '1', 'PX', wait_ms) end
-local s = redis.call('HMGET', KEYS[4], 'b', 'r', 'c')
-local b, sr, c = tonumber(s[1]) or 1, tonumber(s[2]) or 1, tonumber(s[3])
-if c == nil or now - c >= tonumber(ARGV[6]) then
-  local floor = tonumber(ARGV[9])
-  b = math.max(floor, b * tonumber(ARGV[7]))
-  if c ~= nil and now - c < tonumber(ARGV[6]) * tonumber(ARGV[11]) then
-    sr = math.max(floor, sr * tonumber(ARGV[8]))
+expire()
+local window = tonumber(ARGV[4])
+local ht, hr = held()
+local h = 0
+local tcap, rcap = capacity(tonumber(ARGV[2]), 1, window), capacity(tonumber(ARGV[3]), 1, window)
+if tcap >= 0 then h = math.max(h, math.max(ht, 0) / tcap) end
+if rcap >= 0 then h = math.max(h, math.max(hr, 0) / rcap) end
+local s = redis.call('HMGET', KEYS[4], 's', 'c')
+local share, c = tonumber(s[1]) or 1, tonumber(s[2])
+if c == nil or now - c >= window then
+  local cut = math.min(math.max(h, share * tonumber(ARGV[6])), share * tonumber(ARGV[5]))
+  share = math.min(1, math.max(tonumber(ARGV[7]), cut))
+  redis.call('HSET', KEYS[4], 's', tostring(share), 'g', tostring(now), 'c', tostring(now))
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[8])
+local lt, lr = 0, 0
+local tnow, rnow = capacity(tonumber(ARGV[2]), share, window), capacity(tonumber(ARGV[3]), share, window)
+if tnow >= 0 then lt = math.max(tnow - ht, 0) end
+if rnow >= 0 then lr = math.max(rnow - hr, 0) end
+if lt > 0 or lr > 0 then
+  local steps = tonumber(ARGV[9])
+  local from = now + wait_ms / 1000
+  for k = 1, steps do
+    local ticket = 'u' .. redis.call('HINCRBY', KEYS[2], 'N', 1)
+    hold(ticket, lt / steps, lr / steps, from + window * k / steps, ARGV[8])
   end
-  redis.call('HSET', KEYS[4], 'b', tostring(b), 'r', tostring(sr), 'g', tostring(now), 'c', tostring(now))
 end
-redis.call('PEXPIRE', KEYS[4], ARGV[10])
-local function empty(key, cap, rate)
-  if cap < 0 then return end
-  cap, rate = cap * b, rate * sr
-  local l = math.min(level(key, cap, rate), -rate * wait_ms / 1000)
-  redis.call('HSET', key, 'l', tostring(l), 't', tostring(now))
-  redis.call('PEXPIRE', key, ARGV[10])
-end
-empty(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
-empty(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
-return {tostring(b), tostring(sr)}
+return tostring(share)
 ";
 
 /// How long after a failed call Redis is left alone.
@@ -317,12 +409,11 @@ impl RedisStore {
         }
     }
 
-    /// The tokens, requests, cooldown and learned-admissions keys of a deployment, in one
-    /// hash slot.
+    /// The log, marks, cooldown and learned-admissions keys of a deployment, in one hash slot.
     fn keys(&self, key: &str) -> [String; 4] {
         let tag: String = key.chars().filter(|c| *c != '{' && *c != '}').collect();
         let prefix = &self.inner.options.prefix;
-        ["t", "r", "c", "l"].map(|suffix| format!("{{{prefix}:{tag}}}:{suffix}"))
+        ["w", "a", "c", "l"].map(|suffix| format!("{{{prefix}:{tag}}}:{suffix}"))
     }
 
     /// Runs a script invocation, or says why not.
@@ -379,13 +470,13 @@ impl RedisStore {
     }
 }
 
-/// `-1` for "not limited", else the bucket's capacity; then its rate.
-fn shape_args(shape: Option<router_core::quota::Shape>) -> (f64, f64) {
-    shape.map_or((-1.0, 0.0), |s| (s.capacity, s.rate))
+/// A per-minute limit, `-1` for "not limited".
+fn limit_arg(limit: Option<u64>) -> i64 {
+    limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX))
 }
 
 fn ttl_ms(limits: &Limits) -> u64 {
-    // A bucket untouched for twice its window is full again anyway: let it expire.
+    // A log untouched for twice its window holds nothing any more: let it expire.
     (limits.window.as_millis() as u64)
         .saturating_mul(2)
         .max(60_000)
@@ -395,10 +486,9 @@ fn parse_level(text: &str) -> Option<f64> {
     text.parse().ok()
 }
 
-fn parse_learned(burst: &str, rate: &str) -> Learned {
+fn parse_learned(share: &str) -> Learned {
     Learned {
-        burst: parse_level(burst).unwrap_or(1.0),
-        rate: parse_level(rate).unwrap_or(1.0),
+        share: parse_level(share).unwrap_or(1.0),
     }
 }
 
@@ -412,30 +502,27 @@ impl StateStore for RedisStore {
         now: Instant,
     ) -> Result<Admission, Error> {
         let keys = self.keys(key);
-        let (tcap, trate) = shape_args(limits.tokens());
-        let (rcap, rrate) = shape_args(limits.requests());
         let mut invocation = self.inner.reserve.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
         invocation
-            .key(&keys[0])
-            .key(&keys[1])
-            .key(&keys[2])
-            .key(&keys[3]);
-        invocation
-            .arg(tcap)
-            .arg(trate)
+            .arg(limit_arg(limits.tpm))
+            .arg(limit_arg(limits.rpm))
+            .arg(limits.window.as_secs_f64())
+            .arg(router_core::quota::margin(limits.window).as_secs_f64())
             .arg(charge.tokens)
-            .arg(rcap)
-            .arg(rrate)
             .arg(charge.requests)
             .arg(ttl_ms(limits));
         match self
-            .run::<(i64, i64, String, String, i64, String, String)>(&invocation)
+            .run::<(i64, i64, String, String, i64, String, u64)>(&invocation)
             .await
         {
-            Ok((1, _, tokens, requests, _, burst_share, rate_share)) => Ok(Admission::Admitted {
+            Ok((1, _, tokens, requests, _, share, ticket)) => Ok(Admission::Admitted {
                 tokens_left: parse_level(&tokens),
                 requests_left: parse_level(&requests),
-                learned: parse_learned(&burst_share, &rate_share),
+                learned: parse_learned(&share),
+                ticket,
             }),
             Ok((_, wait_ms, _, _, cooling, _, _)) => Ok(Admission::Denied {
                 retry_after: Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1)),
@@ -459,26 +546,24 @@ impl StateStore for RedisStore {
         now: Instant,
     ) -> Result<(), Error> {
         let keys = self.keys(key);
-        let (tcap, trate) = shape_args(limits.tokens());
-        let (rcap, rrate) = shape_args(limits.requests());
         let remaining = |r: Option<u64>| r.map_or(-1.0, |r| r as f64);
         let mut invocation = self.inner.settle.prepare_invoke();
-        invocation.key(&keys[0]).key(&keys[1]).key(&keys[3]);
-        let learning = &self.inner.learning;
+        for key in &keys {
+            invocation.key(key);
+        }
         invocation
-            .arg(tcap)
-            .arg(trate)
+            .arg(settlement.ticket)
             .arg(settlement.tokens_back)
-            .arg(remaining(settlement.remaining_tokens))
-            .arg(rcap)
-            .arg(rrate)
             .arg(settlement.requests_back)
+            .arg(remaining(settlement.remaining_tokens))
             .arg(remaining(settlement.remaining_requests))
+            .arg(limit_arg(limits.tpm))
+            .arg(limit_arg(limits.rpm))
+            .arg(limits.window.as_secs_f64())
             .arg(ttl_ms(limits))
             .arg(u8::from(settlement.served))
-            .arg(limits.window.as_secs_f64())
-            .arg(learning.burst_regrow)
-            .arg(learning.rate_regrow);
+            .arg(self.inner.learning.regrow)
+            .arg(router_core::quota::phantom_hold(limits, settlement.reset).as_secs_f64());
         if let Err(why) = self.run::<i64>(&invocation).await {
             self.fell_back(&why);
             self.inner
@@ -507,27 +592,23 @@ impl StateStore for RedisStore {
         now: Instant,
     ) -> Result<Learned, Error> {
         let keys = self.keys(key);
-        let (tcap, trate) = shape_args(limits.tokens());
-        let (rcap, rrate) = shape_args(limits.requests());
         let learning = &self.inner.learning;
         let mut invocation = self.inner.refused.prepare_invoke();
         for key in &keys {
             invocation.key(key);
         }
         invocation
-            .arg(tcap)
-            .arg(trate)
-            .arg(rcap)
-            .arg(rrate)
             .arg(wait.as_millis().max(1) as u64)
+            .arg(limit_arg(limits.tpm))
+            .arg(limit_arg(limits.rpm))
             .arg(limits.window.as_secs_f64())
-            .arg(learning.burst_cut)
-            .arg(learning.rate_cut)
+            .arg(learning.cut)
+            .arg(learning.deepest_cut)
             .arg(learning.floor)
             .arg(ttl_ms(limits))
-            .arg(router_core::quota::REPEAT_WINDOWS);
-        match self.run::<(String, String)>(&invocation).await {
-            Ok((burst_share, rate_share)) => Ok(parse_learned(&burst_share, &rate_share)),
+            .arg(router_core::quota::PACED_STEPS);
+        match self.run::<String>(&invocation).await {
+            Ok(share) => Ok(parse_learned(&share)),
             Err(why) => {
                 self.fell_back(&why);
                 Ok(self

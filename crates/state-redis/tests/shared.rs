@@ -39,17 +39,19 @@ async fn scripts_reserve_deny_settle_and_share_cooldowns() {
     let Admission::Admitted {
         tokens_left,
         requests_left,
+        ticket,
         ..
     } = a.reserve("ep/m", &limits, charge, now).await.unwrap()
     else {
-        panic!("a full bucket admits");
+        panic!("an empty window admits");
     };
     assert!(
-        (tokens_left.unwrap() - 400.0).abs() < 5.0,
+        (tokens_left.unwrap() - 400.0).abs() < 1e-6,
         "{tokens_left:?}"
     );
-    assert!((requests_left.unwrap() - 99.0).abs() < 1.0);
-    // The other replica sees the same bucket.
+    assert!((requests_left.unwrap() - 99.0).abs() < 1e-6);
+    // The other replica sees the same window: nothing leaves it before the admission is a
+    // window (and the margin) old.
     let Admission::Denied {
         retry_after,
         cooling,
@@ -59,11 +61,12 @@ async fn scripts_reserve_deny_settle_and_share_cooldowns() {
     };
     assert!(!cooling);
     assert!(
-        retry_after > Duration::from_millis(1500) && retry_after <= Duration::from_secs(2),
+        retry_after > Duration::from_millis(9_800) && retry_after <= Duration::from_millis(10_050),
         "{retry_after:?}"
     );
     // Settling gives back what the estimate overshot.
     let back = Settlement {
+        ticket,
         tokens_back: 500,
         ..Settlement::default()
     };
@@ -90,8 +93,8 @@ async fn scripts_reserve_deny_settle_and_share_cooldowns() {
     assert_eq!(a.fallbacks() + b.fallbacks(), 0);
 }
 
-/// What one replica learns from a refusal, every replica keeps to: the shares come back with
-/// the next admission anywhere, and the Lua scripts cut and grow them as `MemoryStore` does.
+/// What one replica learns from a refusal, every replica keeps to: the share comes back with
+/// the next admission anywhere, and the Lua scripts cut and grow it as `MemoryStore` does.
 #[tokio::test]
 async fn a_refusal_one_replica_saw_teaches_every_replica() {
     let redis = RedisServer::start().await.unwrap();
@@ -116,25 +119,44 @@ async fn a_refusal_one_replica_saw_teaches_every_replica() {
         told(b.reserve("ep/m", &limits, charge, now).await.unwrap()),
         Learned::FULL
     );
+    assert!(matches!(
+        local.reserve_now("ep/m", &limits, charge, now),
+        Admission::Admitted { .. }
+    ));
+    // The window holds a hundredth of the limits when the upstream says it is full: the
+    // share is cut as deep as one refusal may (a half), by the Lua as by `MemoryStore`.
     let wait = Duration::from_millis(300);
     let learned = a.refused("ep/m", &limits, wait, now).await.unwrap();
     let expected = local.refused_now("ep/m", &limits, wait, now);
-    assert!((learned.burst - expected.burst).abs() < 1e-9, "{learned:?}");
-    assert!((learned.rate - expected.rate).abs() < 1e-9, "{learned:?}");
+    assert!((learned.share - expected.share).abs() < 1e-9, "{learned:?}");
+    assert!((learned.share - 0.5).abs() < 1e-9, "{learned:?}");
     // A second refusal within the window is the same overshoot: no second cut.
     let again = b.refused("ep/m", &limits, wait, now).await.unwrap();
     assert_eq!(again, learned);
-    // The other replica is cooled, then finds the buckets empty until the wait ended, then is
-    // admitted at the learned rate and told the shares.
+    // The other replica is cooled; when the wait ends the window is full (the upstream said
+    // so), and a tenth of it leaves each tenth of a window: admitted then, and told the share.
     assert!(matches!(
         b.reserve("ep/m", &limits, charge, now).await.unwrap(),
         Admission::Denied { cooling: true, .. }
     ));
-    // Empty when the wait ends, then 380 tokens and 3.8 requests in 400 ms at the learned rate.
-    tokio::time::sleep(wait + Duration::from_millis(400)).await;
+    tokio::time::sleep(wait + Duration::from_millis(200)).await;
+    let Admission::Denied {
+        retry_after,
+        cooling,
+    } = b.reserve("ep/m", &limits, charge, now).await.unwrap()
+    else {
+        panic!("the window is full when the wait ends");
+    };
+    assert!(
+        !cooling
+            && retry_after > Duration::from_millis(600)
+            && retry_after <= Duration::from_secs(1),
+        "{retry_after:?}"
+    );
+    tokio::time::sleep(retry_after).await;
     let after = told(b.reserve("ep/m", &limits, charge, now).await.unwrap());
     assert_eq!(after, learned);
-    // Successes grow the shares back, a little for a little time served.
+    // Successes grow the share back, a little for a little time served.
     let served = Settlement {
         served: true,
         ..Settlement::default()
@@ -142,7 +164,7 @@ async fn a_refusal_one_replica_saw_teaches_every_replica() {
     b.settle("ep/m", &limits, served, now).await.unwrap();
     let grown = told(a.reserve("ep/m", &limits, charge, now).await.unwrap());
     assert!(
-        grown.burst > learned.burst && grown.burst < 1.0 && grown.rate >= learned.rate,
+        grown.share > learned.share && grown.share < 1.0,
         "{grown:?} after {learned:?}"
     );
     assert_eq!(a.fallbacks() + b.fallbacks(), 0);
