@@ -397,7 +397,7 @@ pub struct Mark {
 /// that the upstream's arithmetic makes certain.
 ///
 /// An admission leaves the window a little after the upstream's does
-/// ([`margin`](Self::margin)): the upstream counts it from when it arrived, later than the
+/// ([`margin`]): the upstream counts it from when it arrived, later than the
 /// router sent it, and the next request must not arrive before the upstream's slot frees. A
 /// request larger than a whole window is admitted only into an empty log, and is held for as
 /// many windows as it is large, so that a big request is never refused forever and the
