@@ -412,6 +412,18 @@ pub struct Log {
     freed: (f64, f64),
 }
 
+/// The larger of `tokens` and `requests` as shares of a window under `limits` (0 when neither
+/// is limited).
+fn share_of(limits: &Limits, tokens: f64, requests: f64) -> f64 {
+    [
+        limits.tokens().map(|s| tokens / s.capacity),
+        limits.requests().map(|s| requests / s.capacity),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(0.0_f64, f64::max)
+}
+
 /// In how many parts what a refusal leaves of a window is let go ([`Log::fill_paced`]).
 pub const PACED_STEPS: u32 = 10;
 
@@ -450,16 +462,6 @@ impl Log {
     /// requests).
     pub fn freed(&self) -> (f64, f64) {
         self.freed
-    }
-
-    /// How many admissions the log holds.
-    pub fn len(&self) -> usize {
-        self.marks.len()
-    }
-
-    /// Whether the log holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.marks.is_empty()
     }
 
     /// How long until a request of `charge` fits under `limits`; zero when it fits now.
@@ -504,22 +506,9 @@ impl Log {
         }
         let (tokens, requests) = (charge.tokens as f64, charge.requests as f64);
         // A request larger than the window is held for as many windows as it is large.
-        let windows = [
-            limits.tokens().map(|s| tokens / s.capacity),
-            limits.requests().map(|s| requests / s.capacity),
-        ]
-        .into_iter()
-        .flatten()
-        .fold(1.0_f64, f64::max);
+        let windows = share_of(limits, tokens, requests).max(1.0);
         let until = now + limits.window.mul_f64(windows.min(1e6)) + margin(limits.window);
-        self.insert(Mark {
-            ticket,
-            until,
-            tokens,
-            requests,
-            freed: self.freed,
-            unseen: false,
-        });
+        self.hold(ticket, until, (tokens, requests), false);
         Ok(self.left(limits))
     }
 
@@ -531,67 +520,66 @@ impl Log {
         )
     }
 
-    fn insert(&mut self, mark: Mark) {
-        let at = self.marks.partition_point(|m| m.until <= mark.until);
-        self.tokens += mark.tokens;
-        self.requests += mark.requests;
+    /// Holds `amount` (tokens, requests) as `ticket` until `until`, in the order marks leave.
+    fn hold(&mut self, ticket: u64, until: Instant, amount: (f64, f64), unseen: bool) {
+        let at = self.marks.partition_point(|m| m.until <= until);
+        self.tokens += amount.0;
+        self.requests += amount.1;
+        let mark = Mark {
+            ticket,
+            until,
+            tokens: amount.0,
+            requests: amount.1,
+            freed: self.freed,
+            unseen,
+        };
         self.marks.insert(at, mark);
     }
 
-    /// Gives back (`> 0`) or takes more (`< 0`) of admission `ticket`, never below nothing; an
-    /// admission that has left the window is not changed.
-    pub fn adjust(&mut self, ticket: u64, tokens_back: f64, requests_back: f64) {
-        if let Some(mark) = self.marks.iter_mut().rev().find(|m| m.ticket == ticket) {
-            let tokens = (mark.tokens - tokens_back).max(0.0);
-            let requests = (mark.requests - requests_back).max(0.0);
-            self.tokens += tokens - mark.tokens;
-            self.requests += requests - mark.requests;
-            mark.tokens = tokens;
-            mark.requests = requests;
-        }
+    /// Gives back (`> 0`) or takes more (`< 0`) of admission `ticket`, never below nothing, and
+    /// says what the router's admissions have let go of since it was admitted (what
+    /// [`correct`](Self::correct) needs); `None`, changing nothing, when it has left the window.
+    pub fn adjust(
+        &mut self,
+        ticket: u64,
+        tokens_back: f64,
+        requests_back: f64,
+    ) -> Option<(f64, f64)> {
+        let mark = self.marks.iter_mut().rev().find(|m| m.ticket == ticket)?;
+        let tokens = (mark.tokens - tokens_back).max(0.0);
+        let requests = (mark.requests - requests_back).max(0.0);
+        self.tokens += tokens - mark.tokens;
+        self.requests += requests - mark.requests;
+        mark.tokens = tokens;
+        mark.requests = requests;
+        Some((self.freed.0 - mark.freed.0, self.freed.1 - mark.freed.1))
     }
 
-    /// Lowers what is left under `limits` to what the upstream said is left when it admitted
-    /// `settled`, plus what the router's admissions have let go of since (the upstream's
-    /// window let go of the same), if that is less: the difference, the upstream's own admissions that the router
-    /// did not see, is held as `ticket` until `until` (they leave the upstream's window some
-    /// time within it). Nothing is corrected when `settled` has left the window already.
+    /// Lowers what is left under `limits` to what the upstream said is left when it admitted a
+    /// request, plus `since`, what the router's admissions have let go of since then (the
+    /// upstream's window let go of the same; [`adjust`](Self::adjust) says it), if that is
+    /// less: the difference, the upstream's own admissions that the router did not see, is
+    /// held as `ticket` until `until` (they leave the upstream's window some time within it).
     pub fn correct(
         &mut self,
         limits: &Limits,
         remaining: (Option<u64>, Option<u64>),
-        settled: u64,
+        since: (f64, f64),
         ticket: u64,
         until: Instant,
     ) {
-        let Some(since) = self
-            .marks
-            .iter()
-            .rev()
-            .find(|m| m.ticket == settled)
-            .map(|m| (self.freed.0 - m.freed.0, self.freed.1 - m.freed.1))
-        else {
-            return;
-        };
         let (left_tokens, left_requests) = self.left(limits);
         let excess = |left: Option<f64>, remaining: Option<u64>, since: f64| match (left, remaining)
         {
             (Some(left), Some(remaining)) => (left - remaining as f64 - since).max(0.0),
             _ => 0.0,
         };
-        let (tokens, requests) = (
+        let excess = (
             excess(left_tokens, remaining.0, since.0),
             excess(left_requests, remaining.1, since.1),
         );
-        if tokens > 0.0 || requests > 0.0 {
-            self.insert(Mark {
-                ticket,
-                until,
-                tokens,
-                requests,
-                freed: self.freed,
-                unseen: true,
-            });
+        if excess.0 > 0.0 || excess.1 > 0.0 {
+            self.hold(ticket, until, excess, true);
         }
     }
 
@@ -612,27 +600,14 @@ impl Log {
         let steps = f64::from(PACED_STEPS);
         for step in 1..=PACED_STEPS {
             let until = from + limits.window.mul_f64(f64::from(step) / steps);
-            self.insert(Mark {
-                ticket: ticket(),
-                until,
-                tokens: tokens / steps,
-                requests: requests / steps,
-                freed: self.freed,
-                unseen: true,
-            });
+            self.hold(ticket(), until, (tokens / steps, requests / steps), true);
         }
     }
 
     /// The share of `limits` the window holds: the larger of the token and request shares.
     pub fn share_held(&self, limits: &Limits) -> f64 {
         let (tokens, requests) = self.held();
-        [
-            limits.tokens().map(|s| tokens / s.capacity),
-            limits.requests().map(|s| requests / s.capacity),
-        ]
-        .into_iter()
-        .flatten()
-        .fold(0.0_f64, f64::max)
+        share_of(limits, tokens, requests)
     }
 }
 
@@ -859,19 +834,20 @@ impl MemoryStore {
     pub fn settle_now(&self, key: &str, limits: &Limits, settlement: Settlement, now: Instant) {
         self.with(key, |entry| {
             entry.log.expire(now);
-            entry.log.adjust(
+            let since = entry.log.adjust(
                 settlement.ticket,
                 settlement.tokens_back as f64,
                 settlement.requests_back as f64,
             );
             let effective = entry.effective(limits);
             let remaining = (settlement.remaining_tokens, settlement.remaining_requests);
-            if remaining.0.is_some() || remaining.1.is_some() {
+            // Nothing is corrected for an admission that has left the window already.
+            if let Some(since) = since.filter(|_| remaining.0.is_some() || remaining.1.is_some()) {
                 let ticket = entry.ticket();
                 let until = now + phantom_hold(&effective, settlement.reset);
                 entry
                     .log
-                    .correct(&effective, remaining, settlement.ticket, ticket, until);
+                    .correct(&effective, remaining, since, ticket, until);
             }
             if let Some(learner) = entry.learner.as_mut().filter(|_| settlement.served) {
                 learner.served(&self.learning, limits.window, now);

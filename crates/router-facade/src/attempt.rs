@@ -89,6 +89,15 @@ impl Attempt {
         }
     }
 
+    /// Learns how the upstream counts a prompt from the usage an answer reported.
+    fn counted(&self, reservation: &Reservation, used: Option<Used>) {
+        if let Some(used) = used {
+            self.deployment
+                .state
+                .observe_prompt(reservation.counted_prompt(), used.prompt);
+        }
+    }
+
     /// A non-streamed answer: records `sample` and the success, learns from the headers, and
     /// settles the reservation with what the answer used.
     pub(crate) async fn answered(
@@ -102,9 +111,7 @@ impl Attempt {
         state.record_success();
         self.upstream_said(info);
         if let Some(reservation) = self.reservation.take() {
-            if let Some(used) = used {
-                state.observe_prompt(reservation.counted_prompt(), used.prompt);
-            }
+            self.counted(&reservation, used);
             reservation.settle(used, info).await;
         }
     }
@@ -130,11 +137,7 @@ impl Attempt {
             Ok(()) => {
                 self.deployment.state.record_success();
                 if let Some(reservation) = self.reservation.take() {
-                    if let Some(used) = used {
-                        self.deployment
-                            .state
-                            .observe_prompt(reservation.counted_prompt(), used.prompt);
-                    }
+                    self.counted(&reservation, used);
                     reservation.settle_detached(used, info);
                 }
             }

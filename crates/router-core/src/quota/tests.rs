@@ -23,6 +23,14 @@ fn charge(tokens: u64) -> Charge {
     }
 }
 
+/// The ticket of an admission; panics, naming it, if it was denied.
+fn admitted(admission: Admission) -> u64 {
+    match admission {
+        Admission::Admitted { ticket, .. } => ticket,
+        Admission::Denied { .. } => panic!("admitted expected: {admission:?}"),
+    }
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
@@ -42,11 +50,7 @@ fn a_window_admits_its_quota_then_waits_for_the_oldest_to_leave() {
         panic!("an empty window admits");
     };
     assert_eq!(tokens_left, Some(600.0));
-    let Admission::Admitted { ticket: second, .. } =
-        store.reserve_now("d", &l, charge(400), t0 + secs(3.0))
-    else {
-        panic!("200 are left after it");
-    };
+    let second = admitted(store.reserve_now("d", &l, charge(400), t0 + secs(3.0)));
     assert_ne!(first, second, "each admission has its own ticket");
     // A token bucket would have refilled 300 by now and admitted a third at 5 s; an upstream
     // that counts over 10 s windows would refuse it.
@@ -96,9 +100,7 @@ fn settling_gives_back_to_the_admission_and_releasing_frees_it() {
     let store = MemoryStore::new();
     let t0 = Instant::now();
     let l = limits(6_000);
-    let Admission::Admitted { ticket: a, .. } = store.reserve_now("d", &l, charge(800), t0) else {
-        panic!("admitted");
-    };
+    let a = admitted(store.reserve_now("d", &l, charge(800), t0));
     let used_300 = Settlement {
         ticket: a,
         tokens_back: 500,
@@ -116,9 +118,7 @@ fn settling_gives_back_to_the_admission_and_releasing_frees_it() {
         (store.tokens_level("d", &l, t0).unwrap() - 1_000.0).abs() < 1e-6,
         "never below nothing"
     );
-    let Admission::Admitted { ticket: b, .. } = store.reserve_now("d", &l, charge(600), t0) else {
-        panic!("admitted");
-    };
+    let b = admitted(store.reserve_now("d", &l, charge(600), t0));
     assert_ne!(a, b);
     store.settle_now("d", &l, Settlement::release(b, charge(600)), t0);
     assert_eq!(
@@ -137,9 +137,7 @@ fn upstream_remaining_lowers_never_raises_and_leaves_after_half_a_window() {
     let store = MemoryStore::new();
     let t0 = Instant::now();
     let l = limits(6_000);
-    let Admission::Admitted { ticket, .. } = store.reserve_now("d", &l, charge(100), t0) else {
-        panic!("admitted");
-    };
+    let ticket = admitted(store.reserve_now("d", &l, charge(100), t0));
     let said = |remaining: u64| Settlement {
         ticket,
         remaining_tokens: Some(remaining),
@@ -161,11 +159,7 @@ fn a_remaining_told_at_admission_counts_what_left_the_window_since() {
     let t0 = Instant::now();
     let l = limits(6_000);
     store.reserve_now("d", &l, charge(300), t0);
-    let Admission::Admitted { ticket, .. } =
-        store.reserve_now("d", &l, charge(100), t0 + secs(9.9))
-    else {
-        panic!("admitted");
-    };
+    let ticket = admitted(store.reserve_now("d", &l, charge(100), t0 + secs(9.9)));
     // The upstream admitted it with 600 left; the 300 left both windows before the answer.
     let answered = t0 + secs(10.2);
     let settlement = Settlement {
@@ -180,10 +174,7 @@ fn a_remaining_told_at_admission_counts_what_left_the_window_since() {
     );
     // The next answer says 600 are left where the router's window has 800: 200 more are used
     // upstream than the router saw, until the reset the upstream named.
-    let Admission::Admitted { ticket, .. } = store.reserve_now("d", &l, charge(100), answered)
-    else {
-        panic!("admitted");
-    };
+    let ticket = admitted(store.reserve_now("d", &l, charge(100), answered));
     let settlement = Settlement {
         ticket,
         remaining_tokens: Some(600),
