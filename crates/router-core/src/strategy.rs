@@ -240,7 +240,10 @@ impl LeastLatency {
     /// Whether `starved` is owed a probe next to `busy`: `busy` is in use and `starved` has
     /// gone a probe interval longer without a request.
     pub fn is_starved(&self, starved: &Candidate, busy: &Candidate) -> bool {
-        busy.idle < 1.0 && starved.idle - busy.idle >= self.probe_interval.as_secs_f64()
+        let interval = self.probe_interval;
+        // Seconds without the division `as_secs_f64` makes.
+        let interval = interval.as_secs() as f64 + f64::from(interval.subsec_nanos()) * 1e-9;
+        busy.idle < 1.0 && starved.idle - busy.idle >= interval
     }
 
     /// Whether a starved deployment in the pair drawn from `n` candidates takes this pick: with
@@ -259,7 +262,13 @@ impl Strategy for LeastLatency {
         }
         let (a, b) = sample_two(candidates.len(), rng);
         let (ca, cb) = (&candidates[a], &candidates[b]);
-        for (starved, busy, index) in [(ca, cb, a), (cb, ca, b)] {
+        // Only the one of the pair idle longer can be owed a request (never tried, or starved).
+        if ca.idle != cb.idle {
+            let (starved, busy, index) = if ca.idle > cb.idle {
+                (ca, cb, a)
+            } else {
+                (cb, ca, b)
+            };
             // A deployment never tried is tried at once (its estimate is only a guess); others
             // within the probe budget.
             let untried = starved.idle.is_infinite() && busy.idle.is_finite();
@@ -268,8 +277,12 @@ impl Strategy for LeastLatency {
                 return Some(index);
             }
         }
-        let mean = f64::from(ca.in_flight + cb.in_flight) / 2.0;
-        let (cost_a, cost_b) = (Self::cost(ca, mean), Self::cost(cb, mean));
+        // `cost` for both, times 2 × (the pair's mean + 1), which is positive and shared, so
+        // the order is the same: in whole numbers, with no division on the hot path.
+        let (ia, ib) = (u64::from(ca.in_flight), u64::from(cb.in_flight));
+        let base = ia + ib + 2;
+        let cost_a = ca.latency * (base + ia.saturating_sub(ib)) as f64;
+        let cost_b = cb.latency * (base + ib.saturating_sub(ia)) as f64;
         let (better, other) = if cost_a < cost_b || (cost_a <= cost_b && rng.coin()) {
             (a, b)
         } else {
