@@ -263,12 +263,14 @@ impl Strategy for LeastLatency {
         let (a, b) = sample_two(candidates.len(), rng);
         let (ca, cb) = (&candidates[a], &candidates[b]);
         // Only the one of the pair idle longer can be owed a request (never tried, or starved).
-        if ca.idle != cb.idle {
-            let (starved, busy, index) = if ca.idle > cb.idle {
-                (ca, cb, a)
-            } else {
-                (cb, ca, b)
-            };
+        let owed = if ca.idle > cb.idle {
+            Some((ca, cb, a))
+        } else if cb.idle > ca.idle {
+            Some((cb, ca, b))
+        } else {
+            None
+        };
+        if let Some((starved, busy, index)) = owed {
             // A deployment never tried is tried at once (its estimate is only a guess); others
             // within the probe budget.
             let untried = starved.idle.is_infinite() && busy.idle.is_finite();
