@@ -44,7 +44,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
@@ -192,13 +192,10 @@ impl Strategy for LeastBusy {
 /// - **Probe budget**: a slower deployment gets nothing by cost, so its estimate would never
 ///   learn that it recovered. When P2C's pair holds one that has had no request for
 ///   [`probe_interval`](Self::probe_interval) longer than the other, while the other is in use
-///   (a request started there within the last second), it gets the request with a
-///   probability that makes it one pick in [`probe_every`](Self::probe_every) of the group's
-///   on average (a starved deployment is in the pair 2 times in n, so the draw wins n in
-///   2 × `probe_every`): one live request per interval per starved deployment, and never more
-///   than that share of the traffic (so probes cannot make a p99). The draw replaces a shared
-///   pick counter: no pick writes shared memory. A deployment never tried gets the next
-///   request it is paired for. Its answer replaces a stale or doubled estimate ([`crate::ewma`]).
+///   (a request started there within the last second), it gets the request, at most once per
+///   [`probe_every`](Self::probe_every) picks of the group: one live request per interval per
+///   starved deployment and never more than that share of the traffic (so probes cannot make
+///   a p99). A deployment never tried gets the next request it is paired for. Its answer replaces a stale or doubled estimate ([`crate::ewma`]).
 /// - **Slow start**: a deployment whose answer came in far below its estimate (it recovered)
 ///   ramps back over [`DeploymentState::RAMP`](crate::DeploymentState::RAMP): when P2C chooses
 ///   it, the choice stands with a probability of its ramp (0 to 1), else the other of the two
@@ -210,9 +207,11 @@ impl Strategy for LeastBusy {
 pub struct LeastLatency {
     /// How long a starved deployment waits between probes. Default 5 s.
     pub probe_interval: Duration,
-    /// The picks of the group per probe of one starved deployment, on average. Default 150
-    /// (0.67 % of the requests).
+    /// The fewest picks of the group between two probes. Default 150 (at most 0.67 % of the
+    /// requests are probes).
     pub probe_every: u64,
+    picks: AtomicU64,
+    last_probe: AtomicU64,
 }
 
 impl Default for LeastLatency {
@@ -227,6 +226,8 @@ impl LeastLatency {
         Self {
             probe_interval: interval.max(Duration::from_millis(100)),
             probe_every: 150,
+            picks: AtomicU64::new(0),
+            last_probe: AtomicU64::new(0),
         }
     }
 
@@ -246,12 +247,16 @@ impl LeastLatency {
         busy.idle < 1.0 && starved.idle - busy.idle >= interval
     }
 
-    /// Whether a starved deployment in the pair drawn from `n` candidates takes this pick: with
-    /// probability n ÷ (2 × `probe_every`), so that it takes one pick in `probe_every` of the
-    /// group's on average.
-    fn draw_probe(&self, n: usize, rng: &mut Rng) -> bool {
-        let chance = n as f64 / (2.0 * self.probe_every.max(1) as f64);
-        rng.unit() < chance
+    /// Claims the group's next probe if `probe_every` picks have passed since the last one.
+    /// A budget that accumulates: a deployment that becomes starved after a quiet spell is
+    /// probed at its next pairing, not after `probe_every` more picks.
+    fn claim_probe(&self, pick: u64) -> bool {
+        let last = self.last_probe.load(Ordering::Relaxed);
+        pick.saturating_sub(last) >= self.probe_every
+            && self
+                .last_probe
+                .compare_exchange(last, pick, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -260,6 +265,8 @@ impl Strategy for LeastLatency {
         if candidates.len() < 2 {
             return (!candidates.is_empty()).then_some(0);
         }
+        // Relaxed: a counter of picks; only its own increments must be atomic.
+        let pick = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
         let (a, b) = sample_two(candidates.len(), rng);
         let (ca, cb) = (&candidates[a], &candidates[b]);
         // Only the one of the pair idle longer can be owed a request (never tried, or starved).
@@ -274,8 +281,7 @@ impl Strategy for LeastLatency {
             // A deployment never tried is tried at once (its estimate is only a guess); others
             // within the probe budget.
             let untried = starved.idle.is_infinite() && busy.idle.is_finite();
-            if untried || (self.is_starved(starved, busy) && self.draw_probe(candidates.len(), rng))
-            {
+            if untried || (self.is_starved(starved, busy) && self.claim_probe(pick)) {
                 return Some(index);
             }
         }
