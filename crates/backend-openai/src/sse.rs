@@ -324,10 +324,7 @@ mod tests {
             .map(str::to_owned)
             .collect();
         assert_eq!(events.len(), 4);
-        let parts = events
-            .into_iter()
-            .zip(gaps)
-            .map(|(event, gap)| (event, gap));
+        let parts = events.into_iter().zip(gaps);
         let body = futures_util::stream::unfold(parts, |mut parts| async move {
             let (event, gap) = parts.next()?;
             tokio::time::sleep(Duration::from_millis(gap)).await;
