@@ -14,7 +14,8 @@
 //!   (`router-gateway/benches/gateway.rs`), then `bench-report`, which rewrites the tables of
 //!   `BENCHMARKS.md` and the plots in `docs/benchmarks/`. With `--compare litellm` the
 //!   scenarios and the gateway load also go through `LiteLLM` (its Router and its proxy),
-//!   installed from `PyPI` into `target/litellm-venv`.
+//!   installed from `PyPI` into `target/litellm-venv`. `--quick`: the pressure matrix alone,
+//!   with short phases, reported in `target/bench/quick/` (`BENCHMARKS.md` holds full runs).
 //! - `demo`: `openai-router demo` in release mode.
 //!
 //! Each step prints its command and duration; a summary closes the run.
@@ -214,6 +215,8 @@ const BENCH_REPORT: Step = cargo(
         "--",
     ],
 );
+/// Where `cargo xtask bench --quick` finds its report and plots (bench-report's `--quick`).
+const QUICK_REPORT: &str = "target/bench/quick";
 /// Where `--compare litellm` keeps its Python environment.
 const LITELLM_VENV: &str = "target/litellm-venv";
 const LITELLM_REQUIREMENTS: &str = "benches/litellm/requirements.txt";
@@ -312,13 +315,22 @@ fn run() -> Result<()> {
                 (true, None) => "cargo xtask bench --quick",
             };
             if quick {
-                // The pressure matrix alone, with short phases, then the report.
+                // The pressure matrix alone, with short phases, then the report, written
+                // beside the results: the committed BENCHMARKS.md holds full runs only.
                 let mut scenario_args = vec!["--quick".to_owned()];
                 scenario_args.extend(litellm);
-                return run_steps(&[
+                run_steps(&[
                     BENCH_SCENARIOS.with(scenario_args),
-                    BENCH_REPORT.with(["--command".to_owned(), command.to_owned()]),
-                ]);
+                    BENCH_REPORT.with([
+                        "--command".to_owned(),
+                        command.to_owned(),
+                        "--quick".to_owned(),
+                    ]),
+                ])?;
+                say(&format!(
+                    "==> the quick report is {QUICK_REPORT}/BENCHMARKS.md (BENCHMARKS.md is left as it is)"
+                ));
+                return Ok(());
             }
             let quick = CRITERION_QUICK.map(str::to_owned);
             run_steps(&[
@@ -339,7 +351,8 @@ fn run() -> Result<()> {
                 "  bench  every benchmark, then BENCHMARKS.md and its plots (docs/benchmarks/);\n",
                 "         --compare litellm: the same scenarios and gateway load through LiteLLM too\n",
                 "         (installed from PyPI into target/litellm-venv); --quick: the routing\n",
-                "         under pressure matrix alone, with short phases (about 3 minutes)\n",
+                "         under pressure matrix alone, with short phases (about 3 minutes),\n",
+                "         reported in target/bench/quick/ (BENCHMARKS.md is left as it is)\n",
                 "  demo   the demo, in release mode",
             ));
             Ok(())

@@ -7,7 +7,14 @@
 //! `BENCHMARKS.md`, the text between each `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`
 //! pair; the prose around them is kept as it is. Prints the side-by-side table.
 //!
-//! `cargo run --release -p benches --bin bench-report -- [--command "..."]`
+//! The committed `BENCHMARKS.md` holds full runs only, so a quick run (`scenarios-quick.json`)
+//! is left out of it. With `--quick` (as `cargo xtask bench --quick` calls it) the quick run
+//! is reported, and the committed `BENCHMARKS.md` and plots are left alone: a copy of
+//! `BENCHMARKS.md` with the new tables goes to `target/bench/quick/BENCHMARKS.md` and the plots
+//! beside it (`--out DIR` for another place). A quick run's cells are shorter than the full
+//! ones, and on a fresh clone there are no other results, which would read as "not run".
+//!
+//! `cargo run --release -p benches --bin bench-report -- [--command "..."] [--quick] [--out DIR]`
 
 #![expect(
     clippy::print_stdout,
@@ -37,20 +44,33 @@ fn main() -> std::process::ExitCode {
 struct Args {
     root: PathBuf,
     command: String,
+    /// Where the report goes instead of `BENCHMARKS.md` and `docs/benchmarks/`.
+    out: Option<PathBuf>,
+    /// Report the quick run (and write to `target/bench/quick` unless `out` says otherwise).
+    quick: bool,
 }
 
 fn args() -> Result<Args> {
     let mut args = Args {
         root: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
         command: "cargo xtask bench".to_owned(),
+        out: None,
+        quick: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--command" => args.command = it.next().context("--command needs a value")?,
             "--root" => args.root = it.next().context("--root needs a value")?.into(),
-            other => bail!("unknown argument `{other}` (known: --command TEXT, --root DIR)"),
+            "--out" => args.out = Some(it.next().context("--out needs a directory")?.into()),
+            "--quick" => args.quick = true,
+            other => bail!(
+                "unknown argument `{other}` (known: --command TEXT, --root DIR, --quick, --out DIR)"
+            ),
         }
+    }
+    if args.quick && args.out.is_none() {
+        args.out = Some(args.root.join("target/bench/quick"));
     }
     Ok(args)
 }
@@ -58,10 +78,13 @@ fn args() -> Result<Args> {
 fn run() -> Result<()> {
     let args = args()?;
     let bench = args.root.join("target/bench");
-    let plots = args.root.join("docs/benchmarks");
+    let plots = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.root.join("docs/benchmarks"));
     std::fs::create_dir_all(&plots)
         .with_context(|| format!("cannot create {}", plots.display()))?;
-    let scenarios = load_scenarios(&bench)?;
+    let scenarios = load_scenarios(&bench, args.quick)?;
     let gateway = read_json(&bench.join("gateway.json"))?;
     let criterion = args.root.join("target/criterion");
 
@@ -140,10 +163,14 @@ fn run() -> Result<()> {
         plot_pressure_quota(&plots.join("pressure-quota-admitted.svg"), &pressure)?;
     }
 
-    let path = args.root.join("BENCHMARKS.md");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let committed = args.root.join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&committed)
+        .with_context(|| format!("cannot read {}", committed.display()))?;
     let text = replace_sections(&text, &sections)?;
+    let path = args
+        .out
+        .as_ref()
+        .map_or(committed, |dir| dir.join("BENCHMARKS.md"));
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     println!("{comparison}");
     println!(
@@ -182,8 +209,9 @@ impl Scenarios {
 }
 
 /// `scenarios.json` and any partial `scenarios-NAME.json`, oldest first, so that a newer run of
-/// the same scenario, router and strategy replaces an older one.
-fn load_scenarios(dir: &Path) -> Result<Scenarios> {
+/// the same scenario, router and strategy replaces an older one; `scenarios-quick.json` only
+/// when `quick`.
+fn load_scenarios(dir: &Path, quick: bool) -> Result<Scenarios> {
     let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -205,7 +233,7 @@ fn load_scenarios(dir: &Path) -> Result<Scenarios> {
         .map(|(t, _)| *t);
     files.retain(|(t, p)| {
         !(p.file_name().is_some_and(|n| n == "scenarios-quick.json")
-            && full.is_some_and(|f| *t < f))
+            && (!quick || full.is_some_and(|f| *t < f)))
     });
     let mut document = Value::Null;
     let mut runs: Vec<Value> = Vec::new();
