@@ -10,10 +10,14 @@
 //! | answered ([`Attempt::answered`]) | taken there | success | settled with the usage |
 //! | failed ([`Attempt::failed`]) | the failure's penalty | the error's effect | released |
 //! | stream finished ([`Attempt::finished`] with `Ok`) | at its first content ([`Attempt::opened`]) | success | settled |
-//! | stream failed ([`Attempt::finished`] with `Err`) | at its first content, then the penalty | the error's effect | released |
-//! | stream or future dropped (`Drop`) | none | none | released |
+//! | stream failed ([`Attempt::finished`] with `Err`) | at its first content, then the penalty | the error's effect | kept |
+//! | stream dropped after it opened (`Drop`) | at its first content | none | kept |
+//! | future dropped before an answer (`Drop`) | none | none | released |
 //!
-//! Every slot is released when the handle goes, whichever row applies. This is tower's
+//! A stream that opened was admitted by the upstream, which counts it in its window whatever
+//! becomes of it, so its estimate stays held until it leaves the router's window too ("kept";
+//! releasing it would let the router admit what the upstream then refuses). Every slot is
+//! released when the handle goes, whichever row applies. This is tower's
 //! "completion by one handle" (`load::peak_ewma::Handle`) with the quota added.
 
 use std::sync::Arc;
@@ -36,6 +40,8 @@ pub(crate) struct Attempt {
     rng: Rng,
     reservation: Option<Reservation>,
     permit: Option<Permit>,
+    /// A stream opened: the upstream admitted the request and counts it.
+    admitted: bool,
     _slot: InFlightGuard,
 }
 
@@ -57,6 +63,7 @@ impl Attempt {
             rng,
             reservation,
             permit: None,
+            admitted: false,
             _slot: slot,
         }
     }
@@ -118,7 +125,8 @@ impl Attempt {
 
     /// A stream opened: records its time to first content and learns from the headers. Its
     /// outcome comes with [`finished`](Self::finished).
-    pub(crate) fn opened(&self, ttft: Duration, info: &RateLimitInfo) {
+    pub(crate) fn opened(&mut self, ttft: Duration, info: &RateLimitInfo) {
+        self.admitted = true;
         self.deployment
             .state
             .observe_latency(self.class, ttft, now());
@@ -126,7 +134,7 @@ impl Attempt {
     }
 
     /// A stream ended (from `poll_next`, so nothing is awaited): success, settled with `used`,
-    /// or the error's effect and the reservation released.
+    /// or the error's effect and the reservation kept (the upstream counts what it admitted).
     pub(crate) fn finished(
         mut self,
         outcome: Result<(), &Error>,
@@ -144,7 +152,7 @@ impl Attempt {
             Err(error) => {
                 self.record_failure(error);
                 if let Some(reservation) = self.reservation.take() {
-                    reservation.release_detached();
+                    reservation.keep();
                 }
             }
         }
@@ -170,5 +178,17 @@ impl Attempt {
         self.deployment
             .state
             .record_failure(error, self.class, &self.health, now(), &mut self.rng);
+    }
+}
+
+impl Drop for Attempt {
+    /// A stream dropped after it opened keeps its reservation (the upstream counts it); any
+    /// other attempt dropped unfinished releases it (the reservation's own `Drop`).
+    fn drop(&mut self) {
+        if self.admitted
+            && let Some(reservation) = self.reservation.take()
+        {
+            reservation.keep();
+        }
     }
 }

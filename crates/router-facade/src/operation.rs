@@ -319,7 +319,7 @@ impl Operation for Streamed<'_> {
     async fn complete(
         &self,
         opened: Opened,
-        attempt: Attempt,
+        mut attempt: Attempt,
         attempts: u32,
         took: Duration,
     ) -> Self::Output {

@@ -110,10 +110,11 @@ impl Reservation {
         self.spawn(settlement);
     }
 
-    /// Releases without waiting.
-    pub(crate) fn release_detached(mut self) {
+    /// The upstream admitted the request and counts it, whatever became of it (a stream that
+    /// broke or that its caller dropped): the estimate stays held until it leaves the window,
+    /// with no call to the store.
+    pub(crate) fn keep(mut self) {
         self.open = false;
-        self.spawn(Settlement::release(self.ticket, self.charge));
     }
 
     fn spawn(&self, settlement: Settlement) {
@@ -166,10 +167,9 @@ mod tests {
             completion: u64,
             detached: bool,
         },
-        Release {
-            which: usize,
-            detached: bool,
-        },
+        Release(usize),
+        /// A stream the upstream admitted ended early: its estimate stays held.
+        Keep(usize),
         Drop(usize),
     }
 
@@ -184,8 +184,8 @@ mod tests {
                     detached
                 }
             ),
-            (any::<usize>(), any::<bool>())
-                .prop_map(|(which, detached)| Op::Release { which, detached }),
+            any::<usize>().prop_map(Op::Release),
+            any::<usize>().prop_map(Op::Keep),
             any::<usize>().prop_map(Op::Drop),
         ]
     }
@@ -250,13 +250,15 @@ mod tests {
                                 reservation.settle(Some(used), &RateLimitInfo::default()).await;
                             }
                         }
-                        Op::Release { which, detached } if !open.is_empty() => {
+                        Op::Release(which) if !open.is_empty() => {
                             let (reservation, _) = open.swap_remove(which % open.len());
-                            if detached {
-                                reservation.release_detached();
-                            } else {
-                                reservation.release().await;
-                            }
+                            reservation.release().await;
+                        }
+                        Op::Keep(which) if !open.is_empty() => {
+                            let (reservation, charge) = open.swap_remove(which % open.len());
+                            kept_tokens += charge.tokens as f64;
+                            kept_requests += charge.requests as f64;
+                            reservation.keep();
                         }
                         Op::Drop(which) if !open.is_empty() => {
                             drop(open.swap_remove(which % open.len()));

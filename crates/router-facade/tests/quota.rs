@@ -388,6 +388,51 @@ async fn a_dropped_request_gives_its_reservation_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stream_dropped_after_it_opened_keeps_its_charge() {
+    // The upstream admitted it and counts it in its window whatever becomes of it: giving the
+    // reservation back would let the router admit what the upstream then refuses.
+    use futures_util::StreamExt;
+    let slow = LatencyModel::new(Duration::from_millis(10), Duration::from_secs(1));
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(slow);
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let store = Arc::new(router_facade::MemoryStore::new());
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .tpm(6_000),
+        )
+        .state_store(Arc::clone(&store) as Arc<dyn router_facade::StateStore>)
+        .build()
+        .unwrap();
+    let limits = router_facade::Limits::per_minute(Some(6_000), None);
+    let key = format!("only/{MODEL}");
+    let level =
+        |at: tokio::time::Instant| store.tokens_level(&key, &limits, at.into_std()).unwrap();
+    let full = level(tokio::time::Instant::now());
+    let mut stream = router.chat_stream(&request(1)).await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let opened = level(tokio::time::Instant::now());
+    assert!(opened < full - 10.0, "reserved: {opened} of {full}");
+    drop(stream);
+    let after = tokio::time::Instant::now();
+    tokio::task::yield_now().await; // a release would run on the runtime
+    tokio::task::yield_now().await;
+    let kept = level(after);
+    assert!(
+        (kept - opened).abs() < 1.0,
+        "kept: {kept}, opened at {opened}, full {full}"
+    );
+    assert_eq!(
+        router.stats()[0].state.in_flight,
+        0,
+        "the in-flight slot is released all the same"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn limits_not_configured_are_learned_from_the_upstreams_headers() {
     // The router is told nothing about this endpoint's quota; OpenAI-style headers tell it.
     let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
