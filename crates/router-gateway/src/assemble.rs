@@ -21,17 +21,26 @@ impl Config {
             ),
             (None, None) => None,
         };
+        let learning = self.learning()?;
         if let Some(url) = redis {
-            let store =
-                state_redis::RedisStore::connect(&url, state_redis::RedisOptions::default())
-                    .await
-                    .context("router.redis_url")?;
+            let mut options = state_redis::RedisOptions::default();
+            if let Some(learning) = learning {
+                options = options.with_learning(learning);
+            }
+            let store = state_redis::RedisStore::connect(&url, options)
+                .await
+                .context("router.redis_url")?;
+            builder = builder.state_store(std::sync::Arc::new(store));
+        } else if let Some(learning) = learning {
+            let store = router_facade::MemoryStore::with_learning(learning);
             builder = builder.state_store(std::sync::Arc::new(store));
         }
         Ok(builder.build()?)
     }
 
     pub(crate) fn builder(&self) -> Result<RouterBuilder, Problem> {
+        // Checked here too, so that `check` reports a bad policy without connecting anywhere.
+        self.learning()?;
         let mut builder = Router::builder();
         if let Some(strategy) = &self.router.strategy {
             let kind: StrategyKind = strategy.parse().context("router.strategy")?;
@@ -125,6 +134,14 @@ impl Config {
             builder = builder.caller_limits(&key.name, limits);
         }
         Ok(builder)
+    }
+
+    /// `[router.learning]` as the library's policy, when configured; an error names the field.
+    pub(crate) fn learning(&self) -> Result<Option<router_facade::Learning>, Problem> {
+        self.router
+            .learning
+            .map(|l| l.policy().map_err(Problem::new))
+            .transpose()
     }
 
     /// The upstream timeouts, when any is configured.

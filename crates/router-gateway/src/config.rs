@@ -90,12 +90,70 @@ pub(crate) struct RouterConfig {
     pub(crate) probe_interval_ms: Option<u64>,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_url_env: Option<String>,
+    /// How an upstream's refusals teach the share of its quota it really admits.
+    pub(crate) learning: Option<LearningConfig>,
     /// Upstream timeouts, for every endpoint: connecting, to the first byte of a stream, to
     /// the answer of a non-streamed request, and between two chunks.
     pub(crate) connect_timeout_ms: Option<u64>,
     pub(crate) stream_first_byte_timeout_ms: Option<u64>,
     pub(crate) first_byte_timeout_ms: Option<u64>,
     pub(crate) between_chunks_timeout_ms: Option<u64>,
+}
+
+/// `[router.learning]`: each field optional, the library's default where absent.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LearningConfig {
+    /// The most a refusal leaves of the share (default 0.95).
+    pub(crate) cut: Option<f64>,
+    /// The least a refusal leaves of the share (default 0.5).
+    pub(crate) deepest_cut: Option<f64>,
+    /// The lowest the share goes (default 0.05).
+    pub(crate) floor: Option<f64>,
+    /// Share regained per minute of successes (default 0.2).
+    pub(crate) regrow: Option<f64>,
+}
+
+impl LearningConfig {
+    /// The policy, or an error naming the field out of range.
+    pub(crate) fn policy(&self) -> Result<router_facade::Learning, String> {
+        let default = router_facade::Learning::default();
+        let share = |name: &str, value: Option<f64>, default: f64| match value {
+            None => Ok(default),
+            Some(v) if v.is_finite() && v > 0.0 && v <= 1.0 => Ok(v),
+            Some(v) => Err(format!(
+                "router.learning.{name} = {v}: a share of the quota, above 0 and at most 1"
+            )),
+        };
+        let cut = share("cut", self.cut, default.cut)?;
+        let deepest_cut = share(
+            "deepest_cut",
+            self.deepest_cut,
+            default.deepest_cut.min(cut),
+        )?;
+        if deepest_cut > cut {
+            return Err(format!(
+                "router.learning.deepest_cut = {deepest_cut} is above cut = {cut}: the deepest \
+                 cut leaves at most what every cut leaves"
+            ));
+        }
+        let floor = share("floor", self.floor, default.floor)?;
+        let regrow = match self.regrow {
+            None => default.regrow,
+            Some(v) if v.is_finite() && v >= 0.0 => v,
+            Some(v) => {
+                return Err(format!(
+                    "router.learning.regrow = {v}: a share per minute, at least 0"
+                ));
+            }
+        };
+        Ok(router_facade::Learning::new(
+            cut,
+            deepest_cut,
+            floor,
+            regrow,
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -190,6 +248,31 @@ mod tests {
         assert!(text.contains("lisen") && text.contains("line 3"), "{text}");
         let none = Config::parse("").unwrap_err();
         assert!(format!("{none:#}").contains("endpoints"));
+    }
+
+    #[test]
+    fn the_learning_policy_is_read_and_checked_field_by_field() {
+        let parse = |table: &str| {
+            toml::from_str::<Config>(&format!(
+                "[router.learning]\n{table}\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"
+            ))
+            .unwrap()
+            .router
+            .learning
+            .unwrap()
+            .policy()
+        };
+        let policy = parse("deepest_cut = 0.8\nregrow = 0.5").unwrap();
+        assert_eq!(policy, router_facade::Learning::new(0.95, 0.8, 0.05, 0.5));
+        let error = parse("floor = 0").unwrap_err();
+        assert!(error.contains("router.learning.floor = 0"), "{error}");
+        let error = parse("cut = 0.6\ndeepest_cut = 0.7").unwrap_err();
+        assert!(
+            error.contains("deepest_cut = 0.7 is above cut = 0.6"),
+            "{error}"
+        );
+        let error = parse("regrow = -1").unwrap_err();
+        assert!(error.contains("router.learning.regrow"), "{error}");
     }
 
     #[test]

@@ -274,6 +274,9 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// The share of each quota a replica uses on its own while Redis is away (default 1/3).
     pub local_share: f64,
+    /// How refusals teach the share of a quota an upstream really admits (the Lua and the
+    /// local fallback both keep to it); every replica sharing a prefix should use the same.
+    pub learning: Learning,
 }
 
 impl Default for RedisOptions {
@@ -282,6 +285,7 @@ impl Default for RedisOptions {
             prefix: "openai-router".to_owned(),
             timeout: Duration::from_millis(100),
             local_share: 1.0 / 3.0,
+            learning: Learning::default(),
         }
     }
 }
@@ -305,6 +309,13 @@ impl RedisOptions {
     #[must_use]
     pub fn with_local_share(mut self, share: f64) -> Self {
         self.local_share = share.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Sets how refusals teach the share an upstream admits.
+    #[must_use]
+    pub fn with_learning(mut self, learning: Learning) -> Self {
+        self.learning = learning;
         self
     }
 }
@@ -344,17 +355,18 @@ impl RedisStore {
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, Error> {
         let client =
             redis::Client::open(url).map_err(|e| Error::config(format!("redis url: {e}")))?;
+        let learning = options.learning;
         let store = Self {
             inner: Arc::new(Inner {
                 client,
                 connection: RwLock::new(None),
                 options,
-                local: MemoryStore::new(),
+                local: MemoryStore::with_learning(learning),
                 reserve: Script::new(&format!("{PRELUDE}{RESERVE}")),
                 settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
                 cool_down: Script::new(COOL_DOWN),
                 refused: Script::new(&format!("{PRELUDE}{REFUSED}")),
-                learning: Learning::default(),
+                learning,
                 shared: AtomicBool::new(false),
                 fallbacks: AtomicU64::new(0),
                 connecting: AtomicBool::new(false),

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use router_core::{Admission, Charge, Learned, Limits, MemoryStore, Settlement, StateStore};
+use router_core::{
+    Admission, Charge, Learned, Learning, Limits, MemoryStore, Settlement, StateStore,
+};
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
 use router_facade::{Endpoint, Router};
 use state_redis::{RedisOptions, RedisStore};
@@ -168,6 +170,37 @@ async fn a_refusal_one_replica_saw_teaches_every_replica() {
         "{grown:?} after {learned:?}"
     );
     assert_eq!(a.fallbacks() + b.fallbacks(), 0);
+}
+
+#[tokio::test]
+async fn the_learning_policy_reaches_the_scripts_and_the_fallback() {
+    // A gentler policy: a refusal leaves at least 0.8 of the share, whatever the window held.
+    let redis = RedisServer::start().await.unwrap();
+    let policy = Learning::new(0.95, 0.8, 0.05, 0.2);
+    let store = RedisStore::connect(&redis.url(), options("policy").with_learning(policy))
+        .await
+        .unwrap();
+    let local = MemoryStore::with_learning(policy);
+    let limits = Limits::per_minute(Some(60_000), Some(600));
+    let charge = Charge {
+        tokens: 100,
+        requests: 1,
+    };
+    let now = Instant::now();
+    assert!(matches!(
+        store.reserve("ep/m", &limits, charge, now).await.unwrap(),
+        Admission::Admitted { .. }
+    ));
+    local.reserve_now("ep/m", &limits, charge, now);
+    let wait = Duration::from_millis(300);
+    let learned = store.refused("ep/m", &limits, wait, now).await.unwrap();
+    let expected = local.refused_now("ep/m", &limits, wait, now);
+    assert!((learned.share - 0.8).abs() < 1e-9, "{learned:?}");
+    assert!(
+        (learned.share - expected.share).abs() < 1e-9,
+        "{expected:?}"
+    );
+    assert_eq!(store.fallbacks(), 0);
 }
 
 fn request() -> ChatCompletionRequest {
