@@ -350,52 +350,12 @@ async fn streams_are_accounted_without_changing_what_the_caller_receives() {
     assert!(last.choices.is_empty() && last.usage.is_some());
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_dropped_request_gives_its_reservation_back() {
-    let slow = LatencyModel::new(Duration::from_secs(10), Duration::from_millis(10));
+/// One endpoint answering at `latency` with 6,000 TPM, its router, and the token level of its
+/// quota in the router's store at a time.
+async fn accounted(latency: LatencyModel) -> (Sim, Router, impl Fn(tokio::time::Instant) -> f64) {
     let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
         .with_models([MODEL])
-        .with_latency(slow);
-    let sim = Sim::start(1, [endpoint]).await.unwrap();
-    let store = Arc::new(router_facade::MemoryStore::new());
-    let router = Router::builder()
-        .endpoint(
-            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
-                .model(MODEL)
-                .tpm(6_000),
-        )
-        .state_store(Arc::clone(&store) as Arc<dyn router_facade::StateStore>)
-        .build()
-        .unwrap();
-    let limits = router_facade::Limits::per_minute(Some(6_000), None);
-    let key = format!("only/{MODEL}");
-    let full = store
-        .tokens_level(&key, &limits, tokio::time::Instant::now().into_std())
-        .unwrap();
-    let pending = request(1);
-    let call = router.chat(&pending);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(10), call)
-            .await
-            .is_err(),
-        "dropped mid-flight"
-    );
-    let during = tokio::time::Instant::now().into_std();
-    tokio::task::yield_now().await; // the release runs on the runtime
-    tokio::task::yield_now().await;
-    let level = store.tokens_level(&key, &limits, during).unwrap();
-    assert!((level - full).abs() < 1.0, "released: {level} of {full}");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_stream_dropped_after_it_opened_keeps_its_charge() {
-    // The upstream admitted it and counts it in its window whatever becomes of it: giving the
-    // reservation back would let the router admit what the upstream then refuses.
-    use futures_util::StreamExt;
-    let slow = LatencyModel::new(Duration::from_millis(10), Duration::from_secs(1));
-    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
-        .with_models([MODEL])
-        .with_latency(slow);
+        .with_latency(latency);
     let sim = Sim::start(1, [endpoint]).await.unwrap();
     let store = Arc::new(router_facade::MemoryStore::new());
     let router = Router::builder()
@@ -410,7 +370,37 @@ async fn a_stream_dropped_after_it_opened_keeps_its_charge() {
     let limits = router_facade::Limits::per_minute(Some(6_000), None);
     let key = format!("only/{MODEL}");
     let level =
-        |at: tokio::time::Instant| store.tokens_level(&key, &limits, at.into_std()).unwrap();
+        move |at: tokio::time::Instant| store.tokens_level(&key, &limits, at.into_std()).unwrap();
+    (sim, router, level)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_request_gives_its_reservation_back() {
+    let slow = LatencyModel::new(Duration::from_secs(10), Duration::from_millis(10));
+    let (_sim, router, level) = accounted(slow).await;
+    let full = level(tokio::time::Instant::now());
+    let pending = request(1);
+    let call = router.chat(&pending);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), call)
+            .await
+            .is_err(),
+        "dropped mid-flight"
+    );
+    let during = tokio::time::Instant::now();
+    tokio::task::yield_now().await; // the release runs on the runtime
+    tokio::task::yield_now().await;
+    let level = level(during);
+    assert!((level - full).abs() < 1.0, "released: {level} of {full}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_dropped_after_it_opened_keeps_its_charge() {
+    // The upstream admitted it and counts it in its window whatever becomes of it: giving the
+    // reservation back would let the router admit what the upstream then refuses.
+    use futures_util::StreamExt;
+    let slow = LatencyModel::new(Duration::from_millis(10), Duration::from_secs(1));
+    let (_sim, router, level) = accounted(slow).await;
     let full = level(tokio::time::Instant::now());
     let mut stream = router.chat_stream(&request(1)).await.unwrap();
     stream.next().await.unwrap().unwrap();
