@@ -261,6 +261,36 @@ impl Learning {
             },
         }
     }
+
+    /// The same policy, checked instead of clamped (for configuration files): a
+    /// [`Config`](crate::ErrorKind::Config) error whose message starts with the field's name
+    /// (`cut`, `deepest_cut` and `floor` are shares from 0.001 to 1, `deepest_cut` at most
+    /// `cut`; `regrow` is at least 0).
+    ///
+    /// # Errors
+    ///
+    /// The first value out of range, named.
+    pub fn checked(cut: f64, deepest_cut: f64, floor: f64, regrow: f64) -> Result<Self, Error> {
+        for (name, value) in [("cut", cut), ("deepest_cut", deepest_cut), ("floor", floor)] {
+            if !(value.is_finite() && (1e-3..=1.0).contains(&value)) {
+                return Err(Error::config(format!(
+                    "{name} = {value}: a share of the quota, from 0.001 to 1"
+                )));
+            }
+        }
+        if deepest_cut > cut {
+            return Err(Error::config(format!(
+                "deepest_cut = {deepest_cut} is above cut = {cut}: the deepest cut leaves at \
+                 most what every cut leaves"
+            )));
+        }
+        if !(regrow.is_finite() && regrow >= 0.0) {
+            return Err(Error::config(format!(
+                "regrow = {regrow}: a share per minute, at least 0"
+            )));
+        }
+        Ok(Self::new(cut, deepest_cut, floor, regrow))
+    }
 }
 
 /// The share of a deployment's configured limits its upstream has been seen to admit.

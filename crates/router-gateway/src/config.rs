@@ -115,44 +115,18 @@ pub(crate) struct LearningConfig {
 }
 
 impl LearningConfig {
-    /// The policy, or an error naming the field out of range.
+    /// The policy (the library's default for a field not given), or an error naming the field
+    /// out of range (`Learning::checked`).
     pub(crate) fn policy(&self) -> Result<router_facade::Learning, String> {
         let default = router_facade::Learning::default();
-        let share = |name: &str, value: Option<f64>, default: f64| match value {
-            None => Ok(default),
-            Some(v) if v.is_finite() && v > 0.0 && v <= 1.0 => Ok(v),
-            Some(v) => Err(format!(
-                "router.learning.{name} = {v}: a share of the quota, above 0 and at most 1"
-            )),
-        };
-        let cut = share("cut", self.cut, default.cut)?;
-        let deepest_cut = share(
-            "deepest_cut",
-            self.deepest_cut,
-            default.deepest_cut.min(cut),
-        )?;
-        if deepest_cut > cut {
-            return Err(format!(
-                "router.learning.deepest_cut = {deepest_cut} is above cut = {cut}: the deepest \
-                 cut leaves at most what every cut leaves"
-            ));
-        }
-        let floor = share("floor", self.floor, default.floor)?;
-        let regrow = match self.regrow {
-            None => default.regrow,
-            Some(v) if v.is_finite() && v >= 0.0 => v,
-            Some(v) => {
-                return Err(format!(
-                    "router.learning.regrow = {v}: a share per minute, at least 0"
-                ));
-            }
-        };
-        Ok(router_facade::Learning::new(
+        let cut = self.cut.unwrap_or(default.cut);
+        router_facade::Learning::checked(
             cut,
-            deepest_cut,
-            floor,
-            regrow,
-        ))
+            self.deepest_cut.unwrap_or(default.deepest_cut.min(cut)),
+            self.floor.unwrap_or(default.floor),
+            self.regrow.unwrap_or(default.regrow),
+        )
+        .map_err(|e| format!("router.learning.{}", e.message().unwrap_or_default()))
     }
 }
 

@@ -456,3 +456,22 @@ proptest! {
         prop_assert!(learner.learned.is_full(), "{:?}", learner.learned);
     }
 }
+
+#[test]
+fn a_checked_policy_names_the_field_out_of_range() {
+    let d = Learning::default();
+    assert_eq!(
+        Learning::checked(d.cut, d.deepest_cut, d.floor, d.regrow).unwrap(),
+        d
+    );
+    let message = |r: Result<Learning, Error>| r.unwrap_err().message().unwrap().to_owned();
+    assert!(message(Learning::checked(0.0, 0.0, 0.05, 0.2)).starts_with("cut = 0:"));
+    assert!(message(Learning::checked(0.9, 0.5, f64::NAN, 0.2)).starts_with("floor = NaN:"));
+    assert!(
+        message(Learning::checked(0.6, 0.7, 0.05, 0.2))
+            .starts_with("deepest_cut = 0.7 is above cut = 0.6")
+    );
+    assert!(message(Learning::checked(0.9, 0.5, 0.05, -1.0)).starts_with("regrow = -1:"));
+    // Where `new` would clamp, `checked` refuses.
+    assert!(Learning::checked(1.5, 0.5, 0.05, 0.2).is_err());
+}
