@@ -215,8 +215,6 @@ const BENCH_REPORT: Step = cargo(
         "--",
     ],
 );
-/// Where `cargo xtask bench --quick` finds its report and plots (bench-report's `--quick`).
-const QUICK_REPORT: &str = "target/bench/quick";
 /// Where `--compare litellm` keeps its Python environment.
 const LITELLM_VENV: &str = "target/litellm-venv";
 const LITELLM_REQUIREMENTS: &str = "benches/litellm/requirements.txt";
@@ -316,21 +314,17 @@ fn run() -> Result<()> {
             };
             if quick {
                 // The pressure matrix alone, with short phases, then the report, written
-                // beside the results: the committed BENCHMARKS.md holds full runs only.
+                // beside the results (bench-report says where): BENCHMARKS.md holds full runs.
                 let mut scenario_args = vec!["--quick".to_owned()];
                 scenario_args.extend(litellm);
-                run_steps(&[
+                return run_steps(&[
                     BENCH_SCENARIOS.with(scenario_args),
                     BENCH_REPORT.with([
                         "--command".to_owned(),
                         command.to_owned(),
                         "--quick".to_owned(),
                     ]),
-                ])?;
-                say(&format!(
-                    "==> the quick report is {QUICK_REPORT}/BENCHMARKS.md (BENCHMARKS.md is left as it is)"
-                ));
-                return Ok(());
+                ]);
             }
             let quick = CRITERION_QUICK.map(str::to_owned);
             run_steps(&[

@@ -11,10 +11,10 @@
 //! is left out of it. With `--quick` (as `cargo xtask bench --quick` calls it) the quick run
 //! is reported, and the committed `BENCHMARKS.md` and plots are left alone: a copy of
 //! `BENCHMARKS.md` with the new tables goes to `target/bench/quick/BENCHMARKS.md` and the plots
-//! beside it (`--out DIR` for another place). A quick run's cells are shorter than the full
-//! ones, and on a fresh clone there are no other results, which would read as "not run".
+//! beside it. A quick run's cells are shorter than the full ones, and on a fresh clone there
+//! are no other results, which would read as "not run".
 //!
-//! `cargo run --release -p benches --bin bench-report -- [--command "..."] [--quick] [--out DIR]`
+//! `cargo run --release -p benches --bin bench-report -- [--command "..."] [--quick]`
 
 #![expect(
     clippy::print_stdout,
@@ -44,9 +44,8 @@ fn main() -> std::process::ExitCode {
 struct Args {
     root: PathBuf,
     command: String,
-    /// Where the report goes instead of `BENCHMARKS.md` and `docs/benchmarks/`.
-    out: Option<PathBuf>,
-    /// Report the quick run (and write to `target/bench/quick` unless `out` says otherwise).
+    /// Report the quick run, in `target/bench/quick/` instead of `BENCHMARKS.md` and
+    /// `docs/benchmarks/`.
     quick: bool,
 }
 
@@ -54,7 +53,6 @@ fn args() -> Result<Args> {
     let mut args = Args {
         root: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
         command: "cargo xtask bench".to_owned(),
-        out: None,
         quick: false,
     };
     let mut it = std::env::args().skip(1);
@@ -62,15 +60,11 @@ fn args() -> Result<Args> {
         match arg.as_str() {
             "--command" => args.command = it.next().context("--command needs a value")?,
             "--root" => args.root = it.next().context("--root needs a value")?.into(),
-            "--out" => args.out = Some(it.next().context("--out needs a directory")?.into()),
             "--quick" => args.quick = true,
-            other => bail!(
-                "unknown argument `{other}` (known: --command TEXT, --root DIR, --quick, --out DIR)"
-            ),
+            other => {
+                bail!("unknown argument `{other}` (known: --command TEXT, --root DIR, --quick)")
+            }
         }
-    }
-    if args.quick && args.out.is_none() {
-        args.out = Some(args.root.join("target/bench/quick"));
     }
     Ok(args)
 }
@@ -78,8 +72,9 @@ fn args() -> Result<Args> {
 fn run() -> Result<()> {
     let args = args()?;
     let bench = args.root.join("target/bench");
-    let plots = args
-        .out
+    // A quick report goes beside the results; only full runs replace the committed files.
+    let out = args.quick.then(|| args.root.join("target/bench/quick"));
+    let plots = out
         .clone()
         .unwrap_or_else(|| args.root.join("docs/benchmarks"));
     std::fs::create_dir_all(&plots)
@@ -167,10 +162,7 @@ fn run() -> Result<()> {
     let text = std::fs::read_to_string(&committed)
         .with_context(|| format!("cannot read {}", committed.display()))?;
     let text = replace_sections(&text, &sections)?;
-    let path = args
-        .out
-        .as_ref()
-        .map_or(committed, |dir| dir.join("BENCHMARKS.md"));
+    let path = out.map_or(committed, |dir| dir.join("BENCHMARKS.md"));
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     println!("{comparison}");
     println!(
