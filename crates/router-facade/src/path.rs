@@ -575,8 +575,10 @@ impl<'r> Path<'r> {
 
     /// Records a failed attempt; `Ok` when another may follow.
     async fn failed(&mut self, attempt: Attempt, error: Error) -> Result<(), Error> {
-        if error.kind() == ErrorKind::DeadlineExceeded || Instant::now() >= self.deadline {
-            // The request's own budget ran out: not the endpoint's fault.
+        let late = Instant::now() >= self.deadline;
+        if error.kind() == ErrorKind::DeadlineExceeded || (late && !error.is_rate_limited()) {
+            // The request's own budget ran out (a wait cut at the deadline says so as a
+            // timeout): not the endpoint's fault.
             attempt.cancelled().await;
             return Err(match error.kind() {
                 ErrorKind::DeadlineExceeded => error,
@@ -619,6 +621,14 @@ impl<'r> Path<'r> {
         }
         if !error.is_retryable() {
             return Err(error);
+        }
+        if late {
+            // A 429 that came as the deadline passed: recorded above (it teaches the store like
+            // any other), and no attempt may follow. It becomes the router's throttling with
+            // when to retry, as it would have a moment earlier; an upstream 429 never reaches
+            // the caller.
+            self.last_error = Some(error);
+            return Err(self.give_up());
         }
         tracing::debug!(endpoint = %deployment.endpoint, attempt = self.count, %error, "failing over");
         self.after_rate_limit = error.is_rate_limited();

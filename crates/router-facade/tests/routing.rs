@@ -763,3 +763,108 @@ async fn a_slowed_endpoint_gets_its_probe_budget_then_ramps_back() {
         assert_eq!(in_flight(&router), 0);
     }
 }
+
+/// A backend whose answer is a 429 (retry in 2 s) that arrives exactly at the call's deadline.
+#[derive(Debug)]
+struct RefusesAtTheDeadline {
+    id: router_facade::EndpointId,
+    calls: std::sync::atomic::AtomicU32,
+}
+
+impl RefusesAtTheDeadline {
+    async fn refuse<T>(
+        &self,
+        options: &router_facade::CallOptions,
+    ) -> Result<T, router_facade::Error> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(deadline) = options.deadline {
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+        let mut limits = router_facade::RateLimitInfo::default();
+        limits.retry_after = Some(Duration::from_secs(2));
+        Err(router_facade::Error::upstream(
+            self.id.clone(),
+            429,
+            None,
+            &limits,
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl router_facade::Backend for RefusesAtTheDeadline {
+    fn endpoint(&self) -> &router_facade::EndpointId {
+        &self.id
+    }
+
+    async fn chat(
+        &self,
+        _: &ChatCompletionRequest,
+        options: &router_facade::CallOptions,
+    ) -> Result<
+        router_facade::Reply<router_facade::types::ChatCompletionResponse>,
+        router_facade::Error,
+    > {
+        self.refuse(options).await
+    }
+
+    async fn chat_stream(
+        &self,
+        _: &ChatCompletionRequest,
+        options: &router_facade::CallOptions,
+    ) -> Result<router_facade::ChatStream, router_facade::Error> {
+        self.refuse(options).await
+    }
+
+    async fn embeddings(
+        &self,
+        _: &router_facade::types::EmbeddingRequest,
+        options: &router_facade::CallOptions,
+    ) -> Result<router_facade::Reply<router_facade::types::EmbeddingResponse>, router_facade::Error>
+    {
+        self.refuse(options).await
+    }
+
+    async fn completions(
+        &self,
+        _: &router_facade::types::CompletionRequest,
+        options: &router_facade::CallOptions,
+    ) -> Result<router_facade::Reply<router_facade::types::CompletionResponse>, router_facade::Error>
+    {
+        self.refuse(options).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_that_comes_with_the_deadline_is_learned_and_throttles_the_caller() {
+    let backend = std::sync::Arc::new(RefusesAtTheDeadline {
+        id: router_facade::EndpointId::new("late"),
+        calls: std::sync::atomic::AtomicU32::new(0),
+    });
+    let router = Router::builder()
+        .endpoint(Endpoint::custom("late", backend.clone()).model(MODEL))
+        .request_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let error = router.chat(&request()).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    // The upstream's 429 does not reach the caller, and the deadline did not cause the
+    // refusal: the router throttles, saying when the deployment has room again.
+    assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
+    assert_eq!(error.status(), None, "{error}");
+    let retry = error.retry_after().unwrap();
+    assert!(
+        retry > Duration::from_millis(1_500) && retry <= Duration::from_secs(2),
+        "{retry:?}"
+    );
+    // The 429 was recorded: the deployment cools down for the 2 s it asked.
+    let availability = router.stats()[0].state.availability;
+    let router_facade::Availability::RateLimited(until) = availability else {
+        unreachable!("not cooling down: {availability:?}");
+    };
+    let cooling = until.saturating_duration_since(tokio::time::Instant::now().into_std());
+    assert!(cooling > Duration::from_millis(1_500), "{cooling:?}");
+    assert_eq!(backend.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
