@@ -17,8 +17,13 @@ use upstream_sim::redis_server::RedisServer;
 use upstream_sim::{EndpointConfig, LatencyModel, Sim, SimDialect};
 
 fn options(test: &str) -> RedisOptions {
-    // A prefix per test, so that tests share nothing even on one server.
-    RedisOptions::default().with_prefix(format!("test-{test}-{}", std::process::id()))
+    // A prefix per test, so that tests share nothing even on one server. A generous call
+    // timeout: on a loaded CI machine a script call can take longer than the default 100 ms,
+    // and the tests that count fallbacks would count that one (a stopped Redis refuses at
+    // once, so no test needs a short timeout).
+    RedisOptions::default()
+        .with_prefix(format!("test-{test}-{}", std::process::id()))
+        .with_timeout(Duration::from_secs(2))
 }
 
 #[tokio::test]
@@ -328,16 +333,10 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
         .with_models(["m"])
         .with_latency(LatencyModel::instant());
     let sim = Sim::start(1, [endpoint]).await.unwrap();
-    // A generous timeout: a stopped Redis refuses at once (its socket closes), so the test
-    // does not need a short one, and a loaded CI machine can take longer than 50 ms to answer
-    // a script call, which counted as a fallback and failed the first assertion.
     let store = Arc::new(
-        RedisStore::connect(
-            &redis.url(),
-            options("away").with_timeout(Duration::from_secs(2)),
-        )
-        .await
-        .unwrap(),
+        RedisStore::connect(&redis.url(), options("away"))
+            .await
+            .unwrap(),
     );
     let router = Router::builder()
         .endpoint(
