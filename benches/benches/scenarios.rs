@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
-use router_facade::{Endpoint, Router, StateStore, StrategyKind};
+use router_facade::{Endpoint, QuotaModel, Router, StateStore, StrategyKind};
 use serde_json::{Value, json};
 use state_redis::{RedisOptions, RedisStore};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
@@ -324,6 +324,18 @@ impl Scenario {
         match &self.world {
             World::Quota { window, .. } => Some(*window),
             World::Degrade { .. } => None,
+        }
+    }
+
+    /// How the router is told the upstreams meter their quota: truthfully, provisioned
+    /// throughput where the simulator meters it so.
+    fn quota_model(&self) -> QuotaModel {
+        match &self.world {
+            World::Quota {
+                kind: WindowKind::Provisioned,
+                ..
+            } => QuotaModel::Provisioned,
+            _ => QuotaModel::Window,
         }
     }
 
@@ -749,6 +761,7 @@ fn our_router(
         if let Some(window) = scenario.quota_window() {
             configured = configured.quota_window(window);
         }
+        configured = configured.quota_model(scenario.quota_model());
         builder = builder.endpoint(configured);
     }
     if let Some(store) = store {

@@ -41,6 +41,9 @@ pub struct Limits {
     /// and an admission holds its cost until it is this old. Default 10 s; set it to the
     /// upstream's (Azure: 1 s or 10 s).
     pub window: Duration,
+    /// How the upstream meters the quota: per window (the default), or as provisioned
+    /// throughput.
+    pub model: QuotaModel,
 }
 
 impl Default for Limits {
@@ -49,8 +52,26 @@ impl Default for Limits {
             tpm: None,
             rpm: None,
             window: Duration::from_secs(10),
+            model: QuotaModel::Window,
         }
     }
+}
+
+/// How an upstream meters a deployment's quota, which decides what the router's [`Log`]
+/// admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum QuotaModel {
+    /// Per window, fixed or sliding (pay-as-you-go deployments): a request is admitted while
+    /// the window's total leaves room for it, and holds its cost until it is a window old.
+    #[default]
+    Window,
+    /// Provisioned throughput (Azure PTU): utilisation is a leaky bucket that drains at the
+    /// token limit's rate and holds a window's worth; a request is admitted while utilisation
+    /// is under 100 % and may take it over. Requests per minute are not metered (an `rpm`
+    /// limit is ignored). A request holds its cost until the bucket has drained it, in the
+    /// order admitted, so that a steady load is served at the whole drain rate where a window
+    /// log would admit only the whole requests a window holds.
+    Provisioned,
 }
 
 impl Limits {
@@ -77,6 +98,7 @@ impl Limits {
             tpm: self.tpm.map(scale),
             rpm: self.rpm.map(scale),
             window: self.window,
+            model: self.model,
         }
     }
 
@@ -85,9 +107,18 @@ impl Limits {
         self.tpm.map(|limit| Shape::new(limit, self.window))
     }
 
-    /// The request bucket's shape, if requests are limited.
+    /// The request bucket's shape, if requests are limited (never under provisioned
+    /// throughput).
     pub fn requests(&self) -> Option<Shape> {
-        self.rpm.map(|limit| Shape::new(limit, self.window))
+        match self.model {
+            QuotaModel::Window => self.rpm.map(|limit| Shape::new(limit, self.window)),
+            QuotaModel::Provisioned => None,
+        }
+    }
+
+    /// Whether utilisation is metered as provisioned throughput (with a token limit).
+    pub fn is_provisioned(&self) -> bool {
+        self.model == QuotaModel::Provisioned && self.tpm.is_some()
     }
 }
 
@@ -328,6 +359,7 @@ impl Learned {
             tpm: limits.tpm.map(scale),
             rpm: limits.rpm.map(scale),
             window: limits.window,
+            model: limits.model,
         }
     }
 }
@@ -440,6 +472,9 @@ pub struct Log {
     requests: f64,
     /// What the router's own admissions have let go of so far (tokens, requests).
     freed: (f64, f64),
+    /// Provisioned throughput: when the utilisation the router's admissions put in would have
+    /// drained (each admission drains after those before it).
+    drained: Option<Instant>,
 }
 
 /// The larger of `tokens` and `requests` as shares of a window under `limits` (0 when neither
@@ -501,18 +536,25 @@ impl Log {
             (limits.tokens(), charge.tokens as f64, self.tokens, 0),
             (limits.requests(), charge.requests as f64, self.requests, 1),
         ];
+        // Under provisioned throughput a request fits while utilisation is under 100 %,
+        // whatever its size; in a window, while the window has room for it.
+        let (provisioned, slack) = if limits.is_provisioned() {
+            (true, -1e-9)
+        } else {
+            (false, 1e-9)
+        };
         let mut wait = Duration::ZERO;
         for (shape, cost, held, dim) in dims {
             let Some(shape) = shape else { continue };
-            let need = shape.needed(cost);
+            let need = if provisioned { 0.0 } else { shape.needed(cost) };
             let mut over = held + need - shape.capacity;
-            if over <= 1e-9 {
+            if over <= slack {
                 continue;
             }
             // Walk the admissions in the order they leave until enough has left.
             for mark in &self.marks {
                 over -= if dim == 0 { mark.tokens } else { mark.requests };
-                if over <= 1e-9 {
+                if over <= slack {
                     wait = wait.max(mark.until.saturating_duration_since(now));
                     break;
                 }
@@ -535,9 +577,17 @@ impl Log {
             return Err(wait);
         }
         let (tokens, requests) = (charge.tokens as f64, charge.requests as f64);
-        // A request larger than the window is held for as many windows as it is large.
-        let windows = share_of(limits, tokens, requests).max(1.0);
-        let until = now + limits.window.mul_f64(windows.min(1e6)) + margin(limits.window);
+        let until = if let Some(shape) = limits.tokens().filter(|_| limits.is_provisioned()) {
+            // Utilisation drains at the limit's rate, this admission after those before it.
+            let start = self.drained.map_or(now, |d| d.max(now));
+            let drained = start + Duration::from_secs_f64((tokens / shape.rate).min(1e9));
+            self.drained = Some(drained);
+            drained + margin(limits.window)
+        } else {
+            // A request larger than the window is held for as many windows as it is large.
+            let windows = share_of(limits, tokens, requests).max(1.0);
+            now + limits.window.mul_f64(windows.min(1e6)) + margin(limits.window)
+        };
         self.hold(ticket, until, (tokens, requests), false);
         Ok(self.left(limits))
     }
@@ -569,8 +619,11 @@ impl Log {
     /// Gives back (`> 0`) or takes more (`< 0`) of admission `ticket`, never below nothing, and
     /// says what the router's admissions have let go of since it was admitted (what
     /// [`correct`](Self::correct) needs); `None`, changing nothing, when it has left the window.
+    /// Under provisioned throughput (`limits`), utilisation drains that much sooner (or
+    /// later); the admissions after it keep when they leave, which errs on the side of less.
     pub fn adjust(
         &mut self,
+        limits: &Limits,
         ticket: u64,
         tokens_back: f64,
         requests_back: f64,
@@ -578,11 +631,23 @@ impl Log {
         let mark = self.marks.iter_mut().rev().find(|m| m.ticket == ticket)?;
         let tokens = (mark.tokens - tokens_back).max(0.0);
         let requests = (mark.requests - requests_back).max(0.0);
-        self.tokens += tokens - mark.tokens;
+        let moved = tokens - mark.tokens;
+        self.tokens += moved;
         self.requests += requests - mark.requests;
         mark.tokens = tokens;
         mark.requests = requests;
-        Some((self.freed.0 - mark.freed.0, self.freed.1 - mark.freed.1))
+        let since = (self.freed.0 - mark.freed.0, self.freed.1 - mark.freed.1);
+        if let (Some(shape), Some(drained)) = (limits.tokens(), self.drained)
+            && limits.is_provisioned()
+        {
+            let shift = Duration::from_secs_f64((moved.abs() / shape.rate).min(1e9));
+            self.drained = Some(if moved < 0.0 {
+                drained.checked_sub(shift).unwrap_or(drained)
+            } else {
+                drained + shift
+            });
+        }
+        Some(since)
     }
 
     /// Lowers what is left under `limits` to what the upstream said is left when it admitted a
@@ -864,12 +929,13 @@ impl MemoryStore {
     pub fn settle_now(&self, key: &str, limits: &Limits, settlement: Settlement, now: Instant) {
         self.with(key, |entry| {
             entry.log.expire(now);
+            let effective = entry.effective(limits);
             let since = entry.log.adjust(
+                &effective,
                 settlement.ticket,
                 settlement.tokens_back as f64,
                 settlement.requests_back as f64,
             );
-            let effective = entry.effective(limits);
             let remaining = (settlement.remaining_tokens, settlement.remaining_requests);
             // Nothing is corrected for an admission that has left the window already.
             if let Some(since) = since.filter(|_| remaining.0.is_some() || remaining.1.is_some()) {
@@ -1098,8 +1164,14 @@ impl QuotaView {
         let now_ms = self.ms(now);
         let blocked = self.blocked_until.load(Ordering::Relaxed);
         let mut wait = Duration::from_millis(blocked.saturating_sub(now_ms));
+        // Provisioned throughput admits any request while utilisation is under 100 %.
+        let tokens = if limits.is_provisioned() {
+            1e-6
+        } else {
+            charge.tokens as f64
+        };
         for (cell, shape, cost) in [
-            (&self.tokens, limits.tokens(), charge.tokens as f64),
+            (&self.tokens, limits.tokens(), tokens),
             (&self.requests, limits.requests(), charge.requests as f64),
         ] {
             if let Some(shape) = shape {

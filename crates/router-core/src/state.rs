@@ -262,6 +262,7 @@ impl DeploymentState {
             tpm: configured.tpm.or_else(|| learned(&self.learned_tpm)),
             rpm: configured.rpm.or_else(|| learned(&self.learned_rpm)),
             window: configured.window,
+            model: configured.model,
         }
     }
 

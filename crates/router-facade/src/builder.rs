@@ -6,7 +6,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use router_core::{Error, HealthPolicy, LeastLatency, StateStore, Strategy, StrategyKind};
+use router_core::{
+    Error, HealthPolicy, LeastLatency, QuotaModel, StateStore, Strategy, StrategyKind,
+};
 
 use crate::endpoint::Endpoint;
 
@@ -319,6 +321,16 @@ impl RouterBuilder {
             if endpoint.limits.window.is_zero() {
                 return Err(Error::config(format!(
                     "{at}: quota_window must be more than zero"
+                )));
+            }
+            let provisioned = endpoint.limits.model == QuotaModel::Provisioned;
+            if provisioned
+                && (endpoint.limits.rpm.is_some()
+                    || endpoint.deployments.iter().any(|d| d.rpm.is_some()))
+            {
+                return Err(Error::config(format!(
+                    "{at}: rpm is not metered under provisioned throughput (quota_model \
+                     provisioned); remove it, or use a router-side limit"
                 )));
             }
             let mut models = HashSet::new();

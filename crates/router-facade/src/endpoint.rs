@@ -6,7 +6,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use router_core::{Backend, Limits};
+use router_core::{Backend, Limits, QuotaModel};
 #[cfg(feature = "openai")]
 use secrecy::{ExposeSecret, SecretString};
 
@@ -172,6 +172,17 @@ impl Endpoint {
     /// at once (default 10 s; Azure evaluates over 1 s or 10 s).
     pub fn quota_window(mut self, window: Duration) -> Self {
         self.limits.window = window;
+        self
+    }
+
+    /// How the upstream meters the quota: per window (the default: pay-as-you-go, fixed or
+    /// sliding windows) or as provisioned throughput (Azure PTU: utilisation that drains at
+    /// the token limit's rate, admitting while under 100 %). Under provisioned throughput set
+    /// [`tpm`](Self::tpm) to the throughput the deployment is sized for and
+    /// [`quota_window`](Self::quota_window) to how much utilisation it holds (Azure: 1 s or
+    /// 10 s worth); requests per minute are not metered, and setting `rpm` is an error.
+    pub fn quota_model(mut self, model: QuotaModel) -> Self {
+        self.limits.model = model;
         self
     }
 

@@ -147,6 +147,7 @@ impl RouterSnapshot {
                         tpm: spec.tpm.or(endpoint.limits.tpm),
                         rpm: spec.rpm.or(endpoint.limits.rpm),
                         window: endpoint.limits.window,
+                        model: endpoint.limits.model,
                     },
                     key: Arc::from(format!("{}/{}", endpoint.name, spec.model)),
                     stream_usage: endpoint.accepts_stream_usage(),

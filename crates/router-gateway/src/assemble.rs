@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use router_facade::{Endpoint, RateLimits, Router, RouterBuilder, StrategyKind};
+use router_facade::{Endpoint, QuotaModel, RateLimits, Router, RouterBuilder, StrategyKind};
 
-use crate::config::{Config, Kind};
+use crate::config::{Config, Kind, QuotaModelConfig};
 use crate::problem::{Context as _, Problem, bail};
 
 impl Config {
@@ -115,6 +115,9 @@ impl Config {
             if let Some(ms) = e.quota_window_ms {
                 endpoint = endpoint.quota_window(Duration::from_millis(ms));
             }
+            if e.quota_model == QuotaModelConfig::Provisioned {
+                endpoint = endpoint.quota_model(QuotaModel::Provisioned);
+            }
             if let Some(timeouts) = timeouts {
                 endpoint = endpoint.timeouts(timeouts);
             }
@@ -218,6 +221,35 @@ mod tests {
             }
             set.builder().unwrap().build().unwrap();
         }
+    }
+
+    #[test]
+    fn provisioned_throughput_is_set_per_endpoint_and_refuses_an_rpm() {
+        let endpoint = |extra: &str| {
+            format!(
+                "[[endpoints]]\nname = \"ptu\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\ntpm = 30000\n{extra}"
+            )
+        };
+        let config = Config::parse(&endpoint("quota_model = \"provisioned\"\n")).unwrap();
+        assert_eq!(
+            config.endpoints[0].quota_model,
+            QuotaModelConfig::Provisioned
+        );
+        config.builder().unwrap().build().unwrap();
+        let config =
+            Config::parse(&endpoint("quota_model = \"provisioned\"\nrpm = 180\n")).unwrap();
+        let error = format!("{:#}", config.builder().unwrap().build().unwrap_err());
+        assert!(
+            error.contains("endpoints[0] (`ptu`): rpm is not metered under provisioned"),
+            "{error}"
+        );
+        let error = Config::parse(&endpoint("quota_model = \"ptu\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("quota_model") && error.contains("provisioned"),
+            "{error}"
+        );
     }
 
     #[test]

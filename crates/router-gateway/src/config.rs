@@ -157,6 +157,18 @@ pub(crate) struct EndpointConfig {
     pub(crate) tpm: Option<u64>,
     pub(crate) rpm: Option<u64>,
     pub(crate) quota_window_ms: Option<u64>,
+    /// How the upstream meters the quota.
+    #[serde(default)]
+    pub(crate) quota_model: QuotaModelConfig,
+}
+
+/// `quota_model`: `window` (pay-as-you-go, the default) or `provisioned` (Azure PTU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum QuotaModelConfig {
+    #[default]
+    Window,
+    Provisioned,
 }
 
 #[derive(Debug, Clone, Deserialize)]

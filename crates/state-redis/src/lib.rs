@@ -60,7 +60,8 @@ use tokio::sync::RwLock;
 // the window), 2 what each admission holds (`<ticket>` = "tokens:requests:freed tokens:freed
 // requests", the last two what had left the window when it was admitted) with the window's
 // totals (`T` tokens, `R` requests), what has left it so far (`FT`, `FR`) and the last ticket
-// (`N`), 3 the cooldown, 4 what was
+// (`N`) and, under provisioned throughput, when the utilisation the router's admissions put in
+// has drained (`D`), 3 the cooldown, 4 what was
 // learned of the upstream's admissions (`s` the share, `g` when it last changed, `c` the last
 // cut; absent until the first refusal). Limits come as configured (per minute, `-1`: not
 // limited, and the window in seconds); the share applies here.
@@ -131,7 +132,9 @@ local function hold(ticket, tokens, requests, untl, ttl)
 end
 ";
 
-// ARGV: 1 TPM, 2 RPM, 3 the window (s), 4 the margin (s), 5 tokens, 6 requests, 7 TTL (ms).
+// ARGV: 1 TPM, 2 RPM, 3 the window (s), 4 the margin (s), 5 tokens, 6 requests, 7 TTL (ms),
+// 8 the quota model (`p`: provisioned throughput, where a request fits while utilisation is
+// under 100 % and holds its cost until the utilisation drains it, after those before it).
 const RESERVE: &str = r"
 local cool = redis.call('PTTL', KEYS[3])
 if cool > 0 then return {0, cool, '', '', 1, '', 0} end
@@ -141,13 +144,16 @@ local window = tonumber(ARGV[3])
 local tcap = capacity(tonumber(ARGV[1]), share, window)
 local rcap = capacity(tonumber(ARGV[2]), share, window)
 local tcost, rcost = tonumber(ARGV[5]), tonumber(ARGV[6])
+local prov = ARGV[8] == 'p' and tcap >= 0
 local ht, hr = held()
 local wait = 0
 local marks = nil
 local function wait_for(cap, cost, h, dim)
   if cap < 0 then return end
-  local over = h + math.min(cost, cap) - cap
-  if over <= 1e-9 then return end
+  local need, slack = math.min(cost, cap), 1e-9
+  if prov then need, slack = 0, -1e-9 end
+  local over = h + need - cap
+  if over <= slack then return end
   marks = marks or redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
   for i = 1, #marks, 2 do
     local v = redis.call('HGET', KEYS[2], marks[i])
@@ -155,7 +161,7 @@ local function wait_for(cap, cost, h, dim)
       local a, b = parse(v)
       if dim == 1 then over = over - a else over = over - b end
     end
-    if over <= 1e-9 then
+    if over <= slack then
       wait = math.max(wait, tonumber(marks[i + 1]) - now)
       return
     end
@@ -167,8 +173,15 @@ if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0, '', 0} end
 local windows = 1
 if tcap >= 0 then windows = math.max(windows, tcost / tcap) end
 if rcap >= 0 then windows = math.max(windows, rcost / rcap) end
+local untl = now + window * math.min(windows, 1e6) + tonumber(ARGV[4])
+if prov then
+  local d = math.max(tonumber(redis.call('HGET', KEYS[2], 'D')) or now, now)
+  d = d + math.min(tcost / (tcap / window), 1e9)
+  redis.call('HSET', KEYS[2], 'D', tostring(d))
+  untl = d + tonumber(ARGV[4])
+end
 local ticket = redis.call('HINCRBY', KEYS[2], 'N', 1)
-hold(ticket, tcost, rcost, now + window * math.min(windows, 1e6) + tonumber(ARGV[4]), ARGV[7])
+hold(ticket, tcost, rcost, untl, ARGV[7])
 local out_t, out_r = '', ''
 if tcap >= 0 then out_t = tostring(tcap - ht - tcost) end
 if rcap >= 0 then out_r = tostring(rcap - hr - rcost) end
@@ -178,9 +191,13 @@ return {1, 0, out_t, out_r, 0, tostring(share), ticket}
 // ARGV: 1 the ticket, 2 tokens back, 3 requests back, 4-5 the remaining tokens and requests
 // the upstream said when it admitted it (-1: not said), 6 TPM, 7 RPM, 8 the window (s), 9 TTL
 // (ms), 10 served (1/0), 11 share regrowth per minute, 12 how long what the upstream holds
-// beyond the log is held (s).
+// beyond the log is held (s), 13 the quota model (`p`: provisioned throughput, whose
+// utilisation drains sooner, or later, by what is given back, or taken).
 const SETTLE: &str = r"
 expire()
+local s = redis.call('HMGET', KEYS[4], 's', 'g')
+local share = tonumber(s[1]) or 1
+local window = tonumber(ARGV[8])
 local v = redis.call('HGET', KEYS[2], ARGV[1])
 local since_t, since_r = nil, nil
 if v then
@@ -191,10 +208,12 @@ if v then
   redis.call('HINCRBYFLOAT', KEYS[2], 'R', nb - b)
   local ft, fr = freed()
   since_t, since_r = ft - fa, fr - fb
+  local tcap = capacity(tonumber(ARGV[6]), share, window)
+  local d = tonumber(redis.call('HGET', KEYS[2], 'D'))
+  if ARGV[13] == 'p' and tcap >= 0 and d then
+    redis.call('HSET', KEYS[2], 'D', tostring(d + (na - a) / (tcap / window)))
+  end
 end
-local s = redis.call('HMGET', KEYS[4], 's', 'g')
-local share = tonumber(s[1]) or 1
-local window = tonumber(ARGV[8])
 local rt, rr = tonumber(ARGV[4]), tonumber(ARGV[5])
 if since_t and (rt >= 0 or rr >= 0) then
   local ht, hr = held()
@@ -487,6 +506,16 @@ fn limit_arg(limit: Option<u64>) -> i64 {
     limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX))
 }
 
+/// The requests per minute the scripts meter: none under provisioned throughput.
+fn rpm_arg(limits: &Limits) -> i64 {
+    limit_arg(limits.requests().and(limits.rpm))
+}
+
+/// `p` under provisioned throughput, `w` per window.
+fn model_arg(limits: &Limits) -> &'static str {
+    if limits.is_provisioned() { "p" } else { "w" }
+}
+
 fn ttl_ms(limits: &Limits) -> u64 {
     // A log untouched for twice its window holds nothing any more: let it expire.
     (limits.window.as_millis() as u64)
@@ -520,12 +549,13 @@ impl StateStore for RedisStore {
         }
         invocation
             .arg(limit_arg(limits.tpm))
-            .arg(limit_arg(limits.rpm))
+            .arg(rpm_arg(limits))
             .arg(limits.window.as_secs_f64())
             .arg(router_core::quota::margin(limits.window).as_secs_f64())
             .arg(charge.tokens)
             .arg(charge.requests)
-            .arg(ttl_ms(limits));
+            .arg(ttl_ms(limits))
+            .arg(model_arg(limits));
         match self
             .run::<(i64, i64, String, String, i64, String, u64)>(&invocation)
             .await
@@ -570,12 +600,13 @@ impl StateStore for RedisStore {
             .arg(remaining(settlement.remaining_tokens))
             .arg(remaining(settlement.remaining_requests))
             .arg(limit_arg(limits.tpm))
-            .arg(limit_arg(limits.rpm))
+            .arg(rpm_arg(limits))
             .arg(limits.window.as_secs_f64())
             .arg(ttl_ms(limits))
             .arg(u8::from(settlement.served))
             .arg(self.inner.learning.regrow)
-            .arg(router_core::quota::phantom_hold(limits, settlement.reset).as_secs_f64());
+            .arg(router_core::quota::phantom_hold(limits, settlement.reset).as_secs_f64())
+            .arg(model_arg(limits));
         if let Err(why) = self.run::<i64>(&invocation).await {
             self.fell_back(&why);
             self.inner
@@ -612,7 +643,7 @@ impl StateStore for RedisStore {
         invocation
             .arg(wait.as_millis().max(1) as u64)
             .arg(limit_arg(limits.tpm))
-            .arg(limit_arg(limits.rpm))
+            .arg(rpm_arg(limits))
             .arg(limits.window.as_secs_f64())
             .arg(learning.cut)
             .arg(learning.deepest_cut)

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use router_core::{
-    Admission, Charge, Learned, Learning, Limits, MemoryStore, Settlement, StateStore,
+    Admission, Charge, Learned, Learning, Limits, MemoryStore, QuotaModel, Settlement, StateStore,
 };
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
 use router_facade::{Endpoint, Router};
@@ -206,6 +206,67 @@ async fn the_learning_policy_reaches_the_scripts_and_the_fallback() {
         "{expected:?}"
     );
     assert_eq!(store.fallbacks(), 0);
+}
+
+#[tokio::test]
+async fn provisioned_throughput_admits_under_full_utilisation_and_drains_what_is_settled() {
+    let redis = RedisServer::start().await.unwrap();
+    let a = RedisStore::connect(&redis.url(), options("ptu"))
+        .await
+        .unwrap();
+    let b = RedisStore::connect(&redis.url(), options("ptu"))
+        .await
+        .unwrap();
+    // 30,000 TPM over 1 s: 500 tokens of utilisation, draining 500 a second. The RPM is not
+    // metered under provisioned throughput.
+    let limits = Limits {
+        window: Duration::from_secs(1),
+        model: QuotaModel::Provisioned,
+        ..Limits::per_minute(Some(30_000), Some(1))
+    };
+    let charge = |tokens| Charge {
+        tokens,
+        requests: 1,
+    };
+    let now = Instant::now();
+    let admitted = |admission: Admission| match admission {
+        Admission::Admitted { ticket, .. } => ticket,
+        Admission::Denied { .. } => panic!("admitted expected: {admission:?}"),
+    };
+    let first = admitted(a.reserve("ep/p", &limits, charge(291), now).await.unwrap());
+    // Under 100 %: the other replica's request is admitted and takes it over (a window log
+    // would refuse it: 582 > 500).
+    admitted(b.reserve("ep/p", &limits, charge(291), now).await.unwrap());
+    let Admission::Denied { retry_after, .. } =
+        b.reserve("ep/p", &limits, charge(1), now).await.unwrap()
+    else {
+        panic!("over 100 %, refused");
+    };
+    // Until the first has drained (291 / 500 s) and the margin, less the time the calls took.
+    assert!(
+        retry_after > Duration::from_millis(450) && retry_after <= Duration::from_millis(592),
+        "{retry_after:?}"
+    );
+    // The first used 100: 391 held, under 100 % again.
+    let back = Settlement {
+        ticket: first,
+        tokens_back: 191,
+        ..Settlement::default()
+    };
+    a.settle("ep/p", &limits, back, now).await.unwrap();
+    admitted(b.reserve("ep/p", &limits, charge(1), now).await.unwrap());
+    // The same requests on a window log: the second does not fit.
+    let window = Limits {
+        model: QuotaModel::Window,
+        rpm: None,
+        ..limits
+    };
+    admitted(a.reserve("ep/w", &window, charge(291), now).await.unwrap());
+    assert!(matches!(
+        b.reserve("ep/w", &window, charge(291), now).await.unwrap(),
+        Admission::Denied { .. }
+    ));
+    assert_eq!(a.fallbacks() + b.fallbacks(), 0);
 }
 
 fn request() -> ChatCompletionRequest {

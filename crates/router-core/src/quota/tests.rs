@@ -334,6 +334,156 @@ proptest! {
     }
 }
 
+fn provisioned(tpm: u64, window: Duration) -> Limits {
+    Limits {
+        window,
+        model: QuotaModel::Provisioned,
+        ..limits(tpm)
+    }
+}
+
+#[test]
+fn provisioned_admits_while_under_full_utilisation_and_drains_in_order() {
+    let store = MemoryStore::new();
+    let t0 = Instant::now();
+    // 30,000 TPM over 1 s: 500 tokens of utilisation, draining 500 a second.
+    let l = provisioned(30_000, Duration::from_secs(1));
+    assert_eq!(margin(l.window), Duration::from_millis(10));
+    admitted(store.reserve_now("d", &l, charge(291), t0));
+    // Under 100 %: admitted although it takes utilisation over (a window log would refuse it).
+    let Admission::Admitted { tokens_left, .. } = store.reserve_now("d", &l, charge(291), t0)
+    else {
+        panic!("under full utilisation, admitted");
+    };
+    assert!(
+        (tokens_left.unwrap() + 82.0).abs() < 1e-6,
+        "{tokens_left:?}"
+    );
+    // Over 100 % now: refused until the first has drained (291 / 500 s) and the margin.
+    let Admission::Denied { retry_after, .. } = store.reserve_now("d", &l, charge(1), t0) else {
+        panic!("at full utilisation, refused");
+    };
+    assert_eq!(retry_after, secs(0.582 + 0.010));
+    admitted(store.reserve_now("d", &l, charge(291), t0 + retry_after));
+    // The third drains after the second: 3 × 291 / 500 s from the start.
+    let Admission::Denied { retry_after, .. } =
+        store.reserve_now("d", &l, charge(291), t0 + secs(0.6))
+    else {
+        panic!("the second and third hold 582");
+    };
+    assert!(
+        (retry_after.as_secs_f64() - (1.164 + 0.010 - 0.6)).abs() < 1e-6,
+        "{retry_after:?}"
+    );
+    // Requests are not metered under provisioned throughput.
+    let counted = Limits {
+        rpm: Some(1),
+        ..provisioned(30_000, Duration::from_secs(1))
+    };
+    assert!(counted.requests().is_none());
+    let later = t0 + secs(10.0);
+    admitted(store.reserve_now("e", &counted, charge(10), later));
+    admitted(store.reserve_now("e", &counted, charge(10), later));
+}
+
+#[test]
+fn provisioned_serves_a_steady_load_at_the_drain_rate_where_a_window_log_cannot() {
+    // 291-token requests against 500 tokens a second: a window holds one whole request, so
+    // a log admits 291 of every 500; provisioned throughput drains all 500.
+    let served = |l: &Limits| {
+        let store = MemoryStore::new();
+        let t0 = Instant::now();
+        let mut tokens = 0;
+        for ms in (0..60_000).step_by(5) {
+            if let Admission::Admitted { .. } =
+                store.reserve_now("d", l, charge(291), t0 + Duration::from_millis(ms))
+            {
+                tokens += 291;
+            }
+        }
+        f64::from(tokens) / (500.0 * 60.0)
+    };
+    let window = served(&Limits {
+        window: Duration::from_secs(1),
+        ..limits(30_000)
+    });
+    let provisioned = served(&provisioned(30_000, Duration::from_secs(1)));
+    assert!(window < 0.6, "a window log: {window}");
+    // At most the drain rate plus what a full bucket and one overshooting request hold.
+    let most = 1.0 + (500.0 + 291.0) / (500.0 * 60.0);
+    assert!(
+        provisioned > 0.99 && provisioned <= most,
+        "provisioned: {provisioned}"
+    );
+}
+
+/// Like [`arb_op`], busier: mostly admissions, with short waits between them.
+fn arb_busy_op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::Strategy as _;
+    proptest::prop_oneof![
+        4 => (1u64..1_000).prop_map(Op::Reserve),
+        1 => (any::<usize>(), 0.0f64..=1.0)
+            .prop_map(|(which, used_share)| Op::Settle { which, used_share }),
+        1 => any::<usize>().prop_map(Op::Release),
+        2 => (0u64..300).prop_map(Op::Wait),
+    ]
+}
+
+proptest! {
+    /// Whatever the order of admissions, settlements, releases and waits, an upstream that
+    /// meters provisioned throughput (utilisation draining at the limit's rate, a request
+    /// admitted while under 100 %) charged with what each admission kept admits every
+    /// request the log admitted.
+    #[test]
+    fn provisioned_throughput_admits_what_the_log_admits(
+        ops in prop::collection::vec(arb_busy_op(), 0..200),
+        window_ms in 500u64..20_000,
+        tpm in 600u64..200_000,
+    ) {
+        let store = MemoryStore::new();
+        let l = provisioned(tpm, Duration::from_millis(window_ms));
+        let shape = l.tokens().unwrap();
+        let mut now = Instant::now();
+        let mut open: Vec<(u64, u64, usize)> = Vec::new();
+        let mut kept: Vec<(Instant, f64)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Reserve(cost) => {
+                    if let Admission::Admitted { ticket, .. } = store.reserve_now("d", &l, charge(cost), now) {
+                        open.push((ticket, cost, kept.len()));
+                        kept.push((now, cost as f64));
+                    }
+                }
+                Op::Settle { which, used_share } if !open.is_empty() => {
+                    let (ticket, cost, index) = open.swap_remove(which % open.len());
+                    let used = (cost as f64 * used_share).round() as i64;
+                    let back = cost.cast_signed() - used;
+                    store.settle_now("d", &l, Settlement { ticket, tokens_back: back, ..Settlement::default() }, now);
+                    kept[index].1 = used as f64;
+                }
+                Op::Release(which) if !open.is_empty() => {
+                    let (ticket, cost, index) = open.swap_remove(which % open.len());
+                    store.settle_now("d", &l, Settlement::release(ticket, charge(cost)), now);
+                    kept[index].1 = 0.0;
+                }
+                Op::Wait(ms) => now += Duration::from_millis(ms),
+                _ => {}
+            }
+        }
+        // The upstream's utilisation just before each admission, in the order admitted.
+        let mut level = 0.0_f64;
+        let mut last: Option<Instant> = None;
+        for (at, tokens) in &kept {
+            if let Some(last) = last {
+                level = (level - shape.rate * (*at - last).as_secs_f64()).max(0.0);
+            }
+            prop_assert!(level < shape.capacity + 1e-6, "refused at {level} of {}", shape.capacity);
+            level += tokens;
+            last = Some(*at);
+        }
+    }
+}
+
 #[test]
 fn a_learned_share_scales_the_limits_over_the_same_window() {
     // 6,000 TPM over 10 s: 1,000 tokens. Half of it: 500, over the same 10 s.
