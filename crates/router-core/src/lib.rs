@@ -84,6 +84,6 @@ pub use state::{
     Availability, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass, StateStats,
 };
 pub use strategy::{
-    Candidate, LeastBusy, LeastLatency, RoundRobin, Strategy, StrategyKind, UsageBased, Weighted,
-    p2c, pick_tiered, sample_two,
+    Candidate, LeastBusy, LeastLatency, ProbeMode, RoundRobin, Strategy, StrategyKind, UsageBased,
+    Weighted, p2c, pick_tiered, sample_two,
 };

@@ -53,6 +53,15 @@ pub struct Ask {
 pub struct Selection {
     candidates: Vec<Candidate>,
     map: Vec<usize>,
+    probe: Option<usize>,
+}
+
+impl Selection {
+    /// The slot the last [`select`] owes a shadow probe ([`Strategy::probe`]), if any: never
+    /// the one it chose. Taking it clears it.
+    pub fn take_probe(&mut self) -> Option<usize> {
+        self.probe.take()
+    }
 }
 
 /// What the soonest recovery waits for.
@@ -156,11 +165,23 @@ pub fn select(
             buffers.map.push(i);
         }
     };
+    buffers.probe = None;
     fill(buffers, false);
     if buffers.candidates.is_empty() {
         fill(buffers, true);
     }
     if let Some(chosen) = pick_tiered(strategy, &buffers.candidates, now, rng) {
+        // A shadow probe goes only within the tier the strategy was offered.
+        let best = buffers.candidates[0].priority;
+        let tier = buffers
+            .candidates
+            .iter()
+            .take_while(|c| c.priority == best)
+            .count();
+        buffers.probe = strategy
+            .probe(&buffers.candidates[..tier], now, rng)
+            .filter(|probe| *probe != chosen)
+            .map(|probe| buffers.map[probe]);
         return Ok(buffers.map[chosen]);
     }
     Err(soonest(slots, tried, ask, now))

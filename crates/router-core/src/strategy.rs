@@ -88,6 +88,14 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// The index of the chosen candidate; `None` only when `candidates` is empty.
     fn pick(&self, candidates: &[Candidate], now: Instant, rng: &mut Rng) -> Option<usize>;
 
+    /// A candidate owed a *shadow probe* at this pick: the router sends a copy of the request
+    /// there in the background, for its latency alone, while the caller's request goes where
+    /// [`pick`](Self::pick) said. Asked after every pick; the default owes none.
+    fn probe(&self, candidates: &[Candidate], now: Instant, rng: &mut Rng) -> Option<usize> {
+        let _ = (candidates, now, rng);
+        None
+    }
+
     /// A name for logs.
     fn name(&self) -> &'static str;
 }
@@ -181,6 +189,19 @@ impl Strategy for LeastBusy {
     }
 }
 
+/// How [`LeastLatency`] probes a deployment that gets nothing by cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProbeMode {
+    /// A caller's request goes there ([`Strategy::pick`] picks it): no extra upstream
+    /// traffic, but that caller waits as long as the deployment is slow.
+    #[default]
+    Live,
+    /// The router sends a copy of a caller's request there in the background
+    /// ([`Strategy::probe`] names it) and the caller's request goes to the better of the pair:
+    /// one extra upstream request per probe, no caller waits on a slow deployment.
+    Shadow,
+}
+
 /// P2C on a latency cost, with a bounded probe budget and slow start.
 ///
 /// - **Cost**: the PeakEWMA latency estimate × (1 + in-flight above the pair's mean ÷ (that
@@ -194,8 +215,11 @@ impl Strategy for LeastBusy {
 ///   [`probe_interval`](Self::probe_interval) longer than the other, while the other is in use
 ///   (a request started there within the last second), it gets the request, at most once per
 ///   [`probe_every`](Self::probe_every) picks of the group: one live request per interval per
-///   starved deployment and never more than that share of the traffic (so probes cannot make
-///   a p99). A deployment never tried gets the next request it is paired for. Its answer replaces a stale or doubled estimate ([`crate::ewma`]).
+///   starved deployment and never more than that share of the traffic. A deployment never
+///   tried gets the next request it is paired for. The probe's answer replaces a stale or
+///   doubled estimate ([`crate::ewma`]). With [`ProbeMode::Shadow`] the probe is a copy of
+///   the request, sent by the router in the background ([`Strategy::probe`]), so that no
+///   caller's latency pays for exploring a slow deployment.
 /// - **Slow start**: a deployment whose answer came in far below its estimate (it recovered)
 ///   ramps back over [`DeploymentState::RAMP`](crate::DeploymentState::RAMP): when P2C chooses
 ///   it, the choice stands with a probability of its ramp (0 to 1), else the other of the two
@@ -210,6 +234,8 @@ pub struct LeastLatency {
     /// The fewest picks of the group between two probes. Default 150 (at most 0.67 % of the
     /// requests are probes).
     pub probe_every: u64,
+    /// Live (the default) or shadow probes.
+    pub probe_mode: ProbeMode,
     picks: AtomicU64,
     last_probe: AtomicU64,
 }
@@ -226,8 +252,32 @@ impl LeastLatency {
         Self {
             probe_interval: interval.max(Duration::from_millis(100)),
             probe_every: 150,
+            probe_mode: ProbeMode::Live,
             picks: AtomicU64::new(0),
             last_probe: AtomicU64::new(0),
+        }
+    }
+
+    /// The same, probing by `mode`.
+    #[must_use]
+    pub fn with_probe_mode(mut self, mode: ProbeMode) -> Self {
+        self.probe_mode = mode;
+        self
+    }
+
+    /// Of a pair, the one idle longer, with the other: only it can be owed a request.
+    fn owed(
+        candidates: &[Candidate],
+        a: usize,
+        b: usize,
+    ) -> Option<(&Candidate, &Candidate, usize)> {
+        let (ca, cb) = (&candidates[a], &candidates[b]);
+        if ca.idle > cb.idle {
+            Some((ca, cb, a))
+        } else if cb.idle > ca.idle {
+            Some((cb, ca, b))
+        } else {
+            None
         }
     }
 
@@ -269,19 +319,12 @@ impl Strategy for LeastLatency {
         let pick = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
         let (a, b) = sample_two(candidates.len(), rng);
         let (ca, cb) = (&candidates[a], &candidates[b]);
-        // Only the one of the pair idle longer can be owed a request (never tried, or starved).
-        let owed = if ca.idle > cb.idle {
-            Some((ca, cb, a))
-        } else if cb.idle > ca.idle {
-            Some((cb, ca, b))
-        } else {
-            None
-        };
-        if let Some((starved, busy, index)) = owed {
+        if let Some((starved, busy, index)) = Self::owed(candidates, a, b) {
             // A deployment never tried is tried at once (its estimate is only a guess); others
-            // within the probe budget.
+            // within the probe budget, when probes are live.
             let untried = starved.idle.is_infinite() && busy.idle.is_finite();
-            if untried || (self.is_starved(starved, busy) && self.claim_probe(pick)) {
+            let live = self.probe_mode == ProbeMode::Live;
+            if untried || (live && self.is_starved(starved, busy) && self.claim_probe(pick)) {
                 return Some(index);
             }
         }
@@ -302,6 +345,17 @@ impl Strategy for LeastLatency {
             return Some(other);
         }
         Some(better)
+    }
+
+    fn probe(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
+        if self.probe_mode != ProbeMode::Shadow || candidates.len() < 2 {
+            return None;
+        }
+        let (a, b) = sample_two(candidates.len(), rng);
+        let (starved, busy, index) = Self::owed(candidates, a, b)?;
+        let pick = self.picks.load(Ordering::Relaxed);
+        (starved.idle.is_finite() && self.is_starved(starved, busy) && self.claim_probe(pick))
+            .then_some(index)
     }
 
     fn name(&self) -> &'static str {

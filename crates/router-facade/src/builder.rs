@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use router_core::{
-    Error, HealthPolicy, LeastLatency, QuotaModel, StateStore, Strategy, StrategyKind,
+    Error, HealthPolicy, LeastLatency, ProbeMode, QuotaModel, StateStore, Strategy, StrategyKind,
 };
 
 use crate::endpoint::Endpoint;
@@ -23,12 +23,17 @@ pub(crate) enum StrategyChoice {
 }
 
 impl StrategyChoice {
-    /// A fresh strategy; least latency probes starved deployments every `probe_interval`.
-    pub(crate) fn build(&self, probe_interval: Duration) -> Box<dyn Strategy> {
+    /// A fresh strategy; least latency probes starved deployments every `probe_interval`, by
+    /// `probe_mode`.
+    pub(crate) fn build(
+        &self,
+        probe_interval: Duration,
+        probe_mode: ProbeMode,
+    ) -> Box<dyn Strategy> {
         match self {
-            Self::Kind(StrategyKind::LeastLatency) => {
-                Box::new(LeastLatency::with_probe_interval(probe_interval))
-            }
+            Self::Kind(StrategyKind::LeastLatency) => Box::new(
+                LeastLatency::with_probe_interval(probe_interval).with_probe_mode(probe_mode),
+            ),
             Self::Kind(kind) => kind.build(),
             Self::Custom(_, factory) => factory(),
         }
@@ -97,6 +102,7 @@ pub struct RouterBuilder {
     pub(crate) max_waiting: usize,
     pub(crate) max_queue_wait: Duration,
     pub(crate) probe_interval: Duration,
+    pub(crate) probe_mode: ProbeMode,
     pub(crate) accounting: QuotaAccounting,
     pub(crate) group_limits: Vec<(String, crate::RateLimits)>,
     pub(crate) caller_limits: Vec<(String, crate::RateLimits)>,
@@ -119,6 +125,7 @@ impl Default for RouterBuilder {
             max_waiting: 1024,
             max_queue_wait: Duration::from_secs(2),
             probe_interval: LeastLatency::default().probe_interval,
+            probe_mode: ProbeMode::Shadow,
             accounting: QuotaAccounting::default(),
             group_limits: Vec::new(),
             caller_limits: Vec::new(),
@@ -257,12 +264,23 @@ impl RouterBuilder {
     }
 
     /// The probe budget of `least-latency`: a deployment that gets no traffic because it is
-    /// slower than the others (or was, and nobody has looked since) is sent one live request
-    /// per `interval` while the group is in use (default 5 s, at least 100 ms), so that the
+    /// slower than the others (or was, and nobody has looked since) is probed once per
+    /// `interval` while the group is in use (default 5 s, at least 100 ms), so that the
     /// router learns when it has recovered; it then ramps back over 3 s. Shorter finds a
     /// recovery sooner and sends more requests to a slow endpoint: one per interval each.
     pub fn probe_interval(mut self, interval: Duration) -> Self {
         self.probe_interval = interval;
+        self
+    }
+
+    /// How `least-latency` probes (default [`ProbeMode::Shadow`]): with a copy of a caller's
+    /// request, sent in the background while the caller's request goes to a faster
+    /// deployment (one extra upstream request per probe; its answer is dropped, its tokens
+    /// count against that deployment's quota), or with the caller's request itself
+    /// ([`ProbeMode::Live`]: no extra traffic, and that caller waits as long as the
+    /// deployment is slow).
+    pub fn probe_mode(mut self, mode: ProbeMode) -> Self {
+        self.probe_mode = mode;
         self
     }
 

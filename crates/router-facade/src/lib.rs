@@ -72,8 +72,8 @@ pub use stream::RouterStream;
 pub use router_core::{
     Admission, Availability, Backend, CallOptions, Candidate, Charge, ChatStream, EndpointId,
     Error, ErrorKind, Event, HealthPolicy, LatencyClass, Learned, Learning, Limits, MemoryStore,
-    QuotaModel, RateLimitInfo, Reply, ResponseMeta, Rng, Settlement, StateStats, StateStore,
-    Strategy, StrategyKind,
+    ProbeMode, QuotaModel, RateLimitInfo, Reply, ResponseMeta, Rng, Settlement, StateStats,
+    StateStore, Strategy, StrategyKind,
 };
 pub use router_types as types;
 

@@ -21,6 +21,24 @@ use crate::stream::{Opened, RouterStream, first_content};
 
 type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
 
+/// A shadow probe: a copy of a request sent in the background, for its latency alone.
+pub(crate) type Shadow = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Ends a shadow probe's attempt: answered as the operation completes it (the caller-facing
+/// answer dropped), failed with the error's effect, or, cut at its deadline, cancelled (the
+/// probe's own budget ran out, not the deployment's fault).
+async fn probe_ended<T>(
+    attempt: Attempt,
+    sent: Result<Result<T, Error>, tokio::time::error::Elapsed>,
+    complete: impl AsyncFnOnce(T, Attempt),
+) {
+    match sent {
+        Ok(Ok(sent)) => complete(sent, attempt).await,
+        Ok(Err(error)) => attempt.failed(&error).await,
+        Err(_) => attempt.cancelled().await,
+    }
+}
+
 /// One kind of request.
 pub(crate) trait Operation: Sync {
     /// What a successful send gives.
@@ -41,6 +59,11 @@ pub(crate) trait Operation: Sync {
     fn fingerprint(&self) -> u64;
     /// Sends it to the attempt's deployment.
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent>;
+    /// A copy of the request, sent on `attempt` in the background until `deadline`, for the
+    /// deployment's latency alone: the answer is dropped (a stream is read to its end, so that
+    /// its outcome is recorded like a caller's).
+    fn shadow(&self, attempt: Attempt, call: CallOptions, deadline: tokio::time::Instant)
+    -> Shadow;
     /// The caller's answer, ending the attempt (a stream keeps it until the stream ends).
     fn complete(
         &self,
@@ -155,6 +178,24 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
         Box::pin(async move {
             let request = renamed(self.0, &deployment.name);
             R::call(deployment.backend.as_ref(), &request, &call).await
+        })
+    }
+
+    fn shadow(
+        &self,
+        attempt: Attempt,
+        call: CallOptions,
+        deadline: tokio::time::Instant,
+    ) -> Shadow {
+        let request = self.0.clone();
+        Box::pin(async move {
+            let once = Once(&request);
+            let started = tokio::time::Instant::now();
+            let sent = tokio::time::timeout_at(deadline, once.send(&attempt, call)).await;
+            probe_ended(attempt, sent, async |reply, attempt| {
+                once.complete(reply, attempt, 1, started.elapsed()).await;
+            })
+            .await;
         })
     }
 
@@ -313,6 +354,39 @@ impl Operation for Streamed<'_> {
                     .include_usage = Some(true);
             }
             first_content(deployment.backend.chat_stream(&request, &call).await?).await
+        })
+    }
+
+    fn shadow(
+        &self,
+        attempt: Attempt,
+        call: CallOptions,
+        deadline: tokio::time::Instant,
+    ) -> Shadow {
+        let request = self.0.clone();
+        Box::pin(async move {
+            let streamed = Streamed(&request);
+            let started = tokio::time::Instant::now();
+            let sent = tokio::time::timeout_at(deadline, streamed.send(&attempt, call)).await;
+            probe_ended(attempt, sent, async |opened, attempt| {
+                let mut stream = streamed
+                    .complete(opened, attempt, 1, started.elapsed())
+                    .await;
+                // To its end (or the deadline, which the backend's call options carry): its
+                // outcome is recorded as a caller's stream's would be.
+                let drained = std::future::poll_fn(|cx| {
+                    use futures_core::Stream as _;
+                    loop {
+                        match Pin::new(&mut stream).poll_next(cx) {
+                            std::task::Poll::Ready(Some(_)) => {}
+                            std::task::Poll::Ready(None) => return std::task::Poll::Ready(()),
+                            std::task::Poll::Pending => return std::task::Poll::Pending,
+                        }
+                    }
+                });
+                let _ = tokio::time::timeout_at(deadline, drained).await;
+            })
+            .await;
         })
     }
 

@@ -49,6 +49,11 @@ pub(crate) async fn run<O: Operation>(
     path.admit().await?;
     loop {
         let mut attempt = path.next().await?;
+        if let Some((probe, deadline)) = path.shadow_probe().await {
+            let call = CallOptions::default().with_deadline(deadline.into_std());
+            let span = path.span(probe.deployment());
+            tokio::spawn(operation.shadow(probe, call, deadline).instrument(span));
+        }
         let span = path.span(attempt.deployment());
         let started = Instant::now();
         let sent = path
@@ -381,6 +386,33 @@ impl<'r> Path<'r> {
                 reservation,
             ));
         }
+    }
+
+    /// The attempt of a shadow probe the last selection owed (a copy of this request, sent in
+    /// the background, [`Strategy::probe`](router_core::Strategy::probe)), with its deadline:
+    /// `None` when none is owed, or the deployment cannot take it now (its one half-open slot
+    /// is taken, or its quota refused).
+    async fn shadow_probe(&mut self) -> Option<(Attempt, Instant)> {
+        let index = self.buffers.take_probe()?;
+        let deployment = Arc::clone(&self.group().members[index]);
+        let at = now();
+        let slot = deployment.state.try_start(at)?;
+        let reservation = self.reserve(&deployment, at).await.ok()?;
+        tracing::debug!(
+            model = self.model,
+            endpoint = %deployment.endpoint,
+            "probing a starved deployment with a copy of the request"
+        );
+        let rng = Rng::with_seed(self.rng.fork_seed());
+        let attempt = Attempt::new(
+            deployment,
+            slot,
+            self.class,
+            self.live.settings.health,
+            rng,
+            reservation,
+        );
+        Some((attempt, Instant::now() + self.live.settings.request_timeout))
     }
 
     /// Reserves the request's cost on `deployment` when it is accounted; `Err` when the store

@@ -175,7 +175,7 @@ impl RouterSnapshot {
             groups.insert(
                 model.to_owned(),
                 Group {
-                    strategy: choice.build(config.probe_interval),
+                    strategy: choice.build(config.probe_interval, config.probe_mode),
                     members: list,
                 },
             );

@@ -9,7 +9,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
 use router_facade::{
-    Endpoint, ErrorKind, HealthPolicy, RequestOptions, Router, RouterBuilder, StrategyKind,
+    Endpoint, ErrorKind, HealthPolicy, ProbeMode, RequestOptions, Router, RouterBuilder,
+    StrategyKind,
 };
 use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times};
 
@@ -717,18 +718,25 @@ fn share_in(records: &[(f64, String)], name: &str, from: f64, to: f64) -> (usize
     (n, n as f64 / window.len().max(1) as f64)
 }
 
-/// Under closed-loop load, a slowed endpoint gets only its probe budget (one live request per
-/// probe interval), not a share of the traffic; once it recovers, the next probe finds out and
-/// it ramps back: back to a fair share within 10 s, and never over half the traffic in any
-/// second of its ramp (nothing herds onto it). Across slowdowns of 3x and 20x and two probe intervals.
+/// Under closed-loop load, a slowed endpoint gets only its probe budget (one probe per probe
+/// interval), not a share of the traffic; once it recovers, the next probe finds out and it
+/// ramps back: back to a fair share within 10 s, and never over half the traffic in any
+/// second of its ramp (nothing herds onto it). Live probes are callers' requests; shadow
+/// probes (the default) are copies sent by the router, so no caller's request goes to the
+/// slow endpoint at all, and the recovery is found all the same. Across slowdowns of 3x and
+/// 20x, two probe intervals, and both probe modes.
 #[tokio::test(start_paused = true)]
 async fn a_slowed_endpoint_gets_its_probe_budget_then_ramps_back() {
-    for (slowdown, probe) in [(3.0, 5), (20.0, 2)] {
+    let cases = [(3.0, 5), (20.0, 2)]
+        .into_iter()
+        .flat_map(|case| [(case, ProbeMode::Live), (case, ProbeMode::Shadow)]);
+    for ((slowdown, probe), mode) in cases {
         let latency = LatencyModel::new(Duration::from_millis(150), Duration::from_millis(5))
             .with_jitter(0.2);
         let sim = sim(3, latency).await;
         let router = builder(&sim, StrategyKind::LeastLatency)
             .probe_interval(Duration::from_secs(probe))
+            .probe_mode(mode)
             .build()
             .unwrap();
         let origin = tokio::time::Instant::now();
@@ -739,29 +747,110 @@ async fn a_slowed_endpoint_gets_its_probe_budget_then_ramps_back() {
         let recovered_at = origin.elapsed().as_secs_f64();
         let after = closed_loop(&router, 24, 15, origin).await;
 
-        // Once the first slow answers are in (3 s), only probes.
+        // Once the first slow answers are in (3 s), only probes: callers' requests when they
+        // are live, none when they are shadows.
         let (probes, _) = share_in(&slow, "ep0", 8.0, 30.0);
         let budget = (22 / probe) as usize + 1;
-        assert!(
-            probes <= budget,
-            "{slowdown}x: {probes} requests to the slow endpoint in 22 s, budget {budget}"
-        );
+        let case = format!("{slowdown}x, {mode:?} probes");
+        match mode {
+            ProbeMode::Live => assert!(
+                (1..=budget).contains(&probes),
+                "{case}: {probes} requests to the slow endpoint in 22 s, budget {budget}"
+            ),
+            ProbeMode::Shadow => assert_eq!(
+                probes, 0,
+                "{case}: a caller's request went to the slow endpoint"
+            ),
+        }
         // Back within 10 s of recovering, and nothing herds while it ramps.
         let back = (0..10).find(|s| {
             let from = recovered_at + f64::from(*s);
             share_in(&after, "ep0", from, from + 1.0).1 >= 0.25
         });
-        assert!(back.is_some(), "{slowdown}x: not back within 10 s");
+        assert!(back.is_some(), "{case}: not back within 10 s");
         for s in 0..10 {
             let from = recovered_at + f64::from(s);
             let (_, share) = share_in(&after, "ep0", from, from + 1.0);
             assert!(
                 share <= 0.5,
-                "{slowdown}x: the recovered endpoint had {share:.2} in second {s} of its ramp"
+                "{case}: the recovered endpoint had {share:.2} in second {s} of its ramp"
             );
         }
+        // Shadows end too (within their deadline).
+        tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(in_flight(&router), 0);
     }
+}
+
+/// Streaming callers in a closed loop for `seconds`: each stream's start and its endpoint.
+async fn closed_loop_streams(
+    router: &Router,
+    callers: usize,
+    seconds: u64,
+    origin: tokio::time::Instant,
+) -> Vec<(f64, String)> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while tokio::time::Instant::now() < end {
+                let at = origin.elapsed().as_secs_f64();
+                let mut stream = router.chat_stream(&request()).await.unwrap();
+                let endpoint = stream.endpoint().to_string();
+                while let Some(chunk) = stream.next().await {
+                    chunk.unwrap();
+                }
+                seen.push((at, endpoint));
+            }
+            seen
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
+}
+
+/// Shadow probes of streams: the copy is read to its end in the background, its time to first
+/// token feeds the estimate, and no caller's stream comes from the slow endpoint.
+#[tokio::test(start_paused = true)]
+async fn shadow_probes_of_streams_find_a_recovery_without_a_caller_on_the_slow_endpoint() {
+    let latency =
+        LatencyModel::new(Duration::from_millis(150), Duration::from_millis(5)).with_jitter(0.2);
+    let sim = sim(3, latency).await;
+    let router = builder(&sim, StrategyKind::LeastLatency)
+        .probe_interval(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let origin = tokio::time::Instant::now();
+    closed_loop_streams(&router, 12, 5, origin).await;
+    sim.endpoints()[0].set_latency(latency.scaled(20.0));
+    let before = sim.endpoints()[0].counters().requests;
+    let slow = closed_loop_streams(&router, 12, 20, origin).await;
+    let sent = sim.endpoints()[0].counters().requests - before;
+    sim.endpoints()[0].set_latency(latency);
+    let recovered_at = origin.elapsed().as_secs_f64();
+    let after = closed_loop_streams(&router, 12, 12, origin).await;
+    // Its first slow first tokens come back 3 s after the slowdown's first streams began.
+    let (callers, _) = share_in(&slow, "ep0", 10.0, 25.0);
+    assert_eq!(callers, 0, "a caller's stream came from the slow endpoint");
+    // The upstream saw the probes: about one per 2 s, besides the callers' first streams
+    // there before its first slow answers came back.
+    let (early, _) = share_in(&slow, "ep0", 0.0, 10.0);
+    assert!(
+        sent > early as u64 && sent <= early as u64 + 11,
+        "{sent} streams sent to the slow endpoint, {early} of them callers'"
+    );
+    let back = (0..10).find(|s| {
+        let from = recovered_at + f64::from(*s);
+        share_in(&after, "ep0", from, from + 1.0).1 >= 0.25
+    });
+    assert!(back.is_some(), "not back within 10 s");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(in_flight(&router), 0);
 }
 
 /// A backend whose answer is a 429 (retry in 2 s) that arrives exactly at the call's deadline.

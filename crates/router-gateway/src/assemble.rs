@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
-use router_facade::{Endpoint, QuotaModel, RateLimits, Router, RouterBuilder, StrategyKind};
+use router_facade::{
+    Endpoint, ProbeMode, QuotaModel, RateLimits, Router, RouterBuilder, StrategyKind,
+};
 
-use crate::config::{Config, Kind, QuotaModelConfig};
+use crate::config::{Config, EndpointConfig, Kind, ProbeModeConfig, QuotaModelConfig};
 use crate::problem::{Context as _, Problem, bail};
 
 impl Config {
@@ -61,67 +63,15 @@ impl Config {
         if let Some(ms) = self.router.probe_interval_ms {
             builder = builder.probe_interval(Duration::from_millis(ms));
         }
+        if let Some(mode) = self.router.probe_mode {
+            builder = builder.probe_mode(match mode {
+                ProbeModeConfig::Shadow => ProbeMode::Shadow,
+                ProbeModeConfig::Live => ProbeMode::Live,
+            });
+        }
         let timeouts = self.timeouts();
         for (i, e) in self.endpoints.iter().enumerate() {
-            let at = format!("endpoints[{i}] (`{}`)", e.name);
-            let mut endpoint = match e.kind {
-                Kind::OpenAi => Endpoint::openai(&e.name, &e.url),
-                Kind::Azure => {
-                    let endpoint = Endpoint::azure(&e.name, &e.url);
-                    match (&e.api_version, e.v1) {
-                        (Some(version), false) => endpoint.api_version(version),
-                        (None, true) => endpoint.v1(),
-                        (Some(_), true) => {
-                            bail!("{at}: api_version and v1 = true exclude each other")
-                        }
-                        (None, false) => {
-                            bail!("{at}: api_version is required for Azure (or v1 = true)")
-                        }
-                    }
-                }
-            };
-            if let Some(var) = &e.api_key_env {
-                let key = std::env::var(var)
-                    .with_context(|| format!("{at}: api_key_env: ${var} is not set"))?;
-                endpoint = endpoint.api_key(key);
-            } else if e.kind == Kind::Azure {
-                bail!(
-                    "{at}: api_key_env is required for Azure (the key is read from the environment)"
-                );
-            }
-            if e.models.is_empty() && e.deployments.is_empty() {
-                bail!(
-                    "{at}: serves no model; set models = [...] or deployments = {{ model = \"deployment\" }}"
-                );
-            }
-            for model in &e.models {
-                endpoint = endpoint.model(model);
-            }
-            for (model, deployment) in &e.deployments {
-                endpoint = endpoint.deployment(model, deployment);
-            }
-            if let Some(weight) = e.weight {
-                endpoint = endpoint.weight(weight);
-            }
-            if let Some(priority) = e.priority {
-                endpoint = endpoint.priority(priority);
-            }
-            if let Some(tpm) = e.tpm {
-                endpoint = endpoint.tpm(tpm);
-            }
-            if let Some(rpm) = e.rpm {
-                endpoint = endpoint.rpm(rpm);
-            }
-            if let Some(ms) = e.quota_window_ms {
-                endpoint = endpoint.quota_window(Duration::from_millis(ms));
-            }
-            if e.quota_model == QuotaModelConfig::Provisioned {
-                endpoint = endpoint.quota_model(QuotaModel::Provisioned);
-            }
-            if let Some(timeouts) = timeouts {
-                endpoint = endpoint.timeouts(timeouts);
-            }
-            builder = builder.endpoint(endpoint);
+            builder = builder.endpoint(endpoint(i, e, timeouts)?);
         }
         for key in &self.keys {
             let mut limits = RateLimits::new();
@@ -169,6 +119,71 @@ impl Config {
                 .with_between_chunks(ms(r.between_chunks_timeout_ms, defaults.between_chunks)),
         )
     }
+}
+
+/// The `i`th `[[endpoints]]` table as the library's endpoint; an error names it.
+fn endpoint(
+    i: usize,
+    e: &EndpointConfig,
+    timeouts: Option<router_facade::Timeouts>,
+) -> Result<Endpoint, Problem> {
+    let at = format!("endpoints[{i}] (`{}`)", e.name);
+    let mut endpoint = match e.kind {
+        Kind::OpenAi => Endpoint::openai(&e.name, &e.url),
+        Kind::Azure => {
+            let endpoint = Endpoint::azure(&e.name, &e.url);
+            match (&e.api_version, e.v1) {
+                (Some(version), false) => endpoint.api_version(version),
+                (None, true) => endpoint.v1(),
+                (Some(_), true) => {
+                    bail!("{at}: api_version and v1 = true exclude each other")
+                }
+                (None, false) => {
+                    bail!("{at}: api_version is required for Azure (or v1 = true)")
+                }
+            }
+        }
+    };
+    if let Some(var) = &e.api_key_env {
+        let key =
+            std::env::var(var).with_context(|| format!("{at}: api_key_env: ${var} is not set"))?;
+        endpoint = endpoint.api_key(key);
+    } else if e.kind == Kind::Azure {
+        bail!("{at}: api_key_env is required for Azure (the key is read from the environment)");
+    }
+    if e.models.is_empty() && e.deployments.is_empty() {
+        bail!(
+            "{at}: serves no model; set models = [...] or deployments = {{ model = \"deployment\" }}"
+        );
+    }
+    for model in &e.models {
+        endpoint = endpoint.model(model);
+    }
+    for (model, deployment) in &e.deployments {
+        endpoint = endpoint.deployment(model, deployment);
+    }
+    if let Some(weight) = e.weight {
+        endpoint = endpoint.weight(weight);
+    }
+    if let Some(priority) = e.priority {
+        endpoint = endpoint.priority(priority);
+    }
+    if let Some(tpm) = e.tpm {
+        endpoint = endpoint.tpm(tpm);
+    }
+    if let Some(rpm) = e.rpm {
+        endpoint = endpoint.rpm(rpm);
+    }
+    if let Some(ms) = e.quota_window_ms {
+        endpoint = endpoint.quota_window(Duration::from_millis(ms));
+    }
+    if e.quota_model == QuotaModelConfig::Provisioned {
+        endpoint = endpoint.quota_model(QuotaModel::Provisioned);
+    }
+    if let Some(timeouts) = timeouts {
+        endpoint = endpoint.timeouts(timeouts);
+    }
+    Ok(endpoint)
 }
 
 #[cfg(test)]

@@ -85,9 +85,12 @@ pub(crate) struct RouterConfig {
     /// The longest a request may wait for its turn (default 2,000 ms); a request expected to
     /// wait longer is answered 429 with `Retry-After` at once.
     pub(crate) max_queue_wait_ms: Option<u64>,
-    /// `least-latency`'s probe budget: one live request per this many milliseconds to a
-    /// deployment that gets no traffic for being slower (default 5,000).
+    /// `least-latency`'s probe budget: one probe per this many milliseconds to a deployment
+    /// that gets no traffic for being slower (default 5,000).
     pub(crate) probe_interval_ms: Option<u64>,
+    /// How it probes: `shadow` (a copy of a caller's request, sent in the background; the
+    /// default) or `live` (the caller's request itself).
+    pub(crate) probe_mode: Option<ProbeModeConfig>,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_url_env: Option<String>,
     /// How an upstream's refusals teach the share of its quota it really admits.
@@ -160,6 +163,14 @@ pub(crate) struct EndpointConfig {
     /// How the upstream meters the quota.
     #[serde(default)]
     pub(crate) quota_model: QuotaModelConfig,
+}
+
+/// `probe_mode`: `shadow` or `live`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ProbeModeConfig {
+    Shadow,
+    Live,
 }
 
 /// `quota_model`: `window` (pay-as-you-go, the default) or `provisioned` (Azure PTU).
@@ -265,11 +276,12 @@ mod tests {
     fn max_queue_wait_per_router_and_per_key() {
         let digest = crate::auth::hash_key("k");
         let config = Config::parse(&format!(
-            "[router]\nmax_queue_wait_ms = 500\nprobe_interval_ms = 3000\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n[[keys]]\nname = \"patient\"\nsha256 = \"{digest}\"\nmax_queue_wait_ms = 10000\n",
+            "[router]\nmax_queue_wait_ms = 500\nprobe_interval_ms = 3000\nprobe_mode = \"live\"\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n[[keys]]\nname = \"patient\"\nsha256 = \"{digest}\"\nmax_queue_wait_ms = 10000\n",
         ))
         .unwrap();
         assert_eq!(config.router.max_queue_wait_ms, Some(500));
         assert_eq!(config.router.probe_interval_ms, Some(3000));
+        assert_eq!(config.router.probe_mode, Some(ProbeModeConfig::Live));
         let keys = config.keys().unwrap();
         assert_eq!(
             keys[0].max_queue_wait,

@@ -404,6 +404,52 @@ fn a_starved_deployment_gets_its_probe_budget_while_the_group_is_busy() {
 }
 
 #[test]
+fn shadow_probes_take_the_budget_out_of_the_picks() {
+    let busy = Candidate {
+        in_flight: 4,
+        latency: 0.3,
+        idle: 0.01,
+        ..Candidate::default()
+    };
+    let starved = Candidate {
+        latency: 3.0,
+        idle: 5.2,
+        ..Candidate::default()
+    };
+    let now = Instant::now();
+    let mut rng = Rng::with_seed(3);
+    let strategy = LeastLatency::with_probe_interval(Duration::from_secs(5))
+        .with_probe_mode(ProbeMode::Shadow);
+    let group = [starved, busy, busy];
+    let (mut picked, mut probed) = (0, 0);
+    for _ in 0..1_500 {
+        picked += usize::from(strategy.pick(&group, now, &mut rng) == Some(0));
+        match strategy.probe(&group, now, &mut rng) {
+            Some(0) => probed += 1,
+            None => {}
+            other => panic!("only the starved one is owed a probe: {other:?}"),
+        }
+    }
+    assert_eq!(
+        picked, 0,
+        "no caller's request goes to the starved deployment"
+    );
+    assert!(
+        (8..=10).contains(&probed),
+        "{probed} shadow probes in 1,500 picks"
+    );
+    // Live probes owe no shadow; a deployment never tried still gets a caller's request.
+    let live = LeastLatency::with_probe_interval(Duration::from_secs(5));
+    assert_eq!(live.probe(&group, now, &mut rng), None);
+    let untried = Candidate {
+        idle: f64::INFINITY,
+        ..starved
+    };
+    let first = (0..100).find(|_| strategy.pick(&[untried, busy], now, &mut rng) == Some(0));
+    assert!(first.is_some(), "an untried deployment is tried at once");
+}
+
+#[test]
 fn a_ramping_deployment_wins_in_proportion_to_its_ramp() {
     let back = Candidate {
         latency: 0.2,
