@@ -1177,10 +1177,10 @@ fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
             let quota = summed as f64 * scenario.seconds as f64 / 60.0;
             // The most the upstreams themselves admit of their quota with requests of this
             // size: a window's budget holds a whole number of them (provisioned throughput
-            // has no windows to fill).
+            // has no windows to fill: it drains its rate, and starts with a window's worth).
             let charge = per_request(scenario.prompt_words, scenario.max_tokens);
             let ceiling = if *kind == WindowKind::Provisioned {
-                1.0
+                1.0 + window.as_secs_f64() / scenario.seconds as f64
             } else {
                 let budget = |tpm: u64| tpm as f64 * window.as_secs_f64() / 60.0;
                 let fits: f64 = tpms
