@@ -107,6 +107,8 @@ pub struct RouterBuilder {
     pub(crate) group_limits: Vec<(String, crate::RateLimits)>,
     pub(crate) caller_limits: Vec<(String, crate::RateLimits)>,
     pub(crate) default_caller_limits: Option<crate::RateLimits>,
+    pub(crate) fallbacks: Vec<(String, Vec<String>)>,
+    pub(crate) context_fallbacks: Vec<(String, String)>,
 }
 
 impl Default for RouterBuilder {
@@ -130,6 +132,8 @@ impl Default for RouterBuilder {
             group_limits: Vec::new(),
             caller_limits: Vec::new(),
             default_caller_limits: None,
+            fallbacks: Vec::new(),
+            context_fallbacks: Vec::new(),
         }
     }
 }
@@ -284,6 +288,42 @@ impl RouterBuilder {
         self
     }
 
+    /// Fallback model groups for `model`, tried in order when none of its deployments can
+    /// serve a request: all out of quota or cooling down (now: with fallbacks, a group that
+    /// has no room does not make the request wait in its queue), ejected, disabled, or failing
+    /// until its attempts run out. Within the request's one deadline and retry budget; the
+    /// answer names the group that served ([`Routed::model`](crate::Routed::model),
+    /// [`RouterStream::model`](crate::RouterStream::model)). A request the caller caused to
+    /// fail (a 400, a content filter) does not fall back, nor one refused by the router-side
+    /// limits of its caller or group, and a fallback's own fallbacks are not followed. The
+    /// last group of the list waits for its turn as any group does. Setting it again for
+    /// `model` replaces the list.
+    pub fn fallbacks<I, S>(mut self, model: impl Into<String>, fallbacks: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let model = model.into();
+        let list = fallbacks.into_iter().map(Into::into).collect();
+        self.fallbacks.retain(|(m, _)| *m != model);
+        self.fallbacks.push((model, list));
+        self
+    }
+
+    /// A request for `model` whose prompt the upstream refuses as too long for its context
+    /// window (`context_length_exceeded`) goes to `larger` instead of back to the caller, within
+    /// the same deadline.
+    pub fn context_window_fallback(
+        mut self,
+        model: impl Into<String>,
+        larger: impl Into<String>,
+    ) -> Self {
+        let model = model.into();
+        self.context_fallbacks.retain(|(m, _)| *m != model);
+        self.context_fallbacks.push((model, larger.into()));
+        self
+    }
+
     /// Seeds the router's random choices, to replay a run exactly.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -378,6 +418,7 @@ impl RouterBuilder {
                 }
             }
         }
+        self.validate_fallbacks()?;
         for (model, _) in &self.group_strategies {
             if !self
                 .endpoints
@@ -386,6 +427,42 @@ impl RouterBuilder {
             {
                 return Err(Error::config(format!(
                     "group_strategy: no endpoint serves model `{model}`"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fallbacks name groups some endpoint serves, and never the group itself.
+    fn validate_fallbacks(&self) -> Result<(), Error> {
+        let served = |model: &str| {
+            self.endpoints
+                .iter()
+                .any(|e| e.deployments.iter().any(|d| d.model == model))
+        };
+        let pairs = self
+            .fallbacks
+            .iter()
+            .flat_map(|(model, list)| list.iter().map(move |to| ("fallbacks", model, to)))
+            .chain(
+                self.context_fallbacks
+                    .iter()
+                    .map(|(model, to)| ("context_window_fallback", model, to)),
+            );
+        for (what, model, to) in pairs {
+            if !served(model) {
+                return Err(Error::config(format!(
+                    "{what}: no endpoint serves model `{model}`"
+                )));
+            }
+            if !served(to) {
+                return Err(Error::config(format!(
+                    "{what}: `{model}` falls back to `{to}`, which no endpoint serves"
+                )));
+            }
+            if model == to {
+                return Err(Error::config(format!(
+                    "{what}: `{model}` falls back to itself"
                 )));
             }
         }

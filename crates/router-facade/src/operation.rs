@@ -222,6 +222,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
             body: reply.body,
             endpoint: deployment.endpoint.clone(),
             deployment: deployment.name.clone(),
+            model: deployment.model.clone(),
             attempts,
             meta: reply.meta,
         }

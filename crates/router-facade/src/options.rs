@@ -61,6 +61,9 @@ pub struct Routed<T> {
     pub endpoint: EndpointId,
     /// The deployment name it answered under.
     pub deployment: String,
+    /// The model group that answered: the one asked for, or a fallback
+    /// ([`RouterBuilder::fallbacks`](crate::RouterBuilder::fallbacks)).
+    pub model: String,
     /// Attempts made, this one included.
     pub attempts: u32,
     /// Status, rate-limit headers and timings of the answering attempt.

@@ -39,16 +39,102 @@ use crate::shared::Shared;
 use crate::snapshot::{Deployment, Group, RouterSnapshot};
 use crate::waitlist::{Claim, Place};
 
-/// Serves one request of kind `O`.
+/// Serves one request of kind `O`: in its model group, then, when that group cannot serve it,
+/// in its fallback groups in order, all within one deadline.
 pub(crate) async fn run<O: Operation>(
     shared: &Shared,
     operation: O,
     options: &RequestOptions,
 ) -> Result<O::Output, Error> {
-    let mut path = Path::begin(shared, &operation, options)?;
-    path.admit().await?;
+    let live = shared.snapshot.load_full();
+    let requested = operation.model();
+    let timeout = options.timeout.unwrap_or(live.settings.request_timeout);
+    let deadline = Instant::now() + timeout;
+    let fallbacks = live.settings.fallbacks(requested);
+    let mut leg = Leg {
+        model: requested,
+        deadline,
+        first: true,
+        waits: fallbacks.is_empty(),
+    };
+    let mut next_fallback = 0;
+    let mut context_fallback_taken = false;
     loop {
-        let mut attempt = path.next().await?;
+        let error = match serve(shared, &live, &operation, options, leg).await {
+            Ok(output) => return Ok(output),
+            Err(Unserved::Final(error)) => return Err(error),
+            Err(Unserved::Group(error)) => error,
+        };
+        let larger = (error.kind() == ErrorKind::ContextLengthExceeded && !context_fallback_taken)
+            .then(|| live.settings.context_fallback(leg.model))
+            .flatten();
+        let next = if let Some(larger) = larger {
+            // A larger context window is where the request goes, and where it stays.
+            context_fallback_taken = true;
+            next_fallback = fallbacks.len();
+            Some((larger, true))
+        } else if falls_back(&error) && next_fallback < fallbacks.len() {
+            next_fallback += 1;
+            Some((
+                fallbacks[next_fallback - 1].as_str(),
+                next_fallback == fallbacks.len(),
+            ))
+        } else {
+            None
+        };
+        match next {
+            Some((model, last)) if Instant::now() < deadline => {
+                tracing::debug!(from = leg.model, to = model, %error, "falling back");
+                leg = Leg {
+                    model,
+                    deadline,
+                    first: false,
+                    waits: last,
+                };
+            }
+            _ => return Err(error),
+        }
+    }
+}
+
+/// Whether a group's failure sends the request on to a fallback group: the group could not
+/// serve it (no room in time, nothing usable, or its attempts failed for the upstream's
+/// reasons), not the request's own fault and not its deadline.
+fn falls_back(error: &Error) -> bool {
+    matches!(error.kind(), ErrorKind::Throttled | ErrorKind::Unavailable)
+        || (error.is_retryable() && error.kind() != ErrorKind::DeadlineExceeded)
+}
+
+/// One model group's turn at a request.
+#[derive(Debug, Clone, Copy)]
+struct Leg<'r> {
+    model: &'r str,
+    deadline: Instant,
+    /// The group asked for (the caller's limits apply, the retry budget is credited).
+    first: bool,
+    /// Whether the request may wait in this group's queue (not when a fallback follows).
+    waits: bool,
+}
+
+/// Why a group did not serve a request: `Group` when a fallback may (its deployments could
+/// not), `Final` when none may (the router-side limits refused it).
+enum Unserved {
+    Group(Error),
+    Final(Error),
+}
+
+/// Serves the request in one group.
+async fn serve<O: Operation>(
+    shared: &Shared,
+    live: &Arc<RouterSnapshot>,
+    operation: &O,
+    options: &RequestOptions,
+    leg: Leg<'_>,
+) -> Result<O::Output, Unserved> {
+    let mut path = Path::begin(shared, live, operation, options, leg).map_err(Unserved::Final)?;
+    path.admit().await.map_err(Unserved::Final)?;
+    loop {
+        let mut attempt = path.next().await.map_err(Unserved::Group)?;
         if let Some((probe, deadline)) = path.shadow_probe().await {
             let call = CallOptions::default().with_deadline(deadline.into_std());
             let span = path.span(probe.deployment());
@@ -70,7 +156,7 @@ pub(crate) async fn run<O: Operation>(
                     .complete(sent, attempt, path.count, started.elapsed())
                     .await);
             }
-            Err(error) => path.failed(attempt, error).await?,
+            Err(error) => path.failed(attempt, error).await.map_err(Unserved::Group)?,
         }
     }
 }
@@ -119,11 +205,13 @@ struct Path<'r> {
 impl<'r> Path<'r> {
     fn begin<O: Operation>(
         shared: &'r Shared,
+        live: &Arc<RouterSnapshot>,
         operation: &'r O,
         options: &RequestOptions,
+        leg: Leg<'r>,
     ) -> Result<Self, Error> {
-        let live = shared.snapshot.load_full();
-        let model = operation.model();
+        let live = Arc::clone(live);
+        let model = leg.model;
         let Some(group) = live.groups.get(model) else {
             return Err(Error::with_message(
                 ErrorKind::UnknownModel,
@@ -134,14 +222,21 @@ impl<'r> Path<'r> {
             ));
         };
         let settings = &live.settings;
-        let scopes = settings.scopes(model, options.caller.as_deref());
+        // A fallback group's own limits apply; the caller's were passed once already.
+        let caller = options.caller.as_deref().filter(|_| leg.first);
+        let scopes = settings.scopes(model, caller);
         let expected = settings.expected_completion;
         let estimate = group
             .accounts(live.store.as_ref(), &scopes)
             .then(|| operation.estimate(expected));
-        let timeout = options.timeout.unwrap_or(settings.request_timeout);
-        let max_queue_wait = options.max_queue_wait.unwrap_or(settings.max_queue_wait);
-        shared.budget().deposit();
+        let max_queue_wait = if leg.waits {
+            options.max_queue_wait.unwrap_or(settings.max_queue_wait)
+        } else {
+            Duration::ZERO
+        };
+        if leg.first {
+            shared.budget().deposit();
+        }
         let start = Instant::now();
         let fingerprint = shared
             .waitlist
@@ -150,8 +245,8 @@ impl<'r> Path<'r> {
         let claim =
             fingerprint.and_then(|fingerprint| shared.waitlist.claim(model, start, fingerprint));
         Ok(Self {
-            deadline: start + timeout,
-            wait_limit: start + max_queue_wait.min(timeout),
+            deadline: leg.deadline,
+            wait_limit: (start + max_queue_wait).min(leg.deadline),
             max_queue_wait,
             tried: vec![false; group.members.len()],
             class: operation.class(),

@@ -24,6 +24,10 @@ pub(crate) struct Settings {
     group_limits: HashMap<String, RateLimits>,
     caller_limits: HashMap<String, RateLimits>,
     default_caller_limits: Option<RateLimits>,
+    /// The groups a request falls back to, in order, when its own cannot serve it.
+    fallbacks: HashMap<String, Vec<String>>,
+    /// The larger group a request goes to when its prompt is too long for its group.
+    context_fallbacks: HashMap<String, String>,
 }
 
 impl Settings {
@@ -43,7 +47,19 @@ impl Settings {
             group_limits: limited(&builder.group_limits),
             caller_limits: limited(&builder.caller_limits),
             default_caller_limits: builder.default_caller_limits,
+            fallbacks: builder.fallbacks.iter().cloned().collect(),
+            context_fallbacks: builder.context_fallbacks.iter().cloned().collect(),
         }
+    }
+
+    /// The groups a request for `model` falls back to, in order.
+    pub(crate) fn fallbacks(&self, model: &str) -> &[String] {
+        self.fallbacks.get(model).map_or(&[], Vec::as_slice)
+    }
+
+    /// The larger group a request for `model` goes to when its context window is exceeded.
+    pub(crate) fn context_fallback(&self, model: &str) -> Option<&str> {
+        self.context_fallbacks.get(model).map(String::as_str)
     }
 
     /// The router-side limits that apply to a request for `model` from `caller`.

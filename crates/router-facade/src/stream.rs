@@ -29,6 +29,7 @@ pub struct RouterStream {
     inner: Option<ChatStream>,
     attempt: Option<Attempt>,
     endpoint: EndpointId,
+    model: String,
     attempts: u32,
     /// The router asked for the usage chunk; the caller did not: drop it.
     strip_usage: bool,
@@ -88,6 +89,7 @@ impl RouterStream {
         let mut routed = Self {
             info: stream.meta().rate_limits.clone(),
             endpoint: attempt.deployment().endpoint.clone(),
+            model: attempt.deployment().model.clone(),
             held,
             inner: Some(stream),
             attempt: Some(attempt),
@@ -104,6 +106,12 @@ impl RouterStream {
     /// The endpoint streaming.
     pub fn endpoint(&self) -> &EndpointId {
         &self.endpoint
+    }
+
+    /// The model group that serves it: the one asked for, or a fallback
+    /// ([`RouterBuilder::fallbacks`](crate::RouterBuilder::fallbacks)).
+    pub fn model(&self) -> &str {
+        &self.model
     }
 
     /// Attempts made to open it, this one included.

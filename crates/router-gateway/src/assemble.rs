@@ -69,6 +69,12 @@ impl Config {
                 ProbeModeConfig::Live => ProbeMode::Live,
             });
         }
+        for (model, fallbacks) in &self.router.fallbacks {
+            builder = builder.fallbacks(model, fallbacks);
+        }
+        for (model, larger) in &self.router.context_window_fallbacks {
+            builder = builder.context_window_fallback(model, larger);
+        }
         let timeouts = self.timeouts();
         for (i, e) in self.endpoints.iter().enumerate() {
             builder = builder.endpoint(endpoint(i, e, timeouts)?);

@@ -95,6 +95,12 @@ pub(crate) struct RouterConfig {
     pub(crate) redis_url_env: Option<String>,
     /// How an upstream's refusals teach the share of its quota it really admits.
     pub(crate) learning: Option<LearningConfig>,
+    /// Fallback model groups, in order, per model group.
+    #[serde(default)]
+    pub(crate) fallbacks: BTreeMap<String, Vec<String>>,
+    /// The larger model group a prompt too long for its group goes to.
+    #[serde(default)]
+    pub(crate) context_window_fallbacks: BTreeMap<String, String>,
     /// Upstream timeouts, for every endpoint: connecting, to the first byte of a stream, to
     /// the answer of a non-streamed request, and between two chunks.
     pub(crate) connect_timeout_ms: Option<u64>,

@@ -136,16 +136,26 @@ async fn chat_answer(
     if request.is_stream() {
         let stream = state.router.chat_stream_with(request, &options).await?;
         state.metrics.retried(stream.attempts());
-        return Ok(crate::sse::relay(
-            stream,
-            Arc::clone(&state.metrics),
-            started,
-        ));
+        let model = stream.model().to_owned();
+        let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
+        return Ok(served_by(relayed, &model));
     }
     let answer = state.router.chat_with(request, &options).await?;
     state.metrics.retried(answer.attempts);
-    Ok(json(&answer.body))
+    Ok(served_by(json(&answer.body), &answer.model))
 }
+
+/// Names the model group that served an answer (`x-openai-router-model`): the one asked for,
+/// or a fallback.
+fn served_by(mut response: Response, model: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(model) {
+        response.headers_mut().insert(SERVED_BY, value);
+    }
+    response
+}
+
+/// The header naming the model group that served.
+const SERVED_BY: &str = "x-openai-router-model";
 
 async fn embeddings(
     State(state): State<Arc<AppState>>,
@@ -157,7 +167,7 @@ async fn embeddings(
             let options = state.options(&headers, &request.model)?;
             let answer = state.router.embeddings_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);
-            Ok::<_, ApiError>(json(&answer.body))
+            Ok::<_, ApiError>(served_by(json(&answer.body), &answer.model))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -181,7 +191,7 @@ async fn completions(
             }
             let answer = state.router.completions_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);
-            Ok(json(&answer.body))
+            Ok(served_by(json(&answer.body), &answer.model))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);

@@ -474,6 +474,34 @@ async fn the_official_python_client() {
     assert_no_secret(&logs, &[UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY, OPEN_KEY]);
 }
 
+/// `[router.fallbacks]` through the official client: `gpt-4o`, served only by an endpoint
+/// that answers 503, falls back to `gpt-4o-mini`, and the answer's header says so.
+#[tokio::test]
+async fn fallbacks_through_the_official_python_client() {
+    let sim = sim().await;
+    let down = Sim::start(
+        5,
+        [EndpointConfig::new("down", SimDialect::OpenAi)
+            .with_api_key(UPSTREAM_KEY)
+            .with_models(["gpt-4o"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    down.endpoints()[0].inject(Fault::status(503), Times::Always);
+    let extra = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"down\"\nkind = \"openai\"\nurl = \"{}\"\napi_key_env = \"TEST_UPSTREAM_KEY\"\nmodels = [\"gpt-4o\"]\n\n[router.fallbacks]\n\"gpt-4o\" = [\"gpt-4o-mini\"]\n",
+        hash(OPEN_KEY),
+        down.endpoints()[0].openai_base_url()
+    );
+    let gateway = start(&sim, &extra).await;
+    run_python(&gateway, "fallback", OPEN_KEY).await;
+    assert!(
+        down.endpoints()[0].counters().requests >= 2,
+        "gpt-4o was tried before falling back"
+    );
+}
+
 async fn model_ids(gateway: &Gateway) -> Vec<String> {
     let models: Value = client()
         .get(format!("{}/v1/models", gateway.base))

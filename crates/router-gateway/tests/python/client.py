@@ -114,7 +114,25 @@ def throttled_then_retried():
     assert waited >= 1.5, waited
 
 
-PHASES = {f.__name__: f for f in [basic, stream_tools, embeddings, errors, bad_request, throttled, throttled_then_retried]}
+def fallback():
+    # `gpt-4o`'s only endpoint fails; the gateway falls back to `gpt-4o-mini` and says so.
+    messages = [{"role": "user", "content": "hi"}]
+    raw = client(max_retries=0).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=messages, max_tokens=4)
+    assert raw.headers["x-openai-router-model"] == "gpt-4o-mini", dict(raw.headers)
+    assert raw.parse().choices[0].message.content
+    with client(max_retries=0).chat.completions.with_streaming_response.create(
+            model="gpt-4o", messages=messages, max_tokens=4, stream=True) as response:
+        assert response.headers["x-openai-router-model"] == "gpt-4o-mini", dict(response.headers)
+        chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
+        assert chunks, "no chunk"
+    # Asked for directly, the model that has one answers under its own name.
+    raw = client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, max_tokens=4)
+    assert raw.headers["x-openai-router-model"] == "gpt-4o-mini"
+
+
+PHASES = {f.__name__: f for f in [basic, stream_tools, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback]}
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]]()
