@@ -24,19 +24,28 @@ type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
 /// A shadow probe: a copy of a request sent in the background, for its latency alone.
 pub(crate) type Shadow = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// Ends a shadow probe's attempt: answered as the operation completes it (the caller-facing
-/// answer dropped), failed with the error's effect, or, cut at its deadline, cancelled (the
-/// probe's own budget ran out, not the deployment's fault).
-async fn probe_ended<T>(
+/// A copy of `operation`'s request, sent on `attempt` in the background until `deadline`, for
+/// the deployment's latency alone: answered as the operation completes it (the answer then
+/// finished, [`Operation::finish`], and dropped), failed with the error's effect, or, cut at
+/// its deadline, cancelled (the probe's own budget ran out, not the deployment's fault).
+pub(crate) fn shadow<O: Operation>(
+    operation: &O,
     attempt: Attempt,
-    sent: Result<Result<T, Error>, tokio::time::error::Elapsed>,
-    complete: impl AsyncFnOnce(T, Attempt),
-) {
-    match sent {
-        Ok(Ok(sent)) => complete(sent, attempt).await,
-        Ok(Err(error)) => attempt.failed(&error).await,
-        Err(_) => attempt.cancelled().await,
-    }
+    call: CallOptions,
+    deadline: tokio::time::Instant,
+) -> Shadow {
+    let owned = operation.owned();
+    Box::pin(async move {
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout_at(deadline, owned.send(&attempt, call)).await {
+            Ok(Ok(sent)) => {
+                let output = owned.complete(sent, attempt, 1, started.elapsed()).await;
+                let _ = tokio::time::timeout_at(deadline, O::Owned::finish(output)).await;
+            }
+            Ok(Err(error)) => attempt.failed(&error).await,
+            Err(_) => attempt.cancelled().await,
+        }
+    })
 }
 
 /// One kind of request.
@@ -44,7 +53,9 @@ pub(crate) trait Operation: Sync {
     /// What a successful send gives.
     type Sent: Send;
     /// What the caller gets.
-    type Output;
+    type Output: Send;
+    /// The same request, owned, to send in the background ([`shadow`]).
+    type Owned: Operation<Output = Self::Output> + Send + 'static;
 
     /// The model group asked for.
     fn model(&self) -> &str;
@@ -59,11 +70,11 @@ pub(crate) trait Operation: Sync {
     fn fingerprint(&self) -> u64;
     /// Sends it to the attempt's deployment.
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent>;
-    /// A copy of the request, sent on `attempt` in the background until `deadline`, for the
-    /// deployment's latency alone: the answer is dropped (a stream is read to its end, so that
-    /// its outcome is recorded like a caller's).
-    fn shadow(&self, attempt: Attempt, call: CallOptions, deadline: tokio::time::Instant)
-    -> Shadow;
+    /// The same request, owned.
+    fn owned(&self) -> Self::Owned;
+    /// Ends an answer nobody waits for (a shadow probe's): a stream is read to its end, so that
+    /// its outcome is recorded as a caller's would be.
+    fn finish(output: Self::Output) -> impl Future<Output = ()> + Send;
     /// The caller's answer, ending the attempt (a stream keeps it until the stream ends).
     fn complete(
         &self,
@@ -146,15 +157,22 @@ fn renamed<'a, R: Named>(request: &'a R, deployment: &str) -> Cow<'a, R> {
     Cow::Owned(copy)
 }
 
-/// A plain request by reference.
-pub(crate) struct Once<'r, R>(pub(crate) &'r R);
+/// A plain request, by reference (a caller's) or owned (a shadow probe's).
+pub(crate) struct Once<'r, R: Clone>(pub(crate) Cow<'r, R>);
+
+impl<'r, R: Clone> Once<'r, R> {
+    pub(crate) fn of(request: &'r R) -> Self {
+        Self(Cow::Borrowed(request))
+    }
+}
 
 impl<R: Plain + 'static> Operation for Once<'_, R> {
     type Sent = Reply<R::Response>;
     type Output = Routed<R::Response>;
+    type Owned = Once<'static, R>;
 
     fn model(&self) -> &str {
-        self.0.model()
+        self.0.as_ref().model()
     }
 
     fn class(&self) -> LatencyClass {
@@ -162,42 +180,30 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
     }
 
     fn estimate(&self, expected: u32) -> Estimate {
-        self.0.estimate(expected)
+        self.0.as_ref().estimate(expected)
     }
 
     fn output_hint(&self, expected: u32) -> u32 {
-        self.0.output_hint(expected)
+        self.0.as_ref().output_hint(expected)
     }
 
     fn fingerprint(&self) -> u64 {
-        fingerprint(self.0)
+        fingerprint(self.0.as_ref())
     }
 
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {
         let deployment = std::sync::Arc::clone(attempt.deployment());
         Box::pin(async move {
-            let request = renamed(self.0, &deployment.name);
+            let request = renamed(self.0.as_ref(), &deployment.name);
             R::call(deployment.backend.as_ref(), &request, &call).await
         })
     }
 
-    fn shadow(
-        &self,
-        attempt: Attempt,
-        call: CallOptions,
-        deadline: tokio::time::Instant,
-    ) -> Shadow {
-        let request = self.0.clone();
-        Box::pin(async move {
-            let once = Once(&request);
-            let started = tokio::time::Instant::now();
-            let sent = tokio::time::timeout_at(deadline, once.send(&attempt, call)).await;
-            probe_ended(attempt, sent, async |reply, attempt| {
-                once.complete(reply, attempt, 1, started.elapsed()).await;
-            })
-            .await;
-        })
+    fn owned(&self) -> Self::Owned {
+        Once(Cow::Owned(self.0.as_ref().clone()))
     }
+
+    async fn finish(_: Self::Output) {}
 
     async fn complete(
         &self,
@@ -305,8 +311,14 @@ impl Plain for CompletionRequest {
     }
 }
 
-/// A streamed chat completion.
-pub(crate) struct Streamed<'r>(pub(crate) &'r ChatCompletionRequest);
+/// A streamed chat completion, by reference (a caller's) or owned (a shadow probe's).
+pub(crate) struct Streamed<'r>(pub(crate) Cow<'r, ChatCompletionRequest>);
+
+impl<'r> Streamed<'r> {
+    pub(crate) fn of(request: &'r ChatCompletionRequest) -> Self {
+        Self(Cow::Borrowed(request))
+    }
+}
 
 impl Streamed<'_> {
     /// Whether the router asks for the usage chunk (to account the stream's tokens) where the
@@ -321,6 +333,7 @@ impl Streamed<'_> {
 impl Operation for Streamed<'_> {
     type Sent = Opened;
     type Output = RouterStream;
+    type Owned = Streamed<'static>;
 
     fn model(&self) -> &str {
         &self.0.model
@@ -331,7 +344,7 @@ impl Operation for Streamed<'_> {
     }
 
     fn estimate(&self, expected: u32) -> Estimate {
-        estimate::chat(self.0, expected)
+        estimate::chat(&self.0, expected)
     }
 
     fn output_hint(&self, expected: u32) -> u32 {
@@ -339,14 +352,14 @@ impl Operation for Streamed<'_> {
     }
 
     fn fingerprint(&self) -> u64 {
-        fingerprint(self.0)
+        fingerprint(self.0.as_ref())
     }
 
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {
         let deployment = std::sync::Arc::clone(attempt.deployment());
         let inject = self.injects_usage(attempt);
         Box::pin(async move {
-            let mut request = renamed(self.0, &deployment.name);
+            let mut request = renamed(self.0.as_ref(), &deployment.name);
             if inject {
                 request
                     .to_mut()
@@ -358,37 +371,22 @@ impl Operation for Streamed<'_> {
         })
     }
 
-    fn shadow(
-        &self,
-        attempt: Attempt,
-        call: CallOptions,
-        deadline: tokio::time::Instant,
-    ) -> Shadow {
-        let request = self.0.clone();
-        Box::pin(async move {
-            let streamed = Streamed(&request);
-            let started = tokio::time::Instant::now();
-            let sent = tokio::time::timeout_at(deadline, streamed.send(&attempt, call)).await;
-            probe_ended(attempt, sent, async |opened, attempt| {
-                let mut stream = streamed
-                    .complete(opened, attempt, 1, started.elapsed())
-                    .await;
-                // To its end (or the deadline, which the backend's call options carry): its
-                // outcome is recorded as a caller's stream's would be.
-                let drained = std::future::poll_fn(|cx| {
-                    use futures_core::Stream as _;
-                    loop {
-                        match Pin::new(&mut stream).poll_next(cx) {
-                            std::task::Poll::Ready(Some(_)) => {}
-                            std::task::Poll::Ready(None) => return std::task::Poll::Ready(()),
-                            std::task::Poll::Pending => return std::task::Poll::Pending,
-                        }
-                    }
-                });
-                let _ = tokio::time::timeout_at(deadline, drained).await;
-            })
-            .await;
+    fn owned(&self) -> Self::Owned {
+        Streamed(Cow::Owned(self.0.as_ref().clone()))
+    }
+
+    async fn finish(mut stream: RouterStream) {
+        std::future::poll_fn(|cx| {
+            use futures_core::Stream as _;
+            loop {
+                match Pin::new(&mut stream).poll_next(cx) {
+                    std::task::Poll::Ready(Some(_)) => {}
+                    std::task::Poll::Ready(None) => return std::task::Poll::Ready(()),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
         })
+        .await;
     }
 
     async fn complete(

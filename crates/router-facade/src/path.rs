@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use router_core::{
-    Admission, Ask, CallOptions, Charge, Error, ErrorKind, LatencyClass, NothingEligible, Reason,
-    Rng, Selection, Slot, select,
+    Admission, Ask, CallOptions, Charge, Error, ErrorKind, InFlightGuard, LatencyClass,
+    NothingEligible, Reason, Rng, Selection, Slot, select,
 };
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -138,7 +138,9 @@ async fn serve<O: Operation>(
         if let Some((probe, deadline)) = path.shadow_probe().await {
             let call = CallOptions::default().with_deadline(deadline.into_std());
             let span = path.span(probe.deployment());
-            tokio::spawn(operation.shadow(probe, call, deadline).instrument(span));
+            tokio::spawn(
+                crate::operation::shadow(operation, probe, call, deadline).instrument(span),
+            );
         }
         let span = path.span(attempt.deployment());
         let started = Instant::now();
@@ -471,16 +473,27 @@ impl<'r> Path<'r> {
                 attempt = self.count,
                 "picked"
             );
-            let rng = Rng::with_seed(self.rng.fork_seed());
-            return Ok(Attempt::new(
-                deployment,
-                slot,
-                self.class,
-                self.live.settings.health,
-                rng,
-                reservation,
-            ));
+            return Ok(self.attempt(deployment, slot, reservation));
         }
+    }
+
+    /// An attempt of this request on `deployment`, holding its `slot` and `reservation`, with
+    /// a generator forked from the request's (so that a seeded router replays exactly).
+    fn attempt(
+        &mut self,
+        deployment: Arc<Deployment>,
+        slot: InFlightGuard,
+        reservation: Option<Reservation>,
+    ) -> Attempt {
+        let rng = Rng::with_seed(self.rng.fork_seed());
+        Attempt::new(
+            deployment,
+            slot,
+            self.class,
+            self.live.settings.health,
+            rng,
+            reservation,
+        )
     }
 
     /// The attempt of a shadow probe the last selection owed (a copy of this request, sent in
@@ -498,15 +511,7 @@ impl<'r> Path<'r> {
             endpoint = %deployment.endpoint,
             "probing a starved deployment with a copy of the request"
         );
-        let rng = Rng::with_seed(self.rng.fork_seed());
-        let attempt = Attempt::new(
-            deployment,
-            slot,
-            self.class,
-            self.live.settings.health,
-            rng,
-            reservation,
-        );
+        let attempt = self.attempt(deployment, slot, reservation);
         Some((attempt, Instant::now() + self.live.settings.request_timeout))
     }
 

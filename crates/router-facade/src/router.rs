@@ -137,7 +137,7 @@ impl Router {
         request: &ChatCompletionRequest,
         options: &RequestOptions,
     ) -> Result<Routed<ChatCompletionResponse>, Error> {
-        run(&self.shared, Once(request), options).await
+        run(&self.shared, Once::of(request), options).await
     }
 
     /// Embeddings.
@@ -155,7 +155,7 @@ impl Router {
         request: &EmbeddingRequest,
         options: &RequestOptions,
     ) -> Result<Routed<EmbeddingResponse>, Error> {
-        run(&self.shared, Once(request), options).await
+        run(&self.shared, Once::of(request), options).await
     }
 
     /// A legacy completion (not streamed).
@@ -173,7 +173,7 @@ impl Router {
         request: &CompletionRequest,
         options: &RequestOptions,
     ) -> Result<Routed<CompletionResponse>, Error> {
-        run(&self.shared, Once(request), options).await
+        run(&self.shared, Once::of(request), options).await
     }
 
     /// A streamed chat completion. Fails over to another deployment until the first content
@@ -194,7 +194,7 @@ impl Router {
         request: &ChatCompletionRequest,
         options: &RequestOptions,
     ) -> Result<RouterStream, Error> {
-        run(&self.shared, Streamed(request), options).await
+        run(&self.shared, Streamed::of(request), options).await
     }
 }
 

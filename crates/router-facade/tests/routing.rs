@@ -688,16 +688,34 @@ async fn closed_loop(
     seconds: u64,
     origin: tokio::time::Instant,
 ) -> Vec<(f64, String)> {
+    closed_loop_of(router, callers, seconds, origin, |router| async move {
+        router.chat(&request()).await.unwrap().endpoint.to_string()
+    })
+    .await
+}
+
+/// Callers in a closed loop for `seconds`, each making `call` (which answers the endpoint that
+/// served) again as soon as the last returned: every call's start and its endpoint.
+async fn closed_loop_of<F, Call>(
+    router: &Router,
+    callers: usize,
+    seconds: u64,
+    origin: tokio::time::Instant,
+    call: F,
+) -> Vec<(f64, String)>
+where
+    F: Fn(Router) -> Call + Clone + Send + 'static,
+    Call: Future<Output = String> + Send,
+{
     let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for _ in 0..callers {
-        let router = router.clone();
+        let (router, call) = (router.clone(), call.clone());
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             while tokio::time::Instant::now() < end {
                 let at = origin.elapsed().as_secs_f64();
-                let answer = router.chat(&request()).await.unwrap();
-                seen.push((at, answer.endpoint.to_string()));
+                seen.push((at, call(router.clone()).await));
             }
             seen
         }));
@@ -789,29 +807,15 @@ async fn closed_loop_streams(
     seconds: u64,
     origin: tokio::time::Instant,
 ) -> Vec<(f64, String)> {
-    let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let router = router.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while tokio::time::Instant::now() < end {
-                let at = origin.elapsed().as_secs_f64();
-                let mut stream = router.chat_stream(&request()).await.unwrap();
-                let endpoint = stream.endpoint().to_string();
-                while let Some(chunk) = stream.next().await {
-                    chunk.unwrap();
-                }
-                seen.push((at, endpoint));
-            }
-            seen
-        }));
-    }
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    all
+    closed_loop_of(router, callers, seconds, origin, |router| async move {
+        let mut stream = router.chat_stream(&request()).await.unwrap();
+        let endpoint = stream.endpoint().to_string();
+        while let Some(chunk) = stream.next().await {
+            chunk.unwrap();
+        }
+        endpoint
+    })
+    .await
 }
 
 /// Shadow probes of streams: the copy is read to its end in the background, its time to first

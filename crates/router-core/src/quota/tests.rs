@@ -266,6 +266,55 @@ enum Op {
     Wait(u64),
 }
 
+/// Applies `ops` to `store`'s deployment `d` under `l` from `t0`: each admission's time and
+/// the tokens it kept in the end (its estimate, what it settled at, or nothing when released),
+/// in the order admitted; and the tokens left after each op.
+fn apply(
+    store: &MemoryStore,
+    l: &Limits,
+    ops: &[Op],
+    t0: Instant,
+) -> (Vec<(Instant, f64)>, Vec<f64>) {
+    let mut now = t0;
+    // Open: (ticket, cost, index into kept).
+    let mut open: Vec<(u64, u64, usize)> = Vec::new();
+    let mut kept: Vec<(Instant, f64)> = Vec::new();
+    let mut levels = Vec::new();
+    for op in ops {
+        match *op {
+            Op::Reserve(cost) => {
+                if let Admission::Admitted { ticket, .. } =
+                    store.reserve_now("d", l, charge(cost), now)
+                {
+                    open.push((ticket, cost, kept.len()));
+                    kept.push((now, cost as f64));
+                }
+            }
+            Op::Settle { which, used_share } if !open.is_empty() => {
+                let (ticket, cost, index) = open.swap_remove(which % open.len());
+                let used = (cost as f64 * used_share).round() as i64;
+                let back = cost.cast_signed() - used;
+                let settlement = Settlement {
+                    ticket,
+                    tokens_back: back,
+                    ..Settlement::default()
+                };
+                store.settle_now("d", l, settlement, now);
+                kept[index].1 = used as f64;
+            }
+            Op::Release(which) if !open.is_empty() => {
+                let (ticket, cost, index) = open.swap_remove(which % open.len());
+                store.settle_now("d", l, Settlement::release(ticket, charge(cost)), now);
+                kept[index].1 = 0.0;
+            }
+            Op::Wait(ms) => now += Duration::from_millis(ms),
+            _ => {}
+        }
+        levels.push(store.tokens_level("d", l, now).unwrap_or_default());
+    }
+    (kept, levels)
+}
+
 fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
     use proptest::prelude::Strategy as _;
     proptest::prop_oneof![
@@ -292,34 +341,8 @@ proptest! {
         let l = Limits { window: Duration::from_millis(window_ms), ..limits(60_000 * 1_000 / window_ms) };
         let capacity = l.tokens().unwrap().capacity;
         let t0 = Instant::now();
-        let mut now = t0;
-        // Open: (ticket, cost, index into kept). Kept: when admitted, tokens kept.
-        let mut open: Vec<(u64, u64, usize)> = Vec::new();
-        let mut kept: Vec<(Instant, f64)> = Vec::new();
-        for op in ops {
-            match op {
-                Op::Reserve(cost) => {
-                    if let Admission::Admitted { ticket, .. } = store.reserve_now("d", &l, charge(cost), now) {
-                        open.push((ticket, cost, kept.len()));
-                        kept.push((now, cost as f64));
-                    }
-                }
-                Op::Settle { which, used_share } if !open.is_empty() => {
-                    let (ticket, cost, index) = open.swap_remove(which % open.len());
-                    let used = (cost as f64 * used_share).round() as i64;
-                    let back = cost.cast_signed() - used;
-                    store.settle_now("d", &l, Settlement { ticket, tokens_back: back, ..Settlement::default() }, now);
-                    kept[index].1 = used as f64;
-                }
-                Op::Release(which) if !open.is_empty() => {
-                    let (ticket, cost, index) = open.swap_remove(which % open.len());
-                    store.settle_now("d", &l, Settlement::release(ticket, charge(cost)), now);
-                    kept[index].1 = 0.0;
-                }
-                Op::Wait(ms) => now += Duration::from_millis(ms),
-                _ => {}
-            }
-            let level = store.tokens_level("d", &l, now).unwrap();
+        let (kept, levels) = apply(&store, &l, &ops, t0);
+        for level in levels {
             prop_assert!(level >= -1e-6, "negative: {level}");
             prop_assert!(level <= capacity + 1e-6, "over capacity: {level}");
         }
@@ -443,33 +466,7 @@ proptest! {
         let store = MemoryStore::new();
         let l = provisioned(tpm, Duration::from_millis(window_ms));
         let shape = l.tokens().unwrap();
-        let mut now = Instant::now();
-        let mut open: Vec<(u64, u64, usize)> = Vec::new();
-        let mut kept: Vec<(Instant, f64)> = Vec::new();
-        for op in ops {
-            match op {
-                Op::Reserve(cost) => {
-                    if let Admission::Admitted { ticket, .. } = store.reserve_now("d", &l, charge(cost), now) {
-                        open.push((ticket, cost, kept.len()));
-                        kept.push((now, cost as f64));
-                    }
-                }
-                Op::Settle { which, used_share } if !open.is_empty() => {
-                    let (ticket, cost, index) = open.swap_remove(which % open.len());
-                    let used = (cost as f64 * used_share).round() as i64;
-                    let back = cost.cast_signed() - used;
-                    store.settle_now("d", &l, Settlement { ticket, tokens_back: back, ..Settlement::default() }, now);
-                    kept[index].1 = used as f64;
-                }
-                Op::Release(which) if !open.is_empty() => {
-                    let (ticket, cost, index) = open.swap_remove(which % open.len());
-                    store.settle_now("d", &l, Settlement::release(ticket, charge(cost)), now);
-                    kept[index].1 = 0.0;
-                }
-                Op::Wait(ms) => now += Duration::from_millis(ms),
-                _ => {}
-            }
-        }
+        let (kept, _) = apply(&store, &l, &ops, Instant::now());
         // The upstream's utilisation just before each admission, in the order admitted.
         let mut level = 0.0_f64;
         let mut last: Option<Instant> = None;
