@@ -54,6 +54,10 @@ impl Settings {
 
     /// The groups a request for `model` falls back to, in order.
     pub(crate) fn fallbacks(&self, model: &str) -> &[String] {
+        if self.fallbacks.is_empty() {
+            // No hashing of the model on every request of a router without fallbacks.
+            return &[];
+        }
         self.fallbacks.get(model).map_or(&[], Vec::as_slice)
     }
 
