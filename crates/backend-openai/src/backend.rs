@@ -125,13 +125,18 @@ impl OpenAiBackend {
                 .map(|(name, value)| (name.as_str(), value.as_bytes())),
             SystemTime::now(),
         );
-        let request_id = ["x-request-id", "apim-request-id"]
-            .iter()
-            .find_map(|name| response.headers().get(*name)?.to_str().ok())
-            .map(str::to_owned);
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
         let mut meta = ResponseMeta::new(status);
         meta.rate_limits = rate_limits;
-        meta.request_id = request_id;
+        meta.request_id = header("x-request-id").or_else(|| header("apim-request-id"));
+        meta.region = header("x-ms-region");
+        meta.model_session = header("azureml-model-session");
         meta.time_to_headers = time_to_headers;
 
         if !response.status().is_success() {

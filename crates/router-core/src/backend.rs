@@ -97,6 +97,10 @@ pub struct ResponseMeta {
     pub rate_limits: RateLimitInfo,
     /// The upstream's request id (`x-request-id` or `apim-request-id`).
     pub request_id: Option<String>,
+    /// The Azure region that served (`x-ms-region`).
+    pub region: Option<String>,
+    /// The Azure model session (`azureml-model-session`), which names the model instance.
+    pub model_session: Option<String>,
     /// From sending the request to the answer's headers.
     pub time_to_headers: Duration,
     /// From sending the request to the end of the body (non-streamed answers).

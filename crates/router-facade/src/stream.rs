@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
-use router_core::{ChatStream, EndpointId, Error, Event, RateLimitInfo};
+use router_core::{ChatStream, EndpointId, Error, Event, RateLimitInfo, ResponseMeta};
 use router_types::ChatCompletionChunk;
 
 use crate::attempt::Attempt;
@@ -30,6 +30,7 @@ pub struct RouterStream {
     attempt: Option<Attempt>,
     endpoint: EndpointId,
     model: String,
+    meta: ResponseMeta,
     attempts: u32,
     /// The router asked for the usage chunk; the caller did not: drop it.
     strip_usage: bool,
@@ -90,6 +91,7 @@ impl RouterStream {
             info: stream.meta().rate_limits.clone(),
             endpoint: attempt.deployment().endpoint.clone(),
             model: attempt.deployment().model.clone(),
+            meta: stream.meta().clone(),
             held,
             inner: Some(stream),
             attempt: Some(attempt),
@@ -112,6 +114,12 @@ impl RouterStream {
     /// ([`RouterBuilder::fallbacks`](crate::RouterBuilder::fallbacks)).
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// The answering attempt's status, headers (rate limits, the upstream's request id, Azure's
+    /// region and model session) and time to headers.
+    pub fn meta(&self) -> &ResponseMeta {
+        &self.meta
     }
 
     /// Attempts made to open it, this one included.

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use router_facade::types::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
-use router_facade::{RequestOptions, Router};
+use router_facade::{RequestOptions, ResponseMeta, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -136,23 +136,36 @@ async fn chat_answer(
     if request.is_stream() {
         let stream = state.router.chat_stream_with(request, &options).await?;
         state.metrics.retried(stream.attempts());
-        let model = stream.model().to_owned();
+        let (model, meta) = (stream.model().to_owned(), stream.meta().clone());
         let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
-        return Ok(served_by(relayed, &model));
+        return Ok(served_by(relayed, &model, &meta));
     }
     let answer = state.router.chat_with(request, &options).await?;
     state.metrics.retried(answer.attempts);
-    Ok(served_by(json(&answer.body), &answer.model))
+    Ok(served_by(json(&answer.body), &answer.model, &answer.meta))
 }
 
-/// Names the model group that served an answer (`x-openai-router-model`): the one asked for,
-/// or a fallback.
-fn served_by(mut response: Response, model: &str) -> Response {
-    if let Ok(value) = HeaderValue::from_str(model) {
-        response.headers_mut().insert(SERVED_BY, value);
+/// Says where an answer came from: the model group that served it (`x-openai-router-model`,
+/// the one asked for or a fallback), and what the upstream said of itself: its request id
+/// (`x-openai-router-upstream-request-id`, OpenAI's `x-request-id` or Azure's
+/// `apim-request-id`), and Azure's `x-ms-region` and `azureml-model-session` as sent.
+fn served_by(mut response: Response, model: &str, meta: &ResponseMeta) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (SERVED_BY, Some(model)),
+        (UPSTREAM_REQUEST_ID, meta.request_id.as_deref()),
+        ("x-ms-region", meta.region.as_deref()),
+        ("azureml-model-session", meta.model_session.as_deref()),
+    ] {
+        if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.insert(name, value);
+        }
     }
     response
 }
+
+/// The header naming the upstream's request id.
+const UPSTREAM_REQUEST_ID: &str = "x-openai-router-upstream-request-id";
 
 /// The header naming the model group that served.
 const SERVED_BY: &str = "x-openai-router-model";
@@ -167,7 +180,7 @@ async fn embeddings(
             let options = state.options(&headers, &request.model)?;
             let answer = state.router.embeddings_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);
-            Ok::<_, ApiError>(served_by(json(&answer.body), &answer.model))
+            Ok::<_, ApiError>(served_by(json(&answer.body), &answer.model, &answer.meta))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -191,7 +204,7 @@ async fn completions(
             }
             let answer = state.router.completions_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);
-            Ok(served_by(json(&answer.body), &answer.model))
+            Ok(served_by(json(&answer.body), &answer.model, &answer.meta))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);

@@ -502,6 +502,42 @@ async fn fallbacks_through_the_official_python_client() {
     );
 }
 
+/// Answers say where they came from: the model group, the upstream's request id, and Azure's
+/// region and model session, on plain answers and streams.
+#[tokio::test]
+async fn answers_carry_the_upstream_s_identity() {
+    let sim = sim().await;
+    let gateway = start(&sim, "").await;
+    let mut seen = std::collections::HashMap::new();
+    for stream in [false, false, true, true] {
+        let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": stream});
+        let response = post(&gateway, "/v1/chat/completions", Some(GATEWAY_KEY), body).await;
+        assert_eq!(response.status(), 200);
+        let headers = response.headers().clone();
+        let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            header("x-openai-router-model").as_deref(),
+            Some("gpt-4o-mini")
+        );
+        let id = header("x-openai-router-upstream-request-id").unwrap();
+        assert!(id.starts_with("req_sim"), "{id}");
+        let azure = header("x-ms-region").is_some();
+        if azure {
+            assert_eq!(header("x-ms-region").as_deref(), Some("Simulated Region"));
+            assert_eq!(
+                header("azureml-model-session").as_deref(),
+                Some("sim-model-session")
+            );
+        } else {
+            assert_eq!(header("azureml-model-session"), None);
+        }
+        *seen.entry((stream, azure)).or_insert(0) += 1;
+        response.bytes().await.unwrap();
+    }
+    // Round robin: both endpoints, plain and streamed.
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}
+
 async fn model_ids(gateway: &Gateway) -> Vec<String> {
     let models: Value = client()
         .get(format!("{}/v1/models", gateway.base))

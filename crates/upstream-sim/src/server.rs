@@ -729,6 +729,11 @@ impl EndpointState {
         if dialect == SimDialect::Azure {
             insert(headers, "apim-request-id", format!("apim-sim-{seq}"));
             insert(headers, "x-ms-region", "Simulated Region".to_owned());
+            insert(
+                headers,
+                "azureml-model-session",
+                "sim-model-session".to_owned(),
+            );
         }
         let snapshot = snapshot.copied().unwrap_or_else(|| self.peek());
         let (mode, snapshot) = self.limiter().reported(Instant::now(), snapshot);
