@@ -21,31 +21,28 @@ use crate::stream::{Opened, RouterStream, first_content};
 
 type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
 
-/// A shadow probe: a copy of a request sent in the background, for its latency alone.
-pub(crate) type Shadow = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-
-/// A copy of `operation`'s request, sent on `attempt` in the background until `deadline`, for
-/// the deployment's latency alone: answered as the operation completes it (the answer then
-/// finished, [`Operation::finish`], and dropped), failed with the error's effect, or, cut at
-/// its deadline, cancelled (the probe's own budget ran out, not the deployment's fault).
-pub(crate) fn shadow<O: Operation>(
-    operation: &O,
+/// Sends `operation` (a copy of a caller's request, [`Operation::owned`]) on `attempt` until
+/// `deadline`, for the deployment's latency alone: a shadow probe. Answered, it is completed as
+/// a caller's would be (the answer then finished, [`Operation::finish`], and dropped); failed,
+/// the error's effect; cut at its deadline, cancelled (the probe's own budget ran out, not the
+/// deployment's fault).
+pub(crate) async fn shadow<O: Operation>(
+    operation: O,
     attempt: Attempt,
     call: CallOptions,
     deadline: tokio::time::Instant,
-) -> Shadow {
-    let owned = operation.owned();
-    Box::pin(async move {
-        let started = tokio::time::Instant::now();
-        match tokio::time::timeout_at(deadline, owned.send(&attempt, call)).await {
-            Ok(Ok(sent)) => {
-                let output = owned.complete(sent, attempt, 1, started.elapsed()).await;
-                let _ = tokio::time::timeout_at(deadline, O::Owned::finish(output)).await;
-            }
-            Ok(Err(error)) => attempt.failed(&error).await,
-            Err(_) => attempt.cancelled().await,
+) {
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout_at(deadline, operation.send(&attempt, call)).await {
+        Ok(Ok(sent)) => {
+            let output = operation
+                .complete(sent, attempt, 1, started.elapsed())
+                .await;
+            let _ = tokio::time::timeout_at(deadline, O::finish(output)).await;
         }
-    })
+        Ok(Err(error)) => attempt.failed(&error).await,
+        Err(_) => attempt.cancelled().await,
+    }
 }
 
 /// One kind of request.

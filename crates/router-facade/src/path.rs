@@ -97,6 +97,39 @@ pub(crate) async fn run<O: Operation>(
     }
 }
 
+/// A shadow probe on its way: the deployment's in-flight slot, and what its attempt needs.
+struct ShadowProbe {
+    live: Arc<RouterSnapshot>,
+    estimate: Option<Estimate>,
+    deadline: Instant,
+    rng: Rng,
+    class: LatencyClass,
+    deployment: Arc<Deployment>,
+    slot: InFlightGuard,
+}
+
+impl ShadowProbe {
+    /// Reserves its quota and sends `operation`, the request's copy
+    /// ([`operation::shadow`](crate::operation::shadow)); a refused reservation ends it.
+    async fn start<O: Operation>(self, operation: O) {
+        let Ok(reservation) = reserve(&self.live, self.estimate, &self.deployment, now()).await
+        else {
+            return;
+        };
+        let health = self.live.settings.health;
+        let attempt = Attempt::new(
+            self.deployment,
+            self.slot,
+            self.class,
+            health,
+            self.rng,
+            reservation,
+        );
+        let call = CallOptions::default().with_deadline(self.deadline.into_std());
+        crate::operation::shadow(operation, attempt, call, self.deadline).await;
+    }
+}
+
 /// Whether a group's failure sends the request on to a fallback group: the group could not
 /// serve it (no room in time, nothing usable, or its attempts failed for the upstream's
 /// reasons), not the request's own fault and not its deadline.
@@ -135,12 +168,9 @@ async fn serve<O: Operation>(
     path.admit().await.map_err(Unserved::Final)?;
     loop {
         let mut attempt = path.next().await.map_err(Unserved::Group)?;
-        if let Some((probe, deadline)) = path.shadow_probe().await {
-            let call = CallOptions::default().with_deadline(deadline.into_std());
-            let span = path.span(probe.deployment());
-            tokio::spawn(
-                crate::operation::shadow(operation, probe, call, deadline).instrument(span),
-            );
+        if let Some(probe) = path.shadow_probe() {
+            let span = path.span(&probe.deployment);
+            tokio::spawn(probe.start(operation.owned()).instrument(span));
         }
         let span = path.span(attempt.deployment());
         let started = Instant::now();
@@ -496,23 +526,29 @@ impl<'r> Path<'r> {
         )
     }
 
-    /// The attempt of a shadow probe the last selection owed (a copy of this request, sent in
-    /// the background, [`Strategy::probe`](router_core::Strategy::probe)), with its deadline:
-    /// `None` when none is owed, or the deployment cannot take it now (its one half-open slot
-    /// is taken, or its quota refused).
-    async fn shadow_probe(&mut self) -> Option<(Attempt, Instant)> {
+    /// The shadow probe the last selection owed (a copy of this request, sent in the
+    /// background, [`Strategy::probe`](router_core::Strategy::probe)), holding the
+    /// deployment's in-flight slot: `None` when none is owed, or its one half-open slot is
+    /// taken. Its quota is reserved in the background too ([`ShadowProbe::start`]), so that
+    /// the caller's request waits for no store on its account.
+    fn shadow_probe(&mut self) -> Option<ShadowProbe> {
         let index = self.buffers.take_probe()?;
         let deployment = Arc::clone(&self.group().members[index]);
-        let at = now();
-        let slot = deployment.state.try_start(at)?;
-        let reservation = self.reserve(&deployment, at).await.ok()?;
+        let slot = deployment.state.try_start(now())?;
         tracing::debug!(
             model = self.model,
             endpoint = %deployment.endpoint,
             "probing a starved deployment with a copy of the request"
         );
-        let attempt = self.attempt(deployment, slot, reservation);
-        Some((attempt, Instant::now() + self.live.settings.request_timeout))
+        Some(ShadowProbe {
+            live: Arc::clone(&self.live),
+            estimate: self.estimate,
+            deadline: Instant::now() + self.live.settings.request_timeout,
+            rng: Rng::with_seed(self.rng.fork_seed()),
+            class: self.class,
+            deployment,
+            slot,
+        })
     }
 
     /// Reserves the request's cost on `deployment` when it is accounted; `Err` when the store
@@ -522,58 +558,7 @@ impl<'r> Path<'r> {
         deployment: &Deployment,
         at: std::time::Instant,
     ) -> Result<Option<Reservation>, ()> {
-        let store = &self.live.store;
-        let Some(estimate) = self
-            .estimate
-            .filter(|_| deployment.accounts(store.as_ref()))
-            .map(|estimate| estimate.scaled(deployment.state.prompt_ratio()))
-        else {
-            return Ok(None);
-        };
-        let limits = deployment.quota_limits();
-        match store
-            .reserve(&deployment.key, &limits, estimate.charge, at)
-            .await
-        {
-            Ok(Admission::Admitted {
-                tokens_left,
-                requests_left,
-                learned,
-                ticket,
-            }) => {
-                deployment.state.set_admits(learned);
-                deployment
-                    .state
-                    .quota
-                    .update(tokens_left, requests_left, at);
-                Ok(Some(Reservation::new(
-                    Arc::clone(store),
-                    Arc::clone(&deployment.key),
-                    limits,
-                    ticket,
-                    estimate,
-                    self.live.settings.accounting,
-                )))
-            }
-            Ok(Admission::Denied {
-                retry_after,
-                cooling,
-            }) => {
-                // At least a millisecond, so that selecting again cannot pick it at once.
-                let wait = retry_after.max(Duration::from_millis(1));
-                if cooling {
-                    deployment.state.cool_down_shared(wait, at);
-                } else {
-                    deployment.state.quota.block(wait, at);
-                }
-                Err(())
-            }
-            Err(error) => {
-                // A store that fails must not fail the request: route on the local view.
-                tracing::debug!(key = %deployment.key, %error, "quota store unavailable; not reserving");
-                Ok(None)
-            }
-        }
+        reserve(&self.live, self.estimate, deployment, at).await
     }
 
     /// Waits in the group's lane for the soonest recovery when the request could still be
@@ -841,6 +826,68 @@ impl<'r> Path<'r> {
             ),
         )
         .with_retry_after(at.saturating_duration_since(now()))
+    }
+}
+
+/// Reserves a request's `estimate` on `deployment` when it is accounted: `Ok(None)` when it is
+/// not (or the store failed: the request must not fail for it), `Err` when the store refused
+/// (and the deployment's view has learned until when).
+async fn reserve(
+    live: &RouterSnapshot,
+    estimate: Option<Estimate>,
+    deployment: &Deployment,
+    at: std::time::Instant,
+) -> Result<Option<Reservation>, ()> {
+    let store = &live.store;
+    let Some(estimate) = estimate
+        .filter(|_| deployment.accounts(store.as_ref()))
+        .map(|estimate| estimate.scaled(deployment.state.prompt_ratio()))
+    else {
+        return Ok(None);
+    };
+    let limits = deployment.quota_limits();
+    match store
+        .reserve(&deployment.key, &limits, estimate.charge, at)
+        .await
+    {
+        Ok(Admission::Admitted {
+            tokens_left,
+            requests_left,
+            learned,
+            ticket,
+        }) => {
+            deployment.state.set_admits(learned);
+            deployment
+                .state
+                .quota
+                .update(tokens_left, requests_left, at);
+            Ok(Some(Reservation::new(
+                Arc::clone(store),
+                Arc::clone(&deployment.key),
+                limits,
+                ticket,
+                estimate,
+                live.settings.accounting,
+            )))
+        }
+        Ok(Admission::Denied {
+            retry_after,
+            cooling,
+        }) => {
+            // At least a millisecond, so that selecting again cannot pick it at once.
+            let wait = retry_after.max(Duration::from_millis(1));
+            if cooling {
+                deployment.state.cool_down_shared(wait, at);
+            } else {
+                deployment.state.quota.block(wait, at);
+            }
+            Err(())
+        }
+        Err(error) => {
+            // A store that fails must not fail the request: route on the local view.
+            tracing::debug!(key = %deployment.key, %error, "quota store unavailable; not reserving");
+            Ok(None)
+        }
     }
 }
 
