@@ -64,7 +64,8 @@ pub struct Routed<T> {
     /// The model group that answered: the one asked for, or a fallback
     /// ([`RouterBuilder::fallbacks`](crate::RouterBuilder::fallbacks)).
     pub model: String,
-    /// Attempts made, this one included.
+    /// Attempts made, this one included, in every group tried (a fallback's and those before
+    /// it).
     pub attempts: u32,
     /// Status, rate-limit headers and timings of the answering attempt.
     pub meta: ResponseMeta,

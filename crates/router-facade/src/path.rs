@@ -56,6 +56,7 @@ pub(crate) async fn run<O: Operation>(
         deadline,
         first: true,
         waits: fallbacks.is_empty(),
+        before: 0,
     };
     let mut next_fallback = 0;
     let mut context_fallback_taken = false;
@@ -63,7 +64,10 @@ pub(crate) async fn run<O: Operation>(
         let error = match serve(shared, &live, &operation, options, leg).await {
             Ok(output) => return Ok(output),
             Err(Unserved::Final(error)) => return Err(error),
-            Err(Unserved::Group(error)) => error,
+            Err(Unserved::Group(error, attempts)) => {
+                leg.before += attempts;
+                error
+            }
         };
         let larger = (error.kind() == ErrorKind::ContextLengthExceeded && !context_fallback_taken)
             .then(|| live.settings.context_fallback(leg.model))
@@ -87,9 +91,9 @@ pub(crate) async fn run<O: Operation>(
                 tracing::debug!(from = leg.model, to = model, %error, "falling back");
                 leg = Leg {
                     model,
-                    deadline,
                     first: false,
                     waits: last,
+                    ..leg
                 };
             }
             _ => return Err(error),
@@ -147,12 +151,15 @@ struct Leg<'r> {
     first: bool,
     /// Whether the request may wait in this group's queue (not when a fallback follows).
     waits: bool,
+    /// Attempts made in the groups before this one.
+    before: u32,
 }
 
 /// Why a group did not serve a request: `Group` when a fallback may (its deployments could
-/// not), `Final` when none may (the router-side limits refused it).
+/// not; with the attempts made there), `Final` when none may (the router-side limits refused
+/// it).
 enum Unserved {
-    Group(Error),
+    Group(Error, u32),
     Final(Error),
 }
 
@@ -167,7 +174,10 @@ async fn serve<O: Operation>(
     let mut path = Path::begin(shared, live, operation, options, leg).map_err(Unserved::Final)?;
     path.admit().await.map_err(Unserved::Final)?;
     loop {
-        let mut attempt = path.next().await.map_err(Unserved::Group)?;
+        let mut attempt = match path.next().await {
+            Ok(attempt) => attempt,
+            Err(error) => return Err(Unserved::Group(error, path.count)),
+        };
         if let Some(probe) = path.shadow_probe() {
             let span = path.span(&probe.deployment);
             tokio::spawn(probe.start(operation.owned()).instrument(span));
@@ -184,11 +194,16 @@ async fn serve<O: Operation>(
         match sent {
             Ok(sent) => {
                 attempt.hold(path.permit.take());
+                let attempts = leg.before + path.count;
                 return Ok(operation
-                    .complete(sent, attempt, path.count, started.elapsed())
+                    .complete(sent, attempt, attempts, started.elapsed())
                     .await);
             }
-            Err(error) => path.failed(attempt, error).await.map_err(Unserved::Group)?,
+            Err(error) => {
+                if let Err(error) = path.failed(attempt, error).await {
+                    return Err(Unserved::Group(error, path.count));
+                }
+            }
         }
     }
 }

@@ -122,7 +122,7 @@ impl RouterStream {
         &self.meta
     }
 
-    /// Attempts made to open it, this one included.
+    /// Attempts made to open it, this one included, in every group tried.
     pub fn attempts(&self) -> u32 {
         self.attempts
     }

@@ -63,6 +63,7 @@ async fn a_group_that_cannot_serve_falls_back_in_order_within_the_deadline() {
     let answer = router.chat(&request("big")).await.unwrap();
     assert_eq!(answer.model, "mini");
     assert_eq!(answer.endpoint.as_str(), "ep1");
+    assert_eq!(answer.attempts, 2, "big's one deployment, then mini's");
     // Streams too.
     let mut stream = router.chat_stream(&request("big")).await.unwrap();
     assert_eq!(stream.model(), "mini");
