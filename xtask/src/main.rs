@@ -6,7 +6,8 @@
 //!   alone (`cargo hack check --each-feature --no-dev-deps`), and `cargo deny` (bans, licenses,
 //!   sources). The tests include the architecture checks (`arch.rs`: dependency edges as
 //!   ARCHITECTURE.md draws them, no import circles). Tools it needs and can install from the
-//!   crate registry (`cargo-deny`, `cargo-nextest`, `cargo-hack`) are installed when missing.
+//!   crate registry (`cargo-deny`, `cargo-nextest`, `cargo-hack`) are installed when missing,
+//!   and so are Debian's `redis-server`, `nodejs` and `npm` (the Redis and Node client tests).
 //! - `test`: the test suite and the doc tests only.
 //! - `bench [--compare litellm]`: the benchmarks: criterion in `benches/` (pick, overhead; with
 //!   shortened warm-up and measurement), the degradation and quota scenarios
@@ -269,6 +270,7 @@ fn run() -> Result<()> {
             ensure_tool("cargo-deny", "deny", "cargo-deny")?;
             ensure_tool("cargo-hack", "hack", "cargo-hack")?;
             ensure_redis()?;
+            ensure_node()?;
             let [example_a, example_b, example_c] = EXAMPLES;
             run_steps(&[
                 FMT, CLIPPY, NEXTEST, DOCTEST, RUSTDOC, example_a, example_b, example_c, DEMO,
@@ -278,6 +280,7 @@ fn run() -> Result<()> {
         "test" => {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
             ensure_redis()?;
+            ensure_node()?;
             run_steps(&[NEXTEST, DOCTEST])
         }
         "bench" => {
@@ -373,6 +376,25 @@ fn ensure_redis() -> Result<()> {
         return Ok(());
     }
     install_debian(&["redis-server"], "redis-server (for the Redis tests)")
+}
+
+/// The gateway's Node client test runs the official `openai` npm package: install Debian's
+/// Node.js and npm when either is missing and this is root on a Debian-like machine;
+/// otherwise say how.
+fn ensure_node() -> Result<()> {
+    let works = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("node") && works("npm") {
+        return Ok(());
+    }
+    install_debian(
+        &["nodejs", "npm"],
+        "Node.js and npm (for the Node client test)",
+    )
 }
 
 /// The Python of a venv under `target/` holding the pinned `LiteLLM`: created, and installed

@@ -474,10 +474,9 @@ async fn the_official_python_client() {
     assert_no_secret(&logs, &[UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY, OPEN_KEY]);
 }
 
-/// `[router.fallbacks]` through the official client: `gpt-4o`, served only by an endpoint
-/// that answers 503, falls back to `gpt-4o-mini`, and the answer's header says so.
-#[tokio::test]
-async fn fallbacks_through_the_official_python_client() {
+/// The usual gateway, plus `gpt-4o` served only by an endpoint that answers 503, with
+/// `[router.fallbacks]` sending it to `gpt-4o-mini`; the key with no allow-list is `OPEN_KEY`.
+async fn gateway_with_a_fallback() -> (Sim, Sim, Gateway) {
     let sim = sim().await;
     let down = Sim::start(
         5,
@@ -495,11 +494,74 @@ async fn fallbacks_through_the_official_python_client() {
         down.endpoints()[0].openai_base_url()
     );
     let gateway = start(&sim, &extra).await;
+    (sim, down, gateway)
+}
+
+/// `[router.fallbacks]` through the official client: `gpt-4o` falls back to `gpt-4o-mini`,
+/// and the answer's header says so.
+#[tokio::test]
+async fn fallbacks_through_the_official_python_client() {
+    let (_sim, down, gateway) = gateway_with_a_fallback().await;
     run_python(&gateway, "fallback", OPEN_KEY).await;
     assert!(
         down.endpoints()[0].counters().requests >= 2,
         "gpt-4o was tried before falling back"
     );
+}
+
+/// A folder holding the official `openai` npm package (v4: it runs on Debian's Node.js 18 as
+/// on newer ones) and the Node client script, installed from the npm registry when missing.
+fn node_client() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-openai");
+    let node = std::process::Command::new("node").arg("--version").output();
+    assert!(
+        node.is_ok_and(|o| o.status.success()),
+        "node not found: `cargo xtask ci` installs Debian's nodejs and npm"
+    );
+    if !dir.join("node_modules/openai/package.json").is_file() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let installed = std::process::Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ])
+            .arg(&dir)
+            .arg("openai@4")
+            .status()
+            .unwrap();
+        assert!(installed.success(), "npm install openai@4 failed");
+    }
+    let script = dir.join("client.mjs");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/client.mjs"),
+        &script,
+    )
+    .unwrap();
+    script
+}
+
+/// The official `openai` npm package against the gateway: chat, a stream with its usage,
+/// embeddings, a fallback's header, and the typed error of a wrong key.
+#[tokio::test]
+async fn the_official_node_client() {
+    let (_sim, _down, gateway) = gateway_with_a_fallback().await;
+    let output = Command::new("node")
+        .arg(node_client())
+        .env("OPENAI_BASE_URL", format!("{}/v1", gateway.base))
+        .env("OPENAI_API_KEY", OPEN_KEY)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the node client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("ok node"));
 }
 
 /// Answers say where they came from: the model group, the upstream's request id, and Azure's
