@@ -438,6 +438,9 @@ impl<'r> Path<'r> {
     /// has passed.
     async fn next(&mut self) -> Result<Attempt, Error> {
         if Instant::now() >= self.deadline {
+            if self.last_error.is_none() {
+                return Err(self.out_of_time());
+            }
             return Err(self.give_up());
         }
         let settings = &self.live.settings;
@@ -462,8 +465,20 @@ impl<'r> Path<'r> {
                 class: self.class,
                 charge: self.charge(),
             };
-            let nothing = router_core::soonest(&slots, |_| false, ask, now());
+            let mut nothing = router_core::soonest(&slots, |_| false, ask, now());
+            let usable = slots.iter().any(|slot| {
+                !matches!(
+                    slot.state.availability(now()),
+                    router_core::Availability::Disabled(_)
+                )
+            });
             drop(slots);
+            if nothing.until.is_none() && usable {
+                // Room now, but others are queued for it: the wait is their turns, for quota
+                // (not "all disabled or tried", which `soonest` says when none is out of room).
+                nothing.until = Some(now());
+                nothing.reason = Reason::Quota;
+            }
             let until = nothing.until.map_or_else(Instant::now, Instant::from_std);
             self.may_wait_for(until, nothing)?;
             let model = self.model;
@@ -777,6 +792,31 @@ impl<'r> Path<'r> {
         }
         self.last_error = Some(error);
         Ok(())
+    }
+
+    /// The error when the deadline passed before any attempt was made: the request waited for
+    /// room that came too late (a wake-up later than its turn, on a machine short of CPU). The
+    /// router's throttling with when to retry, when something is still out of room; else the
+    /// deadline's error. Never "no attempt left", which would say every deployment was tried.
+    fn out_of_time(&mut self) -> Error {
+        let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
+        let ask = Ask {
+            class: self.class,
+            charge: self.charge(),
+        };
+        let nothing = router_core::soonest(&slots, |_| false, ask, now());
+        drop(slots);
+        if nothing.until.is_some() {
+            return self.nothing_eligible(nothing);
+        }
+        self.leave_waitlist();
+        Error::with_message(
+            ErrorKind::DeadlineExceeded,
+            format!(
+                "the request's deadline passed before an attempt on `{}` could start",
+                self.model
+            ),
+        )
     }
 
     /// The error when no attempt may follow.

@@ -302,7 +302,9 @@ async fn replicas(
                     .tpm(60_000)
                     .quota_window(Duration::from_secs(1)),
             )
-            .request_timeout(Duration::from_secs(3));
+            // Waits are bounded by the max queue wait (2 s); the deadline leaves a loaded CI
+            // machine slack to run a request that waited its whole turn.
+            .request_timeout(Duration::from_secs(10));
         if let Some(redis) = shared {
             builder = builder.state_store(Arc::new(
                 RedisStore::connect(&redis.url(), options(test))
