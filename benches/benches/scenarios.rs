@@ -25,7 +25,9 @@
 //! Writes `scenarios.json` (summaries and per-second series) to `--out` (default
 //! `target/bench`), which `cargo run -p benches --bin bench-report` turns into tables and
 //! plots. `cargo bench -p benches --bench scenarios [-- --litellm PYTHON] [--only NAME]
-//! [--quick]`; `--only` keeps the runs whose scenario name starts with NAME; `--quick` runs
+//! [--case TEXT] [--quick]`; `--only` keeps the runs whose scenario name starts with NAME,
+//! `--case` those whose cell's description contains TEXT (one quota cell, say, for an A/B:
+//! written to `scenarios-case.json`, never over a full run's results); `--quick` runs
 //! the pressure matrix alone, with short phases (under three minutes without `LiteLLM`).
 //! `cargo xtask bench [--quick] [--compare litellm]` runs it with the rest.
 
@@ -1261,6 +1263,7 @@ struct Args {
     python: Option<PathBuf>,
     out: PathBuf,
     only: Option<String>,
+    case: Option<String>,
     quick: bool,
 }
 
@@ -1269,6 +1272,7 @@ fn args() -> Args {
         python: None,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
         only: None,
+        case: None,
         quick: false,
     };
     let mut it = std::env::args().skip(1);
@@ -1277,6 +1281,7 @@ fn args() -> Args {
             "--litellm" => args.python = it.next().map(PathBuf::from),
             "--out" => args.out = it.next().map(PathBuf::from).expect("--out DIR"),
             "--only" => args.only = it.next(),
+            "--case" => args.case = it.next(),
             "--quick" => args.quick = true,
             // `cargo bench` passes `--bench`; criterion-style filters are not used here.
             _ => {}
@@ -1338,6 +1343,9 @@ fn plan(args: &Args) -> Vec<(Scenario, System)> {
     }
     if let Some(only) = &args.only {
         plan.retain(|(scenario, _)| scenario.name.starts_with(only.as_str()));
+    }
+    if let Some(case) = &args.case {
+        plan.retain(|(scenario, _)| scenario.case.contains(case.as_str()));
     }
     plan
 }
@@ -1416,10 +1424,11 @@ fn main() {
         }
         summaries
     });
-    let path = args.out.join(match (&args.only, args.quick) {
-        (Some(only), _) => format!("scenarios-{only}.json"),
-        (None, true) => "scenarios-quick.json".to_owned(),
-        (None, false) => "scenarios.json".to_owned(),
+    let path = args.out.join(match (&args.only, &args.case, args.quick) {
+        (_, Some(_), _) => "scenarios-case.json".to_owned(),
+        (Some(only), None, _) => format!("scenarios-{only}.json"),
+        (None, None, true) => "scenarios-quick.json".to_owned(),
+        (None, None, false) => "scenarios.json".to_owned(),
     });
     let classic = Scenario::degradation();
     let World::Degrade { at, slowdown, .. } = classic.world else {
