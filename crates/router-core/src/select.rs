@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::quota::{Charge, Limits};
 use crate::rng::Rng;
 use crate::state::{Availability, DeploymentState, LatencyClass};
-use crate::strategy::{Candidate, Strategy, pick_tiered};
+use crate::strategy::{Candidate, Strategy};
 
 /// One deployment as the selector sees it. Deployments must be given sorted by priority.
 #[derive(Debug, Clone, Copy)]
@@ -170,16 +170,18 @@ pub fn select(
     if buffers.candidates.is_empty() {
         fill(buffers, true);
     }
-    if let Some(chosen) = pick_tiered(strategy, &buffers.candidates, now, rng) {
-        // A shadow probe goes only within the tier the strategy was offered.
-        let best = buffers.candidates[0].priority;
-        let tier = buffers
-            .candidates
-            .iter()
-            .take_while(|c| c.priority == best)
-            .count();
+    // The best tier alone is offered to the strategy (as `pick_tiered` does), and a shadow
+    // probe goes only within it: the tier is counted once for both.
+    let best = buffers.candidates.first().map(|c| c.priority);
+    let tier = buffers
+        .candidates
+        .iter()
+        .take_while(|c| Some(c.priority) == best)
+        .count();
+    let offered = &buffers.candidates[..tier];
+    if let Some(chosen) = strategy.pick(offered, now, rng) {
         buffers.probe = strategy
-            .probe(&buffers.candidates[..tier], now, rng)
+            .probe(offered, now, rng)
             .filter(|probe| *probe != chosen)
             .map(|probe| buffers.map[probe]);
         return Ok(buffers.map[chosen]);

@@ -460,19 +460,13 @@ impl<'r> Path<'r> {
         // within a class (a request on a promise stands where it stood when refused).
         if self.place.is_none() && self.count == 0 && self.shared.waitlist.is_busy(self.model) {
             // Only if its turn behind them is expected in time.
-            let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
-            let ask = Ask {
-                class: self.class,
-                charge: self.charge(),
-            };
-            let mut nothing = router_core::soonest(&slots, |_| false, ask, now());
-            let usable = slots.iter().any(|slot| {
+            let mut nothing = self.soonest();
+            let usable = self.group().members.iter().any(|d| {
                 !matches!(
-                    slot.state.availability(now()),
+                    d.state.availability(now()),
                     router_core::Availability::Disabled(_)
                 )
             });
-            drop(slots);
             if nothing.until.is_none() && usable {
                 // Room now, but others are queued for it: the wait is their turns, for quota
                 // (not "all disabled or tried", which `soonest` says when none is out of room).
@@ -799,13 +793,7 @@ impl<'r> Path<'r> {
     /// router's throttling with when to retry, when something is still out of room; else the
     /// deadline's error. Never "no attempt left", which would say every deployment was tried.
     fn out_of_time(&mut self) -> Error {
-        let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
-        let ask = Ask {
-            class: self.class,
-            charge: self.charge(),
-        };
-        let nothing = router_core::soonest(&slots, |_| false, ask, now());
-        drop(slots);
+        let nothing = self.soonest();
         if nothing.until.is_some() {
             return self.nothing_eligible(nothing);
         }
@@ -819,16 +807,21 @@ impl<'r> Path<'r> {
         )
     }
 
+    /// The soonest recovery among all the group's deployments, tried or not, for this request.
+    fn soonest(&self) -> NothingEligible {
+        let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
+        let ask = Ask {
+            class: self.class,
+            charge: self.charge(),
+        };
+        router_core::soonest(&slots, |_| false, ask, now())
+    }
+
     /// The error when no attempt may follow.
     fn give_up(&mut self) -> Error {
         if self.last_error.as_ref().is_some_and(Error::is_rate_limited) {
             // Every deployment this request may still use, and when the soonest recovers.
-            let slots: Vec<Slot<'_>> = self.group().members.iter().map(|d| d.slot()).collect();
-            let ask = Ask {
-                class: self.class,
-                charge: self.charge(),
-            };
-            let nothing = router_core::soonest(&slots, |_| false, ask, now());
+            let nothing = self.soonest();
             return self.nothing_eligible(nothing);
         }
         self.leave_waitlist();
