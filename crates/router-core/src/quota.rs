@@ -489,6 +489,9 @@ fn share_of(limits: &Limits, tokens: f64, requests: f64) -> f64 {
     .fold(0.0_f64, f64::max)
 }
 
+/// The most openings [`Log::openings`] walks to (a bound on the work of one answer).
+pub const MAX_OPENINGS: usize = 4096;
+
 /// In how many parts what a refusal leaves of a window is let go ([`Log::fill_paced`]).
 pub const PACED_STEPS: u32 = 10;
 
@@ -499,6 +502,25 @@ pub fn margin(window: Duration) -> Duration {
 }
 
 impl Log {
+    /// A log holding `marks` (in any order), and, under provisioned throughput, when the
+    /// utilisation already admitted drains (`drained`): what a store that keeps its log
+    /// elsewhere (Redis) rebuilds to walk it ([`openings`](Self::openings)).
+    pub fn from_marks(marks: impl IntoIterator<Item = Mark>, drained: Option<Instant>) -> Self {
+        let mut log = Self {
+            drained,
+            ..Self::default()
+        };
+        for mark in marks {
+            log.hold(
+                mark.ticket,
+                mark.until,
+                (mark.tokens, mark.requests),
+                mark.unseen,
+            );
+        }
+        log
+    }
+
     /// Lets go of every admission that has left the window by `now`.
     pub fn expire(&mut self, now: Instant) {
         while self.marks.front().is_some_and(|mark| mark.until <= now) {
@@ -590,6 +612,34 @@ impl Log {
         };
         self.hold(ticket, until, (tokens, requests), false);
         Ok(self.left(limits))
+    }
+
+    /// When each of the next `n` requests of `charge` would be admitted under `limits`, from
+    /// `now`, if nothing else were admitted or given back meanwhile: each at the first moment
+    /// it fits, after those before it, until `by` (fewer than `n` when some would come
+    /// later). The admissions are walked as they leave, so a window that frees in bursts (a
+    /// sliding log, a fixed window's edge) gives bursts of openings, not an even rate.
+    /// At most [`MAX_OPENINGS`].
+    pub fn openings(
+        &self,
+        limits: &Limits,
+        charge: Charge,
+        n: usize,
+        now: Instant,
+        by: Instant,
+    ) -> Vec<Instant> {
+        let n = n.min(MAX_OPENINGS);
+        let mut log = self.clone();
+        let mut at = now;
+        let mut openings = Vec::with_capacity(n);
+        while openings.len() < n {
+            at += log.wait_for(limits, charge, at);
+            if at > by || log.admit(limits, charge, 0, at).is_err() {
+                break;
+            }
+            openings.push(at);
+        }
+        openings
     }
 
     /// What is left under `limits` (where limited; negative: a large request's debt).
@@ -828,6 +878,25 @@ pub trait StateStore: Send + Sync + fmt::Debug {
         Ok(Learned::FULL)
     }
 
+    /// When each of the next `n` requests of `charge` would fit in the deployment's window
+    /// ([`Log::openings`], under what the store learned, after any shared cooldown), until
+    /// `by`; `None` when the store cannot tell, and the caller estimates from the limits'
+    /// rates. Nothing is reserved.
+    ///
+    /// The default cannot tell.
+    async fn openings(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        n: usize,
+        now: Instant,
+        by: Instant,
+    ) -> Result<Option<Vec<Instant>>, Error> {
+        let _ = (key, limits, charge, n, now, by);
+        Ok(None)
+    }
+
     /// Whether the store is shared right now (a shared store that fell back to local
     /// accounting answers `false`).
     fn is_shared(&self) -> bool {
@@ -985,6 +1054,25 @@ impl MemoryStore {
         });
     }
 
+    /// Openings synchronously ([`StateStore::openings`]).
+    pub fn openings_now(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        n: usize,
+        now: Instant,
+        by: Instant,
+    ) -> Vec<Instant> {
+        let (log, limits, from) = self.with(key, |entry| {
+            entry.log.expire(now);
+            let from = entry.cooling_until.map_or(now, |until| until.max(now));
+            (entry.log.clone(), entry.effective(limits), from)
+        });
+        // Walked outside the lock: the clone is this call's own.
+        log.openings(&limits, charge, n, from, by)
+    }
+
     /// What `key`'s window holds at `now` (tokens, requests), for tests and stats.
     pub fn held(&self, key: &str, now: Instant) -> (f64, f64) {
         self.with(key, |entry| {
@@ -1046,6 +1134,18 @@ impl StateStore for MemoryStore {
         now: Instant,
     ) -> Result<Learned, Error> {
         Ok(self.refused_now(key, limits, wait, now))
+    }
+
+    async fn openings(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        n: usize,
+        now: Instant,
+        by: Instant,
+    ) -> Result<Option<Vec<Instant>>, Error> {
+        Ok(Some(self.openings_now(key, limits, charge, n, now, by)))
     }
 }
 

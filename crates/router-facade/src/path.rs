@@ -474,7 +474,7 @@ impl<'r> Path<'r> {
                 nothing.reason = Reason::Quota;
             }
             let until = nothing.until.map_or_else(Instant::now, Instant::from_std);
-            self.may_wait_for(until, nothing)?;
+            self.may_wait_for(until, nothing).await?;
             let model = self.model;
             self.wait_in(model, None).await?;
         }
@@ -485,6 +485,9 @@ impl<'r> Path<'r> {
             charge: self.charge(),
         };
         loop {
+            if self.count == 0 {
+                self.leave_held_turns().await;
+            }
             let at = now();
             let slots: Vec<Slot<'_>> = group.members.iter().map(|d| d.slot()).collect();
             let tried = &self.tried;
@@ -595,25 +598,59 @@ impl<'r> Path<'r> {
             return Ok(false);
         };
         let until = Instant::from_std(until);
-        self.may_wait_for(until, nothing)?;
+        self.may_wait_for(until, nothing).await?;
         let model = self.model;
         self.wait_in(model, Some(until)).await
     }
 
-    /// When this request's turn is expected in the group's lane if the soonest recovery is at
-    /// `until`: after the requests ahead of it, each taking what the group's quota frees at
-    /// its rate.
-    fn expected_turn(&self, until: Instant) -> Instant {
+    /// Its order in the group's lane: where it waits, where it stood when refused (a claimed
+    /// promise), or behind everyone of its class (a newcomer).
+    fn order(&self) -> (u8, u64) {
+        match (&self.place, self.claim) {
+            (Some(place), _) => place.order(),
+            (None, Some(claim)) => claim.order(),
+            (None, None) => (self.priority, u64::MAX),
+        }
+    }
+
+    /// Leaves the turns of promises due now to their clients: while promises ahead of this
+    /// request hold their turns ([`Waitlist::held`](crate::waitlist::Waitlist)) and the
+    /// group has no room beyond theirs, waits (until a hold ends, a promise is claimed, or
+    /// room opens for it too), no longer than its max queue wait.
+    async fn leave_held_turns(&mut self) {
+        loop {
+            let now = Instant::now();
+            if now >= self.wait_limit {
+                return;
+            }
+            let waitlist = &self.shared.waitlist;
+            let Some((held, ends)) = waitlist.held(self.model, self.order(), now) else {
+                return;
+            };
+            // Room now for the held turns and this one, or a store that cannot tell: go on.
+            let Some(openings) = self.openings(held + 1).await else {
+                return;
+            };
+            let room = openings.get(held).copied();
+            if room.is_some_and(|at| at <= now) {
+                return;
+            }
+            let wake = room.map_or(ends, |at| at.min(ends)).min(self.wait_limit);
+            self.shared.waitlist.changed(wake).await;
+        }
+    }
+
+    /// How many wait in the group's lane ahead of this request.
+    fn ahead(&self) -> usize {
         let waitlist = &self.shared.waitlist;
-        let ahead = match (&self.place, self.claim) {
+        match (&self.place, self.claim) {
             (None, Some(claim)) => waitlist.ahead_of_claim(self.model, claim),
             (place, _) => waitlist.ahead(self.model, self.priority, place.as_ref()),
-        };
-        until.max(Instant::now()) + self.turns(ahead)
+        }
     }
 
     /// How long `n` requests like this one take to be admitted, at the rate the group's
-    /// quota frees.
+    /// quota frees (when the store cannot walk the windows).
     fn turns(&self, n: usize) -> Duration {
         let limits: Vec<router_core::Limits> =
             self.group().members.iter().map(|d| d.limits()).collect();
@@ -623,43 +660,121 @@ impl<'r> Path<'r> {
         interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
-    /// `Ok` when a turn at `until` (and the queue ahead) comes within the max queue wait and
-    /// leaves time to serve the request before its deadline; else the caller's error, with
-    /// the expected wait as its `retry_after`.
-    fn may_wait_for(&mut self, until: Instant, nothing: NothingEligible) -> Result<(), Error> {
-        let now = Instant::now();
-        let expected = self.expected_turn(until);
-        let service = self.expected_service().mul_f64(1.5);
-        if expected + service > self.deadline {
-            let error = self.nothing_eligible(nothing);
-            let retry_at = self.promise(expected);
-            return Err(error.with_retry_after(retry_at - now));
+    /// When the group's next `n` requests like this one would be admitted, soonest first,
+    /// from the store's own windows ([`StateStore::openings`](router_core::StateStore)): a
+    /// sliding window frees what it admitted a window ago, in the bursts it admitted it, not
+    /// at an even rate. `None` when a deployment's store cannot tell (or counts nothing).
+    async fn openings(&self, n: usize) -> Option<Vec<Instant>> {
+        let estimate = self.estimate?;
+        let store = &self.live.store;
+        let now_std = now();
+        let by = now_std + MAX_PROMISE + self.max_queue_wait;
+        let mut all = Vec::new();
+        for deployment in &self.group().members {
+            let ready = match deployment.state.availability(now_std) {
+                router_core::Availability::Disabled(_) => continue,
+                router_core::Availability::RateLimited(until)
+                | router_core::Availability::Ejected(until) => until,
+                _ => now_std,
+            };
+            if !deployment.accounts(store.as_ref()) {
+                return None;
+            }
+            let charge = estimate.scaled(deployment.state.prompt_ratio()).charge;
+            let limits = deployment.quota_limits();
+            let openings = store
+                .openings(&deployment.key, &limits, charge, n, now_std, by)
+                .await
+                .ok()??;
+            all.extend(
+                openings
+                    .into_iter()
+                    .map(|at| Instant::from_std(at.max(ready))),
+            );
         }
-        if expected > self.wait_limit {
-            let error = self.nothing_eligible(nothing);
-            let retry_at = self.promise(expected);
-            return Err(self.over_max_queue_wait(&error, expected - now, retry_at - now));
-        }
-        Ok(())
+        all.sort_unstable();
+        Some(all)
     }
 
-    /// The turn to promise a request refused when its turn was expected at `expected`: after
-    /// the turns promised already to those refused before it (one each), kept for whoever
-    /// comes back then. Returns the promised time (the refusal's `Retry-After`).
-    fn promise(&self, expected: Instant) -> Instant {
+    /// The `k`-th (from 0) of `openings`, or, past their end, the last and the turns after it
+    /// at the group's rate; without openings, `k` turns after `until`.
+    fn turn(&self, openings: Option<&[Instant]>, k: usize, until: Instant) -> Instant {
+        let until = until.max(Instant::now());
+        let Some(openings) = openings.filter(|o| !o.is_empty()) else {
+            return until + self.turns(k);
+        };
+        if let Some(at) = openings.get(k) {
+            return (*at).max(until);
+        }
+        let last = openings[openings.len() - 1].max(until);
+        last + self.turns(k + 1 - openings.len())
+    }
+
+    /// `Ok` when this request's turn, the soonest recovery being at `until` and the queue
+    /// ahead of it served first, comes within the max queue wait and leaves time to serve the
+    /// request before its deadline; else the caller's error, with a promised turn as its
+    /// `retry_after` ([`promise`](Self::promise)).
+    async fn may_wait_for(
+        &mut self,
+        until: Instant,
+        nothing: NothingEligible,
+    ) -> Result<(), Error> {
         let now = Instant::now();
-        let waitlist = &self.shared.waitlist;
+        let ahead = self.ahead();
+        // Turns promised to refusals before this one come before its own promised turn.
         let before = if self.promised {
             0
         } else {
-            waitlist.promised(self.model, now, expected + MAX_PROMISE)
+            self.shared.waitlist.promised(
+                self.model,
+                self.order(),
+                now,
+                now + MAX_PROMISE + MAX_PROMISE,
+            )
         };
-        let at = expected + self.turns(before);
+        let openings = self.openings(ahead + before + 1).await;
+        let openings = openings.as_deref();
+        // Its turn comes after those waiting ahead of it and the promised turns that fall
+        // before it (their clients come back for them).
+        let mut expected = self.turn(openings, ahead, until);
+        if !self.promised {
+            for _ in 0..4 {
+                let due = self
+                    .shared
+                    .waitlist
+                    .promised(self.model, self.order(), now, expected);
+                let next = self.turn(openings, ahead + due.min(before), until);
+                if next <= expected {
+                    break;
+                }
+                expected = next;
+            }
+        }
+        let service = self.expected_service().mul_f64(1.5);
+        let over_deadline = expected + service > self.deadline;
+        if !over_deadline && expected <= self.wait_limit {
+            return Ok(());
+        }
+        let error = self.nothing_eligible(nothing);
+        let retry_at = self.promise(self.turn(openings, ahead + before, until));
+        Err(if over_deadline {
+            error.with_retry_after(retry_at - now)
+        } else {
+            self.over_max_queue_wait(&error, expected - now, retry_at - now)
+        })
+    }
+
+    /// Promises the turn `at` to this request, refused now, for when it comes back (when
+    /// within [`MAX_PROMISE`]), and returns it (the refusal's `Retry-After`).
+    fn promise(&self, at: Instant) -> Instant {
+        let now = Instant::now();
         if at > now && at - now <= MAX_PROMISE {
             let fingerprint = self
                 .fingerprint
                 .unwrap_or_else(|| self.operation.fingerprint());
-            waitlist.promise(self.model, self.priority, at, fingerprint);
+            self.shared
+                .waitlist
+                .promise(self.model, self.priority, at, fingerprint, self.promised);
         }
         at
     }

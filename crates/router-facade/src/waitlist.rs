@@ -14,9 +14,11 @@
 //! fingerprint), later refusals are told to come back after it, and the same request arriving
 //! when it is due ([`Waitlist::claim`]) takes the place it had when it was refused, ahead of
 //! those who came after. So a client that comes back when told finds its turn instead of
-//! queueing behind everyone who arrived meanwhile. Promises never hold capacity back from a
-//! request that can be served now (nothing idles for a client that may not come back); a
-//! promise nobody claims lapses [`PROMISE_GRACE`] after it was due.
+//! queueing behind everyone who arrived meanwhile. Requests count the promises due before
+//! their turn ([`Waitlist::promised`]) and leave a due promise's turn to its client for a
+//! moment ([`Waitlist::held`], [`PROMISE_HOLD`]), but only as far as the lane's clients are
+//! seen to come back on time: where they do not, nothing idles for a client that may not come
+//! back. A promise nobody claims lapses [`PROMISE_GRACE`] after it was due.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +41,18 @@ impl Place {
     pub(crate) fn lane(&self) -> &str {
         &self.lane
     }
+
+    /// Its order in the lane: (priority class, arrival).
+    pub(crate) fn order(&self) -> (u8, u64) {
+        (self.priority, self.seq)
+    }
+}
+
+impl Claim {
+    /// The order the refused request had, and has again.
+    pub(crate) fn order(self) -> (u8, u64) {
+        (self.priority, self.seq)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -47,7 +61,61 @@ struct Queues {
     total: usize,
     /// Promised turns by lane, soonest first.
     promises: HashMap<Arc<str>, VecDeque<Promise>>,
+    /// By lane, for first promises and for promises made to requests that came on one
+    /// already: the share of recent ones whose client came back for them on time (a moving
+    /// average over about the last ten, from [`HOLD_WHEN_RETURNS`]).
+    returns: HashMap<Arc<str>, [f64; 2]>,
 }
+
+impl Queues {
+    /// Counts `lane`'s promises whose hold ended by `now` unclaimed as clients that did not
+    /// come back (in time), and drops those that lapsed.
+    fn lapse(&mut self, lane: &Arc<str>, now: Instant) {
+        let Some(queue) = self.promises.get_mut(lane) else {
+            return;
+        };
+        let mut missed = Vec::new();
+        for promise in queue.iter_mut() {
+            if !promise.missed && promise.due + PROMISE_HOLD <= now {
+                promise.missed = true;
+                missed.push(promise.again);
+            }
+        }
+        queue.retain(|p| p.due + PROMISE_GRACE >= now);
+        for again in missed {
+            self.returned(lane, again, false);
+        }
+    }
+
+    fn returned(&mut self, lane: &Arc<str>, again: bool, came: bool) {
+        let rates = self
+            .returns
+            .entry(Arc::clone(lane))
+            .or_insert([HOLD_WHEN_RETURNS; 2]);
+        let rate = &mut rates[usize::from(again)];
+        *rate += RETURNS_WEIGHT * (f64::from(u8::from(came)) - *rate);
+    }
+
+    /// The share of `lane`'s promises of `promise`'s kind whose clients come back for them on
+    /// time.
+    fn return_rate(&self, lane: &str, promise: &Promise) -> f64 {
+        self.returns
+            .get(lane)
+            .map_or(HOLD_WHEN_RETURNS, |rates| rates[usize::from(promise.again)])
+    }
+
+    /// Whether `promise` holds its turn: clients of its kind are seen to come back.
+    fn holds(&self, lane: &str, promise: &Promise) -> bool {
+        self.return_rate(lane, promise) >= HOLD_WHEN_RETURNS
+    }
+}
+
+/// The weight of each promise's outcome (claimed or lapsed) in its lane's return rate.
+const RETURNS_WEIGHT: f64 = 0.1;
+
+/// The return rate under which a lane's promises stop holding their turns: capacity is kept
+/// only for clients that are seen to come back for it.
+const HOLD_WHEN_RETURNS: f64 = 0.5;
 
 /// How long after it was due a promise may still be claimed (a client that rounds its
 /// `Retry-After` up to whole seconds comes up to a second late).
@@ -55,6 +123,15 @@ pub(crate) const PROMISE_GRACE: Duration = Duration::from_millis(1500);
 
 /// How early a request may claim a promise.
 const PROMISE_EARLY: Duration = Duration::from_millis(250);
+
+/// How early a claim still counts as a client coming back when told (its lane's return
+/// rate): one that comes back on time is at most a network's delay off its `Retry-After`.
+const ON_TIME_EARLY: Duration = Duration::from_millis(50);
+
+/// How long a promise due and not yet claimed holds its turn against the requests behind it
+/// (from [`PROMISE_EARLY`] before it is due): long enough for a client that comes back when
+/// told (`retry-after-ms`), short enough that a client that does not come back idles little.
+pub(crate) const PROMISE_HOLD: Duration = Duration::from_millis(100);
 
 /// A turn promised to a refused request.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +142,11 @@ struct Promise {
     seq: u64,
     /// The refused request's fingerprint.
     fingerprint: u64,
+    /// Its hold ended with nobody back for it (counted in its lane's return rate).
+    missed: bool,
+    /// Made to a request that came on a promise already: a client that retries once does
+    /// not come back for it, one that retries again does; its kind has its own return rate.
+    again: bool,
 }
 
 /// A promised turn claimed: the order the refused request had.
@@ -181,8 +263,15 @@ impl Waitlist {
     }
 
     /// Promises a turn in `lane` at `due` to the request of class `priority` and `fingerprint`
-    /// refused now.
-    pub(crate) fn promise(&self, lane: &str, priority: u8, due: Instant, fingerprint: u64) {
+    /// refused now (`again`: when it came on a promise already).
+    pub(crate) fn promise(
+        &self,
+        lane: &str,
+        priority: u8,
+        due: Instant,
+        fingerprint: u64,
+        again: bool,
+    ) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut waiting = self.waiting();
@@ -191,8 +280,8 @@ impl Waitlist {
             Some((key, _)) => Arc::clone(key),
             None => Arc::from(lane),
         };
+        lanes.lapse(&key, now);
         let queue = lanes.promises.entry(key).or_default();
-        queue.retain(|p| p.due + PROMISE_GRACE >= now);
         let index = queue.partition_point(|p| p.due <= due);
         queue.insert(
             index,
@@ -201,6 +290,8 @@ impl Waitlist {
                 priority,
                 seq,
                 fingerprint,
+                missed: false,
+                again,
             },
         );
         self.recount(lanes);
@@ -220,31 +311,80 @@ impl Waitlist {
         }
         let mut waiting = self.waiting();
         let lanes = &mut *waiting;
+        let key = Arc::clone(lanes.promises.get_key_value(lane)?.0);
+        lanes.lapse(&key, now);
         let queue = lanes.promises.get_mut(lane)?;
-        queue.retain(|p| p.due + PROMISE_GRACE >= now);
         let found = queue
             .iter()
             .position(|p| p.fingerprint == fingerprint && p.due <= now + PROMISE_EARLY);
-        let claim = found.and_then(|i| queue.remove(i)).map(|p| Claim {
+        let claimed = found.and_then(|i| queue.remove(i));
+        if let Some(promise) = claimed.filter(|p| !p.missed && p.due <= now + ON_TIME_EARLY) {
+            lanes.returned(&key, promise.again, true);
+        }
+        let claim = claimed.map(|p| Claim {
             priority: p.priority,
             seq: p.seq,
         });
         self.recount(lanes);
+        drop(waiting);
+        if claim.is_some() {
+            // Whoever its hold kept back sees again who is first.
+            self.turn.notify_waiters();
+        }
         claim
     }
 
-    /// Promises of `lane` due by `by` and not lapsed at `now`: the turns a request refused now
-    /// must be told to come back after.
-    pub(crate) fn promised(&self, lane: &str, now: Instant, by: Instant) -> usize {
+    /// The promises of `lane` that hold their turns at `now` against `order` (a waiter's, a
+    /// claim's, or `(priority, u64::MAX)` for a newcomer): due, within [`PROMISE_HOLD`], not
+    /// yet claimed, and ahead of it. How many, and when the first of their holds ends; `None`
+    /// when none does, or the lane's clients are not seen to come back for their promises.
+    pub(crate) fn held(
+        &self,
+        lane: &str,
+        order: (u8, u64),
+        now: Instant,
+    ) -> Option<(usize, Instant)> {
+        if !self.has_promises() {
+            return None;
+        }
+        let waiting = self.waiting();
+        let mut holding = waiting
+            .promises
+            .get(lane)?
+            .iter()
+            .filter(|p| waiting.holds(lane, p))
+            .filter(|p| (p.priority, p.seq) < order)
+            .filter(|p| p.due <= now && now < p.due + PROMISE_HOLD)
+            .map(|p| p.due + PROMISE_HOLD);
+        let first = holding.next()?;
+        let (count, ends) = holding.fold((1, first), |(n, end), e| (n + 1, end.min(e)));
+        Some((count, ends))
+    }
+
+    /// The turns of `lane`'s promises ahead of `order` (as in [`held`](Self::held)), due by
+    /// `by` and not yet passed on (their hold has not ended), that their clients are expected
+    /// to come back for: each counts as its kind's return rate. The turns a request must be
+    /// told to come after.
+    pub(crate) fn promised(
+        &self,
+        lane: &str,
+        order: (u8, u64),
+        now: Instant,
+        by: Instant,
+    ) -> usize {
         if !self.has_promises() {
             return 0;
         }
-        self.waiting().promises.get(lane).map_or(0, |queue| {
+        let waiting = self.waiting();
+        let expected: f64 = waiting.promises.get(lane).map_or(0.0, |queue| {
             queue
                 .iter()
-                .filter(|p| p.due + PROMISE_GRACE >= now && p.due <= by)
-                .count()
-        })
+                .filter(|p| (p.priority, p.seq) < order)
+                .filter(|p| now < p.due + PROMISE_HOLD && p.due <= by)
+                .map(|p| waiting.return_rate(lane, p))
+                .sum()
+        });
+        expected.round() as usize
     }
 
     /// How many wait in `lane` ahead of where a claimed promise stands.
@@ -279,6 +419,11 @@ impl Waitlist {
                 return;
             }
         }
+    }
+
+    /// Returns when someone leaves a lane or claims a promise, or at `until`.
+    pub(crate) async fn changed(&self, until: Instant) {
+        let _ = tokio::time::timeout_at(until, self.turn.notified()).await;
     }
 }
 
@@ -354,11 +499,23 @@ mod tests {
         let t0 = Instant::now();
         let due = t0 + Duration::from_secs(3);
         // Refused at t0, told to come back at 3 s.
-        list.promise("m", 1, due, 42);
+        list.promise("m", 1, due, 42, false);
         // A newcomer whose turn would come after 3 s leaves that turn to the promise.
-        assert_eq!(list.promised("m", t0, t0 + Duration::from_secs(4)), 1);
-        assert_eq!(list.promised("m", t0, t0 + Duration::from_secs(2)), 0);
-        assert_eq!(list.promised("other", t0, due), 0);
+        let newcomer = (1, u64::MAX);
+        assert_eq!(
+            list.promised("m", newcomer, t0, t0 + Duration::from_secs(4)),
+            1
+        );
+        assert_eq!(
+            list.promised("m", newcomer, t0, t0 + Duration::from_secs(2)),
+            0
+        );
+        assert_eq!(list.promised("other", newcomer, t0, due), 0);
+        assert_eq!(
+            list.promised("m", (0, u64::MAX), t0, t0 + Duration::from_secs(4)),
+            0,
+            "a newcomer of a lower class goes before it"
+        );
         assert_eq!(list.claim("m", t0, 42), None, "not due yet");
         // Someone else arrives meanwhile and waits.
         let meanwhile = list.join("m", 1, 10, None).unwrap();
@@ -387,14 +544,64 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_due_promise_holds_its_turn_while_its_clients_come_back_on_time() {
+        let list = Waitlist::default();
+        let t0 = Instant::now();
+        let earlier = list.join("m", 1, 10, None).unwrap();
+        let due = t0 + Duration::from_secs(1);
+        list.promise("m", 1, due, 42, false);
+        let newcomer = (1, u64::MAX);
+        assert_eq!(list.held("m", newcomer, t0), None, "not due yet");
+        tokio::time::advance(Duration::from_millis(1_050)).await;
+        let now = Instant::now();
+        assert_eq!(list.held("m", newcomer, now), Some((1, due + PROMISE_HOLD)));
+        assert_eq!(
+            list.held("m", earlier.order(), now),
+            None,
+            "who waited before it was refused goes first"
+        );
+        assert_eq!(
+            list.held("m", (0, u64::MAX), now),
+            None,
+            "so does a lower class"
+        );
+        // Nobody comes back for it: its hold ends, and the lane learns its clients may not.
+        tokio::time::advance(PROMISE_HOLD).await;
+        assert_eq!(list.held("m", newcomer, Instant::now()), None);
+        list.promise("m", 1, Instant::now() + Duration::from_secs(1), 7, false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            list.held("m", newcomer, Instant::now()),
+            None,
+            "the last client did not come back: nothing is held"
+        );
+        // One comes back on time: promises hold their turns again.
+        assert!(list.claim("m", Instant::now(), 7).is_some());
+        list.promise("m", 1, Instant::now() + Duration::from_secs(1), 9, false);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let now = Instant::now();
+        assert!(list.held("m", newcomer, now).is_some());
+        assert!(list.claim("m", now, 9).is_some());
+        assert_eq!(
+            list.held("m", newcomer, now),
+            None,
+            "claimed: its client has it"
+        );
+        list.leave(earlier);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_promise_nobody_claims_lapses() {
         let list = Waitlist::default();
         let t0 = Instant::now();
-        list.promise("m", 0, t0 + Duration::from_secs(1), 1);
+        list.promise("m", 0, t0 + Duration::from_secs(1), 1, false);
         tokio::time::advance(Duration::from_secs(1) + PROMISE_GRACE + Duration::from_millis(1))
             .await;
         let now = Instant::now();
-        assert_eq!(list.promised("m", now, now + Duration::from_secs(10)), 0);
+        assert_eq!(
+            list.promised("m", (u8::MAX, u64::MAX), now, now + Duration::from_secs(10)),
+            0
+        );
         assert_eq!(list.claim("m", now, 1), None);
         assert_eq!(list.promised.load(Ordering::Relaxed), 0, "nothing kept");
     }

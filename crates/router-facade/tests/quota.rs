@@ -636,20 +636,27 @@ const SHARE_FLOOR: f64 = 0.9;
 const MAX_429_PERCENT: u64 = 1;
 
 /// A client that comes back at the `Retry-After` it was given finds its turn: the refusal
-/// promised it one, and a request arriving when a promise is due stands ahead of those who
-/// arrived after the refusal. Across window kinds, at 1.3 and 2 times the summed quota, with
-/// every refused request retried once at its `Retry-After`.
+/// promised it the opening the store's windows will have for it (walked from their logs,
+/// not an even rate), requests arriving meanwhile are told to come after it, its turn is held
+/// for it when it is due, and it stands ahead of those who arrived after the refusal. Across
+/// window kinds, at 1.3 and 2 times the summed quota, with every refused request retried
+/// once at its `Retry-After`: at least 90 % are served (the issue asks 80 %). Promises at
+/// the group's even rate, taken by whoever came first, served 84 % to 97 % here.
 #[tokio::test(start_paused = true)]
 async fn a_retry_at_the_given_retry_after_is_served() {
     let mut report = Vec::new();
-    for (kind, offered, window) in [
-        (WindowKind::Fixed, 1.3, 10),
-        (WindowKind::Sliding, 2.0, 1),
-        (WindowKind::Provisioned, 2.0, 10),
+    // (kind, offered, window in seconds, output cap): the last, a few requests a window
+    // each, is the issue's world, where what a sliding window frees comes in bursts.
+    for (kind, offered, window, output) in [
+        (WindowKind::Fixed, 1.3, 10, 60),
+        (WindowKind::Sliding, 2.0, 1, 60),
+        (WindowKind::Provisioned, 2.0, 10, 60),
+        (WindowKind::Sliding, 1.3, 10, 1_200),
     ] {
         let latency = LatencyModel::new(Duration::from_millis(150), Duration::from_millis(4));
         let (_sim, router) = windowed(kind, Duration::from_secs(window), latency, (9, 4), 30).await;
-        let rate = offered * TPMS.iter().sum::<u64>() as f64 / 60.0 / 120.0;
+        let size = f64::from(output) + 60.0;
+        let rate = offered * TPMS.iter().sum::<u64>() as f64 / 60.0 / size;
         let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         let mut tasks = Vec::new();
         for i in 0..(rate * 40.0) as u64 {
@@ -658,6 +665,7 @@ async fn a_retry_at_the_given_retry_after_is_served() {
             tasks.push(tokio::spawn(async move {
                 // Each request its own (the retry is the same request again).
                 let mut req = request(i);
+                req.max_tokens = Some(output);
                 req.messages.push(ChatMessage::user(format!("caller {i}")));
                 match router.chat(&req).await {
                     Ok(_) => None,
@@ -679,14 +687,14 @@ async fn a_retry_at_the_given_retry_after_is_served() {
                 served += usize::from(ok);
             }
         }
-        let case = format!("{kind:?} {window}s at {offered}x");
+        let case = format!("{kind:?} {window}s at {offered}x, output cap {output}");
         report.push(format!("{case}: {served} of {retries} retries served"));
         assert!(
             retries > 20,
             "{case}: the load was over the quota: {retries} refusals"
         );
         assert!(
-            served * 100 >= retries * 80,
+            served * 100 >= retries * 90,
             "{case}: only {served} of {retries} retries at Retry-After were served"
         );
     }

@@ -12,7 +12,10 @@
 //!   `x-ratelimit-remaining-*` says is used beyond the log, and grows back what was learned;
 //! - `refused` shares a 429's cooldown and cuts the share of the limits kept to, to what the
 //!   window held when the upstream said it was full ([`Learning`]);
-//! - `cool_down` shares a 429's cooldown, extending and never shortening one.
+//! - `cool_down` shares a 429's cooldown, extending and never shortening one;
+//! - `openings` reads the log's marks (changing nothing) and walks them here
+//!   ([`Log::openings`](router_core::Log::openings)): when the next requests would fit, which
+//!   a refusal's `Retry-After` promises.
 //!
 //! A deployment's keys share one hash tag, `{prefix:endpoint/model}`, so every script touches
 //! a single slot: Redis Cluster safe.
@@ -52,7 +55,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation};
 use router_core::{
-    Admission, Charge, Error, Learned, Learning, Limits, MemoryStore, Settlement, StateStore,
+    Admission, Charge, Error, Learned, Learning, Limits, Log, Mark, MemoryStore, Settlement,
+    StateStore,
 };
 use tokio::sync::RwLock;
 
@@ -280,6 +284,25 @@ end
 return tostring(share)
 ";
 
+// Reads, changes nothing: the server's clock, the cooldown left (ms), the share kept to, when
+// provisioned utilisation drains (`D`, or ''), then each mark still in the window as
+// "seconds until it leaves:tokens:requests", in the order they leave.
+const MARKS: &str = r"
+local cool = redis.call('PTTL', KEYS[3])
+local share = tonumber(redis.call('HGET', KEYS[4], 's')) or 1
+local d = redis.call('HGET', KEYS[2], 'D')
+local out = {tostring(now), cool, tostring(share), d and tostring(tonumber(d) - now) or ''}
+local marks = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
+for i = 1, #marks, 2 do
+  local v = redis.call('HGET', KEYS[2], marks[i])
+  if v then
+    local a, b = parse(v)
+    out[#out + 1] = tostring(tonumber(marks[i + 1]) - now) .. ':' .. a .. ':' .. b
+  end
+end
+return out
+";
+
 /// How long after a failed call Redis is left alone.
 const RETRY_AFTER_FAILURE_MS: u64 = 500;
 
@@ -354,6 +377,7 @@ struct Inner {
     settle: Script,
     cool_down: Script,
     refused: Script,
+    marks: Script,
     learning: Learning,
     shared: AtomicBool,
     fallbacks: AtomicU64,
@@ -385,6 +409,7 @@ impl RedisStore {
                 settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
                 cool_down: Script::new(COOL_DOWN),
                 refused: Script::new(&format!("{PRELUDE}{REFUSED}")),
+                marks: Script::new(&format!("{PRELUDE}{MARKS}")),
                 learning,
                 shared: AtomicBool::new(false),
                 fallbacks: AtomicU64::new(0),
@@ -660,6 +685,76 @@ impl StateStore for RedisStore {
                     .refused_now(key, &self.local_limits(limits), wait, now))
             }
         }
+    }
+
+    async fn openings(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        n: usize,
+        now: Instant,
+        by: Instant,
+    ) -> Result<Option<Vec<Instant>>, Error> {
+        let keys = self.keys(key);
+        let mut invocation = self.inner.marks.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        let read = match self.run::<Vec<String>>(&invocation).await {
+            Ok(read) => read,
+            Err(why) => {
+                self.fell_back(&why);
+                let local = self.local_limits(limits);
+                let openings = self
+                    .inner
+                    .local
+                    .openings_now(key, &local, charge, n, now, by);
+                return Ok(Some(openings));
+            }
+        };
+        // Times come relative to the server's clock, and are placed on this process's.
+        let seconds = |text: &str| text.parse::<f64>().ok().filter(|s| s.is_finite());
+        let at = |s: f64| {
+            if s >= 0.0 {
+                now + Duration::from_secs_f64(s.min(1e9))
+            } else {
+                now.checked_sub(Duration::from_secs_f64((-s).min(1e9)))
+                    .unwrap_or(now)
+            }
+        };
+        let mut fields = read.iter().skip(1);
+        let cooling_ms = fields
+            .next()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        let learned = parse_learned(fields.next().map_or("", String::as_str));
+        let drained = fields.next().and_then(|v| seconds(v)).map(at);
+        let marks = fields.filter_map(|mark| {
+            let mut parts = mark.split(':').map(seconds);
+            let (Some(Some(until)), Some(Some(tokens)), Some(Some(requests))) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return None;
+            };
+            Some(Mark {
+                ticket: 0,
+                until: at(until),
+                tokens,
+                requests,
+                freed: (0.0, 0.0),
+                unseen: false,
+            })
+        });
+        let log = Log::from_marks(marks, drained);
+        let from = now + Duration::from_millis(u64::try_from(cooling_ms.max(0)).unwrap_or(0));
+        Ok(Some(log.openings(
+            &learned.apply(limits),
+            charge,
+            n,
+            from,
+            by,
+        )))
     }
 
     fn is_shared(&self) -> bool {

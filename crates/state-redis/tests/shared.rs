@@ -269,6 +269,74 @@ async fn provisioned_throughput_admits_under_full_utilisation_and_drains_what_is
     assert_eq!(a.fallbacks() + b.fallbacks(), 0);
 }
 
+/// When the next requests would fit, walked from the log in Redis, agrees with the same log
+/// kept in the process: the openings a refusal's `Retry-After` is promised from.
+#[tokio::test]
+async fn openings_walked_in_redis_agree_with_the_local_log() {
+    let redis = RedisServer::start().await.unwrap();
+    let a = RedisStore::connect(&redis.url(), options("openings"))
+        .await
+        .unwrap();
+    let local = MemoryStore::new();
+    // 6,000 TPM over 10 s: 1,000 tokens; three of 300 fit.
+    let limits = Limits::per_minute(Some(6_000), None);
+    let charge = Charge {
+        tokens: 300,
+        requests: 1,
+    };
+    let now = Instant::now();
+    for _ in 0..2 {
+        assert!(matches!(
+            a.reserve("ep/o", &limits, charge, now).await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+        assert!(matches!(
+            local.reserve_now("ep/o", &limits, charge, now),
+            Admission::Admitted { .. }
+        ));
+    }
+    let by = now + Duration::from_secs(60);
+    let shared = a
+        .openings("ep/o", &limits, charge, 5, now, by)
+        .await
+        .unwrap()
+        .expect("Redis walks its log");
+    let mine = local.openings_now("ep/o", &limits, charge, 5, now, by);
+    // One fits now; the two admitted leave together (10 s and the margin), and the next
+    // after the first opening's own admission leaves.
+    assert_eq!(shared.len(), 5, "{shared:?}");
+    for (theirs, ours) in shared.iter().zip(&mine) {
+        let apart = if theirs > ours {
+            *theirs - *ours
+        } else {
+            *ours - *theirs
+        };
+        assert!(
+            apart < Duration::from_millis(200),
+            "Redis {:?} vs local {:?}",
+            shared
+                .iter()
+                .map(|t| t.saturating_duration_since(now))
+                .collect::<Vec<_>>(),
+            mine.iter()
+                .map(|t| t.saturating_duration_since(now))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(shared[1] >= now + Duration::from_secs(10), "{shared:?}");
+    // A shared cooldown comes first.
+    a.cool_down("ep/o", Duration::from_secs(20), now)
+        .await
+        .unwrap();
+    let cooled = a
+        .openings("ep/o", &limits, charge, 1, now, by)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cooled[0] >= now + Duration::from_secs(19), "{cooled:?}");
+    assert_eq!(a.fallbacks(), 0);
+}
+
 fn request() -> ChatCompletionRequest {
     let mut request = ChatCompletionRequest::new(
         "m",

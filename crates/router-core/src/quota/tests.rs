@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use proptest::prelude::{any, prop, prop_assert, proptest};
+use proptest::prelude::{any, prop, prop_assert, prop_assert_eq, proptest};
 
 use super::*;
 
@@ -621,4 +621,133 @@ fn a_checked_policy_names_the_field_out_of_range() {
     assert!(message(Learning::checked(0.9, 0.5, 0.05, -1.0)).starts_with("regrow = -1:"));
     // Where `new` would clamp, `checked` refuses.
     assert!(Learning::checked(1.5, 0.5, 0.05, 0.2).is_err());
+}
+
+#[test]
+fn a_sliding_window_opens_in_the_bursts_it_admitted() {
+    let store = MemoryStore::new();
+    let t0 = Instant::now();
+    let l = limits(6_000); // 1,000 tokens a 10 s window, 50 ms margin.
+    for at in [0.0, 0.0, 0.0, 4.0, 4.0] {
+        admitted(store.reserve_now("d", &l, charge(200), t0 + secs(at)));
+    }
+    let now = t0 + secs(5.0);
+    let far = now + secs(3_600.0);
+    let openings: Vec<f64> = store
+        .openings_now("d", &l, charge(200), 6, now, far)
+        .iter()
+        .map(|at| (*at - t0).as_secs_f64())
+        .collect();
+    // The three admitted together leave together, then the two, then the first of those
+    // admitted at the first openings. An even rate (100 tokens a second) would have said
+    // every 2 s from 7 s.
+    let expected = [10.05, 10.05, 10.05, 14.05, 14.05, 20.1];
+    assert_eq!(openings.len(), expected.len(), "{openings:?}");
+    for (got, want) in openings.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-6, "{openings:?}");
+    }
+    assert_eq!(
+        store
+            .openings_now("d", &l, charge(200), 6, now, t0 + secs(15.0))
+            .len(),
+        5,
+        "none later than asked"
+    );
+    assert_eq!(store.held("d", now), (1_000.0, 5.0), "nothing was reserved");
+    // A shared cooldown comes first; so does what was learned.
+    store.cool_down_now("d", secs(7.0), now);
+    let cooled = store.openings_now("d", &l, charge(200), 1, now, far);
+    assert_eq!(cooled, vec![t0 + secs(12.0)]);
+}
+
+#[test]
+fn a_store_that_keeps_no_log_cannot_tell_its_openings() {
+    #[derive(Debug)]
+    struct Counter;
+    #[async_trait]
+    impl StateStore for Counter {
+        async fn reserve(
+            &self,
+            _: &str,
+            _: &Limits,
+            _: Charge,
+            _: Instant,
+        ) -> Result<Admission, Error> {
+            Ok(Admission::Denied {
+                retry_after: Duration::ZERO,
+                cooling: false,
+            })
+        }
+        async fn settle(
+            &self,
+            _: &str,
+            _: &Limits,
+            _: Settlement,
+            _: Instant,
+        ) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn cool_down(&self, _: &str, _: Duration, _: Instant) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+    let now = Instant::now();
+    let openings =
+        futures_executor_block_on(Counter.openings("d", &limits(6_000), charge(1), 3, now, now));
+    assert_eq!(openings.unwrap(), None);
+}
+
+/// Runs a future that never waits (the stores' default methods).
+fn futures_executor_block_on<F: std::future::Future>(future: F) -> F::Output {
+    let waker = std::task::Waker::noop();
+    let mut context = std::task::Context::from_waker(waker);
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => panic!("the default waits for nothing"),
+    }
+}
+
+proptest! {
+    /// Whatever the log holds (window or provisioned, any window length and request sizes),
+    /// each opening is the first moment the next request fits after those before it: it is
+    /// admitted then, and would not have been a millisecond before.
+    #[test]
+    fn openings_are_when_each_next_request_first_fits(
+        admissions in prop::collection::vec((1u64..1_500, 0u64..3_000), 0..60),
+        window_ms in 500u64..20_000,
+        size in 1u64..1_200,
+        n in 1usize..20,
+        is_provisioned in any::<bool>(),
+    ) {
+        let window = Duration::from_millis(window_ms);
+        let tpm = 60_000 * 1_000 / window_ms;
+        let l = if is_provisioned {
+            provisioned(tpm, window)
+        } else {
+            Limits { window, ..limits(tpm) }
+        };
+        let mut log = Log::default();
+        let mut now = Instant::now();
+        for (ticket, (tokens, wait)) in admissions.into_iter().enumerate() {
+            now += Duration::from_millis(wait);
+            let _ = log.admit(&l, charge(tokens), ticket as u64, now);
+        }
+        let openings = log.openings(&l, charge(size), n, now, now + secs(1e6));
+        prop_assert_eq!(openings.len(), n);
+        let mut check = log.clone();
+        let mut previous = now;
+        for at in openings {
+            prop_assert!(at >= previous, "in order");
+            let before = at.checked_sub(Duration::from_millis(1)).unwrap_or(at).max(previous);
+            if before < at {
+                prop_assert!(
+                    !check.clone().wait_for(&l, charge(size), before).is_zero(),
+                    "it would have fitted before its opening"
+                );
+            }
+            prop_assert!(check.admit(&l, charge(size), 0, at).is_ok(), "it fits at its opening");
+            previous = at;
+        }
+    }
 }
