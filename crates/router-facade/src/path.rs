@@ -672,7 +672,11 @@ impl<'r> Path<'r> {
         let mut all = Vec::new();
         for deployment in &self.group().members {
             let ready = match deployment.state.availability(now_std) {
-                router_core::Availability::Disabled(_) => continue,
+                // Half-open with its one request in flight: it takes no other, whatever its
+                // window says.
+                router_core::Availability::Disabled(_) | router_core::Availability::Probing => {
+                    continue;
+                }
                 router_core::Availability::RateLimited(until)
                 | router_core::Availability::Ejected(until) => until,
                 _ => now_std,
