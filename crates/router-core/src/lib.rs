@@ -73,8 +73,8 @@ pub use backend::{
 pub use endpoint::EndpointId;
 pub use error::{Error, ErrorKind, HealthEffect};
 pub use quota::{
-    Admission, Charge, Learned, Learner, Learning, Limits, Log, MAX_OPENINGS, Mark, MemoryStore,
-    QuotaModel, QuotaView, Settlement, StateStore, upstream_allowance,
+    Admission, Charge, Drain, Learned, Learner, Learning, Limits, Log, MAX_OPENINGS, Mark,
+    MemoryStore, QuotaModel, QuotaView, Settlement, StateStore, upstream_allowance,
 };
 pub use ratelimit::RateLimitInfo;
 pub use retry::RetryBudget;

@@ -445,6 +445,19 @@ pub struct Mark {
     /// Whether it stands for what the upstream holds and the router did not admit (from its
     /// headers or a refusal), not for an admission: it does not count as freed when it leaves.
     pub unseen: bool,
+    /// Under provisioned throughput, for the router's own admissions: when it arrived and when
+    /// the utilisation began draining it (what a settlement redraws the drain from).
+    pub drain: Option<Drain>,
+}
+
+/// When a provisioned-throughput admission arrived and when the upstream's utilisation began
+/// draining it: at its arrival, or when the admissions before it had drained, if later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// When the router admitted it.
+    pub arrived: Instant,
+    /// When its utilisation began to drain.
+    pub from: Instant,
 }
 
 /// What a deployment admitted in its last window, as the upstreams count it: an admission
@@ -495,6 +508,11 @@ pub const MAX_OPENINGS: usize = 4096;
 /// In how many parts what a refusal leaves of a window is let go ([`Log::fill_paced`]).
 pub const PACED_STEPS: u32 = 10;
 
+/// How long utilisation takes to drain `tokens` at `rate` tokens a second.
+fn drain_time(tokens: f64, rate: f64) -> Duration {
+    Duration::from_secs_f64((tokens.max(0.0) / rate).min(1e9))
+}
+
 /// How long after the window an admission is still held: a hundredth of the window, at most
 /// 50 ms.
 pub fn margin(window: Duration) -> Duration {
@@ -516,6 +534,7 @@ impl Log {
                 mark.until,
                 (mark.tokens, mark.requests),
                 mark.unseen,
+                mark.drain,
             );
         }
         log
@@ -599,18 +618,21 @@ impl Log {
             return Err(wait);
         }
         let (tokens, requests) = (charge.tokens as f64, charge.requests as f64);
-        let until = if let Some(shape) = limits.tokens().filter(|_| limits.is_provisioned()) {
-            // Utilisation drains at the limit's rate, this admission after those before it.
-            let start = self.drained.map_or(now, |d| d.max(now));
-            let drained = start + Duration::from_secs_f64((tokens / shape.rate).min(1e9));
-            self.drained = Some(drained);
-            drained + margin(limits.window)
-        } else {
-            // A request larger than the window is held for as many windows as it is large.
-            let windows = share_of(limits, tokens, requests).max(1.0);
-            now + limits.window.mul_f64(windows.min(1e6)) + margin(limits.window)
-        };
-        self.hold(ticket, until, (tokens, requests), false);
+        let (until, drain) =
+            if let Some(shape) = limits.tokens().filter(|_| limits.is_provisioned()) {
+                // Utilisation drains at the limit's rate, this admission after those before it.
+                let from = self.drained.map_or(now, |d| d.max(now));
+                let drained = from + drain_time(tokens, shape.rate);
+                self.drained = Some(drained);
+                let drain = Drain { arrived: now, from };
+                (drained + margin(limits.window), Some(drain))
+            } else {
+                // A request larger than the window is held for as many windows as it is large.
+                let windows = share_of(limits, tokens, requests).max(1.0);
+                let until = now + limits.window.mul_f64(windows.min(1e6)) + margin(limits.window);
+                (until, None)
+            };
+        self.hold(ticket, until, (tokens, requests), false, drain);
         Ok(self.left(limits))
     }
 
@@ -651,7 +673,14 @@ impl Log {
     }
 
     /// Holds `amount` (tokens, requests) as `ticket` until `until`, in the order marks leave.
-    fn hold(&mut self, ticket: u64, until: Instant, amount: (f64, f64), unseen: bool) {
+    fn hold(
+        &mut self,
+        ticket: u64,
+        until: Instant,
+        amount: (f64, f64),
+        unseen: bool,
+        drain: Option<Drain>,
+    ) {
         let at = self.marks.partition_point(|m| m.until <= until);
         self.tokens += amount.0;
         self.requests += amount.1;
@@ -662,6 +691,7 @@ impl Log {
             requests: amount.1,
             freed: self.freed,
             unseen,
+            drain,
         };
         self.marks.insert(at, mark);
     }
@@ -669,8 +699,10 @@ impl Log {
     /// Gives back (`> 0`) or takes more (`< 0`) of admission `ticket`, never below nothing, and
     /// says what the router's admissions have let go of since it was admitted (what
     /// [`correct`](Self::correct) needs); `None`, changing nothing, when it has left the window.
-    /// Under provisioned throughput (`limits`), utilisation drains that much sooner (or
-    /// later); the admissions after it keep when they leave, which errs on the side of less.
+    /// Under provisioned throughput (`limits`), the drain is redrawn from it on: it drains
+    /// sooner (or later) by what it gives back (or takes), and each admission after it begins
+    /// draining when the one before it has drained or when it arrived, whichever is later, so
+    /// that an idle stretch between them absorbs what is given back, as the upstream's does.
     pub fn adjust(
         &mut self,
         limits: &Limits,
@@ -678,26 +710,46 @@ impl Log {
         tokens_back: f64,
         requests_back: f64,
     ) -> Option<(f64, f64)> {
-        let mark = self.marks.iter_mut().rev().find(|m| m.ticket == ticket)?;
+        let at = self.marks.iter().rposition(|m| m.ticket == ticket)?;
+        let mark = &mut self.marks[at];
         let tokens = (mark.tokens - tokens_back).max(0.0);
         let requests = (mark.requests - requests_back).max(0.0);
-        let moved = tokens - mark.tokens;
-        self.tokens += moved;
+        self.tokens += tokens - mark.tokens;
         self.requests += requests - mark.requests;
         mark.tokens = tokens;
         mark.requests = requests;
         let since = (self.freed.0 - mark.freed.0, self.freed.1 - mark.freed.1);
-        if let (Some(shape), Some(drained)) = (limits.tokens(), self.drained)
-            && limits.is_provisioned()
-        {
-            let shift = Duration::from_secs_f64((moved.abs() / shape.rate).min(1e9));
-            self.drained = Some(if moved < 0.0 {
-                drained.checked_sub(shift).unwrap_or(drained)
-            } else {
-                drained + shift
-            });
+        if let Some(shape) = limits.tokens().filter(|_| limits.is_provisioned()) {
+            self.redrain(at, shape.rate, margin(limits.window));
         }
         Some(since)
+    }
+
+    /// Redraws the drain of the router's provisioned admissions from the one at `at` on, in
+    /// the order they arrived (the order they leave), at `rate` tokens a second; each leaves
+    /// `margin` after it has drained.
+    fn redrain(&mut self, at: usize, rate: f64, margin: Duration) {
+        let mut end: Option<Instant> = None;
+        let mut moved = false;
+        for mark in self.marks.iter_mut().skip(at) {
+            let Some(drain) = mark.drain.as_mut() else {
+                continue;
+            };
+            if let Some(end) = end {
+                drain.from = end.max(drain.arrived);
+            }
+            let drained = drain.from + drain_time(mark.tokens, rate);
+            moved |= mark.until != drained + margin;
+            mark.until = drained + margin;
+            end = Some(drained);
+        }
+        if let Some(end) = end {
+            self.drained = Some(end);
+        }
+        if moved {
+            // Marks stay in the order they leave (a stable sort keeps ties as they were).
+            self.marks.make_contiguous().sort_by_key(|mark| mark.until);
+        }
     }
 
     /// Lowers what is left under `limits` to what the upstream said is left when it admitted a
@@ -724,7 +776,7 @@ impl Log {
             excess(left_requests, remaining.1, since.1),
         );
         if excess.0 > 0.0 || excess.1 > 0.0 {
-            self.hold(ticket, until, excess, true);
+            self.hold(ticket, until, excess, true, None);
         }
     }
 
@@ -745,7 +797,13 @@ impl Log {
         let steps = f64::from(PACED_STEPS);
         for step in 1..=PACED_STEPS {
             let until = from + limits.window.mul_f64(f64::from(step) / steps);
-            self.hold(ticket(), until, (tokens / steps, requests / steps), true);
+            self.hold(
+                ticket(),
+                until,
+                (tokens / steps, requests / steps),
+                true,
+                None,
+            );
         }
     }
 

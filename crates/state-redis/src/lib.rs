@@ -62,7 +62,9 @@ use tokio::sync::RwLock;
 
 // Keys: 1 the window's log (a sorted set: each admission's ticket, scored by when it leaves
 // the window), 2 what each admission holds (`<ticket>` = "tokens:requests:freed tokens:freed
-// requests", the last two what had left the window when it was admitted) with the window's
+// requests", the last two what had left the window when it was admitted; under provisioned
+// throughput followed by ":arrived:drains from", the server times it was admitted and its
+// utilisation began to drain) with the window's
 // totals (`T` tokens, `R` requests), what has left it so far (`FT`, `FR`) and the last ticket
 // (`N`) and, under provisioned throughput, when the utilisation the router's admissions put in
 // has drained (`D`), 3 the cooldown, 4 what was
@@ -77,8 +79,8 @@ const PRELUDE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function parse(v)
-  local a, b, c, d = string.match(v, '^([^:]+):([^:]+):([^:]+):(.+)$')
-  return tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+  local a, b, c, d, e, f = string.match(v, '^([^:]+):([^:]+):([^:]+):([^:]+):?([^:]*):?([^:]*)$')
+  return tonumber(a), tonumber(b), tonumber(c), tonumber(d), tonumber(e), tonumber(f)
 end
 -- Lets go of the marks that have left the window: their totals, and, for the router's own
 -- admissions (not the `u` tickets standing for what the upstream holds unseen), what is freed.
@@ -109,6 +111,8 @@ local function expire()
   redis.call('HINCRBYFLOAT', KEYS[2], 'FT', ft)
   redis.call('HINCRBYFLOAT', KEYS[2], 'FR', fr)
 end
+-- A server time, to the microsecond (`tostring` keeps 14 digits: a tenth of a millisecond).
+local function stamp(x) return string.format('%.6f', x) end
 local function freed()
   local v = redis.call('HMGET', KEYS[2], 'FT', 'FR')
   return tonumber(v[1]) or 0, tonumber(v[2]) or 0
@@ -124,10 +128,10 @@ local function capacity(limit, share, window)
   end
   return math.max(limit / 60 * window, 1)
 end
-local function hold(ticket, tokens, requests, untl, ttl)
+local function hold(ticket, tokens, requests, untl, ttl, drain)
   local ft, fr = freed()
   redis.call('ZADD', KEYS[1], untl, ticket)
-  redis.call('HSET', KEYS[2], ticket, tokens .. ':' .. requests .. ':' .. ft .. ':' .. fr)
+  redis.call('HSET', KEYS[2], ticket, tokens .. ':' .. requests .. ':' .. ft .. ':' .. fr .. (drain or ''))
   redis.call('HINCRBYFLOAT', KEYS[2], 'T', tokens)
   redis.call('HINCRBYFLOAT', KEYS[2], 'R', requests)
   local ms = math.max(tonumber(ttl), math.ceil((untl - now) * 1000) + 1000)
@@ -178,14 +182,16 @@ local windows = 1
 if tcap >= 0 then windows = math.max(windows, tcost / tcap) end
 if rcap >= 0 then windows = math.max(windows, rcost / rcap) end
 local untl = now + window * math.min(windows, 1e6) + tonumber(ARGV[4])
+local drain = nil
 if prov then
-  local d = math.max(tonumber(redis.call('HGET', KEYS[2], 'D')) or now, now)
-  d = d + math.min(tcost / (tcap / window), 1e9)
-  redis.call('HSET', KEYS[2], 'D', tostring(d))
+  local from = math.max(tonumber(redis.call('HGET', KEYS[2], 'D')) or now, now)
+  local d = from + math.min(tcost / (tcap / window), 1e9)
+  redis.call('HSET', KEYS[2], 'D', stamp(d))
   untl = d + tonumber(ARGV[4])
+  drain = ':' .. stamp(now) .. ':' .. stamp(from)
 end
 local ticket = redis.call('HINCRBY', KEYS[2], 'N', 1)
-hold(ticket, tcost, rcost, untl, ARGV[7])
+hold(ticket, tcost, rcost, untl, ARGV[7], drain)
 local out_t, out_r = '', ''
 if tcap >= 0 then out_t = tostring(tcap - ht - tcost) end
 if rcap >= 0 then out_r = tostring(rcap - hr - rcost) end
@@ -195,8 +201,8 @@ return {1, 0, out_t, out_r, 0, tostring(share), ticket}
 // ARGV: 1 the ticket, 2 tokens back, 3 requests back, 4-5 the remaining tokens and requests
 // the upstream said when it admitted it (-1: not said), 6 TPM, 7 RPM, 8 the window (s), 9 TTL
 // (ms), 10 served (1/0), 11 share regrowth per minute, 12 how long what the upstream holds
-// beyond the log is held (s), 13 the quota model (`p`: provisioned throughput, whose
-// utilisation drains sooner, or later, by what is given back, or taken).
+// beyond the log is held (s), 13 the quota model (`p`: provisioned throughput, whose drain is
+// redrawn from the settled admission on, as `Log::adjust` does), 14 the margin (s).
 const SETTLE: &str = r"
 expire()
 local s = redis.call('HMGET', KEYS[4], 's', 'g')
@@ -205,17 +211,50 @@ local window = tonumber(ARGV[8])
 local v = redis.call('HGET', KEYS[2], ARGV[1])
 local since_t, since_r = nil, nil
 if v then
-  local a, b, fa, fb = parse(v)
+  local a, b, fa, fb, arrived, from = parse(v)
   local na, nb = math.max(a - tonumber(ARGV[2]), 0), math.max(b - tonumber(ARGV[3]), 0)
-  redis.call('HSET', KEYS[2], ARGV[1], na .. ':' .. nb .. ':' .. fa .. ':' .. fb)
+  local drain = ''
+  if arrived and from then drain = ':' .. stamp(arrived) .. ':' .. stamp(from) end
+  redis.call('HSET', KEYS[2], ARGV[1], na .. ':' .. nb .. ':' .. fa .. ':' .. fb .. drain)
   redis.call('HINCRBYFLOAT', KEYS[2], 'T', na - a)
   redis.call('HINCRBYFLOAT', KEYS[2], 'R', nb - b)
   local ft, fr = freed()
   since_t, since_r = ft - fa, fr - fb
   local tcap = capacity(tonumber(ARGV[6]), share, window)
-  local d = tonumber(redis.call('HGET', KEYS[2], 'D'))
-  if ARGV[13] == 'p' and tcap >= 0 and d then
-    redis.call('HSET', KEYS[2], 'D', tostring(d + (na - a) / (tcap / window)))
+  if ARGV[13] == 'p' and tcap >= 0 then
+    -- The admissions from this one on, in the order they arrived (their tickets' order):
+    -- each drains from when the one before it has drained or when it arrived, if later.
+    local rate, margin, mine = tcap / window, tonumber(ARGV[14]), tonumber(ARGV[1])
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+    local after = {}
+    if score then
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], score, '+inf')) do
+        local n = tonumber(m)
+        if n and n >= mine then after[#after + 1] = n end
+      end
+    end
+    table.sort(after)
+    local e, last = nil, now
+    for _, n in ipairs(after) do
+      local w = redis.call('HGET', KEYS[2], tostring(n))
+      local x, y, fx, fy, arrived, from = parse(w or '')
+      if arrived and from then
+        if e then from = math.max(e, arrived) end
+        e = from + math.min(x / rate, 1e9)
+        last = math.max(last, e + margin)
+        redis.call('ZADD', KEYS[1], e + margin, tostring(n))
+        redis.call('HSET', KEYS[2], tostring(n),
+          x .. ':' .. y .. ':' .. fx .. ':' .. fy .. ':' .. stamp(arrived) .. ':' .. stamp(from))
+      end
+    end
+    if e then
+      redis.call('HSET', KEYS[2], 'D', stamp(e))
+      local ms = math.max(tonumber(ARGV[9]), math.ceil((last - now) * 1000) + 1000)
+      if redis.call('PTTL', KEYS[1]) < ms then
+        redis.call('PEXPIRE', KEYS[1], ms)
+        redis.call('PEXPIRE', KEYS[2], ms)
+      end
+    end
   end
 end
 local rt, rr = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -631,7 +670,8 @@ impl StateStore for RedisStore {
             .arg(u8::from(settlement.served))
             .arg(self.inner.learning.regrow)
             .arg(router_core::quota::phantom_hold(limits, settlement.reset).as_secs_f64())
-            .arg(model_arg(limits));
+            .arg(model_arg(limits))
+            .arg(router_core::quota::margin(limits.window).as_secs_f64());
         if let Err(why) = self.run::<i64>(&invocation).await {
             self.fell_back(&why);
             self.inner
@@ -744,6 +784,7 @@ impl StateStore for RedisStore {
                 requests,
                 freed: (0.0, 0.0),
                 unseen: false,
+                drain: None,
             })
         });
         let log = Log::from_marks(marks, drained);

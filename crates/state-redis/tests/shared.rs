@@ -269,6 +269,93 @@ async fn provisioned_throughput_admits_under_full_utilisation_and_drains_what_is
     assert_eq!(a.fallbacks() + b.fallbacks(), 0);
 }
 
+/// A settlement under provisioned throughput redraws the drain from the settled admission on,
+/// in Redis as in the process: what is taken beyond the estimate drains before what came after
+/// it, and what is given back lets what came after it drain sooner.
+#[tokio::test]
+async fn a_provisioned_settlement_redraws_the_drain_in_redis_as_in_the_process() {
+    let redis = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(&redis.url(), options("redraw"))
+        .await
+        .unwrap();
+    let local = MemoryStore::new();
+    // 60,000 TPM over 1 s: 1,000 tokens of utilisation, draining 1,000 a second.
+    let limits = Limits {
+        window: Duration::from_secs(1),
+        model: QuotaModel::Provisioned,
+        ..Limits::per_minute(Some(60_000), None)
+    };
+    let charge = |tokens| Charge {
+        tokens,
+        requests: 1,
+    };
+    let ticket = |admission: Admission| match admission {
+        Admission::Admitted { ticket, .. } => ticket,
+        Admission::Denied { .. } => panic!("admitted expected: {admission:?}"),
+    };
+    let one = charge(1);
+    // (what the first asks, what it gives back, the second, the third), and when the first
+    // request of one token fits again: 0 then 400, the first taking 300 more, then 300 (held
+    // 1,000): the first drains by 0.3 s (held until 0.31 s), not at once. 400 and 400, the
+    // first giving it all back, then 600: the second drains by 0.4 s, not 0.8 s.
+    let cases: [(u64, i64, u64, u64, f64); 2] =
+        [(0, -300, 400, 300, 0.31), (400, 400, 400, 600, 0.41)];
+    for (case, (first, back, second, third, fits)) in cases.into_iter().enumerate() {
+        let key = format!("ep/redraw{case}");
+        let now = Instant::now();
+        let settlement = |ticket| Settlement {
+            ticket,
+            tokens_back: back,
+            ..Settlement::default()
+        };
+        let shared = ticket(
+            store
+                .reserve(&key, &limits, charge(first), now)
+                .await
+                .unwrap(),
+        );
+        ticket(
+            store
+                .reserve(&key, &limits, charge(second), now)
+                .await
+                .unwrap(),
+        );
+        store
+            .settle(&key, &limits, settlement(shared), now)
+            .await
+            .unwrap();
+        ticket(
+            store
+                .reserve(&key, &limits, charge(third), now)
+                .await
+                .unwrap(),
+        );
+        let mine = ticket(local.reserve_now(&key, &limits, charge(first), now));
+        ticket(local.reserve_now(&key, &limits, charge(second), now));
+        local.settle_now(&key, &limits, settlement(mine), now);
+        ticket(local.reserve_now(&key, &limits, charge(third), now));
+        let by = now + Duration::from_secs(5);
+        let theirs = store
+            .openings(&key, &limits, one, 1, now, by)
+            .await
+            .unwrap()
+            .expect("Redis walks its log");
+        let ours = local.openings_now(&key, &limits, one, 1, now, by);
+        assert_eq!(
+            ours,
+            vec![now + Duration::from_secs_f64(fits)],
+            "case {case}"
+        );
+        // Redis's clock moved on by the calls' time.
+        let redis_at = theirs[0].saturating_duration_since(now).as_secs_f64();
+        assert!(
+            (redis_at - fits).abs() < 0.1,
+            "case {case}: Redis says {redis_at} s, the process {fits} s"
+        );
+    }
+    assert_eq!(store.fallbacks(), 0);
+}
+
 /// When the next requests would fit, walked from the log in Redis, agrees with the same log
 /// kept in the process: the openings a refusal's `Retry-After` is promised from.
 #[tokio::test]

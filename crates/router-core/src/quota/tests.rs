@@ -410,6 +410,45 @@ fn provisioned_admits_while_under_full_utilisation_and_drains_in_order() {
 }
 
 #[test]
+fn a_settlement_redraws_the_drain_across_idle_stretches_and_what_is_taken() {
+    // 60,000 TPM over 1 s: 1,000 tokens of utilisation, draining 1,000 a second; the margin
+    // is 10 ms.
+    let l = provisioned(60_000, Duration::from_secs(1));
+    let store = MemoryStore::new();
+    let t0 = Instant::now();
+    // The first drains by 0.4 s and is still held (until 0.41 s) when the second arrives at
+    // 0.405 s, to an idle bucket: the second drains from its arrival, by 0.505 s.
+    let first = admitted(store.reserve_now("d", &l, charge(400), t0));
+    admitted(store.reserve_now("d", &l, charge(100), t0 + secs(0.405)));
+    // Giving back the whole first does not make the second drain any sooner: the upstream
+    // began draining it when it arrived. A third of 950 drains after it, by 1.455 s.
+    store.settle_now("d", &l, back(first, 400), t0 + secs(0.405));
+    admitted(store.reserve_now("d", &l, charge(950), t0 + secs(0.405)));
+    assert_eq!(
+        store.tokens_level("d", &l, t0 + secs(1.46)),
+        Some(1_000.0 - 950.0),
+        "the third is held until it has drained"
+    );
+    // Taking more moves the drain later: what follows leaves later, not just the one settled.
+    let store = MemoryStore::new();
+    let first = admitted(store.reserve_now("d", &l, charge(0), t0));
+    admitted(store.reserve_now("d", &l, charge(400), t0));
+    store.settle_now("d", &l, back(first, -300), t0);
+    // 300 then 400: drained by 0.3 s and 0.7 s, each held 10 ms more.
+    assert_eq!(store.tokens_level("d", &l, t0 + secs(0.305)), Some(300.0));
+    assert_eq!(store.tokens_level("d", &l, t0 + secs(0.705)), Some(600.0));
+    assert_eq!(store.tokens_level("d", &l, t0 + secs(0.715)), Some(1_000.0));
+}
+
+fn back(ticket: u64, tokens: i64) -> Settlement {
+    Settlement {
+        ticket,
+        tokens_back: tokens,
+        ..Settlement::default()
+    }
+}
+
+#[test]
 fn provisioned_serves_a_steady_load_at_the_drain_rate_where_a_window_log_cannot() {
     // 291-token requests against 500 tokens a second: a window holds one whole request, so
     // a log admits 291 of every 500; provisioned throughput drains all 500.
