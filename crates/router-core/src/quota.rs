@@ -1306,6 +1306,38 @@ impl QuotaView {
         self.block(wait, now);
     }
 
+    /// The store walked its window and said when the next request of `charge` fits under
+    /// `limits` (`at`; now or earlier: it fits now). The view gives way to that, earlier or
+    /// later: a settlement may have given back what an earlier refusal's block counted on,
+    /// and the view's buckets, an even-rate picture of a window that frees in bursts, may
+    /// not have room when the window has. The block moves to `at`, and each bucket holds
+    /// at least enough to have room for the charge by then.
+    pub fn open_at(&self, limits: &Limits, charge: Charge, at: Instant, now: Instant) {
+        let until = at
+            .max(now)
+            .saturating_duration_since(self.origin)
+            .as_micros()
+            .div_ceil(1000) as u64;
+        self.blocked_until.store(until, Ordering::Relaxed);
+        let tokens = if limits.is_provisioned() {
+            1e-6
+        } else {
+            charge.tokens as f64
+        };
+        let ahead = at.saturating_duration_since(now).as_secs_f64();
+        for (cell, shape, cost) in [
+            (&self.tokens, limits.tokens(), tokens),
+            (&self.requests, limits.requests(), charge.requests as f64),
+        ] {
+            let Some(shape) = shape else { continue };
+            let enough = shape.needed(cost) - shape.rate * ahead;
+            if self.bucket(cell, shape, now).level_at(shape, now) < enough {
+                // A little over, so that the level's rounding to f32 leaves room.
+                self.store(cell, enough + 0.01, now);
+            }
+        }
+    }
+
     /// The store said no until `now + wait`.
     pub fn block(&self, wait: Duration, now: Instant) {
         // Rounded up, so that a wait shorter than a millisecond still blocks.

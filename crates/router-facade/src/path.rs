@@ -597,8 +597,7 @@ impl<'r> Path<'r> {
         let Some(until) = nothing.until.filter(|_| waitable) else {
             return Ok(false);
         };
-        let until = Instant::from_std(until);
-        self.may_wait_for(until, nothing).await?;
+        let until = self.may_wait_for(Instant::from_std(until), nothing).await?;
         let model = self.model;
         self.wait_in(model, Some(until)).await
     }
@@ -690,6 +689,19 @@ impl<'r> Path<'r> {
                 .openings(&deployment.key, &limits, charge, n, now_std, by)
                 .await
                 .ok()??;
+            // The store's walk is the truth the view approximates: a settlement may have given
+            // back what an earlier refusal's block counted on, and a window frees in bursts
+            // where the view's buckets refill evenly.
+            let asked = Charge {
+                tokens: charge.tokens.max(estimate.charge.tokens),
+                ..charge
+            };
+            deployment.state.quota.open_at(
+                &deployment.limits(),
+                asked,
+                openings.first().copied().unwrap_or(by),
+                now_std,
+            );
             all.extend(
                 openings
                     .into_iter()
@@ -714,15 +726,15 @@ impl<'r> Path<'r> {
         last + self.turns(k + 1 - openings.len())
     }
 
-    /// `Ok` when this request's turn, the soonest recovery being at `until` and the queue
-    /// ahead of it served first, comes within the max queue wait and leaves time to serve the
-    /// request before its deadline; else the caller's error, with a promised turn as its
-    /// `retry_after` ([`promise`](Self::promise)).
+    /// The soonest recovery (`until`, as the store's windows correct it) when this request's
+    /// turn, the queue ahead of it served first, comes within the max queue wait and leaves
+    /// time to serve the request before its deadline; else the caller's error, with a
+    /// promised turn as its `retry_after` ([`promise`](Self::promise)).
     async fn may_wait_for(
         &mut self,
         until: Instant,
         nothing: NothingEligible,
-    ) -> Result<(), Error> {
+    ) -> Result<Instant, Error> {
         let now = Instant::now();
         let ahead = self.ahead();
         // Turns promised to refusals before this one come before its own promised turn.
@@ -738,6 +750,14 @@ impl<'r> Path<'r> {
         };
         let openings = self.openings(ahead + before + 1).await;
         let openings = openings.as_deref();
+        // The walk corrected the deployments' views: the soonest recovery is asked again (an
+        // earlier refusal's block may have counted on what a settlement has given back since;
+        // none: one has room now).
+        let until = if openings.is_some() {
+            self.soonest().until.map_or(now, Instant::from_std)
+        } else {
+            until
+        };
         // Its turn comes after those waiting ahead of it and the promised turns that fall
         // before it (their clients come back for them).
         let mut expected = self.turn(openings, ahead, until);
@@ -757,7 +777,7 @@ impl<'r> Path<'r> {
         let service = self.expected_service().mul_f64(1.5);
         let over_deadline = expected + service > self.deadline;
         if !over_deadline && expected <= self.wait_limit {
-            return Ok(());
+            return Ok(until);
         }
         let error = self.nothing_eligible(nothing);
         let retry_at = self.promise(self.turn(openings, ahead + before, until));

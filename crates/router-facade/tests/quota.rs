@@ -399,6 +399,61 @@ async fn a_dropped_request_gives_its_reservation_back() {
     assert!((level - full).abs() < 1.0, "released: {level} of {full}");
 }
 
+/// Room given back (a request dropped in flight gives its reservation back) is used at once:
+/// the next request is admitted now, not held to the block that an earlier refusal left in
+/// the router's view of the deployment, nor refused on it.
+#[tokio::test(start_paused = true)]
+async fn room_given_back_is_used_at_once_whatever_an_earlier_refusal_blocked() {
+    let endpoint = EndpointConfig::new("only", SimDialect::OpenAi)
+        .with_models([MODEL])
+        .with_latency(LatencyModel::new(Duration::from_secs(5), Duration::ZERO));
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    // 6,000 TPM over 10 s: 1,000 tokens, two requests of about 450.
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("only", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .tpm(6_000)
+                .quota_window(Duration::from_secs(10)),
+        )
+        .request_timeout(Duration::from_secs(30))
+        .max_queue_wait(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut req = request(0);
+    req.max_tokens = Some(400);
+    let spawn = || {
+        let (router, req) = (router.clone(), req.clone());
+        tokio::spawn(async move { router.chat(&req).await })
+    };
+    let (first, second) = (spawn(), spawn());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The window is full until the first is 10 s old: a third is refused at once.
+    let started = tokio::time::Instant::now();
+    let refused = router.chat(&req).await.unwrap_err();
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "refused at once: {refused}"
+    );
+    assert_eq!(refused.kind(), ErrorKind::Throttled, "{refused}");
+    assert!(
+        refused.retry_after().unwrap() > Duration::from_secs(2),
+        "{refused}"
+    );
+    // The first is dropped and gives its reservation back: there is room now.
+    first.abort();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let started = tokio::time::Instant::now();
+    router.chat(&req).await.unwrap();
+    assert!(
+        started.elapsed() <= Duration::from_millis(5_050),
+        "sent at once and answered in 5 s: {:?}",
+        started.elapsed()
+    );
+    second.await.unwrap().unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stream_dropped_after_it_opened_keeps_its_charge() {
     // The upstream admitted it and counts it in its window whatever becomes of it: giving the
