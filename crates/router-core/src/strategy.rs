@@ -387,19 +387,27 @@ pub struct Weighted;
 
 impl Strategy for Weighted {
     fn pick(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {
-        let total: u64 = candidates.iter().map(|c| u64::from(c.weight.max(1))).sum();
+        let weight = |c: &Candidate| u64::from(c.weight.max(1));
+        let total: u64 = candidates.iter().map(weight).sum();
         if total == 0 {
             return None;
         }
-        let mut ticket = (rng.unit() * total as f64) as u64;
-        for (i, candidate) in candidates.iter().enumerate() {
-            let weight = u64::from(candidate.weight.max(1));
-            if ticket < weight {
-                return Some(i);
+        let ticket = ((rng.unit() * total as f64) as u64).min(total - 1);
+        // The candidate whose span of the weights holds the ticket is the count of spans that
+        // end at or before it: counted without a branch within each run of eight, and the
+        // walk stops after the run that holds it (one branch a run, not one a candidate).
+        let mut end = 0;
+        let mut before = 0;
+        for run in candidates.chunks(8) {
+            for candidate in run {
+                end += weight(candidate);
+                before += usize::from(end <= ticket);
             }
-            ticket -= weight;
+            if end > ticket {
+                break;
+            }
         }
-        Some(candidates.len() - 1)
+        Some(before)
     }
 
     fn name(&self) -> &'static str {
