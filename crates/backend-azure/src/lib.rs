@@ -40,7 +40,9 @@ use backend_openai::{
     Credential, Dialect, HttpClient, OpenAiBackend, Operation, Timeouts, base_url_with_slash,
 };
 use http::{HeaderMap, HeaderName};
-use router_core::{Backend, CallOptions, ChatStream, EndpointId, Error, ErrorKind, Reply};
+use router_core::{
+    Backend, CallOptions, ChatStream, CompletionStream, EndpointId, Error, ErrorKind, Reply,
+};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
     EmbeddingRequest, EmbeddingResponse,
@@ -227,6 +229,14 @@ impl Backend for AzureBackend {
         options: &CallOptions,
     ) -> Result<Reply<CompletionResponse>, Error> {
         self.inner.completions(request, options).await
+    }
+
+    async fn completions_stream(
+        &self,
+        request: &CompletionRequest,
+        options: &CallOptions,
+    ) -> Result<CompletionStream, Error> {
+        self.inner.completions_stream(request, options).await
     }
 }
 

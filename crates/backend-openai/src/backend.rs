@@ -9,8 +9,8 @@ use futures_util::StreamExt;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
 use router_core::{
-    Backend, CallOptions, ChatStream, EndpointId, Error, ErrorKind, EventStream, RateLimitInfo,
-    Reply, ResponseMeta,
+    Backend, CallOptions, ChatStream, CompletionStream, EndpointId, Error, ErrorKind, EventStream,
+    RateLimitInfo, Reply, ResponseMeta,
 };
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -247,6 +247,34 @@ impl OpenAiBackend {
         )
     }
 
+    /// Sends `body` (asking for a stream) and decodes the answer's events as `T`.
+    async fn stream<T, B>(
+        &self,
+        operation: Operation,
+        model: &str,
+        body: &B,
+        options: &CallOptions,
+    ) -> Result<EventStream<T>, Error>
+    where
+        T: router_core::StreamItem + DeserializeOwned + Send + 'static,
+        B: Serialize + Sync,
+    {
+        let (response, sent_at, meta) = self.send(operation, model, body, true, options).await?;
+        let events = sse::decode(
+            response.bytes_stream(),
+            self.inner.endpoint.clone(),
+            self.inner.scrubber.clone(),
+            self.inner.timeouts.between_chunks,
+            options.deadline.map(Instant::from_std),
+        );
+        Ok(EventStream::with_data(
+            events,
+            meta,
+            sent_at.into_std(),
+            || Instant::now().into_std(),
+        ))
+    }
+
     fn map_transport(&self, error: reqwest::Error) -> Error {
         let endpoint = self.inner.endpoint.clone();
         let (kind, what) = if error.is_timeout() {
@@ -311,22 +339,8 @@ impl Backend for OpenAiBackend {
             streamed = copy;
             &streamed
         };
-        let (response, sent_at, meta) = self
-            .send(Operation::Chat, &request.model, request, true, options)
-            .await?;
-        let events = sse::decode(
-            response.bytes_stream(),
-            self.inner.endpoint.clone(),
-            self.inner.scrubber.clone(),
-            self.inner.timeouts.between_chunks,
-            options.deadline.map(Instant::from_std),
-        );
-        Ok(EventStream::with_data(
-            events,
-            meta,
-            sent_at.into_std(),
-            || Instant::now().into_std(),
-        ))
+        self.stream(Operation::Chat, &request.model, request, options)
+            .await
     }
 
     async fn embeddings(
@@ -352,6 +366,22 @@ impl Backend for OpenAiBackend {
                 .await;
         }
         self.call(Operation::Completions, &request.model, request, options)
+            .await
+    }
+
+    async fn completions_stream(
+        &self,
+        request: &CompletionRequest,
+        options: &CallOptions,
+    ) -> Result<CompletionStream, Error> {
+        if request.stream == Some(true) {
+            return self
+                .stream(Operation::Completions, &request.model, request, options)
+                .await;
+        }
+        let mut streamed = request.clone();
+        streamed.stream = Some(true);
+        self.stream(Operation::Completions, &request.model, &streamed, options)
             .await
     }
 }

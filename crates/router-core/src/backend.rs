@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use futures_core::Stream;
 use router_types::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-    CompletionResponse, EmbeddingRequest, EmbeddingResponse,
+    CompletionResponse, EmbeddingRequest, EmbeddingResponse, Usage,
 };
 
 use crate::endpoint::EndpointId;
@@ -67,6 +67,22 @@ pub trait Backend: Send + Sync + fmt::Debug {
         request: &CompletionRequest,
         options: &CallOptions,
     ) -> Result<Reply<CompletionResponse>, Error>;
+
+    /// `POST /completions` (legacy) with `stream: true` (set by the backend whatever the
+    /// request says). Returns once the upstream's headers arrived. By default, an
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) error (the router then tries
+    /// another deployment), so that backends written before it need no change.
+    async fn completions_stream(
+        &self,
+        request: &CompletionRequest,
+        options: &CallOptions,
+    ) -> Result<CompletionStream, Error> {
+        let _ = (request, options);
+        Err(Error::unsupported(
+            self.endpoint().clone(),
+            "streamed legacy completions",
+        ))
+    }
 }
 
 /// Per-call options from the router.
@@ -138,11 +154,21 @@ pub trait StreamItem {
     /// Whether the event carries generated output (text, tool calls, a finish reason), as
     /// opposed to Azure's filter annotations or a usage-only chunk.
     fn has_content(&self) -> bool;
+
+    /// The usage the event reports when it carries nothing else: the last chunk of a stream
+    /// asked to include usage (`stream_options.include_usage`). `None` by default.
+    fn usage_only(&self) -> Option<&Usage> {
+        None
+    }
 }
 
 impl StreamItem for ChatCompletionChunk {
     fn has_content(&self) -> bool {
         ChatCompletionChunk::has_content(self)
+    }
+
+    fn usage_only(&self) -> Option<&Usage> {
+        self.usage.as_ref().filter(|_| self.choices.is_empty())
     }
 }
 
@@ -151,6 +177,10 @@ impl StreamItem for CompletionResponse {
         self.choices
             .iter()
             .any(|c| !c.text.is_empty() || c.finish_reason.is_some())
+    }
+
+    fn usage_only(&self) -> Option<&Usage> {
+        self.usage.as_ref().filter(|_| self.choices.is_empty())
     }
 }
 

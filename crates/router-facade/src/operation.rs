@@ -10,7 +10,7 @@ use std::time::Duration;
 use router_core::{Backend, CallOptions, Error, LatencyClass, Reply};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    EmbeddingRequest, EmbeddingResponse, Usage,
+    EmbeddingRequest, EmbeddingResponse, StreamOptions, Usage,
 };
 
 use crate::attempt::Attempt;
@@ -308,32 +308,71 @@ impl Plain for CompletionRequest {
     }
 }
 
-/// A streamed chat completion, by reference (a caller's) or owned (a shadow probe's).
-pub(crate) struct Streamed<'r>(pub(crate) Cow<'r, ChatCompletionRequest>);
+/// A request answered in a stream of chunks; estimated as when it is answered in one body.
+pub(crate) trait Streaming: Plain + 'static {
+    /// Each event's chunk.
+    type Chunk: router_core::StreamItem + Send + Unpin + 'static;
+    /// The request's `stream_options`, to set.
+    fn stream_options(&mut self) -> &mut Option<StreamOptions>;
+    /// Whether the caller asked for the usage chunk.
+    fn includes_usage(&self) -> bool;
+    fn open<'a>(
+        backend: &'a dyn Backend,
+        request: &'a Self,
+        call: &'a CallOptions,
+    ) -> Call<'a, router_core::EventStream<Self::Chunk>>;
+}
 
-impl<'r> Streamed<'r> {
-    pub(crate) fn of(request: &'r ChatCompletionRequest) -> Self {
+macro_rules! streaming {
+    ($($t:ty => $chunk:ty, $open:ident);*) => {$(
+        impl Streaming for $t {
+            type Chunk = $chunk;
+            fn stream_options(&mut self) -> &mut Option<StreamOptions> {
+                &mut self.stream_options
+            }
+            fn includes_usage(&self) -> bool {
+                self.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true)
+            }
+            fn open<'a>(
+                backend: &'a dyn Backend,
+                request: &'a Self,
+                call: &'a CallOptions,
+            ) -> Call<'a, router_core::EventStream<Self::Chunk>> {
+                backend.$open(request, call)
+            }
+        }
+    )*};
+}
+streaming!(
+    ChatCompletionRequest => router_types::ChatCompletionChunk, chat_stream;
+    CompletionRequest => CompletionResponse, completions_stream
+);
+
+/// A streamed request (a chat completion's or a legacy completion's), by reference (a
+/// caller's) or owned (a shadow probe's).
+pub(crate) struct Streamed<'r, R: Clone = ChatCompletionRequest>(pub(crate) Cow<'r, R>);
+
+impl<'r, R: Clone> Streamed<'r, R> {
+    pub(crate) fn of(request: &'r R) -> Self {
         Self(Cow::Borrowed(request))
     }
 }
 
-impl Streamed<'_> {
+impl<R: Streaming> Streamed<'_, R> {
     /// Whether the router asks for the usage chunk (to account the stream's tokens) where the
     /// caller did not; the caller never sees it then.
     fn injects_usage(&self, attempt: &Attempt) -> bool {
-        attempt.is_accounted()
-            && attempt.deployment().stream_usage
-            && self.0.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true)
+        attempt.is_accounted() && attempt.deployment().stream_usage && !self.0.includes_usage()
     }
 }
 
-impl Operation for Streamed<'_> {
-    type Sent = Opened;
-    type Output = RouterStream;
-    type Owned = Streamed<'static>;
+impl<R: Streaming> Operation for Streamed<'_, R> {
+    type Sent = Opened<R::Chunk>;
+    type Output = RouterStream<R::Chunk>;
+    type Owned = Streamed<'static, R>;
 
     fn model(&self) -> &str {
-        &self.0.model
+        self.0.as_ref().model()
     }
 
     fn class(&self) -> LatencyClass {
@@ -341,11 +380,11 @@ impl Operation for Streamed<'_> {
     }
 
     fn estimate(&self, expected: u32) -> Estimate {
-        estimate::chat(&self.0, expected)
+        Plain::estimate(self.0.as_ref(), expected)
     }
 
     fn output_hint(&self, expected: u32) -> u32 {
-        self.0.output_cap().unwrap_or(expected)
+        Plain::output_hint(self.0.as_ref(), expected)
     }
 
     fn fingerprint(&self) -> u64 {
@@ -360,11 +399,11 @@ impl Operation for Streamed<'_> {
             if inject {
                 request
                     .to_mut()
-                    .stream_options
+                    .stream_options()
                     .get_or_insert_with(Default::default)
                     .include_usage = Some(true);
             }
-            first_content(deployment.backend.chat_stream(&request, &call).await?).await
+            first_content(R::open(deployment.backend.as_ref(), &request, &call).await?).await
         })
     }
 
@@ -372,7 +411,7 @@ impl Operation for Streamed<'_> {
         Streamed(Cow::Owned(self.0.as_ref().clone()))
     }
 
-    async fn finish(mut stream: RouterStream) {
+    async fn finish(mut stream: RouterStream<R::Chunk>) {
         std::future::poll_fn(|cx| {
             use futures_core::Stream as _;
             loop {
@@ -388,7 +427,7 @@ impl Operation for Streamed<'_> {
 
     async fn complete(
         &self,
-        opened: Opened,
+        opened: Opened<R::Chunk>,
         mut attempt: Attempt,
         attempts: u32,
         took: Duration,

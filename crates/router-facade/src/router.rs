@@ -196,6 +196,26 @@ impl Router {
     ) -> Result<RouterStream, Error> {
         run(&self.shared, Streamed::of(request), options).await
     }
+
+    /// A streamed legacy completion: routed, failed over and accounted as
+    /// [`chat_stream`](Self::chat_stream) is; its chunks are legacy completions' (`text`
+    /// choices).
+    pub async fn completions_stream(
+        &self,
+        request: &CompletionRequest,
+    ) -> Result<RouterStream<CompletionResponse>, Error> {
+        self.completions_stream_with(request, &RequestOptions::default())
+            .await
+    }
+
+    /// A streamed legacy completion with per-request options.
+    pub async fn completions_stream_with(
+        &self,
+        request: &CompletionRequest,
+        options: &RequestOptions,
+    ) -> Result<RouterStream<CompletionResponse>, Error> {
+        run(&self.shared, Streamed::of(request), options).await
+    }
 }
 
 impl fmt::Debug for Router {

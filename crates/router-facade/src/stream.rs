@@ -1,4 +1,5 @@
-//! The stream relay: a routed chat completion stream, from its first content chunk to its end.
+//! The stream relay: a routed stream (a chat completion's, or a legacy completion's), from its
+//! first content chunk to its end.
 //!
 //! A stream is opened by [`first_content`]: events before the first content chunk (Azure's
 //! prompt-filter annotations, the role chunk) are held back, so that the attempt can still fail
@@ -14,19 +15,22 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
-use router_core::{ChatStream, EndpointId, Error, Event, RateLimitInfo, ResponseMeta};
+use router_core::{EndpointId, Error, Event, EventStream, RateLimitInfo, ResponseMeta, StreamItem};
 use router_types::ChatCompletionChunk;
 
 use crate::attempt::Attempt;
 use crate::reservation::Used;
 
-/// A routed chat completion stream: the upstream's chunks, then the end, or one error item.
+/// A routed stream: the upstream's chunks, then the end, or one error item. Chunks are chat
+/// completion chunks ([`Router::chat_stream`](crate::Router::chat_stream)), or legacy
+/// completions' (`RouterStream<CompletionResponse>`,
+/// [`Router::completions_stream`](crate::Router::completions_stream)).
 ///
 /// Holds the deployment's in-flight slot (and the request's router-side limit slots) until it
 /// ends or is dropped; its success or failure is recorded when it ends.
-pub struct RouterStream {
-    held: VecDeque<Event<ChatCompletionChunk>>,
-    inner: Option<ChatStream>,
+pub struct RouterStream<T = ChatCompletionChunk> {
+    held: VecDeque<Event<T>>,
+    inner: Option<EventStream<T>>,
     attempt: Option<Attempt>,
     endpoint: EndpointId,
     model: String,
@@ -39,20 +43,22 @@ pub struct RouterStream {
 }
 
 /// A stream opened up to its first content chunk.
-pub(crate) struct Opened {
-    stream: ChatStream,
-    held: VecDeque<Event<ChatCompletionChunk>>,
+pub(crate) struct Opened<T> {
+    stream: EventStream<T>,
+    held: VecDeque<Event<T>>,
     ended: bool,
 }
 
-impl Opened {
-    pub(crate) fn stream(&self) -> &ChatStream {
+impl<T> Opened<T> {
+    pub(crate) fn stream(&self) -> &EventStream<T> {
         &self.stream
     }
 }
 
 /// Reads `stream` up to its first content chunk (or its end), holding what came before.
-pub(crate) async fn first_content(mut stream: ChatStream) -> Result<Opened, Error> {
+pub(crate) async fn first_content<T: StreamItem + Send + 'static>(
+    mut stream: EventStream<T>,
+) -> Result<Opened<T>, Error> {
     let mut held = VecDeque::new();
     loop {
         match std::future::poll_fn(|cx| stream.poll_event(cx)).await {
@@ -79,9 +85,14 @@ pub(crate) async fn first_content(mut stream: ChatStream) -> Result<Opened, Erro
     }
 }
 
-impl RouterStream {
+impl<T: StreamItem + Send + 'static> RouterStream<T> {
     /// The stream of an opened attempt.
-    pub(crate) fn new(opened: Opened, attempt: Attempt, attempts: u32, strip_usage: bool) -> Self {
+    pub(crate) fn new(
+        opened: Opened<T>,
+        attempt: Attempt,
+        attempts: u32,
+        strip_usage: bool,
+    ) -> Self {
         let Opened {
             stream,
             held,
@@ -130,10 +141,7 @@ impl RouterStream {
     /// The next event, with the upstream's data as received when the backend kept it (the
     /// built-in backends do): what a relay writes without encoding the chunk again.
     /// [`Stream::poll_next`] yields the same events' chunks.
-    pub fn poll_event(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Event<ChatCompletionChunk>, Error>>> {
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event<T>, Error>>> {
         while let Some(event) = self.held.pop_front() {
             if !self.usage_chunk(&event.item) {
                 return Poll::Ready(Some(Ok(event)));
@@ -171,10 +179,8 @@ impl RouterStream {
     }
 
     /// Notes a usage chunk; `true` when the caller must not see it.
-    fn usage_chunk(&mut self, chunk: &ChatCompletionChunk) -> bool {
-        if chunk.choices.is_empty()
-            && let Some(usage) = &chunk.usage
-        {
+    fn usage_chunk(&mut self, chunk: &T) -> bool {
+        if let Some(usage) = chunk.usage_only() {
             self.used = Some(Used::from(usage));
             return self.strip_usage;
         }
@@ -182,8 +188,8 @@ impl RouterStream {
     }
 }
 
-impl Stream for RouterStream {
-    type Item = Result<ChatCompletionChunk, Error>;
+impl<T: StreamItem + Send + Unpin + 'static> Stream for RouterStream<T> {
+    type Item = Result<T, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut()
@@ -192,7 +198,7 @@ impl Stream for RouterStream {
     }
 }
 
-impl fmt::Debug for RouterStream {
+impl<T> fmt::Debug for RouterStream<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouterStream")
             .field("endpoint", &self.endpoint)

@@ -308,6 +308,19 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
     );
 }
 
+/// Every chunk of `stream`, which must not fail.
+async fn read_all<T>(mut stream: router_facade::RouterStream<T>) -> Vec<T>
+where
+    T: router_facade::StreamItem + Send + Unpin + 'static,
+{
+    use futures_util::StreamExt;
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        chunks.push(chunk.unwrap());
+    }
+    chunks
+}
+
 #[tokio::test]
 async fn streams_are_accounted_without_changing_what_the_caller_receives() {
     use futures_util::StreamExt;
@@ -324,11 +337,7 @@ async fn streams_are_accounted_without_changing_what_the_caller_receives() {
         .build()
         .unwrap();
     // The caller did not ask for usage: the router asks upstream, and strips the usage chunk.
-    let mut stream = router.chat_stream(&request(1)).await.unwrap();
-    let mut chunks = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        chunks.push(chunk.unwrap());
-    }
+    let chunks = read_all(router.chat_stream(&request(1)).await.unwrap()).await;
     let seen = sim.endpoints()[0].last_request().unwrap();
     assert_eq!(
         seen.body["stream_options"]["include_usage"], true,
@@ -452,6 +461,54 @@ async fn room_given_back_is_used_at_once_whatever_an_earlier_refusal_blocked() {
         started.elapsed()
     );
     second.await.unwrap().unwrap();
+}
+
+/// A streamed legacy completion is routed and accounted as a chat stream is: the router asks
+/// the upstream for the usage chunk, charges what it reports, and the caller who did not ask
+/// never sees it; the caller who asked gets it unchanged.
+#[tokio::test(start_paused = true)]
+async fn legacy_completion_streams_are_accounted_from_their_usage_chunk() {
+    use router_facade::types::{CompletionRequest, StreamOptions};
+    let (sim, router, level) = accounted(LatencyModel::instant()).await;
+    let mut request = CompletionRequest::new(MODEL, "Say hello to the router");
+    request.max_tokens = Some(5);
+    let before = level(tokio::time::Instant::now());
+    let chunks = read_all(router.completions_stream(&request).await.unwrap()).await;
+    // The settlement runs on the runtime once the stream has ended.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let charged = before - level(tokio::time::Instant::now());
+    let seen = sim.endpoints()[0].last_request().unwrap();
+    assert_eq!(seen.body["stream"], true);
+    assert_eq!(
+        seen.body["stream_options"]["include_usage"], true,
+        "the router asked for usage"
+    );
+    assert!(
+        chunks.iter().all(|c| c.usage.is_none()),
+        "the caller gets no usage chunk"
+    );
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter().map(|choice| choice.text.as_str()))
+        .collect();
+    assert_eq!(text.split_whitespace().count(), 5, "{text:?}");
+    assert!(chunks.last().unwrap().choices[0].finish_reason.is_some());
+
+    // Asked for: the usage chunk arrives last, and it is what the first stream was charged.
+    request.stream_options = Some(StreamOptions {
+        include_usage: Some(true),
+        ..Default::default()
+    });
+    let chunks = read_all(router.completions_stream(&request).await.unwrap()).await;
+    let last = chunks.last().unwrap();
+    let usage = last.usage.as_ref().expect("the usage chunk");
+    assert!(last.choices.is_empty());
+    assert_eq!(usage.completion_tokens, Some(5));
+    assert!(
+        (charged - (usage.prompt_tokens + 5) as f64).abs() < 1e-6,
+        "charged {charged}, the upstream counted {} + 5",
+        usage.prompt_tokens
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -60,11 +60,6 @@ impl ApiError {
         Self::gateway(status, message, code)
     }
 
-    /// 400: a feature of the API the gateway does not serve yet.
-    pub(crate) fn unsupported(message: &str) -> Self {
-        Self::gateway(StatusCode::BAD_REQUEST, message, Some("unsupported"))
-    }
-
     /// 404: no such route.
     pub(crate) fn no_route() -> Self {
         Self::gateway(StatusCode::NOT_FOUND, "no such route", Some("not_found"))

@@ -194,13 +194,19 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let started = Instant::now();
     let answer = |request: CompletionRequest| async {
         let response = async {
             let options = state.options(&headers, &request.model)?;
             if request.stream == Some(true) {
-                return Err(ApiError::unsupported(
-                    "streamed legacy completions are not supported yet",
-                ));
+                let stream = state
+                    .router
+                    .completions_stream_with(&request, &options)
+                    .await?;
+                state.metrics.retried(stream.attempts());
+                let (model, meta) = (stream.model().to_owned(), stream.meta().clone());
+                let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
+                return Ok::<_, ApiError>(served_by(relayed, &model, &meta));
             }
             let answer = state.router.completions_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);

@@ -1,4 +1,4 @@
-//! The stream relay: a routed chat stream as server-sent events.
+//! The stream relay: a routed stream (chat or legacy completions) as server-sent events.
 //!
 //! Each upstream event is passed on with its data as the upstream sent it (the router already
 //! parsed it once, to find the first content and the usage); only events without their
@@ -29,7 +29,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use bytes::BytesMut;
 use futures_core::Stream;
-use router_facade::RouterStream;
+use router_facade::{RouterStream, StreamItem};
 
 use crate::error::error_event;
 use crate::metrics::Metrics;
@@ -44,7 +44,10 @@ const MAX_WRITE: usize = 16 * 1024;
 const HOLD_POLLS: u8 = 3;
 
 /// Relays `stream`; `started` is when the request arrived, for the time-to-first-token metric.
-pub(crate) fn relay(stream: RouterStream, metrics: Arc<Metrics>, started: Instant) -> Response {
+pub(crate) fn relay<T>(stream: RouterStream<T>, metrics: Arc<Metrics>, started: Instant) -> Response
+where
+    T: StreamItem + serde::Serialize + Send + Unpin + 'static,
+{
     let frames = Relay {
         stream,
         metrics,
@@ -76,8 +79,8 @@ fn frame(out: &mut BytesMut, data: &str) {
     out.extend_from_slice(b"\n");
 }
 
-struct Relay {
-    stream: RouterStream,
+struct Relay<T> {
+    stream: RouterStream<T>,
     metrics: Arc<Metrics>,
     started: Instant,
     first: bool,
@@ -88,7 +91,7 @@ struct Relay {
     held: BytesMut,
 }
 
-impl Relay {
+impl<T: StreamItem + serde::Serialize + Send + Unpin + 'static> Relay<T> {
     /// Reads every event that is ready into `held` (up to `MAX_WRITE`); `Pending` when the
     /// upstream has nothing more ready now.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -124,7 +127,7 @@ impl Relay {
     }
 }
 
-impl Stream for Relay {
+impl<T: StreamItem + serde::Serialize + Send + Unpin + 'static> Stream for Relay<T> {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {

@@ -445,7 +445,13 @@ async fn the_official_python_client() {
         hash(OPEN_KEY)
     );
     let gateway = start(&sim, &extra).await;
-    for phase in ["basic", "stream_tools", "embeddings", "errors"] {
+    for phase in [
+        "basic",
+        "stream_tools",
+        "legacy_stream",
+        "embeddings",
+        "errors",
+    ] {
         run_python(&gateway, phase, GATEWAY_KEY).await;
     }
     for endpoint in sim.endpoints() {

@@ -60,6 +60,22 @@ def stream_tools():
     assert finish == "tool_calls", finish
 
 
+def legacy_stream():
+    # A streamed legacy completion, without and with the usage chunk.
+    stream = client().completions.create(
+        model="gpt-3.5-turbo-instruct", prompt="Say hello", max_tokens=5, stream=True)
+    chunks = list(stream)
+    text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+    assert len(text.split()) == 5, text
+    assert chunks[-1].choices[0].finish_reason == "stop", chunks[-1]
+    assert all(chunk.usage is None for chunk in chunks), chunks
+    stream = client().completions.create(
+        model="gpt-3.5-turbo-instruct", prompt="Say hello", max_tokens=5, stream=True,
+        stream_options={"include_usage": True})
+    last = list(stream)[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 5, last
+
+
 def embeddings():
     answer = client().embeddings.create(model="text-embedding-3-small", input=["a", "b", "c"])
     assert len(answer.data) == 3, answer
@@ -132,7 +148,7 @@ def fallback():
     assert raw.headers["x-openai-router-model"] == "gpt-4o-mini"
 
 
-PHASES = {f.__name__: f for f in [basic, stream_tools, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback]}
+PHASES = {f.__name__: f for f in [basic, stream_tools, legacy_stream, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback]}
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]]()
