@@ -124,6 +124,20 @@ pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
     ) -> Call<'a, Reply<Self::Response>>;
 }
 
+/// Says, in the attempt's span, who answered: the upstream's request id (OpenAI's
+/// `x-request-id`, Azure's `apim-request-id`), Azure's region and model session, so that a
+/// trace leads to the upstream's own logs.
+fn identify(meta: &router_core::ResponseMeta, attempts: u32) {
+    tracing::debug!(
+        status = meta.status,
+        attempts,
+        upstream_request_id = meta.request_id.as_deref(),
+        region = meta.region.as_deref(),
+        model_session = meta.model_session.as_deref(),
+        "answered"
+    );
+}
+
 /// A hash of a request's JSON body, written straight into the hasher (no buffer): the same
 /// request gives the same fingerprint within this process.
 pub(crate) fn fingerprint<T: serde::Serialize>(value: &T) -> u64 {
@@ -218,6 +232,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
             _ => took,
         };
         let deployment = std::sync::Arc::clone(attempt.deployment());
+        identify(&reply.meta, attempts);
         attempt
             .answered(sample, R::used(&reply.body), &reply.meta.rate_limits)
             .await;
@@ -437,6 +452,7 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
             .time_to_first_content()
             .or_else(|| stream.time_to_first_event())
             .unwrap_or(took);
+        identify(stream.meta(), attempts);
         attempt.opened(ttft, &stream.meta().rate_limits);
         let strip_usage = self.injects_usage(&attempt);
         RouterStream::new(opened, attempt, attempts, strip_usage)

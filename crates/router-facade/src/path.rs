@@ -188,7 +188,7 @@ async fn serve<O: Operation>(
             .within_deadline(
                 operation
                     .send(&attempt, path.call_options())
-                    .instrument(span),
+                    .instrument(span.clone()),
             )
             .await;
         match sent {
@@ -197,6 +197,7 @@ async fn serve<O: Operation>(
                 let attempts = leg.before + path.count;
                 return Ok(operation
                     .complete(sent, attempt, attempts, started.elapsed())
+                    .instrument(span)
                     .await);
             }
             Err(error) => {

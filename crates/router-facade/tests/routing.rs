@@ -961,3 +961,71 @@ async fn a_429_that_comes_with_the_deadline_is_learned_and_throttles_the_caller(
     assert!(cooling > Duration::from_millis(1_500), "{cooling:?}");
     assert_eq!(backend.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+/// A writer the test's subscriber writes its lines into.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A trace of an answered request names who answered (the upstream's request id, Azure's
+/// region and model session, in the attempt's span with its endpoint), streamed or not, and
+/// never the API key.
+#[tokio::test]
+async fn traces_name_the_upstreams_request_id_region_and_model_session() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    // Round robin: one request each, then a stream each.
+    for _ in 0..2 {
+        router.chat(&request()).await.unwrap();
+    }
+    for _ in 0..2 {
+        let mut stream = router.chat_stream(&request()).await.unwrap();
+        while let Some(chunk) = stream.next().await {
+            chunk.unwrap();
+        }
+    }
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let answered: Vec<&str> = text.lines().filter(|l| l.contains("answered")).collect();
+    assert_eq!(answered.len(), 4, "{text}");
+    let azure: Vec<&&str> = answered
+        .iter()
+        .filter(|l| l.contains("endpoint=ep1"))
+        .collect();
+    assert_eq!(azure.len(), 2, "{text}");
+    for line in azure {
+        for part in [
+            "upstream_request_id=\"",
+            "region=\"Simulated Region\"",
+            "model_session=",
+        ] {
+            assert!(line.contains(part), "{part} missing in {line}");
+        }
+    }
+    assert!(
+        answered
+            .iter()
+            .any(|l| l.contains("endpoint=ep0") && l.contains("upstream_request_id=")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("key-0") && !text.contains("key-1"),
+        "a key in the trace: {text}"
+    );
+}
