@@ -14,7 +14,7 @@ use std::time::Duration;
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
 use router_facade::{Endpoint, ErrorKind, QuotaModel, RequestOptions, Router, StrategyKind};
 use upstream_sim::{
-    EndpointConfig, Fault, LatencyModel, Limits, Sim, SimDialect, Times, WindowKind,
+    EndpointConfig, Fault, HeaderMode, LatencyModel, Limits, Sim, SimDialect, Times, WindowKind,
 };
 
 const MODEL: &str = "gpt-4o-mini";
@@ -93,6 +93,26 @@ async fn windowed(
     kind: WindowKind,
     window: Duration,
     latency: LatencyModel,
+    seeds: (u64, u64),
+    deadline_s: u64,
+) -> (Sim, Router) {
+    windowed_saying(
+        kind,
+        window,
+        HeaderMode::Truthful,
+        latency,
+        seeds,
+        deadline_s,
+    )
+    .await
+}
+
+/// As [`windowed`], the endpoints' rate-limit headers sent as `headers` says.
+async fn windowed_saying(
+    kind: WindowKind,
+    window: Duration,
+    headers: HeaderMode,
+    latency: LatencyModel,
     (sim_seed, router_seed): (u64, u64),
     deadline_s: u64,
 ) -> (Sim, Router) {
@@ -103,7 +123,8 @@ async fn windowed(
             .with_limits(
                 Limits::per_minute(Some(*tpm), None)
                     .with_window(window)
-                    .with_kind(kind),
+                    .with_kind(kind)
+                    .with_headers(headers),
             )
     });
     let sim = Sim::start(sim_seed, endpoints).await.unwrap();
@@ -742,6 +763,62 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
 /// seven, 98 %). With a continuous token bucket instead of a log of each window, the sliding
 /// case served 85.9 % and drew a 429 for 2.9 % of its upstream requests.
 const SHARE_FLOOR: f64 = 0.9;
+
+/// The quota claims when the upstream's headers cannot be trusted: no `x-ratelimit-*` and
+/// 429s without `retry-after` (the message alone says when), remaining counts of `-1`, or
+/// counts as they stood up to a window ago. The router's own log keeps it under the quota
+/// whatever the headers say: at 1.3 times the summed quota, upstream 429s stay under 2 % of
+/// upstream requests, none reaches a caller, every refusal says when to retry, and most of
+/// the quota is served.
+#[tokio::test(start_paused = true)]
+async fn the_quota_holds_when_the_upstreams_headers_are_missing_minus_one_or_stale() {
+    let cases = [
+        (WindowKind::Sliding, 10, 60_u32),
+        (WindowKind::Fixed, 1, 150),
+        (WindowKind::Provisioned, 1, 60),
+    ];
+    for headers in [HeaderMode::Missing, HeaderMode::MinusOne, HeaderMode::Stale] {
+        for (kind, window, output) in cases {
+            let window = Duration::from_secs(window);
+            let latency = LatencyModel::new(Duration::from_millis(200), Duration::from_millis(5));
+            let (sim, router) = windowed_saying(kind, window, headers, latency, (6, 2), 5).await;
+            let rate = 1.3 * TPMS.iter().sum::<u64>() as f64 / 60.0 / (60.0 + f64::from(output));
+            let seconds = 30_u32;
+            let tally = offer_sized(&router, rate, u64::from(seconds), Some(output)).await;
+            let counters: Vec<_> = sim.endpoints().iter().map(|e| e.counters()).collect();
+            let charged: u64 = counters.iter().map(|c| c.tokens_charged).sum();
+            let upstream_429s: u64 = counters.iter().map(|c| c.rate_limited).sum();
+            let upstream_requests: u64 = counters.iter().map(|c| c.requests).sum();
+            let share =
+                charged as f64 / (TPMS.iter().sum::<u64>() as f64 * f64::from(seconds) / 60.0);
+            let case = format!(
+                "{headers:?} headers, {kind:?} {}s out {output}",
+                window.as_secs()
+            );
+            eprintln!(
+                "{case}: share {share:.3}, upstream 429s {upstream_429s}/{upstream_requests}"
+            );
+            assert_eq!(
+                tally.upstream_429.load(Ordering::Relaxed),
+                0,
+                "{case}: a 429 reached a caller"
+            );
+            assert_eq!(
+                tally.other.load(Ordering::Relaxed),
+                0,
+                "{case}: unexpected errors"
+            );
+            assert!(
+                upstream_429s as f64 <= 0.02 * upstream_requests as f64,
+                "{case}: {upstream_429s} upstream 429s of {upstream_requests}"
+            );
+            assert!(
+                share >= SHARE_FLOOR,
+                "{case}: served only {share:.3} of the summed quota"
+            );
+        }
+    }
+}
 
 /// The most upstream requests any case may see answered 429, in percent. Every case stays at
 /// or under 0.2 % over its 30 s (the target is 2 %).
