@@ -785,7 +785,11 @@ async fn the_quota_holds_when_the_upstreams_headers_are_missing_minus_one_or_sta
             let rate = 1.3 * TPMS.iter().sum::<u64>() as f64 / 60.0 / (60.0 + f64::from(output));
             let seconds = 30_u32;
             let tally = offer_sized(&router, rate, u64::from(seconds), Some(output)).await;
-            let counters: Vec<_> = sim.endpoints().iter().map(|e| e.counters()).collect();
+            let counters: Vec<_> = sim
+                .endpoints()
+                .iter()
+                .map(upstream_sim::SimEndpoint::counters)
+                .collect();
             let charged: u64 = counters.iter().map(|c| c.tokens_charged).sum();
             let upstream_429s: u64 = counters.iter().map(|c| c.rate_limited).sum();
             let upstream_requests: u64 = counters.iter().map(|c| c.requests).sum();
