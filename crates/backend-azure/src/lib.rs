@@ -42,10 +42,11 @@ use backend_openai::{
 use http::{HeaderMap, HeaderName};
 use router_core::{
     Backend, CallOptions, ChatStream, CompletionStream, EndpointId, Error, ErrorKind, Reply,
+    ResponseStream,
 };
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    EmbeddingRequest, EmbeddingResponse,
+    CreateResponse, EmbeddingRequest, EmbeddingResponse, Response,
 };
 use secrecy::SecretString;
 use url::Url;
@@ -130,6 +131,13 @@ impl Dialect for AzureDialect {
     fn url(&self, operation: Operation, model: &str) -> Result<Url, Error> {
         let bad = |e: url::ParseError| Error::config(format!("endpoint: cannot build a URL: {e}"));
         match &self.api {
+            AzureApi::Deployments { api_version } if operation == Operation::Responses => {
+                // The Responses API is not under a deployment: the body's `model` names it.
+                let mut url = self.resource.join("openai/responses").map_err(bad)?;
+                url.query_pairs_mut()
+                    .append_pair("api-version", api_version);
+                Ok(url)
+            }
             AzureApi::Deployments { api_version } => {
                 if model.is_empty() {
                     return Err(Error::with_message(
@@ -237,6 +245,22 @@ impl Backend for AzureBackend {
         options: &CallOptions,
     ) -> Result<CompletionStream, Error> {
         self.inner.completions_stream(request, options).await
+    }
+
+    async fn responses(
+        &self,
+        request: &CreateResponse,
+        options: &CallOptions,
+    ) -> Result<Reply<Response>, Error> {
+        self.inner.responses(request, options).await
+    }
+
+    async fn responses_stream(
+        &self,
+        request: &CreateResponse,
+        options: &CallOptions,
+    ) -> Result<ResponseStream, Error> {
+        self.inner.responses_stream(request, options).await
     }
 }
 

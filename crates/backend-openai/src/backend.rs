@@ -10,11 +10,11 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
 use router_core::{
     Backend, CallOptions, ChatStream, CompletionStream, EndpointId, Error, ErrorKind, EventStream,
-    RateLimitInfo, Reply, ResponseMeta,
+    RateLimitInfo, Reply, ResponseMeta, ResponseStream,
 };
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    EmbeddingRequest, EmbeddingResponse, ErrorBody, ErrorResponse,
+    CreateResponse, EmbeddingRequest, EmbeddingResponse, ErrorBody, ErrorResponse, Response,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -382,6 +382,38 @@ impl Backend for OpenAiBackend {
         let mut streamed = request.clone();
         streamed.stream = Some(true);
         self.stream(Operation::Completions, &request.model, &streamed, options)
+            .await
+    }
+
+    async fn responses(
+        &self,
+        request: &CreateResponse,
+        options: &CallOptions,
+    ) -> Result<Reply<Response>, Error> {
+        if request.stream == Some(true) {
+            let mut plain = request.clone();
+            plain.stream = None;
+            return self
+                .call(Operation::Responses, &request.model, &plain, options)
+                .await;
+        }
+        self.call(Operation::Responses, &request.model, request, options)
+            .await
+    }
+
+    async fn responses_stream(
+        &self,
+        request: &CreateResponse,
+        options: &CallOptions,
+    ) -> Result<ResponseStream, Error> {
+        if request.stream == Some(true) {
+            return self
+                .stream(Operation::Responses, &request.model, request, options)
+                .await;
+        }
+        let mut streamed = request.clone();
+        streamed.stream = Some(true);
+        self.stream(Operation::Responses, &request.model, &streamed, options)
             .await
     }
 }

@@ -16,6 +16,8 @@ pub enum Operation {
     Embeddings,
     /// `POST /completions` (legacy).
     Completions,
+    /// `POST /responses` (the Responses API).
+    Responses,
 }
 
 impl Operation {
@@ -25,6 +27,7 @@ impl Operation {
             Self::Chat => "chat/completions",
             Self::Embeddings => "embeddings",
             Self::Completions => "completions",
+            Self::Responses => "responses",
         }
     }
 }

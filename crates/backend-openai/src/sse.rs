@@ -2,7 +2,8 @@
 //!
 //! Framing (lines, partial UTF-8, comments, `id:`/`retry:` fields, multi-line `data:`) is
 //! `eventsource-stream`'s job. Here each event's data becomes a typed item, `[DONE]` ends the
-//! stream, an `error` object becomes a [`StreamError`](router_core::ErrorKind::StreamError), and
+//! stream (or an item that says it is the last, `StreamItem::is_last`: the Responses API's
+//! terminal events, after which the connection closes), an `error` object becomes a [`StreamError`](router_core::ErrorKind::StreamError), and
 //! the end of the connection before `[DONE]` becomes
 //! [`StreamTruncated`](router_core::ErrorKind::StreamTruncated). An idle gap longer than the
 //! between-chunks timeout, or the deadline, ends it with a
@@ -80,7 +81,7 @@ pub(crate) fn decode<T, B, E>(
     deadline: Option<Instant>,
 ) -> impl Stream<Item = Result<Event<T>, Error>> + Send + 'static
 where
-    T: DeserializeOwned + Send + 'static,
+    T: DeserializeOwned + router_core::StreamItem + Send + 'static,
     B: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
@@ -156,10 +157,15 @@ where
                         return None;
                     }
                     match parse::<T>(data) {
-                        Ok(Frame::Item(item)) => Ok(Event {
-                            item,
-                            data: Some(event.data),
-                        }),
+                        Ok(Frame::Item(item)) => {
+                            // A terminal event (the Responses API's) ends the stream: no
+                            // `[DONE]` follows it.
+                            state.finished = item.is_last();
+                            Ok(Event {
+                                item,
+                                data: Some(event.data),
+                            })
+                        }
                         Ok(Frame::Error(mut body)) => {
                             body.error.message = state.scrubber.scrub(&body.error.message);
                             Err(Error::stream_event(state.endpoint.clone(), body.error))

@@ -22,7 +22,8 @@ use async_trait::async_trait;
 use futures_core::Stream;
 use router_types::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-    CompletionResponse, EmbeddingRequest, EmbeddingResponse, Usage,
+    CompletionResponse, CreateResponse, EmbeddingRequest, EmbeddingResponse, Response,
+    ResponseStreamEvent, Usage,
 };
 
 use crate::endpoint::EndpointId;
@@ -81,6 +82,35 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Err(Error::unsupported(
             self.endpoint().clone(),
             "streamed legacy completions",
+        ))
+    }
+
+    /// `POST /responses` (the Responses API), not streamed. By default, an
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) error.
+    async fn responses(
+        &self,
+        request: &CreateResponse,
+        options: &CallOptions,
+    ) -> Result<Reply<Response>, Error> {
+        let _ = (request, options);
+        Err(Error::unsupported(
+            self.endpoint().clone(),
+            "the Responses API",
+        ))
+    }
+
+    /// `POST /responses` with `stream: true` (set by the backend): the named events, ending
+    /// with `response.completed` (or another terminal event). By default, an
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) error.
+    async fn responses_stream(
+        &self,
+        request: &CreateResponse,
+        options: &CallOptions,
+    ) -> Result<ResponseStream, Error> {
+        let _ = (request, options);
+        Err(Error::unsupported(
+            self.endpoint().clone(),
+            "the Responses API",
         ))
     }
 }
@@ -155,10 +185,17 @@ pub trait StreamItem {
     /// opposed to Azure's filter annotations or a usage-only chunk.
     fn has_content(&self) -> bool;
 
-    /// The usage the event reports when it carries nothing else: the last chunk of a stream
-    /// asked to include usage (`stream_options.include_usage`). `None` by default.
-    fn usage_only(&self) -> Option<&Usage> {
+    /// The usage of the whole call, when this event reports it at the stream's end: a chat or
+    /// legacy completion's usage-only chunk (`stream_options.include_usage`), a response's
+    /// `response.completed`. `None` by default.
+    fn final_usage(&self) -> Option<Usage> {
         None
+    }
+
+    /// Whether the stream ends with this event, without a `[DONE]` after it (the Responses
+    /// API's terminal events). `false` by default.
+    fn is_last(&self) -> bool {
+        false
     }
 }
 
@@ -167,8 +204,36 @@ impl StreamItem for ChatCompletionChunk {
         ChatCompletionChunk::has_content(self)
     }
 
-    fn usage_only(&self) -> Option<&Usage> {
-        self.usage.as_ref().filter(|_| self.choices.is_empty())
+    fn final_usage(&self) -> Option<Usage> {
+        self.usage.clone().filter(|_| self.choices.is_empty())
+    }
+}
+
+impl StreamItem for ResponseStreamEvent {
+    fn has_content(&self) -> bool {
+        // Output as it is generated (text, refusals, tool-call arguments), or the end.
+        let delta = self
+            .kind
+            .strip_prefix("response.")
+            .is_some_and(|rest| rest.rsplit('.').next() == Some("delta"));
+        delta || self.is_last()
+    }
+
+    fn final_usage(&self) -> Option<Usage> {
+        let usage = self.response.as_ref()?.usage.as_ref()?;
+        (self.kind == "response.completed" || self.kind == "response.incomplete").then(|| Usage {
+            prompt_tokens: usage.input_tokens,
+            completion_tokens: Some(usage.output_tokens),
+            total_tokens: usage.total_tokens,
+            ..Usage::default()
+        })
+    }
+
+    fn is_last(&self) -> bool {
+        matches!(
+            self.kind.as_str(),
+            "response.completed" | "response.incomplete" | "response.failed" | "error"
+        )
     }
 }
 
@@ -179,8 +244,8 @@ impl StreamItem for CompletionResponse {
             .any(|c| !c.text.is_empty() || c.finish_reason.is_some())
     }
 
-    fn usage_only(&self) -> Option<&Usage> {
-        self.usage.as_ref().filter(|_| self.choices.is_empty())
+    fn final_usage(&self) -> Option<Usage> {
+        self.usage.clone().filter(|_| self.choices.is_empty())
     }
 }
 
@@ -217,6 +282,8 @@ pub struct EventStream<T> {
 pub type ChatStream = EventStream<ChatCompletionChunk>;
 /// A streamed legacy completion.
 pub type CompletionStream = EventStream<CompletionResponse>;
+/// A streamed response (the Responses API's named events).
+pub type ResponseStream = EventStream<ResponseStreamEvent>;
 
 impl<T: StreamItem + Send + 'static> EventStream<T> {
     /// Wraps `events`, an upstream answer's decoded events, sent at `sent_at`. `clock` reads the

@@ -10,7 +10,9 @@
 //! Without the `tokenizer` feature, text counts as one token per four characters.
 
 use router_core::Charge;
-use router_types::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PromptInput};
+use router_types::{
+    ChatCompletionRequest, CompletionRequest, CreateResponse, EmbeddingRequest, PromptInput,
+};
 
 /// Loads the tokenizers in the background, so that the first request that needs an estimate
 /// does not wait for them (parsing their vocabularies takes a moment).
@@ -145,6 +147,42 @@ pub(crate) fn completions(request: &CompletionRequest, expected_completion: u32)
     let choices = u64::from(request.best_of.or(request.n).unwrap_or(1).max(1));
     let cap = u64::from(request.max_tokens.unwrap_or(expected_completion.min(16)));
     Estimate::new(prompt, cap * choices)
+}
+
+/// The reservation of a response (the Responses API): the text of its input items and
+/// instructions, a few tokens of format per item, and the output cap (or `expected_output`).
+pub(crate) fn responses(request: &CreateResponse, expected_output: u32) -> Estimate {
+    fn text(value: &serde_json::Value, out: &mut String) -> usize {
+        match value {
+            serde_json::Value::String(s) => {
+                out.push_str(s);
+                out.push(' ');
+                1
+            }
+            serde_json::Value::Array(items) => items.iter().map(|item| text(item, out)).sum(),
+            serde_json::Value::Object(fields) => {
+                // Text fields of items and parts; not their `type`, `role` or ids.
+                for key in ["content", "text", "output", "arguments"] {
+                    if let Some(value) = fields.get(key) {
+                        text(value, out);
+                    }
+                }
+                1
+            }
+            _ => 0,
+        }
+    }
+    let mut all = String::new();
+    let items = request
+        .input
+        .as_ref()
+        .map_or(0, |input| text(input, &mut all));
+    if let Some(instructions) = request.extra.get("instructions").and_then(|i| i.as_str()) {
+        all.push_str(instructions);
+    }
+    let prompt = text_tokens(&request.model, &all) + 3 * items as u64 + 3;
+    let output = request.max_output_tokens.unwrap_or(expected_output);
+    Estimate::new(prompt, u64::from(output))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use std::time::Duration;
 use router_core::{Backend, CallOptions, Error, LatencyClass, Reply};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    EmbeddingRequest, EmbeddingResponse, StreamOptions, Usage,
+    CreateResponse, EmbeddingRequest, EmbeddingResponse, Response, ResponseStreamEvent,
+    StreamOptions, Usage,
 };
 
 use crate::attempt::Attempt;
@@ -69,6 +70,11 @@ pub(crate) trait Operation: Sync {
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent>;
     /// The same request, owned.
     fn owned(&self) -> Self::Owned;
+    /// Whether a copy may be sent besides it (a shadow probe): not for a request whose
+    /// upstream keeps state (a stored response would be stored twice).
+    fn copyable(&self) -> bool {
+        true
+    }
     /// Ends an answer nobody waits for (a shadow probe's): a stream is read to its end, so that
     /// its outcome is recorded as a caller's would be.
     fn finish(output: Self::Output) -> impl Future<Output = ()> + Send;
@@ -100,7 +106,12 @@ macro_rules! named {
         }
     )*};
 }
-named!(ChatCompletionRequest, EmbeddingRequest, CompletionRequest);
+named!(
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    CompletionRequest,
+    CreateResponse
+);
 
 /// A request answered in one body.
 pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
@@ -116,6 +127,10 @@ pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
     }
     fn used(response: &Self::Response) -> Option<Used> {
         Self::usage(response).map(Used::from)
+    }
+    /// Whether a copy may be sent besides it ([`Operation::copyable`]).
+    fn copyable(&self) -> bool {
+        true
     }
     fn call<'a>(
         backend: &'a dyn Backend,
@@ -212,6 +227,10 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
 
     fn owned(&self) -> Self::Owned {
         Once(Cow::Owned(self.0.as_ref().clone()))
+    }
+
+    fn copyable(&self) -> bool {
+        self.0.as_ref().copyable()
     }
 
     async fn finish(_: Self::Output) {}
@@ -323,12 +342,57 @@ impl Plain for CompletionRequest {
     }
 }
 
+impl Plain for CreateResponse {
+    type Response = Response;
+    const CLASS: LatencyClass = LatencyClass::Generation;
+
+    fn estimate(&self, expected: u32) -> Estimate {
+        estimate::responses(self, expected)
+    }
+
+    fn output_hint(&self, expected: u32) -> u32 {
+        self.max_output_tokens.unwrap_or(expected)
+    }
+
+    fn usage(_: &Self::Response) -> Option<&Usage> {
+        None
+    }
+
+    fn output_tokens(response: &Self::Response) -> Option<u64> {
+        response.usage.as_ref().map(|u| u.output_tokens)
+    }
+
+    fn used(response: &Self::Response) -> Option<Used> {
+        response.usage.as_ref().map(|u| Used {
+            prompt: u.input_tokens,
+            total: u.total_tokens,
+        })
+    }
+
+    fn copyable(&self) -> bool {
+        // Stored unless `store: false`, and a continuation reads what an earlier one stored.
+        self.extra.get("store") == Some(&serde_json::Value::Bool(false))
+            && self
+                .extra
+                .get("previous_response_id")
+                .is_none_or(serde_json::Value::is_null)
+    }
+
+    fn call<'a>(
+        backend: &'a dyn Backend,
+        request: &'a Self,
+        call: &'a CallOptions,
+    ) -> Call<'a, Reply<Self::Response>> {
+        backend.responses(request, call)
+    }
+}
+
 /// A request answered in a stream of chunks; estimated as when it is answered in one body.
 pub(crate) trait Streaming: Plain + 'static {
     /// Each event's chunk.
     type Chunk: router_core::StreamItem + Send + Unpin + 'static;
-    /// The request's `stream_options`, to set.
-    fn stream_options(&mut self) -> &mut Option<StreamOptions>;
+    /// Asks the upstream for the usage at the stream's end.
+    fn ask_usage(&mut self);
     /// Whether the caller asked for the usage chunk.
     fn includes_usage(&self) -> bool;
     fn open<'a>(
@@ -342,8 +406,10 @@ macro_rules! streaming {
     ($($t:ty => $chunk:ty, $open:ident);*) => {$(
         impl Streaming for $t {
             type Chunk = $chunk;
-            fn stream_options(&mut self) -> &mut Option<StreamOptions> {
-                &mut self.stream_options
+            fn ask_usage(&mut self) {
+                self.stream_options
+                    .get_or_insert_with(StreamOptions::default)
+                    .include_usage = Some(true);
             }
             fn includes_usage(&self) -> bool {
                 self.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true)
@@ -362,6 +428,25 @@ streaming!(
     ChatCompletionRequest => router_types::ChatCompletionChunk, chat_stream;
     CompletionRequest => CompletionResponse, completions_stream
 );
+
+impl Streaming for CreateResponse {
+    type Chunk = ResponseStreamEvent;
+
+    fn ask_usage(&mut self) {}
+
+    fn includes_usage(&self) -> bool {
+        // `response.completed` always carries it.
+        true
+    }
+
+    fn open<'a>(
+        backend: &'a dyn Backend,
+        request: &'a Self,
+        call: &'a CallOptions,
+    ) -> Call<'a, router_core::EventStream<Self::Chunk>> {
+        backend.responses_stream(request, call)
+    }
+}
 
 /// A streamed request (a chat completion's or a legacy completion's), by reference (a
 /// caller's) or owned (a shadow probe's).
@@ -412,11 +497,7 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
         Box::pin(async move {
             let mut request = renamed(self.0.as_ref(), &deployment.name);
             if inject {
-                request
-                    .to_mut()
-                    .stream_options()
-                    .get_or_insert_with(Default::default)
-                    .include_usage = Some(true);
+                request.to_mut().ask_usage();
             }
             first_content(R::open(deployment.backend.as_ref(), &request, &call).await?).await
         })
@@ -424,6 +505,10 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
 
     fn owned(&self) -> Self::Owned {
         Streamed(Cow::Owned(self.0.as_ref().clone()))
+    }
+
+    fn copyable(&self) -> bool {
+        Plain::copyable(self.0.as_ref())
     }
 
     async fn finish(mut stream: RouterStream<R::Chunk>) {

@@ -178,7 +178,7 @@ async fn serve<O: Operation>(
             Ok(attempt) => attempt,
             Err(error) => return Err(Unserved::Group(error, path.count)),
         };
-        if let Some(probe) = path.shadow_probe() {
+        if let Some(probe) = operation.copyable().then(|| path.shadow_probe()).flatten() {
             let span = path.span(&probe.deployment);
             tokio::spawn(probe.start(operation.owned()).instrument(span));
         }

@@ -6,10 +6,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
-use router_core::{Error, Rng};
+use router_core::{Error, ErrorKind, Rng};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    EmbeddingRequest, EmbeddingResponse,
+    CreateResponse, EmbeddingRequest, EmbeddingResponse, Response, ResponseStreamEvent,
 };
 
 use crate::builder::RouterBuilder;
@@ -195,6 +195,75 @@ impl Router {
         options: &RequestOptions,
     ) -> Result<RouterStream, Error> {
         run(&self.shared, Streamed::of(request), options).await
+    }
+
+    /// A response (the Responses API), not streamed: routed, failed over and accounted as a
+    /// chat completion is. The upstream keeps what it answers (unless `store: false`), so the
+    /// request is never copied to probe another deployment; a request that continues an
+    /// earlier response (`previous_response_id`) is refused when its model group has more
+    /// than one deployment, since only the one that stored that response can serve it.
+    pub async fn responses(&self, request: &CreateResponse) -> Result<Routed<Response>, Error> {
+        self.responses_with(request, &RequestOptions::default())
+            .await
+    }
+
+    /// A response with per-request options.
+    pub async fn responses_with(
+        &self,
+        request: &CreateResponse,
+        options: &RequestOptions,
+    ) -> Result<Routed<Response>, Error> {
+        self.continues_where_it_can(request)?;
+        run(&self.shared, Once::of(request), options).await
+    }
+
+    /// A streamed response: the upstream's named events, ending with `response.completed`;
+    /// failed over until the first output arrives, as a chat stream is.
+    pub async fn responses_stream(
+        &self,
+        request: &CreateResponse,
+    ) -> Result<RouterStream<ResponseStreamEvent>, Error> {
+        self.responses_stream_with(request, &RequestOptions::default())
+            .await
+    }
+
+    /// A streamed response with per-request options.
+    pub async fn responses_stream_with(
+        &self,
+        request: &CreateResponse,
+        options: &RequestOptions,
+    ) -> Result<RouterStream<ResponseStreamEvent>, Error> {
+        self.continues_where_it_can(request)?;
+        run(&self.shared, Streamed::of(request), options).await
+    }
+
+    /// Refuses a continuation (`previous_response_id`) that could reach a deployment without
+    /// the response it continues.
+    fn continues_where_it_can(&self, request: &CreateResponse) -> Result<(), Error> {
+        let continues = request
+            .extra
+            .get("previous_response_id")
+            .is_some_and(|id| !id.is_null());
+        if !continues {
+            return Ok(());
+        }
+        let live = self.shared.snapshot.load();
+        let deployments = live
+            .groups
+            .get(&request.model)
+            .map_or(0, |g| g.members.len());
+        if deployments > 1 {
+            return Err(Error::with_message(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "previous_response_id: `{}` has {deployments} deployments and the router \
+                     does not yet know which one stored that response; send continuations \
+                     to a model group of one deployment",
+                    request.model
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A streamed legacy completion: routed, failed over and accounted as

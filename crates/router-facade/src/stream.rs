@@ -180,8 +180,8 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
 
     /// Notes a usage chunk; `true` when the caller must not see it.
     fn usage_chunk(&mut self, chunk: &T) -> bool {
-        if let Some(usage) = chunk.usage_only() {
-            self.used = Some(Used::from(usage));
+        if let Some(usage) = chunk.final_usage() {
+            self.used = Some(Used::from(&usage));
             return self.strip_usage;
         }
         false

@@ -1,8 +1,9 @@
 //! The Responses API (`POST /responses`): kept to what a router needs to forward it faithfully.
 //!
-//! The router does not route the Responses API yet (it is stateful: `previous_response_id`
-//! pins a conversation to the account that stored it). These types let it parse, account and
-//! forward the payloads without losing anything.
+//! The router routes responses as it routes chat completions; a response the upstream stores
+//! (the default) stays where it was made, so a continuation (`previous_response_id`) can only
+//! go to the deployment that stored it. These types let the router parse, account and forward
+//! the payloads without losing anything.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

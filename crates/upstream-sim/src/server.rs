@@ -43,6 +43,9 @@ enum Operation {
     Chat,
     Embeddings,
     Completions,
+    /// `POST /responses`: answered as a stateless response (nothing is stored), streamed as
+    /// named events that end with `response.completed` (no `[DONE]`).
+    Responses,
     Models,
 }
 
@@ -236,6 +239,7 @@ fn route(dialect: SimDialect, method: &Method, path: &str) -> Option<(Operation,
         "chat/completions" => Some(Operation::Chat),
         "embeddings" => Some(Operation::Embeddings),
         "completions" => Some(Operation::Completions),
+        "responses" => Some(Operation::Responses),
         _ => None,
     };
     if method == Method::GET {
@@ -253,6 +257,9 @@ fn route(dialect: SimDialect, method: &Method, path: &str) -> Option<(Operation,
         SimDialect::Azure => {
             if let Some(rest) = path.strip_prefix("/openai/v1/") {
                 return Some((operation(rest)?, None));
+            }
+            if path == "/openai/responses" {
+                return Some((Operation::Responses, None));
             }
             let rest = path.strip_prefix("/openai/deployments/")?;
             let (deployment, op) = rest.split_once('/')?;
@@ -395,6 +402,29 @@ fn prompt_tokens(operation: Operation, body: &Value) -> u64 {
         }
         Operation::Embeddings => input_tokens(&body["input"]),
         Operation::Completions => input_tokens(&body["prompt"]),
+        Operation::Responses => {
+            // A string, or input items whose content is a string or parts with text.
+            let content = |item: &Value| -> usize {
+                match &item["content"] {
+                    Value::String(s) => s.chars().count(),
+                    Value::Array(parts) => parts
+                        .iter()
+                        .filter_map(|p| p["text"].as_str())
+                        .map(|t| t.chars().count())
+                        .sum(),
+                    _ => 0,
+                }
+            };
+            let (chars, items) = match &body["input"] {
+                Value::String(s) => (s.chars().count(), 1),
+                Value::Array(items) => (items.iter().map(content).sum(), items.len()),
+                _ => (0, 0),
+            };
+            let instructions = body["instructions"]
+                .as_str()
+                .map_or(0, |i| i.chars().count());
+            text_tokens(chars + instructions) + 3 * items as u64 + 3
+        }
         Operation::Models => 0,
     }
 }
@@ -403,6 +433,7 @@ fn output_cap(body: &Value) -> Option<u32> {
     body["max_completion_tokens"]
         .as_u64()
         .or_else(|| body["max_tokens"].as_u64())
+        .or_else(|| body["max_output_tokens"].as_u64())
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
@@ -415,7 +446,7 @@ fn estimate_cost(operation: Operation, body: &Value, config: &EndpointConfig) ->
     let prompt = prompt_tokens(operation, body);
     match operation {
         Operation::Embeddings | Operation::Models => prompt,
-        Operation::Chat | Operation::Completions => {
+        Operation::Chat | Operation::Completions | Operation::Responses => {
             let cap = output_cap(body).unwrap_or(config.output.default_max_tokens);
             prompt + u64::from(cap) * u64::from(choices(body))
         }
@@ -517,6 +548,7 @@ impl Generation {
             model: model.to_owned(),
             id: match operation {
                 Operation::Completions => format!("cmpl-sim{seq}"),
+                Operation::Responses => format!("resp_sim{seq}"),
                 _ => format!("chatcmpl-sim{seq}"),
             },
             created: 1_700_000_000 + seq,
@@ -550,6 +582,16 @@ impl Generation {
         match self.operation {
             Operation::Embeddings | Operation::Models => {
                 json!({"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens})
+            }
+            Operation::Responses => {
+                let output = u64::from(self.completion_tokens());
+                json!({
+                    "input_tokens": self.prompt_tokens,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": output,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": self.prompt_tokens + output,
+                })
             }
             _ => {
                 let completion = u64::from(self.completion_tokens());
@@ -611,6 +653,7 @@ impl Generation {
                 json!({"id": self.id, "object": "text_completion", "created": self.created,
                     "model": self.model, "choices": choices, "usage": self.usage()})
             }
+            Operation::Responses => self.response_object("completed", true),
             Operation::Embeddings => {
                 let data: Vec<Value> = self
                     .embeddings
@@ -624,8 +667,68 @@ impl Generation {
         }
     }
 
+    /// A response object with `status`, with its output and usage when `done`.
+    fn response_object(&self, status: &str, done: bool) -> Value {
+        let output = if done {
+            json!([{"type": "message", "id": format!("msg_{}", self.id), "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": self.text(), "annotations": []}]}])
+        } else {
+            json!([])
+        };
+        json!({"id": self.id, "object": "response", "created_at": self.created,
+            "status": status, "error": null, "incomplete_details": null, "instructions": null,
+            "model": self.model, "output": output, "parallel_tool_calls": true,
+            "tool_choice": "auto", "tools": [], "text": {"format": {"type": "text"}},
+            "usage": if done { self.usage() } else { Value::Null }})
+    }
+
+    /// A streamed response's named events (each event's `type` is its name).
+    fn response_events(&self) -> Vec<(Duration, String)> {
+        let item = format!("msg_{}", self.id);
+        let mut events = Vec::new();
+        let mut push = |delay: Duration, mut event: Value| {
+            event["sequence_number"] = json!(events.len());
+            events.push((delay, event.to_string()));
+        };
+        push(
+            Duration::ZERO,
+            json!({"type": "response.created", "response": self.response_object("in_progress", false)}),
+        );
+        push(
+            Duration::ZERO,
+            json!({"type": "response.output_item.added", "output_index": 0,
+            "item": {"type": "message", "id": item, "status": "in_progress", "role": "assistant", "content": []}}),
+        );
+        for (n, token) in self.tokens.iter().enumerate() {
+            let (delay, delta) = if n == 0 {
+                (self.ttft, (*token).to_owned())
+            } else {
+                (self.per_token, format!(" {token}"))
+            };
+            push(
+                delay,
+                json!({"type": "response.output_text.delta", "item_id": item,
+                "output_index": 0, "content_index": 0, "delta": delta}),
+            );
+        }
+        push(
+            Duration::ZERO,
+            json!({"type": "response.output_text.done", "item_id": item,
+            "output_index": 0, "content_index": 0, "text": self.text()}),
+        );
+        push(
+            Duration::ZERO,
+            json!({"type": "response.completed", "response": self.response_object("completed", true)}),
+        );
+        events
+    }
+
     /// The stream's events, each with the delay before it.
     fn events(&self) -> Vec<(Duration, String)> {
+        if self.operation == Operation::Responses {
+            return self.response_events();
+        }
         let mut events = Vec::new();
         let chunk = |choices: Value, usage: Option<Value>| -> String {
             let mut value = match self.operation {
@@ -884,6 +987,7 @@ impl EndpointState {
         let state = Arc::clone(self);
         let completion_tokens = u64::from(generation.completion_tokens());
         let plan = StreamPlan {
+            named: generation.operation == Operation::Responses,
             events,
             next: 0,
             fault,
@@ -912,6 +1016,9 @@ impl EndpointState {
 }
 
 struct StreamPlan {
+    /// Each event is named by its data's `type`, and the stream ends without `[DONE]` (the
+    /// Responses API's events).
+    named: bool,
     events: Vec<(Duration, String)>,
     next: usize,
     fault: Option<Fault>,
@@ -963,6 +1070,12 @@ impl StreamPlan {
                 tokio::time::sleep(*delay).await;
             }
             let mut frame = String::with_capacity(data.len() + 8);
+            if self.named
+                && let Ok(event) = serde_json::from_str::<Value>(data)
+                && let Some(name) = event["type"].as_str()
+            {
+                let _ = writeln!(frame, "event: {name}");
+            }
             let _ = write!(frame, "data: {data}\n\n");
             self.next += 1;
             return Some((Ok(Bytes::from(frame)), self));
@@ -973,6 +1086,10 @@ impl StreamPlan {
             .counters
             .completion_tokens
             .add(self.completion_tokens);
+        if self.named {
+            self.in_flight.take();
+            return None;
+        }
         Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), self))
     }
 }
