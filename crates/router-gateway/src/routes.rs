@@ -11,7 +11,9 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use router_facade::types::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
+use router_facade::types::{
+    ChatCompletionRequest, CompletionRequest, CreateResponse, EmbeddingRequest,
+};
 use router_facade::{RequestOptions, ResponseMeta, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -63,6 +65,7 @@ pub(crate) fn app(state: Arc<AppState>, body_limit: usize) -> axum::Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -217,6 +220,36 @@ async fn completions(
         (request.model, response)
     };
     handle(&state, "completions", body, answer).await
+}
+
+async fn responses(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let answer = |request: CreateResponse| async {
+        let response = async {
+            let options = state.options(&headers, &request.model)?;
+            if request.stream == Some(true) {
+                let stream = state
+                    .router
+                    .responses_stream_with(&request, &options)
+                    .await?;
+                state.metrics.retried(stream.attempts());
+                let (model, meta) = (stream.model().to_owned(), stream.meta().clone());
+                let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
+                return Ok::<_, ApiError>(served_by(relayed, &model, &meta));
+            }
+            let answer = state.router.responses_with(&request, &options).await?;
+            state.metrics.retried(answer.attempts);
+            Ok(served_by(json(&answer.body), &answer.model, &answer.meta))
+        }
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+        (request.model, response)
+    };
+    handle(&state, "responses", body, answer).await
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

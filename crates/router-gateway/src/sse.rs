@@ -29,6 +29,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use bytes::BytesMut;
 use futures_core::Stream;
+use router_facade::types::{ChatCompletionChunk, CompletionResponse, ResponseStreamEvent};
 use router_facade::{RouterStream, StreamItem};
 
 use crate::error::error_event;
@@ -43,11 +44,45 @@ const MAX_WRITE: usize = 16 * 1024;
 /// how many events share a write, never whether they leave: held events always wake the task.)
 const HOLD_POLLS: u8 = 3;
 
+/// How a kind of stream is framed: chat and legacy completions send unnamed events and end
+/// with `data: [DONE]`; the Responses API names each event by its `type` and ends with its
+/// terminal event.
+pub(crate) trait Framed: StreamItem + serde::Serialize + Send + Unpin + 'static {
+    /// The event's name, when events are named.
+    fn name(&self) -> Option<&str> {
+        None
+    }
+    /// Whether `data: [DONE]` ends the stream.
+    const DONE: bool = true;
+    /// A failure after the first byte, as `(name, data)`.
+    fn failure(message: &str) -> (Option<&'static str>, String) {
+        (None, error_event(message))
+    }
+}
+
+impl Framed for ChatCompletionChunk {}
+
+impl Framed for CompletionResponse {}
+
+impl Framed for ResponseStreamEvent {
+    fn name(&self) -> Option<&str> {
+        Some(&self.kind)
+    }
+
+    const DONE: bool = false;
+
+    fn failure(message: &str) -> (Option<&'static str>, String) {
+        let event = serde_json::json!({"type": "error", "code": "server_error", "message": message, "param": null});
+        (Some("error"), event.to_string())
+    }
+}
+
 /// Relays `stream`; `started` is when the request arrived, for the time-to-first-token metric.
-pub(crate) fn relay<T>(stream: RouterStream<T>, metrics: Arc<Metrics>, started: Instant) -> Response
-where
-    T: StreamItem + serde::Serialize + Send + Unpin + 'static,
-{
+pub(crate) fn relay<T: Framed>(
+    stream: RouterStream<T>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+) -> Response {
     let frames = Relay {
         stream,
         metrics,
@@ -69,8 +104,14 @@ where
     response
 }
 
-/// Appends one event with `data` (each line its own `data:` field, as the format requires).
-fn frame(out: &mut BytesMut, data: &str) {
+/// Appends one event with `data` (each line its own `data:` field, as the format requires),
+/// named `name` when given.
+fn frame(out: &mut BytesMut, name: Option<&str>, data: &str) {
+    if let Some(name) = name {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\n");
+    }
     for line in data.lines() {
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(line.as_bytes());
@@ -91,7 +132,7 @@ struct Relay<T> {
     held: BytesMut,
 }
 
-impl<T: StreamItem + serde::Serialize + Send + Unpin + 'static> Relay<T> {
+impl<T: Framed> Relay<T> {
     /// Reads every event that is ready into `held` (up to `MAX_WRITE`); `Pending` when the
     /// upstream has nothing more ready now.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -99,12 +140,17 @@ impl<T: StreamItem + serde::Serialize + Send + Unpin + 'static> Relay<T> {
             match self.stream.poll_event(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    frame(&mut self.held, "[DONE]");
+                    if T::DONE {
+                        frame(&mut self.held, None, "[DONE]");
+                    }
                     self.ended = true;
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    frame(&mut self.held, &error_event(&error.to_string()));
-                    frame(&mut self.held, "[DONE]");
+                    let (name, data) = T::failure(&error.to_string());
+                    frame(&mut self.held, name, &data);
+                    if T::DONE {
+                        frame(&mut self.held, None, "[DONE]");
+                    }
                     self.ended = true;
                 }
                 Poll::Ready(Some(Ok(event))) => {
@@ -112,13 +158,14 @@ impl<T: StreamItem + serde::Serialize + Send + Unpin + 'static> Relay<T> {
                         self.first = false;
                         self.metrics.first_token(self.started.elapsed());
                     }
-                    if let Some(data) = event.data {
-                        frame(&mut self.held, &data);
+                    let name = event.item.name();
+                    if let Some(data) = &event.data {
+                        frame(&mut self.held, name, data);
                     } else {
                         let json = serde_json::to_string(&event.item).unwrap_or_else(|e| {
                             error_event(&format!("cannot encode a chunk: {e}"))
                         });
-                        frame(&mut self.held, &json);
+                        frame(&mut self.held, name, &json);
                     }
                 }
             }
@@ -127,7 +174,7 @@ impl<T: StreamItem + serde::Serialize + Send + Unpin + 'static> Relay<T> {
     }
 }
 
-impl<T: StreamItem + serde::Serialize + Send + Unpin + 'static> Stream for Relay<T> {
+impl<T: Framed> Stream for Relay<T> {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {

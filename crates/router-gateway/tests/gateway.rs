@@ -449,6 +449,7 @@ async fn the_official_python_client() {
         "basic",
         "stream_tools",
         "legacy_stream",
+        "responses",
         "embeddings",
         "errors",
     ] {

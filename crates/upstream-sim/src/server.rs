@@ -386,38 +386,16 @@ fn prompt_tokens(operation: Operation, body: &Value) -> u64 {
                 .as_array()
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let chars: usize = messages
-                .iter()
-                .map(|m| match &m["content"] {
-                    Value::String(s) => s.chars().count(),
-                    Value::Array(parts) => parts
-                        .iter()
-                        .filter_map(|p| p["text"].as_str())
-                        .map(|t| t.chars().count())
-                        .sum(),
-                    _ => 0,
-                })
-                .sum();
+            let chars: usize = messages.iter().map(content_chars).sum();
             text_tokens(chars) + 3 * messages.len() as u64 + 3
         }
         Operation::Embeddings => input_tokens(&body["input"]),
         Operation::Completions => input_tokens(&body["prompt"]),
         Operation::Responses => {
             // A string, or input items whose content is a string or parts with text.
-            let content = |item: &Value| -> usize {
-                match &item["content"] {
-                    Value::String(s) => s.chars().count(),
-                    Value::Array(parts) => parts
-                        .iter()
-                        .filter_map(|p| p["text"].as_str())
-                        .map(|t| t.chars().count())
-                        .sum(),
-                    _ => 0,
-                }
-            };
             let (chars, items) = match &body["input"] {
                 Value::String(s) => (s.chars().count(), 1),
-                Value::Array(items) => (items.iter().map(content).sum(), items.len()),
+                Value::Array(items) => (items.iter().map(content_chars).sum(), items.len()),
                 _ => (0, 0),
             };
             let instructions = body["instructions"]
@@ -426,6 +404,20 @@ fn prompt_tokens(operation: Operation, body: &Value) -> u64 {
             text_tokens(chars + instructions) + 3 * items as u64 + 3
         }
         Operation::Models => 0,
+    }
+}
+
+/// The characters of a message's (or an input item's) `content`: a string, or parts with
+/// text.
+fn content_chars(message: &Value) -> usize {
+    match &message["content"] {
+        Value::String(s) => s.chars().count(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .map(|t| t.chars().count())
+            .sum(),
+        _ => 0,
     }
 }
 

@@ -76,6 +76,30 @@ def legacy_stream():
     assert last.choices == [] and last.usage.completion_tokens == 5, last
 
 
+def responses():
+    # The Responses API, answered whole and streamed as named events.
+    answer = client().responses.create(
+        model="gpt-4o-mini", input="Say hello", max_output_tokens=5)
+    assert answer.status == "completed", answer
+    assert len(answer.output_text.split()) == 5, answer.output_text
+    assert answer.usage.output_tokens == 5, answer.usage
+    stream = client().responses.create(
+        model="gpt-4o-mini", input=[{"role": "user", "content": "Say hello"}],
+        max_output_tokens=5, stream=True)
+    events = list(stream)
+    assert events[0].type == "response.created", events[0]
+    assert events[-1].type == "response.completed", events[-1]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text, (text, events[-1])
+    # A continuation cannot be routed to the deployment that stored its response yet.
+    try:
+        client(max_retries=0).responses.create(
+            model="gpt-4o-mini", input="And then?", previous_response_id=answer.id)
+        raise AssertionError("a continuation was accepted")
+    except openai.BadRequestError as error:
+        assert "previous_response_id" in str(error), error
+
+
 def embeddings():
     answer = client().embeddings.create(model="text-embedding-3-small", input=["a", "b", "c"])
     assert len(answer.data) == 3, answer
@@ -148,7 +172,7 @@ def fallback():
     assert raw.headers["x-openai-router-model"] == "gpt-4o-mini"
 
 
-PHASES = {f.__name__: f for f in [basic, stream_tools, legacy_stream, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback]}
+PHASES = {f.__name__: f for f in [basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback]}
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]]()
