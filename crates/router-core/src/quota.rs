@@ -960,7 +960,31 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     fn is_shared(&self) -> bool {
         false
     }
+
+    /// Keeps `value` under `name` until `now + ttl`: where a stored response lives, for the
+    /// requests that continue it (read back with [`recall`](Self::recall), by every replica
+    /// when the store is shared). The default keeps nothing.
+    async fn remember(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<(), Error> {
+        let _ = (name, value, ttl, now);
+        Ok(())
+    }
+
+    /// What [`remember`](Self::remember) kept under `name`, if it has not expired.
+    async fn recall(&self, name: &str, now: Instant) -> Result<Option<String>, Error> {
+        let _ = (name, now);
+        Ok(None)
+    }
 }
+
+/// At most this many remembered names in a [`MemoryStore`]; past it, expired ones are dropped,
+/// then the ones that expire soonest.
+pub const MAX_REMEMBERED: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct Entry {
@@ -993,6 +1017,8 @@ impl Entry {
 pub struct MemoryStore {
     entries: DashMap<String, Mutex<Entry>>,
     learning: Learning,
+    /// Names kept by [`StateStore::remember`]: the value and when it expires.
+    remembered: DashMap<String, (String, Instant)>,
 }
 
 impl MemoryStore {
@@ -1204,6 +1230,49 @@ impl StateStore for MemoryStore {
         by: Instant,
     ) -> Result<Option<Vec<Instant>>, Error> {
         Ok(Some(self.openings_now(key, limits, charge, n, now, by)))
+    }
+
+    async fn remember(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<(), Error> {
+        self.remember_now(name, value, ttl, now);
+        Ok(())
+    }
+
+    async fn recall(&self, name: &str, now: Instant) -> Result<Option<String>, Error> {
+        Ok(self.recall_now(name, now))
+    }
+}
+
+impl MemoryStore {
+    /// Keeps `value` under `name` synchronously ([`StateStore::remember`]).
+    pub fn remember_now(&self, name: &str, value: &str, ttl: Duration, now: Instant) {
+        if self.remembered.len() >= MAX_REMEMBERED {
+            self.remembered.retain(|_, (_, until)| *until > now);
+        }
+        if self.remembered.len() >= MAX_REMEMBERED {
+            // Still full of live names: the ones that expire soonest make room.
+            let mut untils: Vec<Instant> = self.remembered.iter().map(|e| e.value().1).collect();
+            let cut = untils.len() / 10;
+            let (_, nth, _) = untils.select_nth_unstable(cut);
+            let nth = *nth;
+            self.remembered.retain(|_, (_, until)| *until > nth);
+        }
+        let until = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(1 << 30));
+        self.remembered
+            .insert(name.to_owned(), (value.to_owned(), until));
+    }
+
+    /// What was kept under `name`, synchronously ([`StateStore::recall`]).
+    pub fn recall_now(&self, name: &str, now: Instant) -> Option<String> {
+        let entry = self.remembered.get(name)?;
+        (entry.1 > now).then(|| entry.0.clone())
     }
 }
 

@@ -75,6 +75,17 @@ pub(crate) trait Operation: Sync {
     fn copyable(&self) -> bool {
         true
     }
+    /// The id of the stored state it continues (`previous_response_id`): only the deployment
+    /// that stored it can serve it.
+    fn continues(&self) -> Option<&str> {
+        None
+    }
+    /// The id under which the upstream stored what `output` answered, for the requests that
+    /// continue it.
+    fn stored(&self, output: &Self::Output) -> Option<String> {
+        let _ = output;
+        None
+    }
     /// Ends an answer nobody waits for (a shadow probe's): a stream is read to its end, so that
     /// its outcome is recorded as a caller's would be.
     fn finish(output: Self::Output) -> impl Future<Output = ()> + Send;
@@ -131,6 +142,19 @@ pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
     /// Whether a copy may be sent besides it ([`Operation::copyable`]).
     fn copyable(&self) -> bool {
         true
+    }
+    /// [`Operation::continues`].
+    fn continues(&self) -> Option<&str> {
+        None
+    }
+    /// Whether the upstream stores what it answers.
+    fn stores(&self) -> bool {
+        false
+    }
+    /// The id the answer is stored under, when the upstream stores it.
+    fn stored_id(response: &Self::Response) -> Option<&str> {
+        let _ = response;
+        None
     }
     fn call<'a>(
         backend: &'a dyn Backend,
@@ -231,6 +255,18 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
 
     fn copyable(&self) -> bool {
         self.0.as_ref().copyable()
+    }
+
+    fn continues(&self) -> Option<&str> {
+        self.0.as_ref().continues()
+    }
+
+    fn stored(&self, output: &Self::Output) -> Option<String> {
+        self.0
+            .as_ref()
+            .stores()
+            .then(|| R::stored_id(&output.body).map(str::to_owned))
+            .flatten()
     }
 
     async fn finish(_: Self::Output) {}
@@ -370,12 +406,21 @@ impl Plain for CreateResponse {
     }
 
     fn copyable(&self) -> bool {
-        // Stored unless `store: false`, and a continuation reads what an earlier one stored.
-        self.extra.get("store") == Some(&serde_json::Value::Bool(false))
-            && self
-                .extra
-                .get("previous_response_id")
-                .is_none_or(serde_json::Value::is_null)
+        // A continuation reads what an earlier one stored.
+        !self.stores() && Plain::continues(self).is_none()
+    }
+
+    fn continues(&self) -> Option<&str> {
+        self.extra.get("previous_response_id")?.as_str()
+    }
+
+    fn stores(&self) -> bool {
+        // Stored unless `store: false`.
+        self.extra.get("store") != Some(&serde_json::Value::Bool(false))
+    }
+
+    fn stored_id(response: &Self::Response) -> Option<&str> {
+        Some(response.id.as_str()).filter(|id| !id.is_empty())
     }
 
     fn call<'a>(
@@ -393,6 +438,12 @@ pub(crate) trait Streaming: Plain + 'static {
     type Chunk: router_core::StreamItem + Send + Unpin + 'static;
     /// Asks the upstream for the usage at the stream's end.
     fn ask_usage(&mut self);
+    /// The id the answer is stored under, when `chunk` says it (a response's
+    /// `response.created`).
+    fn stored_id_in(chunk: &Self::Chunk) -> Option<String> {
+        let _ = chunk;
+        None
+    }
     /// Whether the caller asked for the usage chunk.
     fn includes_usage(&self) -> bool;
     fn open<'a>(
@@ -433,6 +484,11 @@ impl Streaming for CreateResponse {
     type Chunk = ResponseStreamEvent;
 
     fn ask_usage(&mut self) {}
+
+    fn stored_id_in(event: &ResponseStreamEvent) -> Option<String> {
+        let response = event.response.as_ref()?;
+        (!response.id.is_empty()).then(|| response.id.clone())
+    }
 
     fn includes_usage(&self) -> bool {
         // `response.completed` always carries it.
@@ -509,6 +565,17 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
 
     fn copyable(&self) -> bool {
         Plain::copyable(self.0.as_ref())
+    }
+
+    fn continues(&self) -> Option<&str> {
+        Plain::continues(self.0.as_ref())
+    }
+
+    fn stored(&self, output: &Self::Output) -> Option<String> {
+        if !Plain::stores(self.0.as_ref()) {
+            return None;
+        }
+        output.held().find_map(R::stored_id_in)
     }
 
     async fn finish(mut stream: RouterStream<R::Chunk>) {

@@ -50,13 +50,20 @@ pub(crate) async fn run<O: Operation>(
     let requested = operation.model();
     let timeout = options.timeout.unwrap_or(live.settings.request_timeout);
     let deadline = Instant::now() + timeout;
-    let fallbacks = live.settings.fallbacks(requested);
+    let pinned = pin(&live, &operation).await?;
+    // A continuation stays with the deployment that stored what it continues: no fallback.
+    let fallbacks = if pinned.is_some() {
+        &[][..]
+    } else {
+        live.settings.fallbacks(requested)
+    };
     let mut leg = Leg {
         model: requested,
         deadline,
         first: true,
         waits: fallbacks.is_empty(),
         before: 0,
+        pinned,
     };
     let mut next_fallback = 0;
     let mut context_fallback_taken = false;
@@ -69,6 +76,9 @@ pub(crate) async fn run<O: Operation>(
                 error
             }
         };
+        if let Some(index) = pinned {
+            return Err(pinned_error(&live, requested, index, &error));
+        }
         let larger = (error.kind() == ErrorKind::ContextLengthExceeded && !context_fallback_taken)
             .then(|| live.settings.context_fallback(leg.model))
             .flatten();
@@ -98,6 +108,93 @@ pub(crate) async fn run<O: Operation>(
             }
             _ => return Err(error),
         }
+    }
+}
+
+/// How long the router remembers which deployment stored a response (OpenAI keeps stored
+/// responses 30 days).
+pub(crate) const RESPONSE_AFFINITY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The name a stored response's deployment is remembered under.
+fn stored_name(id: &str) -> String {
+    format!("response:{id}")
+}
+
+/// Where a request that continues stored state must go: the index, in its group, of the
+/// deployment that stored it (`None`: it continues nothing, or its group has one deployment
+/// anyway); an error naming the field when the router cannot tell.
+async fn pin<O: Operation>(live: &RouterSnapshot, operation: &O) -> Result<Option<usize>, Error> {
+    let Some(id) = operation.continues() else {
+        return Ok(None);
+    };
+    let model = operation.model();
+    let Some(group) = live.groups.get(model) else {
+        return Ok(None); // The unknown model's own error follows.
+    };
+    let stored = live
+        .store
+        .recall(&stored_name(id), now())
+        .await
+        .ok()
+        .flatten();
+    let found = stored.as_deref().and_then(|place| {
+        let (endpoint, deployment) = place.split_once('\n')?;
+        group
+            .members
+            .iter()
+            .position(|d| d.endpoint.as_str() == endpoint && d.name == deployment)
+            .map(|i| (i, endpoint, deployment))
+    });
+    match (found, stored.as_deref()) {
+        (Some((index, _, _)), _) => Ok(Some(index)),
+        (None, _) if group.members.len() == 1 => Ok(None),
+        (None, Some(place)) => Err(Error::with_message(
+            ErrorKind::InvalidRequest,
+            format!(
+                "previous_response_id: `{id}` is stored on `{}`, which `{model}` no longer has",
+                place.replace('\n', "/")
+            ),
+        )),
+        (None, None) => Err(Error::with_message(
+            ErrorKind::InvalidRequest,
+            format!(
+                "previous_response_id: `{id}` is not one this router placed (made elsewhere, \
+                 or with `store: false`, or over 30 days ago), and `{model}` has {} \
+                 deployments: it cannot tell which one stored it",
+                group.members.len()
+            ),
+        )),
+    }
+}
+
+/// A continuation's failure, naming the deployment it had to go to.
+fn pinned_error(live: &RouterSnapshot, model: &str, index: usize, error: &Error) -> Error {
+    let Some(deployment) = live.groups.get(model).and_then(|g| g.members.get(index)) else {
+        return Error::with_message(error.kind(), error.to_string());
+    };
+    let mut pinned = Error::with_message(
+        error.kind(),
+        format!(
+            "the response this continues is stored on `{}`/`{}`, and only it can serve the \
+             request: {error}",
+            deployment.endpoint, deployment.name
+        ),
+    );
+    if let Some(wait) = error.retry_after() {
+        pinned = pinned.with_retry_after(wait);
+    }
+    pinned
+}
+
+/// Remembers where a stored response lives, for the requests that continue it.
+async fn remember_stored(live: &RouterSnapshot, id: &str, endpoint: &str, deployment: &str) {
+    let place = format!("{endpoint}\n{deployment}");
+    let stored = live
+        .store
+        .remember(&stored_name(id), &place, RESPONSE_AFFINITY, now())
+        .await;
+    if let Err(error) = stored {
+        tracing::debug!(%error, response = id, "cannot remember where a response is stored");
     }
 }
 
@@ -153,6 +250,9 @@ struct Leg<'r> {
     waits: bool,
     /// Attempts made in the groups before this one.
     before: u32,
+    /// The one deployment of the group it may go to (where the response it continues is
+    /// stored), by index.
+    pinned: Option<usize>,
 }
 
 /// Why a group did not serve a request: `Group` when a fallback may (its deployments could
@@ -183,6 +283,10 @@ async fn serve<O: Operation>(
             tokio::spawn(probe.start(operation.owned()).instrument(span));
         }
         let span = path.span(attempt.deployment());
+        let place = (
+            attempt.deployment().endpoint.clone(),
+            attempt.deployment().name.clone(),
+        );
         let started = Instant::now();
         let sent = path
             .within_deadline(
@@ -195,10 +299,14 @@ async fn serve<O: Operation>(
             Ok(sent) => {
                 attempt.hold(path.permit.take());
                 let attempts = leg.before + path.count;
-                return Ok(operation
+                let output = operation
                     .complete(sent, attempt, attempts, started.elapsed())
                     .instrument(span)
-                    .await);
+                    .await;
+                if let Some(id) = operation.stored(&output) {
+                    remember_stored(live, &id, place.0.as_str(), &place.1).await;
+                }
+                return Ok(output);
             }
             Err(error) => {
                 if let Err(error) = path.failed(attempt, error).await {
@@ -221,6 +329,8 @@ struct Path<'r> {
     wait_limit: Instant,
     max_queue_wait: Duration,
     tried: Vec<bool>,
+    /// The one deployment it may go to ([`Leg::pinned`]).
+    pinned: Option<usize>,
     /// Attempts made.
     count: u32,
     /// Attempts that count against `max_attempts` and the retry budget.
@@ -297,6 +407,7 @@ impl<'r> Path<'r> {
             wait_limit: (start + max_queue_wait).min(leg.deadline),
             max_queue_wait,
             tried: vec![false; group.members.len()],
+            pinned: leg.pinned,
             class: operation.class(),
             output_hint: operation.output_hint(expected),
             count: 0,
@@ -491,10 +602,10 @@ impl<'r> Path<'r> {
             }
             let at = now();
             let slots: Vec<Slot<'_>> = group.members.iter().map(|d| d.slot()).collect();
-            let tried = &self.tried;
+            let (tried, pinned) = (&self.tried, self.pinned);
             let picked = select(
                 &slots,
-                |i| tried[i],
+                |i| tried[i] || pinned.is_some_and(|p| p != i),
                 ask,
                 group.strategy.as_ref(),
                 at,
@@ -954,7 +1065,8 @@ impl<'r> Path<'r> {
             class: self.class,
             charge: self.charge(),
         };
-        router_core::soonest(&slots, |_| false, ask, now())
+        let pinned = self.pinned;
+        router_core::soonest(&slots, |i| pinned.is_some_and(|p| p != i), ask, now())
     }
 
     /// The error when no attempt may follow.

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
-use router_core::{Error, ErrorKind, Rng};
+use router_core::{Error, Rng};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
     CreateResponse, EmbeddingRequest, EmbeddingResponse, Response, ResponseStreamEvent,
@@ -198,10 +198,12 @@ impl Router {
     }
 
     /// A response (the Responses API), not streamed: routed, failed over and accounted as a
-    /// chat completion is. The upstream keeps what it answers (unless `store: false`), so the
-    /// request is never copied to probe another deployment; a request that continues an
-    /// earlier response (`previous_response_id`) is refused when its model group has more
-    /// than one deployment, since only the one that stored that response can serve it.
+    /// chat completion is. The upstream keeps what it answers (unless `store: false`): the
+    /// request is never copied to probe another deployment, and the router remembers, in its
+    /// state store (shared across replicas when the store is), which deployment stored each
+    /// response for 30 days. A request that continues one (`previous_response_id`) goes to
+    /// that deployment only, with no failover or fallback, and its error names it; one the
+    /// router did not place is refused when its group has more than one deployment.
     pub async fn responses(&self, request: &CreateResponse) -> Result<Routed<Response>, Error> {
         self.responses_with(request, &RequestOptions::default())
             .await
@@ -213,7 +215,6 @@ impl Router {
         request: &CreateResponse,
         options: &RequestOptions,
     ) -> Result<Routed<Response>, Error> {
-        self.continues_where_it_can(request)?;
         run(&self.shared, Once::of(request), options).await
     }
 
@@ -233,37 +234,7 @@ impl Router {
         request: &CreateResponse,
         options: &RequestOptions,
     ) -> Result<RouterStream<ResponseStreamEvent>, Error> {
-        self.continues_where_it_can(request)?;
         run(&self.shared, Streamed::of(request), options).await
-    }
-
-    /// Refuses a continuation (`previous_response_id`) that could reach a deployment without
-    /// the response it continues.
-    fn continues_where_it_can(&self, request: &CreateResponse) -> Result<(), Error> {
-        let continues = request
-            .extra
-            .get("previous_response_id")
-            .is_some_and(|id| !id.is_null());
-        if !continues {
-            return Ok(());
-        }
-        let live = self.shared.snapshot.load();
-        let deployments = live
-            .groups
-            .get(&request.model)
-            .map_or(0, |g| g.members.len());
-        if deployments > 1 {
-            return Err(Error::with_message(
-                ErrorKind::InvalidRequest,
-                format!(
-                    "previous_response_id: `{}` has {deployments} deployments and the router \
-                     does not yet know which one stored that response; send continuations \
-                     to a model group of one deployment",
-                    request.model
-                ),
-            ));
-        }
-        Ok(())
     }
 
     /// A streamed legacy completion: routed, failed over and accounted as

@@ -116,6 +116,11 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
         routed
     }
 
+    /// The events read before the first content and not yet handed out.
+    pub(crate) fn held(&self) -> impl Iterator<Item = &T> {
+        self.held.iter().map(|event| &event.item)
+    }
+
     /// The endpoint streaming.
     pub fn endpoint(&self) -> &EndpointId {
         &self.endpoint

@@ -194,16 +194,63 @@ async fn a_stream_cut_before_its_output_fails_over_and_one_cut_after_is_the_call
     assert_eq!(error.kind(), ErrorKind::StreamTruncated, "{error}");
 }
 
+fn continuing(id: &str) -> CreateResponse {
+    let mut request = request("and then?");
+    request.extra.remove("store");
+    request.extra.insert(
+        "previous_response_id".to_owned(),
+        serde_json::Value::String(id.to_owned()),
+    );
+    request
+}
+
+#[tokio::test]
+async fn a_continuation_goes_to_the_deployment_that_stored_its_response_and_only_there() {
+    let sim = sim().await;
+    let store = Arc::new(MemoryStore::new());
+    let router = router(&sim, &store);
+    // Stored (no `store: false`): round robin places the first on ep0, the stream on ep1.
+    let mut stored = request("remember this");
+    stored.extra.remove("store");
+    let first = router.responses(&stored).await.unwrap();
+    assert_eq!(first.endpoint.as_str(), "ep0");
+    let mut stream = router.responses_stream(&stored).await.unwrap();
+    assert_eq!(stream.endpoint().as_str(), "ep1");
+    let mut streamed_id = None;
+    while let Some(event) = stream.next().await {
+        let event = event.unwrap();
+        if let Some(response) = event
+            .response
+            .filter(|_| event.kind == "response.completed")
+        {
+            streamed_id = Some(response.id);
+        }
+    }
+    let streamed_id = streamed_id.unwrap();
+    // Each continuation goes where its response is, however round robin would turn.
+    for _ in 0..3 {
+        let answer = router.responses(&continuing(&first.body.id)).await.unwrap();
+        assert_eq!(answer.endpoint.as_str(), "ep0");
+        let answer = router.responses(&continuing(&streamed_id)).await.unwrap();
+        assert_eq!(answer.endpoint.as_str(), "ep1");
+    }
+    // Its deployment failing: the caller's error names it; nothing goes elsewhere.
+    sim.endpoints()[0].inject(Fault::status(500), Times::Always);
+    let before = sim.endpoints()[1].counters().requests;
+    let error = router
+        .responses(&continuing(&first.body.id))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("`ep0`/`dep-0`"), "{error}");
+    assert_eq!(sim.endpoints()[1].counters().requests, before, "{error}");
+}
+
 #[tokio::test]
 async fn a_continuation_is_refused_where_the_router_cannot_tell_which_deployment_stored_it() {
     let sim = sim().await;
     let store = Arc::new(MemoryStore::new());
     let router = router(&sim, &store);
-    let mut continued = request("and then?");
-    continued.extra.insert(
-        "previous_response_id".to_owned(),
-        serde_json::Value::String("resp_abc".to_owned()),
-    );
+    let continued = continuing("resp_made_elsewhere");
     let error = router.responses(&continued).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::InvalidRequest, "{error}");
     assert!(
@@ -211,6 +258,13 @@ async fn a_continuation_is_refused_where_the_router_cannot_tell_which_deployment
         "{error}"
     );
     assert!(sim.endpoints().iter().all(|e| e.counters().requests == 0));
+    // A response made with `store: false` is not remembered either.
+    let unstored = router.responses(&request("forget this")).await.unwrap();
+    let error = router
+        .responses(&continuing(&unstored.body.id))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidRequest, "{error}");
     // A group of one deployment has only the one place the response can be.
     let single = Router::builder()
         .endpoint(

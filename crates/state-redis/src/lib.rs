@@ -279,6 +279,17 @@ end
 return 1
 ";
 
+// A name kept for a while (where a stored response lives): KEYS[1] the name's key, ARGV 1 the
+// value, 2 how long to keep it (ms).
+const REMEMBER: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+const RECALL: &str = r"
+return redis.call('GET', KEYS[1])
+";
+
 const COOL_DOWN: &str = r"
 local cur = redis.call('PTTL', KEYS[1])
 if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
@@ -417,6 +428,8 @@ struct Inner {
     cool_down: Script,
     refused: Script,
     marks: Script,
+    remember: Script,
+    recall: Script,
     learning: Learning,
     shared: AtomicBool,
     fallbacks: AtomicU64,
@@ -448,6 +461,8 @@ impl RedisStore {
                 settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
                 cool_down: Script::new(COOL_DOWN),
                 refused: Script::new(&format!("{PRELUDE}{REFUSED}")),
+                remember: Script::new(REMEMBER),
+                recall: Script::new(RECALL),
                 marks: Script::new(&format!("{PRELUDE}{MARKS}")),
                 learning,
                 shared: AtomicBool::new(false),
@@ -502,6 +517,11 @@ impl RedisStore {
         } else {
             self.inner.connecting.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// The key a remembered name is kept under.
+    fn name_key(&self, name: &str) -> String {
+        format!("{}:name:{name}", self.inner.options.prefix)
     }
 
     /// The log, marks, cooldown and learned-admissions keys of a deployment, in one hash slot.
@@ -796,6 +816,39 @@ impl StateStore for RedisStore {
             from,
             by,
         )))
+    }
+
+    async fn remember(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<(), Error> {
+        // Kept here too: while Redis is away, this replica still finds what it placed.
+        self.inner.local.remember_now(name, value, ttl, now);
+        let mut invocation = self.inner.remember.prepare_invoke();
+        invocation
+            .key(self.name_key(name))
+            .arg(value)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        if let Err(why) = self.run::<i64>(&invocation).await {
+            self.fell_back(&why);
+        }
+        Ok(())
+    }
+
+    async fn recall(&self, name: &str, now: Instant) -> Result<Option<String>, Error> {
+        let mut invocation = self.inner.recall.prepare_invoke();
+        invocation.key(self.name_key(name));
+        match self.run::<Option<String>>(&invocation).await {
+            Ok(Some(value)) => Ok(Some(value)),
+            Ok(None) => Ok(self.inner.local.recall_now(name, now)),
+            Err(why) => {
+                self.fell_back(&why);
+                Ok(self.inner.local.recall_now(name, now))
+            }
+        }
     }
 
     fn is_shared(&self) -> bool {

@@ -594,3 +594,71 @@ async fn redis_going_away_fails_no_request_and_sharing_resumes() {
     }
     assert_eq!(store.fallbacks(), fallbacks, "shared again");
 }
+
+/// Where each stored response lives is kept in Redis: a replica that did not create a
+/// response sends its continuation to the deployment that stored it, and a replica started
+/// afterwards (as after a restart) does too.
+#[tokio::test]
+async fn replicas_send_a_continuation_where_another_stored_its_response() {
+    use router_facade::StrategyKind;
+    use router_facade::types::CreateResponse;
+    let redis = RedisServer::start().await.unwrap();
+    let endpoints = (0..2).map(|i| {
+        EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+            .with_models(["m"])
+            .with_latency(LatencyModel::instant())
+    });
+    let sim = Sim::start(3, endpoints).await.unwrap();
+    let replica = || async {
+        let store = RedisStore::connect(&redis.url(), options("affinity"))
+            .await
+            .unwrap();
+        let mut builder = Router::builder()
+            .strategy(StrategyKind::RoundRobin)
+            .state_store(Arc::new(store));
+        for endpoint in sim.endpoints() {
+            builder = builder
+                .endpoint(Endpoint::openai(endpoint.name(), endpoint.openai_base_url()).model("m"));
+        }
+        builder.build().unwrap()
+    };
+    let request = |previous: Option<&str>| {
+        let mut request = CreateResponse {
+            model: "m".to_owned(),
+            input: Some(serde_json::json!("hello")),
+            max_output_tokens: Some(4),
+            ..CreateResponse::default()
+        };
+        if let Some(id) = previous {
+            request
+                .extra
+                .insert("previous_response_id".to_owned(), serde_json::json!(id));
+        }
+        request
+    };
+    let a = replica().await;
+    // Round robin: the first on ep0, the second on ep1.
+    a.responses(&request(None)).await.unwrap();
+    let second = a.responses(&request(None)).await.unwrap();
+    assert_eq!(second.endpoint.as_str(), "ep1");
+    // Another replica, whose round robin starts at ep0, and then a new one: both to ep1.
+    for router in [replica().await, replica().await] {
+        for _ in 0..2 {
+            let next = router
+                .responses(&request(Some(&second.body.id)))
+                .await
+                .unwrap();
+            assert_eq!(next.endpoint.as_str(), "ep1");
+        }
+    }
+    // One no replica placed: refused, naming the field.
+    let error = replica()
+        .await
+        .responses(&request(Some("resp_unknown")))
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("previous_response_id"),
+        "{error}"
+    );
+}

@@ -540,7 +540,16 @@ impl Generation {
             model: model.to_owned(),
             id: match operation {
                 Operation::Completions => format!("cmpl-sim{seq}"),
-                Operation::Responses => format!("resp_sim{seq}"),
+                // Unique across endpoints, as real response ids are: a router keeps where each
+                // one is stored.
+                Operation::Responses => format!(
+                    "resp_sim{seq}_{}",
+                    config
+                        .name
+                        .chars()
+                        .filter(char::is_ascii_alphanumeric)
+                        .collect::<String>()
+                ),
                 _ => format!("chatcmpl-sim{seq}"),
             },
             created: 1_700_000_000 + seq,

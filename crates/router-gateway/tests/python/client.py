@@ -91,11 +91,17 @@ def responses():
     assert events[-1].type == "response.completed", events[-1]
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == events[-1].response.output_text, (text, events[-1])
-    # A continuation cannot be routed to the deployment that stored its response yet.
+    # A continuation goes where its response is stored, every time.
+    for _ in range(3):
+        more = client().responses.create(
+            model="gpt-4o-mini", input="And then?", previous_response_id=answer.id,
+            max_output_tokens=3)
+        assert more.status == "completed", more
+    # One the router did not place: it cannot tell where it is stored.
     try:
         client(max_retries=0).responses.create(
-            model="gpt-4o-mini", input="And then?", previous_response_id=answer.id)
-        raise AssertionError("a continuation was accepted")
+            model="gpt-4o-mini", input="And then?", previous_response_id="resp_elsewhere")
+        raise AssertionError("a continuation of an unknown response was accepted")
     except openai.BadRequestError as error:
         assert "previous_response_id" in str(error), error
 
