@@ -763,8 +763,15 @@ impl<'r> Path<'r> {
     /// How long `n` requests like this one take to be admitted, at the rate the group's
     /// quota frees (when the store cannot walk the windows).
     fn turns(&self, n: usize) -> Duration {
-        let limits: Vec<router_core::Limits> =
-            self.group().members.iter().map(|d| d.limits()).collect();
+        let pinned = self.pinned;
+        let limits: Vec<router_core::Limits> = self
+            .group()
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pinned.is_none_or(|p| p == *i))
+            .map(|(_, d)| d.limits())
+            .collect();
         let interval = self
             .charge()
             .map_or(Duration::ZERO, |c| interval(&limits, c));
@@ -781,7 +788,11 @@ impl<'r> Path<'r> {
         let now_std = now();
         let by = now_std + MAX_PROMISE + self.max_queue_wait;
         let mut all = Vec::new();
-        for deployment in &self.group().members {
+        for (index, deployment) in self.group().members.iter().enumerate() {
+            // A pinned request's turn comes only from its one deployment.
+            if self.pinned.is_some_and(|p| p != index) {
+                continue;
+            }
             let ready = match deployment.state.availability(now_std) {
                 // Half-open with its one request in flight: it takes no other, whatever its
                 // window says.

@@ -276,3 +276,58 @@ async fn a_continuation_is_refused_where_the_router_cannot_tell_which_deployment
         .unwrap();
     single.responses(&continued).await.unwrap();
 }
+
+/// A continuation waits only for its own deployment's quota: when that one is full and the
+/// other has room, it is refused at once with its own deployment's wait, not held on the
+/// other's room.
+#[tokio::test(start_paused = true)]
+async fn a_continuation_waits_for_its_own_deployments_quota_only() {
+    let sim = sim().await;
+    // 6,000 TPM over 10 s: 1,000 tokens, two requests of about 400 on each endpoint.
+    let mut builder = Router::builder()
+        .strategy(StrategyKind::RoundRobin)
+        .max_queue_wait(Duration::from_secs(2))
+        .request_timeout(Duration::from_secs(30));
+    for (i, endpoint) in sim.endpoints().iter().enumerate() {
+        let configured = match endpoint.dialect() {
+            SimDialect::OpenAi => Endpoint::openai(endpoint.name(), endpoint.openai_base_url()),
+            SimDialect::Azure => {
+                Endpoint::azure(endpoint.name(), endpoint.url()).api_version("2025-04-01-preview")
+            }
+        };
+        builder = builder.endpoint(
+            configured
+                .api_key(format!("key-{i}"))
+                .deployment(MODEL, format!("dep-{i}"))
+                .tpm(6_000)
+                .quota_window(Duration::from_secs(10)),
+        );
+    }
+    let router = builder.build().unwrap();
+    let mut stored = request("keep this");
+    stored.extra.remove("store");
+    stored.max_output_tokens = Some(400);
+    let first = router.responses(&stored).await.unwrap();
+    assert_eq!(first.endpoint.as_str(), "ep0");
+    let mut more = continuing(&first.body.id);
+    more.max_output_tokens = Some(400);
+    router.responses(&more).await.unwrap();
+    // ep0's window is full for about 10 s; ep1's is empty.
+    let started = tokio::time::Instant::now();
+    let error = router.responses(&more).await.unwrap_err();
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "refused at once: {error}"
+    );
+    assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
+    assert!(
+        error.retry_after().unwrap() > Duration::from_secs(5),
+        "its own deployment's wait: {error}"
+    );
+    assert_eq!(
+        sim.endpoints()[1].counters().requests,
+        0,
+        "nothing went to ep1"
+    );
+}
