@@ -42,7 +42,7 @@ use backend_openai::{
 use http::{HeaderMap, HeaderName};
 use router_core::{
     Backend, CallOptions, ChatStream, CompletionStream, EndpointId, Error, ErrorKind, Reply,
-    ResponseStream,
+    ResponseStream, StoredCall,
 };
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -261,6 +261,16 @@ impl Backend for AzureBackend {
         options: &CallOptions,
     ) -> Result<ResponseStream, Error> {
         self.inner.responses_stream(request, options).await
+    }
+
+    async fn stored_response(
+        &self,
+        model: &str,
+        id: &str,
+        call: StoredCall,
+        options: &CallOptions,
+    ) -> Result<Reply<serde_json::Value>, Error> {
+        self.inner.stored_response(model, id, call, options).await
     }
 }
 

@@ -10,7 +10,7 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
 use router_core::{
     Backend, CallOptions, ChatStream, CompletionStream, EndpointId, Error, ErrorKind, EventStream,
-    RateLimitInfo, Reply, ResponseMeta, ResponseStream,
+    RateLimitInfo, Reply, ResponseMeta, ResponseStream, StoredCall,
 };
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -91,8 +91,24 @@ impl OpenAiBackend {
             Error::with_message(ErrorKind::InvalidRequest, format!("cannot serialize: {e}"))
                 .with_endpoint(inner.endpoint.clone())
         })?;
+        let request = inner
+            .client
+            .post(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(payload);
+        self.exchange(request, stream, options).await
+    }
+
+    /// Sends `request` with the dialect's headers and the credential, and reads the answer's
+    /// headers: its status, rate limits and identity, or the upstream's error.
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        stream: bool,
+        options: &CallOptions,
+    ) -> Result<(reqwest::Response, Instant, ResponseMeta), Error> {
+        let inner = &*self.inner;
         let mut headers = inner.dialect.headers().clone();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         self.authenticate(&mut headers).await?;
 
         let deadline = options.deadline.map(Instant::from_std);
@@ -103,7 +119,7 @@ impl OpenAiBackend {
         };
         let wait = bounded(first_byte, deadline);
         let sent_at = Instant::now();
-        let request = inner.client.post(url).headers(headers).body(payload).send();
+        let request = request.headers(headers).send();
         let response = match tokio::time::timeout(wait, request).await {
             Err(_) => {
                 return Err(Error::transport(
@@ -399,6 +415,51 @@ impl Backend for OpenAiBackend {
         }
         self.call(Operation::Responses, &request.model, request, options)
             .await
+    }
+
+    async fn stored_response(
+        &self,
+        model: &str,
+        id: &str,
+        call: StoredCall,
+        options: &CallOptions,
+    ) -> Result<Reply<serde_json::Value>, Error> {
+        let inner = &*self.inner;
+        let mut url = inner.dialect.url(Operation::Responses, model)?;
+        {
+            let mut path = url
+                .path_segments_mut()
+                .map_err(|()| Error::config("endpoint: cannot have a path"))?;
+            path.pop_if_empty().push(id);
+            match call {
+                StoredCall::InputItems => {
+                    path.push("input_items");
+                }
+                StoredCall::Cancel => {
+                    path.push("cancel");
+                }
+                _ => {}
+            }
+        }
+        let request = match call {
+            StoredCall::Delete => inner.client.delete(url),
+            StoredCall::Cancel => inner.client.post(url),
+            _ => inner.client.get(url),
+        };
+        let (response, sent_at, mut meta) = self.exchange(request, false, options).await?;
+        let bytes = self
+            .read_body(response, options.deadline.map(Instant::from_std))
+            .await?;
+        meta.elapsed = sent_at.elapsed();
+        let body = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::transport(
+                ErrorKind::Decode,
+                inner.endpoint.clone(),
+                format!("the answer is not JSON: {e}"),
+                None,
+            )
+        })?;
+        Ok(Reply::new(body, meta))
     }
 
     async fn responses_stream(

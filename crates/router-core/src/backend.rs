@@ -113,6 +113,37 @@ pub trait Backend: Send + Sync + fmt::Debug {
             "the Responses API",
         ))
     }
+
+    /// A call on a response the upstream stored (`id`), made through deployment `model`:
+    /// retrieve it, delete it, list its input items, or cancel it. The answer's body as sent.
+    /// By default, an [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) error.
+    async fn stored_response(
+        &self,
+        model: &str,
+        id: &str,
+        call: StoredCall,
+        options: &CallOptions,
+    ) -> Result<Reply<serde_json::Value>, Error> {
+        let _ = (model, id, call, options);
+        Err(Error::unsupported(
+            self.endpoint().clone(),
+            "stored responses",
+        ))
+    }
+}
+
+/// What is asked of a stored response ([`Backend::stored_response`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoredCall {
+    /// `GET /responses/{id}`.
+    Retrieve,
+    /// `DELETE /responses/{id}`.
+    Delete,
+    /// `GET /responses/{id}/input_items`.
+    InputItems,
+    /// `POST /responses/{id}/cancel`.
+    Cancel,
 }
 
 /// Per-call options from the router.

@@ -68,7 +68,7 @@ pub mod strategy;
 
 pub use backend::{
     Backend, CallOptions, ChatStream, CompletionStream, Event, EventStream, Reply, ResponseMeta,
-    ResponseStream, StreamItem,
+    ResponseStream, StoredCall, StreamItem,
 };
 pub use endpoint::EndpointId;
 pub use error::{Error, ErrorKind, HealthEffect};

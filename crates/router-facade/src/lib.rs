@@ -73,7 +73,8 @@ pub use router_core::{
     Admission, Availability, Backend, CallOptions, Candidate, Charge, ChatStream, CompletionStream,
     EndpointId, Error, ErrorKind, Event, EventStream, HealthPolicy, LatencyClass, Learned,
     Learning, Limits, MemoryStore, ProbeMode, QuotaModel, RateLimitInfo, Reply, ResponseMeta,
-    ResponseStream, Rng, Settlement, StateStats, StateStore, Strategy, StrategyKind, StreamItem,
+    ResponseStream, Rng, Settlement, StateStats, StateStore, StoredCall, Strategy, StrategyKind,
+    StreamItem,
 };
 pub use router_types as types;
 

@@ -167,6 +167,61 @@ async fn pin<O: Operation>(live: &RouterSnapshot, operation: &O) -> Result<Optio
     }
 }
 
+/// The model group and deployment that stored response `id`, as the store remembers it.
+pub(crate) async fn locate(live: &RouterSnapshot, id: &str) -> Option<(String, Arc<Deployment>)> {
+    let place = live.store.recall(&stored_name(id), now()).await.ok()??;
+    let (endpoint, name) = place.split_once('\n')?;
+    live.groups.iter().find_map(|(model, group)| {
+        group
+            .members
+            .iter()
+            .find(|d| d.endpoint.as_str() == endpoint && d.name == name)
+            .map(|d| (model.clone(), Arc::clone(d)))
+    })
+}
+
+/// A call on stored response `id`, sent to the deployment that stored it, within `timeout`.
+pub(crate) async fn stored_call(
+    live: &RouterSnapshot,
+    id: &str,
+    call: router_core::StoredCall,
+    timeout: Duration,
+) -> Result<crate::options::Routed<serde_json::Value>, Error> {
+    let Some((model, deployment)) = locate(live, id).await else {
+        return Err(Error::with_message(
+            ErrorKind::InvalidRequest,
+            format!(
+                "response `{id}`: not one this router placed (made elsewhere, with \
+                 `store: false`, or over 30 days ago), so it cannot tell which deployment \
+                 stored it"
+            ),
+        ));
+    };
+    let deadline = Instant::now() + timeout;
+    let options = CallOptions::default().with_deadline(deadline.into_std());
+    let reply = tokio::time::timeout_at(
+        deadline,
+        deployment
+            .backend
+            .stored_response(&deployment.name, id, call, &options),
+    )
+    .await
+    .map_err(|_| {
+        Error::with_message(
+            ErrorKind::DeadlineExceeded,
+            format!("no answer about response `{id}` within the request's deadline"),
+        )
+    })??;
+    Ok(crate::options::Routed {
+        body: reply.body,
+        endpoint: deployment.endpoint.clone(),
+        deployment: deployment.name.clone(),
+        model,
+        attempts: 1,
+        meta: reply.meta,
+    })
+}
+
 /// A continuation's failure, naming the deployment it had to go to.
 fn pinned_error(live: &RouterSnapshot, model: &str, index: usize, error: &Error) -> Error {
     let Some(deployment) = live.groups.get(model).and_then(|g| g.members.get(index)) else {

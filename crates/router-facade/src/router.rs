@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
-use router_core::{Error, Rng};
+use router_core::{Error, Rng, StoredCall};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
     CreateResponse, EmbeddingRequest, EmbeddingResponse, Response, ResponseStreamEvent,
@@ -235,6 +235,38 @@ impl Router {
         options: &RequestOptions,
     ) -> Result<RouterStream<ResponseStreamEvent>, Error> {
         run(&self.shared, Streamed::of(request), options).await
+    }
+
+    /// The model group whose deployment stored response `id`, when this router (or another
+    /// sharing its state store) placed it: what a gateway authorizes a caller against before
+    /// [`stored_response`](Self::stored_response).
+    pub async fn stored_response_model(&self, id: &str) -> Option<String> {
+        let live = self.shared.snapshot.load_full();
+        crate::path::locate(&live, id).await.map(|(model, _)| model)
+    }
+
+    /// A call on a stored response (retrieve, delete, list its input items, cancel), sent to
+    /// the deployment that stored it, once (no failover: no other deployment has it); the
+    /// upstream's answer as sent. An error naming the id when the router did not place it.
+    pub async fn stored_response(
+        &self,
+        id: &str,
+        call: StoredCall,
+    ) -> Result<Routed<serde_json::Value>, Error> {
+        self.stored_response_with(id, call, &RequestOptions::default())
+            .await
+    }
+
+    /// A call on a stored response with per-request options (its timeout).
+    pub async fn stored_response_with(
+        &self,
+        id: &str,
+        call: StoredCall,
+        options: &RequestOptions,
+    ) -> Result<Routed<serde_json::Value>, Error> {
+        let live = self.shared.snapshot.load_full();
+        let timeout = options.timeout.unwrap_or(live.settings.request_timeout);
+        crate::path::stored_call(&live, id, call, timeout).await
     }
 
     /// A streamed legacy completion: routed, failed over and accounted as

@@ -331,3 +331,76 @@ async fn a_continuation_waits_for_its_own_deployments_quota_only() {
         "nothing went to ep1"
     );
 }
+
+/// Retrieving, listing the input of, cancelling and deleting a stored response: each goes to
+/// the deployment that stored it, on either dialect, and answers as the upstream did.
+#[tokio::test]
+async fn calls_on_a_stored_response_go_to_the_deployment_that_stored_it() {
+    use router_facade::StoredCall;
+    let sim = sim().await;
+    let store = Arc::new(MemoryStore::new());
+    let router = router(&sim, &store);
+    let mut stored = request("remember this");
+    stored.extra.remove("store");
+    for i in 0..2 {
+        let created = router.responses(&stored).await.unwrap();
+        let id = created.body.id.as_str();
+        assert_eq!(created.endpoint.as_str(), format!("ep{i}"));
+        assert_eq!(
+            router.stored_response_model(id).await.as_deref(),
+            Some(MODEL)
+        );
+        let retrieved = router
+            .stored_response(id, StoredCall::Retrieve)
+            .await
+            .unwrap();
+        assert_eq!(retrieved.endpoint.as_str(), format!("ep{i}"));
+        assert_eq!(retrieved.body["id"], id);
+        assert_eq!(retrieved.body["status"], "completed");
+        let items = router
+            .stored_response(id, StoredCall::InputItems)
+            .await
+            .unwrap();
+        assert_eq!(
+            items.body["data"][0]["content"], "remember this",
+            "{}",
+            items.body
+        );
+        let seen = sim.endpoints()[i].last_request().unwrap();
+        assert!(
+            seen.path.ends_with(&format!("/responses/{id}/input_items")),
+            "{}",
+            seen.path
+        );
+        assert_eq!(seen.method, "GET");
+        // Only background responses can be cancelled: the upstream's 400, as it said it.
+        let error = router
+            .stored_response(id, StoredCall::Cancel)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::BadRequest, "{error}");
+        assert!(error.to_string().contains("background"), "{error}");
+        let deleted = router
+            .stored_response(id, StoredCall::Delete)
+            .await
+            .unwrap();
+        assert_eq!(deleted.body["deleted"], true);
+        assert_eq!(sim.endpoints()[i].last_request().unwrap().method, "DELETE");
+        let gone = router
+            .stored_response(id, StoredCall::Retrieve)
+            .await
+            .unwrap_err();
+        assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone}");
+    }
+    let unknown = router
+        .stored_response("resp_elsewhere", StoredCall::Retrieve)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::InvalidRequest, "{unknown}");
+    assert!(
+        router
+            .stored_response_model("resp_elsewhere")
+            .await
+            .is_none()
+    );
+}

@@ -7,14 +7,14 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use router_facade::types::{
     ChatCompletionRequest, CompletionRequest, CreateResponse, EmbeddingRequest,
 };
-use router_facade::{RequestOptions, ResponseMeta, Router};
+use router_facade::{RequestOptions, ResponseMeta, Router, StoredCall};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -66,6 +66,19 @@ pub(crate) fn app(state: Arc<AppState>, body_limit: usize) -> axum::Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(responses))
+        .route(
+            "/v1/responses/{id}",
+            get(|state, headers, id| stored(state, headers, id, StoredCall::Retrieve))
+                .delete(|state, headers, id| stored(state, headers, id, StoredCall::Delete)),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(|state, headers, id| stored(state, headers, id, StoredCall::InputItems)),
+        )
+        .route(
+            "/v1/responses/{id}/cancel",
+            post(|state, headers, id| stored(state, headers, id, StoredCall::Cancel)),
+        )
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -250,6 +263,30 @@ async fn responses(
         (request.model, response)
     };
     handle(&state, "responses", body, answer).await
+}
+
+/// A call on a stored response: authorized against the model group whose deployment stored
+/// it, and sent there.
+async fn stored(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    call: StoredCall,
+) -> Response {
+    let started = Instant::now();
+    let model = state.router.stored_response_model(&id).await;
+    let response = async {
+        let options = state.options(&headers, model.as_deref().unwrap_or_default())?;
+        let answer = state
+            .router
+            .stored_response_with(&id, call, &options)
+            .await?;
+        Ok::<_, ApiError>(served_by(json(&answer.body), &answer.model, &answer.meta))
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    state.count("responses", model.as_deref(), &response, started);
+    response
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -70,6 +70,9 @@ pub(crate) async fn handle(
     let json_body: Option<Value> = serde_json::from_slice(&body).ok();
     state.record(RecordedRequest::new(&parts, json_body.clone()));
     let config = state.config();
+    if let Some((call, id)) = stored_route(config.dialect, &parts.method, parts.uri.path()) {
+        return Ok(stored_call(&state, seq, &config, &parts, call, &id));
+    }
     let (operation, model, body) = match validate(&state, seq, &config, &parts, json_body) {
         Ok(valid) => valid,
         Err(response) => return Ok(*response),
@@ -126,6 +129,9 @@ pub(crate) async fn handle(
     state.counters.tokens_charged.add(cost);
 
     let generation = Generation::plan(&config, operation, &body, &model, seq, &mut rng);
+    if operation == Operation::Responses && body["store"] != Value::Bool(false) {
+        state.store_response(generation.response_json(), body["input"].clone());
+    }
     if stream {
         state.counters.streams.inc();
         let malformed = matches!(fault, Some(Fault::MalformedJson));
@@ -154,6 +160,105 @@ pub(crate) async fn handle(
         .completion_tokens
         .add(u64::from(generation.completion_tokens()));
     Ok(state.reply_json(seq, 200, &generation.response_json(), Some(&snapshot)))
+}
+
+/// What is asked of a stored response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoredCall {
+    Retrieve,
+    Delete,
+    InputItems,
+    Cancel,
+}
+
+/// `GET`/`DELETE /responses/{id}`, `GET .../input_items`, `POST .../cancel`, under either
+/// dialect's base.
+fn stored_route(dialect: SimDialect, method: &Method, path: &str) -> Option<(StoredCall, String)> {
+    let rest = match dialect {
+        SimDialect::OpenAi => path.strip_prefix("/v1/responses/")?,
+        SimDialect::Azure => path
+            .strip_prefix("/openai/v1/responses/")
+            .or_else(|| path.strip_prefix("/openai/responses/"))?,
+    };
+    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let call = match (method.as_str(), tail) {
+        ("GET", "") => StoredCall::Retrieve,
+        ("DELETE", "") => StoredCall::Delete,
+        ("GET", "input_items") => StoredCall::InputItems,
+        ("POST", "cancel") => StoredCall::Cancel,
+        _ => return None,
+    };
+    (!id.is_empty()).then(|| (call, percent_decode(id)))
+}
+
+/// Answers a call on a stored response.
+fn stored_call(
+    state: &EndpointState,
+    seq: u64,
+    config: &EndpointConfig,
+    parts: &http::request::Parts,
+    call: StoredCall,
+    id: &str,
+) -> Response<Body> {
+    if !authorized(config, &parts.headers) {
+        state.counters.unauthorized.inc();
+        let given = given_key(config.dialect, &parts.headers);
+        return state.reply_error(
+            seq,
+            401,
+            None,
+            &unauthorized_message(config.dialect, &given),
+            None,
+        );
+    }
+    let missing = |state: &EndpointState| {
+        state.counters.not_found.inc();
+        state.reply_error(
+            seq,
+            404,
+            Some("not_found"),
+            &format!("Response with id '{id}' not found."),
+            None,
+        )
+    };
+    let Some((response, input)) = state.stored_response(id) else {
+        return missing(state);
+    };
+    state.counters.ok.inc();
+    match call {
+        StoredCall::Retrieve => state.reply_json(seq, 200, &response, None),
+        StoredCall::Delete => {
+            state.delete_response(id);
+            state.reply_json(
+                seq,
+                200,
+                &json!({"id": id, "object": "response.deleted", "deleted": true}),
+                None,
+            )
+        }
+        StoredCall::InputItems => {
+            let items = match input {
+                Value::String(text) => json!([{"type": "message", "role": "user",
+                    "content": [{"type": "input_text", "text": text}]}]),
+                Value::Array(items) => Value::Array(items),
+                _ => json!([]),
+            };
+            state.reply_json(
+                seq,
+                200,
+                &json!({"object": "list", "data": items,
+                "has_more": false, "first_id": null, "last_id": null}),
+                None,
+            )
+        }
+        StoredCall::Cancel => state.reply_error(
+            seq,
+            400,
+            Some("invalid_request_error"),
+            "Only responses created with background=true can be cancelled.",
+            None,
+        ),
+    }
 }
 
 /// Routes, authenticates and checks a request; an `Err` is the answer to send instead.

@@ -109,7 +109,13 @@ pub(crate) struct EndpointState {
     pub(crate) counters: Cells,
     seq: AtomicU64,
     seed: u64,
+    /// Responses created without `store: false`, by id, with their input (at most
+    /// `STORED`; the oldest go first).
+    stored: Mutex<VecDeque<(String, serde_json::Value, serde_json::Value)>>,
 }
+
+/// How many stored responses an endpoint keeps.
+const STORED: usize = 10_000;
 
 /// Holds one in-flight slot; released on drop.
 pub(crate) struct InFlight(Arc<EndpointState>);
@@ -135,7 +141,39 @@ impl EndpointState {
             counters: Cells::default(),
             seq: AtomicU64::new(0),
             seed,
+            stored: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Keeps a response the request asked to store, with its input.
+    pub(crate) fn store_response(&self, response: serde_json::Value, input: serde_json::Value) {
+        let Some(id) = response["id"].as_str().map(str::to_owned) else {
+            return;
+        };
+        let mut stored = lock(&self.stored);
+        if stored.len() >= STORED {
+            stored.pop_front();
+        }
+        stored.push_back((id, response, input));
+    }
+
+    /// A stored response and its input.
+    pub(crate) fn stored_response(
+        &self,
+        id: &str,
+    ) -> Option<(serde_json::Value, serde_json::Value)> {
+        lock(&self.stored)
+            .iter()
+            .find(|(stored, _, _)| stored == id)
+            .map(|(_, response, input)| (response.clone(), input.clone()))
+    }
+
+    /// Forgets a stored response; whether there was one.
+    pub(crate) fn delete_response(&self, id: &str) -> bool {
+        let mut stored = lock(&self.stored);
+        let before = stored.len();
+        stored.retain(|(stored, _, _)| stored != id);
+        stored.len() < before
     }
 
     pub(crate) fn config(&self) -> EndpointConfig {

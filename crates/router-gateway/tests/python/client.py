@@ -97,6 +97,17 @@ def responses():
             model="gpt-4o-mini", input="And then?", previous_response_id=answer.id,
             max_output_tokens=3)
         assert more.status == "completed", more
+    # Calls on the stored response go where it is stored.
+    again = client().responses.retrieve(answer.id)
+    assert again.id == answer.id and again.status == "completed", again
+    items = client().responses.input_items.list(answer.id)
+    assert items.data, items
+    client().responses.delete(answer.id)
+    try:
+        client(max_retries=0).responses.retrieve(answer.id)
+        raise AssertionError("a deleted response was retrieved")
+    except openai.APIStatusError as error:
+        assert "not found" in str(error), error
     # One the router did not place: it cannot tell where it is stored.
     try:
         client(max_retries=0).responses.create(
