@@ -35,6 +35,48 @@ assert.equal(usage?.completion_tokens, 6);
 const embedded = await client.embeddings.create({ model: "text-embedding-3-small", input: ["a", "b"] });
 assert.equal(embedded.data.length, 2);
 
+// A streamed legacy completion.
+const legacy = await client.completions.create({
+  model: "gpt-3.5-turbo-instruct",
+  prompt: "Say hello",
+  max_tokens: 4,
+  stream: true,
+});
+let legacyText = "";
+for await (const chunk of legacy) {
+  legacyText += chunk.choices[0]?.text ?? "";
+}
+assert.equal(legacyText.trim().split(/\s+/).length, 4, legacyText);
+
+// The Responses API: a stored response, streamed, then continued where it is stored,
+// retrieved and deleted.
+const events = await client.responses.create({
+  model: "gpt-4o-mini",
+  input: "Say hello",
+  max_output_tokens: 5,
+  stream: true,
+});
+let created = null;
+let deltas = "";
+for await (const event of events) {
+  if (event.type === "response.output_text.delta") deltas += event.delta;
+  if (event.type === "response.completed") created = event.response;
+}
+assert.ok(created, "no response.completed event");
+assert.equal(created.output_text ?? created.output[0].content[0].text, deltas);
+const next = await client.responses.create({
+  model: "gpt-4o-mini",
+  input: "And then?",
+  previous_response_id: created.id,
+  max_output_tokens: 3,
+});
+assert.equal(next.status, "completed");
+assert.equal((await client.responses.retrieve(created.id)).id, created.id);
+// `del` in the SDK's v4, `delete` from v5.
+const remove = client.responses.delete ?? client.responses.del;
+await remove.call(client.responses, created.id);
+await assert.rejects(client.responses.retrieve(created.id), (error) => error instanceof OpenAI.APIError);
+
 // A fallback: `gpt-4o`'s only endpoint fails; `gpt-4o-mini` serves, and the header says so.
 const { data, response } = await client.chat.completions
   .create({ model: "gpt-4o", messages, max_tokens: 4 })
