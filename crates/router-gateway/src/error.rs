@@ -60,6 +60,12 @@ impl ApiError {
         Self::gateway(status, message, code)
     }
 
+    /// 404: what the request names does not exist (a stored response the upstream no longer
+    /// has), with the upstream's message.
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::gateway(StatusCode::NOT_FOUND, message, Some("not_found"))
+    }
+
     /// 404: no such route.
     pub(crate) fn no_route() -> Self {
         Self::gateway(StatusCode::NOT_FOUND, "no such route", Some("not_found"))

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use router_facade::types::{
     ChatCompletionRequest, CompletionRequest, CreateResponse, EmbeddingRequest,
 };
-use router_facade::{RequestOptions, ResponseMeta, Router, StoredCall};
+use router_facade::{ErrorKind, RequestOptions, ResponseMeta, Router, StoredCall};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -277,10 +277,16 @@ async fn stored(
     let model = state.router.stored_response_model(&id).await;
     let response = async {
         let options = state.options(&headers, model.as_deref().unwrap_or_default())?;
+        // The upstream no longer has it: a 404 to the caller (routing's own 404s, a
+        // deployment that does not exist, are the gateway's 502).
         let answer = state
             .router
             .stored_response_with(&id, call, &options)
-            .await?;
+            .await
+            .map_err(|error| match error.kind() {
+                ErrorKind::NotFound => ApiError::not_found(error.to_string()),
+                _ => ApiError::from(error),
+            })?;
         Ok::<_, ApiError>(served_by(json(&answer.body), &answer.model, &answer.meta))
     }
     .await

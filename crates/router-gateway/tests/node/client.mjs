@@ -75,7 +75,10 @@ assert.equal((await client.responses.retrieve(created.id)).id, created.id);
 // `del` in the SDK's v4, `delete` from v5.
 const remove = client.responses.delete ?? client.responses.del;
 await remove.call(client.responses, created.id);
-await assert.rejects(client.responses.retrieve(created.id), (error) => error instanceof OpenAI.APIError);
+await assert.rejects(
+  client.responses.retrieve(created.id),
+  (error) => error instanceof OpenAI.NotFoundError && error.status === 404,
+);
 
 // A fallback: `gpt-4o`'s only endpoint fails; `gpt-4o-mini` serves, and the header says so.
 const { data, response } = await client.chat.completions

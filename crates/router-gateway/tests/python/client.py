@@ -106,7 +106,7 @@ def responses():
     try:
         client(max_retries=0).responses.retrieve(answer.id)
         raise AssertionError("a deleted response was retrieved")
-    except openai.APIStatusError as error:
+    except openai.NotFoundError as error:
         assert "not found" in str(error), error
     # One the router did not place: it cannot tell where it is stored.
     try:
