@@ -14,6 +14,7 @@ mod console;
 mod demo;
 mod error;
 mod lifecycle;
+mod litellm;
 mod metrics;
 mod probe;
 mod problem;
@@ -42,19 +43,57 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Checks a configuration file (and the environment variables it names).
+    /// Checks a configuration file (and the environment variables it names), or converts a
+    /// `LiteLLM` proxy configuration to one.
     Check {
         /// The configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "litellm_config")]
+        config: Option<PathBuf>,
         /// Also sends each endpoint a one-token request per model it serves.
         #[arg(long)]
         probe: bool,
+        /// A `LiteLLM` proxy configuration (YAML) to convert: the TOML goes to `--out` (or
+        /// standard output), what could not be converted to standard error.
+        #[arg(long, conflicts_with = "config")]
+        litellm_config: Option<PathBuf>,
+        /// Where the converted TOML is written.
+        #[arg(long, requires = "litellm_config")]
+        out: Option<PathBuf>,
     },
     /// Prints the SHA-256 of a gateway key (read from standard input), for the `sha256` field.
     HashKey,
     /// Runs every strategy against simulated endpoints and prints what each did.
     Demo(demo::Args),
+}
+
+/// `check --litellm-config`: converts, checks that the result parses, writes it, and lists
+/// what was left out.
+fn convert_litellm(
+    path: &std::path::Path,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let yaml = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let converted =
+        litellm::convert(&yaml).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let parsed = config::Config::parse(&converted.toml)
+        .map_err(|e| anyhow::anyhow!("the converted configuration does not check: {e}"))?;
+    match out {
+        Some(out) => std::fs::write(out, &converted.toml)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?,
+        None => console::say(converted.toml.trim_end()),
+    }
+    for line in &converted.left_out {
+        console::say_err(&format!("left out: {line}"));
+    }
+    console::say_err(&format!(
+        "{}: {} endpoint(s) converted, {} thing(s) left out{}",
+        path.display(),
+        parsed.endpoints.len(),
+        converted.left_out.len(),
+        out.map_or(String::new(), |o| format!("; written to {}", o.display()))
+    ));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -85,7 +124,16 @@ fn main() -> ExitCode {
             lifecycle::serve(loaded, Some(config)).await?;
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Check { config, probe } => runtime.block_on(async {
+        Command::Check {
+            litellm_config: Some(litellm),
+            out,
+            ..
+        } => convert_litellm(&litellm, out.as_deref()),
+        Command::Check {
+            config: Some(config),
+            probe,
+            ..
+        } => runtime.block_on(async {
             let loaded = config::Config::load(&config)?;
             loaded.keys()?;
             let builder = loaded.builder()?;
@@ -102,6 +150,9 @@ fn main() -> ExitCode {
             }
             Ok(ExitCode::SUCCESS)
         }),
+        Command::Check { .. } => Err(anyhow::anyhow!(
+            "check: give --config FILE, or --litellm-config FILE"
+        )),
         Command::HashKey => {
             let mut key = String::new();
             match std::io::stdin().read_to_string(&mut key) {

@@ -1,0 +1,398 @@
+//! `openai-router check --litellm-config config.yaml`: a `LiteLLM` proxy configuration turned
+//! into this gateway's TOML, with a list of what could not be carried over.
+//!
+//! Each `model_list` entry is one deployment: `model_name` is the model group,
+//! `litellm_params.model` names the provider and the upstream's model (`azure/<deployment>`,
+//! `openai/<model>` or a bare OpenAI model), `api_base`, `api_version`, `api_key`
+//! (`os.environ/NAME` only: a key written into the file is not copied), `tpm`, `rpm`, `order`
+//! and `weight` map to the endpoint's fields. `router_settings` (or `litellm_settings`) give
+//! the strategy, retries, timeout and fallbacks.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde_norway::Value;
+
+/// The parts of a `LiteLLM` proxy configuration that a router needs.
+#[derive(Debug, Deserialize)]
+struct LiteLlm {
+    #[serde(default)]
+    model_list: Vec<Entry>,
+    #[serde(default)]
+    router_settings: Option<Settings>,
+    #[serde(default)]
+    litellm_settings: Option<Settings>,
+    #[serde(default)]
+    general_settings: Option<BTreeMap<String, Value>>,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Entry {
+    model_name: String,
+    litellm_params: Params,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    model: String,
+    api_base: Option<String>,
+    api_version: Option<String>,
+    api_key: Option<String>,
+    tpm: Option<u64>,
+    rpm: Option<u64>,
+    order: Option<u32>,
+    weight: Option<u32>,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Settings {
+    routing_strategy: Option<String>,
+    num_retries: Option<u32>,
+    timeout: Option<f64>,
+    request_timeout: Option<f64>,
+    #[serde(default)]
+    fallbacks: Vec<BTreeMap<String, Vec<String>>>,
+    #[serde(default)]
+    context_window_fallbacks: Vec<BTreeMap<String, Vec<String>>>,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+/// The converted configuration, and what was left out (each line says why).
+#[derive(Debug)]
+pub(crate) struct Converted {
+    pub(crate) toml: String,
+    pub(crate) left_out: Vec<String>,
+}
+
+/// A TOML string literal.
+fn quoted(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+/// Converts the `LiteLLM` configuration `yaml`.
+///
+/// # Errors
+///
+/// When the text is not YAML of a `LiteLLM` configuration's shape (the message names where).
+pub(crate) fn convert(yaml: &str) -> Result<Converted, String> {
+    let config: LiteLlm =
+        serde_norway::from_str(yaml).map_err(|e| format!("not a LiteLLM configuration: {e}"))?;
+    let mut left_out = Vec::new();
+    let mut out = String::from(
+        "# Converted from a LiteLLM proxy configuration by `openai-router check --litellm-config`.\n\
+         # Add [[keys]] for the gateway's callers (`openai-router hash-key`).\n\n\
+         [server]\nlisten = \"127.0.0.1:8080\"\n\n[router]\n",
+    );
+    let mut settings = config.litellm_settings.unwrap_or_default();
+    if let Some(router) = config.router_settings {
+        // router_settings wins where both say something.
+        settings = Settings {
+            routing_strategy: router.routing_strategy.or(settings.routing_strategy),
+            num_retries: router.num_retries.or(settings.num_retries),
+            timeout: router.timeout.or(settings.timeout),
+            request_timeout: router.request_timeout.or(settings.request_timeout),
+            fallbacks: if router.fallbacks.is_empty() {
+                settings.fallbacks
+            } else {
+                router.fallbacks
+            },
+            context_window_fallbacks: if router.context_window_fallbacks.is_empty() {
+                settings.context_window_fallbacks
+            } else {
+                router.context_window_fallbacks
+            },
+            other: router.other.into_iter().chain(settings.other).collect(),
+        };
+    }
+    router_section(&settings, &mut out, &mut left_out);
+    for name in config.other.keys() {
+        left_out.push(format!("`{name}`: not a setting the router has"));
+    }
+    if config.general_settings.is_some() {
+        left_out.push(
+            "`general_settings` (master key, database, alerting): the gateway's keys are [[keys]] with a SHA-256 each"
+                .to_owned(),
+        );
+    }
+    let mut names: BTreeMap<String, u32> = BTreeMap::new();
+    for (index, entry) in config.model_list.iter().enumerate() {
+        endpoint(index, entry, &mut names, &mut out, &mut left_out);
+    }
+    if config.model_list.is_empty() {
+        left_out.push("`model_list` is empty: there is no endpoint to route to".to_owned());
+    }
+    Ok(Converted {
+        toml: out,
+        left_out,
+    })
+}
+
+fn router_section(settings: &Settings, out: &mut String, left_out: &mut Vec<String>) {
+    if let Some(strategy) = &settings.routing_strategy {
+        let ours = match strategy.as_str() {
+            "simple-shuffle" => Some("weighted"),
+            "least-busy" => Some("least-busy"),
+            "latency-based-routing" => Some("least-latency"),
+            "usage-based-routing" | "usage-based-routing-v2" => Some("usage-based"),
+            _ => None,
+        };
+        match ours {
+            Some(ours) => {
+                let _ = writeln!(out, "strategy = {}", quoted(ours));
+            }
+            None => left_out.push(format!(
+                "routing_strategy `{strategy}`: no such strategy here; least-latency (the default) is used"
+            )),
+        }
+    }
+    if let Some(retries) = settings.num_retries {
+        let _ = writeln!(out, "max_attempts = {}", retries.saturating_add(1));
+    }
+    if let Some(seconds) = settings.timeout.or(settings.request_timeout) {
+        if seconds.is_finite() && seconds > 0.0 {
+            let _ = writeln!(
+                out,
+                "request_timeout_ms = {}",
+                (seconds * 1000.0).round() as u64
+            );
+        } else {
+            left_out.push(format!(
+                "timeout `{seconds}`: not a positive number of seconds"
+            ));
+        }
+    }
+    let pairs = |list: &[BTreeMap<String, Vec<String>>]| -> Vec<(String, Vec<String>)> {
+        list.iter()
+            .flat_map(|map| map.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect()
+    };
+    let fallbacks = pairs(&settings.fallbacks);
+    if !fallbacks.is_empty() {
+        out.push_str("\n[router.fallbacks]\n");
+        for (model, to) in &fallbacks {
+            let to: Vec<String> = to.iter().map(|m| quoted(m)).collect();
+            let _ = writeln!(out, "{} = [{}]", quoted(model), to.join(", "));
+        }
+    }
+    let larger = pairs(&settings.context_window_fallbacks);
+    if !larger.is_empty() {
+        out.push_str("\n[router.context_window_fallbacks]\n");
+        for (model, to) in &larger {
+            let Some(first) = to.first() else { continue };
+            let _ = writeln!(out, "{} = {}", quoted(model), quoted(first));
+            if to.len() > 1 {
+                left_out.push(format!(
+                    "context_window_fallbacks of `{model}`: only the first, `{first}`, is kept (one larger group each)"
+                ));
+            }
+        }
+    }
+    for name in settings.other.keys() {
+        left_out.push(format!("`{name}`: not a setting the router has"));
+    }
+}
+
+/// One `model_list` entry as an `[[endpoints]]` table.
+fn endpoint(
+    index: usize,
+    entry: &Entry,
+    names: &mut BTreeMap<String, u32>,
+    out: &mut String,
+    left_out: &mut Vec<String>,
+) {
+    let at = format!("model_list[{index}] (`{}`)", entry.model_name);
+    let params = &entry.litellm_params;
+    let (provider, upstream) = params
+        .model
+        .split_once('/')
+        .unwrap_or(("openai", params.model.as_str()));
+    let kind = match provider {
+        "azure" => "azure",
+        "openai" | "text-completion-openai" => "openai",
+        _ => {
+            left_out.push(format!(
+                "{at}: provider `{provider}` is not served (only OpenAI, OpenAI-compatible servers and Azure OpenAI); left out"
+            ));
+            return;
+        }
+    };
+    let url = match (kind, &params.api_base) {
+        (_, Some(base)) => base.clone(),
+        ("openai", None) => "https://api.openai.com/v1".to_owned(),
+        _ => {
+            left_out.push(format!(
+                "{at}: an Azure deployment needs `api_base`; left out"
+            ));
+            return;
+        }
+    };
+    let base: String = entry
+        .model_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let n = names.entry(base.clone()).or_insert(0);
+    *n += 1;
+    let name = format!("{base}-{n}");
+    out.push_str("\n[[endpoints]]\n");
+    let _ = writeln!(out, "name = {}", quoted(&name));
+    let _ = writeln!(out, "kind = {}", quoted(kind));
+    let _ = writeln!(out, "url = {}", quoted(&url));
+    if kind == "azure" {
+        let version = params.api_version.as_deref().unwrap_or_else(|| {
+            left_out.push(format!(
+                "{at}: no `api_version`; 2024-10-21 is written, check it is the one you use"
+            ));
+            "2024-10-21"
+        });
+        let _ = writeln!(out, "api_version = {}", quoted(version));
+    }
+    match params.api_key.as_deref() {
+        Some(key) => match key.strip_prefix("os.environ/") {
+            Some(variable) => {
+                let _ = writeln!(out, "api_key_env = {}", quoted(variable));
+            }
+            None => left_out.push(format!(
+                "{at}: its `api_key` is written in the file and is not copied; put it in an environment variable and set api_key_env"
+            )),
+        },
+        None if kind == "azure" => left_out.push(format!(
+            "{at}: no `api_key`; set api_key_env (Entra ID is configured in the library)"
+        )),
+        None => {}
+    }
+    let _ = writeln!(
+        out,
+        "deployments = {{ {} = {} }}",
+        quoted(&entry.model_name),
+        quoted(upstream)
+    );
+    for (field, value) in [("tpm", params.tpm), ("rpm", params.rpm)] {
+        if let Some(value) = value {
+            let _ = writeln!(out, "{field} = {value}");
+        }
+    }
+    if let Some(order) = params.order {
+        // LiteLLM tries order 1 first; the router, priority 0.
+        let _ = writeln!(out, "priority = {}", order.saturating_sub(1));
+    }
+    if let Some(weight) = params.weight {
+        let _ = writeln!(out, "weight = {}", weight.max(1));
+    }
+    for field in params.other.keys() {
+        left_out.push(format!(
+            "{at}: `litellm_params.{field}` has no counterpart here"
+        ));
+    }
+    for field in entry.other.keys() {
+        left_out.push(format!("{at}: `{field}` has no counterpart here"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mixed_configuration_converts_and_says_what_it_left_out() {
+        let yaml = r"
+model_list:
+  - model_name: gpt-4o
+    litellm_params:
+      model: azure/gpt-4o-eastus
+      api_base: https://eastus.example.openai.azure.com
+      api_version: 2024-10-21
+      api_key: os.environ/AZURE_EASTUS_KEY
+      tpm: 300000
+      rpm: 1800
+      order: 1
+  - model_name: gpt-4o
+    litellm_params:
+      model: azure/gpt-4o-westus
+      api_base: https://westus.example.openai.azure.com
+      api_key: sk-written-in-the-file
+      order: 2
+      weight: 3
+  - model_name: gpt-4o-mini
+    litellm_params:
+      model: openai/gpt-4o-mini
+      api_key: os.environ/OPENAI_API_KEY
+      max_parallel_requests: 10
+  - model_name: claude
+    litellm_params:
+      model: anthropic/claude-3-5-sonnet
+router_settings:
+  routing_strategy: latency-based-routing
+  num_retries: 2
+  timeout: 30
+  fallbacks: [{gpt-4o: [gpt-4o-mini]}]
+  context_window_fallbacks: [{gpt-4o-mini: [gpt-4o]}]
+general_settings:
+  master_key: sk-1234
+";
+        let converted = convert(yaml).unwrap();
+        let config = crate::config::Config::parse(&converted.toml)
+            .unwrap_or_else(|e| panic!("{e}\n{}", converted.toml));
+        assert_eq!(config.endpoints.len(), 3, "{}", converted.toml);
+        assert_eq!(config.router.strategy.as_deref(), Some("least-latency"));
+        assert_eq!(config.router.max_attempts, Some(3));
+        assert_eq!(config.router.request_timeout_ms, Some(30_000));
+        assert_eq!(config.router.fallbacks["gpt-4o"], ["gpt-4o-mini"]);
+        assert_eq!(
+            config.router.context_window_fallbacks["gpt-4o-mini"],
+            "gpt-4o"
+        );
+        let east = &config.endpoints[0];
+        assert_eq!(east.tpm, Some(300_000));
+        assert_eq!(east.rpm, Some(1_800));
+        assert_eq!(east.priority, Some(0));
+        assert_eq!(east.api_key_env.as_deref(), Some("AZURE_EASTUS_KEY"));
+        assert_eq!(east.deployments["gpt-4o"], "gpt-4o-eastus");
+        let west = &config.endpoints[1];
+        assert_eq!((west.priority, west.weight), (Some(1), Some(3)));
+        assert!(west.api_key_env.is_none());
+        assert_eq!(config.endpoints[2].url, "https://api.openai.com/v1");
+        let left = converted.left_out.join("\n");
+        for expected in [
+            "anthropic",
+            "written in the file",
+            "2024-10-21 is written",
+            "max_parallel_requests",
+            "general_settings",
+        ] {
+            assert!(
+                left.contains(expected),
+                "`{expected}` not reported in:\n{left}"
+            );
+        }
+        assert!(
+            !converted.toml.contains("sk-written-in-the-file"),
+            "a key was copied"
+        );
+        assert!(
+            !converted.toml.contains("sk-1234"),
+            "the master key was copied"
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_litellm_configuration_is_refused_with_where() {
+        let error = convert("model_list: [{model_name: x}]").unwrap_err();
+        assert!(error.contains("litellm_params"), "{error}");
+        assert!(convert("- just\n- a list").is_err());
+    }
+}
