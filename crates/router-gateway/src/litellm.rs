@@ -112,7 +112,17 @@ pub(crate) fn convert(yaml: &str) -> Result<Converted, String> {
             other: router.other.into_iter().chain(settings.other).collect(),
         };
     }
-    router_section(&settings, &mut out, &mut left_out);
+    // The endpoints first, so that fallbacks can keep to the groups that were converted.
+    let mut names: BTreeMap<String, u32> = BTreeMap::new();
+    let mut endpoints = String::new();
+    let mut groups = std::collections::BTreeSet::new();
+    for (index, entry) in config.model_list.iter().enumerate() {
+        if endpoint(index, entry, &mut names, &mut endpoints, &mut left_out) {
+            groups.insert(entry.model_name.clone());
+        }
+    }
+    router_section(&settings, &groups, &mut out, &mut left_out);
+    out.push_str(&endpoints);
     for name in config.other.keys() {
         left_out.push(format!("`{name}`: not a setting the router has"));
     }
@@ -121,10 +131,6 @@ pub(crate) fn convert(yaml: &str) -> Result<Converted, String> {
             "`general_settings` (master key, database, alerting): the gateway's keys are [[keys]] with a SHA-256 each"
                 .to_owned(),
         );
-    }
-    let mut names: BTreeMap<String, u32> = BTreeMap::new();
-    for (index, entry) in config.model_list.iter().enumerate() {
-        endpoint(index, entry, &mut names, &mut out, &mut left_out);
     }
     if config.model_list.is_empty() {
         left_out.push("`model_list` is empty: there is no endpoint to route to".to_owned());
@@ -135,7 +141,12 @@ pub(crate) fn convert(yaml: &str) -> Result<Converted, String> {
     })
 }
 
-fn router_section(settings: &Settings, out: &mut String, left_out: &mut Vec<String>) {
+fn router_section(
+    settings: &Settings,
+    groups: &std::collections::BTreeSet<String>,
+    out: &mut String,
+    left_out: &mut Vec<String>,
+) {
     if let Some(strategy) = &settings.routing_strategy {
         let ours = match strategy.as_str() {
             "simple-shuffle" => Some("weighted"),
@@ -169,12 +180,35 @@ fn router_section(settings: &Settings, out: &mut String, left_out: &mut Vec<Stri
             ));
         }
     }
-    let pairs = |list: &[BTreeMap<String, Vec<String>>]| -> Vec<(String, Vec<String>)> {
-        list.iter()
-            .flat_map(|map| map.iter().map(|(k, v)| (k.clone(), v.clone())))
-            .collect()
-    };
-    let fallbacks = pairs(&settings.fallbacks);
+    // Fallbacks between groups that were converted; the rest are reported.
+    let mut pairs =
+        |list: &[BTreeMap<String, Vec<String>>], what: &str| -> Vec<(String, Vec<String>)> {
+            let mut kept = Vec::new();
+            for (model, to) in list.iter().flat_map(|map| map.iter()) {
+                if !groups.contains(model) {
+                    left_out.push(format!(
+                        "{what} of `{model}`: no such model group was converted"
+                    ));
+                    continue;
+                }
+                let (known, unknown): (Vec<String>, Vec<String>) =
+                    to.iter().cloned().partition(|m| groups.contains(m));
+                for target in unknown {
+                    left_out.push(format!(
+                        "{what} of `{model}`: `{target}` is not a model group that was converted"
+                    ));
+                }
+                if !known.is_empty() {
+                    kept.push((model.clone(), known));
+                }
+            }
+            kept
+        };
+    let fallbacks = pairs(&settings.fallbacks, "fallbacks");
+    let larger = pairs(
+        &settings.context_window_fallbacks,
+        "context_window_fallbacks",
+    );
     if !fallbacks.is_empty() {
         out.push_str("\n[router.fallbacks]\n");
         for (model, to) in &fallbacks {
@@ -182,7 +216,6 @@ fn router_section(settings: &Settings, out: &mut String, left_out: &mut Vec<Stri
             let _ = writeln!(out, "{} = [{}]", quoted(model), to.join(", "));
         }
     }
-    let larger = pairs(&settings.context_window_fallbacks);
     if !larger.is_empty() {
         out.push_str("\n[router.context_window_fallbacks]\n");
         for (model, to) in &larger {
@@ -207,7 +240,7 @@ fn endpoint(
     names: &mut BTreeMap<String, u32>,
     out: &mut String,
     left_out: &mut Vec<String>,
-) {
+) -> bool {
     let at = format!("model_list[{index}] (`{}`)", entry.model_name);
     let params = &entry.litellm_params;
     let (provider, upstream) = params
@@ -221,7 +254,7 @@ fn endpoint(
             left_out.push(format!(
                 "{at}: provider `{provider}` is not served (only OpenAI, OpenAI-compatible servers and Azure OpenAI); left out"
             ));
-            return;
+            return false;
         }
     };
     let url = match (kind, &params.api_base) {
@@ -231,7 +264,7 @@ fn endpoint(
             left_out.push(format!(
                 "{at}: an Azure deployment needs `api_base`; left out"
             ));
-            return;
+            return false;
         }
     };
     let base: String = entry
@@ -301,6 +334,7 @@ fn endpoint(
     for field in entry.other.keys() {
         left_out.push(format!("{at}: `{field}` has no counterpart here"));
     }
+    true
 }
 
 #[cfg(test)]
@@ -387,6 +421,72 @@ general_settings:
             !converted.toml.contains("sk-1234"),
             "the master key was copied"
         );
+    }
+
+    #[test]
+    fn settings_under_litellm_settings_and_the_documented_extras_are_read_or_reported() {
+        // The shapes LiteLLM's documentation shows: settings under `litellm_settings`, YAML
+        // 1.1 booleans, a bare OpenAI model, quoted versions, `model_info`, per-deployment
+        // timeouts, Redis settings, top-level environment variables.
+        let yaml = r#"
+environment_variables:
+  REDIS_HOST: localhost
+model_list:
+  - model_name: chat-large
+    litellm_params:
+      model: "gpt-4.1"
+      api_key: os.environ/OPENAI_API_KEY
+      rpm: 480
+      timeout: 300
+      stream_timeout: 60
+    model_info:
+      mode: chat
+  - model_name: chat-small
+    litellm_params:
+      model: azure/small-deployment
+      api_base: https://canada.example.openai.azure.com/
+      api_version: "2024-06-01"
+      api_key: os.environ/AZURE_CANADA_KEY
+litellm_settings:
+  drop_params: True
+  num_retries: 0
+  request_timeout: 600
+  fallbacks:
+    - chat-large: ["chat-small", "claude-2"]
+router_settings:
+  routing_strategy: simple-shuffle
+  redis_host: localhost
+  cooldown_time: 60
+"#;
+        let converted = convert(yaml).unwrap();
+        let config = crate::config::Config::parse(&converted.toml)
+            .unwrap_or_else(|e| panic!("{e}\n{}", converted.toml));
+        assert_eq!(config.router.strategy.as_deref(), Some("weighted"));
+        assert_eq!(config.router.max_attempts, Some(1));
+        assert_eq!(config.router.request_timeout_ms, Some(600_000));
+        assert_eq!(config.router.fallbacks["chat-large"], ["chat-small"]);
+        assert_eq!(config.endpoints[0].deployments["chat-large"], "gpt-4.1");
+        assert_eq!(config.endpoints[0].rpm, Some(480));
+        assert_eq!(
+            config.endpoints[1].api_version.as_deref(),
+            Some("2024-06-01")
+        );
+        let left = converted.left_out.join("\n");
+        for expected in [
+            "environment_variables",
+            "drop_params",
+            "litellm_params.timeout",
+            "litellm_params.stream_timeout",
+            "model_info",
+            "redis_host",
+            "cooldown_time",
+            "`claude-2` is not a model group",
+        ] {
+            assert!(
+                left.contains(expected),
+                "`{expected}` not reported in:\n{left}"
+            );
+        }
     }
 
     #[test]
