@@ -173,6 +173,10 @@ impl Dialect for AzureDialect {
     fn headers(&self) -> &HeaderMap {
         &self.headers
     }
+
+    fn spills_over(&self) -> bool {
+        true
+    }
 }
 
 /// An Azure OpenAI endpoint.

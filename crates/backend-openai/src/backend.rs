@@ -96,19 +96,34 @@ impl OpenAiBackend {
             .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(payload);
-        self.exchange(request, stream, options).await
+        // Azure does not spill the Responses API over.
+        let spill = operation != Operation::Responses;
+        self.exchange(request, stream, spill, options).await
     }
 
-    /// Sends `request` with the dialect's headers and the credential, and reads the answer's
-    /// headers: its status, rate limits and identity, or the upstream's error.
+    /// Sends `request` with the dialect's headers, the spillover deployment when `spill` and
+    /// the dialect spills over, and the credential, and reads the answer's headers: its
+    /// status, rate limits and identity, or the upstream's error.
     async fn exchange(
         &self,
         request: reqwest::RequestBuilder,
         stream: bool,
+        spill: bool,
         options: &CallOptions,
     ) -> Result<(reqwest::Response, Instant, ResponseMeta), Error> {
         let inner = &*self.inner;
         let mut headers = inner.dialect.headers().clone();
+        if let Some(deployment) = options.spillover_deployment.as_ref().filter(|_| spill)
+            && inner.dialect.spills_over()
+        {
+            let value = HeaderValue::from_str(deployment).map_err(|_| {
+                Error::with_message(
+                    ErrorKind::InvalidRequest,
+                    format!("spillover_deployment: `{deployment}` is not a valid header value"),
+                )
+            })?;
+            headers.insert("x-ms-spillover-deployment", value);
+        }
         self.authenticate(&mut headers).await?;
 
         let deadline = options.deadline.map(Instant::from_std);
@@ -446,7 +461,7 @@ impl Backend for OpenAiBackend {
             StoredCall::Cancel => inner.client.post(url),
             _ => inner.client.get(url),
         };
-        let (response, sent_at, mut meta) = self.exchange(request, false, options).await?;
+        let (response, sent_at, mut meta) = self.exchange(request, false, false, options).await?;
         let bytes = self
             .read_body(response, options.deadline.map(Instant::from_std))
             .await?;

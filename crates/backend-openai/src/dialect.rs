@@ -40,6 +40,12 @@ pub trait Dialect: Send + Sync + fmt::Debug {
 
     /// Headers sent with every request besides the credential.
     fn headers(&self) -> &HeaderMap;
+
+    /// Whether the upstream can spill a request over to another deployment
+    /// (`x-ms-spillover-deployment`, Azure's). `false` by default.
+    fn spills_over(&self) -> bool {
+        false
+    }
 }
 
 /// OpenAI, or any server that speaks its API under a base URL such as

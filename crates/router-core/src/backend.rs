@@ -153,6 +153,10 @@ pub struct CallOptions {
     /// The request's deadline across all its attempts. A backend must give up by then (its
     /// own timeouts still apply when they are shorter).
     pub deadline: Option<Instant>,
+    /// The Azure deployment the upstream may spill this request over to when the one it is
+    /// sent to is out of capacity (`x-ms-spillover-deployment`); backends of other upstreams
+    /// ignore it.
+    pub spillover_deployment: Option<String>,
 }
 
 impl CallOptions {

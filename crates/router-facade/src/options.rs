@@ -20,6 +20,9 @@ pub struct RequestOptions {
     /// The longest this request may wait for its turn, instead of the router's
     /// `max_queue_wait` (never longer than its deadline).
     pub max_queue_wait: Option<Duration>,
+    /// On Azure deployments, the deployment Azure may spill the request over to when the one
+    /// it is sent to is out of capacity (sent as `x-ms-spillover-deployment`).
+    pub spillover_deployment: Option<String>,
 }
 
 impl RequestOptions {
@@ -41,6 +44,13 @@ impl RequestOptions {
     #[must_use]
     pub fn with_max_queue_wait(mut self, wait: Duration) -> Self {
         self.max_queue_wait = Some(wait);
+        self
+    }
+
+    /// Options naming the Azure deployment a request may spill over to.
+    #[must_use]
+    pub fn with_spillover_deployment(mut self, deployment: impl Into<String>) -> Self {
+        self.spillover_deployment = Some(deployment.into());
         self
     }
 

@@ -386,6 +386,8 @@ struct Path<'r> {
     tried: Vec<bool>,
     /// The one deployment it may go to ([`Leg::pinned`]).
     pinned: Option<usize>,
+    /// The Azure deployment it may spill over to ([`RequestOptions::spillover_deployment`]).
+    spillover: Option<String>,
     /// Attempts made.
     count: u32,
     /// Attempts that count against `max_attempts` and the retry budget.
@@ -463,6 +465,7 @@ impl<'r> Path<'r> {
             max_queue_wait,
             tried: vec![false; group.members.len()],
             pinned: leg.pinned,
+            spillover: options.spillover_deployment.clone(),
             class: operation.class(),
             output_hint: operation.output_hint(expected),
             count: 0,
@@ -1012,7 +1015,9 @@ impl<'r> Path<'r> {
     }
 
     fn call_options(&self) -> CallOptions {
-        CallOptions::default().with_deadline(self.deadline.into_std())
+        let mut call = CallOptions::default().with_deadline(self.deadline.into_std());
+        call.spillover_deployment.clone_from(&self.spillover);
+        call
     }
 
     async fn within_deadline<T>(

@@ -961,3 +961,42 @@ async fn a_429_that_comes_with_the_deadline_is_learned_and_throttles_the_caller(
     assert!(cooling > Duration::from_millis(1_500), "{cooling:?}");
     assert_eq!(backend.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+/// A request's spillover deployment goes to Azure deployments as `x-ms-spillover-deployment`,
+/// and nowhere else: not to OpenAI endpoints, not with the Responses API (Azure does not spill
+/// it over).
+#[tokio::test]
+async fn the_spillover_deployment_is_sent_to_azure_only() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let router = builder(&sim, StrategyKind::RoundRobin).build().unwrap();
+    let options = RequestOptions::default().with_spillover_deployment("standard-dep");
+    for _ in 0..2 {
+        router.chat_with(&request(), &options).await.unwrap();
+    }
+    let openai = sim.endpoints()[0].last_request().unwrap();
+    let azure = sim.endpoints()[1].last_request().unwrap();
+    assert_eq!(openai.header("x-ms-spillover-deployment"), None);
+    assert_eq!(
+        azure.header("x-ms-spillover-deployment"),
+        Some("standard-dep")
+    );
+    // Without it, nothing is sent.
+    for _ in 0..2 {
+        router.chat(&request()).await.unwrap();
+    }
+    let azure = sim.endpoints()[1].last_request().unwrap();
+    assert_eq!(azure.header("x-ms-spillover-deployment"), None);
+    // A value that cannot be a header is the caller's error, naming the option.
+    let bad = RequestOptions::default().with_spillover_deployment("two\nlines");
+    let mut error = None;
+    for _ in 0..2 {
+        if let Err(e) = router.chat_with(&request(), &bad).await {
+            error = Some(e);
+        }
+    }
+    let error = error.expect("the Azure attempt refused the value");
+    assert!(
+        error.to_string().contains("spillover_deployment"),
+        "{error}"
+    );
+}

@@ -55,6 +55,14 @@ impl AppState {
                 options = options.with_max_queue_wait(wait);
             }
         }
+        // Azure's spillover, as the caller asked (passed on to Azure deployments only).
+        if let Some(spill) = headers
+            .get("x-ms-spillover-deployment")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.trim().is_empty())
+        {
+            options = options.with_spillover_deployment(spill.trim());
+        }
         Ok(options)
     }
 }

@@ -1023,3 +1023,37 @@ fn the_stream_check_catches_splices_duplicates_and_a_missing_done() {
     let unfinished = format!("{}{}", chunk("a", "one "), chunk("a", "two"));
     assert!(check_stream(&unfinished, 2, false).is_err());
 }
+
+/// A caller's `x-ms-spillover-deployment` reaches the Azure endpoint, and only it.
+#[tokio::test]
+async fn the_callers_spillover_deployment_reaches_azure() {
+    let sim = sim().await;
+    let gateway = start(&sim, "").await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..4 {
+        let response = client()
+            .post(format!("{}/v1/chat/completions", gateway.base))
+            .bearer_auth(GATEWAY_KEY)
+            .header("x-ms-spillover-deployment", "standard-dep")
+            .json(&chat)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let seen: Vec<_> = sim
+        .endpoints()
+        .iter()
+        .map(|e| e.last_request().unwrap())
+        .collect();
+    let azure = seen
+        .iter()
+        .find(|r| r.path.starts_with("/openai/"))
+        .unwrap();
+    let openai = seen.iter().find(|r| r.path.starts_with("/v1/")).unwrap();
+    assert_eq!(
+        azure.header("x-ms-spillover-deployment"),
+        Some("standard-dep")
+    );
+    assert_eq!(openai.header("x-ms-spillover-deployment"), None);
+}
