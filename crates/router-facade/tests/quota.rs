@@ -693,20 +693,7 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
                 let rate = 1.3 * TPMS.iter().sum::<u64>() as f64 / 60.0 / per_request;
                 let seconds = 30_u32;
                 let tally = offer_sized(&router, rate, u64::from(seconds), Some(output)).await;
-                let charged: u64 = sim
-                    .endpoints()
-                    .iter()
-                    .map(|e| e.counters().tokens_charged)
-                    .sum();
-                let upstream_429s: u64 = sim
-                    .endpoints()
-                    .iter()
-                    .map(|e| e.counters().rate_limited)
-                    .sum();
-                let upstream_requests: u64 =
-                    sim.endpoints().iter().map(|e| e.counters().requests).sum();
-                let share =
-                    charged as f64 / (TPMS.iter().sum::<u64>() as f64 * f64::from(seconds) / 60.0);
+                let (share, upstream_429s, upstream_requests) = upstream_outcome(&sim, seconds);
                 let case = format!("{kind:?} {}s out {output}", window.as_secs());
                 let line = format!(
                     "{case}: share {share:.3}, upstream 429s {upstream_429s}/{upstream_requests}, ok {}, throttled {}",
@@ -764,6 +751,23 @@ async fn the_quota_holds_across_window_kinds_lengths_and_request_sizes() {
 /// case served 85.9 % and drew a 429 for 2.9 % of its upstream requests.
 const SHARE_FLOOR: f64 = 0.9;
 
+/// What the `TPMS` endpoints saw over `seconds`: the share of their summed quota charged,
+/// their 429s, and the requests they got.
+fn upstream_outcome(sim: &Sim, seconds: u32) -> (f64, u64, u64) {
+    let counters: Vec<_> = sim
+        .endpoints()
+        .iter()
+        .map(upstream_sim::SimEndpoint::counters)
+        .collect();
+    let charged: u64 = counters.iter().map(|c| c.tokens_charged).sum();
+    let share = charged as f64 / (TPMS.iter().sum::<u64>() as f64 * f64::from(seconds) / 60.0);
+    (
+        share,
+        counters.iter().map(|c| c.rate_limited).sum(),
+        counters.iter().map(|c| c.requests).sum(),
+    )
+}
+
 /// The quota claims when the upstream's headers cannot be trusted: no `x-ratelimit-*` and
 /// 429s without `retry-after` (the message alone says when), remaining counts of `-1`, or
 /// counts as they stood up to a window ago. The router's own log keeps it under the quota
@@ -785,16 +789,7 @@ async fn the_quota_holds_when_the_upstreams_headers_are_missing_minus_one_or_sta
             let rate = 1.3 * TPMS.iter().sum::<u64>() as f64 / 60.0 / (60.0 + f64::from(output));
             let seconds = 30_u32;
             let tally = offer_sized(&router, rate, u64::from(seconds), Some(output)).await;
-            let counters: Vec<_> = sim
-                .endpoints()
-                .iter()
-                .map(upstream_sim::SimEndpoint::counters)
-                .collect();
-            let charged: u64 = counters.iter().map(|c| c.tokens_charged).sum();
-            let upstream_429s: u64 = counters.iter().map(|c| c.rate_limited).sum();
-            let upstream_requests: u64 = counters.iter().map(|c| c.requests).sum();
-            let share =
-                charged as f64 / (TPMS.iter().sum::<u64>() as f64 * f64::from(seconds) / 60.0);
+            let (share, upstream_429s, upstream_requests) = upstream_outcome(&sim, seconds);
             let case = format!(
                 "{headers:?} headers, {kind:?} {}s out {output}",
                 window.as_secs()
