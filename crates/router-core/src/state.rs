@@ -187,6 +187,9 @@ pub struct DeploymentState {
     /// Milliseconds since `origin`, plus one, when it came back from looking slow (a sample
     /// far below a stale estimate): it ramps back over [`DeploymentState::RAMP`]; 0 for never.
     ramp_from: AtomicU64,
+    /// A fingerprint of the last `x-ratelimit-remaining-*` pair an answer reported (0 for
+    /// none): what [`DeploymentState::fresh_report`] compares the next with.
+    last_report: AtomicU64,
 }
 
 fn pack_learned(learned: Learned) -> u64 {
@@ -227,6 +230,7 @@ impl DeploymentState {
             prompt_ratio: AtomicU64::new(1.0_f64.to_bits()),
             last_start: AtomicU64::new(0),
             ramp_from: AtomicU64::new(0),
+            last_report: AtomicU64::new(0),
         }
     }
 
@@ -313,6 +317,31 @@ impl DeploymentState {
         if let Some(rpm) = info.limit_requests {
             self.learned_rpm.store(rpm, Ordering::Relaxed);
         }
+    }
+
+    /// Whether an answer's `x-ratelimit-remaining-*` pair tells something new: `false` when it
+    /// repeats the pair the answer before it reported.
+    ///
+    /// An upstream that counts truthfully reports each admission's own charge (its remaining
+    /// counts fall by it, less what left its window meanwhile), so two answers in a row
+    /// reporting the same pair are, but for an exact balance, one count reported twice: a
+    /// proxy's cached or stale snapshot. Read as fresh, a snapshot up to a window old would
+    /// count the router's own admissions that have left since as use the router did not see,
+    /// and hold room the upstream has. The first report of a pair is used; its repeats are
+    /// not (an exact balance repeats what was already said, so nothing is lost). An answer
+    /// with no remaining counts is fresh (it reports nothing to judge).
+    pub fn fresh_report(&self, info: &RateLimitInfo) -> bool {
+        if info.remaining_tokens.is_none() && info.remaining_requests.is_none() {
+            return true;
+        }
+        let part = |value: Option<u64>| value.map_or(u64::MAX, |v| v);
+        let print = part(info.remaining_tokens)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(31)
+            ^ part(info.remaining_requests).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        // 0 means "none yet".
+        let print = print.max(1);
+        self.last_report.swap(print, Ordering::Relaxed) != print
     }
 
     /// A cooldown another replica shared: this one honours it too, and is half-open after it.
@@ -770,5 +799,31 @@ mod tests {
         assert_eq!(state.in_flight(), 1);
         drop(b);
         assert_eq!(state.in_flight(), 0);
+    }
+
+    #[test]
+    fn remaining_counts_that_repeat_the_last_report_are_stale() {
+        let state = DeploymentState::new(Instant::now(), Duration::from_secs(10));
+        let said = |tokens: Option<u64>, requests: Option<u64>| RateLimitInfo {
+            remaining_tokens: tokens,
+            remaining_requests: requests,
+            ..RateLimitInfo::default()
+        };
+        assert!(state.fresh_report(&said(Some(900), Some(9))));
+        assert!(!state.fresh_report(&said(Some(900), Some(9))), "a repeat");
+        assert!(state.fresh_report(&said(Some(800), Some(9))));
+        assert!(state.fresh_report(&said(Some(800), Some(8))));
+        assert!(
+            state.fresh_report(&said(Some(800), None)),
+            "a count went missing"
+        );
+        assert!(!state.fresh_report(&said(Some(800), None)));
+        // No counts report nothing, and leave the last report standing.
+        assert!(state.fresh_report(&said(None, None)));
+        assert!(!state.fresh_report(&said(Some(800), None)));
+        assert!(
+            state.fresh_report(&said(Some(900), Some(9))),
+            "an older pair, anew"
+        );
     }
 }

@@ -42,6 +42,9 @@ pub(crate) struct Attempt {
     permit: Option<Permit>,
     /// A stream opened: the upstream admitted the request and counts it.
     admitted: bool,
+    /// The answer's remaining counts repeat the report before them
+    /// (`DeploymentState::fresh_report`): they correct nothing, here or in the store.
+    stale: bool,
     _slot: InFlightGuard,
 }
 
@@ -64,6 +67,7 @@ impl Attempt {
             reservation,
             permit: None,
             admitted: false,
+            stale: false,
             _slot: slot,
         }
     }
@@ -84,16 +88,31 @@ impl Attempt {
 
     /// Learns from an answer's rate-limit headers: the limits announced, and how much is left.
     /// When nothing is left, the deployment is half-open until its next success: one request
-    /// at a time, not a burst into a 429.
-    fn upstream_said(&self, info: &RateLimitInfo) {
+    /// at a time, not a burst into a 429. Remaining counts that repeat the last report are
+    /// stale (`DeploymentState::fresh_report`) and teach nothing.
+    fn upstream_said(&mut self, info: &RateLimitInfo) {
         let state = &self.deployment.state;
         state.learn(info);
+        self.stale = !state.fresh_report(info);
+        if self.stale {
+            return;
+        }
         let limits = self.deployment.limits();
         let (tokens, requests) = router_core::upstream_allowance(&limits, info);
         state.quota.correct(&limits, tokens, requests, now());
         if info.remaining_requests == Some(0) || info.remaining_tokens == Some(0) {
             state.hold_to_one();
         }
+    }
+
+    /// The headers a settlement reads: without the remaining counts when they are stale.
+    fn heard(&self, info: &RateLimitInfo) -> RateLimitInfo {
+        let mut info = info.clone();
+        if self.stale {
+            info.remaining_tokens = None;
+            info.remaining_requests = None;
+        }
+        info
     }
 
     /// Learns how the upstream counts a prompt from the usage an answer reported.
@@ -119,7 +138,7 @@ impl Attempt {
         self.upstream_said(info);
         if let Some(reservation) = self.reservation.take() {
             self.counted(&reservation, used);
-            reservation.settle(used, info).await;
+            reservation.settle(used, &self.heard(info)).await;
         }
     }
 
@@ -146,7 +165,7 @@ impl Attempt {
                 self.deployment.state.record_success();
                 if let Some(reservation) = self.reservation.take() {
                     self.counted(&reservation, used);
-                    reservation.settle_detached(used, info);
+                    reservation.settle_detached(used, &self.heard(info));
                 }
             }
             Err(error) => {

@@ -781,8 +781,9 @@ async fn the_quota_holds_when_the_upstreams_headers_are_missing_minus_one_or_sta
         (WindowKind::Fixed, 1, 150),
         (WindowKind::Provisioned, 1, 60),
     ];
+    let mut served_without_headers = Vec::new();
     for headers in [HeaderMode::Missing, HeaderMode::MinusOne, HeaderMode::Stale] {
-        for (kind, window, output) in cases {
+        for (at, (kind, window, output)) in cases.into_iter().enumerate() {
             let window = Duration::from_secs(window);
             let latency = LatencyModel::new(Duration::from_millis(200), Duration::from_millis(5));
             let (sim, router) = windowed_saying(kind, window, headers, latency, (6, 2), 5).await;
@@ -815,6 +816,18 @@ async fn the_quota_holds_when_the_upstreams_headers_are_missing_minus_one_or_sta
                 share >= SHARE_FLOOR,
                 "{case}: served only {share:.3} of the summed quota"
             );
+            // Stale counts are not read as use the router did not see: they serve what no
+            // headers do (sliding 10 s: 0.93 where no headers served 1.07, before repeats
+            // were told apart).
+            if headers == HeaderMode::Missing {
+                served_without_headers.push(share);
+            } else {
+                let without = served_without_headers[at];
+                assert!(
+                    share >= 0.98 * without,
+                    "{case}: served {share:.3} of the summed quota, {without:.3} without headers"
+                );
+            }
         }
     }
 }
@@ -1017,4 +1030,76 @@ async fn wake_ups_after_a_cooldown_are_paced_at_the_limits_rate() {
     }
     let counters = upstream.counters();
     assert_eq!((counters.faults, counters.ok), (1, 8), "{counters:?}");
+}
+
+/// Another client (a second router, not sharing the first's store) spends about half the
+/// smallest endpoint's quota; the first router is offered 1.2 times what is left of the
+/// summed quota. Returns the upstreams' 429s, their requests, and the share of the summed
+/// quota charged, and how many of the other client's requests failed.
+async fn beside_an_unseen_client(headers: HeaderMode) -> (u64, u64, f64, u64) {
+    let window = Duration::from_secs(10);
+    let latency = LatencyModel::new(Duration::from_millis(200), Duration::from_millis(5));
+    let (sim, router) =
+        windowed_saying(WindowKind::Sliding, window, headers, latency, (8, 6), 5).await;
+    let first = &sim.endpoints()[0];
+    let other = Router::builder()
+        .seed(1)
+        .request_timeout(Duration::from_secs(5))
+        .endpoint(Endpoint::openai("unseen", first.openai_base_url()).model(MODEL))
+        .build()
+        .unwrap();
+    let size = 60.0 + 60.0;
+    let other_rate = 0.5 * TPMS[0] as f64 / 60.0 / size;
+    let seconds = 40_u64;
+    let unseen = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / other_rate));
+        let mut calls = Vec::new();
+        for i in 0..(other_rate * seconds as f64) as u64 {
+            ticks.tick().await;
+            let other = other.clone();
+            calls.push(tokio::spawn(async move { other.chat(&request(i)).await }));
+        }
+        let mut failed = 0;
+        for call in calls {
+            failed += u64::from(call.await.unwrap().is_err());
+        }
+        failed
+    });
+    let left = TPMS.iter().sum::<u64>() as f64 - 0.5 * TPMS[0] as f64;
+    let rate = 1.2 * left / 60.0 / size;
+    let tally = offer(&router, rate, seconds).await;
+    let unseen_failed = unseen.await.unwrap();
+    assert_eq!(tally.upstream_429.load(Ordering::Relaxed), 0);
+    assert_eq!(tally.other.load(Ordering::Relaxed), 0);
+    let (share, upstream_429s, requests) = upstream_outcome(&sim, seconds as u32);
+    (upstream_429s, requests, share, unseen_failed)
+}
+
+/// Remaining counts that repeat the report before them (a snapshot as it stood up to a window
+/// ago, repeated) are not read as use the router did not see: beside another client spending
+/// half the smallest endpoint's quota, stale headers serve as much as no headers at all
+/// (they served 0.83 of the summed quota where no headers served 1.02, the router holding
+/// its own admissions that had left the window as someone else's). Fresh counts are still
+/// read (the store's unit tests show what a fresh count holds).
+#[tokio::test(start_paused = true)]
+async fn stale_remaining_counts_are_not_read_as_use_the_router_did_not_see() {
+    let truthful = beside_an_unseen_client(HeaderMode::Truthful).await;
+    let missing = beside_an_unseen_client(HeaderMode::Missing).await;
+    let stale = beside_an_unseen_client(HeaderMode::Stale).await;
+    eprintln!(
+        "(upstream 429s, upstream requests, share served, the other client's failures): \
+         truthful {truthful:?}, missing {missing:?}, stale {stale:?}"
+    );
+    assert!(
+        stale.2 >= 0.97 * missing.2,
+        "stale headers served {:.3} of the summed quota, no headers {:.3}",
+        stale.2,
+        missing.2
+    );
+    assert!(
+        truthful.2 >= 0.97 * missing.2,
+        "truthful headers served {:.3} of the summed quota, no headers {:.3}",
+        truthful.2,
+        missing.2
+    );
 }
