@@ -87,6 +87,7 @@ fn run() -> Result<()> {
     sections.insert("machine", machine(&args));
     sections.insert("pick", pick_table(&criterion));
     sections.insert("select", select_table(&criterion));
+    sections.insert("openings", openings_table(&criterion));
     sections.insert(
         "in-process",
         overhead_table(
@@ -365,6 +366,24 @@ fn select_table(criterion: &Path) -> String {
         .collect();
     format!(
         "| N = 2 | N = 8 | N = 64 | N = 256 |\n|---|---|---|---|\n| {} |\n",
+        cells.join(" | ")
+    )
+}
+
+/// A waiting decision's walk of one deployment's log to the `n`-th opening.
+fn openings_table(criterion: &Path) -> String {
+    let counts = [1, 64, 1024, 4096];
+    let cells: Vec<String> = counts
+        .iter()
+        .map(|n| {
+            nanos(estimate(
+                criterion,
+                &format!("openings/sliding-5000-marks/{n}"),
+            ))
+        })
+        .collect();
+    format!(
+        "| n = 1 | n = 64 | n = 1,024 | n = 4,096 |\n|---|---|---|---|\n| {} |\n",
         cells.join(" | ")
     )
 }
@@ -1186,10 +1205,11 @@ mod tests {
     use super::*;
 
     /// Every section the report writes, in the order `run` inserts them.
-    const SECTIONS: [&str; 11] = [
+    const SECTIONS: [&str; 12] = [
         "machine",
         "pick",
         "select",
+        "openings",
         "in-process",
         "over-http",
         "degradation",

@@ -540,6 +540,22 @@ impl Log {
         log
     }
 
+    /// A log holding `marks` (in any order) and the totals `held` (tokens, requests), which
+    /// count marks that are not among them: the [`prefix`](Self::prefix) a store that keeps its
+    /// log elsewhere (Redis) reads to walk it ([`openings`](Self::openings)) without reading
+    /// the whole. The totals are at least what `marks` hold.
+    #[must_use]
+    pub fn from_prefix(
+        marks: impl IntoIterator<Item = Mark>,
+        held: (f64, f64),
+        drained: Option<Instant>,
+    ) -> Self {
+        let mut log = Self::from_marks(marks, drained);
+        log.tokens = log.tokens.max(held.0);
+        log.requests = log.requests.max(held.1);
+        log
+    }
+
     /// Lets go of every admission that has left the window by `now`.
     pub fn expire(&mut self, now: Instant) {
         while self.marks.front().is_some_and(|mark| mark.until <= now) {
@@ -651,7 +667,7 @@ impl Log {
         by: Instant,
     ) -> Vec<Instant> {
         let n = n.min(MAX_OPENINGS);
-        let mut log = self.clone();
+        let mut log = self.prefix(limits, charge, n, now);
         let mut at = now;
         let mut openings = Vec::with_capacity(n);
         while openings.len() < n {
@@ -662,6 +678,55 @@ impl Log {
             openings.push(at);
         }
         openings
+    }
+
+    /// A copy of the log for walking to the `n`-th opening of `charge` from `from`
+    /// ([`openings`](Self::openings)): its totals, and only the marks that walk can reach, in
+    /// the order they leave. Those are the marks that have left by `from`, then as many as
+    /// must leave for `n + 1` more such requests to fit (each opening needs at most what the
+    /// log holds, plus one more request, less the capacity, to have left; admissions the
+    /// walk makes itself leave only later), the marks leaving together with the last of them,
+    /// and one that leaves after, so that the copy never runs empty while the walk lasts. A
+    /// full log under a waiting queue holds thousands of marks; the walk needs a few.
+    #[must_use]
+    pub fn prefix(&self, limits: &Limits, charge: Charge, n: usize, from: Instant) -> Log {
+        let reach = self.reach(limits, charge, n, from);
+        Self {
+            marks: self.marks.iter().take(reach).copied().collect(),
+            tokens: self.tokens,
+            requests: self.requests,
+            freed: self.freed,
+            drained: self.drained,
+        }
+    }
+
+    /// How many marks [`prefix`](Self::prefix) keeps.
+    pub fn reach(&self, limits: &Limits, charge: Charge, n: usize, from: Instant) -> usize {
+        let more = n.min(MAX_OPENINGS) as f64 + 1.0;
+        let needed = |shape: Option<Shape>, held: f64, cost: u64| {
+            shape.map_or(f64::NEG_INFINITY, |shape| {
+                held + more * cost as f64 - shape.capacity + 1e-6
+            })
+        };
+        let needed = (
+            needed(limits.tokens(), self.tokens, charge.tokens),
+            needed(limits.requests(), self.requests, charge.requests),
+        );
+        let len = self.marks.len();
+        let mut left = (0.0, 0.0);
+        let mut reach = 0;
+        while let Some(mark) = self.marks.get(reach) {
+            if mark.until > from && left.0 >= needed.0 && left.1 >= needed.1 {
+                break;
+            }
+            left.0 += mark.tokens;
+            left.1 += mark.requests;
+            reach += 1;
+        }
+        while reach > 0 && reach < len && self.marks[reach].until == self.marks[reach - 1].until {
+            reach += 1;
+        }
+        (reach + 1).min(len)
     }
 
     /// What is left under `limits` (where limited; negative: a large request's debt).
@@ -1151,9 +1216,10 @@ impl MemoryStore {
         let (log, limits, from) = self.with(key, |entry| {
             entry.log.expire(now);
             let from = entry.cooling_until.map_or(now, |until| until.max(now));
-            (entry.log.clone(), entry.effective(limits), from)
+            let limits = entry.effective(limits);
+            (entry.log.prefix(&limits, charge, n, from), limits, from)
         });
-        // Walked outside the lock: the clone is this call's own.
+        // Walked outside the lock: the copy (of the marks the walk can reach) is this call's.
         log.openings(&limits, charge, n, from, by)
     }
 

@@ -845,7 +845,7 @@ impl<'r> Path<'r> {
         let store = &self.live.store;
         let now_std = now();
         let by = now_std + MAX_PROMISE + self.max_queue_wait;
-        let mut all = Vec::new();
+        let mut asks = Vec::new();
         for (index, deployment) in self.group().members.iter().enumerate() {
             // A pinned request's turn comes only from its one deployment.
             if self.pinned.is_some_and(|p| p != index) {
@@ -866,10 +866,19 @@ impl<'r> Path<'r> {
             }
             let charge = estimate.scaled(deployment.state.prompt_ratio()).charge;
             let limits = deployment.quota_limits();
-            let openings = store
-                .openings(&deployment.key, &limits, charge, n, now_std, by)
-                .await
-                .ok()??;
+            asks.push(async move {
+                let openings = store
+                    .openings(&deployment.key, &limits, charge, n, now_std, by)
+                    .await;
+                (deployment, charge, ready, openings)
+            });
+        }
+        // The deployments are asked together: a shared store answers in one round trip's
+        // time, not one per deployment.
+        let answers = futures_util::future::join_all(asks).await;
+        let mut all = Vec::new();
+        for (deployment, charge, ready, openings) in answers {
+            let openings = openings.ok()??;
             // The store's walk is the truth the view approximates: a settlement may have given
             // back what an earlier refusal's block counted on, and a window frees in bursts
             // where the view's buckets refill evenly.

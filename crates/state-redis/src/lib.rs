@@ -335,19 +335,68 @@ return tostring(share)
 ";
 
 // Reads, changes nothing: the server's clock, the cooldown left (ms), the share kept to, when
-// provisioned utilisation drains (`D`, or ''), then each mark still in the window as
-// "seconds until it leaves:tokens:requests", in the order they leave.
+// provisioned utilisation drains (`D`, or ''), the tokens and requests the window holds, then
+// "seconds until it leaves:tokens:requests" for the marks a walk to the ARGV[6]-th opening of
+// a request of ARGV[4] tokens and ARGV[5] requests can reach, in the order they leave: those
+// that leave by the cooldown's end, then as many as must leave for one more request than that
+// to fit, those leaving together with the last, and one after (`router_core::quota::Log::
+// reach`). ARGV 1 to 3 are the limits, as `RESERVE` takes them.
 const MARKS: &str = r"
 local cool = redis.call('PTTL', KEYS[3])
 local share = tonumber(redis.call('HGET', KEYS[4], 's')) or 1
 local d = redis.call('HGET', KEYS[2], 'D')
-local out = {tostring(now), cool, tostring(share), d and tostring(tonumber(d) - now) or ''}
-local marks = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
-for i = 1, #marks, 2 do
-  local v = redis.call('HGET', KEYS[2], marks[i])
-  if v then
-    local a, b = parse(v)
-    out[#out + 1] = tostring(tonumber(marks[i + 1]) - now) .. ':' .. a .. ':' .. b
+local ht, hr = held()
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 1, #gone, 500 do
+  local part = {}
+  for j = i, math.min(i + 499, #gone) do part[#part + 1] = gone[j] end
+  local vals = redis.call('HMGET', KEYS[2], unpack(part))
+  for j = 1, #part do
+    if vals[j] then
+      local a, b = parse(vals[j])
+      ht, hr = ht - a, hr - b
+    end
+  end
+end
+local total = redis.call('ZCARD', KEYS[1])
+if total == #gone then ht, hr = 0, 0 end
+local window = tonumber(ARGV[3])
+local more = tonumber(ARGV[6]) + 1
+local function needed(limit, h, cost)
+  local cap = capacity(tonumber(limit), share, window)
+  if cap < 0 then return -math.huge end
+  return h + more * tonumber(cost) - cap + 1e-6
+end
+local nt, nr = needed(ARGV[1], ht, ARGV[4]), needed(ARGV[2], hr, ARGV[5])
+local from = now + math.max(cool, 0) / 1000
+local out = {tostring(now), cool, tostring(share), d and tostring(tonumber(d) - now) or '',
+  tostring(ht), tostring(hr)}
+local lt, lr, last, reached, done = 0, 0, nil, false, false
+local offset = #gone
+while not done and offset < total do
+  local marks = redis.call('ZRANGE', KEYS[1], offset, offset + 255, 'WITHSCORES')
+  if #marks == 0 then break end
+  offset = offset + #marks / 2
+  local names = {}
+  for i = 1, #marks, 2 do names[#names + 1] = marks[i] end
+  local vals = redis.call('HMGET', KEYS[2], unpack(names))
+  for k = 1, #names do
+    local untl = tonumber(marks[2 * k])
+    if reached and untl ~= last then
+      -- The one after the last reached: kept, and the walk needs no more.
+      done = true
+    elseif not reached and untl > from and lt >= nt and lr >= nr then
+      reached = true
+      done = last ~= nil and untl ~= last
+    end
+    local v = vals[k]
+    if v then
+      local a, b = parse(v)
+      lt, lr = lt + a, lr + b
+      out[#out + 1] = tostring(untl - now) .. ':' .. a .. ':' .. b
+    end
+    last = untl
+    if done then break end
   end
 end
 return out
@@ -761,6 +810,13 @@ impl StateStore for RedisStore {
         for key in &keys {
             invocation.key(key);
         }
+        invocation
+            .arg(limit_arg(limits.tpm))
+            .arg(rpm_arg(limits))
+            .arg(limits.window.as_secs_f64())
+            .arg(charge.tokens)
+            .arg(charge.requests)
+            .arg(n.min(router_core::quota::MAX_OPENINGS));
         let read = match self.run::<Vec<String>>(&invocation).await {
             Ok(read) => read,
             Err(why) => {
@@ -790,6 +846,8 @@ impl StateStore for RedisStore {
             .unwrap_or(0);
         let learned = parse_learned(fields.next().map_or("", String::as_str));
         let drained = fields.next().and_then(|v| seconds(v)).map(at);
+        let mut total = || fields.next().and_then(|v| seconds(v)).unwrap_or(0.0);
+        let held = (total(), total());
         let marks = fields.filter_map(|mark| {
             let mut parts = mark.split(':').map(seconds);
             let (Some(Some(until)), Some(Some(tokens)), Some(Some(requests))) =
@@ -807,7 +865,7 @@ impl StateStore for RedisStore {
                 drain: None,
             })
         });
-        let log = Log::from_marks(marks, drained);
+        let log = Log::from_prefix(marks, held, drained);
         let from = now + Duration::from_millis(u64::try_from(cooling_ms.max(0)).unwrap_or(0));
         Ok(Some(log.openings(
             &learned.apply(limits),

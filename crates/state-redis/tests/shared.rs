@@ -424,6 +424,84 @@ async fn openings_walked_in_redis_agree_with_the_local_log() {
     assert_eq!(a.fallbacks(), 0);
 }
 
+/// Redis hands a waiting request's walk only the marks it can reach (those that must leave
+/// for its openings, and one after), with the window's totals: the openings still agree with
+/// the whole log kept in the process, for the first opening, a few, and more than the log
+/// holds, and after a cooldown.
+#[tokio::test]
+async fn openings_walked_from_the_marks_redis_hands_over_agree_with_the_whole_log() {
+    let redis = RedisServer::start().await.unwrap();
+    let a = RedisStore::connect(&redis.url(), options("prefix"))
+        .await
+        .unwrap();
+    let local = MemoryStore::new();
+    // 6,000 TPM over 10 s: 1,000 tokens, held by 300 admissions of 3 tokens.
+    let limits = Limits::per_minute(Some(6_000), None);
+    let small = Charge {
+        tokens: 3,
+        requests: 1,
+    };
+    let now = Instant::now();
+    for _ in 0..300 {
+        assert!(matches!(
+            a.reserve("ep/p", &limits, small, now).await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+        assert!(matches!(
+            local.reserve_now("ep/p", &limits, small, now),
+            Admission::Admitted { .. }
+        ));
+    }
+    let by = now + Duration::from_secs(60);
+    let asked = Charge {
+        tokens: 150,
+        requests: 1,
+    };
+    let compare = |shared: &[Instant], mine: &[Instant], what: &str| {
+        assert_eq!(shared.len(), mine.len(), "{what}: {shared:?} vs {mine:?}");
+        for (theirs, ours) in shared.iter().zip(mine) {
+            let apart = theirs
+                .max(ours)
+                .saturating_duration_since(*theirs.min(ours));
+            assert!(
+                apart < Duration::from_millis(400),
+                "{what}: Redis {:?} vs local {:?}",
+                shared
+                    .iter()
+                    .map(|t| t.saturating_duration_since(now))
+                    .collect::<Vec<_>>(),
+                mine.iter()
+                    .map(|t| t.saturating_duration_since(now))
+                    .collect::<Vec<_>>()
+            );
+        }
+    };
+    for n in [1, 4, 12] {
+        let shared = a
+            .openings("ep/p", &limits, asked, n, now, by)
+            .await
+            .unwrap()
+            .expect("Redis walks its log");
+        let mine = local.openings_now("ep/p", &limits, asked, n, now, by);
+        compare(&shared, &mine, &format!("{n} openings"));
+        // 100 tokens are free now; the rest come as the 3-token marks leave, 10 s on (less
+        // the time the admissions took: Redis's clock moved on meanwhile).
+        assert!(mine[0] >= now + Duration::from_secs(10), "{mine:?}");
+    }
+    a.cool_down("ep/p", Duration::from_secs(12), now)
+        .await
+        .unwrap();
+    local.cool_down_now("ep/p", Duration::from_secs(12), now);
+    let shared = a
+        .openings("ep/p", &limits, asked, 3, now, by)
+        .await
+        .unwrap()
+        .unwrap();
+    let mine = local.openings_now("ep/p", &limits, asked, 3, now, by);
+    compare(&shared, &mine, "after a cooldown");
+    assert_eq!(a.fallbacks(), 0);
+}
+
 fn request() -> ChatCompletionRequest {
     let mut request = ChatCompletionRequest::new(
         "m",

@@ -790,3 +790,107 @@ proptest! {
         }
     }
 }
+
+/// What [`Log::openings`] walked before it copied only a prefix: the whole log.
+fn openings_of_the_whole(
+    log: &Log,
+    limits: &Limits,
+    charge: Charge,
+    n: usize,
+    from: Instant,
+    by: Instant,
+) -> Vec<Instant> {
+    let mut log = log.clone();
+    let mut at = from;
+    let mut openings = Vec::new();
+    while openings.len() < n.min(MAX_OPENINGS) {
+        at += log.wait_for(limits, charge, at);
+        if at > by || log.admit(limits, charge, 0, at).is_err() {
+            break;
+        }
+        openings.push(at);
+    }
+    openings
+}
+
+#[derive(Debug, Clone)]
+enum LogOp {
+    Admit(u64),
+    Adjust { which: usize, back: f64 },
+    Refused(u64),
+    Unseen(u64),
+    Wait(u64),
+}
+
+fn arb_log_op() -> impl proptest::strategy::Strategy<Value = LogOp> {
+    use proptest::prelude::Strategy as _;
+    proptest::prop_oneof![
+        4 => (1u64..1_500).prop_map(LogOp::Admit),
+        1 => (any::<usize>(), -200.0f64..400.0)
+            .prop_map(|(which, back)| LogOp::Adjust { which, back }),
+        1 => (0u64..3_000).prop_map(LogOp::Refused),
+        1 => (0u64..700).prop_map(LogOp::Unseen),
+        2 => (0u64..2_000).prop_map(LogOp::Wait),
+    ]
+}
+
+proptest! {
+    /// The walk to a waiting request's opening copies only the marks it can reach, and finds
+    /// exactly the openings a walk of the whole log finds: for windows and provisioned
+    /// throughput, any mix of admissions (some larger than a window), settlements, refusals'
+    /// paced holds, use the router did not see, cooldowns, and any number of openings.
+    #[test]
+    fn openings_walked_from_a_prefix_are_those_of_the_whole_log(
+        ops in prop::collection::vec(arb_log_op(), 0..120),
+        provisioned_model in any::<bool>(),
+        window_ms in 500u64..12_000,
+        cost in 1u64..1_200,
+        n in 0usize..200,
+        cooling_ms in prop::option::of(0u64..15_000),
+    ) {
+        let l = Limits {
+            window: Duration::from_millis(window_ms),
+            model: if provisioned_model { QuotaModel::Provisioned } else { QuotaModel::Window },
+            ..Limits::per_minute(Some(60_000 * 1_000 / window_ms), Some(600))
+        };
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut log = Log::default();
+        let mut tickets = Vec::new();
+        let mut next = 0;
+        for op in ops {
+            log.expire(now);
+            match op {
+                LogOp::Admit(tokens) => {
+                    next += 1;
+                    if log.admit(&l, charge(tokens), next, now).is_ok() {
+                        tickets.push(next);
+                    }
+                }
+                LogOp::Adjust { which, back } if !tickets.is_empty() => {
+                    let ticket = tickets[which % tickets.len()];
+                    log.adjust(&l, ticket, back, 0.0);
+                }
+                LogOp::Refused(wait) => log.fill_paced(&l, now + Duration::from_millis(wait), || {
+                    next += 1;
+                    next
+                }),
+                LogOp::Unseen(tokens) => {
+                    next += 1;
+                    let until = now + phantom_hold(&l, None);
+                    log.hold(next, until, (tokens as f64, 0.0), true, None);
+                }
+                LogOp::Wait(ms) => now += Duration::from_millis(ms),
+                LogOp::Adjust { .. } => {}
+            }
+        }
+        log.expire(now);
+        let from = now + Duration::from_millis(cooling_ms.unwrap_or(0));
+        let by = from + Duration::from_secs(60);
+        let asked = charge(cost);
+        let walked = log.openings(&l, asked, n, from, by);
+        let whole = openings_of_the_whole(&log, &l, asked, n, from, by);
+        prop_assert_eq!(walked, whole);
+        prop_assert!(log.reach(&l, asked, n, from) <= log.marks.len());
+    }
+}
