@@ -53,6 +53,11 @@ use url::Url;
 
 pub use backend_openai::{StaticToken, TokenProvider};
 
+#[cfg(feature = "entra-id")]
+mod entra;
+#[cfg(feature = "entra-id")]
+pub use entra::{COGNITIVE_SERVICES_SCOPE, EntraId, EntraOptions, MAX_REFRESH_AHEAD};
+
 /// Which of Azure's URL forms an endpoint uses.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -51,6 +51,10 @@ pub struct EndpointConfig {
     /// Azure only: a bearer token accepted in place of the key (Entra ID).
     #[serde(default)]
     pub bearer_token: Option<String>,
+    /// Azure only: Entra ID tokens from this issuer are accepted in place of the key, until
+    /// they expire (a [`TokenIssuer`](crate::TokenIssuer)'s `verifier()`).
+    #[serde(default)]
+    pub entra: Option<String>,
     /// Model (OpenAI) or deployment (Azure) names served; empty serves any name.
     #[serde(default)]
     pub models: Vec<String>,
@@ -74,6 +78,7 @@ impl EndpointConfig {
             port: 0,
             api_key: None,
             bearer_token: None,
+            entra: None,
             models: Vec::new(),
             latency: LatencyModel::default(),
             limits: Limits::default(),
@@ -92,6 +97,13 @@ impl EndpointConfig {
     #[must_use]
     pub fn with_bearer_token(mut self, token: impl Into<String>) -> Self {
         self.bearer_token = Some(token.into());
+        self
+    }
+
+    /// Azure: also accepts the unexpired tokens `issuer` issued (Entra ID).
+    #[must_use]
+    pub fn with_entra(mut self, issuer: &crate::TokenIssuer) -> Self {
+        self.entra = Some(issuer.verifier());
         self
     }
 

@@ -33,6 +33,7 @@
 //! ```
 
 mod config;
+mod entra;
 mod faults;
 mod limiter;
 pub mod redis_server;
@@ -54,6 +55,7 @@ pub use config::{
     EndpointConfig, HeaderMode, LatencyModel, Limits, OutputModel, SimConfig, SimDialect,
     WindowKind,
 };
+pub use entra::{TokenIssuer, TokenIssuerConfig};
 pub use faults::{Fault, Times};
 pub use state::{Counters, RecordedRequest};
 

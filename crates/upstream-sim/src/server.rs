@@ -415,6 +415,12 @@ fn authorized(config: &EndpointConfig, headers: &HeaderMap) -> bool {
         SimDialect::Azure => {
             header(headers, "api-key") == Some(key.as_str())
                 || (bearer.is_some() && bearer == config.bearer_token.as_deref())
+                || bearer.is_some_and(|token| {
+                    config
+                        .entra
+                        .as_deref()
+                        .is_some_and(|seed| crate::entra::verify(seed, token))
+                })
         }
     }
 }
