@@ -78,6 +78,8 @@ pub use router_core::{
 };
 pub use router_types as types;
 
+#[cfg(feature = "entra-id")]
+pub use backend_azure::{COGNITIVE_SERVICES_SCOPE, EntraId, EntraOptions};
 #[cfg(feature = "azure")]
 pub use backend_azure::{StaticToken, TokenProvider};
 #[cfg(feature = "openai")]

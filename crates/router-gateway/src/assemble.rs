@@ -2,13 +2,19 @@
 //! and the shared state store. Secrets are read from the environment variables the file names,
 //! when the router is built (at start and on each reload).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use router_facade::{
-    Endpoint, ProbeMode, QuotaModel, RateLimits, Router, RouterBuilder, StrategyKind,
+    Endpoint, EntraId, EntraOptions, ProbeMode, QuotaModel, RateLimits, Router, RouterBuilder,
+    StrategyKind,
 };
+use sha2::{Digest as _, Sha256};
 
-use crate::config::{Config, EndpointConfig, Kind, ProbeModeConfig, QuotaModelConfig};
+use crate::config::{
+    Config, EndpointConfig, EntraConfig, EntraCredential, Kind, ProbeModeConfig, QuotaModelConfig,
+};
 use crate::problem::{Context as _, Problem, bail};
 
 impl Config {
@@ -127,6 +133,78 @@ impl Config {
     }
 }
 
+/// Entra ID providers by their description and the SHA-256 of their secret.
+type Providers = HashMap<(EntraConfig, [u8; 32]), Arc<EntraId>>;
+
+/// The Entra ID token provider `entra` describes. Providers are kept for the life of the
+/// process, one per description (and secret): endpoints sharing a credential share its token,
+/// and a reload keeps the token held (and the endpoints' state, which a new provider would
+/// reset).
+fn entra_provider(
+    at: &str,
+    entra: &EntraConfig,
+) -> Result<Arc<dyn router_facade::TokenProvider>, Problem> {
+    static PROVIDERS: OnceLock<Mutex<Providers>> = OnceLock::new();
+    let mut options = EntraOptions::default();
+    if let Some(host) = &entra.authority_host {
+        let url = url::Url::parse(host)
+            .with_context(|| format!("{at}: entra.authority_host `{host}`"))?;
+        options = options.with_authority_host(url);
+    }
+    if let Some(scope) = &entra.scope {
+        options = options.with_scope(scope);
+    }
+    let secret = match (entra.credential, &entra.client_secret_env) {
+        (EntraCredential::ClientSecret, Some(var)) => Some(
+            std::env::var(var)
+                .with_context(|| format!("{at}: entra.client_secret_env: ${var} is not set"))?,
+        ),
+        (EntraCredential::ClientSecret, None) => {
+            bail!("{at}: entra.client_secret_env is required for credential = \"client-secret\"")
+        }
+        (_, Some(_)) => {
+            bail!("{at}: entra.client_secret_env is only for credential = \"client-secret\"")
+        }
+        (_, None) => None,
+    };
+    let digest: [u8; 32] = Sha256::digest(secret.as_deref().unwrap_or_default()).into();
+    let key = (entra.clone(), digest);
+    let mut providers = PROVIDERS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(provider) = providers.get(&key) {
+        return Ok(Arc::clone(provider) as Arc<dyn router_facade::TokenProvider>);
+    }
+    let required = |field: &Option<String>, name: &str| {
+        field.clone().with_context(|| {
+            format!("{at}: entra.{name} is required for credential = \"client-secret\"")
+        })
+    };
+    let built = match entra.credential {
+        EntraCredential::ClientSecret => EntraId::client_secret(
+            &required(&entra.tenant_id, "tenant_id")?,
+            required(&entra.client_id, "client_id")?,
+            &secrecy::SecretString::from(secret.unwrap_or_default()),
+            options,
+        ),
+        EntraCredential::WorkloadIdentity => EntraId::workload_identity_with(
+            entra.tenant_id.clone(),
+            entra.client_id.clone(),
+            entra.token_file.clone(),
+            options,
+        ),
+        EntraCredential::ManagedIdentity => {
+            EntraId::managed_identity(entra.client_id.clone(), options)
+        }
+        EntraCredential::AzureCli => EntraId::azure_cli(entra.tenant_id.clone(), options),
+    }
+    .with_context(|| format!("{at}: entra"))?;
+    let provider = Arc::new(built);
+    providers.insert(key, Arc::clone(&provider));
+    Ok(provider as Arc<dyn router_facade::TokenProvider>)
+}
+
 /// The `i`th `[[endpoints]]` table as the library's endpoint; an error names it.
 fn endpoint(
     i: usize,
@@ -150,12 +228,21 @@ fn endpoint(
             }
         }
     };
-    if let Some(var) = &e.api_key_env {
-        let key =
-            std::env::var(var).with_context(|| format!("{at}: api_key_env: ${var} is not set"))?;
-        endpoint = endpoint.api_key(key);
-    } else if e.kind == Kind::Azure {
-        bail!("{at}: api_key_env is required for Azure (the key is read from the environment)");
+    match (&e.api_key_env, &e.entra) {
+        (Some(_), Some(_)) => bail!("{at}: api_key_env and entra exclude each other"),
+        (_, Some(_)) if e.kind != Kind::Azure => {
+            bail!("{at}: entra is for Azure endpoints (kind = \"azure\")")
+        }
+        (Some(var), None) => {
+            let key = std::env::var(var)
+                .with_context(|| format!("{at}: api_key_env: ${var} is not set"))?;
+            endpoint = endpoint.api_key(key);
+        }
+        (None, Some(entra)) => endpoint = endpoint.token_provider(entra_provider(&at, entra)?),
+        (None, None) if e.kind == Kind::Azure => bail!(
+            "{at}: Azure needs api_key_env (the key is read from the environment) or entra = {{ credential = ... }}"
+        ),
+        (None, None) => {}
     }
     if e.models.is_empty() && e.deployments.is_empty() {
         bail!(
@@ -215,6 +302,89 @@ mod tests {
         .unwrap();
         let error = format!("{:#}", config.builder().unwrap_err());
         assert!(error.contains("SURELY_NOT_SET_4711 is not set"), "{error}");
+    }
+
+    #[test]
+    fn entra_is_for_azure_instead_of_a_key_and_names_what_is_missing() {
+        let error = |endpoint: &str| {
+            let config = Config::parse(&format!(
+                "[[endpoints]]\nname = \"az\"\nurl = \"https://r.openai.azure.com\"\nmodels = [\"m\"]\n{endpoint}\n"
+            ))
+            .unwrap();
+            config.builder().err().map(|e| format!("{e:#}"))
+        };
+        let azure = "kind = \"azure\"\napi_version = \"2024-10-21\"";
+        let cases = [
+            (
+                format!(
+                    "{azure}\napi_key_env = \"PATH\"\nentra = {{ credential = \"managed-identity\" }}"
+                ),
+                "api_key_env and entra exclude each other",
+            ),
+            (
+                "kind = \"openai\"\nentra = { credential = \"azure-cli\" }".to_owned(),
+                "entra is for Azure endpoints",
+            ),
+            (
+                format!(
+                    "{azure}\nentra = {{ credential = \"client-secret\", tenant_id = \"t\", client_id = \"c\" }}"
+                ),
+                "entra.client_secret_env is required",
+            ),
+            (
+                format!(
+                    "{azure}\nentra = {{ credential = \"client-secret\", client_id = \"c\", client_secret_env = \"PATH\" }}"
+                ),
+                "entra.tenant_id is required",
+            ),
+            (
+                format!(
+                    "{azure}\nentra = {{ credential = \"managed-identity\", client_secret_env = \"PATH\" }}"
+                ),
+                "client_secret_env is only for",
+            ),
+            (
+                format!(
+                    "{azure}\nentra = {{ credential = \"managed-identity\", authority_host = \"http://login.example.com\" }}"
+                ),
+                "must be https",
+            ),
+            (
+                azure.to_owned(),
+                "api_key_env (the key is read from the environment) or entra",
+            ),
+        ];
+        for (endpoint, expected) in cases {
+            let error = error(&endpoint).unwrap_or_default();
+            assert!(error.contains(expected), "{endpoint}: {error}");
+            assert!(error.contains("endpoints[0] (`az`)"), "{error}");
+        }
+        let unknown = Config::parse(&format!(
+            "[[endpoints]]\nname = \"az\"\nurl = \"https://r\"\nmodels = [\"m\"]\n{azure}\nentra = {{ credential = \"password\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{unknown:#}").contains("password"), "{unknown:#}");
+        // Configured well, the router builds, and a second endpoint with the same credential
+        // shares its provider (one token).
+        assert!(
+            error(&format!(
+                "{azure}\nentra = {{ credential = \"managed-identity\" }}"
+            ))
+            .is_none()
+        );
+        assert!(error(&format!("{azure}\nentra = {{ credential = \"client-secret\", tenant_id = \"72f988bf-86f1-41af-91ab-2d7cd011db47\", client_id = \"c\", client_secret_env = \"PATH\" }}")).is_none());
+        let shared = EntraConfig {
+            credential: EntraCredential::ManagedIdentity,
+            tenant_id: None,
+            client_id: Some("c".to_owned()),
+            client_secret_env: None,
+            token_file: None,
+            authority_host: None,
+            scope: None,
+        };
+        let a = entra_provider("a", &shared).unwrap();
+        let b = entra_provider("b", &shared).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! url = "https://east.openai.azure.com"
 //! api_version = "2024-10-21"           # Azure deployments form (or `v1 = true`)
 //! api_key_env = "AZURE_EAST_KEY"       # the key is read from this variable, never the file
+//! # or Entra ID tokens instead of a key (client-secret, workload-identity, managed-identity,
+//! # azure-cli):
+//! # entra = { credential = "client-secret", tenant_id = "…", client_id = "…",
+//! #           client_secret_env = "AZURE_CLIENT_SECRET" }
 //! deployments = { "gpt-4o-mini" = "mini-east" }
 //! tpm = 300000
 //!
@@ -157,6 +161,8 @@ pub(crate) struct EndpointConfig {
     pub(crate) v1: bool,
     /// The environment variable holding the key.
     pub(crate) api_key_env: Option<String>,
+    /// Azure: Microsoft Entra ID tokens instead of a key.
+    pub(crate) entra: Option<EntraConfig>,
     #[serde(default)]
     pub(crate) models: Vec<String>,
     #[serde(default)]
@@ -169,6 +175,36 @@ pub(crate) struct EndpointConfig {
     /// How the upstream meters the quota.
     #[serde(default)]
     pub(crate) quota_model: QuotaModelConfig,
+}
+
+/// `entra = { credential = "…", … }`: how an Azure endpoint gets Entra ID tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EntraConfig {
+    pub(crate) credential: EntraCredential,
+    /// The directory (tenant) id: required for `client-secret`; else from the environment.
+    pub(crate) tenant_id: Option<String>,
+    /// The application (client) id: required for `client-secret`; a user-assigned managed
+    /// identity's; else from the environment.
+    pub(crate) client_id: Option<String>,
+    /// `client-secret`: the environment variable holding the secret.
+    pub(crate) client_secret_env: Option<String>,
+    /// `workload-identity`: the federated token file (else `AZURE_FEDERATED_TOKEN_FILE`).
+    pub(crate) token_file: Option<std::path::PathBuf>,
+    /// The authority host (a sovereign cloud's; `http` only on loopback).
+    pub(crate) authority_host: Option<String>,
+    /// The scope (default `https://cognitiveservices.azure.com/.default`).
+    pub(crate) scope: Option<String>,
+}
+
+/// `entra.credential`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum EntraCredential {
+    ClientSecret,
+    WorkloadIdentity,
+    ManagedIdentity,
+    AzureCli,
 }
 
 /// `probe_mode`: `shadow` or `live`.

@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt as _;
 use tokio::process::{Child, Command};
-use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times};
+use upstream_sim::{
+    EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times, TokenIssuer, TokenIssuerConfig,
+};
 
 const UPSTREAM_KEY: &str = "sk-upstream-secret-7d1f";
 const AZURE_KEY: &str = "az-upstream-secret-91ab";
@@ -514,6 +516,49 @@ async fn fallbacks_through_the_official_python_client() {
         down.endpoints()[0].counters().requests >= 2,
         "gpt-4o was tried before falling back"
     );
+}
+
+/// Entra ID through the gateway and the official Python client: an Azure endpoint configured
+/// with `entra = { credential = "client-secret", … }` gets its token from a loopback token
+/// endpoint (one token for every request), and neither the client secret nor the token is
+/// logged.
+#[tokio::test]
+async fn entra_id_through_the_official_python_client() {
+    const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    const CLIENT: &str = "gateway-app";
+    const SECRET: &str = "entra-secret-for-the-gateway-only";
+    let sim = sim().await;
+    let issuer = TokenIssuer::start(TokenIssuerConfig::new(TENANT, CLIENT, SECRET))
+        .await
+        .unwrap();
+    let azure = Sim::start(
+        7,
+        [EndpointConfig::new("entra", SimDialect::Azure)
+            .with_api_key("a-key-nobody-sends")
+            .with_entra(&issuer)
+            .with_models(["gpt4o-entra"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let extra = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"entra\"\nkind = \"azure\"\nurl = \"{}\"\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o\" = \"gpt4o-entra\" }}\nentra = {{ credential = \"client-secret\", tenant_id = \"{TENANT}\", client_id = \"{CLIENT}\", client_secret_env = \"TEST_ENTRA_SECRET\", authority_host = \"{}\" }}\n",
+        hash(OPEN_KEY),
+        azure.endpoints()[0].url(),
+        issuer.authority_host()
+    );
+    let gateway = start_in(
+        &sim,
+        &extra,
+        5000,
+        &[("TEST_ENTRA_SECRET", SECRET.to_owned())],
+    )
+    .await;
+    run_python(&gateway, "entra", OPEN_KEY).await;
+    assert_eq!(issuer.issued(), 1, "one token for every request");
+    assert_eq!(azure.endpoints()[0].counters().requests, 2);
+    let logs = gateway.logs().await;
+    assert_no_secret(&logs, &[SECRET, "sim-entra."]);
 }
 
 /// A folder holding the official `openai` npm package (v4: it runs on Debian's Node.js 18 as

@@ -189,7 +189,18 @@ def fallback():
     assert raw.headers["x-openai-router-model"] == "gpt-4o-mini"
 
 
-PHASES = {f.__name__: f for f in [basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback]}
+def entra():
+    # `gpt-4o`'s only deployment is on an Azure endpoint that takes Entra ID tokens, no key.
+    messages = [{"role": "user", "content": "hi"}]
+    answer = client().chat.completions.create(model="gpt-4o", messages=messages, max_tokens=4)
+    assert answer.choices[0].message.content, answer
+    stream = client().chat.completions.create(
+        model="gpt-4o", messages=messages, max_tokens=4, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text, "no content streamed"
+
+
+PHASES = {f.__name__: f for f in [basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback, entra]}
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]]()
