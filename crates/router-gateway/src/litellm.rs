@@ -5,7 +5,9 @@
 //! `litellm_params.model` names the provider and the upstream's model (`azure/<deployment>`,
 //! `openai/<model>` or a bare OpenAI model), `api_base`, `api_version`, `api_key`
 //! (`os.environ/NAME` only: a key written into the file is not copied), `tpm`, `rpm`, `order`
-//! and `weight` map to the endpoint's fields. `router_settings` (or `litellm_settings`) give
+//! and `weight` map to the endpoint's fields; Azure AD's `tenant_id`, `client_id` and
+//! `client_secret` (`os.environ/NAME`) to `entra = { credential = "client-secret", … }`.
+//! `router_settings` (or `litellm_settings`) give
 //! the strategy, retries, timeout and fallbacks.
 
 use std::collections::BTreeMap;
@@ -47,6 +49,11 @@ struct Params {
     rpm: Option<u64>,
     order: Option<u32>,
     weight: Option<u32>,
+    /// Azure AD (Entra ID) with a client secret: LiteLLM's `tenant_id`, `client_id`,
+    /// `client_secret`.
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
@@ -294,7 +301,12 @@ fn endpoint(
         });
         let _ = writeln!(out, "api_version = {}", quoted(version));
     }
+    let entra = entra_line(params, &at, left_out);
+    if let Some(line) = &entra {
+        out.push_str(line);
+    }
     match params.api_key.as_deref() {
+        _ if entra.is_some() => {}
         Some(key) => match key.strip_prefix("os.environ/") {
             Some(variable) => {
                 let _ = writeln!(out, "api_key_env = {}", quoted(variable));
@@ -304,7 +316,7 @@ fn endpoint(
             )),
         },
         None if kind == "azure" => left_out.push(format!(
-            "{at}: no `api_key`; set api_key_env (Entra ID is configured in the library)"
+            "{at}: no `api_key`; set api_key_env, or entra = {{ credential = ... }} for Entra ID"
         )),
         None => {}
     }
@@ -335,6 +347,50 @@ fn endpoint(
         left_out.push(format!("{at}: `{field}` has no counterpart here"));
     }
     true
+}
+
+/// LiteLLM's Azure AD client secret (`tenant_id`, `client_id`, `client_secret` in
+/// `litellm_params`) as an `entra = { credential = "client-secret", … }` line; what cannot be
+/// converted is said in `left_out`.
+fn entra_line(params: &Params, at: &str, left_out: &mut Vec<String>) -> Option<String> {
+    let (tenant, client, secret) = match (
+        &params.tenant_id,
+        &params.client_id,
+        &params.client_secret,
+    ) {
+        (None, None, None) => return None,
+        (Some(tenant), Some(client), Some(secret)) => (tenant, client, secret),
+        _ => {
+            left_out.push(format!(
+                "{at}: Azure AD needs `tenant_id`, `client_id` and `client_secret` together; set entra = {{ credential = ... }} yourself"
+            ));
+            return None;
+        }
+    };
+    let literal = |value: &String, field: &str, left_out: &mut Vec<String>| {
+        if value.starts_with("os.environ/") {
+            left_out.push(format!(
+                "{at}: `{field}` comes from the environment in LiteLLM; the router needs it written in entra.{field}"
+            ));
+            None
+        } else {
+            Some(value.clone())
+        }
+    };
+    let tenant = literal(tenant, "tenant_id", left_out);
+    let client = literal(client, "client_id", left_out);
+    let Some(variable) = secret.strip_prefix("os.environ/") else {
+        left_out.push(format!(
+            "{at}: its `client_secret` is written in the file and is not copied; put it in an environment variable and set entra.client_secret_env"
+        ));
+        return None;
+    };
+    Some(format!(
+        "entra = {{ credential = \"client-secret\", tenant_id = {}, client_id = {}, client_secret_env = {} }}\n",
+        quoted(&tenant?),
+        quoted(&client?),
+        quoted(variable)
+    ))
 }
 
 #[cfg(test)]
@@ -487,6 +543,58 @@ router_settings:
                 "`{expected}` not reported in:\n{left}"
             );
         }
+    }
+
+    #[test]
+    fn azure_ad_client_secrets_become_entra_and_what_cannot_is_said() {
+        let yaml = r"
+model_list:
+  - model_name: gpt-4o
+    litellm_params:
+      model: azure/gpt4o-east
+      api_base: https://east.openai.azure.com
+      api_version: 2024-10-21
+      tenant_id: 72f988bf-86f1-41af-91ab-2d7cd011db47
+      client_id: 0a1b2c3d
+      client_secret: os.environ/AZURE_CLIENT_SECRET
+  - model_name: gpt-4o
+    litellm_params:
+      model: azure/gpt4o-west
+      api_base: https://west.openai.azure.com
+      api_version: 2024-10-21
+      tenant_id: os.environ/AZURE_TENANT_ID
+      client_id: 0a1b2c3d
+      client_secret: os.environ/AZURE_CLIENT_SECRET
+  - model_name: gpt-4o
+    litellm_params:
+      model: azure/gpt4o-north
+      api_base: https://north.openai.azure.com
+      api_version: 2024-10-21
+      tenant_id: t
+      client_id: c
+      client_secret: written-in-the-file
+";
+        let converted = convert(yaml).unwrap();
+        assert!(
+            converted.toml.contains(
+                r#"entra = { credential = "client-secret", tenant_id = "72f988bf-86f1-41af-91ab-2d7cd011db47", client_id = "0a1b2c3d", client_secret_env = "AZURE_CLIENT_SECRET" }"#
+            ),
+            "{}",
+            converted.toml
+        );
+        assert!(!converted.toml.contains("written-in-the-file"));
+        let said = converted.left_out.join("\n");
+        assert!(
+            said.contains("`tenant_id` comes from the environment"),
+            "{said}"
+        );
+        assert!(
+            said.contains("`client_secret` is written in the file"),
+            "{said}"
+        );
+        // The converted file passes the gateway's own check (the first endpoint uses Entra).
+        let config = crate::config::Config::parse(&converted.toml).unwrap();
+        assert!(config.endpoints[0].entra.is_some());
     }
 
     #[test]
