@@ -301,12 +301,12 @@ fn endpoint(
         });
         let _ = writeln!(out, "api_version = {}", quoted(version));
     }
-    let entra = entra_line(params, &at, left_out);
-    if let Some(line) = &entra {
+    let ad = entra_line(params, &at, left_out);
+    if let Some(line) = &ad {
         out.push_str(line);
     }
     match params.api_key.as_deref() {
-        _ if entra.is_some() => {}
+        _ if ad.is_some() => {}
         Some(key) => match key.strip_prefix("os.environ/") {
             Some(variable) => {
                 let _ = writeln!(out, "api_key_env = {}", quoted(variable));
