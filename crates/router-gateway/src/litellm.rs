@@ -49,7 +49,7 @@ struct Params {
     rpm: Option<u64>,
     order: Option<u32>,
     weight: Option<u32>,
-    /// Azure AD (Entra ID) with a client secret: LiteLLM's `tenant_id`, `client_id`,
+    /// Azure AD (Entra ID) with a client secret: `LiteLLM`'s `tenant_id`, `client_id`,
     /// `client_secret`.
     tenant_id: Option<String>,
     client_id: Option<String>,
@@ -349,7 +349,7 @@ fn endpoint(
     true
 }
 
-/// LiteLLM's Azure AD client secret (`tenant_id`, `client_id`, `client_secret` in
+/// `LiteLLM`'s Azure AD client secret (`tenant_id`, `client_id`, `client_secret` in
 /// `litellm_params`) as an `entra = { credential = "client-secret", … }` line; what cannot be
 /// converted is said in `left_out`.
 fn entra_line(params: &Params, at: &str, left_out: &mut Vec<String>) -> Option<String> {
