@@ -109,6 +109,7 @@ pub struct RouterBuilder {
     pub(crate) default_caller_limits: Option<crate::RateLimits>,
     pub(crate) fallbacks: Vec<(String, Vec<String>)>,
     pub(crate) context_fallbacks: Vec<(String, String)>,
+    pub(crate) cache_affinity: Option<crate::CacheAffinity>,
 }
 
 impl Default for RouterBuilder {
@@ -134,6 +135,7 @@ impl Default for RouterBuilder {
             default_caller_limits: None,
             fallbacks: Vec::new(),
             context_fallbacks: Vec::new(),
+            cache_affinity: Some(crate::CacheAffinity::default()),
         }
     }
 }
@@ -264,6 +266,24 @@ impl RouterBuilder {
     /// sets it per request.
     pub fn max_queue_wait(mut self, wait: Duration) -> Self {
         self.max_queue_wait = wait;
+        self
+    }
+
+    /// Prompt-cache affinity (on by default): requests with the same cache key
+    /// (`prompt_cache_key`, else `user`, else [`RequestOptions::with_cache_key`]) go to the
+    /// deployment that served the key last, where the upstream's prompt cache holds their
+    /// prefix, while it can take them, carries at most `affinity.max_share` of the group's
+    /// requests in flight and looks at most `affinity.slower` times slower than the fastest.
+    ///
+    /// [`RequestOptions::with_cache_key`]: crate::RequestOptions::with_cache_key
+    pub fn cache_affinity(mut self, affinity: crate::CacheAffinity) -> Self {
+        self.cache_affinity = Some(affinity);
+        self
+    }
+
+    /// No prompt-cache affinity: the strategy picks for every request.
+    pub fn no_cache_affinity(mut self) -> Self {
+        self.cache_affinity = None;
         self
     }
 

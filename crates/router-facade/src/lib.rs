@@ -45,6 +45,7 @@
 //! - `openai` (default): OpenAI and OpenAI-compatible endpoints.
 //! - `azure` (default): Azure OpenAI endpoints.
 
+mod affinity;
 mod attempt;
 mod builder;
 mod clock;
@@ -62,6 +63,7 @@ mod snapshot;
 mod stream;
 mod waitlist;
 
+pub use affinity::CacheAffinity;
 pub use builder::{QuotaAccounting, RetryPolicy, RouterBuilder, StrategyFactory};
 pub use endpoint::{DeploymentSpec, Endpoint};
 pub use limits::RateLimits;

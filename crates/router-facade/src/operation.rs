@@ -80,6 +80,10 @@ pub(crate) trait Operation: Sync {
     fn continues(&self) -> Option<&str> {
         None
     }
+    /// Its prompt-cache key in the body: `prompt_cache_key`, else `user`.
+    fn cache_key(&self) -> Option<&str> {
+        None
+    }
     /// The id under which the upstream stored what `output` answered, for the requests that
     /// continue it.
     fn stored(&self, output: &Self::Output) -> Option<String> {
@@ -147,6 +151,10 @@ pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
     fn continues(&self) -> Option<&str> {
         None
     }
+    /// [`Operation::cache_key`].
+    fn cache_key(&self) -> Option<&str> {
+        None
+    }
     /// Whether the upstream stores what it answers.
     fn stores(&self) -> bool {
         false
@@ -175,6 +183,14 @@ fn identify(meta: &router_core::ResponseMeta, attempts: u32) {
         model_session = meta.model_session.as_deref(),
         "answered"
     );
+}
+
+/// A prompt-cache key in a request's body: `prompt_cache_key`, else `user` (strings only).
+fn body_cache_key(extra: &router_types::Extra) -> Option<&str> {
+    ["prompt_cache_key", "user"]
+        .into_iter()
+        .find_map(|field| extra.get(field)?.as_str())
+        .filter(|key| !key.is_empty())
 }
 
 /// A hash of a request's JSON body, written straight into the hasher (no buffer): the same
@@ -261,6 +277,10 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
         self.0.as_ref().continues()
     }
 
+    fn cache_key(&self) -> Option<&str> {
+        self.0.as_ref().cache_key()
+    }
+
     fn stored(&self, output: &Self::Output) -> Option<String> {
         self.0
             .as_ref()
@@ -314,6 +334,10 @@ impl Plain for ChatCompletionRequest {
         self.output_cap().unwrap_or(expected)
     }
 
+    fn cache_key(&self) -> Option<&str> {
+        body_cache_key(&self.extra)
+    }
+
     fn usage(response: &Self::Response) -> Option<&Usage> {
         response.usage.as_ref()
     }
@@ -365,6 +389,10 @@ impl Plain for CompletionRequest {
         self.max_tokens.unwrap_or(16)
     }
 
+    fn cache_key(&self) -> Option<&str> {
+        body_cache_key(&self.extra)
+    }
+
     fn usage(response: &Self::Response) -> Option<&Usage> {
         response.usage.as_ref()
     }
@@ -412,6 +440,10 @@ impl Plain for CreateResponse {
 
     fn continues(&self) -> Option<&str> {
         self.extra.get("previous_response_id")?.as_str()
+    }
+
+    fn cache_key(&self) -> Option<&str> {
+        body_cache_key(&self.extra)
     }
 
     fn stores(&self) -> bool {
@@ -569,6 +601,10 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
 
     fn continues(&self) -> Option<&str> {
         Plain::continues(self.0.as_ref())
+    }
+
+    fn cache_key(&self) -> Option<&str> {
+        Plain::cache_key(self.0.as_ref())
     }
 
     fn stored(&self, output: &Self::Output) -> Option<String> {

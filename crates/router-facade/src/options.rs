@@ -23,6 +23,10 @@ pub struct RequestOptions {
     /// On Azure deployments, the deployment Azure may spill the request over to when the one
     /// it is sent to is out of capacity (sent as `x-ms-spillover-deployment`).
     pub spillover_deployment: Option<String>,
+    /// The request's prompt-cache key when its body has neither `prompt_cache_key` nor
+    /// `user` (the gateway: a configured header); see
+    /// [`RouterBuilder::cache_affinity`](crate::RouterBuilder::cache_affinity).
+    pub cache_key: Option<String>,
 }
 
 impl RequestOptions {
@@ -30,6 +34,13 @@ impl RequestOptions {
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Options with a prompt-cache key, for requests whose body names none.
+    #[must_use]
+    pub fn with_cache_key(mut self, key: impl Into<String>) -> Self {
+        self.cache_key = Some(key.into());
         self
     }
 

@@ -358,6 +358,7 @@ async fn serve<O: Operation>(
                     .complete(sent, attempt, attempts, started.elapsed())
                     .instrument(span)
                     .await;
+                path.served((place.0.as_str(), &place.1));
                 if let Some(id) = operation.stored(&output) {
                     remember_stored(live, &id, place.0.as_str(), &place.1).await;
                 }
@@ -388,6 +389,11 @@ struct Path<'r> {
     pinned: Option<usize>,
     /// The Azure deployment it may spill over to ([`RequestOptions::spillover_deployment`]).
     spillover: Option<String>,
+    /// Its prompt-cache key, when affinity is on ([`crate::CacheAffinity`]).
+    cache_key: Option<&'r str>,
+    /// The deployment that served its cache key last, by index (`None` when none, or it is
+    /// no longer in the group).
+    affine: Option<usize>,
     /// Attempts made.
     count: u32,
     /// Attempts that count against `max_attempts` and the retry budget.
@@ -422,7 +428,7 @@ impl<'r> Path<'r> {
         shared: &'r Shared,
         live: &Arc<RouterSnapshot>,
         operation: &'r O,
-        options: &RequestOptions,
+        options: &'r RequestOptions,
         leg: Leg<'r>,
     ) -> Result<Self, Error> {
         let live = Arc::clone(live);
@@ -459,6 +465,17 @@ impl<'r> Path<'r> {
             .then(|| operation.fingerprint());
         let claim =
             fingerprint.and_then(|fingerprint| shared.waitlist.claim(model, start, fingerprint));
+        let cache_key = settings
+            .cache_affinity
+            .and(operation.cache_key().or(options.cache_key.as_deref()))
+            .filter(|_| leg.pinned.is_none() && group.members.len() > 1);
+        let affine = cache_key
+            .and_then(|key| shared.affinities.recall(model, key, now()))
+            .and_then(|place| {
+                group.members.iter().position(|d| {
+                    d.endpoint.as_str() == place.endpoint && d.name == place.deployment
+                })
+            });
         Ok(Self {
             deadline: leg.deadline,
             wait_limit: (start + max_queue_wait).min(leg.deadline),
@@ -466,6 +483,8 @@ impl<'r> Path<'r> {
             tried: vec![false; group.members.len()],
             pinned: leg.pinned,
             spillover: options.spillover_deployment.clone(),
+            cache_key,
+            affine,
             class: operation.class(),
             output_hint: operation.output_hint(expected),
             count: 0,
@@ -496,6 +515,70 @@ impl<'r> Path<'r> {
 
     fn charge(&self) -> Option<Charge> {
         self.estimate.map(|e| e.charge)
+    }
+
+    /// Whether the request still goes to deployment `index`, its cache key's: it carries at
+    /// most the affinity's share of the group's requests in flight (each deployment counted
+    /// with one more, so that an idle group never yields), and looks at most the affinity's
+    /// times slower than the group's fastest.
+    fn affinity_holds(&self, index: usize, at: std::time::Instant) -> bool {
+        let Some(affinity) = self.live.settings.cache_affinity else {
+            return false;
+        };
+        let members = &self.group().members;
+        let in_flight = |d: &Arc<Deployment>| f64::from(d.state.in_flight()) + 1.0;
+        let total: f64 = members.iter().map(in_flight).sum();
+        if in_flight(&members[index]) / total > affinity.max_share {
+            return false;
+        }
+        let latency = |d: &Arc<Deployment>| d.state.latency(self.class, at);
+        let fastest = members.iter().map(latency).fold(f64::INFINITY, f64::min);
+        latency(&members[index]) <= fastest * affinity.slower
+    }
+
+    /// The pick its cache key makes: the key's deployment while it can take the request and
+    /// [`affinity_holds`](Self::affinity_holds); when it does not hold (load, slowness), the
+    /// strategy's pick among the others; `None` for the strategy's pick among all.
+    fn affine_pick(
+        &mut self,
+        slots: &[Slot<'_>],
+        ask: Ask,
+        strategy: &dyn router_core::Strategy,
+        at: std::time::Instant,
+    ) -> Option<usize> {
+        let home = self.affine.filter(|&i| !self.tried[i])?;
+        let holds = self.affinity_holds(home, at);
+        let tried = &self.tried;
+        let skip = |j: usize| {
+            if holds {
+                j != home
+            } else {
+                j == home || tried[j]
+            }
+        };
+        select(
+            slots,
+            skip,
+            ask,
+            strategy,
+            at,
+            &mut self.rng,
+            &mut self.buffers,
+        )
+        .ok()
+    }
+
+    /// The request was served by `deployment` of `endpoint`: its cache key is that
+    /// deployment's now.
+    fn served(&self, place: (&str, &str)) {
+        let (Some(key), Some(affinity)) = (self.cache_key, self.live.settings.cache_affinity)
+        else {
+            return;
+        };
+        let at = now();
+        self.shared
+            .affinities
+            .remember(self.model, key, place, at, at + affinity.ttl);
     }
 
     /// Passes the router-side limits: at once, after waiting its turn in the refusing scope's
@@ -660,16 +743,22 @@ impl<'r> Path<'r> {
             }
             let at = now();
             let slots: Vec<Slot<'_>> = group.members.iter().map(|d| d.slot()).collect();
+            // The deployment that served the request's cache key, while it can take it, is
+            // not carrying too much of the group's load and does not look slow.
+            let affine = self.affine_pick(&slots, ask, group.strategy.as_ref(), at);
             let (tried, pinned) = (&self.tried, self.pinned);
-            let picked = select(
-                &slots,
-                |i| tried[i] || pinned.is_some_and(|p| p != i),
-                ask,
-                group.strategy.as_ref(),
-                at,
-                &mut self.rng,
-                &mut self.buffers,
-            );
+            let picked = match affine {
+                Some(index) => Ok(index),
+                None => select(
+                    &slots,
+                    |i| tried[i] || pinned.is_some_and(|p| p != i),
+                    ask,
+                    group.strategy.as_ref(),
+                    at,
+                    &mut self.rng,
+                    &mut self.buffers,
+                ),
+            };
             let index = match picked {
                 Ok(index) => index,
                 Err(nothing) => {

@@ -56,6 +56,7 @@ impl Router {
                 requests: AtomicU64::new(0),
                 seed,
                 reload: Mutex::new(()),
+                affinities: crate::affinity::Affinities::default(),
             }),
         })
     }

@@ -28,6 +28,8 @@ pub(crate) struct Settings {
     fallbacks: HashMap<String, Vec<String>>,
     /// The larger group a request goes to when its prompt is too long for its group.
     context_fallbacks: HashMap<String, String>,
+    /// Prompt-cache affinity, when on.
+    pub(crate) cache_affinity: Option<crate::CacheAffinity>,
 }
 
 impl Settings {
@@ -49,6 +51,7 @@ impl Settings {
             default_caller_limits: builder.default_caller_limits,
             fallbacks: builder.fallbacks.iter().cloned().collect(),
             context_fallbacks: builder.context_fallbacks.iter().cloned().collect(),
+            cache_affinity: builder.cache_affinity,
         }
     }
 

@@ -24,6 +24,8 @@ pub(crate) struct Shared {
     pub(crate) seed: u64,
     /// Reconfigurations, one at a time.
     pub(crate) reload: Mutex<()>,
+    /// Where each cache key was served last (kept across reconfigurations).
+    pub(crate) affinities: crate::affinity::Affinities,
 }
 
 /// A retry budget and the policy it was made for.

@@ -75,6 +75,7 @@ impl Config {
                 ProbeModeConfig::Live => ProbeMode::Live,
             });
         }
+        builder = self.cache_affinity(builder)?;
         for (model, fallbacks) in &self.router.fallbacks {
             builder = builder.fallbacks(model, fallbacks);
         }
@@ -99,6 +100,39 @@ impl Config {
             builder = builder.caller_limits(&key.name, limits);
         }
         Ok(builder)
+    }
+
+    /// Prompt-cache affinity as `[router]` sets it; an error names the field out of range.
+    fn cache_affinity(&self, builder: RouterBuilder) -> Result<RouterBuilder, Problem> {
+        let r = &self.router;
+        if r.cache_affinity == Some(false) {
+            return Ok(builder.no_cache_affinity());
+        }
+        let mut affinity = router_facade::CacheAffinity::default();
+        if let Some(share) = r.cache_affinity_max_share {
+            if !(0.0..=1.0).contains(&share) {
+                bail!("router.cache_affinity_max_share: {share} is not between 0 and 1");
+            }
+            affinity = affinity.with_max_share(share);
+        }
+        if let Some(ms) = r.cache_affinity_ttl_ms {
+            affinity = affinity.with_ttl(Duration::from_millis(ms));
+        }
+        self.affinity_header()?;
+        Ok(builder.cache_affinity(affinity))
+    }
+
+    /// `router.cache_affinity_header`, lowercased, when set; an error when it is not a header
+    /// name.
+    pub(crate) fn affinity_header(&self) -> Result<Option<String>, Problem> {
+        let Some(name) = &self.router.cache_affinity_header else {
+            return Ok(None);
+        };
+        let lower = name.trim().to_ascii_lowercase();
+        if axum::http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            bail!("router.cache_affinity_header: `{name}` is not a header name");
+        }
+        Ok(Some(lower))
     }
 
     /// `[router.learning]` as the library's policy, when configured; an error names the field.
@@ -385,6 +419,29 @@ mod tests {
         let a = entra_provider("a", &shared).unwrap();
         let b = entra_provider("b", &shared).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn cache_affinity_settings_are_checked() {
+        let error = |router: &str| {
+            let config = Config::parse(&format!(
+                "[router]\n{router}\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"
+            ))
+            .unwrap();
+            config.builder().err().map(|e| format!("{e:#}"))
+        };
+        assert!(
+            error("cache_affinity_max_share = 1.5")
+                .unwrap()
+                .contains("cache_affinity_max_share")
+        );
+        assert!(
+            error("cache_affinity_header = \"not a header\"")
+                .unwrap()
+                .contains("cache_affinity_header")
+        );
+        assert!(error("cache_affinity = false").is_none());
+        assert!(error("cache_affinity_max_share = 0.4\ncache_affinity_ttl_ms = 60000\ncache_affinity_header = \"X-Session-Id\"").is_none());
     }
 
     #[test]

@@ -111,6 +111,16 @@ pub(crate) struct RouterConfig {
     pub(crate) stream_first_byte_timeout_ms: Option<u64>,
     pub(crate) first_byte_timeout_ms: Option<u64>,
     pub(crate) between_chunks_timeout_ms: Option<u64>,
+    /// Prompt-cache affinity (default on): requests with the same `prompt_cache_key`, `user`
+    /// or `cache_affinity_header` value go to the deployment that served it last.
+    pub(crate) cache_affinity: Option<bool>,
+    /// The most of a group's requests in flight a key's deployment may carry and still take
+    /// the key's requests (default 0.5).
+    pub(crate) cache_affinity_max_share: Option<f64>,
+    /// How long a key is remembered after its last request (default 600,000 ms).
+    pub(crate) cache_affinity_ttl_ms: Option<u64>,
+    /// A request header whose value is the cache key when the body names none.
+    pub(crate) cache_affinity_header: Option<String>,
 }
 
 /// `[router.learning]`: each field optional, the library's default where absent.

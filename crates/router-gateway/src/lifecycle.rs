@@ -26,6 +26,7 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
         router,
         metrics: Arc::default(),
         keys: ArcSwap::from_pointee(keys),
+        affinity_header: ArcSwap::from_pointee(config.affinity_header()?),
     });
     let listen = config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -73,8 +74,10 @@ async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
 fn reload(state: &AppState, path: &Path) -> Result<(), Problem> {
     let config = Config::load(path)?;
     let keys = config.keys()?;
+    let header = config.affinity_header()?;
     state.router.reconfigure(config.builder()?)?;
     state.keys.store(Arc::new(keys));
+    state.affinity_header.store(Arc::new(header));
     Ok(())
 }
 

@@ -27,6 +27,8 @@ pub(crate) struct AppState {
     pub(crate) router: Router,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) keys: ArcSwap<Vec<GatewayKey>>,
+    /// `router.cache_affinity_header`, lowercased.
+    pub(crate) affinity_header: ArcSwap<Option<String>>,
 }
 
 impl AppState {
@@ -62,6 +64,15 @@ impl AppState {
             .filter(|v| !v.trim().is_empty())
         {
             options = options.with_spillover_deployment(spill.trim());
+        }
+        // The prompt-cache key from the configured header (the body's own key comes first).
+        if let Some(name) = self.affinity_header.load().as_deref()
+            && let Some(key) = headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.trim().is_empty())
+        {
+            options = options.with_cache_key(key.trim());
         }
         Ok(options)
     }

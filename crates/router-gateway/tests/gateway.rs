@@ -94,6 +94,7 @@ listen = "127.0.0.1:{port}"
 [router]
 strategy = "round-robin"
 request_timeout_ms = {timeout}
+cache_affinity_header = "x-session-id"
 
 [[endpoints]]
 name = "oai"
@@ -454,6 +455,7 @@ async fn the_official_python_client() {
         "responses",
         "embeddings",
         "errors",
+        "cache_affinity",
     ] {
         run_python(&gateway, phase, GATEWAY_KEY).await;
     }

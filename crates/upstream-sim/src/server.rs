@@ -128,7 +128,8 @@ pub(crate) async fn handle(
     };
     state.counters.tokens_charged.add(cost);
 
-    let generation = Generation::plan(&config, operation, &body, &model, seq, &mut rng);
+    let generation = Generation::plan(&config, operation, &body, &model, seq, &mut rng)
+        .with_cache(&state, cacheable_prefix(operation, &model, &body));
     if operation == Operation::Responses && body["store"] != Value::Bool(false) {
         state.store_response(generation.response_json(), body["input"].clone());
     }
@@ -520,6 +521,33 @@ fn prompt_tokens(operation: Operation, body: &Value) -> u64 {
 
 /// The characters of a message's (or an input item's) `content`: a string, or parts with
 /// text.
+/// The prompt prefix an upstream could serve from its prompt cache: everything but the last
+/// message (chat) or input item (responses), with the instructions, hashed with the model and
+/// `prompt_cache_key`, and its tokens; `None` when it is shorter than 1,024 tokens (OpenAI
+/// caches no shorter prefix).
+fn cacheable_prefix(operation: Operation, model: &str, body: &Value) -> Option<(u64, u64)> {
+    use std::hash::{Hash as _, Hasher as _};
+    let items = match operation {
+        Operation::Chat => body["messages"].as_array()?,
+        Operation::Responses => body["input"].as_array()?,
+        _ => return None,
+    };
+    let prefix = &items[..items.len().saturating_sub(1)];
+    let instructions = body["instructions"].as_str().unwrap_or_default();
+    let chars: usize =
+        prefix.iter().map(content_chars).sum::<usize>() + instructions.chars().count();
+    let tokens = text_tokens(chars) + 3 * prefix.len() as u64;
+    if tokens < 1024 {
+        return None;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (model, body["prompt_cache_key"].as_str(), instructions).hash(&mut hasher);
+    for item in prefix {
+        item.to_string().hash(&mut hasher);
+    }
+    Some((hasher.finish(), tokens))
+}
+
 fn content_chars(message: &Value) -> usize {
     match &message["content"] {
         Value::String(s) => s.chars().count(),
@@ -603,6 +631,8 @@ pub(crate) struct Generation {
     embeddings: Vec<Vec<f64>>,
     ttft: Duration,
     per_token: Duration,
+    /// Prompt tokens served from the endpoint's prompt cache (`cached_tokens` in the usage).
+    cached_tokens: u64,
 }
 
 impl Generation {
@@ -673,7 +703,16 @@ impl Generation {
             embeddings,
             ttft,
             per_token,
+            cached_tokens: 0,
         }
+    }
+
+    /// Served `prefix` (its hash and tokens) from the endpoint's prompt cache, if it is there.
+    fn with_cache(mut self, state: &EndpointState, prefix: Option<(u64, u64)>) -> Self {
+        if let Some((key, tokens)) = prefix {
+            self.cached_tokens = state.prompt_cache(key, tokens, Instant::now());
+        }
+        self
     }
 
     pub(crate) fn completion_tokens(&self) -> u32 {
@@ -699,7 +738,7 @@ impl Generation {
                 let output = u64::from(self.completion_tokens());
                 json!({
                     "input_tokens": self.prompt_tokens,
-                    "input_tokens_details": {"cached_tokens": 0},
+                    "input_tokens_details": {"cached_tokens": self.cached_tokens},
                     "output_tokens": output,
                     "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": self.prompt_tokens + output,
@@ -711,7 +750,7 @@ impl Generation {
                     "prompt_tokens": self.prompt_tokens,
                     "completion_tokens": completion,
                     "total_tokens": self.prompt_tokens + completion,
-                    "prompt_tokens_details": {"cached_tokens": 0},
+                    "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
                     "completion_tokens_details": {"reasoning_tokens": 0},
                 })
             }

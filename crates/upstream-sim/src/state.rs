@@ -67,6 +67,8 @@ pub(crate) struct Cells {
     pub(crate) bad_request: Counter,
     pub(crate) tokens_charged: Counter,
     pub(crate) completion_tokens: Counter,
+    pub(crate) cache_hits: Counter,
+    pub(crate) cached_tokens: Counter,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -99,6 +101,10 @@ pub struct Counters {
     pub in_flight: u64,
     /// The most requests served at once.
     pub max_in_flight: u64,
+    /// Requests whose prompt prefix (1,024 tokens or more) was in the endpoint's prompt cache.
+    pub cache_hits: u64,
+    /// Prompt tokens served from the prompt cache.
+    pub cached_tokens: u64,
 }
 
 pub(crate) struct EndpointState {
@@ -112,10 +118,18 @@ pub(crate) struct EndpointState {
     /// Responses created without `store: false`, by id, with their input (at most
     /// `STORED`; the oldest go first).
     stored: Mutex<VecDeque<(String, serde_json::Value, serde_json::Value)>>,
+    /// Prompt prefixes in the prompt cache, by hash, until when.
+    prompt_cache: Mutex<std::collections::HashMap<u64, Instant>>,
 }
 
 /// How many stored responses an endpoint keeps.
 const STORED: usize = 10_000;
+
+/// How long a prompt prefix stays cached after its last use (OpenAI: five to ten minutes).
+const PROMPT_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The most prefixes an endpoint caches.
+const PROMPT_CACHE_SIZE: usize = 100_000;
 
 /// Holds one in-flight slot; released on drop.
 pub(crate) struct InFlight(Arc<EndpointState>);
@@ -142,7 +156,29 @@ impl EndpointState {
             seq: AtomicU64::new(0),
             seed,
             stored: Mutex::new(VecDeque::new()),
+            prompt_cache: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// A prompt whose cacheable prefix (`key`, `tokens` long) arrived at `now`: the tokens
+    /// served from the cache (0 on a miss; on a hit, the prefix in 128-token steps from 1,024,
+    /// as OpenAI counts them), and the prefix cached for [`PROMPT_CACHE_TTL`] from now.
+    pub(crate) fn prompt_cache(&self, key: u64, tokens: u64, now: Instant) -> u64 {
+        let mut cache = lock(&self.prompt_cache);
+        let hit = cache.get(&key).is_some_and(|until| *until > now);
+        if cache.len() >= PROMPT_CACHE_SIZE {
+            cache.retain(|_, until| *until > now);
+        }
+        if cache.len() < PROMPT_CACHE_SIZE {
+            cache.insert(key, now + PROMPT_CACHE_TTL);
+        }
+        if !hit {
+            return 0;
+        }
+        let cached = 1024 + (tokens - 1024) / 128 * 128;
+        self.counters.cache_hits.inc();
+        self.counters.cached_tokens.add(cached);
+        cached
     }
 
     /// Keeps a response the request asked to store, with its input.
@@ -257,6 +293,8 @@ impl EndpointState {
             completion_tokens: c.completion_tokens.get(),
             in_flight: c.in_flight.load(Ordering::Relaxed),
             max_in_flight: c.max_in_flight.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.get(),
+            cached_tokens: c.cached_tokens.get(),
         }
     }
 }

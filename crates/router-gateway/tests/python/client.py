@@ -200,7 +200,31 @@ def entra():
     assert text, "no content streamed"
 
 
-PHASES = {f.__name__: f for f in [basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback, entra]}
+def cache_affinity():
+    # The gateway round-robins between two deployments; a session's requests still go where
+    # its prefix is cached (the simulator reports `cached_tokens` for a repeated prefix of
+    # 1,024 tokens or more on the same deployment): every request after a session's first.
+    for session, how in [("s-header", "header"), ("s-body", "body"), ("s-user", "user")]:
+        system = {"role": "system", "content": f"You answer {session} about the router. " * 200}
+        for turn in range(4):
+            kwargs = {}
+            if how == "header":
+                kwargs["extra_headers"] = {"x-session-id": session}
+            elif how == "body":
+                kwargs["extra_body"] = {"prompt_cache_key": session}
+            else:
+                kwargs["user"] = session
+            answer = client().chat.completions.create(
+                model="gpt-4o-mini", max_tokens=3,
+                messages=[system, {"role": "user", "content": f"question {turn}"}], **kwargs)
+            cached = answer.usage.prompt_tokens_details.cached_tokens
+            if turn == 0:
+                assert cached == 0, (session, turn, answer.usage)
+            else:
+                assert cached >= 1024, (session, turn, answer.usage)
+
+
+PHASES = {f.__name__: f for f in [cache_affinity, basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback, entra]}
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]]()

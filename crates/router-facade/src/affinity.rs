@@ -1,0 +1,134 @@
+//! Prompt-cache affinity: requests that share a cache key go where the key was served last.
+//!
+//! OpenAI and Azure keep prompt caches per deployment: a request whose prompt starts as an
+//! earlier one did is served faster and its cached tokens cost less, but only on the deployment
+//! that served the earlier one. A request's cache key is its `prompt_cache_key`, else its
+//! `user`, else what [`RequestOptions::with_cache_key`](crate::RequestOptions::with_cache_key)
+//! set (the gateway: a configured header). The router remembers, per model group and key, the
+//! deployment that served it last, for [`CacheAffinity::ttl`], and sends the key's next request
+//! there while that deployment can take it and is not carrying more than
+//! [`CacheAffinity::max_share`] of the group's requests in flight or looking more than
+//! [`CacheAffinity::slower`] times slower than the group's fastest; otherwise the strategy
+//! picks as for any request, and the deployment that serves becomes the key's.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+/// How requests with a cache key keep to the deployment that served the key; see the module
+/// docs. On by default.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheAffinity {
+    /// The most of the group's requests in flight the key's deployment may carry for the key's
+    /// request still to go there (default 0.5; counted with one more request on every
+    /// deployment, so that an idle group never yields).
+    pub max_share: f64,
+    /// How long a key is remembered after its last request (default 10 minutes; prompt caches
+    /// last five to ten minutes idle, up to an hour off-peak).
+    pub ttl: Duration,
+    /// How much slower than the group's fastest (latency estimates) the key's deployment may
+    /// look for the request still to go there (default 2).
+    pub slower: f64,
+}
+
+impl Default for CacheAffinity {
+    fn default() -> Self {
+        Self {
+            max_share: 0.5,
+            ttl: Duration::from_secs(600),
+            slower: 2.0,
+        }
+    }
+}
+
+impl CacheAffinity {
+    /// Yields when the key's deployment carries more than `share` (0 to 1) of the group's
+    /// requests in flight.
+    #[must_use]
+    pub fn with_max_share(mut self, share: f64) -> Self {
+        self.max_share = share.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Remembers keys this long after their last request.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Yields when the key's deployment looks more than `times` slower than the fastest.
+    #[must_use]
+    pub fn with_slower(mut self, times: f64) -> Self {
+        self.slower = times.max(1.0);
+        self
+    }
+}
+
+/// The most keys remembered; beyond it, expired keys go, and new keys are not remembered until
+/// some have.
+const MAX_KEYS: usize = 200_000;
+
+/// Where each (model group, cache key) was served last, until when.
+#[derive(Debug, Default)]
+pub(crate) struct Affinities {
+    places: DashMap<u64, Place>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Place {
+    pub(crate) endpoint: String,
+    pub(crate) deployment: String,
+    until: Instant,
+}
+
+fn slot(model: &str, key: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (model, key).hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Affinities {
+    /// Where `key` of group `model` was served last, if within its time.
+    pub(crate) fn recall(&self, model: &str, key: &str, now: Instant) -> Option<Place> {
+        let place = self.places.get(&slot(model, key))?;
+        (place.until > now).then(|| place.clone())
+    }
+
+    /// `key` of group `model` was served by `deployment` of `endpoint` at `now`: remembered
+    /// until `until`.
+    pub(crate) fn remember(
+        &self,
+        model: &str,
+        key: &str,
+        (endpoint, deployment): (&str, &str),
+        now: Instant,
+        until: Instant,
+    ) {
+        let slot = slot(model, key);
+        if let Some(mut place) = self.places.get_mut(&slot) {
+            if place.endpoint != endpoint || place.deployment != deployment {
+                endpoint.clone_into(&mut place.endpoint);
+                deployment.clone_into(&mut place.deployment);
+            }
+            place.until = until;
+            return;
+        }
+        if self.places.len() >= MAX_KEYS {
+            self.places.retain(|_, place| place.until > now);
+            if self.places.len() >= MAX_KEYS {
+                return;
+            }
+        }
+        self.places.insert(
+            slot,
+            Place {
+                endpoint: endpoint.to_owned(),
+                deployment: deployment.to_owned(),
+                until,
+            },
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Prompt-cache affinity against upstream-sim endpoints that keep prompt caches per
+//! deployment (a prefix of 1,024 tokens or more, five minutes): requests that share a cache key
+//! go where the key was served, and yield when that deployment is out, loaded or slow.
+//! Paused time.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
+
+use std::time::Duration;
+
+use router_facade::types::{ChatCompletionRequest, ChatMessage};
+use router_facade::{CacheAffinity, Endpoint, RequestOptions, Router, RouterBuilder};
+use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times};
+
+const MODEL: &str = "gpt-4o-mini";
+
+async fn sim(n: usize) -> Sim {
+    let latency =
+        LatencyModel::new(Duration::from_millis(100), Duration::from_millis(2)).with_jitter(0.1);
+    Sim::start(
+        9,
+        (0..n).map(|i| {
+            EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+                .with_models([MODEL])
+                .with_latency(latency)
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+fn builder(sim: &Sim) -> RouterBuilder {
+    let mut builder = Router::builder().seed(4);
+    for endpoint in sim.endpoints() {
+        builder = builder
+            .endpoint(Endpoint::openai(endpoint.name(), endpoint.openai_base_url()).model(MODEL));
+    }
+    builder
+}
+
+/// Session `session`'s `turn`-th request: a long system prompt of its own (about 1,500
+/// tokens: cacheable), then the turn's question; keyed by `prompt_cache_key` when `keyed`.
+fn turn(session: usize, turn: usize, keyed: bool) -> ChatCompletionRequest {
+    let system = format!("You are assistant number {session}. ").repeat(180);
+    let mut request = ChatCompletionRequest::new(
+        MODEL,
+        vec![
+            ChatMessage::system(system),
+            ChatMessage::user(format!("question {turn}")),
+        ],
+    );
+    request.max_tokens = Some(20);
+    if keyed {
+        request.extra.insert(
+            "prompt_cache_key".into(),
+            format!("session-{session}").into(),
+        );
+    }
+    request
+}
+
+/// `sessions` sessions at once, each `turns` requests one after another; returns the share of
+/// requests whose prefix the upstream had cached, and each endpoint's share of requests.
+async fn conversations(
+    router: &Router,
+    sim: &Sim,
+    sessions: usize,
+    turns: usize,
+    keyed: bool,
+) -> (f64, Vec<f64>) {
+    let tasks: Vec<_> = (0..sessions)
+        .map(|session| {
+            let router = router.clone();
+            tokio::spawn(async move {
+                for t in 0..turns {
+                    router.chat(&turn(session, t, keyed)).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let counters: Vec<_> = sim
+        .endpoints()
+        .iter()
+        .map(upstream_sim::SimEndpoint::counters)
+        .collect();
+    let requests: u64 = counters.iter().map(|c| c.requests).sum();
+    let hits: u64 = counters.iter().map(|c| c.cache_hits).sum();
+    let shares = counters
+        .iter()
+        .map(|c| c.requests as f64 / requests as f64)
+        .collect();
+    (hits as f64 / requests as f64, shares)
+}
+
+/// With affinity, a session's turns find their prefix cached (all but the first); without it,
+/// only when the strategy happens to pick a deployment that served the session before. The
+/// load stays spread: sessions are placed by the strategy on their first turn.
+#[tokio::test(start_paused = true)]
+async fn requests_sharing_a_cache_key_find_their_prefix_cached() {
+    let (sessions, turns) = (30, 8);
+    let with = sim(3).await;
+    let router = builder(&with).build().unwrap();
+    let (hits, shares) = conversations(&router, &with, sessions, turns, true).await;
+    let without = sim(3).await;
+    let router = builder(&without).no_cache_affinity().build().unwrap();
+    let (hits_without, shares_without) =
+        conversations(&router, &without, sessions, turns, true).await;
+    eprintln!(
+        "cached-prefix hits: {hits:.3} with affinity (shares {shares:.2?}), {hits_without:.3} without ({shares_without:.2?})"
+    );
+    // All but each session's first turn: 7 of 8.
+    assert!(hits >= 0.85, "with affinity only {hits:.3} hit the cache");
+    assert!(
+        hits >= hits_without + 0.1,
+        "affinity {hits:.3} vs none {hits_without:.3}"
+    );
+    for share in shares {
+        assert!(share >= 0.15, "an endpoint got {share:.2} of the requests");
+    }
+}
+
+/// The key comes from `user` when there is no `prompt_cache_key`, and from the request's
+/// options when the body names neither.
+#[tokio::test(start_paused = true)]
+async fn the_key_comes_from_user_or_the_options() {
+    let sim = sim(3).await;
+    let router = builder(&sim).build().unwrap();
+    for t in 0..6 {
+        let mut request = turn(1, t, false);
+        request.extra.insert("user".into(), "user-7".into());
+        router.chat(&request).await.unwrap();
+        let options = RequestOptions::default().with_cache_key("conversation-9");
+        router
+            .chat_with(&turn(2, t, false), &options)
+            .await
+            .unwrap();
+    }
+    let hits: u64 = sim
+        .endpoints()
+        .iter()
+        .map(|e| e.counters().cache_hits)
+        .sum();
+    assert_eq!(hits, 10, "all but the first of each key's six");
+}
+
+/// The key's deployment is left when it throttles (the request fails over and the key moves
+/// with it) and when it looks much slower than the others.
+#[tokio::test(start_paused = true)]
+async fn affinity_yields_to_throttling_and_slowness() {
+    let sim = sim(2).await;
+    let router = builder(&sim).build().unwrap();
+    let served = |answer: &router_facade::Routed<_>| answer.endpoint.to_string();
+    let first = served(&router.chat(&turn(0, 0, true)).await.unwrap());
+    let home = sim.endpoint(&first).unwrap().clone();
+    let other = sim
+        .endpoints()
+        .iter()
+        .find(|e| e.name() != first)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        served(&router.chat(&turn(0, 1, true)).await.unwrap()),
+        first
+    );
+
+    // Throttled: it fails over, and the key follows.
+    home.inject(Fault::rate_limited(Duration::from_secs(20)), Times::Next(1));
+    let moved = served(&router.chat(&turn(0, 2, true)).await.unwrap());
+    assert_eq!(moved, other.name());
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    assert_eq!(
+        served(&router.chat(&turn(0, 3, true)).await.unwrap()),
+        other.name(),
+        "the key stays where it moved"
+    );
+
+    // Slow: ten times slower; once the router has seen it, the key leaves it.
+    other.set_latency(LatencyModel::new(
+        Duration::from_secs(1),
+        Duration::from_millis(20),
+    ));
+    let mut places = Vec::new();
+    for t in 4..10 {
+        places.push(served(&router.chat(&turn(0, t, true)).await.unwrap()));
+    }
+    assert_eq!(
+        places.last().unwrap(),
+        &first,
+        "the key left the slow deployment: {places:?}"
+    );
+    assert!(
+        places.iter().filter(|p| **p == other.name()).count() <= 2,
+        "{places:?}"
+    );
+    other.set_latency(home.latency());
+}
+
+/// Twenty keys whose deployment is the same one, asked all at once: no more than the
+/// affinity's share stays there; the rest go where the strategy sends them.
+#[tokio::test(start_paused = true)]
+async fn affinity_yields_to_load() {
+    let sim = sim(2).await;
+    let affinity = CacheAffinity::default().with_max_share(0.6);
+    // Keys placed on ep0: ep1 is a spill-over tier while they are.
+    let mut warm = Router::builder().seed(4).cache_affinity(affinity);
+    for (i, endpoint) in sim.endpoints().iter().enumerate() {
+        warm = warm.endpoint(
+            Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
+                .model(MODEL)
+                .priority(u32::try_from(i).unwrap()),
+        );
+    }
+    let router = warm.build().unwrap();
+    for session in 0..20 {
+        let answer = router.chat(&turn(session, 0, true)).await.unwrap();
+        assert_eq!(answer.endpoint.to_string(), "ep0");
+    }
+    router
+        .reconfigure(builder(&sim).cache_affinity(affinity))
+        .unwrap();
+    let home = &sim.endpoints()[0];
+    let before = home.counters().requests;
+    let calls: Vec<_> = (0..20)
+        .map(|session| {
+            let router = router.clone();
+            tokio::spawn(async move { router.chat(&turn(session, 1, true)).await.unwrap() })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    let stayed = home.counters().requests - before;
+    eprintln!("{stayed} of 20 stayed with their keys' deployment under load");
+    assert!(
+        (8..=15).contains(&stayed),
+        "{stayed} of 20 went to the keys' deployment"
+    );
+}
