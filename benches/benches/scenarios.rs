@@ -116,6 +116,8 @@ enum System {
         strategy: StrategyKind,
         replicas: usize,
         redis: bool,
+        /// Prompt-cache affinity (the default) or none.
+        affinity: bool,
     },
     LiteLlm {
         strategy: &'static str,
@@ -128,6 +130,16 @@ impl System {
             strategy,
             replicas: 1,
             redis: false,
+            affinity: true,
+        }
+    }
+
+    fn ours_without_affinity(strategy: StrategyKind) -> Self {
+        Self::Ours {
+            strategy,
+            replicas: 1,
+            redis: false,
+            affinity: false,
         }
     }
 
@@ -143,12 +155,20 @@ impl System {
             Self::Ours {
                 strategy,
                 replicas: 1,
+                affinity: true,
                 ..
             } => strategy.as_str().to_owned(),
             Self::Ours {
                 strategy,
+                replicas: 1,
+                affinity: false,
+                ..
+            } => format!("{}, no cache affinity", strategy.as_str()),
+            Self::Ours {
+                strategy,
                 replicas,
                 redis,
+                ..
             } => format!(
                 "{}, {replicas} replicas, {}",
                 strategy.as_str(),
@@ -211,6 +231,10 @@ struct Scenario {
     deadline: Duration,
     /// Whether a caller retries a refusal once at its `Retry-After`.
     retry: bool,
+    /// Conversations: request `i` belongs to session `i % sessions`, whose
+    /// [`SESSION_WORDS`]-word system prompt (its own, cacheable upstream) comes first and
+    /// whose `prompt_cache_key` it carries.
+    sessions: Option<u64>,
 }
 
 impl Scenario {
@@ -236,6 +260,7 @@ impl Scenario {
             max_tokens: 60,
             deadline: DEADLINE,
             retry: false,
+            sessions: None,
         }
     }
 
@@ -263,6 +288,7 @@ impl Scenario {
             max_tokens: 60,
             deadline: DEADLINE,
             retry: false,
+            sessions: None,
         }
     }
 
@@ -315,7 +341,9 @@ impl Scenario {
     /// the usage-based strategies a denominator.
     fn told(&self, i: usize) -> (u64, Option<u64>) {
         match &self.world {
-            World::Degrade { .. } => (1_000_000, None),
+            // Quota is not what a degradation run is about: room for its load, whatever the
+            // prompts' size.
+            World::Degrade { .. } => (1_000_000 * (self.charged_words() / 40).max(1), None),
             World::Quota {
                 tpms, rpm_per_ktpm, ..
             } => (tpms[i], rpm_per_ktpm.map(|r| tpms[i] / 1000 * r)),
@@ -361,6 +389,29 @@ impl Scenario {
             }
             out.push(t);
         }
+    }
+
+    /// Request `i` of this scenario (see [`Scenario::sessions`]).
+    fn request(&self, i: u64) -> ChatCompletionRequest {
+        let mut request = request(i, self.prompt_words, self.max_tokens);
+        if let Some(sessions) = self.sessions {
+            let session = i % sessions;
+            let words: Vec<&str> = (0..SESSION_WORDS)
+                .map(|k| VOCABULARY[((session * 7 + k) % 8) as usize])
+                .collect();
+            let system = format!("session {session}: {}", words.join(" "));
+            request.messages.insert(0, ChatMessage::system(system));
+            request.extra.insert(
+                "prompt_cache_key".into(),
+                format!("session-{session}").into(),
+            );
+        }
+        request
+    }
+
+    /// The words of a request's prompt, its session's system prompt included.
+    fn charged_words(&self) -> u64 {
+        self.prompt_words + self.sessions.map_or(0, |_| SESSION_WORDS)
     }
 
     /// The unloaded p99 of one request: the latency model at its jitter's top.
@@ -503,6 +554,7 @@ fn pressure(phases: Phases) -> Vec<Scenario> {
             max_tokens,
             deadline: PRESSURE_DEADLINE,
             retry: true,
+            sessions: None,
         });
     }
     // Degradation: (slowdown, closed loop callers or open rate, endpoints, TTFT, per token,
@@ -576,9 +628,72 @@ fn pressure(phases: Phases) -> Vec<Scenario> {
             max_tokens,
             deadline: PRESSURE_DEADLINE,
             retry: false,
+            sessions: None,
         });
     }
     cells
+}
+
+/// Conversations whose turns share a cacheable system prompt (800-word prefixes,
+/// `prompt_cache_key` set; about five turns a session in the run) in a quota cell and a
+/// degradation cell: the pressure targets with prompt-cache affinity on, and how many
+/// prefixes the upstreams found cached, with affinity and without. Not in `--quick`.
+fn sessions(phases: Phases) -> Vec<Scenario> {
+    let sessions = 150;
+    let tpms: &[u64] = &[120_000, 240_000, 360_000];
+    let (words, max_tokens) = (40, 60);
+    let per = per_request(words + SESSION_WORDS, max_tokens);
+    let quota = Scenario {
+        name: "pressure-quota",
+        case: format!(
+            "sliding 10 s windows, 1.3x, 3 endpoints, {per:.0}-token requests, {sessions} sessions"
+        ),
+        world: World::Quota {
+            tpms: tpms.to_vec(),
+            rpm_per_ktpm: None,
+            window: Duration::from_secs(10),
+            kind: WindowKind::Sliding,
+            latency: LatencyModel::new(Duration::from_millis(150), Duration::from_millis(4))
+                .with_jitter(0.2),
+            offered: 1.3,
+        },
+        load: Load::Open {
+            rate: open_rate(tpms, 1.3, per),
+            poisson: true,
+        },
+        seconds: phases.quota,
+        prompt_words: words,
+        max_tokens,
+        deadline: PRESSURE_DEADLINE,
+        retry: true,
+        sessions: Some(sessions),
+    };
+    let at = phases.equal;
+    let recover = at + phases.slow;
+    let degradation = Scenario {
+        name: "pressure-degradation",
+        case: format!(
+            "5x, closed loop, 3 endpoints, 150 ms + 5 ms x 60, {} sessions",
+            sessions * 4
+        ),
+        world: World::Degrade {
+            endpoints: 3,
+            latency: LatencyModel::new(Duration::from_millis(150), Duration::from_millis(5))
+                .with_jitter(0.2),
+            slowdown: 5.0,
+            at,
+            recover: Some(recover),
+            oracle: false,
+        },
+        load: Load::Closed { callers: 24 },
+        seconds: recover + phases.recovered,
+        prompt_words: words,
+        max_tokens,
+        deadline: PRESSURE_DEADLINE,
+        retry: false,
+        sessions: Some(sessions * 4),
+    };
+    vec![quota, degradation]
 }
 
 fn kind_name(kind: WindowKind) -> &'static str {
@@ -625,17 +740,23 @@ fn oracle(cell: &Scenario) -> Option<Scenario> {
             oracle: true,
         },
         seconds: slow,
+        sessions: None,
         ..cell.clone()
     })
 }
 
+/// The words prompts are made of. Must match `prompt()` in benches/litellm/driver.py.
+const VOCABULARY: [&str; 8] = [
+    "route", "each", "call", "where", "quota", "room", "left", "fast",
+];
+
+/// The words of a session's system prompt: about 1,100 tokens as upstream-sim counts them
+/// (a prefix of 1,024 tokens or more is cached).
+const SESSION_WORDS: u64 = 800;
+
 fn request(i: u64, words: u64, max_tokens: u32) -> ChatCompletionRequest {
-    // Must match `prompt()` in benches/litellm/driver.py.
-    let vocabulary = [
-        "route", "each", "call", "where", "quota", "room", "left", "fast",
-    ];
     let prompt: Vec<&str> = (0..words)
-        .map(|k| vocabulary[((i + k) % 8) as usize])
+        .map(|k| VOCABULARY[((i + k) % 8) as usize])
         .collect();
     // The number makes every request its own, as real callers' are (a retry is the same
     // request again).
@@ -676,6 +797,8 @@ struct RunData {
     charged: u64,
     upstream_429s: u64,
     upstream_requests: u64,
+    /// Requests whose prompt prefix the upstream had cached.
+    cache_hits: u64,
     samples: Vec<(f64, u64)>,
     elapsed: f64,
 }
@@ -694,6 +817,7 @@ async fn run(
             strategy,
             replicas,
             redis: shared,
+            affinity,
         } => {
             let mut routers = Vec::new();
             for _ in 0..*replicas {
@@ -712,7 +836,7 @@ async fn run(
                     )),
                     _ => None,
                 };
-                routers.push(our_router(scenario, &sim, *strategy, store));
+                routers.push(our_router(scenario, &sim, *strategy, *affinity, store));
             }
             let started = start_windows(&sim);
             let sampling = sample(&sim, started, &samples);
@@ -736,6 +860,7 @@ async fn run(
         charged,
         upstream_429s: sum(|c| c.rate_limited),
         upstream_requests: sum(|c| c.requests),
+        cache_hits: sum(|c| c.cache_hits),
         samples,
         elapsed: started.elapsed().as_secs_f64(),
     }
@@ -745,12 +870,16 @@ fn our_router(
     scenario: &Scenario,
     sim: &Sim,
     strategy: StrategyKind,
+    affinity: bool,
     store: Option<Arc<dyn StateStore>>,
 ) -> Router {
     let mut builder = Router::builder()
         .strategy(strategy)
         .request_timeout(scenario.deadline)
         .max_attempts(ATTEMPTS);
+    if !affinity {
+        builder = builder.no_cache_affinity();
+    }
     for (i, endpoint) in sim.endpoints().iter().enumerate() {
         let (tpm, rpm) = scenario.told(i);
         let mut configured = Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
@@ -814,7 +943,7 @@ fn degrade_later(scenario: &Scenario, sim: &Sim, started: Instant) -> tokio::tas
 async fn one(router: &Router, scenario: &Scenario, i: u64, started: Instant) -> Record {
     let sent = Instant::now();
     let t = sent.duration_since(started).as_secs_f64();
-    let request = request(i, scenario.prompt_words, scenario.max_tokens);
+    let request = scenario.request(i);
     let answer = router.chat(&request).await;
     let ms = sent.elapsed().as_secs_f64() * 1000.0;
     match answer {
@@ -1116,6 +1245,9 @@ fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
         "series": series(records, &names, scenario.seconds),
     });
     let all = latencies(records, 0.0, f64::MAX);
+    summary["sessions"] = json!(scenario.sessions);
+    summary["cache_hit_share"] =
+        json!(data.cache_hits as f64 / data.upstream_requests.max(1) as f64);
     summary["p50_ms"] = json!(percentile(&all, 0.5));
     summary["p99_ms"] = json!(percentile(&all, 0.99));
     match &scenario.world {
@@ -1180,7 +1312,7 @@ fn summarize(scenario: &Scenario, system: &System, data: &RunData) -> Value {
             // The most the upstreams themselves admit of their quota with requests of this
             // size: a window's budget holds a whole number of them (provisioned throughput
             // has no windows to fill: it drains its rate, and starts with a window's worth).
-            let charge = per_request(scenario.prompt_words, scenario.max_tokens);
+            let charge = per_request(scenario.charged_words(), scenario.max_tokens);
             let ceiling = if *kind == WindowKind::Provisioned {
                 1.0 + window.as_secs_f64() / scenario.seconds as f64
             } else {
@@ -1303,6 +1435,7 @@ fn plan(args: &Args) -> Vec<(Scenario, System)> {
                 strategy: StrategyKind::LeastLatency,
                 replicas: 3,
                 redis: true,
+                affinity: true,
             },
         ));
         if args.python.is_some() {
@@ -1318,7 +1451,10 @@ fn plan(args: &Args) -> Vec<(Scenario, System)> {
             }
         }
     }
-    let cells = pressure(if args.quick { QUICK } else { FULL });
+    let mut cells = pressure(if args.quick { QUICK } else { FULL });
+    if !args.quick {
+        cells.extend(sessions(FULL));
+    }
     let mut oracles: Vec<Scenario> = Vec::new();
     for cell in &cells {
         if let Some(oracle) = oracle(cell)
@@ -1332,6 +1468,14 @@ fn plan(args: &Args) -> Vec<(Scenario, System)> {
     }
     for cell in cells {
         plan.push((cell.clone(), System::ours(StrategyKind::LeastLatency)));
+        if cell.sessions.is_some() {
+            // Beside the same router without affinity (LiteLLM's driver has no sessions).
+            plan.push((
+                cell,
+                System::ours_without_affinity(StrategyKind::LeastLatency),
+            ));
+            continue;
+        }
         if args.python.is_some() {
             let theirs = if cell.name == "pressure-quota" {
                 "usage-based-routing-v2"
@@ -1347,7 +1491,22 @@ fn plan(args: &Args) -> Vec<(Scenario, System)> {
     if let Some(case) = &args.case {
         plan.retain(|(scenario, _)| scenario.case.contains(case.as_str()));
     }
-    plan
+    // A degradation cell kept without its oracle gets it back, first.
+    let mut needed: Vec<Scenario> = Vec::new();
+    for (scenario, _) in &plan {
+        if let Some(oracle) = oracle(scenario)
+            && !needed.contains(&oracle)
+            && !plan.iter().any(|(s, _)| *s == oracle)
+        {
+            needed.push(oracle);
+        }
+    }
+    let mut with_oracles: Vec<(Scenario, System)> = needed
+        .into_iter()
+        .map(|oracle| (oracle, System::ours(StrategyKind::LeastLatency)))
+        .collect();
+    with_oracles.extend(plan);
+    with_oracles
 }
 
 fn main() {

@@ -114,6 +114,7 @@ fn run() -> Result<()> {
         "pressure-degradation",
         pressure_degradation_table(&scenarios.runs),
     );
+    sections.insert("pressure-cache", pressure_cache_table(&scenarios.runs));
     let comparison = comparison_table(&scenarios.runs, gateway.as_ref());
     sections.insert("comparison", comparison.clone());
 
@@ -474,6 +475,43 @@ fn judged(value: String, holds: Option<bool>) -> String {
 }
 
 /// The quota cells of the pressure matrix, against the targets of routing under pressure.
+/// The router a run is of: the system, and what sets it apart when it is not the default.
+fn router_name(run: &Value) -> String {
+    let system = run["system"].as_str().unwrap_or_default();
+    match run["run"].as_str() {
+        Some(label) if label.ends_with("no cache affinity") => {
+            format!("{system}, no cache affinity")
+        }
+        _ => system.to_owned(),
+    }
+}
+
+/// The runs with conversations (sessions that share cacheable prefixes): the prefixes the
+/// upstreams found cached, with prompt-cache affinity and without, beside the cell's main
+/// result.
+fn pressure_cache_table(runs: &[Value]) -> String {
+    let mut s = String::from(
+        "| cell | router | requests whose prefix was cached upstream | served of the summed quota, or slow-phase p99 ÷ oracle |\n|---|---|---|---|\n",
+    );
+    for run in runs.iter().filter(|r| !r["sessions"].is_null()) {
+        let main = if run["scenario"] == "pressure-quota" {
+            format!("{} served", pct(&run["share_served"]))
+        } else {
+            run["p99_vs_oracle"]
+                .as_f64()
+                .map_or("-".to_owned(), |v| format!("{v:.2} × the oracle's p99"))
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {main} |",
+            run["case"].as_str().unwrap_or_default(),
+            router_name(run),
+            pct(&run["cache_hit_share"]),
+        );
+    }
+    s
+}
+
 fn pressure_quota_table(runs: &[Value]) -> String {
     let mut s = String::from(
         "| cell | router | served of the summed quota (the upstreams' ceiling) | upstream 429s (of upstream requests) | 429s reaching callers | served p99 (bound: unloaded p99 + max queue wait) | refusals | retries at `Retry-After` served |\n|---|---|---|---|---|---|---|---|\n",
@@ -507,7 +545,7 @@ fn pressure_quota_table(runs: &[Value]) -> String {
         let _ = writeln!(
             s,
             "| {case} | {} | {} | {} | {} | {} | {} | {at_retry_after} |",
-            run["system"].as_str().unwrap_or_default(),
+            router_name(run),
             judged(
                 format!(
                     "{} ({})",
@@ -556,7 +594,7 @@ fn pressure_degradation_table(runs: &[Value]) -> String {
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             run["case"].as_str().unwrap_or_default(),
-            run["system"].as_str().unwrap_or_default(),
+            router_name(run),
             judged(
                 pct(&run["least_share_before"]),
                 run["least_share_before"].as_f64().map(|v| v >= 0.75 * fair)
@@ -1205,7 +1243,7 @@ mod tests {
     use super::*;
 
     /// Every section the report writes, in the order `run` inserts them.
-    const SECTIONS: [&str; 12] = [
+    const SECTIONS: [&str; 13] = [
         "machine",
         "pick",
         "select",
@@ -1218,6 +1256,7 @@ mod tests {
         "comparison",
         "pressure-quota",
         "pressure-degradation",
+        "pressure-cache",
     ];
 
     #[test]

@@ -6,10 +6,11 @@
 //! `user`, else what [`RequestOptions::with_cache_key`](crate::RequestOptions::with_cache_key)
 //! set (the gateway: a configured header). The router remembers, per model group and key, the
 //! deployment that served it last, for [`CacheAffinity::ttl`], and sends the key's next request
-//! there while that deployment can take it and is not carrying more than
-//! [`CacheAffinity::max_share`] of the group's requests in flight or looking more than
-//! [`CacheAffinity::slower`] times slower than the group's fastest; otherwise the strategy
-//! picks as for any request, and the deployment that serves becomes the key's.
+//! there while that deployment can take it, is not much busier than another deployment of the
+//! group drawn at random ([`CacheAffinity::tolerance`]: power of two choices with a preference,
+//! so that a deployment that recovers or joins gets keys back) and does not look more than
+//! [`CacheAffinity::slower`] times slower than the group's fastest; otherwise the strategy picks
+//! among the others, and the deployment that serves becomes the key's.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, Instant};
@@ -21,10 +22,10 @@ use dashmap::DashMap;
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheAffinity {
-    /// The most of the group's requests in flight the key's deployment may carry for the key's
-    /// request still to go there (default 0.5; counted with one more request on every
-    /// deployment, so that an idle group never yields).
-    pub max_share: f64,
+    /// How much busier than another deployment of the group, drawn at random, the key's
+    /// deployment may be for the key's request still to go there: more than `1 + tolerance`
+    /// times the other's requests in flight, plus one, and it goes elsewhere (default 0.5).
+    pub tolerance: f64,
     /// How long a key is remembered after its last request (default 10 minutes; prompt caches
     /// last five to ten minutes idle, up to an hour off-peak).
     pub ttl: Duration,
@@ -36,7 +37,7 @@ pub struct CacheAffinity {
 impl Default for CacheAffinity {
     fn default() -> Self {
         Self {
-            max_share: 0.5,
+            tolerance: 0.5,
             ttl: Duration::from_secs(600),
             slower: 2.0,
         }
@@ -44,11 +45,11 @@ impl Default for CacheAffinity {
 }
 
 impl CacheAffinity {
-    /// Yields when the key's deployment carries more than `share` (0 to 1) of the group's
-    /// requests in flight.
+    /// Yields when the key's deployment carries more than `1 + tolerance` times the requests in
+    /// flight of another deployment drawn at random, plus one (at least 0).
     #[must_use]
-    pub fn with_max_share(mut self, share: f64) -> Self {
-        self.max_share = share.clamp(0.0, 1.0);
+    pub fn with_tolerance(mut self, tolerance: f64) -> Self {
+        self.tolerance = tolerance.max(0.0);
         self
     }
 

@@ -272,8 +272,9 @@ impl RouterBuilder {
     /// Prompt-cache affinity (on by default): requests with the same cache key
     /// (`prompt_cache_key`, else `user`, else [`RequestOptions::with_cache_key`]) go to the
     /// deployment that served the key last, where the upstream's prompt cache holds their
-    /// prefix, while it can take them, carries at most `affinity.max_share` of the group's
-    /// requests in flight and looks at most `affinity.slower` times slower than the fastest.
+    /// prefix, while it can take them, is not much busier than another deployment drawn at
+    /// random (`affinity.tolerance`) and looks at most `affinity.slower` times slower than the
+    /// fastest.
     ///
     /// [`RequestOptions::with_cache_key`]: crate::RequestOptions::with_cache_key
     pub fn cache_affinity(mut self, affinity: crate::CacheAffinity) -> Self {

@@ -517,19 +517,26 @@ impl<'r> Path<'r> {
         self.estimate.map(|e| e.charge)
     }
 
-    /// Whether the request still goes to deployment `index`, its cache key's: it carries at
-    /// most the affinity's share of the group's requests in flight (each deployment counted
-    /// with one more, so that an idle group never yields), and looks at most the affinity's
-    /// times slower than the group's fastest.
-    fn affinity_holds(&self, index: usize, at: std::time::Instant) -> bool {
+    /// Whether the request still goes to deployment `index`, its cache key's: it is not much
+    /// busier than another deployment of the group drawn at random (more than
+    /// `1 + tolerance` times its requests in flight, plus one), and looks at most the
+    /// affinity's times slower than the group's fastest.
+    fn affinity_holds(&mut self, index: usize, at: std::time::Instant) -> bool {
         let Some(affinity) = self.live.settings.cache_affinity else {
             return false;
         };
+        let unit = self.rng.unit();
         let members = &self.group().members;
-        let in_flight = |d: &Arc<Deployment>| f64::from(d.state.in_flight()) + 1.0;
-        let total: f64 = members.iter().map(in_flight).sum();
-        if in_flight(&members[index]) / total > affinity.max_share {
-            return false;
+        let others = members.len() - 1;
+        if others > 0 {
+            // Another deployment, uniformly among the rest.
+            let drawn = (unit * others as f64) as usize % others;
+            let other = if drawn >= index { drawn + 1 } else { drawn };
+            let home = f64::from(members[index].state.in_flight());
+            let theirs = f64::from(members[other].state.in_flight());
+            if home > (1.0 + affinity.tolerance) * theirs + 1.0 {
+                return false;
+            }
         }
         let latency = |d: &Arc<Deployment>| d.state.latency(self.class, at);
         let fastest = members.iter().map(latency).fold(f64::INFINITY, f64::min);

@@ -111,8 +111,9 @@ async fn requests_sharing_a_cache_key_find_their_prefix_cached() {
     eprintln!(
         "cached-prefix hits: {hits:.3} with affinity (shares {shares:.2?}), {hits_without:.3} without ({shares_without:.2?})"
     );
-    // All but each session's first turn: 7 of 8.
-    assert!(hits >= 0.85, "with affinity only {hits:.3} hit the cache");
+    // All but each session's first turn would be 7 of 8 (0.875); a key moves now and then when
+    // its deployment is busier than another (0.85 here).
+    assert!(hits >= 0.8, "with affinity only {hits:.3} hit the cache");
     assert!(
         hits >= hits_without + 0.1,
         "affinity {hits:.3} vs none {hits_without:.3}"
@@ -198,12 +199,13 @@ async fn affinity_yields_to_throttling_and_slowness() {
     other.set_latency(home.latency());
 }
 
-/// Twenty keys whose deployment is the same one, asked all at once: no more than the
-/// affinity's share stays there; the rest go where the strategy sends them.
+/// Twenty keys whose deployment is the same one, asked all at once: that deployment takes them
+/// while it is at most one and a half times as busy as the other, plus one; the rest go to the
+/// other.
 #[tokio::test(start_paused = true)]
 async fn affinity_yields_to_load() {
     let sim = sim(2).await;
-    let affinity = CacheAffinity::default().with_max_share(0.6);
+    let affinity = CacheAffinity::default().with_tolerance(0.5);
     // Keys placed on ep0: ep1 is a spill-over tier while they are.
     let mut warm = Router::builder().seed(4).cache_affinity(affinity);
     for (i, endpoint) in sim.endpoints().iter().enumerate() {

@@ -109,11 +109,11 @@ impl Config {
             return Ok(builder.no_cache_affinity());
         }
         let mut affinity = router_facade::CacheAffinity::default();
-        if let Some(share) = r.cache_affinity_max_share {
-            if !(0.0..=1.0).contains(&share) {
-                bail!("router.cache_affinity_max_share: {share} is not between 0 and 1");
+        if let Some(tolerance) = r.cache_affinity_tolerance {
+            if !(0.0..=100.0).contains(&tolerance) {
+                bail!("router.cache_affinity_tolerance: {tolerance} is not between 0 and 100");
             }
-            affinity = affinity.with_max_share(share);
+            affinity = affinity.with_tolerance(tolerance);
         }
         if let Some(ms) = r.cache_affinity_ttl_ms {
             affinity = affinity.with_ttl(Duration::from_millis(ms));
@@ -431,9 +431,9 @@ mod tests {
             config.builder().err().map(|e| format!("{e:#}"))
         };
         assert!(
-            error("cache_affinity_max_share = 1.5")
+            error("cache_affinity_tolerance = -1.0")
                 .unwrap()
-                .contains("cache_affinity_max_share")
+                .contains("cache_affinity_tolerance")
         );
         assert!(
             error("cache_affinity_header = \"not a header\"")
@@ -441,7 +441,7 @@ mod tests {
                 .contains("cache_affinity_header")
         );
         assert!(error("cache_affinity = false").is_none());
-        assert!(error("cache_affinity_max_share = 0.4\ncache_affinity_ttl_ms = 60000\ncache_affinity_header = \"X-Session-Id\"").is_none());
+        assert!(error("cache_affinity_tolerance = 0.25\ncache_affinity_ttl_ms = 60000\ncache_affinity_header = \"X-Session-Id\"").is_none());
     }
 
     #[test]

@@ -114,9 +114,10 @@ pub(crate) struct RouterConfig {
     /// Prompt-cache affinity (default on): requests with the same `prompt_cache_key`, `user`
     /// or `cache_affinity_header` value go to the deployment that served it last.
     pub(crate) cache_affinity: Option<bool>,
-    /// The most of a group's requests in flight a key's deployment may carry and still take
-    /// the key's requests (default 0.5).
-    pub(crate) cache_affinity_max_share: Option<f64>,
+    /// How much busier than another deployment drawn at random a key's deployment may be and
+    /// still take the key's requests (default 0.5: up to 1.5 times its requests in flight,
+    /// plus one).
+    pub(crate) cache_affinity_tolerance: Option<f64>,
     /// How long a key is remembered after its last request (default 600,000 ms).
     pub(crate) cache_affinity_ttl_ms: Option<u64>,
     /// A request header whose value is the cache key when the body names none.
