@@ -232,6 +232,11 @@ pub trait StreamItem {
     fn is_last(&self) -> bool {
         false
     }
+
+    /// The service tier the event says served the request (`service_tier`). `None` by default.
+    fn service_tier(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl StreamItem for ChatCompletionChunk {
@@ -241,6 +246,10 @@ impl StreamItem for ChatCompletionChunk {
 
     fn final_usage(&self) -> Option<Usage> {
         self.usage.clone().filter(|_| self.choices.is_empty())
+    }
+
+    fn service_tier(&self) -> Option<&str> {
+        self.service_tier.as_deref()
     }
 }
 

@@ -190,7 +190,15 @@ pub struct DeploymentState {
     /// A fingerprint of the last `x-ratelimit-remaining-*` pair an answer reported (0 for
     /// none): what [`DeploymentState::fresh_report`] compares the next with.
     last_report: AtomicU64,
+    /// Answers by the service tier they reported, in [`SERVICE_TIERS`]' order.
+    tiers: [AtomicU64; SERVICE_TIERS.len()],
+    /// Answers to requests that asked for `priority` and were served at another tier.
+    tier_downgrades: AtomicU64,
 }
+
+/// The service tiers answers report (`service_tier`), as [`StateStats::service_tiers`] counts
+/// them: a tier not named here counts as `other`.
+pub const SERVICE_TIERS: [&str; 6] = ["default", "priority", "flex", "scale", "auto", "other"];
 
 fn pack_learned(learned: Learned) -> u64 {
     learned.share.to_bits()
@@ -231,6 +239,22 @@ impl DeploymentState {
             last_start: AtomicU64::new(0),
             ramp_from: AtomicU64::new(0),
             last_report: AtomicU64::new(0),
+            tiers: std::array::from_fn(|_| AtomicU64::new(0)),
+            tier_downgrades: AtomicU64::new(0),
+        }
+    }
+
+    /// An answer reported being served at tier `served`; the request asked for `asked`. A
+    /// request that asked for `priority` served at another tier is a downgrade (Azure and
+    /// OpenAI move priority traffic that grows too fast to the standard tier).
+    pub fn record_tier(&self, asked: Option<&str>, served: &str) {
+        let slot = SERVICE_TIERS
+            .iter()
+            .position(|tier| *tier == served)
+            .unwrap_or(SERVICE_TIERS.len() - 1);
+        self.tiers[slot].fetch_add(1, Ordering::Relaxed);
+        if asked == Some("priority") && served != "priority" {
+            self.tier_downgrades.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -525,6 +549,15 @@ impl DeploymentState {
             learned_tpm: Some(self.learned_tpm.load(Ordering::Relaxed)).filter(|n| *n > 0),
             learned_rpm: Some(self.learned_rpm.load(Ordering::Relaxed)).filter(|n| *n > 0),
             admits: self.admits(),
+            service_tiers: SERVICE_TIERS
+                .iter()
+                .zip(&self.tiers)
+                .filter_map(|(tier, n)| {
+                    let n = n.load(Ordering::Relaxed);
+                    (n > 0).then_some((*tier, n))
+                })
+                .collect(),
+            tier_downgrades: self.tier_downgrades.load(Ordering::Relaxed),
         }
     }
 }
@@ -573,6 +606,10 @@ pub struct StateStats {
     /// The share of its limits the upstream was seen to admit ([`Learned::FULL`] until it
     /// refused what the limits allowed).
     pub admits: Learned,
+    /// Answers by the service tier they reported (tiers with none left out).
+    pub service_tiers: Vec<(&'static str, u64)>,
+    /// Answers to requests that asked for `priority`, served at another tier.
+    pub tier_downgrades: u64,
 }
 
 #[cfg(test)]

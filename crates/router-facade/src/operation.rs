@@ -155,6 +155,15 @@ pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
     fn cache_key(&self) -> Option<&str> {
         None
     }
+    /// The service tier it asks for (`service_tier`).
+    fn asked_tier(&self) -> Option<&str> {
+        None
+    }
+    /// The service tier the answer says served it.
+    fn served_tier(response: &Self::Response) -> Option<&str> {
+        let _ = response;
+        None
+    }
     /// Whether the upstream stores what it answers.
     fn stores(&self) -> bool {
         false
@@ -308,6 +317,11 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
         };
         let deployment = std::sync::Arc::clone(attempt.deployment());
         identify(&reply.meta, attempts);
+        if let Some(served) = R::served_tier(&reply.body) {
+            deployment
+                .state
+                .record_tier(self.0.as_ref().asked_tier(), served);
+        }
         attempt
             .answered(sample, R::used(&reply.body), &reply.meta.rate_limits)
             .await;
@@ -336,6 +350,14 @@ impl Plain for ChatCompletionRequest {
 
     fn cache_key(&self) -> Option<&str> {
         body_cache_key(&self.extra)
+    }
+
+    fn asked_tier(&self) -> Option<&str> {
+        self.extra.get("service_tier")?.as_str()
+    }
+
+    fn served_tier(response: &Self::Response) -> Option<&str> {
+        response.service_tier.as_deref()
     }
 
     fn usage(response: &Self::Response) -> Option<&Usage> {
@@ -643,6 +665,8 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
         identify(stream.meta(), attempts);
         attempt.opened(ttft, &stream.meta().rate_limits);
         let strip_usage = self.injects_usage(&attempt);
-        RouterStream::new(opened, attempt, attempts, strip_usage)
+        let routed = RouterStream::new(opened, attempt, attempts, strip_usage);
+        routed.record_tier(Plain::asked_tier(self.0.as_ref()));
+        routed
     }
 }

@@ -540,7 +540,15 @@ impl<'r> Path<'r> {
         }
         let latency = |d: &Arc<Deployment>| d.state.latency(self.class, at);
         let fastest = members.iter().map(latency).fold(f64::INFINITY, f64::min);
-        latency(&members[index]) <= fastest * affinity.slower
+        let home = latency(&members[index]);
+        // Slower by the factor and by more than noise: 50 ms to the first token or for a
+        // call, 2 ms a token for a generation (fast upstreams differ by more than twice in
+        // fractions of a millisecond).
+        let noise = match self.class {
+            LatencyClass::Generation => 0.002,
+            LatencyClass::Stream | LatencyClass::Call => 0.05,
+        };
+        home <= fastest * affinity.slower || home - fastest <= noise
     }
 
     /// The pick its cache key makes: the key's deployment while it can take the request and

@@ -116,6 +116,17 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
         routed
     }
 
+    /// Records the service tier the events read so far (up to the first content) say served
+    /// it, on the answering deployment; `asked` is the tier the request asked for.
+    pub(crate) fn record_tier(&self, asked: Option<&str>) {
+        let Some(attempt) = &self.attempt else {
+            return;
+        };
+        if let Some(served) = self.held.iter().find_map(|event| event.item.service_tier()) {
+            attempt.deployment().state.record_tier(asked, served);
+        }
+    }
+
     /// The events read before the first content and not yet handed out.
     pub(crate) fn held(&self) -> impl Iterator<Item = &T> {
         self.held.iter().map(|event| &event.item)

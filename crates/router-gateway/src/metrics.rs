@@ -189,6 +189,25 @@ impl Metrics {
                 s.state.successes
             );
         }
+        out.push_str("# HELP openai_router_service_tier_total Answers by the service tier they reported (service_tier).\n# TYPE openai_router_service_tier_total counter\n");
+        for s in &stats {
+            for (tier, n) in &s.state.service_tiers {
+                let _ = writeln!(
+                    out,
+                    "openai_router_service_tier_total{{{},tier=\"{tier}\"}} {n}",
+                    labels(s)
+                );
+            }
+        }
+        out.push_str("# HELP openai_router_service_tier_downgrades_total Requests that asked for the priority tier and were served at another.\n# TYPE openai_router_service_tier_downgrades_total counter\n");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "openai_router_service_tier_downgrades_total{{{}}} {}",
+                labels(s),
+                s.state.tier_downgrades
+            );
+        }
         out.push_str("# HELP openai_router_upstream_failures_total Failed attempts by kind.\n# TYPE openai_router_upstream_failures_total counter\n");
         for s in &stats {
             for (kind, n) in &s.state.failures {

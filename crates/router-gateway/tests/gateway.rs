@@ -196,7 +196,8 @@ async fn sim() -> Sim {
             EndpointConfig::new("az", SimDialect::Azure)
                 .with_api_key(AZURE_KEY)
                 .with_models(["mini-dep", "emb-dep"])
-                .with_latency(LatencyModel::instant()),
+                .with_latency(LatencyModel::instant())
+                .with_priority_downgraded(),
         ],
     )
     .await
@@ -456,9 +457,24 @@ async fn the_official_python_client() {
         "embeddings",
         "errors",
         "cache_affinity",
+        "service_tier",
     ] {
         run_python(&gateway, phase, GATEWAY_KEY).await;
     }
+    // The tiers the answers reported, per deployment: `az` serves priority requests at default.
+    let metrics = metrics_text(&gateway).await;
+    assert!(
+        metrics.contains(r#"openai_router_service_tier_downgrades_total{endpoint="az",model="gpt-4o-mini",deployment="mini-dep"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"openai_router_service_tier_downgrades_total{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"openai_router_service_tier_total{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini",tier="priority"} 2"#),
+        "{metrics}"
+    );
     for endpoint in sim.endpoints() {
         endpoint.inject(
             Fault::status_with_code(400, "context_length_exceeded"),

@@ -107,6 +107,13 @@ impl EndpointConfig {
         self
     }
 
+    /// Serves requests that ask for the `priority` tier at `default`.
+    #[must_use]
+    pub fn with_priority_downgraded(mut self) -> Self {
+        self.output.downgrade_priority = true;
+        self
+    }
+
     /// Serves only these model or deployment names.
     #[must_use]
     pub fn with_models<I, S>(mut self, models: I) -> Self
@@ -331,6 +338,10 @@ pub struct OutputModel {
     /// Embedding dimensions when the request sets none.
     #[serde(default = "defaults::dimensions")]
     pub dimensions: u32,
+    /// Requests that ask for the `priority` service tier are served at `default`, as Azure and
+    /// OpenAI do when priority traffic grows too fast (the answer's `service_tier` says so).
+    #[serde(default)]
+    pub downgrade_priority: bool,
 }
 
 impl Default for OutputModel {
@@ -339,6 +350,7 @@ impl Default for OutputModel {
             completion_tokens: defaults::completion_tokens(),
             default_max_tokens: defaults::default_max_tokens(),
             dimensions: defaults::dimensions(),
+            downgrade_priority: false,
         }
     }
 }

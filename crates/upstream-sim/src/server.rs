@@ -633,6 +633,9 @@ pub(crate) struct Generation {
     per_token: Duration,
     /// Prompt tokens served from the endpoint's prompt cache (`cached_tokens` in the usage).
     cached_tokens: u64,
+    /// The service tier that serves it: the one asked for (`auto` and unknown tiers: `default`),
+    /// `priority` downgraded to `default` when the endpoint is set to.
+    service_tier: &'static str,
 }
 
 impl Generation {
@@ -704,6 +707,12 @@ impl Generation {
             ttft,
             per_token,
             cached_tokens: 0,
+            service_tier: match body["service_tier"].as_str() {
+                Some("priority") if !config.output.downgrade_priority => "priority",
+                Some("flex") => "flex",
+                Some("scale") => "scale",
+                _ => "default",
+            },
         }
     }
 
@@ -789,7 +798,8 @@ impl Generation {
                 let mut response = json!({
                     "id": self.id, "object": "chat.completion", "created": self.created,
                     "model": self.model, "choices": choices, "usage": self.usage(),
-                    "system_fingerprint": "fp_sim", "x_sim_extra": {"served_by": "upstream-sim"},
+                    "system_fingerprint": "fp_sim", "service_tier": self.service_tier,
+                    "x_sim_extra": {"served_by": "upstream-sim"},
                 });
                 if self.dialect == SimDialect::Azure {
                     response["prompt_filter_results"] =
@@ -887,7 +897,8 @@ impl Generation {
                     "created": self.created, "model": self.model, "choices": choices}),
                 _ => {
                     json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model, "system_fingerprint": "fp_sim", "choices": choices})
+                    "model": self.model, "system_fingerprint": "fp_sim",
+                    "service_tier": self.service_tier, "choices": choices})
                 }
             };
             if self.include_usage {

@@ -224,7 +224,23 @@ def cache_affinity():
                 assert cached >= 1024, (session, turn, answer.usage)
 
 
-PHASES = {f.__name__: f for f in [cache_affinity, basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback, entra]}
+def service_tier():
+    # Four requests for the priority tier, a stream among them, round-robin over the two
+    # deployments: `oai` serves them at priority, `az` at default, and each answer says which.
+    tiers = []
+    for turn in range(3):
+        answer = client().chat.completions.create(
+            model="gpt-4o-mini", max_tokens=2, service_tier="priority",
+            messages=[{"role": "user", "content": f"tier {turn}"}])
+        tiers.append(answer.service_tier)
+    stream = client().chat.completions.create(
+        model="gpt-4o-mini", max_tokens=2, service_tier="priority", stream=True,
+        messages=[{"role": "user", "content": "tier stream"}])
+    tiers.extend({c.service_tier for c in stream if c.choices})
+    assert sorted(tiers) == ["default", "default", "priority", "priority"], tiers
+
+
+PHASES = {f.__name__: f for f in [service_tier, cache_affinity, basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback, entra]}
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]]()
