@@ -168,11 +168,19 @@ impl OpenAiBackend {
         meta.request_id = header("x-request-id").or_else(|| header("apim-request-id"));
         meta.region = header("x-ms-region");
         meta.model_session = header("azureml-model-session");
+        meta.spilled_from = response.headers().keys().find_map(|name| {
+            name.as_str()
+                .strip_prefix("x-ms-spillover-from-")
+                .map(str::to_owned)
+        });
         meta.time_to_headers = time_to_headers;
 
         if !response.status().is_success() {
+            let spilled = meta.spilled_from.is_some()
+                || response.headers().contains_key("x-ms-spillover-error");
             let body = self.read_body(response, deadline).await.unwrap_or_default();
-            return Err(self.upstream_error(status, &body, &meta.rate_limits));
+            let error = self.upstream_error(status, &body, &meta.rate_limits);
+            return Err(if spilled { error.with_spilled() } else { error });
         }
         Ok((response, sent_at, meta))
     }

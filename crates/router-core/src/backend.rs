@@ -182,6 +182,9 @@ pub struct ResponseMeta {
     pub region: Option<String>,
     /// The Azure model session (`azureml-model-session`), which names the model instance.
     pub model_session: Option<String>,
+    /// Azure spilled the request over from this deployment (an `x-ms-spillover-from-<name>`
+    /// header): the deployment it was sent to was full, and its spillover deployment served.
+    pub spilled_from: Option<String>,
     /// From sending the request to the answer's headers.
     pub time_to_headers: Duration,
     /// From sending the request to the end of the body (non-streamed answers).

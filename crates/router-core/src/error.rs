@@ -64,6 +64,8 @@ struct Inner {
     message: Option<String>,
     body: Option<ErrorBody>,
     source: Option<BoxError>,
+    /// Azure spilled the request over to its spillover deployment, which failed too.
+    spilled: bool,
 }
 
 /// What kind of failure an [`Error`] is. Field-less and `Copy`, for matching and metric labels.
@@ -284,6 +286,7 @@ impl Error {
                 message: None,
                 body: None,
                 source: None,
+                spilled: false,
             }),
         }
     }
@@ -406,6 +409,20 @@ impl Error {
     /// The endpoint that failed, when one did.
     pub fn endpoint(&self) -> Option<&EndpointId> {
         self.inner.endpoint.as_ref()
+    }
+
+    /// Marks the error as Azure's answer after spilling the request over to the spillover
+    /// deployment (`x-ms-spillover-error`, `x-ms-spillover-from-*`): both deployments tried.
+    #[must_use]
+    pub fn with_spilled(mut self) -> Self {
+        self.inner.spilled = true;
+        self
+    }
+
+    /// Whether Azure had spilled the request over to its spillover deployment already, which
+    /// failed too ([`with_spilled`](Self::with_spilled)).
+    pub fn spilled(&self) -> bool {
+        self.inner.spilled
     }
 
     /// How long the upstream asked to wait (`retry-after-ms`, `retry-after`, reset headers, or

@@ -194,6 +194,8 @@ pub struct DeploymentState {
     tiers: [AtomicU64; SERVICE_TIERS.len()],
     /// Answers to requests that asked for `priority` and were served at another tier.
     tier_downgrades: AtomicU64,
+    /// Requests Azure spilled over from it to their spillover deployment (it was full).
+    spilled_over: AtomicU64,
 }
 
 /// The service tiers answers report (`service_tier`), as [`StateStats::service_tiers`] counts
@@ -241,7 +243,15 @@ impl DeploymentState {
             last_report: AtomicU64::new(0),
             tiers: std::array::from_fn(|_| AtomicU64::new(0)),
             tier_downgrades: AtomicU64::new(0),
+            spilled_over: AtomicU64::new(0),
         }
+    }
+
+    /// Azure spilled a request sent here over to its spillover deployment: this one was full.
+    /// It takes one request at a time until it serves one itself (half-open, as after a 429).
+    pub fn spilled(&self) {
+        self.spilled_over.fetch_add(1, Ordering::Relaxed);
+        self.hold_to_one();
     }
 
     /// An answer reported being served at tier `served`; the request asked for `asked`. A
@@ -558,6 +568,7 @@ impl DeploymentState {
                 })
                 .collect(),
             tier_downgrades: self.tier_downgrades.load(Ordering::Relaxed),
+            spilled_over: self.spilled_over.load(Ordering::Relaxed),
         }
     }
 }
@@ -610,6 +621,8 @@ pub struct StateStats {
     pub service_tiers: Vec<(&'static str, u64)>,
     /// Answers to requests that asked for `priority`, served at another tier.
     pub tier_downgrades: u64,
+    /// Requests Azure spilled over from it to their spillover deployment (it was full).
+    pub spilled_over: u64,
 }
 
 #[cfg(test)]

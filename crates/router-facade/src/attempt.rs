@@ -45,6 +45,11 @@ pub(crate) struct Attempt {
     /// The answer's remaining counts repeat the report before them
     /// (`DeploymentState::fresh_report`): they correct nothing, here or in the store.
     stale: bool,
+    /// The request's Azure spillover deployment, when the router has it in the same group on
+    /// the same endpoint: what serves when Azure spills the request over.
+    spill_to: Option<Arc<Deployment>>,
+    /// Azure spilled this stream over to `spill_to`'s deployment.
+    spilled: bool,
     _slot: InFlightGuard,
 }
 
@@ -68,12 +73,40 @@ impl Attempt {
             permit: None,
             admitted: false,
             stale: false,
+            spill_to: None,
+            spilled: false,
             _slot: slot,
         }
     }
 
     pub(crate) fn deployment(&self) -> &Arc<Deployment> {
         &self.deployment
+    }
+
+    /// Where Azure spills the request over to, when the router has that deployment.
+    pub(crate) fn spill_to(&mut self, deployment: Option<Arc<Deployment>>) {
+        self.spill_to = deployment;
+    }
+
+    /// The deployment Azure spilled the request over to, when the router has it.
+    pub(crate) fn spilled_to(&self) -> Option<&Arc<Deployment>> {
+        self.spill_to.as_ref()
+    }
+
+    /// Azure spilled the request over (`x-ms-spillover-from-*`): the deployment it was sent
+    /// to was full and did not serve it. That one is half-open until it serves one itself, its
+    /// reservation goes back, and neither its latency nor its success are recorded; the
+    /// spillover deployment, when the router has it, is credited with the latency and the
+    /// success (its own quota learns from its own answers).
+    fn spilled_over(&mut self, sample: Option<Duration>) {
+        self.deployment.state.spilled();
+        tracing::debug!(from = %self.deployment.name, "azure spilled the request over");
+        if let Some(to) = &self.spill_to {
+            if let Some(sample) = sample {
+                to.state.observe_latency(self.class, sample, now());
+            }
+            to.state.record_success();
+        }
     }
 
     /// Whether the attempt is accounted (holds a reservation to settle).
@@ -125,13 +158,22 @@ impl Attempt {
     }
 
     /// A non-streamed answer: records `sample` and the success, learns from the headers, and
-    /// settles the reservation with what the answer used.
+    /// settles the reservation with what the answer used (an answer Azure spilled over:
+    /// [`spilled_over`](Self::spilled_over), and the reservation released).
     pub(crate) async fn answered(
         mut self,
         sample: Duration,
         used: Option<Used>,
-        info: &RateLimitInfo,
+        meta: &router_core::ResponseMeta,
     ) {
+        if meta.spilled_from.is_some() {
+            self.spilled_over(Some(sample));
+            if let Some(reservation) = self.reservation.take() {
+                reservation.release().await;
+            }
+            return;
+        }
+        let info = &meta.rate_limits;
         let state = &self.deployment.state;
         state.observe_latency(self.class, sample, now());
         state.record_success();
@@ -142,14 +184,22 @@ impl Attempt {
         }
     }
 
-    /// A stream opened: records its time to first content and learns from the headers. Its
-    /// outcome comes with [`finished`](Self::finished).
-    pub(crate) fn opened(&mut self, ttft: Duration, info: &RateLimitInfo) {
+    /// A stream opened: records its time to first content and learns from the headers (a
+    /// stream Azure spilled over: [`spilled_over`](Self::spilled_over), and the reservation
+    /// released). Its outcome comes with [`finished`](Self::finished).
+    pub(crate) fn opened(&mut self, ttft: Duration, meta: &router_core::ResponseMeta) {
         self.admitted = true;
+        if meta.spilled_from.is_some() {
+            self.spilled = true;
+            self.spilled_over(Some(ttft));
+            // Dropped unsettled: released in the background.
+            drop(self.reservation.take());
+            return;
+        }
         self.deployment
             .state
             .observe_latency(self.class, ttft, now());
-        self.upstream_said(info);
+        self.upstream_said(&meta.rate_limits);
     }
 
     /// A stream ended (from `poll_next`, so nothing is awaited): success, settled with `used`,
@@ -160,6 +210,10 @@ impl Attempt {
         used: Option<Used>,
         info: &RateLimitInfo,
     ) {
+        if self.spilled {
+            // Served (or not) by the spillover deployment: credited when it opened.
+            return;
+        }
         match outcome {
             Ok(()) => {
                 self.deployment.state.record_success();

@@ -68,6 +68,16 @@ pub struct DeploymentSpec {
 }
 
 impl Endpoint {
+    /// The Azure resource it is (its URL, without a trailing slash, in lowercase): deployments
+    /// of one resource are where Azure spills requests over. `None` for other endpoints.
+    pub(crate) fn azure_resource(&self) -> Option<String> {
+        match &self.kind {
+            #[cfg(feature = "azure")]
+            EndpointKind::Azure { url, .. } => Some(url.trim_end_matches('/').to_ascii_lowercase()),
+            _ => None,
+        }
+    }
+
     fn new(name: impl Into<String>, kind: EndpointKind) -> Self {
         Self {
             name: name.into(),

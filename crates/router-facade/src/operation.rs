@@ -323,7 +323,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
                 .record_tier(self.0.as_ref().asked_tier(), served);
         }
         attempt
-            .answered(sample, R::used(&reply.body), &reply.meta.rate_limits)
+            .answered(sample, R::used(&reply.body), &reply.meta)
             .await;
         Routed {
             body: reply.body,
@@ -663,7 +663,7 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
             .or_else(|| stream.time_to_first_event())
             .unwrap_or(took);
         identify(stream.meta(), attempts);
-        attempt.opened(ttft, &stream.meta().rate_limits);
+        attempt.opened(ttft, stream.meta());
         let strip_usage = self.injects_usage(&attempt);
         let routed = RouterStream::new(opened, attempt, attempts, strip_usage);
         routed.record_tier(Plain::asked_tier(self.0.as_ref()));

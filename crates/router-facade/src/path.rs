@@ -817,14 +817,33 @@ impl<'r> Path<'r> {
         reservation: Option<Reservation>,
     ) -> Attempt {
         let rng = Rng::with_seed(self.rng.fork_seed());
-        Attempt::new(
+        // The spillover deployment Azure would send it to (on the same resource), when the
+        // router has it.
+        let spill_to = self
+            .spillover
+            .as_deref()
+            .filter(|_| deployment.resource.is_some())
+            .and_then(|name| {
+                self.group()
+                    .members
+                    .iter()
+                    .find(|d| {
+                        d.resource == deployment.resource
+                            && d.name == name
+                            && d.name != deployment.name
+                    })
+                    .cloned()
+            });
+        let mut attempt = Attempt::new(
             deployment,
             slot,
             self.class,
             self.live.settings.health,
             rng,
             reservation,
-        )
+        );
+        attempt.spill_to(spill_to);
+        attempt
     }
 
     /// The shadow probe the last selection owed (a copy of this request, sent in the
@@ -1166,6 +1185,13 @@ impl<'r> Path<'r> {
         }
         let deployment = Arc::clone(attempt.deployment());
         let reserved = attempt.is_accounted();
+        // Azure spilled it over and its spillover deployment failed too: that one is tried.
+        if error.spilled()
+            && let Some(to) = attempt.spilled_to()
+            && let Some(index) = self.group().members.iter().position(|d| Arc::ptr_eq(d, to))
+        {
+            self.tried[index] = true;
+        }
         attempt.failed(&error).await;
         let health = self.live.settings.health;
         if error.is_rate_limited() {

@@ -33,6 +33,8 @@ pub(crate) struct Deployment {
     /// The endpoint's fingerprint plus the deployment name: what must not change for the live
     /// state to carry over a reload.
     pub(crate) identity: (u64, String),
+    /// The Azure resource it is on (`Endpoint::azure_resource`): where Azure spills over.
+    pub(crate) resource: Option<String>,
 }
 
 impl Deployment {
@@ -153,6 +155,7 @@ impl RouterSnapshot {
                     stream_usage: endpoint.accepts_stream_usage(),
                     state,
                     identity,
+                    resource: endpoint.azure_resource(),
                 }));
             }
         }

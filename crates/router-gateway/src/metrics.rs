@@ -189,6 +189,15 @@ impl Metrics {
                 s.state.successes
             );
         }
+        out.push_str("# HELP openai_router_spilled_over_total Requests Azure spilled over from the deployment (it was full) to their spillover deployment.\n# TYPE openai_router_spilled_over_total counter\n");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "openai_router_spilled_over_total{{{}}} {}",
+                labels(s),
+                s.state.spilled_over
+            );
+        }
         out.push_str("# HELP openai_router_service_tier_total Answers by the service tier they reported (service_tier).\n# TYPE openai_router_service_tier_total counter\n");
         for s in &stats {
             for (tier, n) in &s.state.service_tiers {

@@ -87,6 +87,18 @@ impl Fault {
     }
 }
 
+/// Azure's spillover, for an endpoint whose deployments are full (`SimEndpoint::spill`): a
+/// request that names a spillover deployment (`x-ms-spillover-deployment`) is spilled over to
+/// it, and the answer says so with an `x-ms-spillover-from-<deployment asked for>` header; one
+/// that names none is refused with 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spill {
+    /// The spillover deployment serves the request.
+    Serves,
+    /// The spillover deployment fails too: 503 with `x-ms-spillover-error`.
+    Fails,
+}
+
 /// How often an injected fault applies.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Times {

@@ -56,7 +56,7 @@ pub use config::{
     WindowKind,
 };
 pub use entra::{TokenIssuer, TokenIssuerConfig};
-pub use faults::{Fault, Times};
+pub use faults::{Fault, Spill, Times};
 pub use state::{Counters, RecordedRequest};
 
 use faults::Injected;
@@ -133,7 +133,7 @@ async fn serve(listener: TcpListener, state: Arc<EndpointState>) {
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = service_fn(move |request| server::handle(Arc::clone(&state), request));
+            let service = service_fn(move |request| server::answer(Arc::clone(&state), request));
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -205,6 +205,12 @@ impl SimEndpoint {
     /// to a request wins.
     pub fn inject(&self, fault: Fault, times: Times) {
         self.state.faults().push(Injected { fault, times });
+    }
+
+    /// Makes its deployments full, spilling requests over as Azure does (`Some`), or not
+    /// (`None`).
+    pub fn spill(&self, spill: Option<faults::Spill>) {
+        self.state.set_spill(spill);
     }
 
     /// Removes every injected fault.

@@ -55,6 +55,69 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// Serves one request, spilling it over first when the endpoint's deployments are full
+/// (`SimEndpoint::spill`).
+pub(crate) async fn answer(
+    state: Arc<EndpointState>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Reset> {
+    let Some(spill) = state.spill() else {
+        return handle(state, request).await;
+    };
+    // The deployment asked for: in the path (deployments form), else the body's `model`.
+    let asked = request
+        .uri()
+        .path()
+        .split("/deployments/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("deployment")
+        .to_ascii_lowercase();
+    let to = request
+        .headers()
+        .get("x-ms-spillover-deployment")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let from = format!("x-ms-spillover-from-{asked}");
+    let mark = |mut response: Response<Body>| {
+        if let Ok(name) = http::HeaderName::from_bytes(from.as_bytes()) {
+            response
+                .headers_mut()
+                .insert(name, HeaderValue::from_static("true"));
+        }
+        response
+    };
+    match (to, spill) {
+        (None, _) => {
+            let seq = state.next_seq();
+            state.counters.rate_limited.inc();
+            Ok(state.reply_error(
+                seq,
+                429,
+                None,
+                "Requests to the deployment have exceeded its provisioned throughput.",
+                Some(Duration::from_secs(1)),
+            ))
+        }
+        (Some(to), crate::faults::Spill::Fails) => {
+            let seq = state.next_seq();
+            state.counters.faults.inc();
+            let mut response = mark(state.reply_error(
+                seq,
+                503,
+                None,
+                &format!("The spillover deployment {to} could not serve the request."),
+                None,
+            ));
+            response
+                .headers_mut()
+                .insert("x-ms-spillover-error", HeaderValue::from_static("503"));
+            Ok(response)
+        }
+        (Some(_), crate::faults::Spill::Serves) => Ok(mark(handle(state, request).await?)),
+    }
+}
+
 /// Serves one request.
 pub(crate) async fn handle(
     state: Arc<EndpointState>,

@@ -120,6 +120,8 @@ pub(crate) struct EndpointState {
     stored: Mutex<VecDeque<(String, serde_json::Value, serde_json::Value)>>,
     /// Prompt prefixes in the prompt cache, by hash, until when.
     prompt_cache: Mutex<std::collections::HashMap<u64, Instant>>,
+    /// Full deployments spill requests over (`SimEndpoint::spill`).
+    spill: Mutex<Option<crate::faults::Spill>>,
 }
 
 /// How many stored responses an endpoint keeps.
@@ -157,7 +159,16 @@ impl EndpointState {
             seed,
             stored: Mutex::new(VecDeque::new()),
             prompt_cache: Mutex::new(std::collections::HashMap::new()),
+            spill: Mutex::new(None),
         }
+    }
+
+    pub(crate) fn set_spill(&self, spill: Option<crate::faults::Spill>) {
+        *lock(&self.spill) = spill;
+    }
+
+    pub(crate) fn spill(&self) -> Option<crate::faults::Spill> {
+        *lock(&self.spill)
     }
 
     /// A prompt whose cacheable prefix (`key`, `tokens` long) arrived at `now`: the tokens
