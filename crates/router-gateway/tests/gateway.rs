@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt as _;
 use tokio::process::{Child, Command};
 use upstream_sim::{
-    EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times, TokenIssuer, TokenIssuerConfig,
+    EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Spill, Times, TokenIssuer,
+    TokenIssuerConfig,
 };
 
 const UPSTREAM_KEY: &str = "sk-upstream-secret-7d1f";
@@ -577,6 +578,43 @@ async fn entra_id_through_the_official_python_client() {
     assert_eq!(azure.endpoints()[0].counters().requests, 2);
     let logs = gateway.logs().await;
     assert_no_secret(&logs, &[SECRET, "sim-entra."]);
+}
+
+/// Azure spillover through the gateway and the official Python client: the caller names the
+/// spillover deployment (`x-ms-spillover-deployment`); the provisioned deployment is full, Azure
+/// serves the request on the pay-as-you-go one, and the gateway credits that one: the metrics
+/// count the spill on the full deployment.
+#[tokio::test]
+async fn spillover_through_the_official_python_client() {
+    let sim = sim().await;
+    let east = Sim::start(
+        8,
+        [EndpointConfig::new("east", SimDialect::Azure)
+            .with_api_key(AZURE_KEY)
+            .with_models(["ptu", "paygo"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let url = east.endpoints()[0].url();
+    let extra = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"east-ptu\"\nkind = \"azure\"\nurl = \"{url}\"\napi_version = \"2024-10-21\"\napi_key_env = \"TEST_AZURE_KEY\"\ndeployments = {{ \"gpt-4o\" = \"ptu\" }}\n\n[[endpoints]]\nname = \"east-paygo\"\nkind = \"azure\"\nurl = \"{url}\"\napi_version = \"2024-10-21\"\napi_key_env = \"TEST_AZURE_KEY\"\ndeployments = {{ \"gpt-4o\" = \"paygo\" }}\npriority = 1\n",
+        hash(OPEN_KEY)
+    );
+    let gateway = start(&sim, &extra).await;
+    east.endpoints()[0].spill(Some(Spill::Serves));
+    run_python(&gateway, "spillover", OPEN_KEY).await;
+    let metrics = metrics_text(&gateway).await;
+    assert!(
+        metrics.contains(r#"openai_router_spilled_over_total{endpoint="east-ptu",model="gpt-4o",deployment="ptu"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"openai_router_upstream_successes_total{endpoint="east-paygo",model="gpt-4o",deployment="paygo"} 1"#),
+        "{metrics}"
+    );
+    let seen = east.endpoints()[0].last_request().unwrap();
+    assert_eq!(seen.header("x-ms-spillover-deployment"), Some("paygo"));
 }
 
 /// A folder holding the official `openai` npm package (v4: it runs on Debian's Node.js 18 as

@@ -240,7 +240,16 @@ def service_tier():
     assert sorted(tiers) == ["default", "default", "priority", "priority"], tiers
 
 
-PHASES = {f.__name__: f for f in [service_tier, cache_affinity, basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback, entra]}
+def spillover():
+    # `gpt-4o`'s provisioned deployment is full: Azure spills the request over to the one the
+    # caller named, and the answer comes back as usual.
+    answer = client().chat.completions.create(
+        model="gpt-4o", max_tokens=2, messages=[{"role": "user", "content": "spill"}],
+        extra_headers={"x-ms-spillover-deployment": "paygo"})
+    assert answer.choices[0].message.content, answer
+
+
+PHASES = {f.__name__: f for f in [spillover, service_tier, cache_affinity, basic, stream_tools, legacy_stream, responses, embeddings, errors, bad_request, throttled, throttled_then_retried, fallback, entra]}
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]]()
