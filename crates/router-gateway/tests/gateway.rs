@@ -580,6 +580,101 @@ async fn entra_id_through_the_official_python_client() {
     assert_no_secret(&logs, &[SECRET, "sim-entra."]);
 }
 
+/// Entra ID with a managed identity through the gateway: App Service's environment
+/// (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`) points at the loopback identity endpoint, and the
+/// gateway's `entra = { credential = "managed-identity" }` endpoint gets its token there.
+#[tokio::test]
+async fn entra_managed_identity_through_the_official_python_client() {
+    const IDENTITY_SECRET: &str = "app-service-identity-secret";
+    let sim = sim().await;
+    let issuer = TokenIssuer::start(
+        TokenIssuerConfig::new("unused", "unused", "unused").with_managed_identity(IDENTITY_SECRET),
+    )
+    .await
+    .unwrap();
+    let azure = Sim::start(
+        7,
+        [EndpointConfig::new("entra", SimDialect::Azure)
+            .with_api_key("a-key-nobody-sends")
+            .with_entra(&issuer)
+            .with_models(["gpt4o-entra"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let extra = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"entra\"\nkind = \"azure\"\nurl = \"{}\"\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o\" = \"gpt4o-entra\" }}\nentra = {{ credential = \"managed-identity\" }}\n",
+        hash(OPEN_KEY),
+        azure.endpoints()[0].url(),
+    );
+    let env = [
+        ("IDENTITY_ENDPOINT", issuer.identity_endpoint()),
+        ("IDENTITY_HEADER", IDENTITY_SECRET.to_owned()),
+    ];
+    let gateway = start_in(&sim, &extra, 5000, &env).await;
+    run_python(&gateway, "entra", OPEN_KEY).await;
+    assert_eq!(issuer.issued(), 1, "one token for every request");
+    assert_eq!(azure.endpoints()[0].counters().requests, 2);
+    let logs = gateway.logs().await;
+    assert_no_secret(&logs, &[IDENTITY_SECRET, "sim-entra."]);
+}
+
+/// Entra ID from the Azure CLI through the gateway: a stand-in `az` first on the gateway's
+/// `PATH` answers `az account get-access-token` as the CLI does (it records each call), and the
+/// gateway's `entra = { credential = "azure-cli" }` endpoint sends its token.
+#[cfg(unix)]
+#[tokio::test]
+async fn entra_from_the_azure_cli_through_the_official_python_client() {
+    use std::os::unix::fs::PermissionsExt as _;
+    const TOKEN: &str = "token-from-the-azure-cli";
+    let sim = sim().await;
+    let azure = Sim::start(
+        7,
+        [EndpointConfig::new("entra", SimDialect::Azure)
+            .with_api_key("a-key-nobody-sends")
+            .with_bearer_token(TOKEN)
+            .with_models(["gpt4o-entra"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let bin = std::env::temp_dir().join(format!("fake-az-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = bin.join("calls");
+    let script = format!(
+        "#!/bin/sh\n# A stand-in for the Azure CLI.\necho \"$*\" >> '{}'\ncase \"$*\" in\n  \"account get-access-token\"*) printf '{{\"accessToken\":\"{TOKEN}\",\"expires_on\":%s,\"tokenType\":\"Bearer\"}}\\n' \"$(( $(date +%s) + 3600 ))\" ;;\n  *) echo \"unexpected: $*\" >&2; exit 2 ;;\nesac\n",
+        calls.display()
+    );
+    let az = bin.join("az");
+    std::fs::write(&az, script).unwrap();
+    std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let extra = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"entra\"\nkind = \"azure\"\nurl = \"{}\"\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o\" = \"gpt4o-entra\" }}\nentra = {{ credential = \"azure-cli\" }}\n",
+        hash(OPEN_KEY),
+        azure.endpoints()[0].url(),
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let gateway = start_in(&sim, &extra, 5000, &[("PATH", path)]).await;
+    run_python(&gateway, "entra", OPEN_KEY).await;
+    let called = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert_eq!(
+        called.lines().count(),
+        1,
+        "one token for every request: {called}"
+    );
+    assert!(
+        called.contains("account get-access-token") && called.contains("cognitiveservices"),
+        "{called}"
+    );
+    assert_eq!(azure.endpoints()[0].counters().requests, 2);
+    assert_no_secret(&gateway.logs().await, &[TOKEN]);
+    let _ = std::fs::remove_dir_all(bin);
+}
+
 /// Azure spillover through the gateway and the official Python client: the caller names the
 /// spillover deployment (`x-ms-spillover-deployment`); the provisioned deployment is full, Azure
 /// serves the request on the pay-as-you-go one, and the gateway credits that one: the metrics

@@ -40,6 +40,9 @@ pub struct TokenIssuerConfig {
     pub client_assertion: Option<String>,
     /// Tokens' lifetime (`expires_in`).
     pub lifetime: Duration,
+    /// The managed-identity endpoint's secret (App Service's `IDENTITY_HEADER`): with it, `GET
+    /// /msi/token?resource=…` answers as App Service's identity endpoint does.
+    pub identity_header: Option<String>,
 }
 
 impl TokenIssuerConfig {
@@ -55,7 +58,16 @@ impl TokenIssuerConfig {
             client_secret: client_secret.into(),
             client_assertion: None,
             lifetime: Duration::from_secs(3600),
+            identity_header: None,
         }
+    }
+
+    /// Also answers as a managed-identity endpoint (App Service's), for requests carrying
+    /// `x-identity-header: secret`.
+    #[must_use]
+    pub fn with_managed_identity(mut self, secret: impl Into<String>) -> Self {
+        self.identity_header = Some(secret.into());
+        self
     }
 
     /// Also accepts `assertion` as a client assertion (workload identity).
@@ -125,6 +137,11 @@ impl TokenIssuer {
     /// `http://127.0.0.1:PORT`: the authority host to give a credential.
     pub fn authority_host(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT/msi/token`: what App Service sets `IDENTITY_ENDPOINT` to.
+    pub fn identity_endpoint(&self) -> String {
+        format!("http://{}/msi/token", self.addr)
     }
 
     /// What an endpoint checks tokens against ([`EndpointConfig::with_entra`]).
@@ -219,6 +236,9 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let config = &state.config;
     let path = request.uri().path().to_owned();
+    if path == "/msi/token" {
+        return Ok(managed_identity(&state, &request));
+    }
     let wanted = format!("/{}/oauth2/v2.0/token", config.tenant_id);
     if request.method() != http::Method::POST || !path.ends_with("/oauth2/v2.0/token") {
         return Ok(refusal(
@@ -287,13 +307,8 @@ async fn answer(
             "AADSTS1002012: The provided value for scope is not valid.",
         ));
     }
-    let serial = state.issued.fetch_add(1, Ordering::Relaxed);
     let life = config.lifetime.as_secs();
-    let expires = unix_now() + life;
-    let token = format!(
-        "sim-entra.{expires}.{serial}.{:016x}",
-        check_value(&state.seed, expires, serial)
-    );
+    let (token, _) = issue(&state);
     Ok(reply(
         StatusCode::OK,
         &json!({
@@ -303,6 +318,58 @@ async fn answer(
             "access_token": token,
         }),
     ))
+}
+
+/// A new token for `state`'s issuer: the token and its expiry (Unix seconds).
+fn issue(state: &IssuerState) -> (String, u64) {
+    let serial = state.issued.fetch_add(1, Ordering::Relaxed);
+    let expires = unix_now() + state.config.lifetime.as_secs();
+    let token = format!(
+        "sim-entra.{expires}.{serial}.{:016x}",
+        check_value(&state.seed, expires, serial)
+    );
+    (token, expires)
+}
+
+/// `GET /msi/token?api-version=…&resource=…`, as App Service's managed-identity endpoint
+/// answers it: the secret in `x-identity-header`, the token's expiry as a string of Unix
+/// seconds.
+fn managed_identity(state: &IssuerState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let secret = request
+        .headers()
+        .get("x-identity-header")
+        .and_then(|v| v.to_str().ok());
+    if secret.is_none() || secret != state.config.identity_header.as_deref() {
+        return refusal(
+            state,
+            StatusCode::UNAUTHORIZED,
+            "invalid_request",
+            "the identity header is missing or wrong",
+        );
+    }
+    let query = url_decode(request.uri().query().unwrap_or_default().as_bytes());
+    let Some(resource) = query
+        .iter()
+        .find(|(k, _)| k == "resource")
+        .map(|(_, v)| v.clone())
+    else {
+        return refusal(
+            state,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "resource is required",
+        );
+    };
+    let (token, expires) = issue(state);
+    reply(
+        StatusCode::OK,
+        &json!({
+            "access_token": token,
+            "expires_on": expires.to_string(),
+            "resource": resource,
+            "token_type": "Bearer",
+        }),
+    )
 }
 
 /// `application/x-www-form-urlencoded` pairs.
