@@ -93,11 +93,19 @@ impl Attempt {
         self.spill_to.as_ref()
     }
 
+    /// Where the quota of a request Azure spilled over is charged: the spillover deployment's
+    /// store key and limits, when the router has it and counts its quota.
+    fn spill_target(&self) -> Option<(Arc<str>, router_core::Limits)> {
+        let to = self.spill_to.as_ref()?;
+        let limits = to.quota_limits();
+        limits.is_limited().then(|| (Arc::clone(&to.key), limits))
+    }
+
     /// Azure spilled the request over (`x-ms-spillover-from-*`): the deployment it was sent
     /// to was full and did not serve it. That one is half-open until it serves one itself, its
     /// reservation goes back, and neither its latency nor its success are recorded; the
-    /// spillover deployment, when the router has it, is credited with the latency and the
-    /// success (its own quota learns from its own answers).
+    /// spillover deployment, when the router has it, is credited with the latency, the success
+    /// and the quota (the reservation moves there: [`Reservation::move_to`]).
     fn spilled_over(&mut self, sample: Option<Duration>) {
         self.deployment.state.spilled();
         tracing::debug!(from = %self.deployment.name, "azure spilled the request over");
@@ -169,7 +177,15 @@ impl Attempt {
         if meta.spilled_from.is_some() {
             self.spilled_over(Some(sample));
             if let Some(reservation) = self.reservation.take() {
-                reservation.release().await;
+                // Charged where it was served, when the router has that deployment.
+                match self.spill_target() {
+                    Some((key, limits)) => {
+                        if let Some(moved) = reservation.move_to(key, limits).await {
+                            moved.settle(used, &meta.rate_limits).await;
+                        }
+                    }
+                    None => reservation.release().await,
+                }
             }
             return;
         }
@@ -192,8 +208,22 @@ impl Attempt {
         if meta.spilled_from.is_some() {
             self.spilled = true;
             self.spilled_over(Some(ttft));
-            // Dropped unsettled: released in the background.
-            drop(self.reservation.take());
+            if let Some(reservation) = self.reservation.take() {
+                match self.spill_target() {
+                    // Charged where it streams, and kept there (as an opened stream's is).
+                    Some((key, limits)) => {
+                        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                            handle.spawn(async move {
+                                if let Some(moved) = reservation.move_to(key, limits).await {
+                                    moved.keep();
+                                }
+                            });
+                        }
+                    }
+                    // Dropped unsettled: released in the background.
+                    None => drop(reservation),
+                }
+            }
             return;
         }
         self.deployment

@@ -96,6 +96,45 @@ impl Reservation {
         self.apply(settlement).await;
     }
 
+    /// The request was served elsewhere (Azure spilled it over to `key`'s deployment): this
+    /// reservation goes back, and the same charge is taken on `key` under `limits`, however
+    /// full the store thinks it is (the upstream served it there). The new reservation, when
+    /// the store answered.
+    pub(crate) async fn move_to(mut self, key: Arc<str>, limits: Limits) -> Option<Self> {
+        self.open = false;
+        self.apply(Settlement::release(self.ticket, self.charge))
+            .await;
+        let now = crate::clock::now();
+        // Taken whatever the log says: reserved as nothing, then charged by a settlement that
+        // takes the rest.
+        let nothing = Charge {
+            tokens: 0,
+            requests: 0,
+        };
+        let ticket = match self.store.reserve(&key, &limits, nothing, now).await {
+            Ok(router_core::Admission::Admitted { ticket, .. }) => ticket,
+            _ => return None,
+        };
+        let taken = Settlement {
+            ticket,
+            tokens_back: -i64::try_from(self.charge.tokens).unwrap_or(i64::MAX),
+            requests_back: -i64::try_from(self.charge.requests).unwrap_or(i64::MAX),
+            ..Settlement::default()
+        };
+        let _ = self.store.settle(&key, &limits, taken, now).await;
+        Some(Self {
+            store: Arc::clone(&self.store),
+            key,
+            limits,
+            ticket,
+            charge: self.charge,
+            output: self.output,
+            counted_prompt: self.counted_prompt,
+            accounting: self.accounting,
+            open: true,
+        })
+    }
+
     /// The request failed: everything back.
     pub(crate) async fn release(mut self) {
         self.open = false;

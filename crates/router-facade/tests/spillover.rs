@@ -5,15 +5,16 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
-use router_facade::{Availability, Endpoint, RequestOptions, Router};
+use router_facade::{Availability, Endpoint, MemoryStore, RequestOptions, Router};
 use upstream_sim::{EndpointConfig, LatencyModel, Sim, SimDialect, Spill};
 
 const KEY: &str = "az-spill-key";
 
-async fn world() -> (Sim, Router) {
+async fn world() -> (Sim, Router, Arc<MemoryStore>) {
     let sim = Sim::start(
         4,
         [EndpointConfig::new("east", SimDialect::Azure)
@@ -33,13 +34,16 @@ async fn world() -> (Sim, Router) {
             .api_key(KEY)
             .deployment("gpt-4o", deployment)
             .priority(priority)
+            .tpm(600_000)
     };
+    let store = Arc::new(MemoryStore::new());
     let router = Router::builder()
         .endpoint(azure("east-ptu", "ptu", 0))
         .endpoint(azure("east-paygo", "paygo", 1))
+        .state_store(Arc::clone(&store) as Arc<dyn router_facade::StateStore>)
         .build()
         .unwrap();
-    (sim, router)
+    (sim, router, store)
 }
 
 fn request() -> ChatCompletionRequest {
@@ -59,7 +63,7 @@ fn stats_of(router: &Router, endpoint: &str) -> router_facade::StateStats {
 
 #[tokio::test(start_paused = true)]
 async fn the_deployment_azure_spilled_to_is_credited_and_the_full_one_held_to_one() {
-    let (sim, router) = world().await;
+    let (sim, router, store) = world().await;
     let options = RequestOptions::default().with_spillover_deployment("paygo");
     // Served as asked first: nothing spilled.
     router.chat_with(&request(), &options).await.unwrap();
@@ -78,6 +82,18 @@ async fn the_deployment_azure_spilled_to_is_credited_and_the_full_one_held_to_on
         "the spilled request is not the full one's success"
     );
     assert_eq!(paygo.successes, 1, "the deployment that served is credited");
+    // Its quota too: the spilled request's tokens are held on the pay-as-you-go deployment,
+    // and the provisioned one holds only the request it served itself.
+    let now = tokio::time::Instant::now().into_std();
+    let (ptu_held, paygo_held) = (
+        store.held("east-ptu/gpt-4o", now),
+        store.held("east-paygo/gpt-4o", now),
+    );
+    assert!(
+        paygo_held.0 > 0.0 && (paygo_held.1 - 1.0).abs() < 1e-9,
+        "{paygo_held:?}"
+    );
+    assert!((ptu_held.1 - 1.0).abs() < 1e-9, "{ptu_held:?}");
     // The full deployment takes one request at a time until it serves one itself.
     let guard_probe = router.chat_with(&request(), &options).await.unwrap();
     assert_eq!(guard_probe.meta.spilled_from.as_deref(), Some("ptu"));
@@ -93,7 +109,7 @@ async fn the_deployment_azure_spilled_to_is_credited_and_the_full_one_held_to_on
 #[tokio::test(start_paused = true)]
 async fn a_request_azure_spilled_and_that_failed_there_is_not_sent_to_the_spillover_deployment_again()
  {
-    let (sim, router) = world().await;
+    let (sim, router, _) = world().await;
     sim.endpoints()[0].spill(Some(Spill::Fails));
     let options = RequestOptions::default().with_spillover_deployment("paygo");
     let error = router.chat_with(&request(), &options).await.unwrap_err();
