@@ -111,9 +111,10 @@ impl Reservation {
             tokens: 0,
             requests: 0,
         };
-        let ticket = match self.store.reserve(&key, &limits, nothing, now).await {
-            Ok(router_core::Admission::Admitted { ticket, .. }) => ticket,
-            _ => return None,
+        let Ok(router_core::Admission::Admitted { ticket, .. }) =
+            self.store.reserve(&key, &limits, nothing, now).await
+        else {
+            return None;
         };
         let taken = Settlement {
             ticket,
