@@ -2,12 +2,13 @@
 //!
 //! The configuration holds only each key's SHA-256; a presented key (`Authorization: Bearer`,
 //! or Azure's `api-key` header) is hashed and compared with every configured digest in full,
-//! without stopping at the first match or the first differing byte, so that the time taken
-//! says nothing about how close a guess was.
+//! in constant time (`subtle`), without stopping at the first match or the first differing
+//! byte, so that the time taken says nothing about how close a guess was.
 
 use std::time::Duration;
 
 use axum::http::{HeaderMap, header};
+use subtle::ConstantTimeEq as _;
 
 use crate::error::ApiError;
 
@@ -44,13 +45,7 @@ pub(crate) fn authenticate<'k>(
     // Compare every digest in full, whichever matches: no early exit to time.
     let mut found: Option<&GatewayKey> = None;
     for key in keys {
-        let same = key
-            .digest
-            .iter()
-            .zip(wanted.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-        if same {
+        if bool::from(key.digest.ct_eq(&wanted)) {
             found = Some(key);
         }
     }
