@@ -60,6 +60,34 @@ pub(crate) struct ServerConfig {
     /// Request bodies above this are refused with 413.
     #[serde(default = "default_body_limit")]
     pub(crate) body_limit_bytes: usize,
+    /// A request's headers must arrive within this (slow clients do not hold sockets).
+    #[serde(default = "default_header_timeout_ms")]
+    pub(crate) header_read_timeout_ms: u64,
+    /// A request's body must arrive within this after its headers (408 past it).
+    #[serde(default = "default_body_timeout_ms")]
+    pub(crate) body_read_timeout_ms: u64,
+    /// The most connections open at once; more wait to be accepted.
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: usize,
+    /// The largest request head (request line and headers); larger: 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub(crate) max_header_bytes: usize,
+}
+
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_body_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+fn default_max_header_bytes() -> usize {
+    64 * 1024
 }
 
 impl Default for ServerConfig {
@@ -67,6 +95,10 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             body_limit_bytes: default_body_limit(),
+            header_read_timeout_ms: default_header_timeout_ms(),
+            body_read_timeout_ms: default_body_timeout_ms(),
+            max_connections: default_max_connections(),
+            max_header_bytes: default_max_header_bytes(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! the key, call the router, answer (or relay the stream), count the answer.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::body::Bytes;
@@ -78,8 +78,48 @@ impl AppState {
     }
 }
 
+/// How much of a request body the gateway reads, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    pub(crate) bytes: usize,
+    pub(crate) within: Duration,
+}
+
+/// Reads the request's body before the route does, within `limits`: a body that does not
+/// arrive in time is answered 408 (a slow client holds no handler), one over the size 413.
+async fn read_body_in_time(
+    axum::extract::State(limits): axum::extract::State<BodyLimits>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(limits.within, axum::body::to_bytes(body, limits.bytes)).await {
+        Err(_) => ApiError::unreadable(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {:.0} s",
+                limits.within.as_secs_f64()
+            ),
+        )
+        .into_response(),
+        Ok(Err(_)) => ApiError::unreadable(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {} bytes", limits.bytes),
+        )
+        .into_response(),
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+    }
+}
+
 /// The routes.
-pub(crate) fn app(state: Arc<AppState>, body_limit: usize) -> axum::Router {
+pub(crate) fn app(state: Arc<AppState>, body: BodyLimits) -> axum::Router {
+    let body_limit = body.bytes;
     axum::Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
@@ -104,6 +144,10 @@ pub(crate) fn app(state: Arc<AppState>, body_limit: usize) -> axum::Router {
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::no_route() })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body,
+            read_body_in_time,
+        ))
         .with_state(state)
 }
 

@@ -147,8 +147,24 @@ const PROXY_VARS: [&str; 8] = [
 ];
 
 async fn start_in(sim: &Sim, extra: &str, timeout: u64, env: &[(&str, String)]) -> Gateway {
+    start_serving(sim, extra, timeout, env, "").await
+}
+
+/// As [`start_in`], with `server` lines added to the `[server]` table.
+async fn start_serving(
+    sim: &Sim,
+    extra: &str,
+    timeout: u64,
+    env: &[(&str, String)],
+    server: &str,
+) -> Gateway {
     let (dir, port) = write_config(sim, extra, timeout);
     let path = dir.join("router.toml");
+    if !server.is_empty() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replacen("[server]\n", &format!("[server]\n{server}\n"), 1);
+        std::fs::write(&path, text).unwrap();
+    }
     let mut command = Command::new(env!("CARGO_BIN_EXE_openai-router"));
     for var in PROXY_VARS {
         command.env_remove(var);
@@ -385,6 +401,104 @@ async fn raw_http_framing_headers_and_errors() {
     let logs = gateway.logs().await;
     assert_no_secret(&logs, &[UPSTREAM_KEY, AZURE_KEY, GATEWAY_KEY]);
     assert!(logs.contains("serving"), "the logs were captured: {logs}");
+}
+
+/// The gateway on a network edge: a client that sends its request head slowly is
+/// disconnected, one whose body does not arrive in time is answered 408, a head over the
+/// limit is answered 431, and connections beyond the cap wait to be accepted until one
+/// closes.
+#[tokio::test]
+async fn slow_or_greedy_clients_cannot_hold_the_gateway() {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpStream;
+    let sim = sim().await;
+    let gateway = start_serving(
+        &sim,
+        "",
+        5000,
+        &[],
+        "header_read_timeout_ms = 500\nbody_read_timeout_ms = 500\nmax_connections = 3\nmax_header_bytes = 16384",
+    )
+    .await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    let read_all = |mut stream: TcpStream| async move {
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        (read.is_ok(), String::from_utf8_lossy(&answer).into_owned())
+    };
+
+    // A head trickled a byte at a time: the connection is closed after about 500 ms.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let head =
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n";
+    for byte in head {
+        if slow.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let (ended, _) = read_all(slow).await;
+    assert!(ended, "the slow head's connection was not closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+
+    // A body that does not arrive: 408, OpenAI-shaped.
+    let mut stalled = TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\nconnection: close\r\n\r\n{\"model\"")
+        .await
+        .unwrap();
+    let (_, answer) = read_all(stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within"), "{answer}");
+
+    // A head over the limit: 431.
+    let mut greedy = TcpStream::connect(&addr).await.unwrap();
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: {}\r\nconnection: close\r\n\r\n",
+        "a".repeat(32 * 1024)
+    );
+    let _ = greedy.write_all(big.as_bytes()).await;
+    let (_, answer) = read_all(greedy).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+
+    // Three idle connections take every place; a fourth is answered only once one closes.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut connection = TcpStream::connect(&addr).await.unwrap();
+        // A complete request on a kept-alive connection holds its place without a deadline.
+        connection
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        idle.push(connection);
+    }
+    // Well within the 500 ms a kept-alive connection may idle before its next head.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut fourth = TcpStream::connect(&addr).await.unwrap();
+    fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0_u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(200), fourth.read(&mut first)).await;
+    assert!(waited.is_err(), "answered beyond the connection cap");
+    drop(idle.pop());
+    let (_, answer) = read_all(fourth).await;
+    let answer = format!("{}{answer}", String::from_utf8_lossy(&first));
+    assert!(answer.contains("200 OK"), "{answer}");
 }
 
 /// A venv under the target directory with the official `openai` package from `PyPI`.
