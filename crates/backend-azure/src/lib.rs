@@ -199,6 +199,7 @@ impl AzureBackend {
             api: None,
             credential: Credential::None,
             timeouts: Timeouts::default(),
+            max_answer: backend_openai::DEFAULT_MAX_ANSWER_BYTES,
             client: None,
         }
     }
@@ -291,6 +292,7 @@ pub struct AzureBackendBuilder {
     api: Option<AzureApi>,
     credential: Credential,
     timeouts: Timeouts,
+    max_answer: usize,
     client: Option<HttpClient>,
 }
 
@@ -336,6 +338,12 @@ impl AzureBackendBuilder {
         self
     }
 
+    /// The largest non-streamed answer body it reads (`OpenAiBackendBuilder::max_answer_bytes`).
+    pub fn max_answer_bytes(mut self, bytes: usize) -> Self {
+        self.max_answer = bytes;
+        self
+    }
+
     /// Shares a connection pool with other backends.
     pub fn http_client(mut self, client: HttpClient) -> Self {
         self.client = Some(client);
@@ -364,7 +372,8 @@ impl AzureBackendBuilder {
         let dialect = AzureDialect::new(&self.endpoint, api).map_err(context)?;
         let mut builder = OpenAiBackend::with_dialect(name.as_str(), Box::new(dialect))
             .credential(self.credential)
-            .timeouts(self.timeouts);
+            .timeouts(self.timeouts)
+            .max_answer_bytes(self.max_answer);
         if let Some(client) = self.client {
             builder = builder.http_client(client);
         }

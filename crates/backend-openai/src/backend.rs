@@ -44,8 +44,14 @@ struct Inner {
     dialect: Box<dyn Dialect>,
     credential: Credential,
     timeouts: Timeouts,
+    /// The largest non-streamed answer body read.
+    max_answer: usize,
     scrubber: Scrubber,
 }
+
+/// The largest non-streamed answer body read by default: 64 MiB (an embeddings answer for a
+/// large batch runs to tens of megabytes).
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 
 impl OpenAiBackend {
     /// A builder for the endpoint `name` (used in errors, logs and metrics) serving the OpenAI
@@ -59,6 +65,7 @@ impl OpenAiBackend {
             organization: None,
             project: None,
             timeouts: Timeouts::default(),
+            max_answer: DEFAULT_MAX_ANSWER_BYTES,
             client: None,
         }
     }
@@ -232,7 +239,20 @@ impl OpenAiBackend {
                 }
                 Ok(None) => return Ok(body),
                 Ok(Some(Err(e))) => return Err(self.map_transport(e)),
-                Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
+                Ok(Some(Ok(chunk))) => {
+                    if body.len() + chunk.len() > self.inner.max_answer {
+                        return Err(Error::transport(
+                            ErrorKind::Decode,
+                            self.inner.endpoint.clone(),
+                            format!(
+                                "the answer is larger than {} bytes (the endpoint's max_answer_bytes)",
+                                self.inner.max_answer
+                            ),
+                            None,
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
             }
         }
     }
@@ -523,6 +543,7 @@ pub struct OpenAiBackendBuilder {
     organization: Option<String>,
     project: Option<String>,
     timeouts: Timeouts,
+    max_answer: usize,
     client: Option<HttpClient>,
 }
 
@@ -554,6 +575,14 @@ impl OpenAiBackendBuilder {
     /// Sets the timeouts.
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// The largest non-streamed answer body it reads (default
+    /// [`DEFAULT_MAX_ANSWER_BYTES`]); a larger one is a `Decode` error naming the limit, read
+    /// no further. Streams are read an event at a time.
+    pub fn max_answer_bytes(mut self, bytes: usize) -> Self {
+        self.max_answer = bytes.max(1);
         self
     }
 
@@ -610,6 +639,7 @@ impl OpenAiBackendBuilder {
                 dialect,
                 credential: self.credential,
                 timeouts: self.timeouts,
+                max_answer: self.max_answer,
             }),
         })
     }

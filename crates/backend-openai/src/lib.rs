@@ -39,7 +39,7 @@ mod dialect;
 mod scrub;
 mod sse;
 
-pub use backend::{OpenAiBackend, OpenAiBackendBuilder};
+pub use backend::{DEFAULT_MAX_ANSWER_BYTES, OpenAiBackend, OpenAiBackendBuilder};
 pub use client::{HttpClient, Timeouts};
 pub use credential::{Credential, StaticToken, TokenProvider};
 pub use dialect::{Dialect, OpenAiDialect, Operation, base_url_with_slash};

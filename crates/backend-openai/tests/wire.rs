@@ -544,3 +544,47 @@ async fn time_to_first_content_is_measured() {
     assert!(ttft >= Duration::from_millis(120), "{ttft:?}");
     assert!(stream.meta().time_to_headers < ttft);
 }
+
+/// A non-streamed answer larger than `max_answer_bytes` is a `Decode` error naming the limit,
+/// read no further (a 502 through the gateway); the same answer under the limit is read whole,
+/// and a stream of it is read an event at a time.
+#[tokio::test]
+async fn an_answer_over_the_size_limit_is_refused_with_the_limit_named() {
+    let output = upstream_sim::OutputModel {
+        completion_tokens: 20_000,
+        ..upstream_sim::OutputModel::default()
+    };
+    let sim = sim_with(endpoint().with_output(output)).await;
+    let url = sim.endpoints()[0].openai_base_url();
+    let limited = |bytes: usize| {
+        OpenAiBackend::builder("oai", url.as_str())
+            .api_key(KEY)
+            .max_answer_bytes(bytes)
+            .build()
+            .unwrap()
+    };
+    let request = ChatCompletionRequest::new("gpt-4o-mini", vec![ChatMessage::user("long")]);
+    let error = limited(50_000)
+        .chat(&request, &CallOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Decode, "{error}");
+    assert!(
+        error.to_string().contains("larger than 50000 bytes"),
+        "{error}"
+    );
+    let whole = limited(10_000_000)
+        .chat(&request, &CallOptions::default())
+        .await
+        .unwrap();
+    assert!(whole.body.choices[0].message.text().len() > 50_000);
+    let mut streamed = request.clone();
+    streamed.stream = Some(true);
+    let stream = limited(50_000)
+        .chat_stream(&streamed, &CallOptions::default())
+        .await
+        .unwrap();
+    let (chunks, error) = collect(stream).await;
+    assert!(error.is_none(), "{error:?}");
+    assert!(text(&chunks).len() > 50_000);
+}

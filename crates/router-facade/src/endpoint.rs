@@ -29,6 +29,9 @@ pub struct Endpoint {
     pub(crate) limits: Limits,
     #[cfg(feature = "openai")]
     pub(crate) timeouts: Option<Timeouts>,
+    /// The largest non-streamed answer body read (built-in backends).
+    #[cfg(feature = "openai")]
+    pub(crate) max_answer_bytes: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -88,6 +91,8 @@ impl Endpoint {
             limits: Limits::default(),
             #[cfg(feature = "openai")]
             timeouts: None,
+            #[cfg(feature = "openai")]
+            max_answer_bytes: None,
         }
     }
 
@@ -257,6 +262,14 @@ impl Endpoint {
         self
     }
 
+    /// The largest non-streamed answer body read from it (built-in backends; default 64 MiB):
+    /// a larger answer is a `Decode` error, read no further.
+    #[cfg(feature = "openai")]
+    pub fn max_answer_bytes(mut self, bytes: usize) -> Self {
+        self.max_answer_bytes = Some(bytes);
+        self
+    }
+
     /// Connect, first-byte and between-chunk timeouts (built-in backends).
     #[cfg(feature = "openai")]
     pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
@@ -319,6 +332,8 @@ impl Endpoint {
         }
         #[cfg(feature = "openai")]
         self.timeouts.hash(&mut h);
+        #[cfg(feature = "openai")]
+        self.max_answer_bytes.hash(&mut h);
         h.finish()
     }
 }

@@ -234,6 +234,9 @@ fn build_backend(
             if let Some(project) = project {
                 builder = builder.project(project.as_str());
             }
+            if let Some(bytes) = endpoint.max_answer_bytes {
+                builder = builder.max_answer_bytes(bytes);
+            }
             // An endpoint with its own timeouts gets its own pool (for its connect timeout).
             builder = match endpoint.timeouts {
                 Some(timeouts) => builder.timeouts(timeouts),
@@ -258,6 +261,9 @@ fn build_backend(
             }
             if let Some(provider) = token_provider {
                 builder = builder.token_provider(Arc::clone(provider));
+            }
+            if let Some(bytes) = endpoint.max_answer_bytes {
+                builder = builder.max_answer_bytes(bytes);
             }
             // An endpoint with its own timeouts gets its own pool (for its connect timeout).
             builder = match endpoint.timeouts {

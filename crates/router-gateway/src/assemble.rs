@@ -84,7 +84,7 @@ impl Config {
         }
         let timeouts = self.timeouts();
         for (i, e) in self.endpoints.iter().enumerate() {
-            builder = builder.endpoint(endpoint(i, e, timeouts)?);
+            builder = builder.endpoint(endpoint(i, e, timeouts, self.router.max_answer_bytes)?);
         }
         for key in &self.keys {
             let mut limits = RateLimits::new();
@@ -244,6 +244,7 @@ fn endpoint(
     i: usize,
     e: &EndpointConfig,
     timeouts: Option<router_facade::Timeouts>,
+    max_answer_bytes: Option<usize>,
 ) -> Result<Endpoint, Problem> {
     let at = format!("endpoints[{i}] (`{}`)", e.name);
     let mut endpoint = match e.kind {
@@ -309,6 +310,9 @@ fn endpoint(
     }
     if let Some(timeouts) = timeouts {
         endpoint = endpoint.timeouts(timeouts);
+    }
+    if let Some(bytes) = max_answer_bytes {
+        endpoint = endpoint.max_answer_bytes(bytes);
     }
     Ok(endpoint)
 }
@@ -441,6 +445,7 @@ mod tests {
                 .contains("cache_affinity_header")
         );
         assert!(error("cache_affinity = false").is_none());
+        assert!(error("max_answer_bytes = 1000000").is_none());
         assert!(error("cache_affinity_tolerance = 0.25\ncache_affinity_ttl_ms = 60000\ncache_affinity_header = \"X-Session-Id\"").is_none());
     }
 

@@ -154,6 +154,9 @@ pub(crate) struct RouterConfig {
     pub(crate) cache_affinity_ttl_ms: Option<u64>,
     /// A request header whose value is the cache key when the body names none.
     pub(crate) cache_affinity_header: Option<String>,
+    /// The largest non-streamed upstream answer read, for every endpoint (default 64 MiB);
+    /// larger: 502.
+    pub(crate) max_answer_bytes: Option<usize>,
 }
 
 /// `[router.learning]`: each field optional, the library's default where absent.
