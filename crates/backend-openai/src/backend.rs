@@ -325,6 +325,7 @@ impl OpenAiBackend {
             self.inner.scrubber.clone(),
             self.inner.timeouts.between_chunks,
             options.deadline.map(Instant::from_std),
+            self.inner.max_answer,
         );
         Ok(EventStream::with_data(
             events,
@@ -578,9 +579,9 @@ impl OpenAiBackendBuilder {
         self
     }
 
-    /// The largest non-streamed answer body it reads (default
-    /// [`DEFAULT_MAX_ANSWER_BYTES`]); a larger one is a `Decode` error naming the limit, read
-    /// no further. Streams are read an event at a time.
+    /// The largest non-streamed answer body it reads, and the largest event of a stream
+    /// (default [`DEFAULT_MAX_ANSWER_BYTES`]); a larger one is a `Decode` error naming the
+    /// limit, read no further.
     pub fn max_answer_bytes(mut self, bytes: usize) -> Self {
         self.max_answer = bytes.max(1);
         self

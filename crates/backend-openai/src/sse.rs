@@ -29,6 +29,116 @@ use tokio::time::{Instant, Sleep};
 
 use crate::scrub::Scrubber;
 
+/// What the byte stream under the event decoder yields as an error: the upstream's, or an
+/// event grown past the size limit (nothing more of it is buffered).
+#[derive(Debug)]
+enum BodyError<E> {
+    Upstream(E),
+    TooLarge(usize),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for BodyError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Upstream(e) => e.fmt(f),
+            Self::TooLarge(limit) => write!(f, "a stream event is larger than {limit} bytes"),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for BodyError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Upstream(e) => Some(e),
+            Self::TooLarge(_) => None,
+        }
+    }
+}
+
+/// The bytes since the last blank line (`\n\n`, `\n\r\n`, or `\r\r` for CR-only streams)
+/// once `chunk` has arrived, given `pending` bytes before it: how much of the event being read
+/// the decoder holds. `last` keeps the stream's last three bytes, for a blank line split across
+/// chunks. Scanned from the chunk's end: a chunk that ends an event costs a byte or two.
+fn pending_after(pending: usize, chunk: &[u8], last: &mut [u8; 3]) -> usize {
+    let n = chunk.len();
+    // The byte `back` places before `chunk[i]`, reaching into `last` before the chunk.
+    let before = |i: usize, back: usize| -> u8 {
+        if i >= back {
+            chunk[i - back]
+        } else {
+            last[3 + i - back]
+        }
+    };
+    let mut since = None;
+    for i in (0..n).rev() {
+        let byte = chunk[i];
+        let blank = (byte == b'\n'
+            && (before(i, 1) == b'\n' || (before(i, 1) == b'\r' && before(i, 2) == b'\n')))
+            || (byte == b'\r' && before(i, 1) == b'\r');
+        if blank {
+            since = Some(n - 1 - i);
+            break;
+        }
+    }
+    let mut tail = [0_u8; 3];
+    for (k, slot) in tail.iter_mut().enumerate() {
+        *slot = before(n, 3 - k);
+    }
+    *last = tail;
+    since.unwrap_or(pending + n)
+}
+
+/// `body` with no event growing past `max_event` bytes in the decoder's buffer: the stream
+/// ends there with [`BodyError::TooLarge`].
+fn bounded_events<B, E>(
+    body: B,
+    max_event: usize,
+) -> impl Stream<Item = Result<Bytes, BodyError<E>>> + Send + Unpin + 'static
+where
+    B: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: Send + 'static,
+{
+    let mut pending = 0;
+    let mut last = [0_u8; 3];
+    body.map(move |chunk| {
+        let chunk = chunk.map_err(BodyError::Upstream)?;
+        pending = pending_after(pending, &chunk, &mut last);
+        if pending > max_event {
+            return Err(BodyError::TooLarge(max_event));
+        }
+        Ok(chunk)
+    })
+}
+
+/// What a failure of the byte stream or its framing is.
+fn failure<E>(endpoint: &EndpointId, error: EventStreamError<BodyError<E>>) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match error {
+        EventStreamError::Transport(BodyError::TooLarge(limit)) => Error::transport(
+            ErrorKind::Decode,
+            endpoint.clone(),
+            format!(
+                "a stream event is larger than {limit} bytes (the endpoint's max_answer_bytes)"
+            ),
+            None,
+        ),
+        EventStreamError::Transport(BodyError::Upstream(e)) => Error::transport(
+            ErrorKind::Transport,
+            endpoint.clone(),
+            "the stream broke",
+            Some(Box::new(e)),
+        ),
+        e => Error::transport(
+            ErrorKind::Decode,
+            endpoint.clone(),
+            format!("the event stream is malformed: {e}"),
+            None,
+        ),
+    }
+}
+
 /// One event's data: an error object or an item.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -79,6 +189,7 @@ pub(crate) fn decode<T, B, E>(
     scrubber: Scrubber,
     idle: Duration,
     deadline: Option<Instant>,
+    max_event: usize,
 ) -> impl Stream<Item = Result<Event<T>, Error>> + Send + 'static
 where
     T: DeserializeOwned + router_core::StreamItem + Send + 'static,
@@ -89,6 +200,7 @@ where
     // one `\n` after the body lets a CR-only stream's last blank line count. An event that the
     // upstream left unterminated stays unterminated: it still lacks its blank line.
     let body = body.chain(futures_util::stream::iter([Ok(Bytes::from_static(b"\n"))]));
+    let body = bounded_events(body, max_event);
     let last = Instant::now();
     let mut state = State {
         events: body.eventsource(),
@@ -136,18 +248,7 @@ where
                     "the connection closed before `data: [DONE]`",
                     None,
                 )),
-                Ok(Some(Err(EventStreamError::Transport(e)))) => Err(Error::transport(
-                    ErrorKind::Transport,
-                    state.endpoint.clone(),
-                    "the stream broke",
-                    Some(Box::new(e)),
-                )),
-                Ok(Some(Err(e))) => Err(Error::transport(
-                    ErrorKind::Decode,
-                    state.endpoint.clone(),
-                    format!("the event stream is malformed: {e}"),
-                    None,
-                )),
+                Ok(Some(Err(e))) => Err(failure(&state.endpoint, e)),
                 Ok(Some(Ok(event))) => {
                     let data = event.data.trim();
                     if data.is_empty() {
@@ -222,6 +323,7 @@ mod tests {
             Scrubber::default(),
             Duration::from_secs(5),
             None,
+            crate::DEFAULT_MAX_ANSWER_BYTES,
         )
         .collect()
         .await
@@ -343,6 +445,7 @@ mod tests {
             Scrubber::default(),
             Duration::from_millis(300),
             deadline.map(|d| start + Duration::from_millis(d)),
+            crate::DEFAULT_MAX_ANSWER_BYTES,
         )
         .map(|item| item.map(|e| e.item))
         .collect()
@@ -366,5 +469,51 @@ mod tests {
         let items = paced([200, 200, 200, 200], Some(500)).await;
         assert_eq!(items.len(), 3, "{items:?}");
         assert_eq!(items[2].as_ref().unwrap_err().kind(), ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn pending_bytes_restart_at_each_blank_line_whatever_the_line_ends() {
+        let mut last = [0_u8; 3];
+        assert_eq!(pending_after(0, b"data: 1\n\ndata: 22", &mut last), 8);
+        assert_eq!(pending_after(8, b"\r\n\r\n", &mut last), 0);
+        let mut last = [0_u8; 3];
+        assert_eq!(pending_after(0, b"data: 1\r\rdata", &mut last), 4);
+        // Split across chunks.
+        let mut last = [0_u8; 3];
+        let pending = pending_after(0, b"data: 1\n", &mut last);
+        assert_eq!(pending_after(pending, b"\ndata", &mut last), 4);
+    }
+
+    #[tokio::test]
+    async fn an_event_over_the_limit_ends_the_stream_with_the_limit_named() {
+        let big = format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}},\"finish_reason\":null}}]}}\n\n",
+            "x".repeat(5_000)
+        );
+        // Sent in pieces, as a network delivers it.
+        let parts: Vec<Result<Bytes, std::io::Error>> = big
+            .into_bytes()
+            .chunks(700)
+            .map(|piece| Ok(Bytes::from(piece.to_vec())))
+            .collect();
+        let items: Vec<_> = decode::<ChatCompletionChunk, _, _>(
+            futures_util::stream::iter(parts),
+            EndpointId::new("t"),
+            Scrubber::default(),
+            Duration::from_secs(5),
+            None,
+            1_000,
+        )
+        .collect()
+        .await;
+        let error = items
+            .iter()
+            .find_map(|i| i.as_ref().err())
+            .expect("an error");
+        assert_eq!(error.kind(), ErrorKind::Decode, "{error}");
+        assert!(
+            error.to_string().contains("larger than 1000 bytes"),
+            "{error}"
+        );
     }
 }
