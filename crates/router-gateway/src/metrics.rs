@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use router_facade::{Availability, Router};
+use router_facade::{Availability, DeploymentStats, Router};
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -142,17 +142,16 @@ impl Metrics {
         );
 
         let stats = router.stats();
-        out.push_str("# HELP openai_router_in_flight Requests in flight per deployment (streams until they end).\n# TYPE openai_router_in_flight gauge\n");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "openai_router_in_flight{{{}}} {}",
-                labels(s),
-                s.state.in_flight
-            );
-        }
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_in_flight",
+            "gauge",
+            Some("Requests in flight per deployment (streams until they end)."),
+            &|s| s.state.in_flight.to_string(),
+        );
         let now = std::time::Instant::now();
-        let availability = |s: &router_facade::DeploymentStats| match s.state.availability {
+        let availability = |s: &DeploymentStats| match s.state.availability {
             Availability::Ready => (0, None),
             Availability::RateLimited(at) => (1, Some(at)),
             Availability::Ejected(at) => (2, Some(at)),
@@ -160,44 +159,47 @@ impl Metrics {
             Availability::Probing => (4, None),
             _ => (5, None),
         };
-        out.push_str("# HELP openai_router_deployment_state 0 ready, 1 rate limited, 2 ejected, 3 disabled, 4 half-open with its one request in flight.\n# TYPE openai_router_deployment_state gauge\n");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "openai_router_deployment_state{{{}}} {}",
-                labels(s),
-                availability(s).0
-            );
-        }
-        out.push_str("# HELP openai_router_cooldown_seconds Seconds until a cooling deployment is back.\n# TYPE openai_router_cooldown_seconds gauge\n");
-        for s in &stats {
-            let remaining = availability(s)
-                .1
-                .map_or(0.0, |at| at.saturating_duration_since(now).as_secs_f64());
-            let _ = writeln!(
-                out,
-                "openai_router_cooldown_seconds{{{}}} {remaining}",
-                labels(s)
-            );
-        }
-        out.push_str("# TYPE openai_router_upstream_successes_total counter\n");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "openai_router_upstream_successes_total{{{}}} {}",
-                labels(s),
-                s.state.successes
-            );
-        }
-        out.push_str("# HELP openai_router_spilled_over_total Requests Azure spilled over from the deployment (it was full) to their spillover deployment.\n# TYPE openai_router_spilled_over_total counter\n");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "openai_router_spilled_over_total{{{}}} {}",
-                labels(s),
-                s.state.spilled_over
-            );
-        }
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_deployment_state",
+            "gauge",
+            Some(
+                "0 ready, 1 rate limited, 2 ejected, 3 disabled, 4 half-open with its one request in flight.",
+            ),
+            &|s| availability(s).0.to_string(),
+        );
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_cooldown_seconds",
+            "gauge",
+            Some("Seconds until a cooling deployment is back."),
+            &|s| {
+                availability(s)
+                    .1
+                    .map_or(0.0, |at| at.saturating_duration_since(now).as_secs_f64())
+                    .to_string()
+            },
+        );
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_upstream_successes_total",
+            "counter",
+            None,
+            &|s| s.state.successes.to_string(),
+        );
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_spilled_over_total",
+            "counter",
+            Some(
+                "Requests Azure spilled over from the deployment (it was full) to their spillover deployment.",
+            ),
+            &|s| s.state.spilled_over.to_string(),
+        );
         out.push_str("# HELP openai_router_service_tier_total Answers by the service tier they reported (service_tier).\n# TYPE openai_router_service_tier_total counter\n");
         for s in &stats {
             for (tier, n) in &s.state.service_tiers {
@@ -208,15 +210,14 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP openai_router_service_tier_downgrades_total Requests that asked for the priority tier and were served at another.\n# TYPE openai_router_service_tier_downgrades_total counter\n");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "openai_router_service_tier_downgrades_total{{{}}} {}",
-                labels(s),
-                s.state.tier_downgrades
-            );
-        }
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_service_tier_downgrades_total",
+            "counter",
+            Some("Requests that asked for the priority tier and were served at another."),
+            &|s| s.state.tier_downgrades.to_string(),
+        );
         out.push_str("# HELP openai_router_upstream_failures_total Failed attempts by kind.\n# TYPE openai_router_upstream_failures_total counter\n");
         for s in &stats {
             for (kind, n) in &s.state.failures {
@@ -228,30 +229,30 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP openai_router_latency_estimate_seconds PeakEWMA time to first token per deployment.\n# TYPE openai_router_latency_estimate_seconds gauge\n");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "openai_router_latency_estimate_seconds{{{}}} {}",
-                labels(s),
-                s.state.latency_stream
-            );
-        }
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_latency_estimate_seconds",
+            "gauge",
+            Some("PeakEWMA time to first token per deployment."),
+            &|s| s.state.latency_stream.to_string(),
+        );
         out.push_str("# HELP openai_router_learned_tpm Tokens per minute the upstream announced.\n# TYPE openai_router_learned_tpm gauge\n");
         for s in &stats {
             if let Some(tpm) = s.state.learned_tpm {
                 let _ = writeln!(out, "openai_router_learned_tpm{{{}}} {tpm}", labels(s));
             }
         }
-        out.push_str("# HELP openai_router_admitted_share Share of the configured limits the upstream was seen to admit (1 until it refused what they allowed).\n# TYPE openai_router_admitted_share gauge\n");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "openai_router_admitted_share{{{}}} {:.3}",
-                labels(s),
-                s.state.admits.share
-            );
-        }
+        per_deployment(
+            &mut out,
+            &stats,
+            "openai_router_admitted_share",
+            "gauge",
+            Some(
+                "Share of the configured limits the upstream was seen to admit (1 until it refused what they allowed).",
+            ),
+            &|s| format!("{:.3}", s.state.admits.share),
+        );
         out
     }
 }
@@ -263,7 +264,26 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn labels(s: &router_facade::DeploymentStats) -> String {
+/// One metric family with one sample per deployment: its `HELP` (when given) and `TYPE`
+/// lines, then `name{labels} value` for each.
+fn per_deployment(
+    out: &mut String,
+    stats: &[DeploymentStats],
+    name: &str,
+    kind: &str,
+    help: Option<&str>,
+    value: &dyn Fn(&DeploymentStats) -> String,
+) {
+    if let Some(help) = help {
+        let _ = writeln!(out, "# HELP {name} {help}");
+    }
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for s in stats {
+        let _ = writeln!(out, "{name}{{{}}} {}", labels(s), value(s));
+    }
+}
+
+fn labels(s: &DeploymentStats) -> String {
     format!(
         "endpoint=\"{}\",model=\"{}\",deployment=\"{}\"",
         escape(s.endpoint.as_str()),
