@@ -82,11 +82,10 @@ local function parse(v)
   local a, b, c, d, e, f = string.match(v, '^([^:]+):([^:]+):([^:]+):([^:]+):?([^:]*):?([^:]*)$')
   return tonumber(a), tonumber(b), tonumber(c), tonumber(d), tonumber(e), tonumber(f)
 end
--- Lets go of the marks that have left the window: their totals, and, for the router's own
--- admissions (not the `u` tickets standing for what the upstream holds unseen), what is freed.
-local function expire()
+-- The marks that have left the window by now, and what they hold: in all (`at`, `ar`), and of
+-- the router's own admissions (not the `u` tickets standing for what the upstream holds unseen).
+local function left_window()
   local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-  if #gone == 0 then return end
   local at, ar, ft, fr = 0, 0, 0, 0
   for i = 1, #gone, 500 do
     local part = {}
@@ -99,6 +98,17 @@ local function expire()
         if string.sub(part[j], 1, 1) ~= 'u' then ft, fr = ft + a, fr + b end
       end
     end
+  end
+  return gone, at, ar, ft, fr
+end
+-- Lets go of the marks that have left the window: their totals, and what of the router's own
+-- admissions is freed.
+local function expire()
+  local gone, at, ar, ft, fr = left_window()
+  if #gone == 0 then return end
+  for i = 1, #gone, 500 do
+    local part = {}
+    for j = i, math.min(i + 499, #gone) do part[#part + 1] = gone[j] end
     redis.call('HDEL', KEYS[2], unpack(part))
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -346,18 +356,9 @@ local cool = redis.call('PTTL', KEYS[3])
 local share = tonumber(redis.call('HGET', KEYS[4], 's')) or 1
 local d = redis.call('HGET', KEYS[2], 'D')
 local ht, hr = held()
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for i = 1, #gone, 500 do
-  local part = {}
-  for j = i, math.min(i + 499, #gone) do part[#part + 1] = gone[j] end
-  local vals = redis.call('HMGET', KEYS[2], unpack(part))
-  for j = 1, #part do
-    if vals[j] then
-      local a, b = parse(vals[j])
-      ht, hr = ht - a, hr - b
-    end
-  end
-end
+-- What has left the window but is not let go yet (this script changes nothing).
+local gone, gt, gr = left_window()
+ht, hr = ht - gt, hr - gr
 local total = redis.call('ZCARD', KEYS[1])
 if total == #gone then ht, hr = 0, 0 end
 local window = tonumber(ARGV[3])
