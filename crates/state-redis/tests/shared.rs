@@ -356,6 +356,28 @@ async fn a_provisioned_settlement_redraws_the_drain_in_redis_as_in_the_process()
     assert_eq!(store.fallbacks(), 0);
 }
 
+/// Each of the openings Redis walked is within `within` of the local log's (Redis's clock moves
+/// on by the calls' time).
+fn assert_close(shared: &[Instant], mine: &[Instant], now: Instant, within: Duration, what: &str) {
+    let since = |times: &[Instant]| -> Vec<Duration> {
+        times
+            .iter()
+            .map(|t| t.saturating_duration_since(now))
+            .collect()
+    };
+    for (theirs, ours) in shared.iter().zip(mine) {
+        let apart = theirs
+            .max(ours)
+            .saturating_duration_since(*theirs.min(ours));
+        assert!(
+            apart < within,
+            "{what}: Redis {:?} vs local {:?}",
+            since(shared),
+            since(mine)
+        );
+    }
+}
+
 /// When the next requests would fit, walked from the log in Redis, agrees with the same log
 /// kept in the process: the openings a refusal's `Retry-After` is promised from.
 #[tokio::test]
@@ -392,24 +414,13 @@ async fn openings_walked_in_redis_agree_with_the_local_log() {
     // One fits now; the two admitted leave together (10 s and the margin), and the next
     // after the first opening's own admission leaves.
     assert_eq!(shared.len(), 5, "{shared:?}");
-    for (theirs, ours) in shared.iter().zip(&mine) {
-        let apart = if theirs > ours {
-            *theirs - *ours
-        } else {
-            *ours - *theirs
-        };
-        assert!(
-            apart < Duration::from_millis(200),
-            "Redis {:?} vs local {:?}",
-            shared
-                .iter()
-                .map(|t| t.saturating_duration_since(now))
-                .collect::<Vec<_>>(),
-            mine.iter()
-                .map(|t| t.saturating_duration_since(now))
-                .collect::<Vec<_>>()
-        );
-    }
+    assert_close(
+        &shared,
+        &mine,
+        now,
+        Duration::from_millis(200),
+        "5 openings",
+    );
     assert!(shared[1] >= now + Duration::from_secs(10), "{shared:?}");
     // A shared cooldown comes first.
     a.cool_down("ep/o", Duration::from_secs(20), now)
@@ -459,22 +470,7 @@ async fn openings_walked_from_the_marks_redis_hands_over_agree_with_the_whole_lo
     };
     let compare = |shared: &[Instant], mine: &[Instant], what: &str| {
         assert_eq!(shared.len(), mine.len(), "{what}: {shared:?} vs {mine:?}");
-        for (theirs, ours) in shared.iter().zip(mine) {
-            let apart = theirs
-                .max(ours)
-                .saturating_duration_since(*theirs.min(ours));
-            assert!(
-                apart < Duration::from_millis(400),
-                "{what}: Redis {:?} vs local {:?}",
-                shared
-                    .iter()
-                    .map(|t| t.saturating_duration_since(now))
-                    .collect::<Vec<_>>(),
-                mine.iter()
-                    .map(|t| t.saturating_duration_since(now))
-                    .collect::<Vec<_>>()
-            );
-        }
+        assert_close(shared, mine, now, Duration::from_millis(400), what);
     };
     for n in [1, 4, 12] {
         let shared = a
