@@ -651,6 +651,27 @@ async fn fallbacks_through_the_official_python_client() {
     );
 }
 
+/// An Azure endpoint serving `gpt-4o` as `gpt4o-entra` that accepts only the tokens
+/// `endpoint` is configured to, and the gateway's `[[endpoints]]` table for it with `entra` as
+/// its `entra = { … }` value, `credential` (keyed for `OPEN_KEY`).
+async fn entra_endpoint(endpoint: EndpointConfig, credential: &str) -> (Sim, String) {
+    let azure = Sim::start(
+        7,
+        [endpoint
+            .with_api_key("a-key-nobody-sends")
+            .with_models(["gpt4o-entra"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let table = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"entra\"\nkind = \"azure\"\nurl = \"{}\"\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o\" = \"gpt4o-entra\" }}\nentra = {{ {credential} }}\n",
+        hash(OPEN_KEY),
+        azure.endpoints()[0].url(),
+    );
+    (azure, table)
+}
+
 /// Entra ID through the gateway and the official Python client: an Azure endpoint configured
 /// with `entra = { credential = "client-secret", … }` gets its token from a loopback token
 /// endpoint (one token for every request), and neither the client secret nor the token is
@@ -664,22 +685,14 @@ async fn entra_id_through_the_official_python_client() {
     let issuer = TokenIssuer::start(TokenIssuerConfig::new(TENANT, CLIENT, SECRET))
         .await
         .unwrap();
-    let azure = Sim::start(
-        7,
-        [EndpointConfig::new("entra", SimDialect::Azure)
-            .with_api_key("a-key-nobody-sends")
-            .with_entra(&issuer)
-            .with_models(["gpt4o-entra"])
-            .with_latency(LatencyModel::instant())],
+    let (azure, extra) = entra_endpoint(
+        EndpointConfig::new("entra", SimDialect::Azure).with_entra(&issuer),
+        &format!(
+            "credential = \"client-secret\", tenant_id = \"{TENANT}\", client_id = \"{CLIENT}\", client_secret_env = \"TEST_ENTRA_SECRET\", authority_host = \"{}\"",
+            issuer.authority_host()
+        ),
     )
-    .await
-    .unwrap();
-    let extra = format!(
-        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"entra\"\nkind = \"azure\"\nurl = \"{}\"\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o\" = \"gpt4o-entra\" }}\nentra = {{ credential = \"client-secret\", tenant_id = \"{TENANT}\", client_id = \"{CLIENT}\", client_secret_env = \"TEST_ENTRA_SECRET\", authority_host = \"{}\" }}\n",
-        hash(OPEN_KEY),
-        azure.endpoints()[0].url(),
-        issuer.authority_host()
-    );
+    .await;
     let gateway = start_in(
         &sim,
         &extra,
@@ -706,21 +719,11 @@ async fn entra_managed_identity_through_the_official_python_client() {
     )
     .await
     .unwrap();
-    let azure = Sim::start(
-        7,
-        [EndpointConfig::new("entra", SimDialect::Azure)
-            .with_api_key("a-key-nobody-sends")
-            .with_entra(&issuer)
-            .with_models(["gpt4o-entra"])
-            .with_latency(LatencyModel::instant())],
+    let (azure, extra) = entra_endpoint(
+        EndpointConfig::new("entra", SimDialect::Azure).with_entra(&issuer),
+        "credential = \"managed-identity\"",
     )
-    .await
-    .unwrap();
-    let extra = format!(
-        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"entra\"\nkind = \"azure\"\nurl = \"{}\"\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o\" = \"gpt4o-entra\" }}\nentra = {{ credential = \"managed-identity\" }}\n",
-        hash(OPEN_KEY),
-        azure.endpoints()[0].url(),
-    );
+    .await;
     let env = [
         ("IDENTITY_ENDPOINT", issuer.identity_endpoint()),
         ("IDENTITY_HEADER", IDENTITY_SECRET.to_owned()),
@@ -742,16 +745,11 @@ async fn entra_from_the_azure_cli_through_the_official_python_client() {
     use std::os::unix::fs::PermissionsExt as _;
     const TOKEN: &str = "token-from-the-azure-cli";
     let sim = sim().await;
-    let azure = Sim::start(
-        7,
-        [EndpointConfig::new("entra", SimDialect::Azure)
-            .with_api_key("a-key-nobody-sends")
-            .with_bearer_token(TOKEN)
-            .with_models(["gpt4o-entra"])
-            .with_latency(LatencyModel::instant())],
+    let (azure, extra) = entra_endpoint(
+        EndpointConfig::new("entra", SimDialect::Azure).with_bearer_token(TOKEN),
+        "credential = \"azure-cli\"",
     )
-    .await
-    .unwrap();
+    .await;
     let bin = std::env::temp_dir().join(format!("fake-az-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&bin).unwrap();
     let calls = bin.join("calls");
@@ -762,11 +760,6 @@ async fn entra_from_the_azure_cli_through_the_official_python_client() {
     let az = bin.join("az");
     std::fs::write(&az, script).unwrap();
     std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let extra = format!(
-        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n\n[[endpoints]]\nname = \"entra\"\nkind = \"azure\"\nurl = \"{}\"\napi_version = \"2024-10-21\"\ndeployments = {{ \"gpt-4o\" = \"gpt4o-entra\" }}\nentra = {{ credential = \"azure-cli\" }}\n",
-        hash(OPEN_KEY),
-        azure.endpoints()[0].url(),
-    );
     let path = format!(
         "{}:{}",
         bin.display(),
