@@ -146,14 +146,16 @@ impl Attempt {
         }
     }
 
-    /// The headers a settlement reads: without the remaining counts when they are stale.
-    fn heard(&self, info: &RateLimitInfo) -> RateLimitInfo {
-        let mut info = info.clone();
-        if self.stale {
-            info.remaining_tokens = None;
-            info.remaining_requests = None;
+    /// The headers a settlement reads: without the remaining counts when they are stale
+    /// (copied only then).
+    fn heard<'i>(&self, info: &'i RateLimitInfo) -> std::borrow::Cow<'i, RateLimitInfo> {
+        if !self.stale {
+            return std::borrow::Cow::Borrowed(info);
         }
-        info
+        let mut info = info.clone();
+        info.remaining_tokens = None;
+        info.remaining_requests = None;
+        std::borrow::Cow::Owned(info)
     }
 
     /// Learns how the upstream counts a prompt from the usage an answer reported.
