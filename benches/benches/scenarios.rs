@@ -527,35 +527,8 @@ fn pressure(phases: Phases) -> Vec<Scenario> {
             60,
         ),
     ];
-    for (kind, offered, window, tpms, rpm, words, max_tokens) in quota {
-        let per = per_request(words, max_tokens);
-        cells.push(Scenario {
-            name: "pressure-quota",
-            case: format!(
-                "{} {window} s windows, {offered}x, {} endpoints, {per:.0}-token requests",
-                kind_name(kind),
-                tpms.len()
-            ),
-            world: World::Quota {
-                tpms: tpms.to_vec(),
-                rpm_per_ktpm: rpm,
-                window: Duration::from_secs(window),
-                kind,
-                latency: LatencyModel::new(Duration::from_millis(150), Duration::from_millis(4))
-                    .with_jitter(0.2),
-                offered,
-            },
-            load: Load::Open {
-                rate: open_rate(tpms, offered, per),
-                poisson: true,
-            },
-            seconds: phases.quota,
-            prompt_words: words,
-            max_tokens,
-            deadline: PRESSURE_DEADLINE,
-            retry: true,
-            sessions: None,
-        });
+    for cell in quota {
+        cells.push(quota_cell(cell, phases, None));
     }
     // Degradation: (slowdown, closed loop callers or open rate, endpoints, TTFT, per token,
     // output cap).
@@ -597,39 +570,8 @@ fn pressure(phases: Phases) -> Vec<Scenario> {
         (5.0, Load::Closed { callers: 24 }, 3, 150, 5, 60),
         (20.0, Load::Closed { callers: 32 }, 4, 100, 5, 60),
     ];
-    for (slowdown, load, endpoints, ttft, per_token, max_tokens) in degrade {
-        let latency = LatencyModel::new(
-            Duration::from_millis(ttft),
-            Duration::from_millis(per_token),
-        )
-        .with_jitter(0.2);
-        let at = phases.equal;
-        let recover = at + phases.slow;
-        let loop_name = match load {
-            Load::Open { .. } => "open loop",
-            Load::Closed { .. } => "closed loop",
-        };
-        cells.push(Scenario {
-            name: "pressure-degradation",
-            case: format!(
-                "{slowdown:.0}x, {loop_name}, {endpoints} endpoints, {ttft} ms + {per_token} ms x {max_tokens}"
-            ),
-            world: World::Degrade {
-                endpoints,
-                latency,
-                slowdown,
-                at,
-                recover: Some(recover),
-                oracle: false,
-            },
-            load,
-            seconds: recover + phases.recovered,
-            prompt_words: 40,
-            max_tokens,
-            deadline: PRESSURE_DEADLINE,
-            retry: false,
-            sessions: None,
-        });
+    for cell in degrade {
+        cells.push(degrade_cell(cell, phases, None));
     }
     cells
 }
@@ -640,25 +582,51 @@ fn pressure(phases: Phases) -> Vec<Scenario> {
 /// prefixes the upstreams found cached, with affinity and without. Not in `--quick`.
 fn sessions(phases: Phases) -> Vec<Scenario> {
     let sessions = 150;
-    let tpms: &[u64] = &[120_000, 240_000, 360_000];
-    let (words, max_tokens) = (40, 60);
-    let per = per_request(words + SESSION_WORDS, max_tokens);
-    let quota = Scenario {
+    vec![
+        quota_cell(
+            (
+                WindowKind::Sliding,
+                1.3,
+                10,
+                &[120_000, 240_000, 360_000],
+                None,
+                40,
+                60,
+            ),
+            phases,
+            Some(sessions),
+        ),
+        degrade_cell(
+            (5.0, Load::Closed { callers: 24 }, 3, 150, 5, 60),
+            phases,
+            Some(sessions * 4),
+        ),
+    ]
+}
+
+/// A quota cell of the pressure matrix, with `sessions` when its requests are conversations.
+fn quota_cell(cell: QuotaCell, phases: Phases, sessions: Option<u64>) -> Scenario {
+    let (kind, offered, window, tpms, rpm, words, max_tokens) = cell;
+    let per = per_request(words + sessions.map_or(0, |_| SESSION_WORDS), max_tokens);
+    Scenario {
         name: "pressure-quota",
         case: format!(
-            "sliding 10 s windows, 1.3x, 3 endpoints, {per:.0}-token requests, {sessions} sessions"
+            "{} {window} s windows, {offered}x, {} endpoints, {per:.0}-token requests{}",
+            kind_name(kind),
+            tpms.len(),
+            sessions.map_or(String::new(), |n| format!(", {n} sessions"))
         ),
         world: World::Quota {
             tpms: tpms.to_vec(),
-            rpm_per_ktpm: None,
-            window: Duration::from_secs(10),
-            kind: WindowKind::Sliding,
+            rpm_per_ktpm: rpm,
+            window: Duration::from_secs(window),
+            kind,
             latency: LatencyModel::new(Duration::from_millis(150), Duration::from_millis(4))
                 .with_jitter(0.2),
-            offered: 1.3,
+            offered,
         },
         load: Load::Open {
-            rate: open_rate(tpms, 1.3, per),
+            rate: open_rate(tpms, offered, per),
             poisson: true,
         },
         seconds: phases.quota,
@@ -666,34 +634,50 @@ fn sessions(phases: Phases) -> Vec<Scenario> {
         max_tokens,
         deadline: PRESSURE_DEADLINE,
         retry: true,
-        sessions: Some(sessions),
-    };
+        sessions,
+    }
+}
+
+/// A degradation cell: (slowdown, load, endpoints, TTFT ms, per token ms, output cap), with
+/// `sessions` when its requests are conversations.
+fn degrade_cell(
+    (slowdown, load, endpoints, ttft, per_token, max_tokens): (f64, Load, usize, u64, u64, u32),
+    phases: Phases,
+    sessions: Option<u64>,
+) -> Scenario {
+    let latency = LatencyModel::new(
+        Duration::from_millis(ttft),
+        Duration::from_millis(per_token),
+    )
+    .with_jitter(0.2);
     let at = phases.equal;
     let recover = at + phases.slow;
-    let degradation = Scenario {
+    let loop_name = match load {
+        Load::Open { .. } => "open loop",
+        Load::Closed { .. } => "closed loop",
+    };
+    Scenario {
         name: "pressure-degradation",
         case: format!(
-            "5x, closed loop, 3 endpoints, 150 ms + 5 ms x 60, {} sessions",
-            sessions * 4
+            "{slowdown:.0}x, {loop_name}, {endpoints} endpoints, {ttft} ms + {per_token} ms x {max_tokens}{}",
+            sessions.map_or(String::new(), |n| format!(", {n} sessions"))
         ),
         world: World::Degrade {
-            endpoints: 3,
-            latency: LatencyModel::new(Duration::from_millis(150), Duration::from_millis(5))
-                .with_jitter(0.2),
-            slowdown: 5.0,
+            endpoints,
+            latency,
+            slowdown,
             at,
             recover: Some(recover),
             oracle: false,
         },
-        load: Load::Closed { callers: 24 },
+        load,
         seconds: recover + phases.recovered,
-        prompt_words: words,
+        prompt_words: 40,
         max_tokens,
         deadline: PRESSURE_DEADLINE,
         retry: false,
-        sessions: Some(sessions * 4),
-    };
-    vec![quota, degradation]
+        sessions,
+    }
 }
 
 fn kind_name(kind: WindowKind) -> &'static str {
