@@ -4,6 +4,9 @@
 //! [server]
 //! listen = "127.0.0.1:8080"
 //!
+//! # HTTPS instead of HTTP (PEM files, reread on SIGHUP):
+//! # tls = { cert_file = "cert.pem", key_file = "key.pem" }
+//!
 //! [router]
 //! strategy = "least-latency"
 //!
@@ -31,7 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -72,6 +75,27 @@ pub(crate) struct ServerConfig {
     /// The largest request head (request line and headers); larger: 431.
     #[serde(default = "default_max_header_bytes")]
     pub(crate) max_header_bytes: usize,
+    /// After SIGTERM or Ctrl-C, how long requests and streams in flight may take to finish
+    /// before the process exits anyway.
+    #[serde(default = "default_drain_grace_ms")]
+    pub(crate) drain_grace_ms: u64,
+    /// HTTPS on the listener instead of plain HTTP.
+    pub(crate) tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the certificate chain and its private key, PEM files, read at start and
+/// again on SIGHUP. Relative paths are taken from the configuration file's folder.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsConfig {
+    /// The certificate, then any intermediates.
+    pub(crate) cert_file: PathBuf,
+    /// The private key (PKCS #8, PKCS #1 or SEC 1).
+    pub(crate) key_file: PathBuf,
+}
+
+fn default_drain_grace_ms() -> u64 {
+    30_000
 }
 
 fn default_header_timeout_ms() -> u64 {
@@ -99,6 +123,8 @@ impl Default for ServerConfig {
             body_read_timeout_ms: default_body_timeout_ms(),
             max_connections: default_max_connections(),
             max_header_bytes: default_max_header_bytes(),
+            drain_grace_ms: default_drain_grace_ms(),
+            tls: None,
         }
     }
 }
@@ -291,7 +317,12 @@ impl Config {
     pub(crate) fn load(path: &Path) -> Result<Self, Problem> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("{}", path.display()))
+        let mut config = Self::parse(&text).with_context(|| format!("{}", path.display()))?;
+        if let (Some(tls), Some(folder)) = (&mut config.server.tls, path.parent()) {
+            tls.cert_file = folder.join(&tls.cert_file);
+            tls.key_file = folder.join(&tls.key_file);
+        }
+        Ok(config)
     }
 
     pub(crate) fn parse(text: &str) -> Result<Self, Problem> {

@@ -1,5 +1,5 @@
-//! The server's life: start (keys, router, listener), reload on SIGHUP, and a graceful
-//! shutdown on Ctrl-C or SIGTERM that lets requests in flight finish.
+//! The server's life: start (keys, router, listener, TLS), reload on SIGHUP, and a graceful
+//! shutdown on Ctrl-C or SIGTERM that lets requests in flight finish within a grace period.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::console::say;
 use crate::problem::{Context as _, Problem};
 use crate::routes::{AppState, BodyLimits, app};
+use crate::tls::Tls;
 
 /// Serves until Ctrl-C or SIGTERM, then lets in-flight requests finish. `path` is the file
 /// `config` came from, reloaded on SIGHUP.
@@ -28,18 +29,23 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
         keys: ArcSwap::from_pointee(keys),
         affinity_header: ArcSwap::from_pointee(config.affinity_header()?),
     });
+    let tls = match &config.server.tls {
+        Some(files) => Some(Arc::new(Tls::load(files)?)),
+        None => None,
+    };
     let listen = config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("server.listen: cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     say(&format!(
-        "openai-router: serving {} model group(s) on http://{address}/v1",
+        "openai-router: serving {} model group(s) on {scheme}://{address}/v1",
         state.router.models().len()
     ));
     #[cfg(unix)]
     if let Some(path) = path {
-        tokio::spawn(reload_on_hangup(Arc::clone(&state), path));
+        tokio::spawn(reload_on_hangup(Arc::clone(&state), tls.clone(), path));
     }
     #[cfg(not(unix))]
     let _ = path;
@@ -52,34 +58,37 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
         header_read_timeout: Duration::from_millis(server.header_read_timeout_ms.max(1)),
         max_header_bytes: server.max_header_bytes.max(8192),
         max_connections: server.max_connections.max(1),
+        drain_grace: Duration::from_millis(server.drain_grace_ms),
     };
-    serve_connections(listener, app(state, body), edge, shutdown()).await;
+    serve_connections(listener, tls, app(state, body), edge, shutdown()).await;
     Ok(())
 }
 
-/// What a client's connection may take: its request head within `header_read_timeout` and
-/// `max_header_bytes`, and a place among `max_connections`.
+/// What a client's connection may take: its TLS handshake and its request head within
+/// `header_read_timeout`, a head of at most `max_header_bytes`, a place among
+/// `max_connections`, and `drain_grace` to finish once the server stops.
 #[derive(Debug, Clone, Copy)]
 struct Edge {
     header_read_timeout: Duration,
     max_header_bytes: usize,
     max_connections: usize,
+    drain_grace: Duration,
 }
 
 /// Accepts connections (at most `edge.max_connections` at once: the rest wait in the
-/// listen backlog) and serves `app` on each over HTTP/1.1, a request's head allowed
-/// `edge.header_read_timeout` (a client that sends it slower is disconnected) and
-/// `edge.max_header_bytes` (431 past it). When `stop` completes, no connection is accepted
-/// any more, each open one finishes the request it is serving (a stream to its end), and the
-/// function returns when all have closed.
+/// listen backlog) and serves `app` on each over HTTP/1.1, behind TLS when `tls` is given, a
+/// request's head allowed `edge.header_read_timeout` (a client that sends it slower is
+/// disconnected) and `edge.max_header_bytes` (431 past it). When `stop` completes, no
+/// connection is accepted any more (the listener is closed), each open one finishes the
+/// request it is serving (a stream to its end), and the function returns when all have
+/// closed or `edge.drain_grace` has passed, whichever comes first.
 async fn serve_connections(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<Tls>>,
     app: axum::Router,
     edge: Edge,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
     let places = Arc::new(tokio::sync::Semaphore::new(edge.max_connections));
     let (closing, _) = tokio::sync::watch::channel(());
     let mut stop = std::pin::pin!(stop);
@@ -105,24 +114,19 @@ async fn serve_connections(
         };
         // Every SSE event leaves at once, not after a delayed ACK.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let mut closed = closing.subscribe();
+        let app = app.clone();
+        let closed = closing.subscribe();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(edge.header_read_timeout)
-                .max_buf_size(edge.max_header_bytes)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::trace!(%error, "connection ended");
+            match tls {
+                None => serve_connection(stream, app, edge, closed).await,
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(stream);
+                    match tokio::time::timeout(edge.header_read_timeout, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(stream, app, edge, closed).await,
+                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake too slow; connection closed"),
                     }
-                }
-                _ = closed.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
                 }
             }
             drop(place);
@@ -131,18 +135,59 @@ async fn serve_connections(
     drop(listener);
     // Every connection finishes what it serves, then closes.
     let _ = closing.send(());
-    closing.closed().await;
+    if tokio::time::timeout(edge.drain_grace, closing.closed())
+        .await
+        .is_err()
+    {
+        let open = edge.max_connections - places.available_permits();
+        tracing::warn!(
+            open,
+            grace_ms = edge.drain_grace.as_millis(),
+            "connections still open after the drain grace period; exiting"
+        );
+    }
+}
+
+/// Serves one connection until it ends, or, once `closed` changes, until the request it is
+/// serving has been answered.
+async fn serve_connection<S>(
+    stream: S,
+    app: axum::Router,
+    edge: Edge,
+    mut closed: tokio::sync::watch::Receiver<()>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(edge.header_read_timeout)
+        .max_buf_size(edge.max_header_bytes)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::trace!(%error, "connection ended");
+            }
+        }
+        _ = closed.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 /// Reloads `path` on SIGHUP; a bad file is refused and the old configuration stays.
 #[cfg(unix)]
-async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
+async fn reload_on_hangup(state: Arc<AppState>, tls: Option<Arc<Tls>>, path: PathBuf) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         return;
     };
     while hangups.recv().await.is_some() {
-        match reload(&state, &path) {
+        match reload(&state, tls.as_deref(), &path) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => {
                 tracing::error!(config = %path.display(), error = %e, "reload refused; the old configuration stays");
@@ -151,12 +196,27 @@ async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
     }
 }
 
-/// Reads `path` and swaps in its router configuration and keys, or neither.
-fn reload(state: &AppState, path: &Path) -> Result<(), Problem> {
+/// Reads `path` and swaps in its router configuration, keys and certificate, or none of
+/// them. The listener's address and whether it speaks TLS stay as they were at start.
+fn reload(state: &AppState, tls: Option<&Tls>, path: &Path) -> Result<(), Problem> {
     let config = Config::load(path)?;
     let keys = config.keys()?;
     let header = config.affinity_header()?;
-    state.router.reconfigure(config.builder()?)?;
+    let builder = config.builder()?;
+    let certificate = match (tls, &config.server.tls) {
+        (Some(tls), Some(files)) => Some((tls, Tls::reread(files)?)),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            tracing::warn!(
+                "server.tls was added or removed: that takes a restart; the listener stays as it was"
+            );
+            None
+        }
+    };
+    state.router.reconfigure(builder)?;
+    if let Some((tls, next)) = certificate {
+        tls.install(next);
+    }
     state.keys.store(Arc::new(keys));
     state.affinity_header.store(Arc::new(header));
     Ok(())

@@ -20,6 +20,7 @@ mod probe;
 mod problem;
 mod routes;
 mod sse;
+mod tls;
 
 use std::io::Read as _;
 use std::path::PathBuf;

@@ -187,6 +187,20 @@ async fn start_serving(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    if server.contains("tls") {
+        // HTTPS: ready once the port accepts connections.
+        for _ in 0..250 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                let base = format!("https://localhost:{port}");
+                return Gateway { child, base, dir };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the gateway did not start");
+    }
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     for _ in 0..250 {
@@ -1359,4 +1373,210 @@ async fn the_callers_spillover_deployment_reaches_azure() {
         Some("standard-dep")
     );
     assert_eq!(openai.header("x-ms-spillover-deployment"), None);
+}
+
+/// A self-signed certificate for `localhost`, written as `NAME.pem` and `NAME.key` into `dir`;
+/// returns the certificate's PEM.
+fn write_certificate(dir: &std::path::Path, name: &str) -> String {
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let pem = issued.cert.pem();
+    std::fs::write(dir.join(format!("{name}.pem")), &pem).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.key")),
+        issued.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    pem
+}
+
+/// A client that trusts `pem` alone.
+fn trusting(pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(pem.as_bytes()).unwrap()])
+        .resolve("localhost", std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .build()
+        .unwrap()
+}
+
+/// HTTPS on the listener: requests are served over TLS with the configured certificate, plain
+/// HTTP is not, a client that never completes its handshake is closed after the head timeout,
+/// and SIGHUP serves a renewed certificate to new connections.
+#[tokio::test]
+async fn the_listener_serves_tls_and_rereads_its_certificate_on_sighup() {
+    use tokio::io::AsyncWriteExt as _;
+    let sim = sim().await;
+    let certs = std::env::temp_dir().join(format!("openai-router-tls-{}", free_port()));
+    std::fs::create_dir_all(&certs).unwrap();
+    let first = write_certificate(&certs, "server");
+    let server = format!(
+        "header_read_timeout_ms = 400\ntls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+        certs.join("server.pem").display(),
+        certs.join("server.key").display()
+    );
+    let gateway = start_serving(&sim, "", 5000, &[], &server).await;
+    assert!(gateway.base.starts_with("https://"), "{}", gateway.base);
+    let chat = |client: reqwest::Client| {
+        let url = format!("{}/v1/chat/completions", gateway.base);
+        async move {
+            client
+                .post(url)
+                .bearer_auth(GATEWAY_KEY)
+                .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+        }
+    };
+    let answer = chat(trusting(&first)).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let port = gateway.base.rsplit(':').next().unwrap().to_owned();
+    let plain = client()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+
+    // A connection that never sends its ClientHello is closed after the head timeout.
+    let mut silent = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a silent TLS client still holds its socket");
+    let _ = silent.shutdown().await;
+
+    // A renewed certificate, reread on SIGHUP: new connections get it.
+    let second = write_certificate(&certs, "server");
+    hangup(&gateway);
+    let mut renewed = false;
+    for _ in 0..100 {
+        if chat(trusting(&second)).await.is_ok() {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        renewed,
+        "the renewed certificate was not served after SIGHUP"
+    );
+    assert!(
+        chat(trusting(&first)).await.is_err(),
+        "the old certificate is still served"
+    );
+
+    // A key file that does not load is refused; the renewed certificate stays.
+    std::fs::write(certs.join("server.key"), "not a key").unwrap();
+    hangup(&gateway);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(chat(trusting(&second)).await.unwrap().status(), 200);
+    let logs = gateway.logs().await;
+    assert!(
+        logs.contains("server.tls.key_file"),
+        "the refused reload does not name the field"
+    );
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// SIGTERM drains: the listener closes at once, streams in flight run to their end, and the
+/// process exits; a stream longer than the grace period is cut when it runs out.
+#[tokio::test]
+async fn sigterm_drains_streams_in_flight_then_exits() {
+    let sim = sim().await;
+    let pace = |per_token: u64| {
+        for endpoint in sim.endpoints() {
+            endpoint.set_latency(LatencyModel::new(
+                Duration::from_millis(5),
+                Duration::from_millis(per_token),
+            ));
+        }
+    };
+    let terminate = |gateway: &Gateway| {
+        let pid = gateway.child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    // A stream's headers leave the gateway after the upstream's first event: once they are
+    // in, the stream is in flight.
+    let stream = |base: String| async move {
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(GATEWAY_KEY)
+            .json(
+                &json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response
+    };
+
+    // Three streams of 16 tokens (about 0.8 s each), then SIGTERM.
+    pace(50);
+    let mut gateway = start_serving(&sim, "", 10_000, &[("RUST_LOG", "info".to_owned())], "").await;
+    let mut in_flight = Vec::new();
+    for _ in 0..3 {
+        in_flight.push(tokio::spawn(stream(gateway.base.clone()).await.bytes()));
+    }
+    terminate(&gateway);
+    let address = gateway.base.trim_start_matches("http://").to_owned();
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(&address).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "new connections are still accepted after SIGTERM");
+    for task in in_flight {
+        let text = task.await.unwrap().unwrap();
+        check_stream(std::str::from_utf8(&text).unwrap(), 16, false).unwrap();
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), gateway.child.wait())
+        .await
+        .expect("the gateway did not exit after draining")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    // A grace of 300 ms and a stream of 16 tokens at 600 ms each: cut, and the process exits.
+    pace(600);
+    let mut gateway = start_serving(
+        &sim,
+        "",
+        30_000,
+        &[("RUST_LOG", "info".to_owned())],
+        "drain_grace_ms = 300",
+    )
+    .await;
+    let long = tokio::spawn(stream(gateway.base.clone()).await.bytes());
+    let started = std::time::Instant::now();
+    terminate(&gateway);
+    let status = tokio::time::timeout(Duration::from_secs(5), gateway.child.wait())
+        .await
+        .expect("the gateway outlived its drain grace period")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let cut = match long.await.unwrap() {
+        Ok(text) => check_stream(std::str::from_utf8(&text).unwrap(), 16, false).is_err(),
+        Err(_) => true,
+    };
+    assert!(cut, "the long stream ended whole within a 300 ms grace");
+    let mut logs = String::new();
+    let mut stderr = gateway.child.stderr.take().unwrap();
+    stderr.read_to_string(&mut logs).await.unwrap();
+    let mut stdout = gateway.child.stdout.take().unwrap();
+    stdout.read_to_string(&mut logs).await.unwrap();
+    assert!(logs.contains("drain grace period"), "{logs}");
 }
