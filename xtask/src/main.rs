@@ -18,11 +18,13 @@
 //!   installed from `PyPI` into `target/litellm-venv`. `--quick`: the pressure matrix alone,
 //!   with short phases, reported in `target/bench/quick/` (`BENCHMARKS.md` holds full runs).
 //! - `demo`: `openai-router demo` in release mode.
+//! - `fuzz [--runs N] [--minutes M] [--target T]`: the fuzz targets (`fuzz.rs`).
 //!
 //! Each step prints its command and duration; a summary closes the run.
 
 #[cfg(test)]
 mod arch;
+mod fuzz;
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -339,9 +341,10 @@ fn run() -> Result<()> {
             ])
         }
         "demo" => run_steps(&[DEMO_RELEASE]),
+        "fuzz" => fuzz::run(env::args().skip(2)),
         "" | "help" | "--help" | "-h" => {
             say(concat!(
-                "usage: cargo xtask <ci|test|bench [--quick] [--compare litellm]|demo>\n",
+                "usage: cargo xtask <ci|test|bench [--quick] [--compare litellm]|demo|fuzz>\n",
                 "  ci     format, clippy, tests, doc tests, rustdoc, examples, a short demo,\n",
                 "         each library feature alone (cargo hack), cargo deny\n",
                 "  test   tests and doc tests\n",
@@ -350,7 +353,10 @@ fn run() -> Result<()> {
                 "         (installed from PyPI into target/litellm-venv); --quick: the routing\n",
                 "         under pressure matrix alone, with short phases (about 3 minutes),\n",
                 "         reported in target/bench/quick/ (BENCHMARKS.md is left as it is)\n",
-                "  demo   the demo, in release mode",
+                "  demo   the demo, in release mode\n",
+                "  fuzz   each fuzz target (fuzz/, cargo-fuzz on nightly) up to --runs N executions\n",
+                "         (10 million) or --minutes M (30) each; --target T (repeatable) for some;\n",
+                "         a table in target/fuzz/report.md. CI replays the corpora on stable",
             ));
             Ok(())
         }
@@ -486,7 +492,7 @@ fn install_debian(packages: &[&str], what: &str) -> Result<()> {
 }
 
 /// Installs a cargo subcommand from the crate registry when it is missing.
-fn ensure_tool(binary: &str, subcommand: &str, package: &str) -> Result<()> {
+pub(crate) fn ensure_tool(binary: &str, subcommand: &str, package: &str) -> Result<()> {
     let present = Command::new("cargo")
         .args([subcommand, "--version"])
         .output()
@@ -557,7 +563,7 @@ fn summary(done: &[(&str, Duration)], failed: Option<(&str, Duration)>, total: D
     say(&format!("    total {:>19.1}s", total.as_secs_f64()));
 }
 
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }

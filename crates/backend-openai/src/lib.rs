@@ -36,6 +36,8 @@ mod backend;
 mod client;
 mod credential;
 mod dialect;
+#[doc(hidden)]
+pub mod fuzzing;
 mod scrub;
 mod sse;
 

@@ -88,8 +88,14 @@ fn pending_after(pending: usize, chunk: &[u8], last: &mut [u8; 3]) -> usize {
     since.unwrap_or(pending + n)
 }
 
-/// `body` with no event growing past `max_event` bytes in the decoder's buffer: the stream
-/// ends there with [`BodyError::TooLarge`].
+/// Raw bytes of one unfinished event that the decoder may hold beyond its data limit: room for
+/// the `data: ` prefixes, fields and comments around data of the limit's size.
+const EVENT_SLACK: usize = 64 * 1024;
+
+/// `body` with no event growing past `max_event` bytes in the decoder's buffer (twice the data
+/// limit plus [`EVENT_SLACK`]: an event's data is held to `max_event` exactly, by `decode`,
+/// however the body was cut; this bound is for what is not data): the stream ends there with
+/// [`BodyError::TooLarge`].
 fn bounded_events<B, E>(
     body: B,
     max_event: usize,
@@ -200,7 +206,10 @@ where
     // one `\n` after the body lets a CR-only stream's last blank line count. An event that the
     // upstream left unterminated stays unterminated: it still lacks its blank line.
     let body = body.chain(futures_util::stream::iter([Ok(Bytes::from_static(b"\n"))]));
-    let body = bounded_events(body, max_event);
+    let body = bounded_events(
+        body,
+        max_event.saturating_mul(2).saturating_add(EVENT_SLACK),
+    );
     let last = Instant::now();
     let mut state = State {
         events: body.eventsource(),
@@ -214,7 +223,7 @@ where
     };
     let due = state.due();
     state.timer.as_mut().reset(due);
-    futures_util::stream::unfold(state, |mut state| async move {
+    futures_util::stream::unfold(state, move |mut state| async move {
         if state.finished {
             return None;
         }
@@ -249,6 +258,10 @@ where
                     None,
                 )),
                 Ok(Some(Err(e))) => Err(failure(&state.endpoint, e)),
+                Ok(Some(Ok(event))) if event.data.len() > max_event => Err(failure(
+                    &state.endpoint,
+                    EventStreamError::Transport(BodyError::<E>::TooLarge(max_event)),
+                )),
                 Ok(Some(Ok(event))) => {
                     let data = event.data.trim();
                     if data.is_empty() {

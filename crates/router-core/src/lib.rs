@@ -58,6 +58,8 @@ mod backend;
 mod endpoint;
 mod error;
 pub mod ewma;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod quota;
 pub mod ratelimit;
 mod retry;

@@ -118,15 +118,19 @@ fn parse_count(value: &str) -> Option<u64> {
 
 fn parse_millis(value: &str) -> Option<Duration> {
     let millis: f64 = value.parse().ok()?;
-    (millis.is_finite() && millis >= 0.0).then(|| Duration::from_secs_f64(millis / 1000.0))
+    seconds(millis / 1000.0)
 }
 
 fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    if let Ok(value) = value.parse::<f64>() {
+        return seconds(value);
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(LONGEST_WAIT),
+    )
 }
 
 /// Parses a Go-style duration (`6m0s`, `1.5s`, `20ms`, `1h2m3s`, `250us`, `10ns`) or a bare
@@ -147,8 +151,8 @@ pub fn parse_go_duration(value: &str) -> Option<Duration> {
     if value.is_empty() {
         return None;
     }
-    if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    if let Ok(value) = value.parse::<f64>() {
+        return seconds(value);
     }
     let mut rest = value;
     let mut total = 0.0_f64;
@@ -177,7 +181,22 @@ pub fn parse_go_duration(value: &str) -> Option<Duration> {
         rest = &rest[unit_len..];
         total += number * unit_seconds;
     }
-    total.is_finite().then(|| Duration::from_secs_f64(total))
+    seconds(total)
+}
+
+/// The longest wait a header is read as: a year. A larger number (`retry-after: 1e300`) reads
+/// as a year rather than overflowing the clock arithmetic that a wait ends in.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A wait of `value` seconds, at most [`LONGEST_WAIT`]; `None` when negative or not a number.
+fn seconds(value: f64) -> Option<Duration> {
+    (value >= 0.0).then(|| {
+        if value >= LONGEST_WAIT.as_secs_f64() {
+            LONGEST_WAIT
+        } else {
+            Duration::from_secs_f64(value)
+        }
+    })
 }
 
 /// Finds a wait in an error message: Azure's "retry after 33 seconds" or OpenAI's
@@ -188,7 +207,10 @@ pub fn retry_hint_in_message(message: &str) -> Option<Duration> {
         let rest = &lower[at + "retry after ".len()..];
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         if !digits.is_empty() && rest[digits.len()..].trim_start().starts_with("second") {
-            return digits.parse().ok().map(Duration::from_secs);
+            return digits
+                .parse()
+                .ok()
+                .map(|s| Duration::from_secs(s).min(LONGEST_WAIT));
         }
     }
     if let Some(at) = lower.find("try again in ") {
@@ -207,6 +229,32 @@ pub fn retry_hint_in_message(message: &str) -> Option<Duration> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Found by the `rate_limit_headers` fuzz target: a number of seconds too large for a
+    /// `Duration` panicked; every form now reads as at most a year.
+    #[test]
+    fn waits_too_long_for_the_clock_read_as_a_year() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for (name, value) in [
+            ("retry-after", "1e300"),
+            ("retry-after-ms", "1e300"),
+            ("x-ms-retry-after-ms", "18446744073709551616000"),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            ("x-ratelimit-reset-tokens", "99999999999999999999h"),
+        ] {
+            let info = RateLimitInfo::from_headers([(name, value.as_bytes())], now);
+            assert_eq!(info.retry_hint(), Some(LONGEST_WAIT), "{name}: {value}");
+        }
+        assert_eq!(
+            retry_hint_in_message("retry after 99999999999999999999 seconds"),
+            None,
+            "more seconds than a u64 holds is no number"
+        );
+        assert_eq!(
+            retry_hint_in_message("retry after 9999999999999 seconds"),
+            Some(LONGEST_WAIT)
+        );
+    }
 
     fn headers_from_fixture(rel: &str) -> Vec<(String, Vec<u8>)> {
         let path = format!("{}/../../fixtures/{rel}", env!("CARGO_MANIFEST_DIR"));

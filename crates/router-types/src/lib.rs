@@ -35,6 +35,8 @@ mod chat;
 mod completions;
 mod embeddings;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod responses;
 mod shared;
 
