@@ -157,6 +157,30 @@ fn fuzz_one(target: &str, options: &Options) -> Result<Outcome> {
             .and_then(|v| v.trim().parse().ok())
     };
     let executions = stat("number_of_executed_units").unwrap_or(0);
+    // libFuzzer's own time: the build before it is not fuzzing.
+    let seconds = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Done ")?
+                .split(" in ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| started.elapsed().as_secs_f64());
+    let found = [
+        "==ERROR",
+        "panicked at",
+        "deadly signal",
+        "Test unit written to",
+    ]
+    .iter()
+    .any(|mark| text.contains(mark));
+    if !status.success() && !found {
+        bail!("cargo fuzz {target} failed before fuzzing ({status}); see {log_path}");
+    }
     let crashed = !status.success();
     if !crashed {
         // Keep the corpus small: only inputs that add coverage stay.
@@ -181,7 +205,7 @@ fn fuzz_one(target: &str, options: &Options) -> Result<Outcome> {
     Ok(Outcome {
         target: target.to_owned(),
         executions,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         crashed,
         corpus,
     })

@@ -3,7 +3,8 @@
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings denied, the whole
 //!   test suite (nextest), doc tests, rustdoc with warnings denied, the examples, a short run of
 //!   the demo (which fails on any caller-visible failure), every feature of each library crate
-//!   alone (`cargo hack check --each-feature --no-dev-deps`), and `cargo deny` (bans, licenses,
+//!   alone (`cargo hack check --each-feature --no-dev-deps`), a two-minute chaos soak, and
+//!   `cargo deny` (bans, licenses,
 //!   sources). The tests include the architecture checks (`arch.rs`: dependency edges as
 //!   ARCHITECTURE.md draws them, no import circles). Tools it needs and can install from the
 //!   crate registry (`cargo-deny`, `cargo-nextest`, `cargo-hack`) are installed when missing,
@@ -18,6 +19,8 @@
 //!   installed from `PyPI` into `target/litellm-venv`. `--quick`: the pressure matrix alone,
 //!   with short phases, reported in `target/bench/quick/` (`BENCHMARKS.md` holds full runs).
 //! - `demo`: `openai-router demo` in release mode.
+//! - `soak [--minutes M] [--seed S] [--workers N]`: the chaos soak
+//!   (`router-gateway/benches/soak.rs`), ten minutes by default.
 //! - `fuzz [--runs N] [--minutes M] [--target T]`: the fuzz targets (`fuzz.rs`).
 //!
 //! Each step prints its command and duration; a summary closes the run.
@@ -204,6 +207,20 @@ const BENCH_GATEWAY: Step = cargo(
         "--",
     ],
 );
+/// The chaos soak (`router-gateway/benches/soak.rs`): the release gateway under a mixed load
+/// and a seeded fault schedule; `--minutes` and `--seed` follow.
+const SOAK: Step = cargo(
+    "soak",
+    &[
+        "bench",
+        "--locked",
+        "-p",
+        "router-gateway",
+        "--bench",
+        "soak",
+        "--",
+    ],
+);
 const BENCH_REPORT: Step = cargo(
     "report",
     &[
@@ -275,8 +292,18 @@ fn run() -> Result<()> {
             ensure_node()?;
             let [example_a, example_b, example_c] = EXAMPLES;
             run_steps(&[
-                FMT, CLIPPY, NEXTEST, DOCTEST, RUSTDOC, example_a, example_b, example_c, DEMO,
-                HACK, DENY,
+                FMT,
+                CLIPPY,
+                NEXTEST,
+                DOCTEST,
+                RUSTDOC,
+                example_a,
+                example_b,
+                example_c,
+                DEMO,
+                SOAK.with(["--minutes".to_owned(), "2".to_owned()]),
+                HACK,
+                DENY,
             ])
         }
         "test" => {
@@ -285,66 +312,13 @@ fn run() -> Result<()> {
             ensure_node()?;
             run_steps(&[NEXTEST, DOCTEST])
         }
-        "bench" => {
-            let mut compare = None;
-            let mut quick = false;
-            let mut args = env::args().skip(2);
-            while let Some(arg) = args.next() {
-                match arg.as_str() {
-                    "--quick" => quick = true,
-                    "--compare" => match args.next().as_deref() {
-                        Some("litellm") => compare = Some("litellm"),
-                        other => bail!(
-                            "--compare takes `litellm` (got {})",
-                            other.unwrap_or("nothing")
-                        ),
-                    },
-                    other => bail!("unknown argument `{other}`; try `cargo xtask help`"),
-                }
-            }
-            ensure_redis()?;
-            let python = match compare {
-                Some(_) => Some(ensure_litellm()?),
-                None => None,
-            };
-            let litellm: Vec<String> = python
-                .iter()
-                .flat_map(|p| ["--litellm".to_owned(), p.clone()])
-                .collect();
-            let command = match (quick, compare) {
-                (false, Some(_)) => "cargo xtask bench --compare litellm",
-                (false, None) => "cargo xtask bench",
-                (true, Some(_)) => "cargo xtask bench --quick --compare litellm",
-                (true, None) => "cargo xtask bench --quick",
-            };
-            if quick {
-                // The pressure matrix alone, with short phases, then the report, written
-                // beside the results (bench-report says where): BENCHMARKS.md holds full runs.
-                let mut scenario_args = vec!["--quick".to_owned()];
-                scenario_args.extend(litellm);
-                return run_steps(&[
-                    BENCH_SCENARIOS.with(scenario_args),
-                    BENCH_REPORT.with([
-                        "--command".to_owned(),
-                        command.to_owned(),
-                        "--quick".to_owned(),
-                    ]),
-                ]);
-            }
-            let quick = CRITERION_QUICK.map(str::to_owned);
-            run_steps(&[
-                BENCH_PICK.with(quick.clone()),
-                BENCH_OVERHEAD.with(quick),
-                BENCH_SCENARIOS.with(litellm.clone()),
-                BENCH_GATEWAY.with(litellm),
-                BENCH_REPORT.with(["--command".to_owned(), command.to_owned()]),
-            ])
-        }
+        "bench" => bench(),
         "demo" => run_steps(&[DEMO_RELEASE]),
         "fuzz" => fuzz::run(env::args().skip(2)),
+        "soak" => soak(),
         "" | "help" | "--help" | "-h" => {
             say(concat!(
-                "usage: cargo xtask <ci|test|bench [--quick] [--compare litellm]|demo|fuzz>\n",
+                "usage: cargo xtask <ci|test|bench [--quick] [--compare litellm]|demo|soak|fuzz>\n",
                 "  ci     format, clippy, tests, doc tests, rustdoc, examples, a short demo,\n",
                 "         each library feature alone (cargo hack), cargo deny\n",
                 "  test   tests and doc tests\n",
@@ -354,6 +328,9 @@ fn run() -> Result<()> {
                 "         under pressure matrix alone, with short phases (about 3 minutes),\n",
                 "         reported in target/bench/quick/ (BENCHMARKS.md is left as it is)\n",
                 "  demo   the demo, in release mode\n",
+                "  soak   the chaos soak: the release gateway under a mixed load and a seeded\n",
+                "         fault schedule, invariants checked (--minutes M, 10; --seed S, 1;\n",
+                "         --workers N, 16); the report in target/soak/report.md\n",
                 "  fuzz   each fuzz target (fuzz/, cargo-fuzz on nightly) up to --runs N executions\n",
                 "         (10 million) or --minutes M (30) each; --target T (repeatable) for some;\n",
                 "         a table in target/fuzz/report.md. CI replays the corpora on stable",
@@ -362,6 +339,79 @@ fn run() -> Result<()> {
         }
         other => bail!("unknown task `{other}`; try `cargo xtask help`"),
     }
+}
+
+/// `cargo xtask bench [--quick] [--compare litellm]`.
+fn bench() -> Result<()> {
+    let mut compare = None;
+    let mut quick = false;
+    let mut args = env::args().skip(2);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--compare" => match args.next().as_deref() {
+                Some("litellm") => compare = Some("litellm"),
+                other => bail!(
+                    "--compare takes `litellm` (got {})",
+                    other.unwrap_or("nothing")
+                ),
+            },
+            other => bail!("unknown argument `{other}`; try `cargo xtask help`"),
+        }
+    }
+    ensure_redis()?;
+    let python = match compare {
+        Some(_) => Some(ensure_litellm()?),
+        None => None,
+    };
+    let litellm: Vec<String> = python
+        .iter()
+        .flat_map(|p| ["--litellm".to_owned(), p.clone()])
+        .collect();
+    let command = match (quick, compare) {
+        (false, Some(_)) => "cargo xtask bench --compare litellm",
+        (false, None) => "cargo xtask bench",
+        (true, Some(_)) => "cargo xtask bench --quick --compare litellm",
+        (true, None) => "cargo xtask bench --quick",
+    };
+    if quick {
+        // The pressure matrix alone, with short phases, then the report, written
+        // beside the results (bench-report says where): BENCHMARKS.md holds full runs.
+        let mut scenario_args = vec!["--quick".to_owned()];
+        scenario_args.extend(litellm);
+        return run_steps(&[
+            BENCH_SCENARIOS.with(scenario_args),
+            BENCH_REPORT.with([
+                "--command".to_owned(),
+                command.to_owned(),
+                "--quick".to_owned(),
+            ]),
+        ]);
+    }
+    let quick = CRITERION_QUICK.map(str::to_owned);
+    run_steps(&[
+        BENCH_PICK.with(quick.clone()),
+        BENCH_OVERHEAD.with(quick),
+        BENCH_SCENARIOS.with(litellm.clone()),
+        BENCH_GATEWAY.with(litellm),
+        BENCH_REPORT.with(["--command".to_owned(), command.to_owned()]),
+    ])
+}
+
+/// `cargo xtask soak`: the chaos soak, ten minutes unless `--minutes` says otherwise.
+fn soak() -> Result<()> {
+    let mut soak = vec!["--minutes".to_owned(), "10".to_owned()];
+    let mut args = env::args().skip(2);
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--minutes" | "--seed" | "--workers", Some(value)) => {
+                soak.extend([arg.clone(), value]);
+            }
+            _ => bail!("soak takes --minutes M, --seed S and --workers N"),
+        }
+    }
+    ensure_redis()?;
+    run_steps(&[SOAK.with(soak)])
 }
 
 /// The Redis tests start their own `redis-server`: install it from Debian's packages when it

@@ -62,7 +62,7 @@ pub fn sse(data: &[u8]) {
         Bytes::copy_from_slice(&body[first..second]),
         Bytes::copy_from_slice(&body[second..]),
     ];
-    let bytewise: Vec<Bytes> = if body.len() <= 512 {
+    let bytewise: Vec<Bytes> = if body.len() <= 64 {
         body.iter()
             .map(|byte| Bytes::copy_from_slice(&[*byte]))
             .collect()

@@ -42,6 +42,12 @@ pub(crate) struct Reservation {
     open: bool,
 }
 
+/// Reservations alive in this process, across routers: each is settled, released or kept
+/// before it is dropped, so after the load this is back to zero ([`Router::open_reservations`]).
+///
+/// [`Router::open_reservations`]: crate::Router::open_reservations
+pub(crate) static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Reservation {
     pub(crate) fn new(
         store: Arc<dyn StateStore>,
@@ -51,6 +57,7 @@ impl Reservation {
         estimate: Estimate,
         accounting: QuotaAccounting,
     ) -> Self {
+        LIVE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
             store,
             key,
@@ -123,6 +130,7 @@ impl Reservation {
             ..Settlement::default()
         };
         let _ = self.store.settle(&key, &limits, taken, now).await;
+        LIVE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(Self {
             store: Arc::clone(&self.store),
             key,
@@ -181,6 +189,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if self.open {
             self.open = false;
             self.spawn(Settlement::release(self.ticket, self.charge));

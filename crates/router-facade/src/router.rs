@@ -106,6 +106,19 @@ impl Router {
         self.shared.snapshot.load().groups.contains_key(model)
     }
 
+    /// Requests waiting for a turn now (queued by the router's limits or a full model group).
+    pub fn waiting(&self) -> usize {
+        self.shared.waitlist.count()
+    }
+
+    /// Quota reservations not yet settled or released, in this process (all routers
+    /// together): a request holds one from admission until its answer (a stream's end) is
+    /// settled. Zero when nothing is in flight; a number that stays up after the load is a
+    /// leak.
+    pub fn open_reservations(&self) -> usize {
+        crate::reservation::LIVE.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every deployment's state now, in configuration order.
     pub fn stats(&self) -> Vec<DeploymentStats> {
         let snapshot = self.shared.snapshot.load();

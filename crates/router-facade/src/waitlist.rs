@@ -187,6 +187,11 @@ impl Waitlist {
         self.waiting().total
     }
 
+    /// Waiters in every lane, without the lock (a moment's view).
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
     /// A place at the back of `priority`'s class in `lane` (or, with a claimed promise, where
     /// the refused request stood); `None` when `max` are waiting already, in all lanes
     /// together.

@@ -20,6 +20,8 @@ pub(crate) struct GatewayKey {
     pub(crate) models: Vec<String>,
     /// Its requests' longest wait for a turn, when it has its own.
     pub(crate) max_queue_wait: Option<Duration>,
+    /// Its requests' waiting class (lower is served first; 0 unless configured).
+    pub(crate) priority: Option<u8>,
 }
 
 /// Who is calling: the key, or `None` when no keys are configured.
@@ -108,6 +110,7 @@ mod tests {
             digest: digest("sk-a"),
             models: vec!["m".to_owned()],
             max_queue_wait: None,
+            priority: None,
         }];
         let mut headers = HeaderMap::new();
         assert!(

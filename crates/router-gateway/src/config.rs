@@ -310,6 +310,9 @@ pub(crate) struct KeyConfig {
     pub(crate) concurrency: Option<u32>,
     /// This key's longest wait for a turn, instead of the router's.
     pub(crate) max_queue_wait_ms: Option<u64>,
+    /// This key's waiting class when requests queue for a turn: lower is served first (0,
+    /// the default, is the most urgent).
+    pub(crate) priority: Option<u8>,
 }
 
 impl Config {
@@ -347,6 +350,7 @@ impl Config {
                     digest,
                     models: key.models.clone(),
                     max_queue_wait: key.max_queue_wait_ms.map(std::time::Duration::from_millis),
+                    priority: key.priority,
                 })
             })
             .collect()

@@ -141,6 +141,16 @@ impl Metrics {
             self.throttles.load(Ordering::Relaxed)
         );
 
+        let _ = writeln!(
+            out,
+            "# HELP openai_router_waiting Requests waiting for a turn.\n# TYPE openai_router_waiting gauge\nopenai_router_waiting {}",
+            router.waiting()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP openai_router_open_reservations Quota reservations not yet settled or released.\n# TYPE openai_router_open_reservations gauge\nopenai_router_open_reservations {}",
+            router.open_reservations()
+        );
         let stats = router.stats();
         per_deployment(
             &mut out,

@@ -53,6 +53,9 @@ impl AppState {
         let mut options = RequestOptions::default();
         if let Some(key) = authenticate(&keys, headers, model)? {
             options = options.with_caller(key.name.clone());
+            if let Some(priority) = key.priority {
+                options = options.with_priority(priority);
+            }
             if let Some(wait) = key.max_queue_wait {
                 options = options.with_max_queue_wait(wait);
             }

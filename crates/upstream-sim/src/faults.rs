@@ -45,6 +45,37 @@ pub enum Fault {
     },
     /// Answer 200 with a body (or, for a stream, a first event) that is not valid JSON.
     MalformedJson,
+    /// Answer 429 announcing `wait` in one of the ways upstreams do (or not at all).
+    Throttled {
+        /// The wait announced.
+        wait: Duration,
+        /// How it is announced.
+        form: WaitForm,
+    },
+    /// Answer 200 with `content-type: text/html` and an HTML page, as a proxy or a captive
+    /// portal in front of the endpoint would.
+    WrongContentType,
+    /// Answer 200 with a JSON body (or, for a stream, one event) of about this many bytes.
+    Oversized(usize),
+}
+
+/// How a 429 announces its wait ([`Fault::Throttled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitForm {
+    /// `retry-after: SECONDS` alone.
+    Seconds,
+    /// `retry-after-ms: MILLISECONDS` alone.
+    Millis,
+    /// Azure's `x-ms-retry-after-ms` alone.
+    AzureMillis,
+    /// `retry-after` as an HTTP date.
+    HttpDate,
+    /// `x-ratelimit-remaining-tokens: 0` and `x-ratelimit-reset-tokens` as a Go duration.
+    ResetTokens,
+    /// No header: "Please try again in …" in the error message only.
+    InMessage,
+    /// Nothing at all.
+    Unannounced,
 }
 
 impl Fault {

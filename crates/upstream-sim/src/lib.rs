@@ -56,7 +56,7 @@ pub use config::{
     WindowKind,
 };
 pub use entra::{TokenIssuer, TokenIssuerConfig};
-pub use faults::{Fault, Spill, Times};
+pub use faults::{Fault, Spill, Times, WaitForm};
 pub use state::{Counters, RecordedRequest};
 
 use faults::Injected;
@@ -221,6 +221,13 @@ impl SimEndpoint {
     /// What it has served and refused.
     pub fn counters(&self) -> Counters {
         self.state.snapshot()
+    }
+
+    /// How many calls each request tag reached it: requests whose body carries
+    /// `"metadata": {"call_tag": TAG}` (a field routers pass through), counted by tag, so
+    /// that a test can tell how often one client request was tried upstream.
+    pub fn call_tallies(&self) -> std::collections::HashMap<String, u32> {
+        self.state.tallies()
     }
 
     /// The last requests it received (up to 256), oldest first.

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::config::{EndpointConfig, HeaderMode, SimDialect};
-use crate::faults::{self, Fault};
+use crate::faults::{self, Fault, WaitForm};
 use crate::limiter::{Admission, Snapshot};
 use crate::state::{EndpointState, RecordedRequest};
 
@@ -131,6 +131,13 @@ pub(crate) async fn handle(
         Err(_) => return Ok(state.reply_error(seq, 413, None, "request body too large", None)),
     };
     let json_body: Option<Value> = serde_json::from_slice(&body).ok();
+    if let Some(tag) = json_body
+        .as_ref()
+        .and_then(|b| b.pointer("/metadata/call_tag"))
+        .and_then(Value::as_str)
+    {
+        state.tally(tag);
+    }
     state.record(RecordedRequest::new(&parts, json_body.clone()));
     let config = state.config();
     if let Some((call, id)) = stored_route(config.dialect, &parts.method, parts.uri.path()) {
@@ -149,23 +156,8 @@ pub(crate) async fn handle(
     let stream = body["stream"].as_bool() == Some(true) && operation != Operation::Embeddings;
     if let Some(fault) = &fault {
         state.counters.faults.inc();
-        match fault {
-            Fault::Reset => return Err(Reset),
-            Fault::StallBeforeHeaders(duration) => tokio::time::sleep(*duration).await,
-            Fault::Status {
-                status,
-                code,
-                retry_after,
-            } => {
-                return Ok(state.reply_error(
-                    seq,
-                    *status,
-                    code.as_deref(),
-                    &status_message(*status, code.as_deref()),
-                    *retry_after,
-                ));
-            }
-            _ => {}
+        if let Some(reply) = before_headers(&state, seq, fault, stream).await {
+            return reply;
         }
     }
 
@@ -224,6 +216,59 @@ pub(crate) async fn handle(
         .completion_tokens
         .add(u64::from(generation.completion_tokens()));
     Ok(state.reply_json(seq, 200, &generation.response_json(), Some(&snapshot)))
+}
+
+/// A fault that acts before the response's headers: its reply (a reset, an error status, a
+/// wrong or oversized answer), or `None` once it has acted (a stall) or when it acts later.
+async fn before_headers(
+    state: &Arc<EndpointState>,
+    seq: u64,
+    fault: &Fault,
+    stream: bool,
+) -> Option<Result<Response<Body>, Reset>> {
+    let reply = match fault {
+        Fault::Reset => return Some(Err(Reset)),
+        Fault::StallBeforeHeaders(duration) => {
+            tokio::time::sleep(*duration).await;
+            return None;
+        }
+        Fault::Status {
+            status,
+            code,
+            retry_after,
+        } => state.reply_error(
+            seq,
+            *status,
+            code.as_deref(),
+            &status_message(*status, code.as_deref()),
+            *retry_after,
+        ),
+        Fault::Throttled { wait, form } => state.reply_throttled_as(seq, *wait, *form),
+        Fault::WrongContentType => {
+            let page = "<html><body><h1>Sign in to continue</h1></body></html>";
+            let mut response = state.reply_raw(seq, 200, page, None);
+            response
+                .headers_mut()
+                .insert("content-type", HeaderValue::from_static("text/html"));
+            response
+        }
+        Fault::Oversized(bytes) if stream => {
+            let event = format!("data: {{\"pad\": \"{}\"}}\n\n", "x".repeat(*bytes));
+            let mut response = state.reply_raw(seq, 200, event, None);
+            response.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("text/event-stream"),
+            );
+            response
+        }
+        Fault::Oversized(bytes) => {
+            let body = json!({"id": "chatcmpl-oversized", "object": "chat.completion",
+                "padding": "x".repeat(*bytes)});
+            state.reply_json(seq, 200, &body, None)
+        }
+        _ => return None,
+    };
+    Some(Ok(reply))
 }
 
 /// What is asked of a stored response.
@@ -1171,6 +1216,41 @@ impl EndpointState {
             if let Ok(v) = HeaderValue::from_str(&wait.as_millis().to_string()) {
                 headers.insert("retry-after-ms", v);
             }
+        }
+        response
+    }
+
+    /// A 429 announcing `wait` as `form` says ([`Fault::Throttled`]).
+    fn reply_throttled_as(&self, seq: u64, wait: Duration, form: WaitForm) -> Response<Body> {
+        let message = match form {
+            WaitForm::InMessage => format!(
+                "Rate limit reached on tokens per min. Please try again in {}.",
+                go_duration(wait)
+            ),
+            _ => "Rate limit reached on tokens per min.".to_owned(),
+        };
+        let mut response = self.reply_error(seq, 429, None, &message, None);
+        let headers = response.headers_mut();
+        let mut set = |name: &'static str, value: String| {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        };
+        match form {
+            WaitForm::Seconds => set("retry-after", wait.as_secs().max(1).to_string()),
+            WaitForm::Millis => set("retry-after-ms", wait.as_millis().to_string()),
+            WaitForm::AzureMillis => set("x-ms-retry-after-ms", wait.as_millis().to_string()),
+            WaitForm::HttpDate => set(
+                "retry-after",
+                httpdate::fmt_http_date(
+                    std::time::SystemTime::now() + wait + Duration::from_secs(1),
+                ),
+            ),
+            WaitForm::ResetTokens => {
+                set("x-ratelimit-remaining-tokens", "0".to_owned());
+                set("x-ratelimit-reset-tokens", go_duration(wait));
+            }
+            WaitForm::InMessage | WaitForm::Unannounced => {}
         }
         response
     }

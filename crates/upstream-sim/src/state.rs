@@ -112,6 +112,8 @@ pub(crate) struct EndpointState {
     limiter: Mutex<Limiter>,
     faults: Mutex<Vec<Injected>>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
+    /// Calls by the request body's `metadata.call_tag`.
+    tallies: Mutex<std::collections::HashMap<String, u32>>,
     pub(crate) counters: Cells,
     seq: AtomicU64,
     seed: u64,
@@ -154,6 +156,7 @@ impl EndpointState {
             config: Mutex::new(config),
             faults: Mutex::new(Vec::new()),
             recorded: Mutex::new(VecDeque::with_capacity(RECORDED)),
+            tallies: Mutex::default(),
             counters: Cells::default(),
             seq: AtomicU64::new(0),
             seed,
@@ -283,6 +286,14 @@ impl EndpointState {
             recorded.pop_front();
         }
         recorded.push_back(request);
+    }
+
+    pub(crate) fn tally(&self, tag: &str) {
+        *lock(&self.tallies).entry(tag.to_owned()).or_default() += 1;
+    }
+
+    pub(crate) fn tallies(&self) -> std::collections::HashMap<String, u32> {
+        lock(&self.tallies).clone()
     }
 
     pub(crate) fn recorded(&self) -> Vec<RecordedRequest> {
