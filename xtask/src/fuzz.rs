@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: each fuzz target in `fuzz/` under cargo-fuzz (nightly, debug assertions
-//! on, so overflows count as crashes) up to a number of executions or a time limit, its corpus
+//! on, so overflows count as crashes; no sanitizer, the code being safe Rust) up to a number of executions or a time limit, its corpus
 //! minimised afterwards, and a table of executions, rates, crashes and corpus sizes, also
 //! written to `target/fuzz/report.md`. A crash's input is left in `fuzz/artifacts/TARGET/`:
 //! copy it to `fuzz/regressions/TARGET/` (which the corpus replay in `cargo xtask ci` runs) once
@@ -224,7 +224,7 @@ fn report(outcomes: &[Outcome], options: &Options) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Fuzzing: `cargo xtask fuzz` (cargo-fuzz, libFuzzer, debug assertions on), up to {} \
+        "Fuzzing: `cargo xtask fuzz` (cargo-fuzz, libFuzzer, debug assertions on, no sanitizer), up to {} \
          executions or {} min per target.\n",
         options.runs, options.minutes
     );

@@ -71,6 +71,15 @@ impl ApiError {
         Self::gateway(StatusCode::NOT_FOUND, "no such route", Some("not_found"))
     }
 
+    /// A route asked with a method it does not take.
+    pub(crate) fn wrong_method() -> Self {
+        Self::gateway(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this route does not take that method",
+            Some("method_not_allowed"),
+        )
+    }
+
     /// The status answered.
     #[cfg(test)]
     pub(crate) fn status(&self) -> u16 {

@@ -139,8 +139,16 @@ pub(crate) fn convert(yaml: &str) -> Result<Converted, String> {
                 .to_owned(),
         );
     }
-    if config.model_list.is_empty() {
-        left_out.push("`model_list` is empty: there is no endpoint to route to".to_owned());
+    if groups.is_empty() {
+        // Nothing to route to: a file the gateway would refuse, so refuse it here, saying why.
+        let why = if config.model_list.is_empty() {
+            "`model_list` is empty or missing".to_owned()
+        } else {
+            left_out.join("; ")
+        };
+        return Err(format!(
+            "no model in it could be converted, so there is no endpoint to route to: {why}"
+        ));
     }
     Ok(Converted {
         toml: out,
