@@ -1,7 +1,7 @@
 //! `cargo xtask fuzz`: each fuzz target in `fuzz/` under cargo-fuzz (nightly, debug assertions
-//! on, so overflows count as crashes; no sanitizer, the code being safe Rust) up to a number of executions or a time limit, its corpus
-//! minimised afterwards, and a table of executions, rates, crashes and corpus sizes, also
-//! written to `target/fuzz/report.md`. A crash's input is left in `fuzz/artifacts/TARGET/`:
+//! on, so overflows count as crashes; no sanitizer, the code being safe Rust) up to a number
+//! of executions or a time limit, its corpus minimised afterwards, and a table of executions,
+//! rates, crashes and corpus sizes, also written to `target/fuzz/report.md`. A crash's input is left in `fuzz/artifacts/TARGET/`:
 //! copy it to `fuzz/regressions/TARGET/` (which the corpus replay in `cargo xtask ci` runs) once
 //! it is fixed.
 

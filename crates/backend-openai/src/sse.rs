@@ -92,10 +92,10 @@ fn pending_after(pending: usize, chunk: &[u8], last: &mut [u8; 3]) -> usize {
 /// the `data: ` prefixes, fields and comments around data of the limit's size.
 const EVENT_SLACK: usize = 64 * 1024;
 
-/// `body` with no event growing past `max_event` bytes in the decoder's buffer (twice the data
-/// limit plus [`EVENT_SLACK`]: an event's data is held to `max_event` exactly, by `decode`,
-/// however the body was cut; this bound is for what is not data): the stream ends there with
-/// [`BodyError::TooLarge`].
+/// `body` with no unfinished event holding more than twice `max_event` plus [`EVENT_SLACK`]
+/// raw bytes in the decoder's buffer (an event's data is held to `max_event` exactly, by
+/// `decode`, however the body was cut; this bound is for what is not data): the stream ends
+/// there with [`BodyError::TooLarge`], naming `max_event`, the limit the user set.
 fn bounded_events<B, E>(
     body: B,
     max_event: usize,
@@ -106,10 +106,11 @@ where
 {
     let mut pending = 0;
     let mut last = [0_u8; 3];
+    let raw = max_event.saturating_mul(2).saturating_add(EVENT_SLACK);
     body.map(move |chunk| {
         let chunk = chunk.map_err(BodyError::Upstream)?;
         pending = pending_after(pending, &chunk, &mut last);
-        if pending > max_event {
+        if pending > raw {
             return Err(BodyError::TooLarge(max_event));
         }
         Ok(chunk)
@@ -206,10 +207,7 @@ where
     // one `\n` after the body lets a CR-only stream's last blank line count. An event that the
     // upstream left unterminated stays unterminated: it still lacks its blank line.
     let body = body.chain(futures_util::stream::iter([Ok(Bytes::from_static(b"\n"))]));
-    let body = bounded_events(
-        body,
-        max_event.saturating_mul(2).saturating_add(EVENT_SLACK),
-    );
+    let body = bounded_events(body, max_event);
     let last = Instant::now();
     let mut state = State {
         events: body.eventsource(),

@@ -1580,3 +1580,60 @@ async fn sigterm_drains_streams_in_flight_then_exits() {
     stdout.read_to_string(&mut logs).await.unwrap();
     assert!(logs.contains("drain grace period"), "{logs}");
 }
+
+/// The gateway's resident memory, from `/proc`.
+fn rss_mib(gateway: &Gateway) -> f64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", gateway.child.id().unwrap())).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib / 1024.0
+}
+
+/// A 50 MB answer from upstream, plain or as one stream event, is refused at the limit
+/// (`max_answer_bytes`, 1 MiB here) with an OpenAI-shaped 502 naming it, and the gateway does
+/// not grow by the answer's size.
+#[tokio::test]
+async fn a_huge_upstream_answer_is_refused_without_being_buffered() {
+    let sim = sim().await;
+    let gateway = start_in(&sim, "", 10_000, &[("RUST_LOG", "warn".to_owned())]).await;
+    let path = gateway.dir.join("router.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("[router]\n", "[router]\nmax_answer_bytes = 1048576\n", 1),
+    )
+    .unwrap();
+    hangup(&gateway);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_mib(&gateway);
+    for endpoint in sim.endpoints() {
+        endpoint.inject(Fault::Oversized(50 * 1024 * 1024), Times::Always);
+    }
+    for stream in [false, true] {
+        let answer = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            json!({"model": "gpt-4o-mini", "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(answer.status(), 502, "stream: {stream}");
+        let body: Value = answer.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("1048576"), "stream: {stream}: {message}");
+    }
+    let grown = rss_mib(&gateway) - before;
+    assert!(
+        grown < 24.0,
+        "the gateway grew by {grown:.1} MiB for answers of 50 MB"
+    );
+}
