@@ -482,11 +482,16 @@ fn body(kind: Kind, tag: &str, rng: &mut fastrand::Rng) -> (&'static str, Value,
     }
 }
 
-/// Whether a non-2xx body is OpenAI-shaped: `{"error": {"message": …, "type": …}}`.
+/// Whether a non-2xx body is OpenAI-shaped: `{"error": {"message": …, "type": …}}`; the
+/// outcome names the status and the message, its numbers blanked (for the report's
+/// breakdown).
 fn openai_error(status: u16, text: &str) -> Outcome {
     match serde_json::from_str::<Value>(text) {
         Ok(v) if v["error"]["message"].is_string() && v["error"]["type"].is_string() => {
-            Outcome::Error(status.to_string())
+            Outcome::Error(format!(
+                "{status}: {}",
+                gist(v["error"]["message"].as_str().unwrap_or_default())
+            ))
         }
         _ => Outcome::Broken(format!("{status} not OpenAI-shaped: {}", clip(text))),
     }
@@ -494,6 +499,33 @@ fn openai_error(status: u16, text: &str) -> Outcome {
 
 fn clip(text: &str) -> String {
     text.chars().take(160).collect()
+}
+
+/// A message with its numbers as `#` and endpoint names as `*`, cut to 110 characters: the
+/// same failure reads the same whatever the request.
+fn gist(message: &str) -> String {
+    let mut out = String::new();
+    let mut quoted = false;
+    for c in message.chars() {
+        match c {
+            '`' => {
+                quoted = !quoted;
+                if quoted {
+                    out.push_str("`*");
+                } else {
+                    out.push('`');
+                }
+            }
+            _ if quoted => {}
+            c if c.is_ascii_digit() => {
+                if !out.ends_with('#') {
+                    out.push('#');
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.chars().take(110).collect()
 }
 
 /// A relayed stream: one completion's chunks, each content token once and in order, usage
@@ -537,8 +569,8 @@ fn check_stream(text: &str, tokens: usize, usage_asked: bool) -> Outcome {
                 .is_some_and(|e| e.trim() == "data: [DONE]");
             return if !(last || (done_next && i + 2 == events.len())) {
                 Outcome::Broken("events after an error event".to_owned())
-            } else if chunk["error"]["message"].is_string() {
-                Outcome::Error("stream".to_owned())
+            } else if let Some(message) = chunk["error"]["message"].as_str() {
+                Outcome::Error(format!("stream: {}", gist(message)))
             } else {
                 Outcome::Broken(format!("an error event not OpenAI-shaped: {}", clip(&data)))
             };
@@ -1004,9 +1036,14 @@ fn report(
         args.minutes, args.seed, args.workers, args.minutes, args.seed
     );
     let mut outcomes: BTreeMap<(Kind, Outcome), u64> = BTreeMap::new();
+    let mut messages: BTreeMap<&str, u64> = BTreeMap::new();
     for r in records {
         let outcome = match &r.outcome {
             Outcome::Broken(_) => Outcome::Broken(String::new()),
+            Outcome::Error(message) => {
+                *messages.entry(message.as_str()).or_default() += 1;
+                Outcome::Error(message.split(':').next().unwrap_or_default().to_owned())
+            }
             other => other.clone(),
         };
         *outcomes.entry((r.kind, outcome)).or_default() += 1;
@@ -1025,6 +1062,15 @@ fn report(
             Outcome::Broken(_) => "BROKEN".to_owned(),
         };
         let _ = writeln!(out, "| {kind:?} | {outcome} | {n} |");
+    }
+    let mut messages: Vec<_> = messages.into_iter().collect();
+    messages.sort_by_key(|m| std::cmp::Reverse(m.1));
+    let _ = writeln!(
+        out,
+        "\nThe errors callers saw, by message (numbers as #, endpoint names as *):\n\n| status: message | requests |\n|---|---:|"
+    );
+    for (message, n) in messages.iter().take(15) {
+        let _ = writeln!(out, "| {} | {n} |", message.replace('|', "\\|"));
     }
     let _ = writeln!(
         out,
