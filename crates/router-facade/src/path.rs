@@ -884,9 +884,14 @@ impl<'r> Path<'r> {
     /// Waits in the group's lane for the soonest recovery when the request could still be
     /// served before its deadline and the waitlist has room; `false` when it should fail now.
     async fn may_wait(&mut self, nothing: NothingEligible) -> Result<bool, Error> {
-        // Only quota and cooldowns recover by themselves; a failure other than a 429 is the
-        // caller's answer, not a reason to wait.
-        let waitable = self.last_error.as_ref().is_none_or(Error::is_rate_limited);
+        // Only quota and cooldowns recover by themselves. A failure that reaches here is the
+        // upstream's (retryable: the request's own faults were answered at once), so the
+        // request waits for room on another deployment as it would have before its first
+        // attempt, within its deadline and its max queue wait.
+        let waitable = self
+            .last_error
+            .as_ref()
+            .is_none_or(|e| e.is_rate_limited() || e.is_retryable());
         let Some(until) = nothing.until.filter(|_| waitable) else {
             return Ok(false);
         };

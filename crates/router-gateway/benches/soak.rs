@@ -236,7 +236,10 @@ async fn start_gateway(sim: &Sim, redis: &str, out: &Path) -> Gateway {
         .args(["serve", "--config"])
         .arg(&config)
         .env("SOAK_UPSTREAM_KEY", UPSTREAM_KEY)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("SOAK_GATEWAY_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")
         .env_remove("ALL_PROXY")
@@ -922,13 +925,28 @@ async fn check(
         }
     }
     let most = calls.values().copied().max().unwrap_or(0);
+    // How many upstream calls the requests that failed with a 5xx had: one means none was
+    // retried.
+    let mut failed_calls: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut failed_keys: BTreeMap<usize, u64> = BTreeMap::new();
+    for r in records {
+        if let Outcome::Error(message) = &r.outcome
+            && message.starts_with('5')
+        {
+            let worker: usize = r.tag[1..].split('-').next().unwrap().parse().unwrap();
+            *failed_keys.entry(worker % KEYS.len()).or_default() += 1;
+            *failed_calls
+                .entry(calls.get(&r.tag).copied().unwrap_or(0))
+                .or_default() += 1;
+        }
+    }
     let over = calls.values().filter(|n| **n > MAX_ATTEMPTS).count();
     let upstream: u32 = calls.values().sum();
     out.push(Invariant {
         name: "no request called upstream more than the retry policy allows",
         held: over == 0,
         detail: format!(
-            "max_attempts {MAX_ATTEMPTS}; {upstream} upstream calls for {} requests; most for one: {most}; over: {over}",
+            "max_attempts {MAX_ATTEMPTS}; {upstream} upstream calls for {} requests; most for one: {most}; over: {over}; requests failed 5xx by their upstream calls: {failed_calls:?}, by key: {failed_keys:?}",
             records.len()
         ),
     });
@@ -1006,7 +1024,7 @@ fn flat(samples: &[Sample], run: Duration) -> [Invariant; 2] {
 fn logs(path: &Path) -> Invariant {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let panics = text.matches("panicked").count();
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains(" ERROR ")).collect();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
     let causeless: Vec<&&str> = errors.iter().filter(|l| !l.contains("error=")).collect();
     Invariant {
         name: "no panic, no error log without a cause",

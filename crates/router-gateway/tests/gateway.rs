@@ -1637,3 +1637,29 @@ async fn a_huge_upstream_answer_is_refused_without_being_buffered() {
         "the gateway grew by {grown:.1} MiB for answers of 50 MB"
     );
 }
+
+/// A 200 whose body is broken (malformed JSON, an HTML page) fails over to the other
+/// endpoint through the gateway too, plain and streamed. (The chaos soak found such requests
+/// answered 502 after one upstream call.)
+#[tokio::test]
+async fn a_malformed_answer_fails_over_through_the_gateway() {
+    let sim = sim().await;
+    let gateway = start_in(&sim, "", 5000, &[("RUST_LOG", "warn".to_owned())]).await;
+    for fault in [Fault::MalformedJson, Fault::WrongContentType] {
+        sim.endpoints()[0].inject(fault.clone(), Times::Always);
+        for stream in [false, true, false, true] {
+            let answer = post(
+                &gateway,
+                "/v1/chat/completions",
+                Some(GATEWAY_KEY),
+                json!({"model": "gpt-4o-mini", "stream": stream, "metadata": {"k": "v"},
+                    "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+            let status = answer.status();
+            let text = answer.text().await.unwrap();
+            assert_eq!(status, 200, "{fault:?}, stream {stream}: {text}");
+        }
+        sim.endpoints()[0].clear_faults();
+    }
+}
