@@ -79,9 +79,26 @@ pub(crate) struct Converted {
     pub(crate) left_out: Vec<String>,
 }
 
-/// A TOML string literal.
+/// A TOML basic string, usable as a value or a key (the TOML library's own rendering may
+/// choose a multi-line literal, which is no key: found by the `config` fuzz target).
 fn quoted(text: &str) -> String {
-    toml::Value::String(text.to_owned()).to_string()
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Converts the `LiteLLM` configuration `yaml`.

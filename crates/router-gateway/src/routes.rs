@@ -337,9 +337,15 @@ async fn responses(
 async fn stored(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     call: StoredCall,
 ) -> Response {
+    let Ok(Path(id)) = id else {
+        // An id that is not UTF-8 once percent-decoded: found by the `gateway_request` fuzz
+        // target, which answered axum's plain-text 400.
+        return ApiError::bad_body("the response id in the path is not valid UTF-8")
+            .into_response();
+    };
     let started = Instant::now();
     let model = state.router.stored_response_model(&id).await;
     let response = async {
