@@ -31,20 +31,24 @@ async fn sim(n: usize, latency: LatencyModel) -> Sim {
     Sim::start(9, endpoints).await.unwrap()
 }
 
+/// The `i`th simulated endpoint as the router is configured with it: its key, `MODEL` on its
+/// deployment.
+fn configured(endpoint: &upstream_sim::SimEndpoint, i: usize) -> Endpoint {
+    let configured = match endpoint.dialect() {
+        SimDialect::OpenAi => Endpoint::openai(endpoint.name(), endpoint.openai_base_url()),
+        SimDialect::Azure => {
+            Endpoint::azure(endpoint.name(), endpoint.url()).api_version("2024-10-21")
+        }
+    };
+    configured
+        .api_key(format!("key-{i}"))
+        .deployment(MODEL, format!("dep-{i}"))
+}
+
 fn builder(sim: &Sim, strategy: StrategyKind) -> RouterBuilder {
     let mut builder = Router::builder().strategy(strategy).seed(1);
     for (i, endpoint) in sim.endpoints().iter().enumerate() {
-        let configured = match endpoint.dialect() {
-            SimDialect::OpenAi => Endpoint::openai(endpoint.name(), endpoint.openai_base_url()),
-            SimDialect::Azure => {
-                Endpoint::azure(endpoint.name(), endpoint.url()).api_version("2024-10-21")
-            }
-        };
-        builder = builder.endpoint(
-            configured
-                .api_key(format!("key-{i}"))
-                .deployment(MODEL, format!("dep-{i}")),
-        );
+        builder = builder.endpoint(configured(endpoint, i));
     }
     builder
 }
@@ -1040,15 +1044,7 @@ async fn after_an_upstream_failure_the_request_waits_for_room_elsewhere() {
         .seed(1)
         .max_queue_wait(Duration::from_secs(3));
     for (i, endpoint) in sim.endpoints().iter().enumerate() {
-        let configured = match endpoint.dialect() {
-            SimDialect::OpenAi => Endpoint::openai(endpoint.name(), endpoint.openai_base_url()),
-            SimDialect::Azure => {
-                Endpoint::azure(endpoint.name(), endpoint.url()).api_version("2024-10-21")
-            }
-        };
-        let mut configured = configured
-            .api_key(format!("key-{i}"))
-            .deployment(MODEL, format!("dep-{i}"));
+        let mut configured = configured(endpoint, i);
         if i == 1 {
             // Two requests per second.
             configured = configured.rpm(120).quota_window(Duration::from_secs(1));

@@ -941,13 +941,18 @@ async fn model_ids(gateway: &Gateway) -> Vec<String> {
         .collect()
 }
 
-fn hangup(gateway: &Gateway) {
+/// Sends the gateway a signal (`HUP`, `TERM`).
+fn signal(gateway: &Gateway, name: &str) {
     let pid = gateway.child.id().unwrap().to_string();
     let sent = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
+        .args([&format!("-{name}"), &pid])
         .status()
         .unwrap();
     assert!(sent.success());
+}
+
+fn hangup(gateway: &Gateway) {
+    signal(gateway, "HUP");
 }
 
 #[tokio::test]
@@ -1494,16 +1499,6 @@ async fn sigterm_drains_streams_in_flight_then_exits() {
             ));
         }
     };
-    let terminate = |gateway: &Gateway| {
-        let pid = gateway.child.id().unwrap().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
     // A stream's headers leave the gateway after the upstream's first event: once they are
     // in, the stream is in flight.
     let stream = |base: String| async move {
@@ -1528,7 +1523,7 @@ async fn sigterm_drains_streams_in_flight_then_exits() {
     for _ in 0..3 {
         in_flight.push(tokio::spawn(stream(gateway.base.clone()).await.bytes()));
     }
-    terminate(&gateway);
+    signal(&gateway, "TERM");
     let address = gateway.base.trim_start_matches("http://").to_owned();
     let mut refused = false;
     for _ in 0..100 {
@@ -1561,7 +1556,7 @@ async fn sigterm_drains_streams_in_flight_then_exits() {
     .await;
     let long = tokio::spawn(stream(gateway.base.clone()).await.bytes());
     let started = std::time::Instant::now();
-    terminate(&gateway);
+    signal(&gateway, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(5), gateway.child.wait())
         .await
         .expect("the gateway outlived its drain grace period")
