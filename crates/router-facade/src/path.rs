@@ -456,7 +456,7 @@ impl<'r> Path<'r> {
             Duration::ZERO
         };
         if leg.first {
-            shared.budget().deposit();
+            shared.budget().deposit(crate::clock::now());
         }
         let start = Instant::now();
         let fingerprint = shared

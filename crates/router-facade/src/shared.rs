@@ -42,6 +42,7 @@ impl Budget {
                 policy.budget_ratio,
                 policy.budget_min,
                 policy.budget_min.max(100),
+                crate::clock::now(),
             ),
             policy,
         }
