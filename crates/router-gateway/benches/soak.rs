@@ -697,9 +697,72 @@ struct Sample {
     at: f64,
     rss_kib: f64,
     fds: f64,
+    /// The descriptors by what they are.
+    by: Fds,
 }
 
-fn sample(pid: u32, at: f64) -> Option<Sample> {
+/// Open descriptors by what they are: sockets of clients' connections (and the listener),
+/// of connections to the upstreams, to Redis, and the rest (other sockets, files, pipes,
+/// the runtime's own).
+#[derive(Debug, Clone, Copy, Default)]
+struct Fds {
+    clients: f64,
+    upstream: f64,
+    redis: f64,
+    rest: f64,
+}
+
+impl std::fmt::Display for Fds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "clients {:.0}, upstream {:.0}, Redis {:.0}, other {:.0}",
+            self.clients, self.upstream, self.redis, self.rest
+        )
+    }
+}
+
+/// The ports that tell the gateway's sockets apart.
+struct Ports {
+    gateway: u16,
+    upstream: Vec<u16>,
+    redis: u16,
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The TCP sockets of `pid`'s network namespace: inode to (local port, remote port).
+fn tcp_sockets(pid: u32) -> HashMap<u64, (u16, u16)> {
+    let mut sockets = HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = |field: &str| {
+                field
+                    .rsplit(':')
+                    .next()
+                    .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            };
+            if let (Some(local), Some(remote), Some(inode)) = (
+                fields.get(1).and_then(|f| port(f)),
+                fields.get(2).and_then(|f| port(f)),
+                fields.get(9).and_then(|f| f.parse().ok()),
+            ) {
+                sockets.insert(inode, (local, remote));
+            }
+        }
+    }
+    sockets
+}
+
+fn sample(pid: u32, at: f64, ports: &Ports) -> Option<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib = status
         .lines()
@@ -709,8 +772,30 @@ fn sample(pid: u32, at: f64) -> Option<Sample> {
         .trim()
         .parse()
         .ok()?;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as f64;
-    Some(Sample { at, rss_kib, fds })
+    let sockets = tcp_sockets(pid);
+    let mut by = Fds::default();
+    let mut fds = 0.0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        fds += 1.0;
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let inode = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok());
+        match inode.and_then(|inode| sockets.get(&inode)) {
+            Some((local, _)) if *local == ports.gateway => by.clients += 1.0,
+            Some((_, remote)) if ports.upstream.contains(remote) => by.upstream += 1.0,
+            Some((_, remote)) if *remote == ports.redis => by.redis += 1.0,
+            _ => by.rest += 1.0,
+        }
+    }
+    Some(Sample {
+        at,
+        rss_kib,
+        fds,
+        by,
+    })
 }
 
 /// The least-squares slope of `value` over time, per minute.
@@ -787,6 +872,11 @@ async fn run(args: &Args) -> bool {
     let mut redis = RedisServer::start().await.expect("redis-server starts");
     let redis_url = redis.url();
     let mut gateway = start_gateway(&sim, &redis_url, &args.out).await;
+    let ports = Ports {
+        gateway: port_of(&gateway.base),
+        upstream: sim.endpoints().iter().map(|e| e.addr().port()).collect(),
+        redis: port_of(&redis_url),
+    };
     let plan = schedule(args.seed, run);
     let started = Instant::now();
     let until = started + run;
@@ -818,7 +908,7 @@ async fn run(args: &Args) -> bool {
             act(action, &sim, &mut redis, &gateway, &redis_url).await;
             next.next();
         }
-        if let Some(s) = sample(gateway.pid, now.as_secs_f64()) {
+        if let Some(s) = sample(gateway.pid, now.as_secs_f64(), &ports) {
             samples.push(s);
         }
         if said.elapsed() >= Duration::from_secs(10) {
@@ -853,7 +943,7 @@ fn progress(records: &Mutex<Vec<Record>>, samples: &[Sample], faults: u64, now: 
         .count();
     let last = samples.last().copied();
     println!(
-        "  {:>5.0}s  requests {:>7}  ok {:>7}  broken {:>3}  faults {:>4}  rss {:>6.1} MiB  fds {:>4}",
+        "  {:>5.0}s  requests {:>7}  ok {:>7}  broken {:>3}  faults {:>4}  rss {:>6.1} MiB  fds {:>4} ({})",
         now.as_secs_f64(),
         records.len(),
         ok,
@@ -861,6 +951,7 @@ fn progress(records: &Mutex<Vec<Record>>, samples: &[Sample], faults: u64, now: 
         faults,
         last.map_or(0.0, |s| s.rss_kib / 1024.0),
         last.map_or(0.0, |s| s.fds),
+        last.map(|s| s.by).unwrap_or_default(),
     );
 }
 
@@ -998,6 +1089,12 @@ fn flat(samples: &[Sample], run: Duration) -> [Invariant; 2] {
     let fd_slope = slope(&tail, |s| s.fds);
     let fd_growth = fd_slope * span_min;
     let max_fds = tail.iter().map(|s| s.fds).fold(0.0, f64::max);
+    let kind_growth = |value: fn(&Sample) -> f64| slope(&tail, value) * span_min;
+    let at_most = tail
+        .iter()
+        .max_by(|a, b| a.fds.total_cmp(&b.fds))
+        .map(|s| s.by)
+        .unwrap_or_default();
     [
         Invariant {
             name: "RSS flat over the last 80 % of the run",
@@ -1014,7 +1111,12 @@ fn flat(samples: &[Sample], run: Duration) -> [Invariant; 2] {
             name: "open file descriptors flat over the last 80 % of the run",
             held: !tail.is_empty() && fd_growth < 16.0,
             detail: format!(
-                "slope {fd_slope:+.2}/min; fitted growth {fd_growth:+.1} (limit 16); most {max_fds:.0}"
+                "slope {fd_slope:+.2}/min; fitted growth {fd_growth:+.1} (limit 16): clients {:+.1}, \
+                 upstream {:+.1}, Redis {:+.1}, other {:+.1}; most {max_fds:.0} ({at_most})",
+                kind_growth(|s| s.by.clients),
+                kind_growth(|s| s.by.upstream),
+                kind_growth(|s| s.by.redis),
+                kind_growth(|s| s.by.rest),
             ),
         },
     ]
@@ -1050,8 +1152,8 @@ fn report(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "## Soak: {:.1} min, seed {}, {} workers\n\n`cargo xtask soak --minutes {} --seed {}`\n",
-        args.minutes, args.seed, args.workers, args.minutes, args.seed
+        "## Soak: {:.1} min, seed {}, {} workers\n\n`cargo xtask soak --minutes {} --seed {} --workers {}`\n",
+        args.minutes, args.seed, args.workers, args.minutes, args.seed, args.workers
     );
     let mut outcomes: BTreeMap<(Kind, Outcome), u64> = BTreeMap::new();
     let mut messages: BTreeMap<&str, u64> = BTreeMap::new();
