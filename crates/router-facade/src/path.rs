@@ -655,13 +655,23 @@ impl<'r> Path<'r> {
     }
 
     /// The error of a request refused because its expected wait is over its max queue wait.
+    /// `error` is why it must wait: the router's throttling, or an upstream's failure after
+    /// which the others had no room (named as the last attempt's).
     fn over_max_queue_wait(&self, error: &Error, expected: Duration, retry: Duration) -> Error {
-        let message = format!(
-            "{}; expected to wait {:.1}s for its turn, over its max queue wait of {:.1}s",
-            error.message().unwrap_or_default(),
+        let wait = format!(
+            "expected to wait {:.1}s for its turn, over its max queue wait of {:.1}s",
             expected.as_secs_f64(),
             self.max_queue_wait.as_secs_f64(),
         );
+        let message = if error.kind() == ErrorKind::Throttled {
+            format!("{}; {wait}", error.message().unwrap_or_default())
+        } else {
+            format!(
+                "no other deployment of `{}` has room for the request now; {wait} (its last \
+                 attempt failed: {error})",
+                self.model
+            )
+        };
         Error::with_message(ErrorKind::Throttled, message).with_retry_after(retry)
     }
 

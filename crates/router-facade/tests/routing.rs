@@ -1062,3 +1062,39 @@ async fn after_an_upstream_failure_the_request_waits_for_room_elsewhere() {
     let answer = answer.unwrap_or_else(|e| panic!("answered the failure instead of waiting: {e}"));
     assert_eq!(answer.endpoint.as_str(), "ep1");
 }
+
+/// The same, when the wait for room is over the request's max queue wait: the router's 429,
+/// with when to retry, saying it is the wait and naming the upstream's failure as the last
+/// attempt's (not the failure's message dressed as a throttle).
+#[tokio::test(start_paused = true)]
+async fn after_an_upstream_failure_a_wait_too_long_is_a_throttle_naming_the_failure() {
+    let sim = sim(2, LatencyModel::instant()).await;
+    let mut builder = Router::builder()
+        .strategy(StrategyKind::RoundRobin)
+        .seed(1)
+        .max_queue_wait(Duration::from_millis(100));
+    for (i, endpoint) in sim.endpoints().iter().enumerate() {
+        let mut configured = configured(endpoint, i);
+        if i == 1 {
+            // Two requests per second.
+            configured = configured.rpm(120).quota_window(Duration::from_secs(1));
+        }
+        builder = builder.endpoint(configured);
+    }
+    let router = builder.build().unwrap();
+    sim.endpoints()[0].inject(Fault::MalformedJson, Times::Always);
+    for _ in 0..2 {
+        router.chat(&request()).await.unwrap();
+    }
+    let error = router.chat(&request()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
+    assert!(error.retry_after().is_some(), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("no other deployment of `gpt-4o-mini` has room")
+            && message.contains("over its max queue wait")
+            && message.contains("its last attempt failed")
+            && message.contains("ep0"),
+        "{message}"
+    );
+}
