@@ -69,9 +69,11 @@ pub enum QuotaAccounting {
 pub struct RetryPolicy {
     /// Attempts per request, each on a different deployment. Default 3.
     pub max_attempts: u32,
-    /// Retries allowed as a share of requests (0.2 = 20 %). Default 0.2.
+    /// Retries allowed as a share of requests (0.2 = 20 %): the budget saves at most this
+    /// share of the last ten seconds' requests, or 100 retries (or `budget_min`) when that
+    /// is more. Default 0.2.
     pub budget_ratio: f64,
-    /// Retries allowed when the router is quiet (the budget's floor and start). Default 10.
+    /// Retries a new router may make before any request has paid into the budget. Default 10.
     pub budget_min: u32,
 }
 
