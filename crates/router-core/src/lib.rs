@@ -75,7 +75,7 @@ pub use backend::{
 pub use endpoint::EndpointId;
 pub use error::{Error, ErrorKind, HealthEffect};
 pub use quota::{
-    Admission, Charge, Drain, Learned, Learner, Learning, Limits, Log, MAX_OPENINGS, Mark,
+    Admission, Charge, Drain, Learned, Learner, Learning, Lease, Limits, Log, MAX_OPENINGS, Mark,
     MemoryStore, QuotaModel, QuotaView, Settlement, StateStore, upstream_allowance,
 };
 pub use ratelimit::RateLimitInfo;

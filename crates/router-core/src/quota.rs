@@ -950,6 +950,35 @@ pub enum Admission {
     },
 }
 
+/// One of a concurrency limit's slots, held in a [`StateStore`] that [`leases`](StateStore::leases)
+/// until [`released`](StateStore::release), or until the store's lease expiry passes without
+/// the holder renewing it (a replica that crashed frees its slots that way).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Lease {
+    key: String,
+    id: String,
+}
+
+impl Lease {
+    /// A lease on the slots under `key`, named `id` (unique among the leases of all replicas).
+    pub fn new(key: impl Into<String>, id: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            id: id.into(),
+        }
+    }
+
+    /// The concurrency limit's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The lease's name.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 /// Where quota use, cooldowns and what was learned of the upstreams' admissions live: in the
 /// process, or shared by replicas.
 ///
@@ -1018,6 +1047,31 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     ) -> Result<Option<Vec<Instant>>, Error> {
         let _ = (key, limits, charge, n, now, by);
         Ok(None)
+    }
+
+    /// Whether the store keeps concurrency limits ([`lease`](Self::lease)). A store that does
+    /// not (the default, and [`MemoryStore`]) leaves them to each process's own count.
+    fn leases(&self) -> bool {
+        false
+    }
+
+    /// Takes one of the `max` slots under `key` if one is free, held until
+    /// [`release`](Self::release)d or until it expires unrenewed; `None` when all are held.
+    ///
+    /// # Errors
+    ///
+    /// The default, for a store that does not [`lease`](Self::leases), always fails.
+    async fn lease(&self, key: &str, max: u32, now: Instant) -> Result<Option<Lease>, Error> {
+        let _ = (max, now);
+        Err(Error::config(format!(
+            "this state store keeps no concurrency limits (asked for `{key}`)"
+        )))
+    }
+
+    /// Gives a slot back.
+    async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        let _ = lease;
+        Ok(())
     }
 
     /// Whether the store is shared right now (a shared store that fell back to local

@@ -4,17 +4,24 @@
 //! the upstreams' own quotas. Requests and tokens are counted over sliding 10 s windows (no
 //! 10 s holds more than 10 s of the per-minute limit: the same [`Log`](router_core::Log)
 //! arithmetic as the upstreams' quotas), charged with the request's estimate at admission;
-//! concurrency is a count held until the request (or its stream) ends. A request over a
+//! concurrency is a slot held until the request (or its stream) ends. A request over a
 //! requests or tokens limit waits for its turn in the scope's lane of the router's waitlist if
 //! that comes before its deadline, else it is throttled with `retry_after`; a request over a
-//! concurrency limit is throttled at once. These windows are per process.
+//! concurrency limit is throttled at once.
+//!
+//! The windows live in the router's state store under `limit:{scope}`, beside the
+//! deployments' quotas: in the process with the default store, shared by every replica with a
+//! shared one (`state-redis`), which also answers from a local share of each limit while it
+//! is away. Concurrency slots are leases in a store that keeps them
+//! ([`StateStore::leases`]: shared, and freed by their expiry when a replica dies), else a
+//! count in this process.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use router_core::{Admission, Charge, Error, ErrorKind, Limits, MemoryStore, Settlement};
+use router_core::{Admission, Charge, Error, ErrorKind, Lease, Limits, Settlement, StateStore};
 use tokio::time::Instant;
 
 /// Limits the router enforces itself. `None` is unlimited.
@@ -79,23 +86,56 @@ pub(crate) struct Scope {
     pub(crate) limits: RateLimits,
 }
 
-/// The router's limiters, kept across reconfigurations.
+/// The key a scope's windows and leases have in the state store: `limit:caller:team-a`
+/// (a deployment's is `endpoint/model`).
+pub(crate) fn store_key(scope: &str) -> String {
+    format!("limit:{scope}")
+}
+
+/// The router's limiters, kept across reconfigurations: the in-process concurrency counts, for
+/// a state store that does not keep concurrency limits itself (requests and tokens are always
+/// counted in the state store).
 #[derive(Debug, Default)]
 pub(crate) struct Limiters {
-    windows: MemoryStore,
     in_flight: DashMap<String, Arc<AtomicU32>>,
 }
 
-/// Slots held by an admitted request; released on drop.
-#[derive(Debug, Default)]
+/// Slots held by an admitted request; released on drop (a store's leases by a task, or by
+/// their expiry when no runtime is left to run it).
+#[derive(Default)]
 pub(crate) struct Permit {
     held: Vec<Arc<AtomicU32>>,
+    leases: Vec<Lease>,
+    store: Option<Arc<dyn StateStore>>,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("held", &self.held.len())
+            .field("leases", &self.leases)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         for count in &self.held {
             count.fetch_sub(1, Ordering::Relaxed);
+        }
+        let leases = std::mem::take(&mut self.leases);
+        if let (false, Some(store), Ok(runtime)) = (
+            leases.is_empty(),
+            self.store.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            runtime.spawn(async move {
+                for lease in &leases {
+                    if let Err(error) = store.release(lease).await {
+                        tracing::debug!(lease = lease.id(), %error, "a lease is left to expire");
+                    }
+                }
+            });
         }
     }
 }
@@ -126,55 +166,68 @@ impl Refusal {
 
 impl Limiters {
     /// Admits a request of `charge` under every scope now, or says which refused and for how
-    /// long. Nothing is taken from any scope unless all admit.
-    pub(crate) fn try_admit(
+    /// long. Nothing is taken from any scope unless all admit. Requests and tokens are counted
+    /// in `store` (shared by replicas when it is); concurrency too when the store
+    /// [`leases`](StateStore::leases), else in this process. A store that fails (rather than
+    /// falling back on its own) does not refuse the request: its limit is not enforced for it.
+    pub(crate) async fn try_admit(
         &self,
+        store: &Arc<dyn StateStore>,
         scopes: &[Scope],
         charge: Charge,
         now: Instant,
     ) -> Result<Permit, Refusal> {
         let now = now.into_std();
-        let mut permit = Permit::default();
+        let mut permit = Permit {
+            held: Vec::new(),
+            leases: Vec::new(),
+            store: Some(Arc::clone(store)),
+        };
         for scope in scopes {
-            if let Some(max) = scope.limits.concurrency {
-                let count = Arc::clone(
-                    self.in_flight
-                        .entry(scope.name.clone())
-                        .or_default()
-                        .value(),
-                );
-                let taken = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    (n < max).then_some(n + 1)
-                });
-                if taken.is_err() {
-                    // The slots taken so far go back as `permit` drops.
-                    return Err(Refusal {
-                        scope: scope.name.clone(),
-                        retry_after: Duration::from_secs(1),
-                        concurrency: true,
-                        what: "concurrency",
-                    });
+            let Some(max) = scope.limits.concurrency else {
+                continue;
+            };
+            let taken = if store.leases() {
+                match store.lease(&store_key(&scope.name), max, now).await {
+                    Ok(Some(lease)) => {
+                        permit.leases.push(lease);
+                        true
+                    }
+                    Ok(None) => false,
+                    Err(error) => {
+                        tracing::warn!(scope = %scope.name, %error, "the state store could not lease; counting in this process");
+                        self.count(&scope.name, max, &mut permit)
+                    }
                 }
-                permit.held.push(count);
+            } else {
+                self.count(&scope.name, max, &mut permit)
+            };
+            if !taken {
+                // The slots taken so far go back as `permit` drops.
+                return Err(Refusal {
+                    scope: scope.name.clone(),
+                    retry_after: Duration::from_secs(1),
+                    concurrency: true,
+                    what: "concurrency",
+                });
             }
         }
-        let mut charged: Vec<(&str, Limits, u64)> = Vec::new();
+        let mut charged: Vec<(String, Limits, u64)> = Vec::new();
         for scope in scopes {
             let windows = scope.limits.windows();
             if !windows.is_limited() {
                 continue;
             }
-            match self.windows.reserve_now(&scope.name, &windows, charge, now) {
-                Admission::Admitted { ticket, .. } => charged.push((&scope.name, windows, ticket)),
-                Admission::Denied { retry_after, .. } => {
+            let key = store_key(&scope.name);
+            match store.reserve(&key, &windows, charge, now).await {
+                Ok(Admission::Admitted { ticket, .. }) => charged.push((key, windows, ticket)),
+                Ok(Admission::Denied { retry_after, .. }) => {
                     // Give back what the scopes before this one took.
-                    for (name, windows, ticket) in &charged {
-                        self.windows.settle_now(
-                            name,
-                            windows,
-                            Settlement::release(*ticket, charge),
-                            now,
-                        );
+                    for (key, windows, ticket) in &charged {
+                        let back = Settlement::release(*ticket, charge);
+                        if let Err(error) = store.settle(key, windows, back, now).await {
+                            tracing::warn!(%key, %error, "could not give a reservation back");
+                        }
                     }
                     let what = if scope.limits.rpm.is_some() && scope.limits.tpm.is_none() {
                         "requests"
@@ -188,15 +241,37 @@ impl Limiters {
                         what,
                     });
                 }
+                Err(error) => {
+                    tracing::warn!(scope = %scope.name, %error, "the state store failed; the limit is not enforced for this request");
+                }
             }
         }
         Ok(permit)
+    }
+
+    /// Takes one of `max` slots of `scope` in this process's count.
+    fn count(&self, scope: &str, max: u32, permit: &mut Permit) -> bool {
+        let count = Arc::clone(self.in_flight.entry(scope.to_owned()).or_default().value());
+        let taken = count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            permit.held.push(count);
+        }
+        taken
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use router_core::MemoryStore;
+
+    fn store() -> Arc<dyn StateStore> {
+        Arc::new(MemoryStore::new())
+    }
 
     fn scope(name: &str, limits: RateLimits) -> Vec<Scope> {
         vec![Scope {
@@ -205,9 +280,10 @@ mod tests {
         }]
     }
 
-    #[test]
-    fn requests_pass_until_the_window_is_full_then_say_when() {
+    #[tokio::test]
+    async fn requests_pass_until_the_window_is_full_then_say_when() {
         let limiters = Limiters::default();
+        let store = store();
         // 12 a minute over 10 s: 2 in any 10 s; the first leaves the window after 10 s and
         // the 50 ms margin.
         let scopes = scope("caller:a", RateLimits::new().with_rpm(12));
@@ -216,9 +292,18 @@ mod tests {
             requests: 1,
         };
         let now = Instant::now();
-        limiters.try_admit(&scopes, charge, now).unwrap();
-        limiters.try_admit(&scopes, charge, now).unwrap();
-        let refusal = limiters.try_admit(&scopes, charge, now).unwrap_err();
+        limiters
+            .try_admit(&store, &scopes, charge, now)
+            .await
+            .unwrap();
+        limiters
+            .try_admit(&store, &scopes, charge, now)
+            .await
+            .unwrap();
+        let refusal = limiters
+            .try_admit(&store, &scopes, charge, now)
+            .await
+            .unwrap_err();
         let wait = Duration::from_millis(10_050);
         assert_eq!(refusal.retry_after, wait);
         assert!(!refusal.concurrency);
@@ -228,16 +313,21 @@ mod tests {
         assert!(error.to_string().contains("caller:a"));
         assert!(
             limiters
-                .try_admit(&scopes, charge, now + Duration::from_secs(5))
+                .try_admit(&store, &scopes, charge, now + Duration::from_secs(5))
+                .await
                 .is_err(),
             "a bucket would have refilled one by now; the window has not"
         );
-        limiters.try_admit(&scopes, charge, now + wait).unwrap();
+        limiters
+            .try_admit(&store, &scopes, charge, now + wait)
+            .await
+            .unwrap();
     }
 
-    #[test]
-    fn a_refusal_takes_nothing_from_the_scopes_that_admitted() {
+    #[tokio::test]
+    async fn a_refusal_takes_nothing_from_the_scopes_that_admitted() {
         let limiters = Limiters::default();
+        let store = store();
         let mut scopes = scope("group:m", RateLimits::new().with_rpm(60)); // 10 at once
         scopes.extend(scope("caller:a", RateLimits::new().with_rpm(6))); // 1 at once
         let charge = Charge {
@@ -245,30 +335,54 @@ mod tests {
             requests: 1,
         };
         let now = Instant::now();
-        limiters.try_admit(&scopes, charge, now).unwrap();
+        limiters
+            .try_admit(&store, &scopes, charge, now)
+            .await
+            .unwrap();
         for _ in 0..20 {
-            assert!(limiters.try_admit(&scopes, charge, now).is_err());
+            assert!(
+                limiters
+                    .try_admit(&store, &scopes, charge, now)
+                    .await
+                    .is_err()
+            );
         }
         // The group's bucket lost only the one admitted request.
         let group = &scopes[..1];
         for _ in 0..9 {
-            limiters.try_admit(group, charge, now).unwrap();
+            limiters
+                .try_admit(&store, group, charge, now)
+                .await
+                .unwrap();
         }
-        assert!(limiters.try_admit(group, charge, now).is_err());
+        assert!(
+            limiters
+                .try_admit(&store, group, charge, now)
+                .await
+                .is_err()
+        );
     }
 
-    #[test]
-    fn concurrency_is_held_until_the_permit_drops() {
+    #[tokio::test]
+    async fn concurrency_is_held_until_the_permit_drops() {
         let limiters = Limiters::default();
+        let store = store();
         let scopes = scope("group:m", RateLimits::new().with_concurrency(1));
         let now = Instant::now();
-        let first = limiters.try_admit(&scopes, Charge::default(), now).unwrap();
+        let first = limiters
+            .try_admit(&store, &scopes, Charge::default(), now)
+            .await
+            .unwrap();
         let refusal = limiters
-            .try_admit(&scopes, Charge::default(), now)
+            .try_admit(&store, &scopes, Charge::default(), now)
+            .await
             .unwrap_err();
         assert!(refusal.concurrency);
         assert_eq!(refusal.error().kind(), ErrorKind::Throttled);
         drop(first);
-        limiters.try_admit(&scopes, Charge::default(), now).unwrap();
+        limiters
+            .try_admit(&store, &scopes, Charge::default(), now)
+            .await
+            .unwrap();
     }
 }

@@ -616,7 +616,8 @@ impl<'r> Path<'r> {
             let refusal = match self
                 .shared
                 .limiters
-                .try_admit(&self.scopes, charge, Instant::now())
+                .try_admit(&self.live.store, &self.scopes, charge, Instant::now())
+                .await
             {
                 Ok(permit) => {
                     self.permit = Some(permit);

@@ -32,6 +32,9 @@ impl Config {
         let learning = self.learning()?;
         if let Some(url) = redis {
             let mut options = state_redis::RedisOptions::default();
+            if let Some(ms) = self.router.redis_lease_ms {
+                options = options.with_lease_ttl(std::time::Duration::from_millis(ms));
+            }
             if let Some(learning) = learning {
                 options = options.with_learning(learning);
             }
@@ -49,6 +52,13 @@ impl Config {
     pub(crate) fn builder(&self) -> Result<RouterBuilder, Problem> {
         // Checked here too, so that `check` reports a bad policy without connecting anywhere.
         self.learning()?;
+        if let Some(ms) = self.router.redis_lease_ms
+            && ms < 300
+        {
+            return Err(Problem::new(format!(
+                "router.redis_lease_ms: {ms} is too short for a lease to be renewed (at least 300)"
+            )));
+        }
         let mut builder = Router::builder();
         if let Some(strategy) = &self.router.strategy {
             let kind: StrategyKind = strategy.parse().context("router.strategy")?;

@@ -155,6 +155,9 @@ pub(crate) struct RouterConfig {
     pub(crate) probe_mode: Option<ProbeModeConfig>,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_url_env: Option<String>,
+    /// How long a concurrency slot held in Redis lives unrenewed (default 30,000 ms): a
+    /// replica that dies frees its slots within this.
+    pub(crate) redis_lease_ms: Option<u64>,
     /// How an upstream's refusals teach the share of its quota it really admits.
     pub(crate) learning: Option<LearningConfig>,
     /// Fallback model groups, in order, per model group.
@@ -368,6 +371,20 @@ mod tests {
         assert!(text.contains("lisen") && text.contains("line 3"), "{text}");
         let none = Config::parse("").unwrap_err();
         assert!(format!("{none:#}").contains("endpoints"));
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused_naming_the_field() {
+        let config = |ms: u64| {
+            Config::parse(&format!(
+                "[router]\nredis_lease_ms = {ms}\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"
+            ))
+            .unwrap()
+        };
+        assert_eq!(config(5_000).router.redis_lease_ms, Some(5_000));
+        assert!(config(5_000).builder().is_ok());
+        let error = config(100).builder().err().unwrap().to_string();
+        assert!(error.contains("router.redis_lease_ms: 100"), "{error}");
     }
 
     #[test]

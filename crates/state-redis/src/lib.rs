@@ -52,10 +52,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation};
 use router_core::{
-    Admission, Charge, Error, Learned, Learning, Limits, Log, Mark, MemoryStore, Settlement,
+    Admission, Charge, Error, Learned, Learning, Lease, Limits, Log, Mark, MemoryStore, Settlement,
     StateStore,
 };
 use tokio::sync::RwLock;
@@ -403,6 +404,33 @@ end
 return out
 ";
 
+// Concurrency leases: KEYS[1] a sorted set of lease names scored by when each expires (server
+// ms). `LEASE` (ARGV: 1 the limit, 2 the lease's life in ms, 3 its name) drops the expired and
+// takes a slot if one is free; `RENEW` (ARGV: 1 the life, 2... names) pushes the given leases'
+// expiry out (one that expired meanwhile is taken again: its request is still running);
+// releasing is a `ZREM`.
+const LEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return 1
+";
+
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local life = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + life, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], life * 2)
+return #ARGV - 1
+";
+
+/// The names of this process's local leases (taken while Redis was away) start with this.
+const LOCAL_LEASE: &str = "local:";
+
 /// How long after a failed call Redis is left alone.
 const RETRY_AFTER_FAILURE_MS: u64 = 500;
 
@@ -419,6 +447,10 @@ pub struct RedisOptions {
     /// How refusals teach the share of a quota an upstream really admits (the Lua and the
     /// local fallback both keep to it); every replica sharing a prefix should use the same.
     pub learning: Learning,
+    /// How long a concurrency slot (a [`Lease`]) lives unrenewed (default 30 s). A replica
+    /// renews its leases every third of this while their requests run; a replica that dies
+    /// frees its slots when this has passed.
+    pub lease_ttl: Duration,
 }
 
 impl Default for RedisOptions {
@@ -428,6 +460,7 @@ impl Default for RedisOptions {
             timeout: Duration::from_millis(100),
             local_share: 1.0 / 3.0,
             learning: Learning::default(),
+            lease_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -460,6 +493,13 @@ impl RedisOptions {
         self.learning = learning;
         self
     }
+
+    /// Sets how long a concurrency lease lives unrenewed (at least 300 ms).
+    #[must_use]
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
 }
 
 /// Quota and cooldowns shared through Redis, with local accounting while Redis is away.
@@ -480,7 +520,17 @@ struct Inner {
     marks: Script,
     remember: Script,
     recall: Script,
+    lease: Script,
+    renew: Script,
     learning: Learning,
+    /// This process's leases held in Redis (name to the limit's key), renewed by a task.
+    leases: DashMap<String, String>,
+    /// Slots taken locally while Redis was away, per limit.
+    local_leases: DashMap<String, u32>,
+    /// Names this process's leases: unique among replicas.
+    lease_names: AtomicU64,
+    replica: u64,
+    renewing: AtomicBool,
     shared: AtomicBool,
     fallbacks: AtomicU64,
     connecting: AtomicBool,
@@ -514,7 +564,14 @@ impl RedisStore {
                 remember: Script::new(REMEMBER),
                 recall: Script::new(RECALL),
                 marks: Script::new(&format!("{PRELUDE}{MARKS}")),
+                lease: Script::new(LEASE),
+                renew: Script::new(RENEW),
                 learning,
+                leases: DashMap::new(),
+                local_leases: DashMap::new(),
+                lease_names: AtomicU64::new(0),
+                replica: replica_id(),
+                renewing: AtomicBool::new(false),
                 shared: AtomicBool::new(false),
                 fallbacks: AtomicU64::new(0),
                 connecting: AtomicBool::new(false),
@@ -633,6 +690,87 @@ impl RedisStore {
     fn local_limits(&self, limits: &Limits) -> Limits {
         limits.scaled(self.inner.options.local_share)
     }
+
+    /// The sorted set of a concurrency limit's leases, in the limit's hash slot.
+    fn lease_key(&self, key: &str) -> String {
+        let tag: String = key.chars().filter(|c| *c != '{' && *c != '}').collect();
+        format!("{{{}:{tag}}}:k", self.inner.options.prefix)
+    }
+
+    /// Takes a slot of `max` under `key` in this process's count (Redis away): the local share
+    /// of the limit, at least one.
+    fn lease_locally(&self, key: &str, max: u32) -> Option<Lease> {
+        let share = (f64::from(max) * self.inner.options.local_share)
+            .ceil()
+            .max(1.0) as u32;
+        let mut count = self.inner.local_leases.entry(key.to_owned()).or_insert(0);
+        if *count >= share.min(max) {
+            return None;
+        }
+        *count += 1;
+        let n = self.inner.lease_names.fetch_add(1, Ordering::Relaxed);
+        Some(Lease::new(key, format!("{LOCAL_LEASE}{n}")))
+    }
+
+    /// Starts the task that renews this process's leases, once. It ends with the store.
+    fn renew_in_background(&self) {
+        if self.inner.renewing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner.renewing.store(false, Ordering::Relaxed);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let every = self.inner.options.lease_ttl / 3;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                RedisStore { inner }.renew_leases().await;
+            }
+        });
+    }
+
+    /// Renews every lease this process holds in Redis: one script call per limit.
+    async fn renew_leases(&self) {
+        let mut by_key: std::collections::HashMap<String, Vec<String>> =
+            std::collections::HashMap::new();
+        for entry in &self.inner.leases {
+            by_key
+                .entry(entry.value().clone())
+                .or_default()
+                .push(entry.key().clone());
+        }
+        let life = u64::try_from(self.inner.options.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        for (key, names) in by_key {
+            let mut invocation = self.inner.renew.prepare_invoke();
+            invocation.key(self.lease_key(&key)).arg(life);
+            for name in &names {
+                invocation.arg(name);
+            }
+            if let Err(why) = self.run::<i64>(&invocation).await {
+                tracing::debug!(%key, reason = %why, "could not renew leases");
+            }
+        }
+    }
+
+    /// How many concurrency slots this process holds, in Redis and locally.
+    pub fn leases_held(&self) -> usize {
+        self.inner.leases.len()
+            + self
+                .inner
+                .local_leases
+                .iter()
+                .map(|e| *e.value() as usize)
+                .sum::<usize>()
+    }
+}
+
+/// A name for this process among the replicas: its pid and a random number.
+fn replica_id() -> u64 {
+    use std::hash::BuildHasher as _;
+    std::collections::hash_map::RandomState::new().hash_one((std::process::id(), Instant::now()))
 }
 
 /// A per-minute limit, `-1` for "not limited".
@@ -908,6 +1046,67 @@ impl StateStore for RedisStore {
                 Ok(self.inner.local.recall_now(name, now))
             }
         }
+    }
+
+    fn leases(&self) -> bool {
+        true
+    }
+
+    async fn lease(&self, key: &str, max: u32, now: Instant) -> Result<Option<Lease>, Error> {
+        let _ = now;
+        let n = self.inner.lease_names.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{:016x}:{n}", self.inner.replica);
+        // Registered first, so that a renewal running meanwhile keeps it alive.
+        self.inner.leases.insert(name.clone(), key.to_owned());
+        let mut invocation = self.inner.lease.prepare_invoke();
+        invocation
+            .key(self.lease_key(key))
+            .arg(max)
+            .arg(u64::try_from(self.inner.options.lease_ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(&name);
+        match self.run::<i64>(&invocation).await {
+            Ok(1) => {
+                self.renew_in_background();
+                Ok(Some(Lease::new(key, name)))
+            }
+            Ok(_) => {
+                self.inner.leases.remove(&name);
+                Ok(None)
+            }
+            Err(why) => {
+                self.inner.leases.remove(&name);
+                self.fell_back(&why);
+                Ok(self.lease_locally(key, max))
+            }
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), Error> {
+        if lease.id().starts_with(LOCAL_LEASE) {
+            if let Some(mut count) = self.inner.local_leases.get_mut(lease.key()) {
+                *count = count.saturating_sub(1);
+            }
+            return Ok(());
+        }
+        if self.inner.leases.remove(lease.id()).is_none() {
+            return Ok(());
+        }
+        let Some(mut connection) = self.inner.connection.read().await.clone() else {
+            // Not renewed any more: it expires.
+            return Ok(());
+        };
+        let released = tokio::time::timeout(
+            self.inner.options.timeout,
+            redis::cmd("ZREM")
+                .arg(self.lease_key(lease.key()))
+                .arg(lease.id())
+                .query_async::<i64>(&mut connection),
+        )
+        .await;
+        if !matches!(released, Ok(Ok(_))) {
+            tracing::debug!(lease = lease.id(), "a lease is left to expire");
+        }
+        Ok(())
     }
 
     fn is_shared(&self) -> bool {

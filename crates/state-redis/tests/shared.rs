@@ -736,3 +736,194 @@ async fn replicas_send_a_continuation_where_another_stored_its_response() {
         "{error}"
     );
 }
+
+/// Three routers, each configured with the same per-caller limit (12 requests a minute: 2 in
+/// any 10 s) and a group concurrency limit, each sent the caller's requests at once: with the
+/// limits in Redis the three admit 2 between them; each in its own process admits 2, 6 in all.
+async fn callers_admitted(shared: Option<&RedisServer>, test: &str) -> (u64, u64) {
+    use router_facade::{RateLimits, RequestOptions};
+    let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
+        .with_models(["m"])
+        .with_latency(LatencyModel::instant());
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let mut routers = Vec::new();
+    for _ in 0..3 {
+        let mut builder = Router::builder()
+            .endpoint(Endpoint::openai("up", sim.endpoints()[0].openai_base_url()).model("m"))
+            .caller_limits("team-a", RateLimits::new().with_rpm(12))
+            // Throttled at once rather than waiting 10 s for the window.
+            .request_timeout(Duration::from_secs(2));
+        if let Some(redis) = shared {
+            builder = builder.state_store(Arc::new(
+                RedisStore::connect(&redis.url(), options(test))
+                    .await
+                    .unwrap(),
+            ));
+        }
+        routers.push(builder.build().unwrap());
+    }
+    let options = RequestOptions::default().with_caller("team-a");
+    let (mut served, mut throttled) = (0, 0);
+    for router in &routers {
+        for _ in 0..4 {
+            match router.chat_with(&request(), &options).await {
+                Ok(_) => served += 1,
+                Err(e) => {
+                    assert!(e.is_throttled(), "{e}");
+                    assert!(e.to_string().contains("caller:team-a"), "{e}");
+                    throttled += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(sim.endpoints()[0].counters().requests, served);
+    (served, throttled)
+}
+
+#[tokio::test]
+async fn a_callers_limit_holds_across_replicas_sharing_redis() {
+    let redis = RedisServer::start().await.unwrap();
+    assert_eq!(callers_admitted(None, "callers-alone").await, (6, 6));
+    assert_eq!(
+        callers_admitted(Some(&redis), "callers-shared").await,
+        (2, 10),
+        "three replicas on one Redis admit the caller's limit once"
+    );
+}
+
+/// Concurrency slots are leases in Redis: one replica's slots count against every replica's
+/// limit, a released slot is free to the others at once, a live replica's leases outlive
+/// their expiry by being renewed, and a dead replica's free when it passes.
+#[tokio::test]
+async fn concurrency_leases_are_shared_renewed_and_freed_by_expiry() {
+    let redis = RedisServer::start().await.unwrap();
+    let ttl = Duration::from_millis(600);
+    let replica = |test: &'static str| {
+        let url = redis.url();
+        async move {
+            RedisStore::connect(&url, options(test).with_lease_ttl(ttl))
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = (replica("leases").await, replica("leases").await);
+    assert!(a.leases());
+    let now = Instant::now();
+    let first = a.lease("limit:group:m", 2, now).await.unwrap().unwrap();
+    let second = a.lease("limit:group:m", 2, now).await.unwrap().unwrap();
+    assert_ne!(first, second);
+    assert_eq!(a.leases_held(), 2);
+    assert!(
+        b.lease("limit:group:m", 2, now).await.unwrap().is_none(),
+        "the other replica's leases count"
+    );
+    a.release(&first).await.unwrap();
+    let on_b = b.lease("limit:group:m", 2, now).await.unwrap().unwrap();
+    // `a` keeps renewing `second` past its expiry.
+    tokio::time::sleep(ttl * 2).await;
+    assert!(
+        b.lease("limit:group:m", 2, now).await.unwrap().is_none(),
+        "a live replica's lease expired under it"
+    );
+    // `a` dies holding `second`: nothing renews it, and it frees within its expiry.
+    drop(a);
+    let died = Instant::now();
+    loop {
+        if let Some(lease) = b.lease("limit:group:m", 2, now).await.unwrap() {
+            b.release(&lease).await.unwrap();
+            break;
+        }
+        assert!(
+            died.elapsed() < ttl * 3,
+            "a dead replica's lease outlived its expiry: {:?}",
+            died.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.release(&on_b).await.unwrap();
+    assert_eq!(b.leases_held(), 0);
+}
+
+/// While Redis is away a replica leases from its local share of a concurrency limit (a half
+/// here: 2 of 4), and no call fails.
+#[tokio::test]
+async fn without_redis_leases_come_from_the_local_share() {
+    let mut redis = RedisServer::start().await.unwrap();
+    let store = RedisStore::connect(&redis.url(), options("lease-away").with_local_share(0.5))
+        .await
+        .unwrap();
+    redis.stop().await;
+    let now = Instant::now();
+    let mut held = Vec::new();
+    while let Some(lease) = store.lease("limit:caller:x", 4, now).await.unwrap() {
+        held.push(lease);
+        assert!(held.len() <= 4);
+    }
+    assert_eq!(held.len(), 2);
+    assert!(store.fallbacks() > 0);
+    store.release(&held.pop().unwrap()).await.unwrap();
+    assert!(
+        store
+            .lease("limit:caller:x", 4, now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// A model group's concurrency limit of one, on two routers sharing Redis: while one router's
+/// request is in flight the other's is throttled for concurrency; once it ends (its lease
+/// given back as the request's permit drops), the other's is served.
+#[tokio::test]
+async fn a_groups_concurrency_limit_holds_across_replicas() {
+    use router_facade::RateLimits;
+    let redis = RedisServer::start().await.unwrap();
+    let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
+        .with_models(["m"])
+        .with_latency(LatencyModel::new(
+            Duration::from_millis(800),
+            Duration::ZERO,
+        ));
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let mut routers = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(&redis.url(), options("group-concurrency"))
+            .await
+            .unwrap();
+        routers.push(
+            Router::builder()
+                .endpoint(Endpoint::openai("up", sim.endpoints()[0].openai_base_url()).model("m"))
+                .group_limits("m", RateLimits::new().with_concurrency(1))
+                .state_store(Arc::new(store))
+                .build()
+                .unwrap(),
+        );
+    }
+    let first = {
+        let router = routers[0].clone();
+        tokio::spawn(async move { router.chat(&request()).await })
+    };
+    let started = Instant::now();
+    while sim.endpoints()[0].counters().requests == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the first request never left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = routers[1].chat(&request()).await.unwrap_err();
+    assert!(refused.is_throttled(), "{refused}");
+    assert!(refused.to_string().contains("concurrency"), "{refused}");
+    first.await.unwrap().unwrap();
+    // The lease goes back on a task: give it a moment.
+    let ended = Instant::now();
+    loop {
+        match routers[1].chat(&request()).await {
+            Ok(_) => break,
+            Err(e) if e.is_throttled() && ended.elapsed() < Duration::from_secs(2) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the slot was not given back: {e}"),
+        }
+    }
+}
