@@ -111,6 +111,13 @@ impl Router {
         self.shared.waitlist.count()
     }
 
+    /// Whether the state store is shared with other replicas right now: `false` for the
+    /// in-process store, and for a shared one (Redis) answering from its local share while it
+    /// is away.
+    pub fn state_shared(&self) -> bool {
+        self.shared.snapshot.load().store.is_shared()
+    }
+
     /// Quota reservations not yet settled or released, in this process (all routers
     /// together): a request holds one from admission until its answer (a stream's end) is
     /// settled. Zero when nothing is in flight; a number that stays up after the load is a

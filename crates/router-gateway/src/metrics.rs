@@ -151,6 +151,11 @@ impl Metrics {
             "# HELP openai_router_open_reservations Quota reservations not yet settled or released.\n# TYPE openai_router_open_reservations gauge\nopenai_router_open_reservations {}",
             router.open_reservations()
         );
+        let _ = writeln!(
+            out,
+            "# HELP openai_router_state_shared Whether quotas, cooldowns and limits are shared with other replicas now (1: the shared store answers; 0: in-process, or its local share while it is away).\n# TYPE openai_router_state_shared gauge\nopenai_router_state_shared {}",
+            u8::from(router.state_shared())
+        );
         let stats = router.stats();
         per_deployment(
             &mut out,

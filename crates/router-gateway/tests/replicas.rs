@@ -1,0 +1,305 @@
+//! Separate `openai-router serve` processes on one real `redis-server`: a gateway key's limit
+//! holds once across the replicas, not once per replica, and while Redis is away each replica
+//! keeps to its local share of it and fails no request.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test helpers fail loudly by design"
+)]
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use upstream_sim::redis_server::RedisServer;
+use upstream_sim::{EndpointConfig, LatencyModel, Sim, SimDialect};
+
+const UPSTREAM_KEY: &str = "sk-replicas-upstream-0123456789";
+/// One gateway key per phase, so that no phase sees another's window.
+const KEYS: [(&str, &str); 3] = [
+    ("team-a", "sk-gw-replicas-team-a-0123"),
+    ("team-b", "sk-gw-replicas-team-b-0123"),
+    ("team-c", "sk-gw-replicas-team-c-0123"),
+];
+/// Each key's limit: 60 requests a minute, so 10 in any 10 s window.
+const RPM: u64 = 60;
+const PER_WINDOW: u64 = RPM / 6;
+const REPLICAS: usize = 4;
+/// Requests each replica is sent at once, per phase: 3.2 times the limit in all.
+const BURST: usize = 8;
+
+struct Replica {
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The digest `openai-router hash-key` prints.
+fn hash(key: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_openai-router"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(key.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// Starts replica `n`. A port picked free can be taken by another test's process before the
+/// gateway binds it: then it is started again on another.
+async fn start(sim: &Sim, redis: &RedisServer, dir: &std::path::Path, n: usize) -> Replica {
+    for _ in 0..5 {
+        if let Some(replica) = try_start(sim, redis, dir, n).await {
+            return replica;
+        }
+    }
+    panic!("replica {n} found no free port in 5 tries");
+}
+
+async fn try_start(
+    sim: &Sim,
+    redis: &RedisServer,
+    dir: &std::path::Path,
+    n: usize,
+) -> Option<Replica> {
+    let port = free_port();
+    let mut keys = String::new();
+    for (name, key) in KEYS {
+        let _ = write!(
+            keys,
+            "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nrpm = {RPM}\n\n",
+            hash(key)
+        );
+    }
+    let config = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[router]
+# A refused request is throttled at once: its turn (10 s away, when the window frees) is over
+# its max queue wait. The deadline is generous for a loaded machine.
+max_queue_wait_ms = 2000
+request_timeout_ms = 30000
+redis_url = "{}"
+
+[[endpoints]]
+name = "oai"
+kind = "openai"
+url = "{}"
+api_key_env = "TEST_UPSTREAM_KEY"
+models = ["gpt-4o-mini"]
+
+{keys}"#,
+        redis.url(),
+        sim.endpoints()[0].openai_base_url(),
+    );
+    let path = dir.join(format!("replica-{n}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let errors = dir.join(format!("replica-{n}.err"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_openai-router"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("RUST_LOG", "info")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..500 {
+        let answered = client.get(format!("{base}/healthz")).send().await.is_ok();
+        if answered {
+            // Whoever answered, this replica must still be running (not refused the port).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if child.try_wait().unwrap().is_some() {
+            let text = std::fs::read_to_string(&errors).unwrap_or_default();
+            assert!(
+                text.contains("Address already in use"),
+                "replica {n} exited: {text}"
+            );
+            return None;
+        }
+        if answered {
+            return Some(Replica {
+                child,
+                base,
+                log: errors,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("replica {n} did not start");
+}
+
+/// Sends `BURST` requests with `key` to every replica at once; returns how many each served.
+/// Every other answer must be the router's 429 naming the key's limit, with `retry-after`.
+async fn burst(replicas: &[Replica], key: &str) -> Vec<u64> {
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for replica in replicas {
+        for _ in 0..BURST {
+            let request = client
+                .post(format!("{}/v1/chat/completions", replica.base))
+                .bearer_auth(key)
+                .json(&json!({"model": "gpt-4o-mini", "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "one limit for all replicas"}]}));
+            tasks.push(tokio::spawn(async move {
+                let answer = request.send().await.unwrap();
+                let status = answer.status().as_u16();
+                let retry_after = answer.headers().contains_key("retry-after");
+                let body: Value = answer.json().await.unwrap();
+                (status, retry_after, body)
+            }));
+        }
+    }
+    let mut served = vec![0; replicas.len()];
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (status, retry_after, body) = task.await.unwrap();
+        match status {
+            200 => served[i / BURST] += 1,
+            429 => {
+                let message = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.contains("caller:"), "{body}");
+                assert!(retry_after, "a 429 without retry-after: {body}");
+            }
+            other => {
+                let n = i / BURST;
+                let log = std::fs::read_to_string(&replicas[n].log).unwrap_or_default();
+                panic!("key {key}: replica {n} answered {other}: {body}\nits log:\n{log}");
+            }
+        }
+    }
+    served
+}
+
+/// One request with `key` through each replica; whatever the answer.
+async fn burst_one(replicas: &[Replica], key: &str) {
+    let client = reqwest::Client::new();
+    for replica in replicas {
+        let _ = client
+            .post(format!("{}/v1/chat/completions", replica.base))
+            .bearer_auth(key)
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "are you shared again"}]}))
+            .send()
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_limit_holds_once_across_gateway_processes_on_one_redis() {
+    let mut redis = RedisServer::start().await.unwrap();
+    let sim = Sim::start(
+        1,
+        [EndpointConfig::new("oai", SimDialect::OpenAi)
+            .with_api_key(UPSTREAM_KEY)
+            .with_models(["gpt-4o-mini"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "openai-router-replicas-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut replicas = Vec::new();
+    for n in 0..REPLICAS {
+        replicas.push(start(&sim, &redis, &dir, n).await);
+    }
+
+    // Shared: the four replicas admit the key's window once between them.
+    let served = burst(&replicas, KEYS[0].1).await;
+    assert_eq!(
+        served.iter().sum::<u64>(),
+        PER_WINDOW,
+        "four replicas on one Redis: {served:?}"
+    );
+    assert_eq!(sim.endpoints()[0].counters().requests, PER_WINDOW);
+
+    // Redis away: no request fails, and each replica keeps to its local share (a third,
+    // rounded up by the window's arithmetic: at most half the window here).
+    redis.stop().await;
+    let served = burst(&replicas, KEYS[1].1).await;
+    for (n, &count) in served.iter().enumerate() {
+        assert!(
+            (1..=PER_WINDOW / 2).contains(&count),
+            "replica {n} admitted {count} of the key's {PER_WINDOW} alone: {served:?}"
+        );
+    }
+
+    // Redis back: sharing resumes (each store reconnects in the background, and is asked
+    // again half a second after a failure), as every replica's metrics say.
+    redis.restart().await.unwrap();
+    let back = Instant::now();
+    let client = reqwest::Client::new();
+    loop {
+        // A request through each replica is what asks its store again.
+        burst_one(&replicas, KEYS[0].1).await;
+        let mut all = true;
+        for replica in &replicas {
+            let metrics = client
+                .get(format!("{}/metrics", replica.base))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            all &= metrics.contains("openai_router_state_shared 1");
+        }
+        if all {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "sharing did not resume within 5 s of Redis returning"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed = back.elapsed();
+    let served = burst(&replicas, KEYS[2].1).await;
+    let logs: Vec<String> = replicas
+        .iter()
+        .map(|r| std::fs::read_to_string(&r.log).unwrap_or_default())
+        .collect();
+    assert!(
+        served.iter().sum::<u64>() == PER_WINDOW,
+        "after Redis returned (shared again in {:.1}s): {served:?}\n{}",
+        resumed.as_secs_f64(),
+        logs.join("\n")
+    );
+    for mut replica in replicas {
+        replica.child.kill().await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
