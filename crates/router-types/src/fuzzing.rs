@@ -42,11 +42,20 @@ fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) {
     if let (Value::Object(given), Value::Object(out)) = (value, &written) {
         for (key, field) in given {
             assert!(
-                field.is_null() || out.contains_key(key),
+                field.is_null() || out.contains_key(key) || is_no_model(key, field),
                 "{name}: the field `{key}` was dropped"
             );
         }
     }
+}
+
+/// `"model": ""`, which the request types write as no `model` at all: they cannot tell the
+/// two apart (`model` is a `String`), and must write none for Azure's deployment paths, which
+/// carry the deployment in the URL. Nothing is lost: the router names every request's model
+/// per endpoint, and an empty name is no model group. (Found by the fuzzer; kept in
+/// `fuzz/regressions/types/empty-model-dropped`.)
+fn is_no_model(key: &str, field: &Value) -> bool {
+    key == "model" && field.as_str() == Some("")
 }
 
 /// Runs `body` on every input committed for the fuzz target `target`: its corpus
