@@ -414,24 +414,26 @@ fn soak() -> Result<()> {
     run_steps(&[SOAK.with(soak)])
 }
 
-/// The Redis tests start their own `redis-server`: install it from Debian's packages when it
-/// is missing and this is root on a Debian-like machine; otherwise say how.
+/// The Redis tests start their own `redis-server`s (one, or a cluster joined with
+/// `redis-cli`): install them from Debian's packages when either is missing and this is root on
+/// a Debian-like machine; otherwise say how.
 fn ensure_redis() -> Result<()> {
-    let found = [
-        "/usr/bin/redis-server",
-        "/usr/local/bin/redis-server",
-        "/usr/sbin/redis-server",
-    ]
-    .iter()
-    .any(|path| std::path::Path::new(path).is_file())
-        || Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if found {
+    let has = |binary: &str| {
+        ["/usr/bin", "/usr/local/bin", "/usr/sbin"]
+            .iter()
+            .any(|dir| std::path::Path::new(dir).join(binary).is_file())
+            || Command::new(binary)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+    };
+    if has("redis-server") && has("redis-cli") {
         return Ok(());
     }
-    install_debian(&["redis-server"], "redis-server (for the Redis tests)")
+    install_debian(
+        &["redis-server", "redis-tools"],
+        "redis-server and redis-cli (for the Redis tests)",
+    )
 }
 
 /// The gateway's Node client test runs the official `openai` npm package: install Debian's

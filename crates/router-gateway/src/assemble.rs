@@ -38,9 +38,17 @@ impl Config {
             if let Some(learning) = learning {
                 options = options.with_learning(learning);
             }
-            let store = state_redis::RedisStore::connect(&url, options)
-                .await
-                .context("router.redis_url")?;
+            let store = if self.router.redis_cluster == Some(true) {
+                let nodes: Vec<String> = url
+                    .split(',')
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                state_redis::RedisStore::connect_cluster(&nodes, options).await
+            } else {
+                state_redis::RedisStore::connect(&url, options).await
+            }
+            .context("router.redis_url")?;
             builder = builder.state_store(std::sync::Arc::new(store));
         } else if let Some(learning) = learning {
             let store = router_facade::MemoryStore::with_learning(learning);
@@ -52,6 +60,14 @@ impl Config {
     pub(crate) fn builder(&self) -> Result<RouterBuilder, Problem> {
         // Checked here too, so that `check` reports a bad policy without connecting anywhere.
         self.learning()?;
+        if self.router.redis_cluster == Some(true)
+            && self.router.redis_url.is_none()
+            && self.router.redis_url_env.is_none()
+        {
+            return Err(Problem::new(
+                "router.redis_cluster: set, but no redis_url or redis_url_env names the nodes",
+            ));
+        }
         if let Some(ms) = self.router.redis_lease_ms
             && ms < 300
         {

@@ -155,6 +155,9 @@ pub(crate) struct RouterConfig {
     pub(crate) probe_mode: Option<ProbeModeConfig>,
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_url_env: Option<String>,
+    /// `redis_url` (or the variable `redis_url_env` names) lists the nodes of a Redis Cluster,
+    /// comma-separated (default false: one server).
+    pub(crate) redis_cluster: Option<bool>,
     /// How long a concurrency slot held in Redis lives unrenewed (default 30,000 ms): a
     /// replica that dies frees its slots within this.
     pub(crate) redis_lease_ms: Option<u64>,
@@ -382,6 +385,12 @@ mod tests {
             .unwrap()
         };
         assert_eq!(config(5_000).router.redis_lease_ms, Some(5_000));
+        let cluster = Config::parse(
+            "[router]\nredis_cluster = true\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap();
+        let error = cluster.builder().err().unwrap().to_string();
+        assert!(error.contains("router.redis_cluster"), "{error}");
         assert!(config(5_000).builder().is_ok());
         let error = config(100).builder().err().unwrap().to_string();
         assert!(error.contains("router.redis_lease_ms: 100"), "{error}");

@@ -68,7 +68,7 @@ fn hash(key: &str) -> String {
 
 /// Starts replica `n`. A port picked free can be taken by another test's process before the
 /// gateway binds it: then it is started again on another.
-async fn start(sim: &Sim, redis: &RedisServer, dir: &std::path::Path, n: usize) -> Replica {
+async fn start(sim: &Sim, redis: &str, dir: &std::path::Path, n: usize) -> Replica {
     for _ in 0..5 {
         if let Some(replica) = try_start(sim, redis, dir, n).await {
             return replica;
@@ -77,12 +77,7 @@ async fn start(sim: &Sim, redis: &RedisServer, dir: &std::path::Path, n: usize) 
     panic!("replica {n} found no free port in 5 tries");
 }
 
-async fn try_start(
-    sim: &Sim,
-    redis: &RedisServer,
-    dir: &std::path::Path,
-    n: usize,
-) -> Option<Replica> {
+async fn try_start(sim: &Sim, redis: &str, dir: &std::path::Path, n: usize) -> Option<Replica> {
     let port = free_port();
     let mut keys = String::new();
     for (name, key) in KEYS {
@@ -101,7 +96,7 @@ listen = "127.0.0.1:{port}"
 # its max queue wait. The deadline is generous for a loaded machine.
 max_queue_wait_ms = 2000
 request_timeout_ms = 30000
-redis_url = "{}"
+{redis}
 
 [[endpoints]]
 name = "oai"
@@ -111,7 +106,6 @@ api_key_env = "TEST_UPSTREAM_KEY"
 models = ["gpt-4o-mini"]
 
 {keys}"#,
-        redis.url(),
         sim.endpoints()[0].openai_base_url(),
     );
     let path = dir.join(format!("replica-{n}.toml"));
@@ -234,7 +228,7 @@ async fn a_keys_limit_holds_once_across_gateway_processes_on_one_redis() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut replicas = Vec::new();
     for n in 0..REPLICAS {
-        replicas.push(start(&sim, &redis, &dir, n).await);
+        replicas.push(start(&sim, &format!("redis_url = \"{}\"", redis.url()), &dir, n).await);
     }
 
     // Shared: the four replicas admit the key's window once between them.
@@ -298,6 +292,49 @@ async fn a_keys_limit_holds_once_across_gateway_processes_on_one_redis() {
         resumed.as_secs_f64(),
         logs.join("\n")
     );
+    for mut replica in replicas {
+        replica.child.kill().await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same on a three-master Redis Cluster (`redis_cluster = true`, the nodes listed in
+/// `redis_url`): the key's limit is admitted once between the four processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_limit_holds_once_across_gateway_processes_on_a_redis_cluster() {
+    let cluster = upstream_sim::redis_server::RedisCluster::start(3)
+        .await
+        .unwrap();
+    let sim = Sim::start(
+        1,
+        [EndpointConfig::new("oai", SimDialect::OpenAi)
+            .with_api_key(UPSTREAM_KEY)
+            .with_models(["gpt-4o-mini"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "openai-router-replicas-cluster-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let redis = format!(
+        "redis_cluster = true\nredis_url = \"{}\"",
+        cluster.urls().join(",")
+    );
+    let mut replicas = Vec::new();
+    for n in 0..REPLICAS {
+        replicas.push(start(&sim, &redis, &dir, n).await);
+    }
+    let served = burst(&replicas, KEYS[0].1).await;
+    assert_eq!(
+        served.iter().sum::<u64>(),
+        PER_WINDOW,
+        "four replicas on one cluster: {served:?}"
+    );
+    assert_eq!(sim.endpoints()[0].counters().requests, PER_WINDOW);
     for mut replica in replicas {
         replica.child.kill().await.unwrap();
     }

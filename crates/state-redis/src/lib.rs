@@ -18,7 +18,7 @@
 //!   a refusal's `Retry-After` promises.
 //!
 //! A deployment's keys share one hash tag, `{prefix:endpoint/model}`, so every script touches
-//! a single slot: Redis Cluster safe.
+//! a single slot: Redis Cluster safe ([`RedisStore::connect_cluster`]).
 //!
 //! # When Redis is away
 //!
@@ -502,6 +502,50 @@ impl RedisOptions {
     }
 }
 
+/// Where Redis is: one server, or a cluster.
+enum Target {
+    Single(redis::Client),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// A connection to either: both reconnect by themselves.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(Box<redis::cluster_async::ClusterConnection>),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// Quota and cooldowns shared through Redis, with local accounting while Redis is away.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -509,8 +553,8 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: redis::Client,
-    connection: RwLock<Option<ConnectionManager>>,
+    client: Target,
+    connection: RwLock<Option<Connection>>,
     options: RedisOptions,
     local: MemoryStore,
     reserve: Script,
@@ -550,6 +594,31 @@ impl RedisStore {
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, Error> {
         let client =
             redis::Client::open(url).map_err(|e| Error::config(format!("redis url: {e}")))?;
+        Self::start(Target::Single(client), options).await
+    }
+
+    /// A store on a Redis Cluster, found through any of `urls` (`redis://host:port`, one or
+    /// more of its nodes). Every script touches one hash slot, so each runs on the node that
+    /// owns its keys; the cluster client follows the slots as they move.
+    ///
+    /// # Errors
+    ///
+    /// A [`Config`](router_core::ErrorKind::Config) error when no URL is given or one does not
+    /// parse.
+    pub async fn connect_cluster(urls: &[String], options: RedisOptions) -> Result<Self, Error> {
+        if urls.is_empty() {
+            return Err(Error::config("redis cluster: no node URL given"));
+        }
+        let client = redis::cluster::ClusterClient::builder(urls.iter().map(String::as_str))
+            .connection_timeout(options.timeout.max(Duration::from_millis(200)))
+            .response_timeout(options.timeout)
+            .retries(1)
+            .build()
+            .map_err(|e| Error::config(format!("redis cluster urls: {e}")))?;
+        Self::start(Target::Cluster(Box::new(client)), options).await
+    }
+
+    async fn start(client: Target, options: RedisOptions) -> Result<Self, Error> {
         let learning = options.learning;
         let store = Self {
             inner: Arc::new(Inner {
@@ -599,13 +668,21 @@ impl RedisStore {
             .set_response_timeout(Some(self.inner.options.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connecting = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.inner.client.get_connection_manager_with_config(config),
-        )
-        .await;
-        if let Ok(Ok(manager)) = connecting {
-            *self.inner.connection.write().await = Some(manager);
+        let connecting = match &self.inner.client {
+            Target::Single(client) => tokio::time::timeout(
+                Duration::from_secs(2),
+                client.get_connection_manager_with_config(config),
+            )
+            .await
+            .map(|c| c.map(Connection::Single)),
+            Target::Cluster(client) => {
+                tokio::time::timeout(Duration::from_secs(2), client.get_async_connection())
+                    .await
+                    .map(|c| c.map(|c| Connection::Cluster(Box::new(c))))
+            }
+        };
+        if let Ok(Ok(connection)) = connecting {
+            *self.inner.connection.write().await = Some(connection);
             self.inner.shared.store(true, Ordering::Relaxed);
         }
     }

@@ -737,10 +737,21 @@ async fn replicas_send_a_continuation_where_another_stored_its_response() {
     );
 }
 
+/// A store on one server (one URL) or on a cluster (several).
+async fn store_on(urls: &[String], test: &str) -> RedisStore {
+    if urls.len() == 1 {
+        RedisStore::connect(&urls[0], options(test)).await.unwrap()
+    } else {
+        RedisStore::connect_cluster(urls, options(test))
+            .await
+            .unwrap()
+    }
+}
+
 /// Three routers, each configured with the same per-caller limit (12 requests a minute: 2 in
 /// any 10 s) and a group concurrency limit, each sent the caller's requests at once: with the
 /// limits in Redis the three admit 2 between them; each in its own process admits 2, 6 in all.
-async fn callers_admitted(shared: Option<&RedisServer>, test: &str) -> (u64, u64) {
+async fn callers_admitted(shared: Option<&[String]>, test: &str) -> (u64, u64) {
     use router_facade::{RateLimits, RequestOptions};
     let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
         .with_models(["m"])
@@ -753,12 +764,8 @@ async fn callers_admitted(shared: Option<&RedisServer>, test: &str) -> (u64, u64
             .caller_limits("team-a", RateLimits::new().with_rpm(12))
             // Throttled at once rather than waiting 10 s for the window.
             .request_timeout(Duration::from_secs(2));
-        if let Some(redis) = shared {
-            builder = builder.state_store(Arc::new(
-                RedisStore::connect(&redis.url(), options(test))
-                    .await
-                    .unwrap(),
-            ));
+        if let Some(urls) = shared {
+            builder = builder.state_store(Arc::new(store_on(urls, test).await));
         }
         routers.push(builder.build().unwrap());
     }
@@ -785,7 +792,7 @@ async fn a_callers_limit_holds_across_replicas_sharing_redis() {
     let redis = RedisServer::start().await.unwrap();
     assert_eq!(callers_admitted(None, "callers-alone").await, (6, 6));
     assert_eq!(
-        callers_admitted(Some(&redis), "callers-shared").await,
+        callers_admitted(Some(&[redis.url()]), "callers-shared").await,
         (2, 10),
         "three replicas on one Redis admit the caller's limit once"
     );
@@ -926,4 +933,73 @@ async fn a_groups_concurrency_limit_holds_across_replicas() {
             Err(e) => panic!("the slot was not given back: {e}"),
         }
     }
+}
+
+/// The same store on a real three-master Redis Cluster: quota windows, cooldowns, leases and
+/// router-side limits hold across replicas as on one server, and the keys of different
+/// deployments spread over the masters (each script touches one hash slot).
+#[tokio::test]
+async fn on_a_redis_cluster_windows_leases_and_limits_hold_across_replicas() {
+    use upstream_sim::redis_server::RedisCluster;
+    let cluster = RedisCluster::start(3).await.unwrap();
+    let urls = cluster.urls();
+    let (a, b) = (
+        store_on(&urls, "cluster").await,
+        store_on(&urls, "cluster").await,
+    );
+    assert!(a.is_shared() && b.is_shared());
+    let limits = Limits::per_minute(None, Some(60)); // 10 requests in any 10 s
+    let charge = Charge {
+        tokens: 0,
+        requests: 1,
+    };
+    let now = Instant::now();
+    for d in 0..12 {
+        let key = format!("endpoint-{d}/m");
+        for n in 0..10 {
+            let store = if n % 2 == 0 { &a } else { &b };
+            let admission = store.reserve(&key, &limits, charge, now).await.unwrap();
+            assert!(
+                matches!(admission, Admission::Admitted { .. }),
+                "{key}: {admission:?}"
+            );
+        }
+        let denied = b.reserve(&key, &limits, charge, now).await.unwrap();
+        assert!(
+            matches!(denied, Admission::Denied { cooling: false, .. }),
+            "{key}: the eleventh of two replicas: {denied:?}"
+        );
+    }
+    a.cool_down("endpoint-0/m", Duration::from_secs(30), now)
+        .await
+        .unwrap();
+    let cooling = b
+        .reserve("endpoint-0/m", &Limits::default(), charge, now)
+        .await
+        .unwrap();
+    assert!(
+        matches!(cooling, Admission::Denied { cooling: true, .. }),
+        "{cooling:?}"
+    );
+    let lease = a.lease("limit:group:m", 1, now).await.unwrap().unwrap();
+    assert!(b.lease("limit:group:m", 1, now).await.unwrap().is_none());
+    a.release(&lease).await.unwrap();
+    let lease = b.lease("limit:group:m", 1, now).await.unwrap().unwrap();
+    b.release(&lease).await.unwrap();
+    assert_eq!(
+        a.fallbacks() + b.fallbacks(),
+        0,
+        "every call was answered by the cluster"
+    );
+    let per_node = cluster.keys_per_node().await.unwrap();
+    assert!(
+        per_node.iter().filter(|&&n| n > 0).count() >= 2,
+        "the keys all landed on one master: {per_node:?}"
+    );
+
+    assert_eq!(
+        callers_admitted(Some(&urls), "cluster-callers").await,
+        (2, 10),
+        "three replicas on one cluster admit the caller's limit once"
+    );
 }
