@@ -1231,6 +1231,18 @@ impl<'r> Path<'r> {
                 let _ = store.cool_down(&deployment.key, wait, now()).await;
             }
         }
+        // An ejection is shared as a cooldown of its length: the other replicas stop sending
+        // there too, and come back through the same half-open path.
+        if let router_core::Availability::Ejected(until) = deployment.state.availability(now())
+            && self.live.store.is_shared()
+        {
+            let at = now();
+            let _ = self
+                .live
+                .store
+                .cool_down(&deployment.key, until.saturating_duration_since(at), at)
+                .await;
+        }
         if matches!(
             deployment.state.availability(now()),
             router_core::Availability::Disabled(_)

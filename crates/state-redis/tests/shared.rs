@@ -1003,3 +1003,64 @@ async fn on_a_redis_cluster_windows_leases_and_limits_hold_across_replicas() {
         "three replicas on one cluster admit the caller's limit once"
     );
 }
+
+/// A deployment one replica ejected after consecutive 5xx is out for the other replicas too:
+/// the ejection is shared as a cooldown of its length, so they send it nothing until it ends
+/// (without sharing, each replica would spend its own failures finding out).
+#[tokio::test]
+async fn an_ejection_one_replica_made_keeps_every_replica_away() {
+    use router_facade::StrategyKind;
+    use upstream_sim::{Fault, Times};
+    let redis = RedisServer::start().await.unwrap();
+    let endpoints = ["bad", "good"].map(|name| {
+        EndpointConfig::new(name, SimDialect::OpenAi)
+            .with_models(["m"])
+            .with_latency(LatencyModel::instant())
+    });
+    let sim = Sim::start(1, endpoints).await.unwrap();
+    sim.endpoints()[0].inject(
+        Fault::Status {
+            status: 500,
+            code: None,
+            retry_after: None,
+        },
+        Times::Always,
+    );
+    let mut routers = Vec::new();
+    for _ in 0..2 {
+        let mut builder = Router::builder().strategy(StrategyKind::RoundRobin);
+        for (i, name) in ["bad", "good"].into_iter().enumerate() {
+            builder = builder
+                .endpoint(Endpoint::openai(name, sim.endpoints()[i].openai_base_url()).model("m"));
+        }
+        let store = RedisStore::connect(&redis.url(), options("ejection"))
+            .await
+            .unwrap();
+        routers.push(builder.state_store(Arc::new(store)).build().unwrap());
+    }
+    // The first replica meets the failures (each request fails over to `good`) until it
+    // ejects `bad`.
+    let mut sent = 0;
+    while !routers[0].stats().iter().any(|d| {
+        d.endpoint.as_str() == "bad"
+            && matches!(d.state.availability, router_core::Availability::Ejected(_))
+    }) {
+        routers[0].chat(&request()).await.unwrap();
+        sent += 1;
+        assert!(
+            sent < 50,
+            "`bad` was never ejected: {:?}",
+            routers[0].stats()
+        );
+    }
+    let failures = sim.endpoints()[0].counters().requests;
+    assert!(failures >= 3, "{failures}");
+    for _ in 0..20 {
+        routers[1].chat(&request()).await.unwrap();
+    }
+    assert_eq!(
+        sim.endpoints()[0].counters().requests,
+        failures,
+        "the second replica sent requests to a deployment the first had ejected"
+    );
+}
