@@ -70,8 +70,10 @@ use tokio::sync::RwLock;
 // (`N`) and, under provisioned throughput, when the utilisation the router's admissions put in
 // has drained (`D`), 3 the cooldown, 4 what was
 // learned of the upstream's admissions (`s` the share, `g` when it last changed, `c` the last
-// cut; absent until the first refusal). Limits come as configured (per minute, `-1`: not
-// limited, and the window in seconds); the share applies here.
+// cut; absent until the first refusal), 5 half-open (set with a cooldown, for its length and
+// `HALF_OPEN_MS` more; deleted when a request is served), 6 the probe (the ticket of the one
+// request admitted while half-open, for `PROBE_TTL_MS` or until it settles). Limits come as
+// configured (per minute, `-1`: not limited, and the window in seconds); the share applies here.
 //
 // Every script but the cooldown starts with `PRELUDE`: the server's clock, letting go of what
 // has left the window, and a window's capacity, the same arithmetic as
@@ -157,6 +159,12 @@ end
 const RESERVE: &str = r"
 local cool = redis.call('PTTL', KEYS[3])
 if cool > 0 then return {0, cool, '', '', 1, '', 0} end
+-- Half-open after a shared cooldown: one request across the replicas until one is served.
+local half = redis.call('EXISTS', KEYS[5]) == 1
+if half then
+  local probe = redis.call('PTTL', KEYS[6])
+  if probe > 0 then return {0, math.min(probe, PROBE_WAIT_MS), '', '', 1, '', 0} end
+end
 expire()
 local share = tonumber(redis.call('HGET', KEYS[4], 's')) or 1
 local window = tonumber(ARGV[3])
@@ -203,6 +211,7 @@ if prov then
 end
 local ticket = redis.call('HINCRBY', KEYS[2], 'N', 1)
 hold(ticket, tcost, rcost, untl, ARGV[7], drain)
+if half then redis.call('SET', KEYS[6], tostring(ticket), 'PX', PROBE_TTL_MS) end
 local out_t, out_r = '', ''
 if tcap >= 0 then out_t = tostring(tcap - ht - tcost) end
 if rcap >= 0 then out_r = tostring(rcap - hr - rcost) end
@@ -287,6 +296,9 @@ if ARGV[10] == '1' and s[2] then
   redis.call('HSET', KEYS[4], 's', tostring(share), 'g', tostring(now))
   redis.call('PEXPIRE', KEYS[4], ARGV[9])
 end
+-- The probe ended: served, the deployment is whole again; failed, another may probe.
+if redis.call('GET', KEYS[6]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
+if ARGV[10] == '1' then redis.call('DEL', KEYS[5]) end
 return 1
 ";
 
@@ -303,7 +315,10 @@ return redis.call('GET', KEYS[1])
 
 const COOL_DOWN: &str = r"
 local cur = redis.call('PTTL', KEYS[1])
-if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+if cur < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+  redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[1]) + HALF_OPEN_MS)
+end
 return 1
 ";
 
@@ -314,7 +329,10 @@ return 1
 const REFUSED: &str = r"
 local wait_ms = tonumber(ARGV[1])
 local cur = redis.call('PTTL', KEYS[3])
-if cur < wait_ms then redis.call('SET', KEYS[3], '1', 'PX', wait_ms) end
+if cur < wait_ms then
+  redis.call('SET', KEYS[3], '1', 'PX', wait_ms)
+  redis.call('SET', KEYS[5], '1', 'PX', wait_ms + HALF_OPEN_MS)
+end
 expire()
 local window = tonumber(ARGV[4])
 local ht, hr = held()
@@ -427,6 +445,23 @@ for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + life, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], life * 2)
 return #ARGV - 1
 ";
+
+/// How long after a shared cooldown ends the deployment stays half-open for the replicas
+/// (one request at a time across them) unless a request is served sooner (ms).
+const HALF_OPEN_MS: u64 = 120_000;
+/// How long a half-open deployment's one request holds the probe before another replica may
+/// send one (ms): a replica that dies mid-probe frees it so.
+const PROBE_TTL_MS: u64 = 10_000;
+/// The longest a replica is told to wait for another's probe before asking again (ms).
+const PROBE_WAIT_MS: u64 = 250;
+
+/// A script with the half-open constants written in.
+fn half_open(script: &str) -> String {
+    script
+        .replace("HALF_OPEN_MS", &HALF_OPEN_MS.to_string())
+        .replace("PROBE_TTL_MS", &PROBE_TTL_MS.to_string())
+        .replace("PROBE_WAIT_MS", &PROBE_WAIT_MS.to_string())
+}
 
 /// The names of this process's local leases (taken while Redis was away) start with this.
 const LOCAL_LEASE: &str = "local:";
@@ -626,10 +661,10 @@ impl RedisStore {
                 connection: RwLock::new(None),
                 options,
                 local: MemoryStore::with_learning(learning),
-                reserve: Script::new(&format!("{PRELUDE}{RESERVE}")),
+                reserve: Script::new(&half_open(&format!("{PRELUDE}{RESERVE}"))),
                 settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
-                cool_down: Script::new(COOL_DOWN),
-                refused: Script::new(&format!("{PRELUDE}{REFUSED}")),
+                cool_down: Script::new(&half_open(COOL_DOWN)),
+                refused: Script::new(&half_open(&format!("{PRELUDE}{REFUSED}"))),
                 remember: Script::new(REMEMBER),
                 recall: Script::new(RECALL),
                 marks: Script::new(&format!("{PRELUDE}{MARKS}")),
@@ -708,11 +743,12 @@ impl RedisStore {
         format!("{}:name:{name}", self.inner.options.prefix)
     }
 
-    /// The log, marks, cooldown and learned-admissions keys of a deployment, in one hash slot.
-    fn keys(&self, key: &str) -> [String; 4] {
+    /// The log, marks, cooldown, learned-admissions, half-open and probe keys of a deployment,
+    /// in one hash slot.
+    fn keys(&self, key: &str) -> [String; 6] {
         let tag: String = key.chars().filter(|c| *c != '{' && *c != '}').collect();
         let prefix = &self.inner.options.prefix;
-        ["w", "a", "c", "l"].map(|suffix| format!("{{{prefix}:{tag}}}:{suffix}"))
+        ["w", "a", "c", "l", "h", "p"].map(|suffix| format!("{{{prefix}:{tag}}}:{suffix}"))
     }
 
     /// Runs a script invocation, or says why not.
@@ -969,7 +1005,10 @@ impl StateStore for RedisStore {
     async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error> {
         let keys = self.keys(key);
         let mut invocation = self.inner.cool_down.prepare_invoke();
-        invocation.key(&keys[2]).arg(wait.as_millis().max(1) as u64);
+        invocation
+            .key(&keys[2])
+            .key(&keys[4])
+            .arg(wait.as_millis().max(1) as u64);
         if let Err(why) = self.run::<i64>(&invocation).await {
             self.fell_back(&why);
             self.inner.local.cool_down_now(key, wait, now);

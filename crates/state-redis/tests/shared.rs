@@ -1064,3 +1064,64 @@ async fn an_ejection_one_replica_made_keeps_every_replica_away() {
         "the second replica sent requests to a deployment the first had ejected"
     );
 }
+
+/// After a shared cooldown, a deployment is half-open for every replica together: one request
+/// across them until one is served. While the first replica's probe is in flight, the second
+/// replica's request waits for it instead of going out beside it; once the probe is served,
+/// both send freely.
+#[tokio::test]
+async fn after_a_shared_cooldown_one_probe_goes_out_across_replicas() {
+    let redis = RedisServer::start().await.unwrap();
+    let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
+        .with_models(["m"])
+        .with_latency(LatencyModel::new(
+            Duration::from_millis(600),
+            Duration::ZERO,
+        ));
+    let sim = Sim::start(1, [endpoint]).await.unwrap();
+    let mut routers = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(&redis.url(), options("probe"))
+            .await
+            .unwrap();
+        routers.push(
+            Router::builder()
+                .endpoint(Endpoint::openai("up", sim.endpoints()[0].openai_base_url()).model("m"))
+                .max_queue_wait(Duration::from_secs(5))
+                .state_store(Arc::new(store))
+                .build()
+                .unwrap(),
+        );
+    }
+    // A third replica saw a 429 with an 800 ms wait and shared it.
+    RedisStore::connect(&redis.url(), options("probe"))
+        .await
+        .unwrap()
+        .cool_down("up/m", Duration::from_millis(800), Instant::now())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let probe = {
+        let router = routers[0].clone();
+        tokio::spawn(async move { router.chat(&request()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = {
+        let router = routers[1].clone();
+        tokio::spawn(async move { router.chat(&request()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        sim.endpoints()[0].counters().requests,
+        1,
+        "the first replica's probe only: the second replica's request went out beside it"
+    );
+    probe.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(sim.endpoints()[0].counters().requests, 2);
+    // Whole again: both replicas send at once.
+    let (first, second) = (request(), request());
+    let (a, b) = tokio::join!(routers[0].chat(&first), routers[1].chat(&second));
+    a.unwrap();
+    b.unwrap();
+}
