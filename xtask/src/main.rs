@@ -207,6 +207,19 @@ const BENCH_GATEWAY: Step = cargo(
         "--",
     ],
 );
+/// Gateway processes on one Redis under 1.5x overload of a key's limit
+/// (`router-gateway/benches/replicas.rs`).
+const BENCH_REPLICAS: Step = cargo(
+    "bench replicas",
+    &[
+        "bench",
+        "--locked",
+        "-p",
+        "router-gateway",
+        "--bench",
+        "replicas",
+    ],
+);
 /// The chaos soak (`router-gateway/benches/soak.rs`): the release gateway under a mixed load
 /// and a seeded fault schedule; `--minutes` and `--seed` follow.
 const SOAK: Step = cargo(
@@ -394,6 +407,7 @@ fn bench() -> Result<()> {
         BENCH_OVERHEAD.with(quick),
         BENCH_SCENARIOS.with(litellm.clone()),
         BENCH_GATEWAY.with(litellm),
+        BENCH_REPLICAS,
         BENCH_REPORT.with(["--command".to_owned(), command.to_owned()]),
     ])
 }
