@@ -79,17 +79,24 @@ impl RateLimits {
 }
 
 /// One router-side limit that applies to a request: its name (`group:{model}`,
-/// `caller:{name}`), which is also its window key and its waiting lane, and its limits.
+/// `caller:{name}`), which is also its waiting lane, its key in the state store, and its limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Scope {
     pub(crate) name: String,
+    /// Its windows' and leases' key in the state store: `limit:caller:team-a` (a deployment's
+    /// is `endpoint/model`).
+    key: String,
     pub(crate) limits: RateLimits,
 }
 
-/// The key a scope's windows and leases have in the state store: `limit:caller:team-a`
-/// (a deployment's is `endpoint/model`).
-pub(crate) fn store_key(scope: &str) -> String {
-    format!("limit:{scope}")
+impl Scope {
+    pub(crate) fn new(name: String, limits: RateLimits) -> Self {
+        Self {
+            key: format!("limit:{name}"),
+            name,
+            limits,
+        }
+    }
 }
 
 /// The router's limiters, kept across reconfigurations: the in-process concurrency counts, for
@@ -188,7 +195,7 @@ impl Limiters {
                 continue;
             };
             let taken = if store.leases() {
-                match store.lease(&store_key(&scope.name), max, now).await {
+                match store.lease(&scope.key, max, now).await {
                     Ok(Some(lease)) => {
                         permit.leases.push(lease);
                         true
@@ -212,15 +219,16 @@ impl Limiters {
                 });
             }
         }
-        let mut charged: Vec<(String, Limits, u64)> = Vec::new();
+        let mut charged: Vec<(&str, Limits, u64)> = Vec::new();
         for scope in scopes {
             let windows = scope.limits.windows();
             if !windows.is_limited() {
                 continue;
             }
-            let key = store_key(&scope.name);
-            match store.reserve(&key, &windows, charge, now).await {
-                Ok(Admission::Admitted { ticket, .. }) => charged.push((key, windows, ticket)),
+            match store.reserve(&scope.key, &windows, charge, now).await {
+                Ok(Admission::Admitted { ticket, .. }) => {
+                    charged.push((&scope.key, windows, ticket));
+                }
                 Ok(Admission::Denied { retry_after, .. }) => {
                     // Give back what the scopes before this one took.
                     for (key, windows, ticket) in &charged {
@@ -274,10 +282,7 @@ mod tests {
     }
 
     fn scope(name: &str, limits: RateLimits) -> Vec<Scope> {
-        vec![Scope {
-            name: name.to_owned(),
-            limits,
-        }]
+        vec![Scope::new(name.to_owned(), limits)]
     }
 
     #[tokio::test]

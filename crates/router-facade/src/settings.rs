@@ -73,10 +73,7 @@ impl Settings {
     pub(crate) fn scopes(&self, model: &str, caller: Option<&str>) -> Vec<Scope> {
         let mut scopes = Vec::new();
         if let Some(limits) = self.group_limits.get(model).filter(|l| l.is_limited()) {
-            scopes.push(Scope {
-                name: format!("group:{model}"),
-                limits: *limits,
-            });
+            scopes.push(Scope::new(format!("group:{model}"), *limits));
         }
         if let Some(caller) = caller {
             // Its own limits, even empty ones, override the default.
@@ -86,10 +83,7 @@ impl Settings {
                 .copied()
                 .or(self.default_caller_limits);
             if let Some(limits) = limits.filter(RateLimits::is_limited) {
-                scopes.push(Scope {
-                    name: format!("caller:{caller}"),
-                    limits,
-                });
+                scopes.push(Scope::new(format!("caller:{caller}"), limits));
             }
         }
         scopes
