@@ -748,20 +748,27 @@ async fn store_on(urls: &[String], test: &str) -> RedisStore {
     }
 }
 
-/// Three routers, each configured with the same per-caller limit (12 requests a minute: 2 in
-/// any 10 s) and a group concurrency limit, each sent the caller's requests at once: with the
-/// limits in Redis the three admit 2 between them; each in its own process admits 2, 6 in all.
-async fn callers_admitted(shared: Option<&[String]>, test: &str) -> (u64, u64) {
-    use router_facade::{RateLimits, RequestOptions};
+/// `replicas` routers, each configured with the same per-caller `limits`, each sent `sends` of
+/// the caller's requests in turn (all within one 10 s window); returns how many were served and
+/// throttled. With the limits in Redis the routers admit one window's worth between them; each
+/// in its own process admits one window's worth of its own.
+async fn callers_admitted(
+    shared: Option<&[String]>,
+    test: &str,
+    replicas: usize,
+    limits: router_facade::RateLimits,
+    sends: usize,
+) -> (u64, u64) {
+    use router_facade::RequestOptions;
     let endpoint = EndpointConfig::new("up", SimDialect::OpenAi)
         .with_models(["m"])
         .with_latency(LatencyModel::instant());
     let sim = Sim::start(1, [endpoint]).await.unwrap();
     let mut routers = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..replicas {
         let mut builder = Router::builder()
             .endpoint(Endpoint::openai("up", sim.endpoints()[0].openai_base_url()).model("m"))
-            .caller_limits("team-a", RateLimits::new().with_rpm(12))
+            .caller_limits("team-a", limits)
             // Throttled at once rather than waiting 10 s for the window.
             .request_timeout(Duration::from_secs(2));
         if let Some(urls) = shared {
@@ -772,7 +779,7 @@ async fn callers_admitted(shared: Option<&[String]>, test: &str) -> (u64, u64) {
     let options = RequestOptions::default().with_caller("team-a");
     let (mut served, mut throttled) = (0, 0);
     for router in &routers {
-        for _ in 0..4 {
+        for _ in 0..sends {
             match router.chat_with(&request(), &options).await {
                 Ok(_) => served += 1,
                 Err(e) => {
@@ -787,15 +794,67 @@ async fn callers_admitted(shared: Option<&[String]>, test: &str) -> (u64, u64) {
     (served, throttled)
 }
 
+/// 12 requests a minute: 2 in any 10 s.
+fn twelve_a_minute() -> router_facade::RateLimits {
+    router_facade::RateLimits::new().with_rpm(12)
+}
+
 #[tokio::test]
 async fn a_callers_limit_holds_across_replicas_sharing_redis() {
     let redis = RedisServer::start().await.unwrap();
-    assert_eq!(callers_admitted(None, "callers-alone").await, (6, 6));
     assert_eq!(
-        callers_admitted(Some(&[redis.url()]), "callers-shared").await,
+        callers_admitted(None, "callers-alone", 3, twelve_a_minute(), 4).await,
+        (6, 6)
+    );
+    assert_eq!(
+        callers_admitted(
+            Some(&[redis.url()]),
+            "callers-shared",
+            3,
+            twelve_a_minute(),
+            4
+        )
+        .await,
         (2, 10),
         "three replicas on one Redis admit the caller's limit once"
     );
+}
+
+/// The same across limits of requests, of tokens and of both, and two to five replicas: the
+/// replicas on one Redis admit what one router alone admits, where each alone admits its own.
+#[tokio::test]
+async fn a_callers_limit_holds_whatever_the_limit_and_the_replica_count() {
+    use router_facade::RateLimits;
+    let redis = RedisServer::start().await.unwrap();
+    let cases = [
+        (2, RateLimits::new().with_rpm(60)),
+        (4, RateLimits::new().with_tpm(2_000)),
+        (3, RateLimits::new().with_rpm(30).with_tpm(3_000)),
+        (5, RateLimits::new().with_rpm(6)),
+    ];
+    let sends = 12;
+    for (i, (replicas, limits)) in cases.into_iter().enumerate() {
+        let (one, _) = callers_admitted(None, &format!("case-{i}-one"), 1, limits, sends).await;
+        assert!(
+            (1..sends as u64).contains(&one),
+            "case {i}: the limit should bind one router: {one} of {sends}"
+        );
+        let (alone, _) =
+            callers_admitted(None, &format!("case-{i}-alone"), replicas, limits, sends).await;
+        assert_eq!(alone, one * replicas as u64, "case {i}: each alone");
+        let (shared, _) = callers_admitted(
+            Some(&[redis.url()]),
+            &format!("case-{i}-shared"),
+            replicas,
+            limits,
+            sends,
+        )
+        .await;
+        assert_eq!(
+            shared, one,
+            "case {i} ({replicas} replicas, {limits:?}): on one Redis"
+        );
+    }
 }
 
 /// Concurrency slots are leases in Redis: one replica's slots count against every replica's
@@ -998,34 +1057,47 @@ async fn on_a_redis_cluster_windows_leases_and_limits_hold_across_replicas() {
     );
 
     assert_eq!(
-        callers_admitted(Some(&urls), "cluster-callers").await,
+        callers_admitted(Some(&urls), "cluster-callers", 3, twelve_a_minute(), 4).await,
         (2, 10),
         "three replicas on one cluster admit the caller's limit once"
     );
 }
 
-/// A deployment one replica ejected after consecutive 5xx is out for the other replicas too:
+/// A deployment one replica ejected after consecutive failures (500s, 503s, connection resets)
+/// is out for the other replicas too:
 /// the ejection is shared as a cooldown of its length, so they send it nothing until it ends
 /// (without sharing, each replica would spend its own failures finding out).
 #[tokio::test]
 async fn an_ejection_one_replica_made_keeps_every_replica_away() {
-    use router_facade::StrategyKind;
-    use upstream_sim::{Fault, Times};
+    use upstream_sim::Fault;
     let redis = RedisServer::start().await.unwrap();
+    let faults = [
+        Fault::Status {
+            status: 500,
+            code: None,
+            retry_after: None,
+        },
+        Fault::Status {
+            status: 503,
+            code: None,
+            retry_after: None,
+        },
+        Fault::Reset,
+    ];
+    for (i, fault) in faults.into_iter().enumerate() {
+        ejection_case(&redis, fault, &format!("ejection-{i}")).await;
+    }
+}
+
+async fn ejection_case(redis: &RedisServer, fault: upstream_sim::Fault, test: &str) {
+    use router_facade::StrategyKind;
     let endpoints = ["bad", "good"].map(|name| {
         EndpointConfig::new(name, SimDialect::OpenAi)
             .with_models(["m"])
             .with_latency(LatencyModel::instant())
     });
     let sim = Sim::start(1, endpoints).await.unwrap();
-    sim.endpoints()[0].inject(
-        Fault::Status {
-            status: 500,
-            code: None,
-            retry_after: None,
-        },
-        Times::Always,
-    );
+    sim.endpoints()[0].inject(fault, upstream_sim::Times::Always);
     let mut routers = Vec::new();
     for _ in 0..2 {
         let mut builder = Router::builder().strategy(StrategyKind::RoundRobin);
@@ -1033,7 +1105,7 @@ async fn an_ejection_one_replica_made_keeps_every_replica_away() {
             builder = builder
                 .endpoint(Endpoint::openai(name, sim.endpoints()[i].openai_base_url()).model("m"));
         }
-        let store = RedisStore::connect(&redis.url(), options("ejection"))
+        let store = RedisStore::connect(&redis.url(), options(test))
             .await
             .unwrap();
         routers.push(builder.state_store(Arc::new(store)).build().unwrap());
@@ -1061,7 +1133,7 @@ async fn an_ejection_one_replica_made_keeps_every_replica_away() {
     assert_eq!(
         sim.endpoints()[0].counters().requests,
         failures,
-        "the second replica sent requests to a deployment the first had ejected"
+        "{test}: the second replica sent requests to a deployment the first had ejected"
     );
 }
 
