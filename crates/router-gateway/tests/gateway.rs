@@ -7,8 +7,9 @@
     reason = "test helpers fail loudly by design"
 )]
 
+mod common;
+use common::{free_port, hash};
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -43,34 +44,6 @@ impl Gateway {
         }
         logs
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The digest `openai-router hash-key` prints, computed by the binary itself.
-fn hash(key: &str) -> String {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_openai-router"))
-        .arg("hash-key")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(key.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
 async fn start(sim: &Sim, extra: &str) -> Gateway {

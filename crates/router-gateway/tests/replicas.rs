@@ -8,8 +8,10 @@
     reason = "test helpers fail loudly by design"
 )]
 
+mod common;
+use common::{free_port, hash};
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -38,37 +40,9 @@ struct Replica {
     log: PathBuf,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The digest `openai-router hash-key` prints.
-fn hash(key: &str) -> String {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_openai-router"))
-        .arg("hash-key")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(key.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
-
 /// Starts replica `n`. A port picked free can be taken by another test's process before the
 /// gateway binds it: then it is started again on another.
-async fn start(sim: &Sim, redis: &str, dir: &std::path::Path, n: usize) -> Replica {
+async fn start(sim: &Sim, redis: &str, dir: &Path, n: usize) -> Replica {
     for _ in 0..5 {
         if let Some(replica) = try_start(sim, redis, dir, n).await {
             return replica;
@@ -77,7 +51,7 @@ async fn start(sim: &Sim, redis: &str, dir: &std::path::Path, n: usize) -> Repli
     panic!("replica {n} found no free port in 5 tries");
 }
 
-async fn try_start(sim: &Sim, redis: &str, dir: &std::path::Path, n: usize) -> Option<Replica> {
+async fn try_start(sim: &Sim, redis: &str, dir: &Path, n: usize) -> Option<Replica> {
     let port = free_port();
     let mut keys = String::new();
     for (name, key) in KEYS {
@@ -153,6 +127,44 @@ models = ["gpt-4o-mini"]
     panic!("replica {n} did not start");
 }
 
+/// The simulated upstream, a scratch folder and `REPLICAS` gateway processes on it, each
+/// configured with `redis` (its `[router]` lines naming the Redis).
+struct Fleet {
+    sim: Sim,
+    dir: PathBuf,
+    replicas: Vec<Replica>,
+}
+
+async fn fleet(redis: &str, label: &str) -> Fleet {
+    let sim = Sim::start(
+        1,
+        [EndpointConfig::new("oai", SimDialect::OpenAi)
+            .with_api_key(UPSTREAM_KEY)
+            .with_models(["gpt-4o-mini"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "openai-router-replicas-{label}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut replicas = Vec::new();
+    for n in 0..REPLICAS {
+        replicas.push(start(&sim, redis, &dir, n).await);
+    }
+    Fleet { sim, dir, replicas }
+}
+
+async fn stop(replicas: Vec<Replica>, dir: &Path) {
+    for mut replica in replicas {
+        replica.child.kill().await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Sends `BURST` requests with `key` to every replica at once; returns how many each served.
 /// Every other answer must be the router's 429 naming the key's limit, with `retry-after`.
 async fn burst(replicas: &[Replica], key: &str) -> Vec<u64> {
@@ -211,25 +223,8 @@ async fn burst_one(replicas: &[Replica], key: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_limit_holds_once_across_gateway_processes_on_one_redis() {
     let mut redis = RedisServer::start().await.unwrap();
-    let sim = Sim::start(
-        1,
-        [EndpointConfig::new("oai", SimDialect::OpenAi)
-            .with_api_key(UPSTREAM_KEY)
-            .with_models(["gpt-4o-mini"])
-            .with_latency(LatencyModel::instant())],
-    )
-    .await
-    .unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "openai-router-replicas-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut replicas = Vec::new();
-    for n in 0..REPLICAS {
-        replicas.push(start(&sim, &format!("redis_url = \"{}\"", redis.url()), &dir, n).await);
-    }
+    let Fleet { sim, dir, replicas } =
+        fleet(&format!("redis_url = \"{}\"", redis.url()), "one").await;
 
     // Shared: the four replicas admit the key's window once between them.
     let served = burst(&replicas, KEYS[0].1).await;
@@ -292,10 +287,7 @@ async fn a_keys_limit_holds_once_across_gateway_processes_on_one_redis() {
         resumed.as_secs_f64(),
         logs.join("\n")
     );
-    for mut replica in replicas {
-        replica.child.kill().await.unwrap();
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    stop(replicas, &dir).await;
 }
 
 /// The same on a three-master Redis Cluster (`redis_cluster = true`, the nodes listed in
@@ -305,29 +297,14 @@ async fn a_keys_limit_holds_once_across_gateway_processes_on_a_redis_cluster() {
     let cluster = upstream_sim::redis_server::RedisCluster::start(3)
         .await
         .unwrap();
-    let sim = Sim::start(
-        1,
-        [EndpointConfig::new("oai", SimDialect::OpenAi)
-            .with_api_key(UPSTREAM_KEY)
-            .with_models(["gpt-4o-mini"])
-            .with_latency(LatencyModel::instant())],
+    let Fleet { sim, dir, replicas } = fleet(
+        &format!(
+            "redis_cluster = true\nredis_url = \"{}\"",
+            cluster.urls().join(",")
+        ),
+        "cluster",
     )
-    .await
-    .unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "openai-router-replicas-cluster-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let redis = format!(
-        "redis_cluster = true\nredis_url = \"{}\"",
-        cluster.urls().join(",")
-    );
-    let mut replicas = Vec::new();
-    for n in 0..REPLICAS {
-        replicas.push(start(&sim, &redis, &dir, n).await);
-    }
+    .await;
     let served = burst(&replicas, KEYS[0].1).await;
     assert_eq!(
         served.iter().sum::<u64>(),
@@ -335,8 +312,5 @@ async fn a_keys_limit_holds_once_across_gateway_processes_on_a_redis_cluster() {
         "four replicas on one cluster: {served:?}"
     );
     assert_eq!(sim.endpoints()[0].counters().requests, PER_WINDOW);
-    for mut replica in replicas {
-        replica.child.kill().await.unwrap();
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    stop(replicas, &dir).await;
 }
