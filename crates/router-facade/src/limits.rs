@@ -109,20 +109,11 @@ pub(crate) struct Limiters {
 
 /// Slots held by an admitted request; released on drop (a store's leases by a task, or by
 /// their expiry when no runtime is left to run it).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Permit {
     held: Vec<Arc<AtomicU32>>,
     leases: Vec<Lease>,
     store: Option<Arc<dyn StateStore>>,
-}
-
-impl std::fmt::Debug for Permit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit")
-            .field("held", &self.held.len())
-            .field("leases", &self.leases)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Drop for Permit {

@@ -746,9 +746,15 @@ impl RedisStore {
     /// The log, marks, cooldown, learned-admissions, half-open and probe keys of a deployment,
     /// in one hash slot.
     fn keys(&self, key: &str) -> [String; 6] {
-        let tag: String = key.chars().filter(|c| *c != '{' && *c != '}').collect();
-        let prefix = &self.inner.options.prefix;
-        ["w", "a", "c", "l", "h", "p"].map(|suffix| format!("{{{prefix}:{tag}}}:{suffix}"))
+        let tag = self.hash_tag(key);
+        ["w", "a", "c", "l", "h", "p"].map(|suffix| format!("{tag}:{suffix}"))
+    }
+
+    /// `{prefix:key}`, the braces in `key` left out: every key of one deployment or limit
+    /// starts with it, so they share a Cluster slot.
+    fn hash_tag(&self, key: &str) -> String {
+        let key: String = key.chars().filter(|c| *c != '{' && *c != '}').collect();
+        format!("{{{}:{key}}}", self.inner.options.prefix)
     }
 
     /// Runs a script invocation, or says why not.
@@ -806,8 +812,7 @@ impl RedisStore {
 
     /// The sorted set of a concurrency limit's leases, in the limit's hash slot.
     fn lease_key(&self, key: &str) -> String {
-        let tag: String = key.chars().filter(|c| *c != '{' && *c != '}').collect();
-        format!("{{{}:{tag}}}:k", self.inner.options.prefix)
+        format!("{}:k", self.hash_tag(key))
     }
 
     /// Takes a slot of `max` under `key` in this process's count (Redis away): the local share
