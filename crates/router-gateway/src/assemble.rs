@@ -35,6 +35,10 @@ impl Config {
             if let Some(ms) = self.router.redis_lease_ms {
                 options = options.with_lease_ttl(std::time::Duration::from_millis(ms));
             }
+            if let Some(ms) = self.router.redis_slice_ms {
+                options =
+                    options.with_slices((ms > 0).then(|| std::time::Duration::from_millis(ms)));
+            }
             if let Some(learning) = learning {
                 options = options.with_learning(learning);
             }
@@ -73,6 +77,14 @@ impl Config {
         {
             return Err(Problem::new(format!(
                 "router.redis_lease_ms: {ms} is too short for a lease to be renewed (at least 300)"
+            )));
+        }
+        if let Some(ms) = self.router.redis_slice_ms
+            && (1..10).contains(&ms)
+        {
+            return Err(Problem::new(format!(
+                "router.redis_slice_ms: {ms} is shorter than a Redis call takes to be worth it \
+                 (0 for one call per request, else at least 10)"
             )));
         }
         let mut builder = Router::builder();

@@ -161,6 +161,10 @@ pub(crate) struct RouterConfig {
     /// How long a concurrency slot held in Redis lives unrenewed (default 30,000 ms): a
     /// replica that dies frees its slots within this.
     pub(crate) redis_lease_ms: Option<u64>,
+    /// Leased shares: how long a slice of a window a replica leases from Redis and admits
+    /// from locally lives (default 1,000 ms, at most a quarter of the window); 0: one Redis
+    /// call per request instead.
+    pub(crate) redis_slice_ms: Option<u64>,
     /// How an upstream's refusals teach the share of its quota it really admits.
     pub(crate) learning: Option<LearningConfig>,
     /// Fallback model groups, in order, per model group.
@@ -394,6 +398,15 @@ mod tests {
         assert!(config(5_000).builder().is_ok());
         let error = config(100).builder().err().unwrap().to_string();
         assert!(error.contains("router.redis_lease_ms: 100"), "{error}");
+        let slices = |ms: u64| {
+            Config::parse(&format!(
+                "[router]\nredis_slice_ms = {ms}\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"
+            ))
+            .unwrap()
+        };
+        assert!(slices(0).builder().is_ok() && slices(250).builder().is_ok());
+        let error = slices(5).builder().err().unwrap().to_string();
+        assert!(error.contains("router.redis_slice_ms: 5"), "{error}");
     }
 
     #[test]

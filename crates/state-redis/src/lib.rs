@@ -46,6 +46,8 @@
 //! # Ok(()) }
 //! ```
 
+mod slices;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,6 +62,8 @@ use router_core::{
     StateStore,
 };
 use tokio::sync::RwLock;
+
+use crate::slices::{Answer, KeySlices, Local, Outgoing, SLICE_TICKET};
 
 // Keys: 1 the window's log (a sorted set: each admission's ticket, scored by when it leaves
 // the window), 2 what each admission holds (`<ticket>` = "tokens:requests:freed tokens:freed
@@ -151,6 +155,27 @@ local function hold(ticket, tokens, requests, untl, ttl, drain)
   redis.call('PEXPIRE', KEYS[1], ms)
   redis.call('PEXPIRE', KEYS[2], ms)
 end
+-- How long until `cost` fits under `cap` with `h` held (0: it fits now), walking the marks in
+-- the order they leave; `dim` 1 for tokens, 2 for requests. A cost over the cap needs an empty
+-- window; under provisioned throughput (`prov`) a request fits while utilisation is under 100 %.
+local marks_read = nil
+local function wait_to_fit(cap, cost, h, dim, prov)
+  if cap < 0 then return 0 end
+  local need, slack = math.min(cost, cap), 1e-9
+  if prov then need, slack = 0, -1e-9 end
+  local over = h + need - cap
+  if over <= slack then return 0 end
+  marks_read = marks_read or redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #marks_read, 2 do
+    local v = redis.call('HGET', KEYS[2], marks_read[i])
+    if v then
+      local a, b = parse(v)
+      if dim == 1 then over = over - a else over = over - b end
+    end
+    if over <= slack then return tonumber(marks_read[i + 1]) - now end
+  end
+  return 0
+end
 ";
 
 // ARGV: 1 TPM, 2 RPM, 3 the window (s), 4 the margin (s), 5 tokens, 6 requests, 7 TTL (ms),
@@ -173,29 +198,7 @@ local rcap = capacity(tonumber(ARGV[2]), share, window)
 local tcost, rcost = tonumber(ARGV[5]), tonumber(ARGV[6])
 local prov = ARGV[8] == 'p' and tcap >= 0
 local ht, hr = held()
-local wait = 0
-local marks = nil
-local function wait_for(cap, cost, h, dim)
-  if cap < 0 then return end
-  local need, slack = math.min(cost, cap), 1e-9
-  if prov then need, slack = 0, -1e-9 end
-  local over = h + need - cap
-  if over <= slack then return end
-  marks = marks or redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  for i = 1, #marks, 2 do
-    local v = redis.call('HGET', KEYS[2], marks[i])
-    if v then
-      local a, b = parse(v)
-      if dim == 1 then over = over - a else over = over - b end
-    end
-    if over <= slack then
-      wait = math.max(wait, tonumber(marks[i + 1]) - now)
-      return
-    end
-  end
-end
-wait_for(tcap, tcost, ht, 1)
-wait_for(rcap, rcost, hr, 2)
+local wait = math.max(wait_to_fit(tcap, tcost, ht, 1, prov), wait_to_fit(rcap, rcost, hr, 2, prov))
 if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0, '', 0} end
 local windows = 1
 if tcap >= 0 then windows = math.max(windows, tcost / tcap) end
@@ -300,6 +303,110 @@ end
 if redis.call('GET', KEYS[6]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
 if ARGV[10] == '1' then redis.call('DEL', KEYS[5]) end
 return 1
+";
+
+// Leased shares ([`RedisOptions::slices`]): one call gives back the slices a replica closed,
+// applies the settlements that came after, and leases a new slice of the window.
+// ARGV: 1 TPM, 2 RPM, 3 the window (s), 4 the margin (s), 5 TTL (ms), 6-7 the tokens and
+// requests wanted, 8-9 those needed at least (both 0: no slice asked), 10 a slice's life (s),
+// 11-12 the remaining tokens and requests the upstream said last (-1: not said), 13 how long
+// what it holds beyond the log is held (s), 14 served since the last call (1/0), 15 share
+// regrowth per minute, 16 how many slices come back; then four for each (its ticket, the
+// tokens and requests spent from it, seconds since the last spend, -1 when none), then three
+// for each settlement (a ticket, tokens back, requests back).
+//
+// A slice is a mark held for its life plus a window: whatever a replica admits from it in its
+// life stays counted a window from then. Given back, the mark keeps only what was spent, until
+// a window after the last spend; a slice never spent is dropped. The sum of the marks never
+// exceeds the window's capacity, as with one mark a request: `RESERVE`'s bound, in one call a
+// slice. Answers {status, wait (ms), tokens, requests (-1: not limited), ticket, share, room
+// left after the slice as "tokens:requests"}; status 1 granted, 0 no room (wait), 2 cooling
+// (wait), 3 half-open (ask per request), 4 nothing asked.
+const SLICE: &str = r"
+expire()
+local window, margin = tonumber(ARGV[3]), tonumber(ARGV[4])
+local function change(id, nt, nr, untl)
+  local v = redis.call('HGET', KEYS[2], id)
+  if not v then return end
+  local a, b, fa, fb = parse(v)
+  if nt <= 0 and nr <= 0 and untl then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  else
+    redis.call('HSET', KEYS[2], id, nt .. ':' .. nr .. ':' .. fa .. ':' .. fb)
+    if untl then
+      local cur = tonumber(redis.call('ZSCORE', KEYS[1], id))
+      if cur and untl < cur then redis.call('ZADD', KEYS[1], untl, id) end
+    end
+  end
+  redis.call('HINCRBYFLOAT', KEYS[2], 'T', math.max(nt, 0) - a)
+  redis.call('HINCRBYFLOAT', KEYS[2], 'R', math.max(nr, 0) - b)
+end
+local i = 17
+for k = 1, tonumber(ARGV[16]) do
+  local ago = tonumber(ARGV[i + 3])
+  local ut, ur = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if ago < 0 then ut, ur = 0, 0 end
+  change(ARGV[i], ut, ur, now - math.max(ago, 0) + window + margin)
+  i = i + 4
+end
+while i + 2 <= #ARGV do
+  local v = redis.call('HGET', KEYS[2], ARGV[i])
+  if v then
+    local a, b = parse(v)
+    change(ARGV[i], math.max(a - tonumber(ARGV[i + 1]), 0), math.max(b - tonumber(ARGV[i + 2]), 0), nil)
+  end
+  i = i + 3
+end
+local s = redis.call('HMGET', KEYS[4], 's', 'g')
+local share = tonumber(s[1]) or 1
+local tcap = capacity(tonumber(ARGV[1]), share, window)
+local rcap = capacity(tonumber(ARGV[2]), share, window)
+local rt, rr = tonumber(ARGV[11]), tonumber(ARGV[12])
+if rt >= 0 or rr >= 0 then
+  -- What the upstream holds beyond every mark (slices count whole: what is unseen is
+  -- under-, never over-, counted).
+  local ht, hr = held()
+  local et, er = 0, 0
+  if tcap >= 0 and rt >= 0 then et = math.max(tcap - ht - rt, 0) end
+  if rcap >= 0 and rr >= 0 then er = math.max(rcap - hr - rr, 0) end
+  if et > 0 or er > 0 then
+    hold('u' .. redis.call('HINCRBY', KEYS[2], 'N', 1), et, er, now + tonumber(ARGV[13]), ARGV[5])
+  end
+end
+if ARGV[14] == '1' and s[2] then
+  local minutes = math.min(math.max(now - tonumber(s[2]), 0), window) / 60
+  share = math.min(1, share + tonumber(ARGV[15]) * minutes)
+  redis.call('HSET', KEYS[4], 's', tostring(share), 'g', tostring(now))
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+  tcap = capacity(tonumber(ARGV[1]), share, window)
+  rcap = capacity(tonumber(ARGV[2]), share, window)
+end
+local cool = redis.call('PTTL', KEYS[3])
+if cool > 0 then return {2, cool, '', '', 0, tostring(share), ''} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {3, 0, '', '', 0, tostring(share), ''} end
+local nt, nr = tonumber(ARGV[8]), tonumber(ARGV[9])
+if nt <= 0 and nr <= 0 then return {4, 0, '', '', 0, tostring(share), ''} end
+local ht, hr = held()
+local wait = math.max(wait_to_fit(tcap, nt, ht, 1, false), wait_to_fit(rcap, nr, hr, 2, false))
+if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0, tostring(share), ''} end
+local gt, gr = tonumber(ARGV[6]), tonumber(ARGV[7])
+local out_t, out_r, left_t, left_r = '-1', '-1', '', ''
+if tcap >= 0 then
+  gt = math.max(math.min(gt, tcap - ht), math.min(nt, tcap))
+  out_t, left_t = tostring(gt), tostring(tcap - ht - gt)
+else
+  gt = 0
+end
+if rcap >= 0 then
+  gr = math.max(math.min(gr, rcap - hr), math.min(nr, rcap))
+  out_r, left_r = tostring(gr), tostring(rcap - hr - gr)
+else
+  gr = 0
+end
+local ticket = redis.call('HINCRBY', KEYS[2], 'N', 1)
+hold(ticket, gt, gr, now + tonumber(ARGV[10]) + window + margin, ARGV[5])
+return {1, 0, out_t, out_r, ticket, tostring(share), left_t .. ':' .. left_r}
 ";
 
 // A name kept for a while (where a stored response lives): KEYS[1] the name's key, ARGV 1 the
@@ -466,6 +573,9 @@ fn half_open(script: &str) -> String {
 /// The names of this process's local leases (taken while Redis was away) start with this.
 const LOCAL_LEASE: &str = "local:";
 
+/// A leased slice's life unless set ([`RedisOptions::with_slices`]).
+pub const DEFAULT_SLICE_LIFE: Duration = Duration::from_secs(1);
+
 /// How long after a failed call Redis is left alone.
 const RETRY_AFTER_FAILURE_MS: u64 = 500;
 
@@ -486,6 +596,10 @@ pub struct RedisOptions {
     /// renews its leases every third of this while their requests run; a replica that dies
     /// frees its slots when this has passed.
     pub lease_ttl: Duration,
+    /// Leased shares: the life of a slice of a window a replica leases and admits from
+    /// locally (default 1 s, at most a quarter of the window), so that a request costs no
+    /// round trip to Redis; `None`: one script call per request (and one per settlement).
+    pub slices: Option<Duration>,
 }
 
 impl Default for RedisOptions {
@@ -496,6 +610,7 @@ impl Default for RedisOptions {
             local_share: 1.0 / 3.0,
             learning: Learning::default(),
             lease_ttl: Duration::from_secs(30),
+            slices: Some(DEFAULT_SLICE_LIFE),
         }
     }
 }
@@ -526,6 +641,13 @@ impl RedisOptions {
     #[must_use]
     pub fn with_learning(mut self, learning: Learning) -> Self {
         self.learning = learning;
+        self
+    }
+
+    /// Sets the life of a leased slice (at least 10 ms), or `None` for one call per request.
+    #[must_use]
+    pub fn with_slices(mut self, life: Option<Duration>) -> Self {
+        self.slices = life.map(|life| life.max(Duration::from_millis(10)));
         self
     }
 
@@ -601,7 +723,12 @@ struct Inner {
     recall: Script,
     lease: Script,
     renew: Script,
+    slice: Script,
     learning: Learning,
+    /// Each key's leased slices on this replica.
+    slices: DashMap<String, Arc<KeySlices>>,
+    /// The task that gives back closed slices of quiet keys runs.
+    flushing: AtomicBool,
     /// This process's leases held in Redis (name to the limit's key), renewed by a task.
     leases: DashMap<String, String>,
     /// Slots taken locally while Redis was away, per limit.
@@ -670,7 +797,10 @@ impl RedisStore {
                 marks: Script::new(&format!("{PRELUDE}{MARKS}")),
                 lease: Script::new(LEASE),
                 renew: Script::new(RENEW),
+                slice: Script::new(&format!("{PRELUDE}{SLICE}")),
                 learning,
+                slices: DashMap::new(),
+                flushing: AtomicBool::new(false),
                 leases: DashMap::new(),
                 local_leases: DashMap::new(),
                 lease_names: AtomicU64::new(0),
@@ -885,6 +1015,287 @@ impl RedisStore {
     }
 }
 
+/// Now on tokio's clock (paused in tests), as the router's timestamps are.
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn lock(state: &std::sync::Mutex<slices::State>) -> std::sync::MutexGuard<'_, slices::State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Leased shares ([`RedisOptions::slices`]).
+impl RedisStore {
+    fn key_slices(&self, key: &str) -> Arc<KeySlices> {
+        if let Some(entry) = self.inner.slices.get(key) {
+            return Arc::clone(entry.value());
+        }
+        Arc::clone(self.inner.slices.entry(key.to_owned()).or_default().value())
+    }
+
+    /// Admits `charge` from a slice, calling the store when no open slice has room; `None`
+    /// when the key is half-open (one request at a time: per request).
+    async fn reserve_sliced(
+        &self,
+        key: &str,
+        limits: &Limits,
+        charge: Charge,
+        now: Instant,
+        life: Duration,
+    ) -> Option<Admission> {
+        let entry = self.key_slices(key);
+        lock(&entry.state).asked(charge, limits, life, now);
+        self.flush_in_background();
+        let mut now = now;
+        for _ in 0..4 {
+            let (local, ahead) = {
+                let mut state = lock(&entry.state);
+                let local = state.spend(charge, now, life);
+                let ahead = matches!(local, Local::Admitted(_)) && state.renew_ahead(now, life);
+                (local, ahead)
+            };
+            match local {
+                Local::Admitted(spent) => {
+                    if ahead && !entry.ahead.swap(true, Ordering::Relaxed) {
+                        self.renew_ahead(key, limits, &entry, life);
+                    }
+                    return Some(Admission::Admitted {
+                        tokens_left: spent.tokens_left,
+                        requests_left: spent.requests_left,
+                        learned: spent.learned,
+                        ticket: spent.ticket,
+                    });
+                }
+                Local::Wait { wait, cooling } => {
+                    return Some(Admission::Denied {
+                        retry_after: wait.max(Duration::from_millis(1)),
+                        cooling,
+                    });
+                }
+                Local::Direct => return None,
+                Local::Call => {}
+            }
+            // One call at a time per key: a request that finds one running waits for it and
+            // looks again.
+            let Some(calling) = entry.try_call() else {
+                entry.call_ended(self.inner.options.timeout * 2).await;
+                now = now.max(clock());
+                continue;
+            };
+            let called = self
+                .call_slices(key, limits, &entry, charge, now, life)
+                .await;
+            drop(calling);
+            if let Err(why) = called {
+                self.fell_back(&why);
+                let local = self.local_limits(limits);
+                return Some(self.inner.local.reserve_now(key, &local, charge, now));
+            }
+            now = now.max(clock());
+        }
+        Some(Admission::Denied {
+            retry_after: life / 4,
+            cooling: false,
+        })
+    }
+
+    /// One call: gives back the closed slices and the settlements since, and asks for a
+    /// slice with room for `need` (none when `need` is nothing).
+    async fn call_slices(
+        &self,
+        key: &str,
+        limits: &Limits,
+        entry: &KeySlices,
+        need: Charge,
+        now: Instant,
+        life: Duration,
+    ) -> Result<(), String> {
+        let outgoing = lock(&entry.state).outgoing(need, limits, now, life);
+        let invocation = self.slice_invocation(key, limits, &outgoing, now, life);
+        match self
+            .run::<(i64, i64, String, String, u64, String, String)>(&invocation)
+            .await
+        {
+            Ok((status, wait_ms, tokens, requests, id, share, room)) => {
+                let wait = Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1));
+                let amount = |text: &str| match parse_level(text) {
+                    Some(v) if v >= 0.0 => v,
+                    _ => f64::INFINITY,
+                };
+                let answer = match status {
+                    1 => {
+                        let mut parts = room.split(':').map(parse_level);
+                        Answer::Granted {
+                            id,
+                            tokens: amount(&tokens),
+                            requests: amount(&requests),
+                            room: (parts.next().flatten(), parts.next().flatten()),
+                            learned: parse_learned(&share),
+                        }
+                    }
+                    0 => Answer::NoRoom { wait },
+                    2 => Answer::Cooling { wait },
+                    3 => Answer::HalfOpen,
+                    _ => Answer::Nothing,
+                };
+                lock(&entry.state).answered(answer, outgoing.wanted, now, life);
+                Ok(())
+            }
+            Err(why) => {
+                lock(&entry.state).restore(outgoing);
+                Err(why)
+            }
+        }
+    }
+
+    fn slice_invocation<'a>(
+        &'a self,
+        key: &str,
+        limits: &Limits,
+        outgoing: &Outgoing,
+        now: Instant,
+        life: Duration,
+    ) -> ScriptInvocation<'a> {
+        let mut invocation = self.inner.slice.prepare_invoke();
+        for key in &self.keys(key) {
+            invocation.key(key);
+        }
+        let (remaining_tokens, remaining_requests, hold) = outgoing.remaining.map_or(
+            (-1.0, -1.0, limits.window / 2),
+            |(tokens, requests, reset)| {
+                let level = |r: Option<u64>| r.map_or(-1.0, |r| r as f64);
+                (
+                    level(tokens),
+                    level(requests),
+                    router_core::quota::phantom_hold(limits, Some(reset)),
+                )
+            },
+        );
+        invocation
+            .arg(limit_arg(limits.tpm))
+            .arg(rpm_arg(limits))
+            .arg(limits.window.as_secs_f64())
+            .arg(router_core::quota::margin(limits.window).as_secs_f64())
+            .arg(ttl_ms(limits))
+            .arg(outgoing.wanted.0)
+            .arg(outgoing.wanted.1)
+            .arg(outgoing.needed.0)
+            .arg(outgoing.needed.1)
+            .arg(life.as_secs_f64())
+            .arg(remaining_tokens)
+            .arg(remaining_requests)
+            .arg(hold.as_secs_f64())
+            .arg(u8::from(outgoing.served))
+            .arg(self.inner.learning.regrow)
+            .arg(outgoing.returns.len());
+        for back in &outgoing.returns {
+            let ago = back
+                .last_spend
+                .map_or(-1.0, |at| now.saturating_duration_since(at).as_secs_f64());
+            invocation
+                .arg(back.id)
+                .arg(back.tokens)
+                .arg(back.requests)
+                .arg(ago);
+        }
+        for adjustment in &outgoing.adjustments {
+            invocation
+                .arg(adjustment.id)
+                .arg(adjustment.tokens_back)
+                .arg(adjustment.requests_back);
+        }
+        invocation
+    }
+
+    /// Renews a key's slice before the open ones run out, off the request's path.
+    fn renew_ahead(&self, key: &str, limits: &Limits, entry: &Arc<KeySlices>, life: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            entry.ahead.store(false, Ordering::Relaxed);
+            return;
+        };
+        let (store, key, limits, entry) =
+            (self.clone(), key.to_owned(), *limits, Arc::clone(entry));
+        runtime.spawn(async move {
+            loop {
+                let Some(_calling) = entry.try_call() else {
+                    entry.call_ended(store.inner.options.timeout * 2).await;
+                    continue;
+                };
+                let now = clock();
+                let need = lock(&entry.state).last_charge();
+                if let Err(why) = store
+                    .call_slices(&key, &limits, &entry, need, now, life)
+                    .await
+                {
+                    store.fell_back(&why);
+                }
+                break;
+            }
+            entry.ahead.store(false, Ordering::Relaxed);
+        });
+    }
+
+    /// Starts, once, the task that gives back the slices of keys gone quiet (closed, or at
+    /// the end of their life, with no call since) and the settlements that came after.
+    fn flush_in_background(&self) {
+        let Some(life) = self.inner.options.slices else {
+            return;
+        };
+        if self.inner.flushing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner.flushing.store(false, Ordering::Relaxed);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(life / 2).await;
+                let Some(inner) = weak.upgrade() else { return };
+                RedisStore { inner }.flush().await;
+            }
+        });
+    }
+
+    async fn flush(&self) {
+        let entries: Vec<(String, Arc<KeySlices>)> = self
+            .inner
+            .slices
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        for (key, entry) in entries {
+            let now = clock();
+            let Some((limits, life)) = lock(&entry.state).limits() else {
+                continue;
+            };
+            let due = {
+                let state = lock(&entry.state);
+                state.pending(now, life)
+                    && state
+                        .last_call()
+                        .is_none_or(|at| now.saturating_duration_since(at) >= life / 2)
+            };
+            if !due {
+                continue;
+            }
+            let Some(_calling) = entry.try_call() else {
+                continue;
+            };
+            // Nothing is asked: the slices and settlements go back.
+            if let Err(why) = self
+                .call_slices(&key, &limits, &entry, Charge::default(), now, life)
+                .await
+            {
+                tracing::debug!(%key, reason = %why, "could not give slices back");
+            }
+        }
+    }
+}
+
 /// A name for this process among the replicas: its pid and a random number.
 fn replica_id() -> u64 {
     use std::hash::BuildHasher as _;
@@ -932,6 +1343,17 @@ impl StateStore for RedisStore {
         charge: Charge,
         now: Instant,
     ) -> Result<Admission, Error> {
+        if let Some(life) = self
+            .inner
+            .options
+            .slices
+            .filter(|_| slices::sliced(limits, charge))
+        {
+            let life = slices::life(life, limits);
+            if let Some(admission) = self.reserve_sliced(key, limits, charge, now, life).await {
+                return Ok(admission);
+            }
+        }
         let keys = self.keys(key);
         let mut invocation = self.inner.reserve.prepare_invoke();
         for key in &keys {
@@ -977,6 +1399,28 @@ impl StateStore for RedisStore {
         settlement: Settlement,
         now: Instant,
     ) -> Result<(), Error> {
+        if settlement.ticket & SLICE_TICKET != 0 {
+            // Admitted from a slice: settled locally, said to the store with the next call.
+            let id = settlement.ticket & !SLICE_TICKET;
+            let entry = self.key_slices(key);
+            let mut state = lock(&entry.state);
+            state.settle(
+                id,
+                settlement.tokens_back as f64,
+                settlement.requests_back as f64,
+            );
+            let heard = (settlement.remaining_tokens.is_some()
+                || settlement.remaining_requests.is_some())
+            .then(|| {
+                (
+                    settlement.remaining_tokens,
+                    settlement.remaining_requests,
+                    router_core::quota::phantom_hold(limits, settlement.reset),
+                )
+            });
+            state.heard(heard, settlement.served);
+            return Ok(());
+        }
         let keys = self.keys(key);
         let remaining = |r: Option<u64>| r.map_or(-1.0, |r| r as f64);
         let mut invocation = self.inner.settle.prepare_invoke();
@@ -1008,6 +1452,9 @@ impl StateStore for RedisStore {
     }
 
     async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error> {
+        if let Some(entry) = self.inner.slices.get(key) {
+            lock(&entry.state).cool(wait, now);
+        }
         let keys = self.keys(key);
         let mut invocation = self.inner.cool_down.prepare_invoke();
         invocation
@@ -1028,6 +1475,9 @@ impl StateStore for RedisStore {
         wait: Duration,
         now: Instant,
     ) -> Result<Learned, Error> {
+        if let Some(entry) = self.inner.slices.get(key) {
+            lock(&entry.state).cool(wait, now);
+        }
         let keys = self.keys(key);
         let learning = &self.inner.learning;
         let mut invocation = self.inner.refused.prepare_invoke();
@@ -1065,6 +1515,11 @@ impl StateStore for RedisStore {
         now: Instant,
         by: Instant,
     ) -> Result<Option<Vec<Instant>>, Error> {
+        if self.inner.options.slices.is_some() && slices::sliced(limits, charge) {
+            // Under leased shares the log holds slices, not requests: walking it would cost a
+            // round trip per waiting request and say little. The router paces by the rates.
+            return Ok(None);
+        }
         let keys = self.keys(key);
         let mut invocation = self.inner.marks.prepare_invoke();
         for key in &keys {

@@ -105,10 +105,13 @@ async fn scripts_reserve_deny_settle_and_share_cooldowns() {
 #[tokio::test]
 async fn a_refusal_one_replica_saw_teaches_every_replica() {
     let redis = RedisServer::start().await.unwrap();
-    let a = RedisStore::connect(&redis.url(), options("learned"))
+    // Per request: a replica that leases slices hears of another's refusal only with its
+    // next call (`a_cooldown_reaches_a_replica_spending_a_slice_within_its_life`).
+    let per_request = || options("learned").with_slices(None);
+    let a = RedisStore::connect(&redis.url(), per_request())
         .await
         .unwrap();
-    let b = RedisStore::connect(&redis.url(), options("learned"))
+    let b = RedisStore::connect(&redis.url(), per_request())
         .await
         .unwrap();
     let local = MemoryStore::new();
@@ -442,7 +445,8 @@ async fn openings_walked_in_redis_agree_with_the_local_log() {
 #[tokio::test]
 async fn openings_walked_from_the_marks_redis_hands_over_agree_with_the_whole_log() {
     let redis = RedisServer::start().await.unwrap();
-    let a = RedisStore::connect(&redis.url(), options("prefix"))
+    // Per request: under leased shares the log holds slices and is not walked.
+    let a = RedisStore::connect(&redis.url(), options("prefix").with_slices(None))
         .await
         .unwrap();
     let local = MemoryStore::new();
@@ -1196,4 +1200,191 @@ async fn after_a_shared_cooldown_one_probe_goes_out_across_replicas() {
     let (a, b) = tokio::join!(routers[0].chat(&first), routers[1].chat(&second));
     a.unwrap();
     b.unwrap();
+}
+
+/// Script calls Redis has run so far (`EVALSHA`, `EVAL`), from `INFO commandstats`.
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            let calls = l.split("calls=").nth(1)?.split(',').next()?;
+            calls.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// One run of replicas admitting from one window: what each admission really used, when.
+struct Spent {
+    /// (when admitted, tokens used), every replica's.
+    used: Vec<(Instant, f64)>,
+    asked: u64,
+    calls: u64,
+}
+
+/// `replicas` stores on one Redis, each offered 2.5 times its part of a window of `cap`
+/// tokens every `window`, in requests of `tokens`, for `windows` windows; each settles at
+/// once, giving back a part of its estimate (what the upstream did not use: two thirds used
+/// on average, so 1.67 times the window is asked for in tokens used).
+async fn spend_together(
+    redis: &RedisServer,
+    options: RedisOptions,
+    replicas: usize,
+    window: Duration,
+    cap: u64,
+    tokens: u64,
+    windows: u32,
+) -> Spent {
+    let limits = Limits {
+        tpm: Some(cap * 60_000 / u64::try_from(window.as_millis()).unwrap()),
+        rpm: None,
+        window,
+        ..Limits::default()
+    };
+    let overload = 2.5;
+    let per_tick = Duration::from_millis(5);
+    // Requests per tick per replica, fractional: carried over.
+    let rate = overload * cap as f64 / tokens as f64 / window.as_secs_f64() / replicas as f64
+        * per_tick.as_secs_f64();
+    let before = script_calls(redis).await;
+    let mut tasks = Vec::new();
+    for r in 0..replicas {
+        let store = RedisStore::connect(&redis.url(), options.clone())
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut ticks = tokio::time::interval(per_tick);
+            let (mut owed, mut asked, mut used) = (0.0_f64, 0_u64, Vec::new());
+            let charge = Charge {
+                tokens,
+                requests: 1,
+            };
+            while started.elapsed() < window * windows {
+                ticks.tick().await;
+                owed += rate;
+                while owed >= 1.0 {
+                    owed -= 1.0;
+                    asked += 1;
+                    let now = Instant::now();
+                    let Admission::Admitted { ticket, .. } =
+                        store.reserve("ep/m", &limits, charge, now).await.unwrap()
+                    else {
+                        continue;
+                    };
+                    // Between a third and all of the estimate used, by request.
+                    let back = (tokens as f64 * ((asked + r as u64) % 3) as f64 / 3.0) as i64;
+                    used.push((now, tokens as f64 - back as f64));
+                    let settlement = Settlement {
+                        ticket,
+                        tokens_back: back,
+                        served: true,
+                        ..Settlement::default()
+                    };
+                    store
+                        .settle("ep/m", &limits, settlement, Instant::now())
+                        .await
+                        .unwrap();
+                }
+            }
+            assert_eq!(store.fallbacks(), 0, "every call was answered by Redis");
+            (asked, used)
+        }));
+    }
+    let mut spent = Spent {
+        used: Vec::new(),
+        asked: 0,
+        calls: 0,
+    };
+    for task in tasks {
+        let (asked, used) = task.await.unwrap();
+        spent.asked += asked;
+        spent.used.extend(used);
+    }
+    spent.calls = script_calls(redis).await - before;
+    spent.used.sort_by_key(|(at, _)| *at);
+    spent
+}
+
+/// The most used in any `window` (sliding over the admissions), and in all.
+fn fullest(used: &[(Instant, f64)], window: Duration) -> (f64, f64) {
+    let (mut best, mut sum, mut j) = (0.0_f64, 0.0, 0);
+    for i in 0..used.len() {
+        sum += used[i].1;
+        while used[i].0.duration_since(used[j].0) >= window {
+            sum -= used[j].1;
+            j += 1;
+        }
+        best = best.max(sum);
+    }
+    (best, used.iter().map(|(_, t)| t).sum())
+}
+
+/// Leased shares across window lengths, request sizes and replica counts: replicas admitting
+/// from slices never use more than the window in any window's time, use nearly as much as
+/// replicas asking per request do, and call Redis a small fraction as often as they admit
+/// (per request: once to reserve, once to settle).
+#[tokio::test]
+async fn replicas_admitting_from_leased_slices_stay_within_the_window_with_few_calls() {
+    let redis = RedisServer::start().await.unwrap();
+    // (replicas, window, tokens a window, tokens a request)
+    for (case, (replicas, window_ms, cap, tokens)) in [
+        (2, 1_000, 20_000, 100),
+        (4, 2_000, 100_000, 300),
+        (3, 500, 8_000, 25),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let window = Duration::from_millis(window_ms);
+        let mut runs = Vec::new();
+        for life in [Some(state_redis::DEFAULT_SLICE_LIFE), None] {
+            let options = options(&format!("slices-{case}-{}", life.is_some())).with_slices(life);
+            let run = spend_together(&redis, options, replicas, window, cap, tokens, 4).await;
+            let (most, all) = fullest(&run.used, window);
+            let requests = run.used.len() as f64;
+            let what = format!(
+                "{} {replicas} replicas, {window_ms} ms windows of {cap} tokens, {tokens} a \
+                 request: {requests} admitted of {} asked, {} calls, fullest window {most:.0}, \
+                 in all {all:.0}",
+                if life.is_some() {
+                    "slices:"
+                } else {
+                    "per request:"
+                },
+                run.asked,
+                run.calls
+            );
+            eprintln!("{what}");
+            assert!(most <= cap as f64 * 1.005, "over the window: {what}");
+            if life.is_none() {
+                assert!(run.calls as f64 >= requests, "{what}");
+            }
+            runs.push((all, run.calls, requests));
+        }
+        let ((sliced, sliced_calls, sliced_requests), (per_request, per_request_calls, _)) =
+            (runs[0], runs[1]);
+        // A slice lives a twentieth of the window: a few calls a life per replica.
+        let lives = 4.0 * 20.0 * replicas as f64;
+        assert!(
+            (sliced_calls as f64) <= lives * 3.0,
+            "{sliced_calls} calls over {lives} slice lives"
+        );
+        assert!(
+            sliced_calls * 4 <= per_request_calls && (sliced_calls as f64) < sliced_requests / 2.0,
+            "slices: {sliced_calls} calls for {sliced_requests} requests; per request {per_request_calls}"
+        );
+        // What a replica holds unspent no other can use (about a fortieth of the window):
+        // a small cost in what is used.
+        assert!(
+            sliced >= per_request * 0.95,
+            "slices used {sliced:.0}, per request {per_request:.0}"
+        );
+    }
 }
