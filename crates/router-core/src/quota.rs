@@ -1074,6 +1074,12 @@ pub trait StateStore: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Calls a shared store answered from its local share because the shared one failed or
+    /// was slow, since it started (0 for a store that is not shared).
+    fn fallbacks(&self) -> u64 {
+        0
+    }
+
     /// Whether the store is shared right now (a shared store that fell back to local
     /// accounting answers `false`).
     fn is_shared(&self) -> bool {

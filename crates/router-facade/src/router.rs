@@ -118,6 +118,13 @@ impl Router {
         self.shared.snapshot.load().store.is_shared()
     }
 
+    /// Calls the shared state store answered from its local share (it failed or was slower
+    /// than its timeout), since it started: each may admit beyond the shared limit, up to the
+    /// local share. Zero for an in-process store.
+    pub fn state_fallbacks(&self) -> u64 {
+        self.shared.snapshot.load().store.fallbacks()
+    }
+
     /// Quota reservations not yet settled or released, in this process (all routers
     /// together): a request holds one from admission until its answer (a stream's end) is
     /// settled. Zero when nothing is in flight; a number that stays up after the load is a

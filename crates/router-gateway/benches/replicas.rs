@@ -1,16 +1,24 @@
-//! Gateway processes sharing one Redis, under overload of one gateway key's token limit.
+//! Gateway processes sharing one Redis, under overload of one limit: a gateway key's, a model
+//! group's or a deployment's.
 //!
-//! `--replicas N` (default 4) release `openai-router serve` processes on one `redis-server`,
-//! one simulated upstream with no quota of its own (so that only the router's limit binds),
-//! and one gateway key with a tokens-per-minute limit. The load generator sends requests
-//! open-loop at `--overload X` (default 1.5) times the key's limit, spread evenly over the
-//! replicas, for `--seconds S` (default 60). Reported: the tokens admitted against the limit
-//! (over the run, and in the fullest 10 s), the requests served and throttled, the Redis
-//! commands per request (from `INFO commandstats`), and the answers' latency p50/p99; then the
-//! same load with each replica on its own (no Redis), where the key gets its limit once per
-//! replica. Prints a table and writes it to `target/bench/replicas.md`.
+//! `--replicas N` (default 4) `openai-router serve` processes on one `redis-server`, one
+//! simulated upstream with no quota of its own (so that only the router's limit binds), and
+//! one limit in tokens per minute set so that `--rate R` requests a second (default 1,000, in
+//! all) are `--overload X` (default 1.5) times it. The load generator sends requests
+//! open-loop, spread evenly over the replicas, for `--seconds S` (default 60), once for each
+//! limit that binds (`--bind key|group|deployment|all`, default all) and each way of sharing
+//! it: leased slices (the default), one Redis call per request (`redis_slice_ms = 0`), and
+//! each replica on its own (no Redis: the limit once per replica). Then, with slices and the
+//! key's limit, Redis is stopped for the middle third of a run (`--no-kill` skips it):
+//! no request may fail, each replica keeps to its local share, and sharing resumes.
 //!
-//! `cargo bench -p router-gateway --bench replicas [-- --seconds 60 --replicas 4 --overload 1.5]`
+//! Reported: tokens admitted against the limit (over the run, and in the fullest 10 s),
+//! requests served and throttled, Redis round trips and commands run per request (`INFO
+//! commandstats`), and the served requests' latency p50/p99 (the store's added latency is
+//! the difference from the replicas on their own). Prints tables and writes them to
+//! `target/bench/replicas.md`.
+//!
+//! `cargo bench -p router-gateway --bench replicas [-- --seconds 60 --replicas 4 --rate 1000]`
 //! (part of `cargo xtask bench`).
 
 #![expect(
@@ -26,7 +34,6 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
@@ -35,8 +42,6 @@ use upstream_sim::redis_server::RedisServer;
 use upstream_sim::{EndpointConfig, LatencyModel, Sim, SimDialect};
 
 const KEY: &str = "sk-bench-replicas-key-0123456789";
-/// The key's limit.
-const TPM: u64 = 600_000;
 /// Every request is the same, so the router charges each the same estimate.
 const BODY: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}],"max_tokens":500}"#;
@@ -45,6 +50,51 @@ struct Options {
     seconds: u64,
     replicas: usize,
     overload: f64,
+    rate: f64,
+    binds: Vec<Bind>,
+    kill: bool,
+}
+
+/// Which limit binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bind {
+    Key,
+    Group,
+    Deployment,
+}
+
+impl Bind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Group => "group",
+            Self::Deployment => "deployment",
+        }
+    }
+}
+
+/// How the replicas share the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    Slices,
+    PerRequest,
+    /// Each replica with the whole limit, in its own process's store.
+    Alone,
+    /// Each replica with its part of the limit (the limit over the replicas), in its own
+    /// process's store: the same load admitted as shared, with no Redis on the path (the
+    /// latency the others are compared with).
+    AloneParts,
+}
+
+impl Sharing {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Slices => "one Redis, leased slices",
+            Self::PerRequest => "one Redis, a call per request",
+            Self::Alone => "each alone, the whole limit",
+            Self::AloneParts => "each alone, its part of the limit",
+        }
+    }
 }
 
 fn options() -> Options {
@@ -52,6 +102,9 @@ fn options() -> Options {
         seconds: 60,
         replicas: 4,
         overload: 1.5,
+        rate: 1_000.0,
+        binds: vec![Bind::Key, Bind::Group, Bind::Deployment],
+        kill: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -60,6 +113,17 @@ fn options() -> Options {
             "--seconds" => options.seconds = value().parse().expect("--seconds N"),
             "--replicas" => options.replicas = value().parse().expect("--replicas N"),
             "--overload" => options.overload = value().parse().expect("--overload X"),
+            "--rate" => options.rate = value().parse().expect("--rate R"),
+            "--bind" => {
+                options.binds = match value().as_str() {
+                    "key" => vec![Bind::Key],
+                    "group" => vec![Bind::Group],
+                    "deployment" => vec![Bind::Deployment],
+                    "all" => options.binds.clone(),
+                    other => panic!("--bind key|group|deployment|all, not {other}"),
+                };
+            }
+            "--no-kill" => options.kill = false,
             // cargo bench passes `--bench`.
             _ => {}
         }
@@ -89,9 +153,34 @@ struct Replica {
     base: String,
 }
 
-async fn start(sim: &Sim, redis: Option<&str>, dir: &Path, n: usize) -> Replica {
+/// The limit `tpm` on the scope `bind` names, shared as `sharing` says among `replicas`.
+struct Setup<'a> {
+    redis: Option<&'a str>,
+    sharing: Sharing,
+    bind: Bind,
+    tpm: u64,
+    replicas: usize,
+}
+
+async fn start(sim: &Sim, setup: &Setup<'_>, dir: &Path, n: usize) -> Replica {
     let port = free_port();
-    let redis = redis.map_or(String::new(), |url| format!("redis_url = \"{url}\""));
+    let redis = match (setup.sharing, setup.redis) {
+        (Sharing::Alone | Sharing::AloneParts, _) | (_, None) => String::new(),
+        (Sharing::Slices, Some(url)) => format!("redis_url = \"{url}\""),
+        (Sharing::PerRequest, Some(url)) => format!("redis_url = \"{url}\"\nredis_slice_ms = 0"),
+    };
+    let tpm = if setup.sharing == Sharing::AloneParts {
+        setup.tpm / setup.replicas as u64
+    } else {
+        setup.tpm
+    };
+    let limit = |bind: Bind| {
+        if setup.bind == bind {
+            format!("tpm = {tpm}")
+        } else {
+            String::new()
+        }
+    };
     let config = format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
@@ -106,14 +195,22 @@ kind = "openai"
 url = "{}"
 api_key_env = "BENCH_UPSTREAM_KEY"
 models = ["gpt-4o-mini"]
+{}
 
 [[keys]]
 name = "bench"
 sha256 = "{}"
-tpm = {TPM}
+{}
+
+[[groups]]
+model = "gpt-4o-mini"
+{}
 "#,
         sim.endpoints()[0].openai_base_url(),
+        limit(Bind::Deployment),
         hex_sha256(KEY),
+        limit(Bind::Key),
+        limit(Bind::Group),
     );
     let path = dir.join(format!("replica-{n}.toml"));
     std::fs::write(&path, config).unwrap();
@@ -180,18 +277,18 @@ struct Run {
     other: u64,
     /// When each served request was sent (since the start).
     served_at: Vec<Duration>,
+    /// The served requests' latencies, sorted.
     latencies: Vec<Duration>,
 }
 
 async fn load(replicas: &[Replica], rate: f64, seconds: u64) -> Run {
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(512)
         .build()
         .unwrap();
     let started = Instant::now();
     let total = (rate * seconds as f64) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate);
-    let served = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
         let due = started + interval.mul_f64(i as f64);
@@ -200,7 +297,7 @@ async fn load(replicas: &[Replica], rate: f64, seconds: u64) -> Run {
             "{}/v1/chat/completions",
             replicas[i as usize % replicas.len()].base
         );
-        let (client, served) = (client.clone(), Arc::clone(&served));
+        let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
             let status = client
@@ -211,9 +308,6 @@ async fn load(replicas: &[Replica], rate: f64, seconds: u64) -> Run {
                 .send()
                 .await
                 .map_or(0, |r| r.status().as_u16());
-            if status == 200 {
-                served.fetch_add(1, Ordering::Relaxed);
-            }
             (status, sent - started, sent.elapsed())
         }));
     }
@@ -226,11 +320,11 @@ async fn load(replicas: &[Replica], rate: f64, seconds: u64) -> Run {
     };
     for task in tasks {
         let (status, at, latency) = task.await.unwrap();
-        run.latencies.push(latency);
         match status {
             200 => {
                 run.served += 1;
                 run.served_at.push(at);
+                run.latencies.push(latency);
             }
             429 => run.throttled += 1,
             _ => run.other += 1,
@@ -241,6 +335,9 @@ async fn load(replicas: &[Replica], rate: f64, seconds: u64) -> Run {
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     sorted[((sorted.len() - 1) as f64 * p) as usize]
 }
 
@@ -259,6 +356,84 @@ fn fullest_window(at: &[Duration]) -> usize {
     best
 }
 
+async fn start_fleet(sim: &Sim, setup: &Setup<'_>, dir: &Path, n: usize) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for i in 0..n {
+        replicas.push(start(sim, setup, dir, i).await);
+    }
+    replicas
+}
+
+async fn stop_fleet(replicas: Vec<Replica>) {
+    for mut replica in replicas {
+        let _ = replica.child.kill().await;
+    }
+}
+
+/// What the router charges each request: a key's window total after one, with one call per
+/// request (under slices the window holds slices).
+async fn charge_per_request(sim: &Sim, dir: &Path) -> u64 {
+    let redis = RedisServer::start().await.unwrap();
+    let url = redis.url();
+    let setup = Setup {
+        redis: Some(&url),
+        sharing: Sharing::PerRequest,
+        bind: Bind::Key,
+        tpm: 60_000_000,
+        replicas: 1,
+    };
+    let replicas = start_fleet(sim, &setup, dir, 1).await;
+    let status = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", replicas[0].base))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let held = redis_cli(
+        redis.port,
+        &["hget", "{openai-router:limit:caller:bench}:a", "T"],
+    );
+    stop_fleet(replicas).await;
+    held.trim().parse::<f64>().expect("the key's window total") as u64
+}
+
+/// Calls the replicas' stores answered from their local shares.
+async fn fallbacks(replicas: &[Replica]) -> u64 {
+    let client = reqwest::Client::new();
+    let mut total = 0;
+    for replica in replicas {
+        let Ok(response) = client.get(format!("{}/metrics", replica.base)).send().await else {
+            continue;
+        };
+        let metrics = response.text().await.unwrap_or_default();
+        total += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("openai_router_state_fallbacks_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// Whether every replica's store says it shares again.
+async fn all_shared(replicas: &[Replica]) -> bool {
+    let client = reqwest::Client::new();
+    for replica in replicas {
+        let Ok(response) = client.get(format!("{}/metrics", replica.base)).send().await else {
+            return false;
+        };
+        let metrics = response.text().await.unwrap_or_default();
+        if !metrics.contains("openai_router_state_shared 1") {
+            return false;
+        }
+    }
+    true
+}
+
 #[tokio::main]
 async fn main() {
     let options = options();
@@ -274,74 +449,151 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("openai-router-bench-replicas-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();
 
+    let estimate = charge_per_request(&sim, &dir).await;
+    let per_request = estimate.max(1) as f64;
+    let tpm = (options.rate / options.overload * per_request * 60.0) as u64;
+    let limit = tpm as f64 * options.seconds as f64 / 60.0;
     let mut rows = String::new();
-    let mut estimate = 0;
-    for shared in [true, false] {
-        let redis = RedisServer::start().await.unwrap();
-        let url = redis.url();
-        let mut replicas = Vec::new();
-        for n in 0..options.replicas {
-            replicas.push(start(&sim, shared.then_some(url.as_str()), &dir, n).await);
-        }
-        if shared {
-            // What the router charges each request: the window's total after one.
-            let status = reqwest::Client::new()
-                .post(format!("{}/v1/chat/completions", replicas[0].base))
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(BODY)
-                .send()
-                .await
-                .unwrap()
-                .status();
-            assert_eq!(status, 200);
-            let held = redis_cli(
-                redis.port,
-                &["hget", "{openai-router:limit:caller:bench}:a", "T"],
+    for &bind in &options.binds {
+        let mut alone_p99 = None;
+        for sharing in [
+            Sharing::AloneParts,
+            Sharing::Slices,
+            Sharing::PerRequest,
+            Sharing::Alone,
+        ] {
+            // Each replica alone with the whole limit is shown once: any limit is n times
+            // over then.
+            if sharing == Sharing::Alone && bind != options.binds[0] {
+                continue;
+            }
+            let redis = RedisServer::start().await.unwrap();
+            let url = redis.url();
+            let setup = Setup {
+                redis: Some(&url),
+                sharing,
+                bind,
+                tpm,
+                replicas: options.replicas,
+            };
+            let replicas = start_fleet(&sim, &setup, &dir, options.replicas).await;
+            let (trips_before, all_before) = redis_calls(redis.port);
+            let run = load(&replicas, options.rate, options.seconds).await;
+            let (trips, all) = redis_calls(redis.port);
+            let (trips, all) = (trips - trips_before, all - all_before);
+            let fell_back = fallbacks(&replicas).await;
+            let sent = run.served + run.throttled + run.other;
+            let admitted = run.served as f64 * per_request;
+            let window = fullest_window(&run.served_at) as f64 * per_request;
+            let p99 = percentile(&run.latencies, 0.99);
+            if sharing == Sharing::AloneParts {
+                alone_p99 = Some(p99);
+            }
+            let added = alone_p99.map_or(String::new(), |alone| {
+                format!("{:+.1}", (p99.as_secs_f64() - alone.as_secs_f64()) * 1000.0)
+            });
+            let _ = writeln!(
+                rows,
+                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {:.3} | {:.2} | {} | {:.1} | {:.1} | {} |",
+                bind.name(),
+                sharing.name(),
+                sent,
+                admitted,
+                admitted / limit,
+                window / (tpm as f64 / 6.0),
+                run.served,
+                run.throttled,
+                run.other,
+                trips as f64 / sent.max(1) as f64,
+                all as f64 / sent.max(1) as f64,
+                fell_back,
+                percentile(&run.latencies, 0.5).as_secs_f64() * 1000.0,
+                p99.as_secs_f64() * 1000.0,
+                added,
             );
-            estimate = held.trim().parse::<f64>().expect("the key's window total") as u64;
-            redis_cli(redis.port, &["flushall"]);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let per_request = estimate.max(1) as f64;
-        let rate = TPM as f64 / 60.0 / per_request * options.overload;
-        let (trips_before, all_before) = redis_calls(redis.port);
-        let run = load(&replicas, rate, options.seconds).await;
-        let (trips, all) = redis_calls(redis.port);
-        let (trips, all) = (trips - trips_before, all - all_before);
-        let sent = run.served + run.throttled + run.other;
-        let limit = TPM as f64 * options.seconds as f64 / 60.0;
-        let admitted = run.served as f64 * per_request;
-        let window = fullest_window(&run.served_at) as f64 * per_request;
-        let _ = writeln!(
-            rows,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} |",
-            if shared { "one Redis" } else { "each alone" },
-            sent,
-            admitted,
-            admitted / limit,
-            window / (TPM as f64 / 6.0),
-            run.served,
-            run.throttled,
-            run.other,
-            trips as f64 / sent.max(1) as f64,
-            percentile(&run.latencies, 0.5).as_secs_f64() * 1000.0,
-            percentile(&run.latencies, 0.99).as_secs_f64() * 1000.0,
-            all as f64 / sent.max(1) as f64,
-        );
-        for mut replica in replicas {
-            let _ = replica.child.kill().await;
+            println!("{}", rows.lines().last().unwrap_or_default());
+            stop_fleet(replicas).await;
         }
     }
-    let report = format!(
-        "{} gateway processes, one key at {TPM} TPM, {:.1}x overload for {} s, {} tokens charged a request:\n\n\
-         | replicas | sent | tokens admitted | of the limit over the run | of the limit in the fullest 10 s | served | throttled | other | Redis round trips a request | p50 ms | p99 ms | commands run in Redis a request (scripts' own calls included) |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n{rows}",
-        options.replicas, options.overload, options.seconds, estimate
+    let mut report = format!(
+        "{} gateway processes, {:.0} requests a second offered in all ({:.1}x the limit) for {} s; \
+         every request charged {estimate} tokens, the limit {tpm} TPM:\n\n\
+         | limit | sharing | sent | tokens admitted | of the limit over the run | of the limit in the fullest 10 s | served | throttled | other | Redis round trips a request | commands run in Redis a request | calls answered from a local share | p50 ms | p99 ms | p99 added by the store, ms |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n{rows}",
+        options.replicas, options.rate, options.overload, options.seconds
     );
+    if options.kill {
+        report.push_str(&kill_redis(&sim, &dir, &options, tpm, per_request).await);
+    }
     println!("{report}");
     let out = PathBuf::from("target/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("replicas.md"), &report).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Slices and the key's limit, Redis stopped for the middle third of the run: requests
+/// failed (none may), tokens admitted while it was away against the replicas' local shares
+/// (a third each by default), and how long after its return every replica shared again.
+async fn kill_redis(
+    sim: &Sim,
+    dir: &Path,
+    options: &Options,
+    tpm: u64,
+    per_request: f64,
+) -> String {
+    let mut redis = RedisServer::start().await.unwrap();
+    let url = redis.url();
+    let setup = Setup {
+        redis: Some(&url),
+        sharing: Sharing::Slices,
+        bind: Bind::Key,
+        tpm,
+        replicas: options.replicas,
+    };
+    let replicas = Arc::new(start_fleet(sim, &setup, dir, options.replicas).await);
+    let third = Duration::from_secs(options.seconds) / 3;
+    let loader = {
+        let replicas = Arc::clone(&replicas);
+        let (rate, seconds) = (options.rate, options.seconds);
+        tokio::spawn(async move { load(&replicas, rate, seconds).await })
+    };
+    tokio::time::sleep(third).await;
+    redis.stop().await;
+    tokio::time::sleep(third).await;
+    redis.restart().await.unwrap();
+    let back = Instant::now();
+    let mut resumed = None;
+    while back.elapsed() < third {
+        if all_shared(&replicas).await {
+            resumed = Some(back.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let run = loader.await.unwrap();
+    let away = |at: &Duration| *at >= third && *at < third * 2;
+    let served_away = run.served_at.iter().filter(|at| away(at)).count() as f64;
+    let admitted_away = served_away * per_request;
+    let shares = options.replicas as f64 / 3.0;
+    let allowed = tpm as f64 * third.as_secs_f64() / 60.0 * shares;
+    if let Ok(replicas) = Arc::try_unwrap(replicas) {
+        stop_fleet(replicas).await;
+    }
+    format!(
+        "\nRedis stopped for the middle third ({} s) of a run with leased slices, the key's limit:\n\n\
+         | sent | served | throttled | failed (not 200 or 429) | tokens admitted while Redis was away | the local shares allow ({} replicas x 1/3) | every replica sharing again after Redis returned |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n\
+         | {} | {} | {} | {} | {admitted_away:.0} | {allowed:.0} | {} |\n",
+        third.as_secs(),
+        options.replicas,
+        run.served + run.throttled + run.other,
+        run.served,
+        run.throttled,
+        run.other,
+        resumed.map_or("not within a third of the run".to_owned(), |d| format!(
+            "{} ms",
+            d.as_millis()
+        )),
+    )
 }

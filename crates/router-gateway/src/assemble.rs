@@ -125,17 +125,22 @@ impl Config {
             builder = builder.endpoint(endpoint(i, e, timeouts, self.router.max_answer_bytes)?);
         }
         for key in &self.keys {
-            let mut limits = RateLimits::new();
-            if let Some(rpm) = key.rpm {
-                limits = limits.with_rpm(rpm);
+            builder =
+                builder.caller_limits(&key.name, rate_limits(key.rpm, key.tpm, key.concurrency));
+        }
+        for (i, group) in self.groups.iter().enumerate() {
+            let served = self.endpoints.iter().any(|e| {
+                e.models.contains(&group.model) || e.deployments.contains_key(&group.model)
+            });
+            if !served {
+                bail!(
+                    "groups[{i}].model: no endpoint serves `{}` (list it in an endpoint's models \
+                     or deployments)",
+                    group.model
+                );
             }
-            if let Some(tpm) = key.tpm {
-                limits = limits.with_tpm(tpm);
-            }
-            if let Some(concurrency) = key.concurrency {
-                limits = limits.with_concurrency(concurrency);
-            }
-            builder = builder.caller_limits(&key.name, limits);
+            let limits = rate_limits(group.rpm, group.tpm, group.concurrency);
+            builder = builder.group_limits(&group.model, limits);
         }
         Ok(builder)
     }
@@ -278,6 +283,21 @@ fn entra_provider(
 }
 
 /// The `i`th `[[endpoints]]` table as the library's endpoint; an error names it.
+/// A key's or a group's limits as the file sets them.
+fn rate_limits(rpm: Option<u64>, tpm: Option<u64>, concurrency: Option<u32>) -> RateLimits {
+    let mut limits = RateLimits::new();
+    if let Some(rpm) = rpm {
+        limits = limits.with_rpm(rpm);
+    }
+    if let Some(tpm) = tpm {
+        limits = limits.with_tpm(tpm);
+    }
+    if let Some(concurrency) = concurrency {
+        limits = limits.with_concurrency(concurrency);
+    }
+    limits
+}
+
 fn endpoint(
     i: usize,
     e: &EndpointConfig,

@@ -27,6 +27,11 @@
 //! name = "team-a"
 //! sha256 = "…"                         # `openai-router hash-key` prints it
 //! models = ["gpt-4o-mini"]
+//! tpm = 100000                         # the key's own limits: rpm, tpm, concurrency
+//!
+//! [[groups]]                           # a model group's limits, whoever calls
+//! model = "gpt-4o-mini"
+//! tpm = 250000
 //! ```
 //!
 //! Every error names the file, the line (from the TOML parser) or the field, and the problem.
@@ -53,6 +58,20 @@ pub(crate) struct Config {
     pub(crate) endpoints: Vec<EndpointConfig>,
     #[serde(default)]
     pub(crate) keys: Vec<KeyConfig>,
+    /// Limits on a model group, whoever calls (shared by replicas on one Redis).
+    #[serde(default)]
+    pub(crate) groups: Vec<GroupConfig>,
+}
+
+/// `[[groups]]`: a model group's own limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GroupConfig {
+    /// The model group (a model name the endpoints serve).
+    pub(crate) model: String,
+    pub(crate) rpm: Option<u64>,
+    pub(crate) tpm: Option<u64>,
+    pub(crate) concurrency: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -378,6 +397,30 @@ mod tests {
         assert!(text.contains("lisen") && text.contains("line 3"), "{text}");
         let none = Config::parse("").unwrap_err();
         assert!(format!("{none:#}").contains("endpoints"));
+    }
+
+    #[test]
+    fn a_groups_limits_are_read_and_its_model_must_be_served() {
+        let config = |model: &str| {
+            Config::parse(&format!(
+                "[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n[[groups]]\nmodel = \"{model}\"\ntpm = 1000\nconcurrency = 2\n"
+            ))
+            .unwrap()
+        };
+        let served = config("m");
+        assert_eq!(served.groups[0].tpm, Some(1000));
+        assert_eq!(served.groups[0].concurrency, Some(2));
+        assert!(served.builder().is_ok());
+        let error = config("n").builder().err().unwrap().to_string();
+        assert!(
+            error.contains("groups[0].model") && error.contains("`n`"),
+            "{error}"
+        );
+        let unknown = Config::parse(
+            "[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n[[groups]]\nmodel = \"m\"\ntokens = 5\n",
+        )
+        .unwrap_err();
+        assert!(format!("{unknown:#}").contains("tokens"), "{unknown:#}");
     }
 
     #[test]

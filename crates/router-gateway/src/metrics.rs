@@ -156,6 +156,11 @@ impl Metrics {
             "# HELP openai_router_state_shared Whether quotas, cooldowns and limits are shared with other replicas now (1: the shared store answers; 0: in-process, or its local share while it is away).\n# TYPE openai_router_state_shared gauge\nopenai_router_state_shared {}",
             u8::from(router.state_shared())
         );
+        let _ = writeln!(
+            out,
+            "# HELP openai_router_state_fallbacks_total Calls the shared state store answered from this replica's local share (it failed or was slower than its timeout).\n# TYPE openai_router_state_fallbacks_total counter\nopenai_router_state_fallbacks_total {}",
+            router.state_fallbacks()
+        );
         let stats = router.stats();
         per_deployment(
             &mut out,

@@ -1685,6 +1685,10 @@ impl StateStore for RedisStore {
         Ok(())
     }
 
+    fn fallbacks(&self) -> u64 {
+        RedisStore::fallbacks(self)
+    }
+
     fn is_shared(&self) -> bool {
         self.inner.shared.load(Ordering::Relaxed)
     }

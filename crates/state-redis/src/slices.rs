@@ -434,16 +434,16 @@ impl State {
                 self.room = room;
                 self.learned = learned;
                 // Less than wanted: the window is the limit, and what frees in it is asked
-                // for again no sooner than a quarter of a life (a few calls a life under
-                // overload, not one a request).
+                // for again no sooner than half a life (two calls a life under overload, not
+                // one a request).
                 let short = tokens + 1e-9 < wanted.0 || requests + 1e-9 < wanted.1;
-                self.no_room_until = short.then(|| at + life / 4);
+                self.no_room_until = short.then(|| at + life / 2);
                 self.cooling_until = None;
                 self.direct_until = None;
             }
             Answer::NoRoom { wait } => {
-                // Asked again no sooner than a quarter of a slice's life, as above.
-                self.no_room_until = Some(at + wait.max(life / 4));
+                // Asked again no sooner than half a slice's life, as above.
+                self.no_room_until = Some(at + wait.max(life / 2));
             }
             Answer::Cooling { wait } => {
                 self.cooling_until = Some(at + wait);
@@ -654,23 +654,23 @@ mod tests {
             t0,
             life,
         );
-        // At least a quarter of a life before asking again.
+        // At least half a life before asking again.
         assert_eq!(
             state.spend(charge(1), t0, life),
             Local::Wait {
-                wait: life / 4,
+                wait: life / 2,
                 cooling: false
             }
         );
-        assert_eq!(state.spend(charge(1), t0 + life / 4, life), Local::Call);
-        granted(&mut state, 2, 100.0, 5.0, t0 + life / 4);
-        state.cool(Duration::from_secs(2), t0 + life / 4);
+        assert_eq!(state.spend(charge(1), t0 + life / 2, life), Local::Call);
+        granted(&mut state, 2, 100.0, 5.0, t0 + life / 2);
+        state.cool(Duration::from_secs(2), t0 + life / 2);
         assert!(matches!(
-            state.spend(charge(1), t0 + life / 2, life),
+            state.spend(charge(1), t0 + life * 3 / 4, life),
             Local::Wait { cooling: true, .. }
         ));
         // The open slice was closed, unspent, to be given back.
-        let out = state.outgoing(Charge::default(), &limits(), t0 + life / 2, life);
+        let out = state.outgoing(Charge::default(), &limits(), t0 + life * 3 / 4, life);
         assert_eq!(out.returns[0].last_spend, None);
     }
 
