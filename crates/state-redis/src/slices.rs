@@ -726,7 +726,23 @@ mod tests {
                     ..limits()
                 }
             ),
-            Duration::from_millis(250)
+            Duration::from_millis(50),
+            "a twentieth of a 1 s window"
+        );
+        assert_eq!(
+            life(Duration::from_secs(1), &limits()),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            life(
+                Duration::from_secs(1),
+                &Limits {
+                    window: Duration::from_secs(60),
+                    ..limits()
+                }
+            ),
+            Duration::from_secs(1),
+            "the configured life when the window is long"
         );
     }
 }
