@@ -13,7 +13,9 @@
 //! - `bench [--compare litellm]`: the benchmarks: criterion in `benches/` (pick, overhead; with
 //!   shortened warm-up and measurement), the degradation and quota scenarios
 //!   (`benches/benches/scenarios.rs`), the gateway under load
-//!   (`router-gateway/benches/gateway.rs`), then `bench-report`, which rewrites the tables of
+//!   (`router-gateway/benches/gateway.rs`), gateway replicas sharing limits through one Redis
+//!   (`router-gateway/benches/replicas.rs`) and one Redis serving 100 replicas that lease
+//!   slices (`state-redis/benches/fleet.rs`), both into `target/bench/`, then `bench-report`, which rewrites the tables of
 //!   `BENCHMARKS.md` and the plots in `docs/benchmarks/`. With `--compare litellm` the
 //!   scenarios and the gateway load also go through `LiteLLM` (its Router and its proxy),
 //!   installed from `PyPI` into `target/litellm-venv`. `--quick`: the pressure matrix alone,
@@ -207,8 +209,8 @@ const BENCH_GATEWAY: Step = cargo(
         "--",
     ],
 );
-/// Gateway processes on one Redis under 1.5x overload of a key's limit
-/// (`router-gateway/benches/replicas.rs`).
+/// Gateway processes on one Redis under 1.5x overload of a key's, a group's and a
+/// deployment's limit (`router-gateway/benches/replicas.rs`).
 const BENCH_REPLICAS: Step = cargo(
     "bench replicas",
     &[
@@ -219,6 +221,11 @@ const BENCH_REPLICAS: Step = cargo(
         "--bench",
         "replicas",
     ],
+);
+/// One Redis serving 100 replicas that lease slices (`state-redis/benches/fleet.rs`).
+const BENCH_FLEET: Step = cargo(
+    "bench fleet",
+    &["bench", "--locked", "-p", "state-redis", "--bench", "fleet"],
 );
 /// The chaos soak (`router-gateway/benches/soak.rs`): the release gateway under a mixed load
 /// and a seeded fault schedule; `--minutes` and `--seed` follow.
@@ -408,6 +415,7 @@ fn bench() -> Result<()> {
         BENCH_SCENARIOS.with(litellm.clone()),
         BENCH_GATEWAY.with(litellm),
         BENCH_REPLICAS,
+        BENCH_FLEET,
         BENCH_REPORT.with(["--command".to_owned(), command.to_owned()]),
     ])
 }
