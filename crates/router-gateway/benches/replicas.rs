@@ -9,7 +9,8 @@
 //! limit that binds (`--bind key|group|deployment|all`, default all) and each way of sharing
 //! it: leased slices (the default), one Redis call per request (`redis_slice_ms = 0`), and
 //! each replica on its own (no Redis: the limit once per replica). Then, with slices and the
-//! key's limit, Redis is stopped for the middle third of a run (`--no-kill` skips it):
+//! key's limit, Redis is stopped for the middle third of a run (`--no-kill` skips it;
+//! `--sharing slices|per-request|alone|all` runs some ways of sharing only):
 //! no request may fail, each replica keeps to its local share, and sharing resumes.
 //!
 //! Reported: tokens admitted against the limit (over the run, and in the fullest 10 s),
@@ -52,6 +53,7 @@ struct Options {
     overload: f64,
     rate: f64,
     binds: Vec<Bind>,
+    sharings: Vec<Sharing>,
     kill: bool,
 }
 
@@ -104,6 +106,12 @@ fn options() -> Options {
         overload: 1.5,
         rate: 1_000.0,
         binds: vec![Bind::Key, Bind::Group, Bind::Deployment],
+        sharings: vec![
+            Sharing::AloneParts,
+            Sharing::Slices,
+            Sharing::PerRequest,
+            Sharing::Alone,
+        ],
         kill: true,
     };
     let mut args = std::env::args().skip(1);
@@ -121,6 +129,15 @@ fn options() -> Options {
                     "deployment" => vec![Bind::Deployment],
                     "all" => options.binds.clone(),
                     other => panic!("--bind key|group|deployment|all, not {other}"),
+                };
+            }
+            "--sharing" => {
+                options.sharings = match value().as_str() {
+                    "slices" => vec![Sharing::Slices],
+                    "per-request" => vec![Sharing::PerRequest],
+                    "alone" => vec![Sharing::AloneParts, Sharing::Alone],
+                    "all" => options.sharings.clone(),
+                    other => panic!("--sharing slices|per-request|alone|all, not {other}"),
                 };
             }
             "--no-kill" => options.kill = false,
@@ -456,12 +473,7 @@ async fn main() {
     let mut rows = String::new();
     for &bind in &options.binds {
         let mut alone_p99 = None;
-        for sharing in [
-            Sharing::AloneParts,
-            Sharing::Slices,
-            Sharing::PerRequest,
-            Sharing::Alone,
-        ] {
+        for &sharing in &options.sharings {
             // Each replica alone with the whole limit is shown once: any limit is n times
             // over then.
             if sharing == Sharing::Alone && bind != options.binds[0] {

@@ -33,6 +33,12 @@ const PER_WINDOW: u64 = RPM / 6;
 const REPLICAS: usize = 4;
 /// Requests each replica is sent at once, per phase: 3.2 times the limit in all.
 const BURST: usize = 8;
+/// A key whose window holds enough requests for the replicas to lease slices of it: 600 a
+/// minute, 100 in any 10 s.
+const SLICED_KEY: (&str, &str) = ("team-d", "sk-gw-replicas-team-d-0123");
+const SLICED_RPM: u64 = 600;
+/// A key with two requests in flight at most, across the replicas.
+const CONCURRENT_KEY: (&str, &str) = ("team-e", "sk-gw-replicas-team-e-0123");
 
 struct Replica {
     child: Child,
@@ -61,6 +67,18 @@ async fn try_start(sim: &Sim, redis: &str, dir: &Path, n: usize) -> Option<Repli
             hash(key)
         );
     }
+    let _ = write!(
+        keys,
+        "[[keys]]\nname = \"{}\"\nsha256 = \"{}\"\nrpm = {SLICED_RPM}\n\n",
+        SLICED_KEY.0,
+        hash(SLICED_KEY.1)
+    );
+    let _ = write!(
+        keys,
+        "[[keys]]\nname = \"{}\"\nsha256 = \"{}\"\nconcurrency = 2\n\n",
+        CONCURRENT_KEY.0,
+        hash(CONCURRENT_KEY.1)
+    );
     let config = format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
@@ -136,12 +154,17 @@ struct Fleet {
 }
 
 async fn fleet(redis: &str, label: &str) -> Fleet {
+    fleet_answering(redis, label, LatencyModel::instant()).await
+}
+
+/// A fleet whose upstream answers after `latency`.
+async fn fleet_answering(redis: &str, label: &str, latency: LatencyModel) -> Fleet {
     let sim = Sim::start(
         1,
         [EndpointConfig::new("oai", SimDialect::OpenAi)
             .with_api_key(UPSTREAM_KEY)
             .with_models(["gpt-4o-mini"])
-            .with_latency(LatencyModel::instant())],
+            .with_latency(latency)],
     )
     .await
     .unwrap();
@@ -312,5 +335,155 @@ async fn a_keys_limit_holds_once_across_gateway_processes_on_a_redis_cluster() {
         "four replicas on one cluster: {served:?}"
     );
     assert_eq!(sim.endpoints()[0].counters().requests, PER_WINDOW);
+    stop(replicas, &dir).await;
+}
+
+/// Script calls the Redis at `port` has run (`INFO commandstats`, through `redis-cli`).
+fn script_calls(port: u16) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "commandstats"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Leased slices across processes: four gateways share a key's window of 100 requests by
+/// slices, together admitting no more than it and nearly all of it, with far fewer Redis
+/// calls than requests (per request: one to reserve and one to settle each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_processes_leasing_slices_admit_a_keys_window_once_with_few_calls() {
+    let redis = RedisServer::start().await.unwrap();
+    let Fleet { sim, dir, replicas } =
+        fleet(&format!("redis_url = \"{}\"", redis.url()), "sliced").await;
+    let before = script_calls(redis.port);
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    // 40 to each replica: 160, 1.6 times the window.
+    for replica in &replicas {
+        for _ in 0..40 {
+            let request = client
+                .post(format!("{}/v1/chat/completions", replica.base))
+                .bearer_auth(SLICED_KEY.1)
+                .json(&json!({"model": "gpt-4o-mini", "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "slices of one window"}]}));
+            tasks.push(tokio::spawn(async move {
+                request.send().await.unwrap().status().as_u16()
+            }));
+        }
+    }
+    let (mut served, mut throttled) = (0_u64, 0_u64);
+    for task in tasks {
+        match task.await.unwrap() {
+            200 => served += 1,
+            429 => throttled += 1,
+            other => panic!("a request failed with {other}"),
+        }
+    }
+    let calls = script_calls(redis.port) - before;
+    eprintln!("slices: {served} served, {throttled} throttled, {calls} script calls");
+    let per_window = SLICED_RPM / 6;
+    assert!(
+        served <= per_window && served >= per_window * 9 / 10,
+        "four gateways leasing slices of a window of {per_window}: {served} served"
+    );
+    assert_eq!(sim.endpoints()[0].counters().requests, served);
+    assert!(
+        calls * 2 < served + throttled,
+        "{calls} script calls for {} requests",
+        served + throttled
+    );
+    stop(replicas, &dir).await;
+}
+
+/// A replica killed with requests in flight holds its concurrency slots in Redis only until
+/// their leases expire unrenewed (600 ms here): then another replica's requests are admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_concurrency_slots_free_within_their_lease() {
+    let redis = RedisServer::start().await.unwrap();
+    let lease = Duration::from_millis(600);
+    let Fleet {
+        sim,
+        dir,
+        mut replicas,
+    } = fleet_answering(
+        &format!(
+            "redis_url = \"{}\"\nredis_lease_ms = {}",
+            redis.url(),
+            lease.as_millis()
+        ),
+        "killed",
+        // Requests stay in flight for the whole test.
+        LatencyModel::new(Duration::from_secs(60), Duration::ZERO),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let send = |base: &str, timeout: Duration| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(CONCURRENT_KEY.1)
+            .timeout(timeout)
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hold a slot"}]}))
+            .send()
+    };
+    // Replica 0 takes both slots; its requests hang upstream.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::spawn(send(
+            &replicas[0].base,
+            Duration::from_secs(120),
+        )));
+    }
+    let started = Instant::now();
+    while sim.endpoints()[0].counters().requests < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the slots were not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Held across replicas, for longer than a lease's life (renewed meanwhile).
+    tokio::time::sleep(lease * 2).await;
+    let refused = send(&replicas[1].base, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.status().as_u16(),
+        429,
+        "both slots are held by replica 0"
+    );
+    // Killed: nothing renews its leases any more.
+    let mut dead = replicas.remove(0);
+    dead.child.kill().await.unwrap();
+    let killed = Instant::now();
+    let freed = loop {
+        // An admitted request hangs upstream: the short timeout tells it from a 429.
+        match send(&replicas[0].base, Duration::from_millis(400)).await {
+            Ok(answer) => assert_eq!(answer.status().as_u16(), 429, "{answer:?}"),
+            Err(error) if error.is_timeout() => break killed.elapsed(),
+            Err(error) => panic!("{error}"),
+        }
+        assert!(
+            killed.elapsed() < lease * 4,
+            "the dead replica's slots were not freed within {:?}",
+            lease * 4
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("a dead replica's slots freed {freed:?} after it was killed");
+    for task in held {
+        task.abort();
+    }
     stop(replicas, &dir).await;
 }

@@ -156,25 +156,30 @@ local function hold(ticket, tokens, requests, untl, ttl, drain)
   redis.call('PEXPIRE', KEYS[2], ms)
 end
 -- How long until `cost` fits under `cap` with `h` held (0: it fits now), walking the marks in
--- the order they leave; `dim` 1 for tokens, 2 for requests. A cost over the cap needs an empty
--- window; under provisioned throughput (`prov`) a request fits while utilisation is under 100 %.
-local marks_read = nil
+-- the order they leave, a page at a time (a full window holds thousands of marks; a request
+-- a little over the room needs the first few); `dim` 1 for tokens, 2 for requests. A cost
+-- over the cap needs an empty window; under provisioned throughput (`prov`) a request fits
+-- while utilisation is under 100 %.
 local function wait_to_fit(cap, cost, h, dim, prov)
   if cap < 0 then return 0 end
   local need, slack = math.min(cost, cap), 1e-9
   if prov then need, slack = 0, -1e-9 end
   local over = h + need - cap
   if over <= slack then return 0 end
-  marks_read = marks_read or redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  for i = 1, #marks_read, 2 do
-    local v = redis.call('HGET', KEYS[2], marks_read[i])
-    if v then
-      local a, b = parse(v)
-      if dim == 1 then over = over - a else over = over - b end
+  local offset = 0
+  while true do
+    local page = redis.call('ZRANGE', KEYS[1], offset, offset + 127, 'WITHSCORES')
+    if #page == 0 then return 0 end
+    for i = 1, #page, 2 do
+      local v = redis.call('HGET', KEYS[2], page[i])
+      if v then
+        local a, b = parse(v)
+        if dim == 1 then over = over - a else over = over - b end
+      end
+      if over <= slack then return tonumber(page[i + 1]) - now end
     end
-    if over <= slack then return tonumber(marks_read[i + 1]) - now end
+    offset = offset + #page / 2
   end
-  return 0
 end
 ";
 
@@ -389,7 +394,25 @@ local nt, nr = tonumber(ARGV[8]), tonumber(ARGV[9])
 if nt <= 0 and nr <= 0 then return {4, 0, '', '', 0, tostring(share), ''} end
 local ht, hr = held()
 local wait = math.max(wait_to_fit(tcap, nt, ht, 1, false), wait_to_fit(rcap, nr, hr, 2, false))
-if wait > 0 then return {0, math.ceil(wait * 1000), '', '', 0, tostring(share), ''} end
+if wait > 0 then
+  -- Marks held past a window from now are slices still open: what their replicas do not
+  -- spend comes back within a life. If that would make room, ask again then, not when the
+  -- window frees.
+  local life = tonumber(ARGV[10])
+  local opened = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. stamp(now + window + margin), '+inf')
+  local ot, orq = 0, 0
+  for _, id in ipairs(opened) do
+    local v = redis.call('HGET', KEYS[2], id)
+    if v then
+      local a, b = parse(v)
+      ot, orq = ot + a, orq + b
+    end
+  end
+  if (tcap < 0 or ht - ot + nt <= tcap) and (rcap < 0 or hr - orq + nr <= rcap) then
+    wait = math.min(wait, life)
+  end
+  return {0, math.ceil(wait * 1000), '', '', 0, tostring(share), ''}
+end
 local gt, gr = tonumber(ARGV[6]), tonumber(ARGV[7])
 local out_t, out_r, left_t, left_r = '-1', '-1', '', ''
 if tcap >= 0 then
@@ -1046,36 +1069,16 @@ impl RedisStore {
         life: Duration,
     ) -> Option<Admission> {
         let entry = self.key_slices(key);
+        let _asking = entry.asking();
         lock(&entry.state).asked(charge, limits, life, now);
         self.flush_in_background();
         let mut now = now;
-        for _ in 0..4 {
-            let (local, ahead) = {
-                let mut state = lock(&entry.state);
-                let local = state.spend(charge, now, life);
-                let ahead = matches!(local, Local::Admitted(_)) && state.renew_ahead(now, life);
-                (local, ahead)
-            };
-            match local {
-                Local::Admitted(spent) => {
-                    if ahead && !entry.ahead.swap(true, Ordering::Relaxed) {
-                        self.renew_ahead(key, limits, &entry, life);
-                    }
-                    return Some(Admission::Admitted {
-                        tokens_left: spent.tokens_left,
-                        requests_left: spent.requests_left,
-                        learned: spent.learned,
-                        ticket: spent.ticket,
-                    });
-                }
-                Local::Wait { wait, cooling } => {
-                    return Some(Admission::Denied {
-                        retry_after: wait.max(Duration::from_millis(1)),
-                        cooling,
-                    });
-                }
-                Local::Direct => return None,
-                Local::Call => {}
+        // Each turn either admits, answers a wait, or follows a call that changed what is
+        // open (a grant others may have spent first, or no room: then a wait): bounded for
+        // safety only.
+        for _ in 0..64 {
+            if let Some(answer) = self.spend(key, limits, &entry, charge, now, life) {
+                return answer;
             }
             // One call at a time per key: a request that finds one running waits for it and
             // looks again.
@@ -1084,6 +1087,11 @@ impl RedisStore {
                 now = now.max(clock());
                 continue;
             };
+            // A call may have ended between the look and taking the call: look again before
+            // calling, or a replica calls for slices it already holds.
+            if let Some(answer) = self.spend(key, limits, &entry, charge, now, life) {
+                return answer;
+            }
             let called = self
                 .call_slices(key, limits, &entry, charge, now, life)
                 .await;
@@ -1101,6 +1109,48 @@ impl RedisStore {
         })
     }
 
+    /// What the open slices answer: an admission or a wait (`Some`), or `None` when a call
+    /// is needed. `Some(None)`: per request (half-open).
+    #[expect(
+        clippy::option_option,
+        reason = "no answer yet, or the answer that the key goes per request"
+    )]
+    fn spend(
+        &self,
+        key: &str,
+        limits: &Limits,
+        entry: &Arc<KeySlices>,
+        charge: Charge,
+        now: Instant,
+        life: Duration,
+    ) -> Option<Option<Admission>> {
+        let (local, ahead) = {
+            let mut state = lock(&entry.state);
+            let local = state.spend(charge, now, life);
+            let ahead = matches!(local, Local::Admitted(_)) && state.renew_ahead(now, life);
+            (local, ahead)
+        };
+        match local {
+            Local::Admitted(spent) => {
+                if ahead && !entry.ahead.swap(true, Ordering::Relaxed) {
+                    self.renew_ahead(key, limits, entry, life);
+                }
+                Some(Some(Admission::Admitted {
+                    tokens_left: spent.tokens_left,
+                    requests_left: spent.requests_left,
+                    learned: spent.learned,
+                    ticket: spent.ticket,
+                }))
+            }
+            Local::Wait { wait, cooling } => Some(Some(Admission::Denied {
+                retry_after: wait.max(Duration::from_millis(1)),
+                cooling,
+            })),
+            Local::Direct => Some(None),
+            Local::Call => None,
+        }
+    }
+
     /// One call: gives back the closed slices and the settlements since, and asks for a
     /// slice with room for `need` (none when `need` is nothing).
     async fn call_slices(
@@ -1112,7 +1162,8 @@ impl RedisStore {
         now: Instant,
         life: Duration,
     ) -> Result<(), String> {
-        let outgoing = lock(&entry.state).outgoing(need, limits, now, life);
+        let waiting = entry.waiting();
+        let outgoing = lock(&entry.state).outgoing(need, waiting, limits, now, life);
         let invocation = self.slice_invocation(key, limits, &outgoing, now, life);
         match self
             .run::<(i64, i64, String, String, u64, String, String)>(&invocation)

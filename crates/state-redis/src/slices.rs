@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use router_core::{Charge, Learned, Limits};
@@ -35,6 +35,9 @@ pub(crate) struct KeySlices {
     /// One call at a time per key (requests that find no room wait for it, then look again).
     calling: AtomicBool,
     called: tokio::sync::Notify,
+    /// Requests asking for room on this key now, admitted or not yet (the next slice is
+    /// sized to serve them all).
+    asking: AtomicUsize,
     /// A renewal ahead of need is running.
     pub(crate) ahead: AtomicBool,
 }
@@ -42,7 +45,8 @@ pub(crate) struct KeySlices {
 impl KeySlices {
     /// The key's one call, if none is running.
     pub(crate) fn try_call(&self) -> Option<Calling<'_>> {
-        (!self.calling.swap(true, Ordering::AcqRel)).then_some(Calling(self))
+        // `then`, not `then_some`: a `Calling` made and dropped would end the running call.
+        (!self.calling.swap(true, Ordering::AcqRel)).then(|| Calling(self))
     }
 
     /// Waits (at most `limit`) for the running call to end.
@@ -53,6 +57,26 @@ impl KeySlices {
         if self.calling.load(Ordering::Acquire) {
             let _ = tokio::time::timeout(limit, ended).await;
         }
+    }
+
+    /// One more request asks for room, until the guard drops.
+    pub(crate) fn asking(&self) -> Asking<'_> {
+        self.asking.fetch_add(1, Ordering::Relaxed);
+        Asking(self)
+    }
+
+    /// Requests asking for room now, besides the one calling.
+    pub(crate) fn waiting(&self) -> usize {
+        self.asking.load(Ordering::Relaxed).saturating_sub(1)
+    }
+}
+
+/// A request asking for room on a key.
+pub(crate) struct Asking<'a>(&'a KeySlices);
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.0.asking.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -359,6 +383,7 @@ impl State {
     pub(crate) fn outgoing(
         &mut self,
         need: Charge,
+        waiting: usize,
         limits: &Limits,
         now: Instant,
         life: Duration,
@@ -376,7 +401,7 @@ impl State {
         }
         self.last_call = Some(now);
         let wanted = if need.tokens > 0 || need.requests > 0 {
-            wanted(self.rate, need, &self.learned.apply(limits), life)
+            wanted(self.rate, need, waiting, &self.learned.apply(limits), life)
         } else {
             (0.0, 0.0)
         };
@@ -474,21 +499,29 @@ impl State {
     }
 }
 
-/// The slice to ask for: the demand over one and a half lives, at least four of `need`, at
-/// most three lives' worth of the window (so that no replica takes a window's room at once),
-/// and never less than `need`.
-fn wanted(rate: (f64, f64), need: Charge, limits: &Limits, life: Duration) -> (f64, f64) {
+/// The slice to ask for: the demand over a life, at least four of `need`, at most three
+/// lives' worth of the window (so that no replica holds much of a window unspent); but room
+/// at once for the request and the `waiting` ones like it (a burst spends its slice as soon as
+/// it is granted), up to the whole window.
+fn wanted(
+    rate: (f64, f64),
+    need: Charge,
+    waiting: usize,
+    limits: &Limits,
+    life: Duration,
+) -> (f64, f64) {
     let window = limits.window.as_secs_f64().max(1e-3);
     let part = (3.0 * life.as_secs_f64() / window).min(1.0);
+    let burst = (waiting + 1) as f64;
     let size = |rate: f64, need: u64, per_minute: Option<u64>| {
         let need = need as f64;
-        let want = (rate * life.as_secs_f64() * 1.0).max(need * 4.0);
+        let want = (rate * life.as_secs_f64()).max(need * 4.0);
         match per_minute {
             Some(limit) => {
                 let cap = limit as f64 / 60.0 * window;
-                want.min(cap * part).max(need)
+                want.min(cap * part).max(need * burst).min(cap).max(need)
             }
-            None => want,
+            None => want.max(need * burst),
         }
     };
     (
@@ -604,7 +637,7 @@ mod tests {
         assert_eq!(state.spend(charge(200), later, life), Local::Call);
         // Settled after its slice closed: carried by the next call.
         state.settle(3, 150.0, 0.0);
-        let out = state.outgoing(charge(200), &limits(), later, life);
+        let out = state.outgoing(charge(200), 0, &limits(), later, life);
         assert_eq!(
             out.returns,
             vec![Return {
@@ -633,10 +666,10 @@ mod tests {
         let mut state = State::default();
         granted(&mut state, 1, 100.0, 1.0, t0);
         state.settle(9, 5.0, 0.0);
-        let out = state.outgoing(charge(10), &limits(), t0 + life, life);
+        let out = state.outgoing(charge(10), 0, &limits(), t0 + life, life);
         assert_eq!((out.returns.len(), out.adjustments.len()), (1, 1));
         state.restore(out);
-        let again = state.outgoing(Charge::default(), &limits(), t0 + life, life);
+        let again = state.outgoing(Charge::default(), 0, &limits(), t0 + life, life);
         assert_eq!((again.returns.len(), again.adjustments.len()), (1, 1));
         assert_eq!(again.wanted, (0.0, 0.0));
     }
@@ -670,7 +703,7 @@ mod tests {
             Local::Wait { cooling: true, .. }
         ));
         // The open slice was closed, unspent, to be given back.
-        let out = state.outgoing(Charge::default(), &limits(), t0 + life * 3 / 4, life);
+        let out = state.outgoing(Charge::default(), 0, &limits(), t0 + life * 3 / 4, life);
         assert_eq!(out.returns[0].last_spend, None);
     }
 
@@ -688,15 +721,21 @@ mod tests {
                 t0 + Duration::from_millis(25 * i),
             );
         }
-        let out = state.outgoing(charge(100), &limits(), t0 + life, life);
+        let out = state.outgoing(charge(100), 0, &limits(), t0 + life, life);
         // 1.5 lives of demand: ~6,000 tokens, under the cap of 3 lives of a 10 s window of
         // 10,000 tokens (3,000)... so the cap holds it.
         assert!((out.wanted.0 - 3_000.0).abs() < 1e-6, "{:?}", out.wanted);
         // A quiet key asks for four requests' worth.
         let mut quiet = State::default();
         quiet.asked(charge(100), &limits(), life, t0);
-        let out = quiet.outgoing(charge(100), &limits(), t0, life);
+        let out = quiet.outgoing(charge(100), 0, &limits(), t0, life);
         assert!((out.wanted.0 - 400.0).abs() < 1e-6, "{:?}", out.wanted);
+        // Forty requests waiting for the call: room for all of them at once, past the part a
+        // replica holds for its demand (3,000 tokens), up to the window (10,000).
+        let out = quiet.outgoing(charge(100), 39, &limits(), t0, life);
+        assert!((out.wanted.0 - 4_000.0).abs() < 1e-6, "{:?}", out.wanted);
+        let out = quiet.outgoing(charge(100), 500, &limits(), t0, life);
+        assert!((out.wanted.0 - 10_000.0).abs() < 1e-6, "{:?}", out.wanted);
     }
 
     #[test]

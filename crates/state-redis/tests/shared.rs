@@ -1057,6 +1057,37 @@ async fn on_a_redis_cluster_windows_leases_and_limits_hold_across_replicas() {
         0,
         "every call was answered by the cluster"
     );
+    // Leased slices on the cluster: 6,000 tokens a window, requests of 50 (120 a window,
+    // sliced). The two replicas together never admit past the window; the unspent parts of
+    // their slices are all it may leave unused.
+    let sliced = Limits::per_minute(Some(36_000), None);
+    let small = Charge {
+        tokens: 50,
+        requests: 1,
+    };
+    let mut admitted = 0;
+    let mut denied_in_a_row = 0;
+    for n in 0..400 {
+        let store = if n % 2 == 0 { &a } else { &b };
+        match store
+            .reserve("sliced/m", &sliced, small, now)
+            .await
+            .unwrap()
+        {
+            Admission::Admitted { .. } => {
+                admitted += 1;
+                denied_in_a_row = 0;
+            }
+            Admission::Denied { .. } => denied_in_a_row += 1,
+        }
+        if denied_in_a_row >= 4 {
+            break;
+        }
+    }
+    assert!(
+        (100..=120).contains(&admitted),
+        "slices on the cluster admitted {admitted} of 120"
+    );
     let per_node = cluster.keys_per_node().await.unwrap();
     assert!(
         per_node.iter().filter(|&&n| n > 0).count() >= 2,
@@ -1420,4 +1451,80 @@ async fn a_fleet_leasing_slices_keeps_one_window_with_few_calls() {
     assert!(report.fullest_share() >= 0.9, "{report:?}");
     assert!(report.calls_per_request() < 0.1, "{report:?}");
     assert_eq!(report.fallbacks, 0);
+}
+
+/// Under leased shares a replica spends its slice without asking Redis, so a cooldown another
+/// replica shares reaches it with its next call: within a slice's life. The replica that
+/// cooled down stops at once, and a refusal it hears closes its slices too.
+#[tokio::test]
+async fn a_cooldown_reaches_a_replica_spending_a_slice_within_its_life() {
+    let redis = RedisServer::start().await.unwrap();
+    let a = RedisStore::connect(&redis.url(), options("slice-cool"))
+        .await
+        .unwrap();
+    let b = RedisStore::connect(&redis.url(), options("slice-cool"))
+        .await
+        .unwrap();
+    // 600,000 TPM over 10 s windows: 100,000 tokens a window, slices living 500 ms.
+    let limits = Limits::per_minute(Some(600_000), Some(6_000));
+    let life = Duration::from_millis(500);
+    let charge = Charge {
+        tokens: 100,
+        requests: 1,
+    };
+    for store in [&a, &b] {
+        let admitted = store.reserve("ep/m", &limits, charge, Instant::now()).await;
+        assert!(
+            matches!(admitted, Ok(Admission::Admitted { .. })),
+            "{admitted:?}"
+        );
+    }
+    let cooled = Instant::now();
+    a.cool_down("ep/m", Duration::from_secs(5), cooled)
+        .await
+        .unwrap();
+    let mine = a.reserve("ep/m", &limits, charge, Instant::now()).await;
+    assert!(
+        matches!(mine, Ok(Admission::Denied { cooling: true, .. })),
+        "the replica that cooled down stops at once: {mine:?}"
+    );
+    let reached = loop {
+        let admission = b
+            .reserve("ep/m", &limits, charge, Instant::now())
+            .await
+            .unwrap();
+        if matches!(admission, Admission::Denied { cooling: true, .. }) {
+            break cooled.elapsed();
+        }
+        assert!(
+            matches!(admission, Admission::Admitted { .. }),
+            "{admission:?}"
+        );
+        assert!(
+            cooled.elapsed() < life * 2,
+            "the cooldown did not reach the other replica within a slice's life"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("the cooldown reached the other replica after {reached:?}");
+    // A refusal a replica hears closes its slices: nothing more from them.
+    let c = RedisStore::connect(&redis.url(), options("slice-refused"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.reserve("ep/n", &limits, charge, Instant::now())
+            .await
+            .unwrap(),
+        Admission::Admitted { .. }
+    ));
+    c.refused("ep/n", &limits, Duration::from_secs(2), Instant::now())
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.reserve("ep/n", &limits, charge, Instant::now())
+            .await
+            .unwrap(),
+        Admission::Denied { cooling: true, .. }
+    ));
+    assert_eq!(a.fallbacks() + b.fallbacks() + c.fallbacks(), 0);
 }
