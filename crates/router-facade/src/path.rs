@@ -111,6 +111,10 @@ pub(crate) async fn run<O: Operation>(
     }
 }
 
+/// How long a deployment one replica disabled (401, 403, 404, `insufficient_quota`) is kept
+/// away from the others, through a shared store, before one of them probes it.
+pub(crate) const DISABLED_SHARED_FOR: Duration = Duration::from_secs(300);
+
 /// How long the router remembers which deployment stored a response (OpenAI keeps stored
 /// responses 30 days).
 pub(crate) const RESPONSE_AFFINITY: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -1248,6 +1252,16 @@ impl<'r> Path<'r> {
             router_core::Availability::Disabled(_)
         ) {
             tracing::warn!(endpoint = %deployment.endpoint, deployment = %deployment.name, %error, "deployment disabled until reconfigured");
+            // The other replicas would each find out with a failed request of their own: they
+            // are told through the shared store, as a cooldown, after which one of them
+            // probes it (half-open across the replicas) and disables it too if it still fails.
+            if self.live.store.is_shared() {
+                let _ = self
+                    .live
+                    .store
+                    .cool_down(&deployment.key, DISABLED_SHARED_FOR, now())
+                    .await;
+            }
         }
         if !error.is_retryable() {
             return Err(error);

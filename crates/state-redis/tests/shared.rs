@@ -1102,11 +1102,12 @@ async fn on_a_redis_cluster_windows_leases_and_limits_hold_across_replicas() {
 }
 
 /// A deployment one replica ejected after consecutive failures (500s, 503s, connection resets)
-/// is out for the other replicas too:
-/// the ejection is shared as a cooldown of its length, so they send it nothing until it ends
-/// (without sharing, each replica would spend its own failures finding out).
+/// or disabled (401, 403, 404, `insufficient_quota`) is out for the other replicas too:
+/// the ejection is shared as a cooldown of its length, a disabling as one of five minutes, so
+/// they send it nothing until it ends (without sharing, each replica would spend its own
+/// failures finding out).
 #[tokio::test]
-async fn an_ejection_one_replica_made_keeps_every_replica_away() {
+async fn an_ejection_or_a_disabling_one_replica_made_keeps_every_replica_away() {
     use upstream_sim::Fault;
     let redis = RedisServer::start().await.unwrap();
     let faults = [
@@ -1121,6 +1122,26 @@ async fn an_ejection_one_replica_made_keeps_every_replica_away() {
             retry_after: None,
         },
         Fault::Reset,
+        Fault::Status {
+            status: 401,
+            code: None,
+            retry_after: None,
+        },
+        Fault::Status {
+            status: 403,
+            code: None,
+            retry_after: None,
+        },
+        Fault::Status {
+            status: 404,
+            code: None,
+            retry_after: None,
+        },
+        Fault::Status {
+            status: 429,
+            code: Some("insufficient_quota".to_owned()),
+            retry_after: None,
+        },
     ];
     for (i, fault) in faults.into_iter().enumerate() {
         ejection_case(&redis, fault, &format!("ejection-{i}")).await;
@@ -1135,6 +1156,11 @@ async fn ejection_case(redis: &RedisServer, fault: upstream_sim::Fault, test: &s
             .with_latency(LatencyModel::instant())
     });
     let sim = Sim::start(1, endpoints).await.unwrap();
+    // An ejection takes consecutive failures; a disabling, one.
+    let least = match &fault {
+        upstream_sim::Fault::Status { status, .. } if *status < 500 => 1,
+        _ => 3,
+    };
     sim.endpoints()[0].inject(fault, upstream_sim::Times::Always);
     let mut routers = Vec::new();
     for _ in 0..2 {
@@ -1149,11 +1175,14 @@ async fn ejection_case(redis: &RedisServer, fault: upstream_sim::Fault, test: &s
         routers.push(builder.state_store(Arc::new(store)).build().unwrap());
     }
     // The first replica meets the failures (each request fails over to `good`) until it
-    // ejects `bad`.
+    // ejects or disables `bad`.
     let mut sent = 0;
     while !routers[0].stats().iter().any(|d| {
         d.endpoint.as_str() == "bad"
-            && matches!(d.state.availability, router_core::Availability::Ejected(_))
+            && matches!(
+                d.state.availability,
+                router_core::Availability::Ejected(_) | router_core::Availability::Disabled(_)
+            )
     }) {
         routers[0].chat(&request()).await.unwrap();
         sent += 1;
@@ -1164,14 +1193,14 @@ async fn ejection_case(redis: &RedisServer, fault: upstream_sim::Fault, test: &s
         );
     }
     let failures = sim.endpoints()[0].counters().requests;
-    assert!(failures >= 3, "{failures}");
+    assert!(failures >= least, "{test}: {failures}");
     for _ in 0..20 {
         routers[1].chat(&request()).await.unwrap();
     }
     assert_eq!(
         sim.endpoints()[0].counters().requests,
         failures,
-        "{test}: the second replica sent requests to a deployment the first had ejected"
+        "{test}: the second replica sent requests to a deployment the first had taken out"
     );
 }
 
