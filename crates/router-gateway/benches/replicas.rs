@@ -10,7 +10,8 @@
 //! it: leased slices (the default), one Redis call per request (`redis_slice_ms = 0`), and
 //! each replica on its own (no Redis: the limit once per replica). Then, with slices and the
 //! key's limit, Redis is stopped for the middle third of a run (`--no-kill` skips it;
-//! `--sharing slices|per-request|alone|all` runs some ways of sharing only):
+//! `--sharing slices|per-request|alone|all` runs some ways of sharing only; `--cluster` puts
+//! the replicas on a three-master Redis Cluster instead of one server):
 //! no request may fail, each replica keeps to its local share, and sharing resumes.
 //!
 //! Reported: tokens admitted against the limit (over the run, and in the fullest 10 s),
@@ -55,6 +56,7 @@ struct Options {
     binds: Vec<Bind>,
     sharings: Vec<Sharing>,
     kill: bool,
+    cluster: bool,
 }
 
 /// Which limit binds.
@@ -113,6 +115,7 @@ fn options() -> Options {
             Sharing::Alone,
         ],
         kill: true,
+        cluster: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -141,6 +144,7 @@ fn options() -> Options {
                 };
             }
             "--no-kill" => options.kill = false,
+            "--cluster" => options.cluster = true,
             // cargo bench passes `--bench`.
             _ => {}
         }
@@ -172,6 +176,7 @@ struct Replica {
 
 /// The limit `tpm` on the scope `bind` names, shared as `sharing` says among `replicas`.
 struct Setup<'a> {
+    /// The `[router]` lines naming the Redis.
     redis: Option<&'a str>,
     sharing: Sharing,
     bind: Bind,
@@ -183,8 +188,8 @@ async fn start(sim: &Sim, setup: &Setup<'_>, dir: &Path, n: usize) -> Replica {
     let port = free_port();
     let redis = match (setup.sharing, setup.redis) {
         (Sharing::Alone | Sharing::AloneParts, _) | (_, None) => String::new(),
-        (Sharing::Slices, Some(url)) => format!("redis_url = \"{url}\""),
-        (Sharing::PerRequest, Some(url)) => format!("redis_url = \"{url}\"\nredis_slice_ms = 0"),
+        (Sharing::Slices, Some(lines)) => lines.to_owned(),
+        (Sharing::PerRequest, Some(lines)) => format!("{lines}\nredis_slice_ms = 0"),
     };
     let tpm = if setup.sharing == Sharing::AloneParts {
         setup.tpm / setup.replicas as u64
@@ -259,6 +264,49 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
         .output()
         .expect("redis-cli");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One `redis-server`, or a three-master Redis Cluster (`--cluster`).
+enum Store {
+    Single(RedisServer),
+    Cluster(upstream_sim::redis_server::RedisCluster),
+}
+
+impl Store {
+    async fn start(cluster: bool) -> Self {
+        if cluster {
+            Self::Cluster(
+                upstream_sim::redis_server::RedisCluster::start(3)
+                    .await
+                    .unwrap(),
+            )
+        } else {
+            Self::Single(RedisServer::start().await.unwrap())
+        }
+    }
+
+    /// The gateway's `[router]` lines naming it.
+    fn lines(&self) -> String {
+        match self {
+            Self::Single(redis) => format!("redis_url = \"{}\"", redis.url()),
+            Self::Cluster(cluster) => format!(
+                "redis_cluster = true\nredis_url = \"{}\"",
+                cluster.urls().join(",")
+            ),
+        }
+    }
+
+    /// `redis_calls` over every node.
+    fn calls(&self) -> (u64, u64) {
+        let ports = match self {
+            Self::Single(redis) => vec![redis.port],
+            Self::Cluster(cluster) => cluster.ports.clone(),
+        };
+        ports
+            .into_iter()
+            .map(redis_calls)
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
 }
 
 /// Round trips (script calls and plain commands sent by a client) and commands run in all
@@ -391,7 +439,7 @@ async fn stop_fleet(replicas: Vec<Replica>) {
 /// request (under slices the window holds slices).
 async fn charge_per_request(sim: &Sim, dir: &Path) -> u64 {
     let redis = RedisServer::start().await.unwrap();
-    let url = redis.url();
+    let url = format!("redis_url = \"{}\"", redis.url());
     let setup = Setup {
         redis: Some(&url),
         sharing: Sharing::PerRequest,
@@ -479,8 +527,8 @@ async fn main() {
             if sharing == Sharing::Alone && bind != options.binds[0] {
                 continue;
             }
-            let redis = RedisServer::start().await.unwrap();
-            let url = redis.url();
+            let store = Store::start(options.cluster).await;
+            let url = store.lines();
             let setup = Setup {
                 redis: Some(&url),
                 sharing,
@@ -489,9 +537,9 @@ async fn main() {
                 replicas: options.replicas,
             };
             let replicas = start_fleet(&sim, &setup, &dir, options.replicas).await;
-            let (trips_before, all_before) = redis_calls(redis.port);
+            let (trips_before, all_before) = store.calls();
             let run = load(&replicas, options.rate, options.seconds).await;
-            let (trips, all) = redis_calls(redis.port);
+            let (trips, all) = store.calls();
             let (trips, all) = (trips - trips_before, all - all_before);
             let fell_back = fallbacks(&replicas).await;
             let sent = run.served + run.throttled + run.other;
@@ -528,13 +576,21 @@ async fn main() {
         }
     }
     let mut report = format!(
-        "{} gateway processes, {:.0} requests a second offered in all ({:.1}x the limit) for {} s; \
+        "{} gateway processes{}, {:.0} requests a second offered in all ({:.1}x the limit) for {} s; \
          every request charged {estimate} tokens, the limit {tpm} TPM:\n\n\
          | limit | sharing | sent | tokens admitted | of the limit over the run | of the limit in the fullest 10 s | served | throttled | other | Redis round trips a request | commands run in Redis a request | calls answered from a local share | p50 ms | p99 ms | p99 added by the store, ms |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n{rows}",
-        options.replicas, options.rate, options.overload, options.seconds
+        options.replicas,
+        if options.cluster {
+            " on a three-master Redis Cluster"
+        } else {
+            ""
+        },
+        options.rate,
+        options.overload,
+        options.seconds
     );
-    if options.kill {
+    if options.kill && !options.cluster {
         report.push_str(&kill_redis(&sim, &dir, &options, tpm, per_request).await);
     }
     println!("{report}");
@@ -555,7 +611,7 @@ async fn kill_redis(
     per_request: f64,
 ) -> String {
     let mut redis = RedisServer::start().await.unwrap();
-    let url = redis.url();
+    let url = format!("redis_url = \"{}\"", redis.url());
     let setup = Setup {
         redis: Some(&url),
         sharing: Sharing::Slices,
