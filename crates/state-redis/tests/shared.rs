@@ -1267,20 +1267,7 @@ async fn after_a_shared_cooldown_one_probe_goes_out_across_replicas() {
 
 /// Script calls Redis has run so far (`EVALSHA`, `EVAL`), from `INFO commandstats`.
 async fn script_calls(redis: &RedisServer) -> u64 {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    info.lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| {
-            let calls = l.split("calls=").nth(1)?.split(',').next()?;
-            calls.parse::<u64>().ok()
-        })
-        .sum()
+    fleet::redis_stats(&redis.url()).await.0
 }
 
 /// One run of replicas admitting from one window: what each admission really used, when.

@@ -75,7 +75,7 @@ impl Report {
 }
 
 /// `INFO` fields summed: script calls, all commands, CPU seconds.
-async fn redis_stats(url: &str) -> (u64, u64, f64) {
+pub(crate) async fn redis_stats(url: &str) -> (u64, u64, f64) {
     let client = redis::Client::open(url).expect("redis url");
     let mut connection = client
         .get_multiplexed_async_connection()
