@@ -393,11 +393,12 @@ async fn gateway_processes_leasing_slices_admit_a_keys_window_once_with_few_call
     let calls = script_calls(redis.port) - before;
     eprintln!("slices: {served} served, {throttled} throttled, {calls} script calls");
     let per_window = SLICED_RPM / 6;
-    // Never past the window. Nearly all of it on a quiet machine (100 of 100); under the CI
-    // run's load 80: requests told to come back within a slice's life for room that others'
-    // open slices held were throttled by their 2 s max queue wait first.
+    // Never past the window, and nearly all of it: a renewal ahead of need asks only for what
+    // the open slices cannot serve, and a slice left unspent goes back before its life ends
+    // (before, renewals sized to every request waiting left a fifth of the window unspent in
+    // open slices, and the requests told to come back for it were throttled first).
     assert!(
-        served <= per_window && served >= per_window * 3 / 4,
+        served <= per_window && served >= per_window * 9 / 10,
         "four gateways leasing slices of a window of {per_window}: {served} served"
     );
     assert_eq!(sim.endpoints()[0].counters().requests, served);

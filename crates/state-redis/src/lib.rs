@@ -1092,8 +1092,10 @@ impl RedisStore {
             if let Some(answer) = self.spend(key, limits, &entry, charge, now, life) {
                 return answer;
             }
+            // Those asking besides this request.
+            let waiting = entry.asking_now().saturating_sub(1);
             let called = self
-                .call_slices(key, limits, &entry, charge, now, life)
+                .call_slices(key, limits, &entry, charge, waiting, now, life)
                 .await;
             drop(calling);
             if let Err(why) = called {
@@ -1153,16 +1155,20 @@ impl RedisStore {
 
     /// One call: gives back the closed slices and the settlements since, and asks for a
     /// slice with room for `need` (none when `need` is nothing).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the key, its limits and slices, and what this call asks for"
+    )]
     async fn call_slices(
         &self,
         key: &str,
         limits: &Limits,
         entry: &KeySlices,
         need: Charge,
+        waiting: usize,
         now: Instant,
         life: Duration,
     ) -> Result<(), String> {
-        let waiting = entry.waiting();
         let outgoing = lock(&entry.state).outgoing(need, waiting, limits, now, life);
         let invocation = self.slice_invocation(key, limits, &outgoing, now, life);
         match self
@@ -1191,6 +1197,14 @@ impl RedisStore {
                     3 => Answer::HalfOpen,
                     _ => Answer::Nothing,
                 };
+                tracing::debug!(
+                    %key,
+                    ?answer,
+                    wanted = ?outgoing.wanted,
+                    waiting,
+                    returned = outgoing.returns.len(),
+                    "slice call"
+                );
                 lock(&entry.state).answered(answer, outgoing.wanted, now, life);
                 Ok(())
             }
@@ -1276,8 +1290,10 @@ impl RedisStore {
                 };
                 let now = clock();
                 let need = lock(&entry.state).last_charge();
+                // Not itself a request: every one asking waits for room.
+                let waiting = entry.asking_now();
                 if let Err(why) = store
-                    .call_slices(&key, &limits, &entry, need, now, life)
+                    .call_slices(&key, &limits, &entry, need, waiting, now, life)
                     .await
                 {
                     store.fell_back(&why);
@@ -1294,7 +1310,10 @@ impl RedisStore {
         let Some(life) = self.inner.options.slices else {
             return;
         };
-        if self.inner.flushing.swap(true, Ordering::Relaxed) {
+        // Read first: once started, a reservation writes nothing here.
+        if self.inner.flushing.load(Ordering::Relaxed)
+            || self.inner.flushing.swap(true, Ordering::Relaxed)
+        {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -1324,7 +1343,10 @@ impl RedisStore {
                 continue;
             };
             let due = {
-                let state = lock(&entry.state);
+                let mut state = lock(&entry.state);
+                if entry.asking_now() == 0 {
+                    state.close_idle(now, life);
+                }
                 state.pending(now, life)
                     && state
                         .last_call()
@@ -1338,7 +1360,7 @@ impl RedisStore {
             };
             // Nothing is asked: the slices and settlements go back.
             if let Err(why) = self
-                .call_slices(&key, &limits, &entry, Charge::default(), now, life)
+                .call_slices(&key, &limits, &entry, Charge::default(), 0, now, life)
                 .await
             {
                 tracing::debug!(%key, reason = %why, "could not give slices back");

@@ -65,9 +65,9 @@ impl KeySlices {
         Asking(self)
     }
 
-    /// Requests asking for room now, besides the one calling.
-    pub(crate) fn waiting(&self) -> usize {
-        self.asking.load(Ordering::Relaxed).saturating_sub(1)
+    /// Requests asking for room now.
+    pub(crate) fn asking_now(&self) -> usize {
+        self.asking.load(Ordering::Relaxed)
     }
 }
 
@@ -284,10 +284,7 @@ impl State {
             slice.spent.1 += charge.requests as f64;
             slice.last_spend = Some(now);
             let id = slice.id;
-            let left = self.open.iter().fold((0.0, 0.0), |(t, r), s| {
-                let (a, b) = s.room();
-                (t + a, r + b)
-            });
+            let left = self.open_room();
             let level = |shared: Option<f64>, mine: f64| shared.map(|s| s + mine);
             return Local::Admitted(Spent {
                 ticket: SLICE_TICKET | id,
@@ -314,10 +311,7 @@ impl State {
         let Some(newest) = self.open.back() else {
             return true;
         };
-        let left = self.open.iter().fold((0.0, 0.0), |(t, r), s| {
-            let (a, b) = s.room();
-            (t + a, r + b)
-        });
+        let left = self.open_room();
         let low = |left: f64, granted: f64| granted.is_finite() && left * 3.0 <= granted;
         low(left.0, self.last_grant.0)
             || low(left.1, self.last_grant.1)
@@ -373,6 +367,36 @@ impl State {
                 .is_some_and(|s| now.saturating_duration_since(s.granted) >= life)
     }
 
+    /// The room left in the open slices (infinite where a dimension is not limited).
+    fn open_room(&self) -> (f64, f64) {
+        self.open.iter().fold((0.0, 0.0), |(t, r), s| {
+            let (a, b) = s.room();
+            (t + a, r + b)
+        })
+    }
+
+    /// Closes the open slices nobody has spent from for a while, so that their room goes back
+    /// to the other replicas at the next call rather than at the end of their life (a burst
+    /// that ended leaves its last slice unspent). A while: a quarter of a life, or four of
+    /// the gaps between this key's requests when they come slower (a slow, steady key keeps
+    /// its slice). Called when no request on this replica is asking for room on the key.
+    pub(crate) fn close_idle(&mut self, now: Instant, life: Duration) {
+        let gap = if self.rate.1 > 0.0 {
+            Duration::from_secs_f64((4.0 / self.rate.1).min(life.as_secs_f64()))
+        } else {
+            Duration::ZERO
+        };
+        let idle = (life / 4).max(gap);
+        for slice in std::mem::take(&mut self.open) {
+            let active = slice.last_spend.unwrap_or(slice.granted);
+            if now.saturating_duration_since(active) >= idle {
+                self.returns.push(slice.closed());
+            } else {
+                self.open.push_back(slice);
+            }
+        }
+    }
+
     /// When the last call was made.
     pub(crate) fn last_call(&self) -> Option<Instant> {
         self.last_call
@@ -401,7 +425,15 @@ impl State {
         }
         self.last_call = Some(now);
         let wanted = if need.tokens > 0 || need.requests > 0 {
-            wanted(self.rate, need, waiting, &self.learned.apply(limits), life)
+            let open = self.open_room();
+            wanted(
+                self.rate,
+                need,
+                waiting,
+                open,
+                &self.learned.apply(limits),
+                life,
+            )
         } else {
             (0.0, 0.0)
         };
@@ -502,31 +534,40 @@ impl State {
 /// The slice to ask for: the demand over a life, at least four of `need`, at most three
 /// lives' worth of the window (so that no replica holds much of a window unspent); but room
 /// at once for the request and the `waiting` ones like it (a burst spends its slice as soon as
-/// it is granted), up to the whole window.
+/// it is granted), beyond what the `open` slices still hold for them, up to the whole window.
 fn wanted(
     rate: (f64, f64),
     need: Charge,
     waiting: usize,
+    open: (f64, f64),
     limits: &Limits,
     life: Duration,
 ) -> (f64, f64) {
     let window = limits.window.as_secs_f64().max(1e-3);
     let part = (3.0 * life.as_secs_f64() / window).min(1.0);
-    let burst = (waiting + 1) as f64;
-    let size = |rate: f64, need: u64, per_minute: Option<u64>| {
+    let asking = (waiting + 1) as f64;
+    let size = |rate: f64, need: u64, open: f64, per_minute: Option<u64>| {
         let need = need as f64;
         let want = (rate * life.as_secs_f64()).max(need * 4.0);
+        // Those asking now that the open slices cannot serve (a renewal ahead of need is
+        // made while the open slice still serves the requests waiting for it).
+        let burst = need * asking - open;
         match per_minute {
             Some(limit) => {
                 let cap = limit as f64 / 60.0 * window;
-                want.min(cap * part).max(need * burst).min(cap).max(need)
+                want.min(cap * part).max(burst).min(cap).max(need)
             }
-            None => want.max(need * burst),
+            None => want.max(burst),
         }
     };
     (
-        size(rate.0, need.tokens, limits.tpm),
-        size(rate.1, need.requests, limits.requests().and(limits.rpm)),
+        size(rate.0, need.tokens, open.0, limits.tpm),
+        size(
+            rate.1,
+            need.requests,
+            open.1,
+            limits.requests().and(limits.rpm),
+        ),
     )
 }
 
@@ -736,6 +777,72 @@ mod tests {
         assert!((out.wanted.0 - 4_000.0).abs() < 1e-6, "{:?}", out.wanted);
         let out = quiet.outgoing(charge(100), 500, &limits(), t0, life);
         assert!((out.wanted.0 - 10_000.0).abs() < 1e-6, "{:?}", out.wanted);
+    }
+
+    #[test]
+    fn a_renewal_asks_only_for_those_the_open_slices_cannot_serve() {
+        let t0 = Instant::now();
+        let life = Duration::from_secs(1);
+        let mut state = State::default();
+        state.asked(charge(100), &limits(), life, t0);
+        granted(&mut state, 1, 3_600.0, 36.0, t0);
+        for _ in 0..24 {
+            assert!(matches!(
+                state.spend(charge(100), t0, life),
+                Local::Admitted(_)
+            ));
+        }
+        // Thirteen asking, twelve left open: a renewal ahead asks for the demand's floor (four
+        // requests), not for twelve more (they would sit unspent while others wait).
+        let out = state.outgoing(charge(100), 12, &limits(), t0, life);
+        assert!((out.wanted.1 - 4.0).abs() < 1e-9, "{:?}", out.wanted);
+        // Twenty more waiting besides the one calling: the nine the open slice cannot serve.
+        let out = state.outgoing(charge(100), 20, &limits(), t0, life);
+        assert!((out.wanted.1 - 9.0).abs() < 1e-9, "{:?}", out.wanted);
+    }
+
+    #[test]
+    fn a_slice_nobody_spends_from_goes_back_before_its_life_ends() {
+        let t0 = Instant::now();
+        let life = Duration::from_secs(1);
+        let mut state = State::default();
+        granted(&mut state, 1, 1_000.0, 10.0, t0);
+        let spent = t0 + Duration::from_millis(100);
+        assert!(matches!(
+            state.spend(charge(100), spent, life),
+            Local::Admitted(_)
+        ));
+        // Spent from a tenth of a life ago: kept.
+        state.close_idle(spent + life / 10, life);
+        assert!(!state.pending(spent + life / 10, life));
+        // Idle for a quarter of a life: closed, with what was spent, well before its life ends.
+        let idle = spent + life / 4;
+        state.close_idle(idle, life);
+        assert!(state.pending(idle, life));
+        let out = state.outgoing(Charge::default(), 0, &limits(), idle, life);
+        assert_eq!(
+            out.returns,
+            vec![Return {
+                id: 1,
+                tokens: 100.0,
+                requests: 1.0,
+                last_spend: Some(spent)
+            }]
+        );
+        // A slow, steady key (a request every 200 ms) keeps its slice between requests.
+        let mut slow = State::default();
+        for i in 0..=10 {
+            slow.asked(
+                charge(100),
+                &limits(),
+                life,
+                t0 + Duration::from_millis(200 * i),
+            );
+        }
+        let at = t0 + Duration::from_secs(2);
+        granted(&mut slow, 2, 1_000.0, 10.0, at);
+        slow.close_idle(at + Duration::from_millis(300), life);
+        assert!(!slow.pending(at + Duration::from_millis(300), life));
     }
 
     #[test]
