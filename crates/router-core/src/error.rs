@@ -66,6 +66,8 @@ struct Inner {
     source: Option<BoxError>,
     /// Azure spilled the request over to its spillover deployment, which failed too.
     spilled: bool,
+    /// Attempts the router made for the request (0: none, or not said).
+    attempts: u32,
 }
 
 /// What kind of failure an [`Error`] is. Field-less and `Copy`, for matching and metric labels.
@@ -287,6 +289,7 @@ impl Error {
                 body: None,
                 source: None,
                 spilled: false,
+                attempts: 0,
             }),
         }
     }
@@ -380,6 +383,20 @@ impl Error {
     pub fn with_endpoint(mut self, endpoint: EndpointId) -> Self {
         self.inner.endpoint = Some(endpoint);
         self
+    }
+
+    /// Sets how many attempts the router made for the request before it failed.
+    #[must_use]
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.inner.attempts = attempts;
+        self
+    }
+
+    /// Attempts the router made on the upstreams for the request before it failed, in every
+    /// model group tried: 0 when it made none (the router's own limits refused it, nothing
+    /// was eligible) or when the error is a backend's, not the router's answer.
+    pub fn attempts(&self) -> u32 {
+        self.inner.attempts
     }
 
     /// Sets how long to wait before trying the endpoint again.
@@ -516,6 +533,9 @@ impl fmt::Debug for Error {
         }
         if let Some(retry_after) = self.inner.retry_after {
             d.field("retry_after", &retry_after);
+        }
+        if self.inner.attempts > 0 {
+            d.field("attempts", &self.inner.attempts);
         }
         if let Some(message) = &self.inner.message {
             d.field("message", message);

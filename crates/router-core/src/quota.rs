@@ -1454,6 +1454,18 @@ impl QuotaView {
         cell.store(pack(level as f32, self.ms(at) as u32), Ordering::Relaxed);
     }
 
+    /// What the view holds at `now` under `limits`, tokens and requests (`None` where not
+    /// limited): what the store last said was left, refilled at the limits' rates since.
+    pub fn levels(&self, limits: &Limits, now: Instant) -> (Option<f64>, Option<f64>) {
+        let level = |cell: &AtomicU64, shape: Option<Shape>| {
+            shape.map(|shape| self.bucket(cell, shape, now).level_at(shape, now))
+        };
+        (
+            level(&self.tokens, limits.tokens()),
+            level(&self.requests, limits.requests()),
+        )
+    }
+
     /// Records levels a store reported at `now`.
     pub fn update(&self, tokens: Option<f64>, requests: Option<f64>, now: Instant) {
         if let Some(level) = tokens {

@@ -24,6 +24,8 @@ use dashmap::DashMap;
 use router_core::{Admission, Charge, Error, ErrorKind, Lease, Limits, Settlement, StateStore};
 use tokio::time::Instant;
 
+use crate::options::QuotaLeft;
+
 /// Limits the router enforces itself. `None` is unlimited.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,6 +116,33 @@ pub(crate) struct Permit {
     held: Vec<Arc<AtomicU32>>,
     leases: Vec<Lease>,
     store: Option<Arc<dyn StateStore>>,
+    /// What each scope's windows had left after the admission: (scope index, tokens,
+    /// requests).
+    left: Vec<(usize, Option<f64>, Option<f64>)>,
+}
+
+impl Permit {
+    /// What the caller's scope among `scopes` (those it was admitted under) has left.
+    pub(crate) fn caller_quota(&self, scopes: &[Scope]) -> Option<QuotaLeft> {
+        let (index, scope) = scopes
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name.starts_with("caller:"))?;
+        let (_, tokens, requests) = self.left.iter().find(|(i, _, _)| *i == index)?;
+        let windows = scope.limits.windows();
+        let part = windows.window.as_secs_f64() / 60.0;
+        let held = |per_minute: Option<u64>| per_minute.map(|l| (l as f64 * part).floor() as u64);
+        let whole = |left: Option<f64>, per_minute: Option<u64>| {
+            per_minute.and(left).map(|l| l.max(0.0).floor() as u64)
+        };
+        Some(QuotaLeft {
+            limit_requests: held(scope.limits.rpm),
+            limit_tokens: held(scope.limits.tpm),
+            requests_left: whole(*requests, scope.limits.rpm),
+            tokens_left: whole(*tokens, scope.limits.tpm),
+            window: windows.window,
+        })
+    }
 }
 
 impl Drop for Permit {
@@ -180,6 +209,7 @@ impl Limiters {
             held: Vec::new(),
             leases: Vec::new(),
             store: Some(Arc::clone(store)),
+            left: Vec::new(),
         };
         for scope in scopes {
             let Some(max) = scope.limits.concurrency else {
@@ -211,14 +241,20 @@ impl Limiters {
             }
         }
         let mut charged: Vec<(&str, Limits, u64)> = Vec::new();
-        for scope in scopes {
+        for (index, scope) in scopes.iter().enumerate() {
             let windows = scope.limits.windows();
             if !windows.is_limited() {
                 continue;
             }
             match store.reserve(&scope.key, &windows, charge, now).await {
-                Ok(Admission::Admitted { ticket, .. }) => {
+                Ok(Admission::Admitted {
+                    ticket,
+                    tokens_left,
+                    requests_left,
+                    ..
+                }) => {
                     charged.push((&scope.key, windows, ticket));
+                    permit.left.push((index, tokens_left, requests_left));
                 }
                 Ok(Admission::Denied { retry_after, .. }) => {
                     // Give back what the scopes before this one took.

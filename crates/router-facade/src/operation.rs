@@ -16,7 +16,7 @@ use router_types::{
 
 use crate::attempt::Attempt;
 use crate::estimate::{self, Estimate};
-use crate::options::Routed;
+use crate::options::{Routed, Served};
 use crate::reservation::Used;
 use crate::stream::{Opened, RouterStream, first_content};
 
@@ -37,7 +37,15 @@ pub(crate) async fn shadow<O: Operation>(
     match tokio::time::timeout_at(deadline, operation.send(&attempt, call)).await {
         Ok(Ok(sent)) => {
             let output = operation
-                .complete(sent, attempt, 1, started.elapsed())
+                .complete(
+                    sent,
+                    attempt,
+                    Served {
+                        attempts: 1,
+                        caller: None,
+                    },
+                    started.elapsed(),
+                )
                 .await;
             let _ = tokio::time::timeout_at(deadline, O::finish(output)).await;
         }
@@ -98,7 +106,7 @@ pub(crate) trait Operation: Sync {
         &self,
         sent: Self::Sent,
         attempt: Attempt,
-        attempts: u32,
+        served: Served,
         took: Duration,
     ) -> impl Future<Output = Self::Output> + Send;
 }
@@ -304,7 +312,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
         &self,
         reply: Self::Sent,
         attempt: Attempt,
-        attempts: u32,
+        served: Served,
         took: Duration,
     ) -> Self::Output {
         // A generation's signal is its time per output token, so that long and short answers
@@ -316,7 +324,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
             _ => took,
         };
         let deployment = std::sync::Arc::clone(attempt.deployment());
-        identify(&reply.meta, attempts);
+        identify(&reply.meta, served.attempts);
         if let Some(served) = R::served_tier(&reply.body) {
             deployment
                 .state
@@ -330,8 +338,9 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
             endpoint: deployment.endpoint.clone(),
             deployment: deployment.name.clone(),
             model: deployment.model.clone(),
-            attempts,
+            attempts: served.attempts,
             meta: reply.meta,
+            caller_quota: served.caller,
         }
     }
 }
@@ -654,7 +663,7 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
         &self,
         opened: Opened<R::Chunk>,
         mut attempt: Attempt,
-        attempts: u32,
+        served: Served,
         took: Duration,
     ) -> Self::Output {
         let stream = opened.stream();
@@ -662,10 +671,10 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
             .time_to_first_content()
             .or_else(|| stream.time_to_first_event())
             .unwrap_or(took);
-        identify(stream.meta(), attempts);
+        identify(stream.meta(), served.attempts);
         attempt.opened(ttft, stream.meta());
         let strip_usage = self.injects_usage(&attempt);
-        let routed = RouterStream::new(opened, attempt, attempts, strip_usage);
+        let routed = RouterStream::new(opened, attempt, served, strip_usage);
         routed.record_tier(Plain::asked_tier(self.0.as_ref()));
         routed
     }

@@ -73,6 +73,37 @@ impl RequestOptions {
     }
 }
 
+/// What a caller's own router-side limits ([`RouterBuilder::caller_limits`](crate::RouterBuilder::caller_limits))
+/// have left after a request's admission: for clients that pace themselves (the gateway
+/// answers it as `x-ratelimit-*` headers).
+///
+/// The limits are per minute, enforced over a sliding window ([`window`](Self::window), 10 s):
+/// the limits here are what one window holds (the per-minute limit times the window's part of
+/// a minute), and what is left is what the caller may send at once now. `None` where that
+/// dimension is not limited. With a shared store leasing slices, what is left is what the
+/// store last said plus what this replica holds unspent: near, not exact.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuotaLeft {
+    /// Requests the window holds.
+    pub limit_requests: Option<u64>,
+    /// Tokens the window holds.
+    pub limit_tokens: Option<u64>,
+    /// Requests left in the window after this one.
+    pub requests_left: Option<u64>,
+    /// Tokens left in the window after this one's estimate.
+    pub tokens_left: Option<u64>,
+    /// The window.
+    pub window: Duration,
+}
+
+/// How a request was served, for its answer: the attempts made and what the caller has left.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served {
+    pub(crate) attempts: u32,
+    pub(crate) caller: Option<QuotaLeft>,
+}
+
 /// An answer and how the router got it. Dereferences to the body.
 #[derive(Debug, Clone)]
 pub struct Routed<T> {
@@ -90,6 +121,9 @@ pub struct Routed<T> {
     pub attempts: u32,
     /// Status, rate-limit headers and timings of the answering attempt.
     pub meta: ResponseMeta,
+    /// What the caller's own limits have left, when it has any
+    /// ([`RequestOptions::with_caller`]).
+    pub caller_quota: Option<QuotaLeft>,
 }
 
 impl<T> Routed<T> {
@@ -123,4 +157,28 @@ pub struct DeploymentStats {
     pub priority: u32,
     /// In flight, latency estimates, availability and counters.
     pub state: StateStats,
+    /// Its quota and what is left of it, when it has one (configured, or announced by the
+    /// upstream's headers).
+    pub quota: Option<QuotaStats>,
+}
+
+/// A deployment's quota and what is left of it, as this router sees it: what the state store
+/// said at the last admission, refilled at the limits' rates since (with a shared store,
+/// other replicas' use since then is not in it).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuotaStats {
+    /// Tokens per minute, configured or announced.
+    pub tpm: Option<u64>,
+    /// Requests per minute, configured or announced.
+    pub rpm: Option<u64>,
+    /// The window the limits hold over.
+    pub window: Duration,
+    /// The share of them the router keeps to (below 1 once the upstream refused what they
+    /// allowed).
+    pub share: f64,
+    /// Tokens left in the window.
+    pub tokens_left: Option<f64>,
+    /// Requests left in the window.
+    pub requests_left: Option<f64>,
 }

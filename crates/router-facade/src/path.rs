@@ -33,7 +33,7 @@ use crate::estimate::Estimate;
 use crate::limits::Permit;
 use crate::limits::Scope;
 use crate::operation::Operation;
-use crate::options::RequestOptions;
+use crate::options::{QuotaLeft, RequestOptions, Served};
 use crate::reservation::Reservation;
 use crate::shared::Shared;
 use crate::snapshot::{Deployment, Group, RouterSnapshot};
@@ -70,14 +70,14 @@ pub(crate) async fn run<O: Operation>(
     loop {
         let error = match serve(shared, &live, &operation, options, leg).await {
             Ok(output) => return Ok(output),
-            Err(Unserved::Final(error)) => return Err(error),
+            Err(Unserved::Final(error)) => return Err(error.with_attempts(leg.before)),
             Err(Unserved::Group(error, attempts)) => {
                 leg.before += attempts;
                 error
             }
         };
         if let Some(index) = pinned {
-            return Err(pinned_error(&live, requested, index, &error));
+            return Err(pinned_error(&live, requested, index, &error).with_attempts(leg.before));
         }
         let larger = (error.kind() == ErrorKind::ContextLengthExceeded && !context_fallback_taken)
             .then(|| live.settings.context_fallback(leg.model))
@@ -106,7 +106,7 @@ pub(crate) async fn run<O: Operation>(
                     ..leg
                 };
             }
-            _ => return Err(error),
+            _ => return Err(error.with_attempts(leg.before)),
         }
     }
 }
@@ -223,6 +223,7 @@ pub(crate) async fn stored_call(
         model,
         attempts: 1,
         meta: reply.meta,
+        caller_quota: None,
     })
 }
 
@@ -357,9 +358,12 @@ async fn serve<O: Operation>(
         match sent {
             Ok(sent) => {
                 attempt.hold(path.permit.take());
-                let attempts = leg.before + path.count;
+                let served = Served {
+                    attempts: leg.before + path.count,
+                    caller: path.caller_quota(),
+                };
                 let output = operation
-                    .complete(sent, attempt, attempts, started.elapsed())
+                    .complete(sent, attempt, served, started.elapsed())
                     .instrument(span)
                     .await;
                 path.served((place.0.as_str(), &place.1));
@@ -425,6 +429,8 @@ struct Path<'r> {
     /// The router-side limits that apply, and the slots they granted.
     scopes: Vec<Scope>,
     permit: Option<Permit>,
+    /// What the caller's own limits had left when the request was admitted.
+    caller_quota: Option<QuotaLeft>,
 }
 
 impl<'r> Path<'r> {
@@ -506,6 +512,7 @@ impl<'r> Path<'r> {
             after_rate_limit: false,
             scopes,
             permit: None,
+            caller_quota: None,
             shared,
             model,
             live,
@@ -624,6 +631,7 @@ impl<'r> Path<'r> {
                 .await
             {
                 Ok(permit) => {
+                    self.caller_quota = permit.caller_quota(&self.scopes);
                     self.permit = Some(permit);
                     self.leave_waitlist();
                     return Ok(());
@@ -657,6 +665,11 @@ impl<'r> Path<'r> {
                 return Err(refusal.error());
             }
         }
+    }
+
+    /// What the caller's own limits had left when the request was admitted.
+    fn caller_quota(&self) -> Option<QuotaLeft> {
+        self.caller_quota
     }
 
     /// The error of a request refused because its expected wait is over its max queue wait.

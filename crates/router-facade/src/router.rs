@@ -147,6 +147,7 @@ impl Router {
                 weight: d.weight,
                 priority: d.priority,
                 state: d.state.stats(at),
+                quota: d.quota_stats(at),
             })
             .collect()
     }

@@ -50,6 +50,24 @@ impl Deployment {
         self.state.quota_limits(&self.limits)
     }
 
+    /// Its quota and what is left of it, when it has one.
+    pub(crate) fn quota_stats(&self, now: std::time::Instant) -> Option<crate::QuotaStats> {
+        let limits = self.quota_limits();
+        if !limits.is_limited() {
+            return None;
+        }
+        let kept = self.limits();
+        let (tokens_left, requests_left) = self.state.quota.levels(&kept, now);
+        Some(crate::QuotaStats {
+            tpm: limits.tpm,
+            rpm: limits.rpm,
+            window: limits.window,
+            share: self.state.admits().share,
+            tokens_left,
+            requests_left,
+        })
+    }
+
     /// Whether a request sent here is accounted (reserved in the store, then settled): when the
     /// deployment has a quota, or the store is shared (its cooldowns are then shared too).
     pub(crate) fn accounts(&self, store: &dyn StateStore) -> bool {

@@ -19,6 +19,7 @@ use router_core::{EndpointId, Error, Event, EventStream, RateLimitInfo, Response
 use router_types::ChatCompletionChunk;
 
 use crate::attempt::Attempt;
+use crate::options::{QuotaLeft, Served};
 use crate::reservation::Used;
 
 /// A routed stream: the upstream's chunks, then the end, or one error item. Chunks are chat
@@ -35,7 +36,9 @@ pub struct RouterStream<T = ChatCompletionChunk> {
     endpoint: EndpointId,
     model: String,
     meta: ResponseMeta,
+    deployment: String,
     attempts: u32,
+    caller_quota: Option<QuotaLeft>,
     /// The router asked for the usage chunk; the caller did not: drop it.
     strip_usage: bool,
     used: Option<Used>,
@@ -90,7 +93,7 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
     pub(crate) fn new(
         opened: Opened<T>,
         attempt: Attempt,
-        attempts: u32,
+        served: Served,
         strip_usage: bool,
     ) -> Self {
         let Opened {
@@ -103,10 +106,12 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
             endpoint: attempt.deployment().endpoint.clone(),
             model: attempt.deployment().model.clone(),
             meta: stream.meta().clone(),
+            deployment: attempt.deployment().name.clone(),
             held,
             inner: Some(stream),
             attempt: Some(attempt),
-            attempts,
+            attempts: served.attempts,
+            caller_quota: served.caller,
             strip_usage,
             used: None,
         };
@@ -135,6 +140,16 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
     /// The endpoint streaming.
     pub fn endpoint(&self) -> &EndpointId {
         &self.endpoint
+    }
+
+    /// The deployment name it streams under.
+    pub fn deployment(&self) -> &str {
+        &self.deployment
+    }
+
+    /// What the caller's own limits have left, when it has any.
+    pub fn caller_quota(&self) -> Option<QuotaLeft> {
+        self.caller_quota
     }
 
     /// The model group that serves it: the one asked for, or a fallback

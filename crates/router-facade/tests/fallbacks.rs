@@ -97,6 +97,13 @@ async fn a_group_that_cannot_serve_falls_back_in_order_within_the_deadline() {
     sim.endpoints()[2].inject(Fault::status(503), Times::Always);
     let error = router.chat(&request("big")).await.unwrap_err();
     assert_eq!(error.status(), Some(503), "{error}");
+    // The error says where it failed last and after how many attempts, in every group.
+    assert_eq!(error.endpoint().map(router_facade::EndpointId::as_str), Some("ep2"));
+    assert_eq!(
+        error.attempts(),
+        3,
+        "big's, mini's and long's one deployment each"
+    );
     // A fallback's own fallbacks are not followed, and a group without any stays put.
     let error = router.chat(&request("long")).await.unwrap_err();
     assert_eq!(error.status(), Some(503), "{error}");

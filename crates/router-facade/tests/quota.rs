@@ -303,17 +303,28 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
     let team_a = RequestOptions::default()
         .with_caller("team-a")
         .with_timeout(Duration::from_secs(2));
-    router.chat_with(&request(1), &team_a).await.unwrap();
-    router.chat_with(&request(2), &team_a).await.unwrap();
+    // Each answer says what the caller's window has left: two, one taken, then none.
+    for left in [1, 0] {
+        let answer = router.chat_with(&request(2 - left), &team_a).await.unwrap();
+        let quota = answer.caller_quota.unwrap();
+        assert_eq!(
+            (quota.limit_requests, quota.requests_left),
+            (Some(2), Some(left))
+        );
+        assert_eq!((quota.limit_tokens, quota.tokens_left), (None, None));
+        assert_eq!(quota.window, Duration::from_secs(10));
+    }
     let error = router.chat_with(&request(3), &team_a).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Throttled, "{error}");
+    assert_eq!(error.attempts(), 0, "refused before any attempt");
     // The first leaves the caller's window after 10 s and the 50 ms margin.
     let turn = Duration::from_millis(10_050);
     assert_eq!(error.retry_after(), Some(turn));
     assert!(error.to_string().contains("team-a"));
     // Another caller is not affected.
     let team_b = RequestOptions::default().with_caller("team-b");
-    router.chat_with(&request(4), &team_b).await.unwrap();
+    let answer = router.chat_with(&request(4), &team_b).await.unwrap();
+    assert_eq!(answer.caller_quota, None, "team-b has no limits of its own");
     // With a deadline past its turn, team-a waits for it.
     let patient = RequestOptions::default()
         .with_caller("team-a")
@@ -1102,4 +1113,40 @@ async fn stale_remaining_counts_are_not_read_as_use_the_router_did_not_see() {
         truthful.2,
         missing.2
     );
+}
+
+/// A deployment's stats carry its quota and what is left of it after each admission; one
+/// without a quota has none.
+#[tokio::test(start_paused = true)]
+async fn stats_say_what_is_left_of_each_quota() {
+    let endpoints = ["metered", "open"].map(|name| {
+        EndpointConfig::new(name, SimDialect::OpenAi)
+            .with_models([MODEL])
+            .with_latency(LatencyModel::instant())
+    });
+    let sim = Sim::start(1, endpoints).await.unwrap();
+    let router = Router::builder()
+        .endpoint(
+            Endpoint::openai("metered", sim.endpoints()[0].openai_base_url())
+                .model(MODEL)
+                .rpm(600)
+                .tpm(60_000),
+        )
+        .endpoint(Endpoint::openai("open", sim.endpoints()[1].openai_base_url()).model(MODEL))
+        .strategy(StrategyKind::RoundRobin)
+        .build()
+        .unwrap();
+    let before = router.stats();
+    let quota = before[0].quota.unwrap();
+    assert_eq!((quota.tpm, quota.rpm), (Some(60_000), Some(600)));
+    assert_eq!(before[1].quota, None, "no quota configured or announced");
+    for n in 0..4 {
+        router.chat(&request(n)).await.unwrap();
+    }
+    let after = router.stats()[0].quota.unwrap();
+    // Two of the four went to `metered`: its window's requests less two (time stands still).
+    let full = 600.0 * quota.window.as_secs_f64() / 60.0;
+    let left = after.requests_left.unwrap();
+    assert!((left - (full - 2.0)).abs() < 1e-3, "{left} of {full}");
+    assert!(after.tokens_left.unwrap() < 60_000.0 * quota.window.as_secs_f64() / 60.0);
 }

@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use router_facade::types::{ErrorBody, ErrorResponse, Extra};
 use router_facade::{Error, ErrorKind};
 
+use crate::routes::{ATTEMPTS, ENDPOINT};
+
 /// An error answer.
 #[derive(Debug)]
 pub(crate) enum ApiError {
@@ -145,17 +147,27 @@ impl IntoResponse for ApiError {
             Self::Router(error) => error,
         };
         let status = router_status(&error);
-        if at_fault(error.kind())
+        let mut response = if at_fault(error.kind())
             && let Some(upstream) = error.body()
         {
             let answer = ErrorResponse {
                 error: ErrorBody::clone(upstream),
                 extra: Extra::default(),
             };
-            return (status, axum::Json(answer)).into_response();
+            (status, axum::Json(answer)).into_response()
+        } else {
+            let (kind, code) = type_and_code(status);
+            body(status, &error.to_string(), kind, code)
+        };
+        // Where it failed last, and after how many attempts (none: refused before any).
+        let headers = response.headers_mut();
+        headers.insert(ATTEMPTS, HeaderValue::from(error.attempts()));
+        if let Some(value) = error
+            .endpoint()
+            .and_then(|e| HeaderValue::from_str(e.as_str()).ok())
+        {
+            headers.insert(ENDPOINT, value);
         }
-        let (kind, code) = type_and_code(status);
-        let mut response = body(status, &error.to_string(), kind, code);
         if let Some(wait) = error
             .retry_after()
             .filter(|_| status == StatusCode::TOO_MANY_REQUESTS)

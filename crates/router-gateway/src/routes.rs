@@ -14,7 +14,9 @@ use axum::routing::{get, post};
 use router_facade::types::{
     ChatCompletionRequest, CompletionRequest, CreateResponse, EmbeddingRequest,
 };
-use router_facade::{ErrorKind, RequestOptions, ResponseMeta, Router, StoredCall};
+use router_facade::{
+    ErrorKind, QuotaLeft, RequestOptions, ResponseMeta, Routed, Router, RouterStream, StoredCall,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -219,32 +221,95 @@ async fn chat_answer(
     if request.is_stream() {
         let stream = state.router.chat_stream_with(request, &options).await?;
         state.metrics.retried(stream.attempts());
-        let (model, meta) = (stream.model().to_owned(), stream.meta().clone());
+        let served = ServedBy::stream(&stream);
         let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
-        return Ok(served_by(relayed, &model, &meta));
+        return Ok(served_by(relayed, &served));
     }
     let answer = state.router.chat_with(request, &options).await?;
     state.metrics.retried(answer.attempts);
-    Ok(served_by(json(&answer.body), &answer.model, &answer.meta))
+    Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
+}
+
+/// Where an answer came from, taken from the router's answer before the body is written.
+struct ServedBy {
+    model: String,
+    endpoint: String,
+    deployment: String,
+    attempts: u32,
+    caller: Option<QuotaLeft>,
+    meta: ResponseMeta,
+}
+
+impl ServedBy {
+    fn routed<T>(answer: &Routed<T>) -> Self {
+        Self {
+            model: answer.model.clone(),
+            endpoint: answer.endpoint.to_string(),
+            deployment: answer.deployment.clone(),
+            attempts: answer.attempts,
+            caller: answer.caller_quota,
+            meta: answer.meta.clone(),
+        }
+    }
+
+    fn stream<T: router_facade::StreamItem + Send + 'static>(stream: &RouterStream<T>) -> Self {
+        Self {
+            model: stream.model().to_owned(),
+            endpoint: stream.endpoint().to_string(),
+            deployment: stream.deployment().to_owned(),
+            attempts: stream.attempts(),
+            caller: stream.caller_quota(),
+            meta: stream.meta().clone(),
+        }
+    }
 }
 
 /// Says where an answer came from: the model group that served it (`x-openai-router-model`,
-/// the one asked for or a fallback), and what the upstream said of itself: its request id
-/// (`x-openai-router-upstream-request-id`, OpenAI's `x-request-id` or Azure's
-/// `apim-request-id`), and Azure's `x-ms-region` and `azureml-model-session` as sent.
-fn served_by(mut response: Response, model: &str, meta: &ResponseMeta) -> Response {
+/// the one asked for or a fallback), the endpoint and deployment (`x-openai-router-endpoint`,
+/// `-deployment`), the attempts it took (`x-openai-router-attempts`), and what the upstream
+/// said of itself: its request id (`x-openai-router-upstream-request-id`, OpenAI's
+/// `x-request-id` or Azure's `apim-request-id`), and Azure's `x-ms-region` and
+/// `azureml-model-session` as sent. A caller with limits of its own gets what they have left
+/// as OpenAI's `x-ratelimit-*` headers ([`caller_quota_headers`]).
+fn served_by(mut response: Response, served: &ServedBy) -> Response {
+    let attempts = served.attempts.to_string();
     let headers = response.headers_mut();
     for (name, value) in [
-        (SERVED_BY, Some(model)),
-        (UPSTREAM_REQUEST_ID, meta.request_id.as_deref()),
-        ("x-ms-region", meta.region.as_deref()),
-        ("azureml-model-session", meta.model_session.as_deref()),
+        (SERVED_BY, Some(served.model.as_str())),
+        (ENDPOINT, Some(served.endpoint.as_str())),
+        (DEPLOYMENT, Some(served.deployment.as_str())),
+        (ATTEMPTS, Some(attempts.as_str())),
+        (UPSTREAM_REQUEST_ID, served.meta.request_id.as_deref()),
+        ("x-ms-region", served.meta.region.as_deref()),
+        (
+            "azureml-model-session",
+            served.meta.model_session.as_deref(),
+        ),
     ] {
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert(name, value);
         }
     }
+    if let Some(quota) = &served.caller {
+        caller_quota_headers(headers, quota);
+    }
     response
+}
+
+/// The caller's own limits as OpenAI names them: `x-ratelimit-limit-requests` and
+/// `-tokens` (what the router's window holds), `x-ratelimit-remaining-requests` and
+/// `-tokens` (what is left in it now), for the dimensions its key limits.
+fn caller_quota_headers(headers: &mut HeaderMap, quota: &QuotaLeft) {
+    for (name, value) in [
+        ("x-ratelimit-limit-requests", quota.limit_requests),
+        ("x-ratelimit-remaining-requests", quota.requests_left),
+        ("x-ratelimit-limit-tokens", quota.limit_tokens),
+        ("x-ratelimit-remaining-tokens", quota.tokens_left),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name, HeaderValue::from(value));
+        }
+    }
 }
 
 /// The header naming the upstream's request id.
@@ -252,6 +317,15 @@ const UPSTREAM_REQUEST_ID: &str = "x-openai-router-upstream-request-id";
 
 /// The header naming the model group that served.
 const SERVED_BY: &str = "x-openai-router-model";
+
+/// The header naming the endpoint that served (or failed last).
+pub(crate) const ENDPOINT: &str = "x-openai-router-endpoint";
+
+/// The header naming the deployment that served.
+const DEPLOYMENT: &str = "x-openai-router-deployment";
+
+/// The header counting the attempts a request took.
+pub(crate) const ATTEMPTS: &str = "x-openai-router-attempts";
 
 async fn embeddings(
     State(state): State<Arc<AppState>>,
@@ -263,7 +337,7 @@ async fn embeddings(
             let options = state.options(&headers, &request.model)?;
             let answer = state.router.embeddings_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);
-            Ok::<_, ApiError>(served_by(json(&answer.body), &answer.model, &answer.meta))
+            Ok::<_, ApiError>(served_by(json(&answer.body), &ServedBy::routed(&answer)))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -287,13 +361,13 @@ async fn completions(
                     .completions_stream_with(&request, &options)
                     .await?;
                 state.metrics.retried(stream.attempts());
-                let (model, meta) = (stream.model().to_owned(), stream.meta().clone());
+                let served = ServedBy::stream(&stream);
                 let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
-                return Ok::<_, ApiError>(served_by(relayed, &model, &meta));
+                return Ok::<_, ApiError>(served_by(relayed, &served));
             }
             let answer = state.router.completions_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);
-            Ok(served_by(json(&answer.body), &answer.model, &answer.meta))
+            Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -317,13 +391,13 @@ async fn responses(
                     .responses_stream_with(&request, &options)
                     .await?;
                 state.metrics.retried(stream.attempts());
-                let (model, meta) = (stream.model().to_owned(), stream.meta().clone());
+                let served = ServedBy::stream(&stream);
                 let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
-                return Ok::<_, ApiError>(served_by(relayed, &model, &meta));
+                return Ok::<_, ApiError>(served_by(relayed, &served));
             }
             let answer = state.router.responses_with(&request, &options).await?;
             state.metrics.retried(answer.attempts);
-            Ok(served_by(json(&answer.body), &answer.model, &answer.meta))
+            Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -360,7 +434,7 @@ async fn stored(
                 ErrorKind::NotFound => ApiError::not_found(error.to_string()),
                 _ => ApiError::from(error),
             })?;
-        Ok::<_, ApiError>(served_by(json(&answer.body), &answer.model, &answer.meta))
+        Ok::<_, ApiError>(served_by(json(&answer.body), &ServedBy::routed(&answer)))
     }
     .await
     .unwrap_or_else(IntoResponse::into_response);

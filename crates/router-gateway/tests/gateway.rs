@@ -897,6 +897,127 @@ async fn answers_carry_the_upstream_s_identity() {
     assert_eq!(seen.len(), 4, "{seen:?}");
 }
 
+/// Every answer says which endpoint and deployment served it and after how many attempts;
+/// an error says where it failed last; a key with limits of its own is told what its window
+/// has left, in OpenAI's `x-ratelimit-*` names, and a key without gets none of those.
+#[tokio::test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one key's window walked through: answers, an error, the refusal"
+)]
+async fn answers_and_errors_say_where_they_went_and_what_the_key_has_left() {
+    let sim = sim().await;
+    // 60 a minute: 10 in the router's 10 s window.
+    let extra = format!(
+        "\n[[keys]]\nname = \"team-b\"\nsha256 = \"{}\"\nrpm = 60\n",
+        hash(OPEN_KEY)
+    );
+    let gateway = start(&sim, &extra).await;
+    let chat = |stream: bool| {
+        json!({"model": "gpt-4o-mini", "stream": stream,
+            "messages": [{"role": "user", "content": "where did this go"}]})
+    };
+    let header = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    for (n, stream) in [false, true, false].into_iter().enumerate() {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(OPEN_KEY),
+            chat(stream),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let endpoint = header(&response, "x-openai-router-endpoint").unwrap();
+        let deployment = header(&response, "x-openai-router-deployment").unwrap();
+        let pair = (endpoint.as_str(), deployment.as_str());
+        assert!(
+            pair == ("oai", "gpt-4o-mini") || pair == ("az", "mini-dep"),
+            "{pair:?}"
+        );
+        assert_eq!(
+            header(&response, "x-openai-router-attempts").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            header(&response, "x-ratelimit-limit-requests").as_deref(),
+            Some("10")
+        );
+        assert_eq!(
+            header(&response, "x-ratelimit-remaining-requests"),
+            Some((9 - n).to_string()),
+            "request {n}"
+        );
+        assert_eq!(header(&response, "x-ratelimit-remaining-tokens"), None);
+        response.bytes().await.unwrap();
+    }
+    // A key with no limits of its own is told nothing of them.
+    let response = post(
+        &gateway,
+        "/v1/chat/completions",
+        Some(GATEWAY_KEY),
+        chat(false),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-ratelimit-limit-requests"), None);
+    assert_eq!(header(&response, "x-ratelimit-remaining-requests"), None);
+
+    // Both endpoints failing: the error names the last one tried and the attempts made.
+    for endpoint in sim.endpoints() {
+        endpoint.inject(Fault::status(500), Times::Always);
+    }
+    let response = post(
+        &gateway,
+        "/v1/chat/completions",
+        Some(GATEWAY_KEY),
+        chat(false),
+    )
+    .await;
+    assert_eq!(response.status(), 502);
+    let attempts: u32 = header(&response, "x-openai-router-attempts")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(attempts >= 2, "{attempts} attempts");
+    let last = header(&response, "x-openai-router-endpoint").unwrap();
+    assert!(last == "oai" || last == "az", "{last}");
+    for endpoint in sim.endpoints() {
+        endpoint.clear_faults();
+    }
+
+    // team-b spends the rest of its window; the next is refused by its own limit, before any
+    // attempt and with no endpoint to name.
+    for _ in 0..7 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(OPEN_KEY),
+            chat(false),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    let response = post(
+        &gateway,
+        "/v1/chat/completions",
+        Some(OPEN_KEY),
+        chat(false),
+    )
+    .await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        header(&response, "x-openai-router-attempts").as_deref(),
+        Some("0")
+    );
+    assert_eq!(header(&response, "x-openai-router-endpoint"), None);
+    assert!(header(&response, "retry-after").is_some());
+}
+
 async fn model_ids(gateway: &Gateway) -> Vec<String> {
     let models: Value = client()
         .get(format!("{}/v1/models", gateway.base))
