@@ -8,7 +8,8 @@
 //!   sources). The tests include the architecture checks (`arch.rs`: dependency edges as
 //!   ARCHITECTURE.md draws them, no import circles). Tools it needs and can install from the
 //!   crate registry (`cargo-deny`, `cargo-nextest`, `cargo-hack`) are installed when missing,
-//!   and so are Debian's `redis-server`, `nodejs` and `npm` (the Redis and Node client tests).
+//!   and so are Debian's `redis-server`, `nodejs` and `npm` (the Redis and Node client tests)
+//!   and `chromium` and `chromium-driver` (the status page's browser test).
 //! - `test`: the test suite and the doc tests only.
 //! - `bench [--compare litellm]`: the benchmarks: criterion in `benches/` (pick, overhead; with
 //!   shortened warm-up and measurement), the degradation and quota scenarios
@@ -310,6 +311,7 @@ fn run() -> Result<()> {
             ensure_tool("cargo-hack", "hack", "cargo-hack")?;
             ensure_redis()?;
             ensure_node()?;
+            ensure_chromium()?;
             let [example_a, example_b, example_c] = EXAMPLES;
             run_steps(&[
                 FMT,
@@ -330,6 +332,7 @@ fn run() -> Result<()> {
             ensure_tool("cargo-nextest", "nextest", "cargo-nextest")?;
             ensure_redis()?;
             ensure_node()?;
+            ensure_chromium()?;
             run_steps(&[NEXTEST, DOCTEST])
         }
         "bench" => bench(),
@@ -474,6 +477,25 @@ fn ensure_node() -> Result<()> {
     install_debian(
         &["nodejs", "npm"],
         "Node.js and npm (for the Node client test)",
+    )
+}
+
+/// The status page's browser test drives Debian's headless Chromium through `chromedriver`:
+/// install `chromium` and `chromium-driver` when either is missing and this is root on a
+/// Debian-like machine; otherwise say how.
+fn ensure_chromium() -> Result<()> {
+    let works = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("chromium") && works("chromedriver") {
+        return Ok(());
+    }
+    install_debian(
+        &["chromium", "chromium-driver"],
+        "Chromium and chromedriver (for the status page's browser test)",
     )
 }
 

@@ -251,7 +251,8 @@ impl ErrorKind {
         self.row().status
     }
 
-    fn describe(self) -> &'static str {
+    /// What happened, in a few words ("upstream server error"), for people.
+    pub fn describe(self) -> &'static str {
         self.row().description
     }
 }

@@ -67,7 +67,9 @@ pub use affinity::CacheAffinity;
 pub use builder::{QuotaAccounting, RetryPolicy, RouterBuilder, StrategyFactory};
 pub use endpoint::{DeploymentSpec, Endpoint};
 pub use limits::RateLimits;
-pub use options::{DeploymentStats, QuotaLeft, QuotaStats, RequestOptions, Routed};
+pub use options::{
+    DeploymentStats, QuotaLeft, QuotaStats, RequestOptions, Routed, TokensUsed, Waiting,
+};
 pub use router::Router;
 pub use stream::RouterStream;
 

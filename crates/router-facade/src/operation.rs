@@ -330,9 +330,8 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
                 .state
                 .record_tier(self.0.as_ref().asked_tier(), served);
         }
-        attempt
-            .answered(sample, R::used(&reply.body), &reply.meta)
-            .await;
+        let used = R::used(&reply.body);
+        attempt.answered(sample, used, &reply.meta).await;
         Routed {
             body: reply.body,
             endpoint: deployment.endpoint.clone(),
@@ -341,6 +340,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
             attempts: served.attempts,
             meta: reply.meta,
             caller_quota: served.caller,
+            tokens: used.map(Into::into),
         }
     }
 }

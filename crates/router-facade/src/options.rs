@@ -97,6 +97,23 @@ pub struct QuotaLeft {
     pub window: Duration,
 }
 
+/// Tokens an answer used, as the upstream counted them (its `usage`).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokensUsed {
+    /// Prompt (input) tokens.
+    pub input: u64,
+    /// Completion (output) tokens.
+    pub output: u64,
+}
+
+impl TokensUsed {
+    /// `input` prompt and `output` completion tokens.
+    pub fn new(input: u64, output: u64) -> Self {
+        Self { input, output }
+    }
+}
+
 /// How a request was served, for its answer: the attempts made and what the caller has left.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Served {
@@ -124,6 +141,8 @@ pub struct Routed<T> {
     /// What the caller's own limits have left, when it has any
     /// ([`RequestOptions::with_caller`]).
     pub caller_quota: Option<QuotaLeft>,
+    /// The tokens the answer used, when it said.
+    pub tokens: Option<TokensUsed>,
 }
 
 impl<T> Routed<T> {
@@ -160,6 +179,19 @@ pub struct DeploymentStats {
     /// Its quota and what is left of it, when it has one (configured, or announced by the
     /// upstream's headers).
     pub quota: Option<QuotaStats>,
+}
+
+/// Requests waiting in one lane of the router's waitlist, of one priority class
+/// ([`Router::queue`](crate::Router::queue)).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// The lane: a model group, or a router-side limit's scope (`caller:team-a`).
+    pub lane: String,
+    /// The priority class (lower is served first).
+    pub priority: u8,
+    /// How many wait.
+    pub count: usize,
 }
 
 /// A deployment's quota and what is left of it, as this router sees it: what the state store

@@ -224,6 +224,7 @@ pub(crate) async fn stored_call(
         attempts: 1,
         meta: reply.meta,
         caller_quota: None,
+        tokens: None,
     })
 }
 

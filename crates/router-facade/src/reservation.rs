@@ -16,6 +16,15 @@ pub(crate) struct Used {
     pub(crate) total: u64,
 }
 
+impl From<Used> for crate::options::TokensUsed {
+    fn from(used: Used) -> Self {
+        Self {
+            input: used.prompt,
+            output: used.total.saturating_sub(used.prompt),
+        }
+    }
+}
+
 impl From<&router_types::Usage> for Used {
     fn from(usage: &router_types::Usage) -> Self {
         Self {

@@ -16,7 +16,7 @@ use crate::builder::RouterBuilder;
 use crate::clock::now;
 use crate::limits::Limiters;
 use crate::operation::{Once, Streamed};
-use crate::options::{DeploymentStats, RequestOptions, Routed};
+use crate::options::{DeploymentStats, RequestOptions, Routed, Waiting};
 use crate::path::run;
 use crate::shared::{Budget, Shared};
 use crate::snapshot::RouterSnapshot;
@@ -109,6 +109,21 @@ impl Router {
     /// Requests waiting for a turn now (queued by the router's limits or a full model group).
     pub fn waiting(&self) -> usize {
         self.shared.waitlist.count()
+    }
+
+    /// Requests waiting for a turn now, by lane (a model group, or a router-side limit's
+    /// scope: `caller:team-a`, `group:gpt-4o`) and priority class (lower is served first).
+    pub fn queue(&self) -> Vec<Waiting> {
+        self.shared
+            .waitlist
+            .by_lane()
+            .into_iter()
+            .map(|(lane, priority, count)| Waiting {
+                lane,
+                priority,
+                count,
+            })
+            .collect()
     }
 
     /// Whether the state store is shared with other replicas right now: `false` for the

@@ -19,7 +19,7 @@ use router_core::{EndpointId, Error, Event, EventStream, RateLimitInfo, Response
 use router_types::ChatCompletionChunk;
 
 use crate::attempt::Attempt;
-use crate::options::{QuotaLeft, Served};
+use crate::options::{QuotaLeft, Served, TokensUsed};
 use crate::reservation::Used;
 
 /// A routed stream: the upstream's chunks, then the end, or one error item. Chunks are chat
@@ -145,6 +145,12 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
     /// The deployment name it streams under.
     pub fn deployment(&self) -> &str {
         &self.deployment
+    }
+
+    /// The tokens the stream used, once its usage chunk has passed (at its end; the router
+    /// asks for it where the upstream can send one, whether or not the caller did).
+    pub fn tokens(&self) -> Option<TokensUsed> {
+        self.used.map(Into::into)
     }
 
     /// What the caller's own limits have left, when it has any.

@@ -192,6 +192,27 @@ impl Waitlist {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Waiters by lane and priority class (lanes in name order, classes in order).
+    pub(crate) fn by_lane(&self) -> Vec<(String, u8, usize)> {
+        if self.count() == 0 {
+            return Vec::new();
+        }
+        let queues = self.waiting();
+        let mut out = Vec::new();
+        for (lane, set) in &queues.lanes {
+            let mut classes: Vec<(u8, usize)> = Vec::new();
+            for (priority, _) in set {
+                match classes.last_mut() {
+                    Some((p, n)) if p == priority => *n += 1,
+                    _ => classes.push((*priority, 1)),
+                }
+            }
+            out.extend(classes.into_iter().map(|(p, n)| (lane.to_string(), p, n)));
+        }
+        out.sort();
+        out
+    }
+
     /// A place at the back of `priority`'s class in `lane` (or, with a claimed promise, where
     /// the refused request stood); `None` when `max` are waiting already, in all lanes
     /// together.

@@ -98,7 +98,10 @@ async fn a_group_that_cannot_serve_falls_back_in_order_within_the_deadline() {
     let error = router.chat(&request("big")).await.unwrap_err();
     assert_eq!(error.status(), Some(503), "{error}");
     // The error says where it failed last and after how many attempts, in every group.
-    assert_eq!(error.endpoint().map(router_facade::EndpointId::as_str), Some("ep2"));
+    assert_eq!(
+        error.endpoint().map(router_facade::EndpointId::as_str),
+        Some("ep2")
+    );
     assert_eq!(
         error.attempts(),
         3,

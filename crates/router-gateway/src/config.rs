@@ -100,6 +100,16 @@ pub(crate) struct ServerConfig {
     pub(crate) drain_grace_ms: u64,
     /// HTTPS on the listener instead of plain HTTP.
     pub(crate) tls: Option<TlsConfig>,
+    /// `GET /status` and `/status.json` (on unless `false`).
+    #[serde(default = "default_status_page")]
+    pub(crate) status_page: bool,
+    /// The SHA-256 of the admin key that opens the status page to clients off loopback
+    /// (without it, the page is served to loopback clients only).
+    pub(crate) admin_key_sha256: Option<String>,
+}
+
+fn default_status_page() -> bool {
+    true
 }
 
 /// `[server.tls]`: the certificate chain and its private key, PEM files, read at start and
@@ -144,6 +154,8 @@ impl Default for ServerConfig {
             max_header_bytes: default_max_header_bytes(),
             drain_grace_ms: default_drain_grace_ms(),
             tls: None,
+            status_page: default_status_page(),
+            admin_key_sha256: None,
         }
     }
 }
@@ -365,6 +377,20 @@ impl Config {
         Ok(config)
     }
 
+    /// Who may see the status page; an error names the field.
+    pub(crate) fn status_access(&self) -> Result<crate::status::Access, Problem> {
+        let admin = match &self.server.admin_key_sha256 {
+            Some(text) => Some(parse_digest(text).with_context(|| {
+                "server.admin_key_sha256 must be 64 hex digits (`openai-router hash-key` prints them)".to_owned()
+            })?),
+            None => None,
+        };
+        Ok(crate::status::Access {
+            enabled: self.server.status_page,
+            admin,
+        })
+    }
+
     /// The gateway keys, checked.
     pub(crate) fn keys(&self) -> Result<Vec<GatewayKey>, Problem> {
         self.keys
@@ -503,5 +529,13 @@ mod tests {
         .unwrap();
         let error = config.keys().unwrap_err().to_string();
         assert!(error.contains("keys[0] (`k`): sha256"), "{error}");
+        let admin = Config::parse(
+            "[server]\nadmin_key_sha256 = \"abc\"\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap()
+        .status_access()
+        .unwrap_err()
+        .to_string();
+        assert!(admin.contains("server.admin_key_sha256"), "{admin}");
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::console::say;
@@ -37,6 +37,69 @@ pub(crate) struct Args {
     /// One in this many requests is streamed.
     #[arg(long, default_value_t = 4)]
     stream_every: u64,
+    /// Where to write the picture of each strategy's traffic share over time (SVG); by
+    /// default `openai-router-demo/traffic-share.svg` in the system's temporary folder.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+}
+
+/// Answers per endpoint in each second of one strategy's run.
+#[derive(Debug, Default)]
+struct Timeline {
+    /// Endpoint names, in the order of the counts.
+    endpoints: Vec<String>,
+    /// One row a second: answers each endpoint served in it.
+    seconds: Vec<Vec<u64>>,
+}
+
+/// Answers per endpoint so far, shared by the workers (for the live line and the picture).
+#[derive(Debug)]
+struct Live {
+    endpoints: Vec<String>,
+    served: Vec<AtomicU64>,
+    failed: AtomicU64,
+}
+
+impl Live {
+    fn new(sim: &Sim) -> Self {
+        let endpoints: Vec<String> = sim.endpoints().iter().map(SimEndpoint::name).collect();
+        Self {
+            served: endpoints.iter().map(|_| AtomicU64::default()).collect(),
+            endpoints,
+            failed: AtomicU64::default(),
+        }
+    }
+
+    fn served(&self, endpoint: &str) {
+        if let Some(i) = self.endpoints.iter().position(|e| e == endpoint) {
+            self.served[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        self.served
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The live line: answers so far, each endpoint's share, failures.
+    fn line(&self) -> String {
+        let counts = self.counts();
+        let total: u64 = counts.iter().sum();
+        let mut line = format!("{total} served");
+        for (name, n) in self.endpoints.iter().zip(&counts) {
+            let share = if total == 0 {
+                0.0
+            } else {
+                100.0 * *n as f64 / total as f64
+            };
+            let _ = write!(line, ", {name} {share:.0}%");
+        }
+        let failed = self.failed.load(Ordering::Relaxed);
+        let _ = write!(line, ", {failed} failed");
+        line
+    }
 }
 
 /// The simulated world: four endpoints, as the issue describes them.
@@ -131,15 +194,36 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Problem> {
     say("");
 
     let mut total_failures = 0;
+    let mut timelines = Vec::new();
     for (run, strategy) in strategies.iter().enumerate() {
         // A fresh world per strategy, so that every strategy meets the same one.
         let sim = Sim::start(args.seed, world())
             .await
             .context("cannot start the simulated endpoints")?;
         let router = router_for(&sim, *strategy, args.seed.wrapping_add(run as u64))?;
-        let outcome = drive(&router, &sim, &args, *strategy).await;
+        let (outcome, timeline) = drive(&router, &sim, &args, *strategy).await;
         total_failures += outcome.failures;
         say(&table(*strategy, &outcome, &sim));
+        timelines.push((*strategy, timeline));
+    }
+    let path = args.svg.clone().unwrap_or_else(|| {
+        std::env::temp_dir()
+            .join("openai-router-demo")
+            .join("traffic-share.svg")
+    });
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&path, picture(&timelines, args.duration)));
+    match written {
+        Ok(()) => say(&format!(
+            "traffic share over time, per strategy: file://{}",
+            std::path::absolute(&path).unwrap_or(path).display()
+        )),
+        Err(error) => say(&format!(
+            "could not write the picture to {}: {error}",
+            path.display()
+        )),
     }
     if total_failures == 0 {
         say("caller-visible failures: 0. Every upstream error was absorbed by failover.");
@@ -150,39 +234,61 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Problem> {
     }
 }
 
-async fn drive(router: &Router, sim: &Sim, args: &Args, strategy: StrategyKind) -> Outcome {
+async fn drive(
+    router: &Router,
+    sim: &Sim,
+    args: &Args,
+    strategy: StrategyKind,
+) -> (Outcome, Timeline) {
     let duration = Duration::from_secs(args.duration);
     let before: Vec<Counters> = sim.endpoints().iter().map(SimEndpoint::counters).collect();
     let progress = ProgressBar::new(duration.as_millis() as u64);
     progress.set_style(
-        ProgressStyle::with_template("{prefix:>15} [{bar:32}] {elapsed:>3} {msg}")
+        ProgressStyle::with_template("{prefix:>15} [{bar:24}] {elapsed:>3} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
     progress.set_prefix(strategy.as_str());
     let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(Live::new(sim));
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
         let router = router.clone();
         let stop = Arc::clone(&stop);
+        let live = Arc::clone(&live);
         let stream_every = args.stream_every.max(1);
         workers.push(tokio::spawn(async move {
-            work(router, stop, worker as u64, stream_every).await
+            work(router, stop, live, worker as u64, stream_every).await
         }));
     }
     let flaky = sim.endpoint("azure-flaky").cloned();
     let mut broke = false;
+    let mut timeline = Timeline {
+        endpoints: live.endpoints.clone(),
+        seconds: Vec::new(),
+    };
+    let mut last = live.counts();
+    let mut next_second = Duration::from_secs(1);
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(100)).await;
         progress.set_position(started.elapsed().as_millis() as u64);
+        if started.elapsed() >= next_second {
+            next_second += Duration::from_secs(1);
+            let now = live.counts();
+            timeline
+                .seconds
+                .push(now.iter().zip(&last).map(|(n, l)| n - l).collect());
+            last = now;
+        }
         if !broke && started.elapsed() >= duration / 2 {
             broke = true;
             if let Some(flaky) = &flaky {
                 flaky.inject(Fault::status(503), Times::Always);
             }
-            progress.set_message("azure-flaky now fails");
         }
+        let phase = if broke { " (azure-flaky fails)" } else { "" };
+        progress.set_message(format!("{}{phase}", live.line()));
     }
     stop.store(true, Ordering::Relaxed);
     let mut outcome = Outcome::default();
@@ -197,10 +303,16 @@ async fn drive(router: &Router, sim: &Sim, args: &Args, strategy: StrategyKind) 
         let errors = (now.rate_limited - before.rate_limited) + (now.faults - before.faults);
         outcome.upstream_errors.insert(endpoint.name(), errors);
     }
-    outcome
+    (outcome, timeline)
 }
 
-async fn work(router: Router, stop: Arc<AtomicBool>, worker: u64, stream_every: u64) -> Outcome {
+async fn work(
+    router: Router,
+    stop: Arc<AtomicBool>,
+    live: Arc<Live>,
+    worker: u64,
+    stream_every: u64,
+) -> Outcome {
     let mut outcome = Outcome::default();
     let mut n = 0_u64;
     // Bounded in count as well as in time.
@@ -221,11 +333,13 @@ async fn work(router: Router, stop: Arc<AtomicBool>, worker: u64, stream_every: 
         };
         match result {
             Ok((endpoint, attempts)) => {
+                live.served(&endpoint);
                 outcome.latencies.push(started.elapsed());
                 *outcome.served_by.entry(endpoint).or_default() += 1;
                 outcome.retries += u64::from(attempts.saturating_sub(1));
             }
             Err(error) => {
+                live.failed.fetch_add(1, Ordering::Relaxed);
                 outcome.failures += 1;
                 if outcome.failure_examples.len() < 3 {
                     outcome.failure_examples.push(error.to_string());
@@ -304,4 +418,110 @@ fn table(strategy: StrategyKind, outcome: &Outcome, sim: &Sim) -> String {
         let _ = writeln!(out, "  failure: {example}");
     }
     out
+}
+
+/// Colours of the endpoints in the picture, in their order.
+const COLOURS: [&str; 6] = [
+    "#1f8a4c", "#c47a00", "#c0392b", "#2b6cb0", "#7d3c98", "#0f766e",
+];
+
+/// One SVG: for each strategy, a band of each second's answers split by endpoint (their
+/// shares, stacked), with a mark where `azure-flaky` starts failing (halfway).
+fn picture(timelines: &[(StrategyKind, Timeline)], duration: u64) -> String {
+    const WIDTH: f64 = 760.0;
+    const BAND: f64 = 70.0;
+    const LEFT: f64 = 150.0;
+    const TOP: f64 = 40.0;
+    const GAP: f64 = 22.0;
+    let plot = WIDTH - LEFT - 20.0;
+    let height = TOP + timelines.len() as f64 * (BAND + GAP) + 40.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="20" y="20" font-size="14" font-weight="bold">Share of answers per endpoint, each second ({duration} s a strategy; dashed: azure-flaky starts failing)</text>"#
+    );
+    for (row, (strategy, timeline)) in timelines.iter().enumerate() {
+        let top = TOP + row as f64 * (BAND + GAP);
+        let _ = writeln!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="end">{strategy}</text><rect x="{LEFT}" y="{top}" width="{plot}" height="{BAND}" fill="#f4f5f7"/>"##,
+            LEFT - 8.0,
+            top + BAND / 2.0 + 4.0
+        );
+        let step = plot / duration.max(1) as f64;
+        for (second, counts) in timeline.seconds.iter().enumerate() {
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let x = LEFT + second as f64 * step;
+            let mut y = top + BAND;
+            for (i, n) in counts.iter().enumerate() {
+                let h = BAND * *n as f64 / total as f64;
+                y -= h;
+                if h > 0.0 {
+                    let _ = writeln!(
+                        svg,
+                        r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>{}: {n} of {total}</title></rect>"#,
+                        (step - 1.0).max(1.0),
+                        COLOURS[i % COLOURS.len()],
+                        timeline.endpoints[i]
+                    );
+                }
+            }
+        }
+        let half = LEFT + plot / 2.0;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{half}" x2="{half}" y1="{}" y2="{}" stroke="#333" stroke-dasharray="3,3"/>"##,
+            top - 4.0,
+            top + BAND + 4.0
+        );
+    }
+    let legend_y = height - 16.0;
+    let mut x = LEFT;
+    if let Some((_, timeline)) = timelines.first() {
+        for (i, name) in timeline.endpoints.iter().enumerate() {
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{legend_y}">{name}</text>"#,
+                legend_y - 9.0,
+                COLOURS[i % COLOURS.len()],
+                x + 14.0
+            );
+            x += 24.0 + 7.5 * name.len() as f64;
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_picture_has_a_band_per_strategy_and_a_bar_per_endpoint_second() {
+        let timeline = || Timeline {
+            endpoints: vec!["fast".to_owned(), "slow".to_owned()],
+            seconds: vec![vec![3, 1], vec![4, 0], vec![0, 0]],
+        };
+        let svg = picture(
+            &[
+                (StrategyKind::RoundRobin, timeline()),
+                (StrategyKind::LeastLatency, timeline()),
+            ],
+            3,
+        );
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains(">round-robin</text>") && svg.contains(">least-latency</text>"));
+        // Second 1: both endpoints; second 2: one; second 3: nothing. Twice.
+        assert_eq!(svg.matches("<title>").count(), 6);
+        assert!(svg.contains("<title>fast: 3 of 4</title>"));
+        assert_eq!(svg.matches("stroke-dasharray").count(), 2);
+    }
 }

@@ -93,6 +93,8 @@ models = ["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct"]
         metrics: Arc::default(),
         keys: arc_swap::ArcSwap::from_pointee(Vec::new()),
         affinity_header: arc_swap::ArcSwap::from_pointee(Some("x-session-id".to_owned())),
+        status: crate::status::Board::default(),
+        status_access: arc_swap::ArcSwap::from_pointee(crate::status::Access::default()),
     });
     let limits = BodyLimits {
         bytes: 1 << 20,

@@ -21,6 +21,7 @@ mod probe;
 mod problem;
 mod routes;
 mod sse;
+mod status;
 mod tls;
 
 #[doc(hidden)]

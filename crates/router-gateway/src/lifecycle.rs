@@ -28,7 +28,10 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
         metrics: Arc::default(),
         keys: ArcSwap::from_pointee(keys),
         affinity_header: ArcSwap::from_pointee(config.affinity_header()?),
+        status: crate::status::Board::default(),
+        status_access: ArcSwap::from_pointee(config.status_access()?),
     });
+    tokio::spawn(crate::status::sample_forever(Arc::clone(&state)));
     let tls = match &config.server.tls {
         Some(files) => Some(Arc::new(Tls::load(files)?)),
         None => None,
@@ -100,7 +103,7 @@ async fn serve_connections(
                 Err(_) => break,
             },
         };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -119,11 +122,11 @@ async fn serve_connections(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, app, edge, closed).await,
+                None => serve_connection(stream, peer, app, edge, closed).await,
                 Some(tls) => {
                     let handshake = tls.acceptor().accept(stream);
                     match tokio::time::timeout(edge.header_read_timeout, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(stream, app, edge, closed).await,
+                        Ok(Ok(stream)) => serve_connection(stream, peer, app, edge, closed).await,
                         Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake too slow; connection closed"),
                     }
@@ -148,10 +151,11 @@ async fn serve_connections(
     }
 }
 
-/// Serves one connection until it ends, or, once `closed` changes, until the request it is
-/// serving has been answered.
+/// Serves one connection from `peer` until it ends, or, once `closed` changes, until the
+/// request it is serving has been answered.
 async fn serve_connection<S>(
     stream: S,
+    peer: std::net::SocketAddr,
     app: axum::Router,
     edge: Edge,
     mut closed: tokio::sync::watch::Receiver<()>,
@@ -160,6 +164,14 @@ async fn serve_connection<S>(
 {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+    // Who is calling, for the routes served to loopback clients only.
+    let app = app.map_request(
+        move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(crate::status::Peer(peer));
+            request
+        },
+    );
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(edge.header_read_timeout)
@@ -202,6 +214,7 @@ fn reload(state: &AppState, tls: Option<&Tls>, path: &Path) -> Result<(), Proble
     let config = Config::load(path)?;
     let keys = config.keys()?;
     let header = config.affinity_header()?;
+    let access = config.status_access()?;
     let builder = config.builder()?;
     let certificate = match (tls, &config.server.tls) {
         (Some(tls), Some(files)) => Some((tls, Tls::reread(files)?)),
@@ -219,6 +232,7 @@ fn reload(state: &AppState, tls: Option<&Tls>, path: &Path) -> Result<(), Proble
     }
     state.keys.store(Arc::new(keys));
     state.affinity_header.store(Arc::new(header));
+    state.status_access.store(Arc::new(access));
     Ok(())
 }
 

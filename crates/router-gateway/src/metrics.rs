@@ -1,313 +1,541 @@
-//! `/metrics`: Prometheus text exposition, written by hand from atomics and the router's
-//! stats (no exporter crate, nothing on the request path but a few relaxed increments).
+//! `/metrics`: the `OpenMetrics` text exposition, through `prometheus-client` (no exposition
+//! text written by hand).
+//!
+//! Two kinds of families. What the handlers record as answers go out (relaxed atomics in
+//! `prometheus-client`'s counters and histograms): answers by route, model group and status,
+//! their durations, time to first token, retries, throttles, and the OpenTelemetry `GenAI`
+//! metrics under their Prometheus names (`gen_ai_client_operation_duration_seconds`,
+//! `gen_ai_client_token_usage`, `gen_ai_server_time_to_first_token_seconds`, with the
+//! semantic conventions' bucket boundaries). And what the router knows at scrape time, read by
+//! a collector from `Router::stats()` and its other views: per deployment, its state,
+//! cooldown, in flight, successes and failures by kind, latency estimate, quota left, learned
+//! limits; the queue; whether state is shared and how often the shared store fell back.
+//!
+//! Labels are bounded: routes are fixed, `model` is a configured group or `unknown`
+//! ([`UNKNOWN_MODEL`]), deployments and queue lanes come from the configuration.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use dashmap::DashMap;
-use router_facade::{Availability, DeploymentStats, Router};
-
-/// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    sum_micros: AtomicU64,
-    total: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, value: Duration) {
-        let seconds = value.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_micros
-            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
-        }
-        let total = self.total.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {total}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let labels = labels.trim_end_matches(',');
-        let block = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{block} {sum}");
-        let _ = writeln!(out, "{name}_count{block} {total}");
-    }
-}
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use router_facade::{Availability, DeploymentStats, Router, TokensUsed};
 
 /// The `model` label of a request for a model group that is not configured (or a body that
 /// named none): one value, so that clients cannot grow the label set.
 pub(crate) const UNKNOWN_MODEL: &str = "unknown";
 
-/// The gateway's own counters.
-#[derive(Debug, Default)]
+/// A sample's labels, in the order they are written.
+type Labels = Vec<(&'static str, String)>;
+
+/// Makes a histogram with fixed bucket boundaries (a `Family` calls it per label set).
+type Buckets = fn() -> Histogram;
+
+/// Upper bounds of the gateway's own latency buckets, in seconds.
+const LATENCY: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The `GenAI` semantic conventions' boundaries: operation duration (s), token usage, and time
+/// to first token (s).
+const GEN_AI_DURATION: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+const GEN_AI_TOKENS: [f64; 14] = [
+    1.0,
+    4.0,
+    16.0,
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+];
+const GEN_AI_TTFT: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+fn latency_buckets() -> Histogram {
+    Histogram::new(LATENCY)
+}
+
+fn duration_buckets() -> Histogram {
+    Histogram::new(GEN_AI_DURATION)
+}
+
+fn token_buckets() -> Histogram {
+    Histogram::new(GEN_AI_TOKENS)
+}
+
+fn ttft_buckets() -> Histogram {
+    Histogram::new(GEN_AI_TTFT)
+}
+
+/// The `GenAI` `gen_ai.operation.name` of a route.
+fn operation(route: &str) -> &'static str {
+    match route {
+        "chat" => "chat",
+        "embeddings" => "embeddings",
+        "completions" => "text_completion",
+        "responses" => "responses",
+        _ => "other",
+    }
+}
+
+/// The gateway's own counters and histograms.
+#[derive(Debug)]
 pub(crate) struct Metrics {
-    /// Answers by (route, model group or `unknown`, status).
-    requests: DashMap<(&'static str, String, u16), AtomicU64>,
-    latency: DashMap<&'static str, Histogram>,
+    registry: Registry,
+    /// Answers by route, model group (or `unknown`) and status.
+    requests: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, Buckets>,
     ttft: Histogram,
-    retries: AtomicU64,
-    throttles: AtomicU64,
+    retries: Counter,
+    throttles: Counter,
+    operation_duration: Family<Labels, Histogram, Buckets>,
+    token_usage: Family<Labels, Histogram, Buckets>,
+    server_ttft: Family<Labels, Histogram, Buckets>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "openai_router_requests",
+            "Answers by route, model group and status",
+            requests.clone(),
+        );
+        let latency =
+            Family::<Labels, Histogram, Buckets>::new_with_constructor(latency_buckets as Buckets);
+        registry.register_with_unit(
+            "openai_router_request_duration",
+            "Time to the whole answer (to the headers, for streams), by route",
+            Unit::Seconds,
+            latency.clone(),
+        );
+        let ttft = Histogram::new(LATENCY);
+        registry.register_with_unit(
+            "openai_router_time_to_first_token",
+            "Streams: time from the request to the first content chunk sent",
+            Unit::Seconds,
+            ttft.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "openai_router_retries",
+            "Attempts beyond each request's first",
+            retries.clone(),
+        );
+        let throttles = Counter::default();
+        registry.register(
+            "openai_router_throttled",
+            "Answers of 429: requests the router throttled (or an upstream's 429 it could not \
+             route around)",
+            throttles.clone(),
+        );
+        let operation_duration =
+            Family::<Labels, Histogram, Buckets>::new_with_constructor(duration_buckets as Buckets);
+        registry.register_with_unit(
+            "gen_ai_client_operation_duration",
+            "GenAI operation duration (gen_ai.client.operation.duration) as callers see it, by \
+             gen_ai.operation.name, gen_ai.request.model and error.type (the status) on \
+             failures",
+            Unit::Seconds,
+            operation_duration.clone(),
+        );
+        let token_usage =
+            Family::<Labels, Histogram, Buckets>::new_with_constructor(token_buckets as Buckets);
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Tokens used per answer (gen_ai.client.token.usage), by gen_ai.operation.name, \
+             gen_ai.request.model and gen_ai.token.type (input or output), as the upstream \
+             counted them",
+            token_usage.clone(),
+        );
+        let server_ttft =
+            Family::<Labels, Histogram, Buckets>::new_with_constructor(ttft_buckets as Buckets);
+        registry.register_with_unit(
+            "gen_ai_server_time_to_first_token",
+            "Streams: time to the first content chunk (gen_ai.server.time_to_first_token), by \
+             gen_ai.operation.name and gen_ai.request.model",
+            Unit::Seconds,
+            server_ttft.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            ttft,
+            retries,
+            throttles,
+            operation_duration,
+            token_usage,
+            server_ttft,
+        }
+    }
 }
 
 impl Metrics {
     /// One answer of `route`; `model` is the request's model group when the router serves it,
     /// else [`UNKNOWN_MODEL`] (the caller decides, with [`Router::serves`]).
     pub(crate) fn answered(&self, route: &'static str, model: &str, status: u16, took: Duration) {
-        let key = (route, model.to_owned(), status);
-        if let Some(count) = self.requests.get(&key) {
-            count.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.requests
-                .entry(key)
-                .or_default()
-                .fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .get_or_create(&vec![
+                ("route", route.to_owned()),
+                ("model", model.to_owned()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("route", route.to_owned())])
+            .observe(took.as_secs_f64());
+        let mut labels = vec![
+            ("gen_ai_operation_name", operation(route).to_owned()),
+            ("gen_ai_request_model", model.to_owned()),
+        ];
+        if status >= 400 {
+            labels.push(("error_type", status.to_string()));
         }
-        self.latency.entry(route).or_default().observe(took);
+        self.operation_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
         if status == 429 {
-            self.throttles.fetch_add(1, Ordering::Relaxed);
+            self.throttles.inc();
         }
+    }
+
+    /// The tokens an answer of `route` for `model` used (a configured group's name).
+    pub(crate) fn tokens(&self, route: &'static str, model: &str, used: TokensUsed) {
+        // Embeddings have input tokens only.
+        let output = (route != "embeddings").then_some(("output", used.output));
+        for (kind, count) in std::iter::once(("input", used.input)).chain(output) {
+            self.token_usage
+                .get_or_create(&vec![
+                    ("gen_ai_operation_name", operation(route).to_owned()),
+                    ("gen_ai_request_model", model.to_owned()),
+                    ("gen_ai_token_type", kind.to_owned()),
+                ])
+                .observe(count as f64);
+        }
+    }
+
+    /// Answers the gateway throttled (429) since it started.
+    pub(crate) fn throttled(&self) -> u64 {
+        self.throttles.get()
     }
 
     /// Attempts beyond the first.
     pub(crate) fn retried(&self, attempts: u32) {
-        self.retries
-            .fetch_add(u64::from(attempts.saturating_sub(1)), Ordering::Relaxed);
+        self.retries.inc_by(u64::from(attempts.saturating_sub(1)));
     }
 
-    /// A stream's first chunk reached the client.
-    pub(crate) fn first_token(&self, ttft: Duration) {
-        self.ttft.observe(ttft);
+    /// A stream of `route` for `model` sent its first content chunk `ttft` after the request
+    /// arrived.
+    pub(crate) fn first_token(&self, route: &'static str, model: &str, ttft: Duration) {
+        self.ttft.observe(ttft.as_secs_f64());
+        self.server_ttft
+            .get_or_create(&vec![
+                ("gen_ai_operation_name", operation(route).to_owned()),
+                ("gen_ai_request_model", model.to_owned()),
+            ])
+            .observe(ttft.as_secs_f64());
     }
 
-    /// The exposition.
-    #[expect(clippy::too_many_lines, reason = "one metric family after another")]
+    /// The exposition: the gateway's families, then the router's as it is now, then `# EOF`.
     pub(crate) fn render(&self, router: &Router) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str(
-            "# HELP openai_router_requests_total Answers by route, model group and status.\n",
-        );
-        out.push_str("# TYPE openai_router_requests_total counter\n");
-        let mut rows: Vec<_> = self
-            .requests
-            .iter()
-            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
-            .collect();
-        rows.sort();
-        for ((route, model, status), n) in rows {
-            let _ = writeln!(
-                out,
-                "openai_router_requests_total{{route=\"{route}\",model=\"{}\",status=\"{status}\"}} {n}",
-                escape(&model)
-            );
-        }
-        out.push_str("# HELP openai_router_request_duration_seconds Time to the whole answer (to the headers, for streams).\n");
-        out.push_str("# TYPE openai_router_request_duration_seconds histogram\n");
-        for entry in &self.latency {
-            entry.value().render(
-                &mut out,
-                "openai_router_request_duration_seconds",
-                &format!("route=\"{}\",", entry.key()),
-            );
-        }
-        out.push_str("# HELP openai_router_time_to_first_token_seconds Streams: time to the first content chunk.\n");
-        out.push_str("# TYPE openai_router_time_to_first_token_seconds histogram\n");
-        self.ttft
-            .render(&mut out, "openai_router_time_to_first_token_seconds", "");
-        let _ = writeln!(
-            out,
-            "# TYPE openai_router_retries_total counter\nopenai_router_retries_total {}",
-            self.retries.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE openai_router_throttled_total counter\nopenai_router_throttled_total {}",
-            self.throttles.load(Ordering::Relaxed)
-        );
-
-        let _ = writeln!(
-            out,
-            "# HELP openai_router_waiting Requests waiting for a turn.\n# TYPE openai_router_waiting gauge\nopenai_router_waiting {}",
-            router.waiting()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP openai_router_open_reservations Quota reservations not yet settled or released.\n# TYPE openai_router_open_reservations gauge\nopenai_router_open_reservations {}",
-            router.open_reservations()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP openai_router_state_shared Whether quotas, cooldowns and limits are shared with other replicas now (1: the shared store answers; 0: in-process, or its local share while it is away).\n# TYPE openai_router_state_shared gauge\nopenai_router_state_shared {}",
-            u8::from(router.state_shared())
-        );
-        let _ = writeln!(
-            out,
-            "# HELP openai_router_state_fallbacks_total Calls the shared state store answered from this replica's local share (it failed or was slower than its timeout).\n# TYPE openai_router_state_fallbacks_total counter\nopenai_router_state_fallbacks_total {}",
-            router.state_fallbacks()
-        );
-        let stats = router.stats();
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_in_flight",
-            "gauge",
-            Some("Requests in flight per deployment (streams until they end)."),
-            &|s| s.state.in_flight.to_string(),
-        );
-        let now = std::time::Instant::now();
-        let availability = |s: &DeploymentStats| match s.state.availability {
-            Availability::Ready => (0, None),
-            Availability::RateLimited(at) => (1, Some(at)),
-            Availability::Ejected(at) => (2, Some(at)),
-            Availability::Disabled(_) => (3, None),
-            Availability::Probing => (4, None),
-            _ => (5, None),
-        };
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_deployment_state",
-            "gauge",
-            Some(
-                "0 ready, 1 rate limited, 2 ejected, 3 disabled, 4 half-open with its one request in flight.",
-            ),
-            &|s| availability(s).0.to_string(),
-        );
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_cooldown_seconds",
-            "gauge",
-            Some("Seconds until a cooling deployment is back."),
-            &|s| {
-                availability(s)
-                    .1
-                    .map_or(0.0, |at| at.saturating_duration_since(now).as_secs_f64())
-                    .to_string()
-            },
-        );
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_upstream_successes_total",
-            "counter",
-            None,
-            &|s| s.state.successes.to_string(),
-        );
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_spilled_over_total",
-            "counter",
-            Some(
-                "Requests Azure spilled over from the deployment (it was full) to their spillover deployment.",
-            ),
-            &|s| s.state.spilled_over.to_string(),
-        );
-        out.push_str("# HELP openai_router_service_tier_total Answers by the service tier they reported (service_tier).\n# TYPE openai_router_service_tier_total counter\n");
-        for s in &stats {
-            for (tier, n) in &s.state.service_tiers {
-                let _ = writeln!(
-                    out,
-                    "openai_router_service_tier_total{{{},tier=\"{tier}\"}} {n}",
-                    labels(s)
-                );
-            }
-        }
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_service_tier_downgrades_total",
-            "counter",
-            Some("Requests that asked for the priority tier and were served at another."),
-            &|s| s.state.tier_downgrades.to_string(),
-        );
-        out.push_str("# HELP openai_router_upstream_failures_total Failed attempts by kind.\n# TYPE openai_router_upstream_failures_total counter\n");
-        for s in &stats {
-            for (kind, n) in &s.state.failures {
-                let _ = writeln!(
-                    out,
-                    "openai_router_upstream_failures_total{{{},kind=\"{}\"}} {n}",
-                    labels(s),
-                    kind.as_str()
-                );
-            }
-        }
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_latency_estimate_seconds",
-            "gauge",
-            Some("PeakEWMA time to first token per deployment."),
-            &|s| s.state.latency_stream.to_string(),
-        );
-        out.push_str("# HELP openai_router_learned_tpm Tokens per minute the upstream announced.\n# TYPE openai_router_learned_tpm gauge\n");
-        for s in &stats {
-            if let Some(tpm) = s.state.learned_tpm {
-                let _ = writeln!(out, "openai_router_learned_tpm{{{}}} {tpm}", labels(s));
-            }
-        }
-        per_deployment(
-            &mut out,
-            &stats,
-            "openai_router_admitted_share",
-            "gauge",
-            Some(
-                "Share of the configured limits the upstream was seen to admit (1 until it refused what they allowed).",
-            ),
-            &|s| format!("{:.3}", s.state.admits.share),
-        );
+        let mut out = String::with_capacity(16 * 1024);
+        let mut live = Registry::default();
+        live.register_collector(Box::new(RouterNow(router.clone())));
+        // Writing into a String cannot fail.
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &live);
+        let _ = encode_eof(&mut out);
         out
     }
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// The router's state at scrape time.
+#[derive(Debug)]
+struct RouterNow(Router);
 
-/// One metric family with one sample per deployment: its `HELP` (when given) and `TYPE`
-/// lines, then `name{labels} value` for each.
-fn per_deployment(
-    out: &mut String,
-    stats: &[DeploymentStats],
+/// One gauge or counter family: a sample per label set.
+fn family<V: Copy>(
+    encoder: &mut DescriptorEncoder<'_>,
     name: &str,
-    kind: &str,
-    help: Option<&str>,
-    value: &dyn Fn(&DeploymentStats) -> String,
-) {
-    if let Some(help) = help {
-        let _ = writeln!(out, "# HELP {name} {help}");
+    help: &str,
+    unit: Option<&Unit>,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+    encode: impl Fn(V, prometheus_client::encoding::MetricEncoder<'_>) -> std::fmt::Result,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, unit, kind)?;
+    for (labels, value) in samples {
+        encode(value, metric.encode_family(&labels)?)?;
     }
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for s in stats {
-        let _ = writeln!(out, "{name}{{{}}} {}", labels(s), value(s));
+    Ok(())
+}
+
+fn gauges<V: EncodeGaugeValue + Copy>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+) -> std::fmt::Result {
+    family(
+        encoder,
+        name,
+        help,
+        unit,
+        MetricType::Gauge,
+        samples,
+        |v, e| ConstGauge::new(v).encode(e),
+    )
+}
+
+fn counters(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> std::fmt::Result {
+    family(
+        encoder,
+        name,
+        help,
+        None,
+        MetricType::Counter,
+        samples,
+        |v, e| ConstCounter::new(v).encode(e),
+    )
+}
+
+/// A deployment's labels.
+fn labels(s: &DeploymentStats) -> Labels {
+    vec![
+        ("endpoint", s.endpoint.as_str().to_owned()),
+        ("model", s.model.clone()),
+        ("deployment", s.deployment.clone()),
+    ]
+}
+
+fn with(mut labels: Labels, name: &'static str, value: impl Into<String>) -> Labels {
+    labels.push((name, value.into()));
+    labels
+}
+
+impl Collector for RouterNow {
+    #[expect(clippy::too_many_lines, reason = "one metric family after another")]
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let router = &self.0;
+        let e = &mut encoder;
+        gauges(
+            e,
+            "openai_router_waiting",
+            "Requests waiting for a turn",
+            None,
+            [(Labels::new(), router.waiting())],
+        )?;
+        gauges(
+            e,
+            "openai_router_queue",
+            "Requests waiting for a turn, by lane (a model group, or a limit's scope) and \
+             priority class",
+            None,
+            router.queue().into_iter().map(|w| {
+                (
+                    vec![("lane", w.lane), ("priority", w.priority.to_string())],
+                    w.count,
+                )
+            }),
+        )?;
+        gauges(
+            e,
+            "openai_router_open_reservations",
+            "Quota reservations not yet settled or released",
+            None,
+            [(Labels::new(), router.open_reservations())],
+        )?;
+        gauges(
+            e,
+            "openai_router_state_shared",
+            "Whether quotas, cooldowns and limits are shared with other replicas now (1: the \
+             shared store answers; 0: in-process, or its local share while it is away)",
+            None,
+            [(Labels::new(), u32::from(router.state_shared()))],
+        )?;
+        counters(
+            e,
+            "openai_router_state_fallbacks",
+            "Calls the shared state store answered from this replica's local share (it failed \
+             or was slower than its timeout)",
+            [(Labels::new(), router.state_fallbacks())],
+        )?;
+        let stats = router.stats();
+        let now = std::time::Instant::now();
+        gauges(
+            e,
+            "openai_router_in_flight",
+            "Requests in flight per deployment (streams until they end)",
+            None,
+            stats.iter().map(|s| (labels(s), s.state.in_flight)),
+        )?;
+        let availability = |s: &DeploymentStats| -> (u32, Option<std::time::Instant>) {
+            match s.state.availability {
+                Availability::Ready => (0, None),
+                Availability::RateLimited(at) => (1, Some(at)),
+                Availability::Ejected(at) => (2, Some(at)),
+                Availability::Disabled(_) => (3, None),
+                Availability::Probing => (4, None),
+                _ => (5, None),
+            }
+        };
+        gauges(
+            e,
+            "openai_router_deployment_state",
+            "0 ready, 1 rate limited (cooling down), 2 ejected, 3 disabled, 4 half-open with \
+             its one request in flight",
+            None,
+            stats.iter().map(|s| (labels(s), availability(s).0)),
+        )?;
+        gauges(
+            e,
+            "openai_router_cooldown",
+            "Seconds until a cooling or ejected deployment is back",
+            Some(&Unit::Seconds),
+            stats.iter().map(|s| {
+                let left = availability(s)
+                    .1
+                    .map_or(0.0, |at| at.saturating_duration_since(now).as_secs_f64());
+                (labels(s), left)
+            }),
+        )?;
+        counters(
+            e,
+            "openai_router_upstream_successes",
+            "Answers each deployment served",
+            stats.iter().map(|s| (labels(s), s.state.successes)),
+        )?;
+        counters(
+            e,
+            "openai_router_upstream_failures",
+            "Failed attempts by kind",
+            stats.iter().flat_map(|s| {
+                s.state
+                    .failures
+                    .iter()
+                    .map(|(kind, n)| (with(labels(s), "kind", kind.as_str()), *n))
+            }),
+        )?;
+        counters(
+            e,
+            "openai_router_spilled_over",
+            "Requests Azure spilled over from the deployment (it was full) to their spillover \
+             deployment",
+            stats.iter().map(|s| (labels(s), s.state.spilled_over)),
+        )?;
+        counters(
+            e,
+            "openai_router_service_tier",
+            "Answers by the service tier they reported (service_tier)",
+            stats.iter().flat_map(|s| {
+                s.state
+                    .service_tiers
+                    .iter()
+                    .map(|(tier, n)| (with(labels(s), "tier", *tier), *n))
+            }),
+        )?;
+        counters(
+            e,
+            "openai_router_service_tier_downgrades",
+            "Requests that asked for the priority tier and were served at another",
+            stats.iter().map(|s| (labels(s), s.state.tier_downgrades)),
+        )?;
+        gauges(
+            e,
+            "openai_router_latency_estimate",
+            "PeakEWMA time to first token per deployment",
+            Some(&Unit::Seconds),
+            stats.iter().map(|s| (labels(s), s.state.latency_stream)),
+        )?;
+        gauges(
+            e,
+            "openai_router_learned_tpm",
+            "Tokens per minute the upstream announced",
+            None,
+            stats
+                .iter()
+                .filter_map(|s| s.state.learned_tpm.map(|tpm| (labels(s), tpm))),
+        )?;
+        gauges(
+            e,
+            "openai_router_admitted_share",
+            "Share of the configured limits the upstream was seen to admit (1 until it refused \
+             what they allowed)",
+            None,
+            stats.iter().map(|s| (labels(s), s.state.admits.share)),
+        )?;
+        gauges(
+            e,
+            "openai_router_quota_left",
+            "What is left of a deployment's quota window as the router sees it, by resource \
+             (tokens, requests)",
+            None,
+            stats.iter().flat_map(|s| {
+                let quota = s.quota;
+                [
+                    quota.and_then(|q| q.tokens_left).map(|v| ("tokens", v)),
+                    quota.and_then(|q| q.requests_left).map(|v| ("requests", v)),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|(resource, left)| (with(labels(s), "resource", resource), left.max(0.0)))
+            }),
+        )?;
+        Ok(())
     }
 }
 
-fn labels(s: &DeploymentStats) -> String {
-    format!(
-        "endpoint=\"{}\",model=\"{}\",deployment=\"{}\"",
-        escape(s.endpoint.as_str()),
-        escape(&s.model),
-        escape(&s.deployment)
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_tokens_and_first_tokens_are_exposed_in_both_namings() {
+        let metrics = Metrics::default();
+        metrics.answered("chat", "gpt-4o-mini", 200, Duration::from_millis(30));
+        metrics.answered("chat", "gpt-4o-mini", 429, Duration::from_millis(2));
+        metrics.tokens("chat", "gpt-4o-mini", TokensUsed::new(12, 300));
+        metrics.first_token("chat", "gpt-4o-mini", Duration::from_millis(40));
+        metrics.retried(3);
+        let mut out = String::new();
+        encode_registry(&mut out, &metrics.registry).unwrap();
+        for line in [
+            r#"openai_router_requests_total{route="chat",model="gpt-4o-mini",status="200"} 1"#,
+            r#"openai_router_requests_total{route="chat",model="gpt-4o-mini",status="429"} 1"#,
+            "openai_router_throttled_total 1",
+            "openai_router_retries_total 2",
+            r#"gen_ai_client_operation_duration_seconds_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini"} 1"#,
+            r#"gen_ai_client_operation_duration_seconds_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini",error_type="429"} 1"#,
+            r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini",gen_ai_token_type="output"} 300.0"#,
+            r#"gen_ai_client_token_usage_bucket{le="16.0",gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini",gen_ai_token_type="input"} 1"#,
+            r#"gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini"} 1"#,
+            "openai_router_time_to_first_token_seconds_count 1",
+        ] {
+            assert!(out.contains(line), "{line} not in:\n{out}");
+        }
+    }
 }

@@ -31,6 +31,10 @@ pub(crate) struct AppState {
     pub(crate) keys: ArcSwap<Vec<GatewayKey>>,
     /// `router.cache_affinity_header`, lowercased.
     pub(crate) affinity_header: ArcSwap<Option<String>>,
+    /// What the status page shows that needs history.
+    pub(crate) status: crate::status::Board,
+    /// Who may see the status page.
+    pub(crate) status_access: ArcSwap<crate::status::Access>,
 }
 
 impl AppState {
@@ -47,6 +51,14 @@ impl AppState {
             .unwrap_or(UNKNOWN_MODEL);
         self.metrics
             .answered(route, label, response.status().as_u16(), started.elapsed());
+    }
+
+    /// An answer of `route` served: its retries and the tokens it used.
+    fn answered<T>(&self, route: &'static str, answer: &Routed<T>) {
+        self.metrics.retried(answer.attempts);
+        if let Some(used) = answer.tokens {
+            self.metrics.tokens(route, &answer.model, used);
+        }
     }
 
     /// The options of a request from `headers` for `model`, once its key checks out.
@@ -145,6 +157,8 @@ pub(crate) fn app(state: Arc<AppState>, body: BodyLimits) -> axum::Router {
         )
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
+        .route("/status", get(crate::status::page))
+        .route("/status.json", get(crate::status::data))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::no_route() })
@@ -186,6 +200,9 @@ where
         Ok(request) => {
             let (model, response) = answer(request).await;
             state.count(route, Some(&model), &response, started);
+            if let Some(place) = response.extensions().get::<Place>() {
+                state.status.answered(&place.0, &place.1, started.elapsed());
+            }
             response
         }
         Err(error) => {
@@ -222,11 +239,11 @@ async fn chat_answer(
         let stream = state.router.chat_stream_with(request, &options).await?;
         state.metrics.retried(stream.attempts());
         let served = ServedBy::stream(&stream);
-        let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
+        let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), "chat", started);
         return Ok(served_by(relayed, &served));
     }
     let answer = state.router.chat_with(request, &options).await?;
-    state.metrics.retried(answer.attempts);
+    state.answered("chat", &answer);
     Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
 }
 
@@ -293,8 +310,16 @@ fn served_by(mut response: Response, served: &ServedBy) -> Response {
     if let Some(quota) = &served.caller {
         caller_quota_headers(headers, quota);
     }
+    // For the status page's latency, once the answer is counted.
+    response
+        .extensions_mut()
+        .insert(Place(served.endpoint.clone(), served.deployment.clone()));
     response
 }
+
+/// The endpoint and deployment that served an answer.
+#[derive(Debug, Clone)]
+struct Place(String, String);
 
 /// The caller's own limits as OpenAI names them: `x-ratelimit-limit-requests` and
 /// `-tokens` (what the router's window holds), `x-ratelimit-remaining-requests` and
@@ -336,7 +361,7 @@ async fn embeddings(
         let response = async {
             let options = state.options(&headers, &request.model)?;
             let answer = state.router.embeddings_with(&request, &options).await?;
-            state.metrics.retried(answer.attempts);
+            state.answered("embeddings", &answer);
             Ok::<_, ApiError>(served_by(json(&answer.body), &ServedBy::routed(&answer)))
         }
         .await
@@ -362,11 +387,12 @@ async fn completions(
                     .await?;
                 state.metrics.retried(stream.attempts());
                 let served = ServedBy::stream(&stream);
-                let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
+                let relayed =
+                    crate::sse::relay(stream, Arc::clone(&state.metrics), "completions", started);
                 return Ok::<_, ApiError>(served_by(relayed, &served));
             }
             let answer = state.router.completions_with(&request, &options).await?;
-            state.metrics.retried(answer.attempts);
+            state.answered("completions", &answer);
             Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
         }
         .await
@@ -392,11 +418,12 @@ async fn responses(
                     .await?;
                 state.metrics.retried(stream.attempts());
                 let served = ServedBy::stream(&stream);
-                let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), started);
+                let relayed =
+                    crate::sse::relay(stream, Arc::clone(&state.metrics), "responses", started);
                 return Ok::<_, ApiError>(served_by(relayed, &served));
             }
             let answer = state.router.responses_with(&request, &options).await?;
-            state.metrics.retried(answer.attempts);
+            state.answered("responses", &answer);
             Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
         }
         .await
@@ -446,7 +473,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut response = state.metrics.render(&state.router).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
 }

@@ -77,15 +77,19 @@ impl Framed for ResponseStreamEvent {
     }
 }
 
-/// Relays `stream`; `started` is when the request arrived, for the time-to-first-token metric.
+/// Relays `stream`, an answer of `route`; `started` is when the request arrived, for the
+/// time-to-first-token metric. The tokens it used are counted when it ends.
 pub(crate) fn relay<T: Framed>(
     stream: RouterStream<T>,
     metrics: Arc<Metrics>,
+    route: &'static str,
     started: Instant,
 ) -> Response {
     let frames = Relay {
+        model: stream.model().to_owned(),
         stream,
         metrics,
+        route,
         started,
         first: true,
         ended: false,
@@ -123,6 +127,9 @@ fn frame(out: &mut BytesMut, name: Option<&str>, data: &str) {
 struct Relay<T> {
     stream: RouterStream<T>,
     metrics: Arc<Metrics>,
+    route: &'static str,
+    /// The model group serving (a configured one: a bounded label).
+    model: String,
     started: Instant,
     first: bool,
     /// The upstream's stream has ended and `[DONE]` is written (or held).
@@ -144,6 +151,9 @@ impl<T: Framed> Relay<T> {
                         frame(&mut self.held, None, "[DONE]");
                     }
                     self.ended = true;
+                    if let Some(used) = self.stream.tokens() {
+                        self.metrics.tokens(self.route, &self.model, used);
+                    }
                 }
                 Poll::Ready(Some(Err(error))) => {
                     let (name, data) = T::failure(&error.to_string());
@@ -156,7 +166,8 @@ impl<T: Framed> Relay<T> {
                 Poll::Ready(Some(Ok(event))) => {
                     if self.first && event.item.has_content() {
                         self.first = false;
-                        self.metrics.first_token(self.started.elapsed());
+                        self.metrics
+                            .first_token(self.route, &self.model, self.started.elapsed());
                     }
                     let name = event.item.name();
                     if let Some(data) = &event.data {

@@ -381,7 +381,31 @@ async fn raw_http_framing_headers_and_errors() {
     );
     assert!(metrics.contains(r#"openai_router_deployment_state{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini"} 1"#), "rate limited: {metrics}");
     // No quota is configured here, so the 429s taught nothing about what the upstream admits.
-    assert!(metrics.contains(r#"openai_router_admitted_share{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini"} 1.000"#), "{metrics}");
+    assert!(metrics.contains(r#"openai_router_admitted_share{endpoint="oai",model="gpt-4o-mini",deployment="gpt-4o-mini"} 1.0"#), "{metrics}");
+    // The GenAI semantic conventions' names beside ours: the plain answer's tokens (the
+    // stream's usage is counted when the upstream sends it, which it does when the caller or
+    // the router's quota accounting asks: here neither), embeddings' input tokens only, the
+    // stream's first token, every answer's duration and the 429's with its error type;
+    // OpenMetrics, ended as the format wants.
+    for line in [
+        r#"gen_ai_client_token_usage_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini",gen_ai_token_type="input"} 1"#,
+        r#"gen_ai_client_token_usage_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini",gen_ai_token_type="output"} 1"#,
+        r#"gen_ai_client_token_usage_count{gen_ai_operation_name="embeddings",gen_ai_request_model="text-embedding-3-small",gen_ai_token_type="input"} 1"#,
+        r#"gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini"} 1"#,
+        r#"gen_ai_client_operation_duration_seconds_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini"} 2"#,
+        r#"gen_ai_client_operation_duration_seconds_count{gen_ai_operation_name="chat",gen_ai_request_model="gpt-4o-mini",error_type="429"} 1"#,
+        "# TYPE gen_ai_client_token_usage histogram",
+    ] {
+        assert!(metrics.contains(line), "{line} is not in {metrics}");
+    }
+    assert!(
+        !metrics.contains(
+            r#"gen_ai_request_model="text-embedding-3-small",gen_ai_token_type="output""#
+        ),
+        "embeddings have no output tokens: {metrics}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    assert!(!metrics.contains(".."), "help texts end once: {metrics}");
     assert!(!metrics.contains(GATEWAY_KEY));
 
     // Keys never appear in the logs, even at trace level.
@@ -1779,4 +1803,445 @@ async fn a_malformed_answer_fails_over_through_the_gateway() {
         }
         sim.endpoints()[0].clear_faults();
     }
+}
+
+async fn status_json(gateway: &Gateway) -> Value {
+    let response = client()
+        .get(format!("{}/status.json", gateway.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// The state `/status.json` gives `endpoint/deployment`.
+fn deployment_in<'v>(status: &'v Value, place: &str) -> &'v Value {
+    status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["deployments"].as_array().unwrap())
+        .find(|d| {
+            format!(
+                "{}/{}",
+                d["endpoint"].as_str().unwrap(),
+                d["deployment"].as_str().unwrap()
+            ) == place
+        })
+        .unwrap_or_else(|| panic!("{place} is not in {status}"))
+}
+
+/// `/status.json` (to a loopback client, as configured by default) names every deployment of
+/// every group, counts what they served with the last minute's latency, and shows a 429's
+/// cooldown with why and until when, and the error in the last minute's; `/status` is the
+/// page. With an admin key configured, both need it.
+#[tokio::test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one gateway's status walked through, then the admin key's"
+)]
+async fn the_status_shows_every_deployment_and_a_cooldown_as_it_happens() {
+    let sim = sim().await;
+    let gateway = start(&sim, "").await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "status"}]});
+    for _ in 0..4 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    let status = status_json(&gateway).await;
+    let mut places: Vec<String> = status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["deployments"].as_array().unwrap())
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["endpoint"].as_str().unwrap(),
+                d["deployment"].as_str().unwrap()
+            )
+        })
+        .collect();
+    places.sort();
+    assert_eq!(
+        places,
+        [
+            "az/emb-dep",
+            "az/mini-dep",
+            "oai/gpt-3.5-turbo-instruct",
+            "oai/gpt-4o-mini",
+            "oai/text-embedding-3-small"
+        ]
+    );
+    for place in ["oai/gpt-4o-mini", "az/mini-dep"] {
+        let d = deployment_in(&status, place);
+        assert_eq!(d["state"], "ready", "{d}");
+        assert_eq!(d["served"], 2, "round robin: {d}");
+        assert_eq!(d["last_minute"]["answers"], 2, "{d}");
+        assert!(d["last_minute"]["p99_ms"].as_f64().unwrap() > 0.0, "{d}");
+    }
+    // A 429 with a 30 s wait from `oai`: the request goes to `az`, and `oai` cools down.
+    sim.endpoints()[0].inject(Fault::rate_limited(Duration::from_secs(30)), Times::Next(1));
+    for _ in 0..2 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    let status = status_json(&gateway).await;
+    let cooling = deployment_in(&status, "oai/gpt-4o-mini");
+    assert_eq!(cooling["state"], "cooling", "{cooling}");
+    assert!(
+        cooling["why"].as_str().unwrap().contains("429"),
+        "{cooling}"
+    );
+    let until = cooling["until_s"].as_f64().unwrap();
+    assert!(until > 20.0 && until <= 30.0, "{cooling}");
+    assert_eq!(
+        cooling["errors_last_minute"]["rate_limited"], 1,
+        "{cooling}"
+    );
+    assert_eq!(deployment_in(&status, "az/mini-dep")["state"], "ready");
+
+    let page = client()
+        .get(format!("{}/status", gateway.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(page.text().await.unwrap().contains("status.json"));
+    drop(gateway);
+
+    // With an admin key: nobody without it, loopback included.
+    let admin = "sk-gw-admin-5f0e";
+    let gateway = start_serving(
+        &sim,
+        "",
+        5000,
+        &[],
+        &format!("admin_key_sha256 = \"{}\"", hash(admin)),
+    )
+    .await;
+    let get = |auth: Option<&str>| {
+        let mut request = client().get(format!("{}/status.json", gateway.base));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    let refused = get(None).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers().contains_key("www-authenticate"));
+    assert_eq!(get(Some("Bearer wrong")).await.unwrap().status(), 401);
+    assert_eq!(
+        get(Some(&format!("Bearer {admin}")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        get(Some(GATEWAY_KEY)).await.unwrap().status(),
+        401,
+        "a gateway key is not the admin key"
+    );
+}
+
+/// A `WebDriver` session on Debian's headless Chromium, through `chromedriver` (`cargo xtask
+/// ci` installs both when missing).
+struct Browser {
+    _driver: Child,
+    base: String,
+    session: String,
+    http: reqwest::Client,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "chromedriver did not start ({e}): install Debian's chromium and \
+                     chromium-driver (`cargo xtask ci` does when it runs as root)"
+                )
+            });
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        for _ in 0..250 {
+            if http.get(format!("{base}/status")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut options = json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+            "--disable-dev-shm-usage", "--window-size=1500,1000"]});
+        if std::path::Path::new("/usr/bin/chromium").is_file() {
+            options["binary"] = json!("/usr/bin/chromium");
+        }
+        let created: Value = http
+            .post(format!("{base}/session"))
+            .json(
+                &json!({"capabilities": {"alwaysMatch": {"browserName": "chrome",
+                "goog:chromeOptions": options, "goog:loggingPrefs": {"browser": "ALL"}}}}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no browser session: {created}"))
+            .to_owned();
+        Self {
+            _driver: driver,
+            base,
+            session,
+            http,
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut request = self.http.request(method, url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let answer: Value = request.send().await.unwrap().json().await.unwrap();
+        assert!(
+            answer["value"].get("error").is_none(),
+            "webdriver {path}: {answer}"
+        );
+        answer["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", Some(json!({"url": url})))
+            .await;
+    }
+
+    async fn run(&self, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+        .await
+    }
+
+    /// The console's entries since the last call.
+    async fn console(&self) -> Vec<Value> {
+        self.call(
+            reqwest::Method::POST,
+            "/se/log",
+            Some(json!({"type": "browser"})),
+        )
+        .await
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    }
+
+    async fn screenshot(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let png = self.call(reqwest::Method::GET, "/screenshot", None).await;
+        base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap()
+    }
+
+    /// The page's deployment rows: `endpoint/deployment` and state.
+    async fn rows(&self) -> Vec<(String, String)> {
+        let rows = self
+            .run(
+                "return Array.from(document.querySelectorAll('tr[data-deployment]'))\
+                 .map(r => [r.dataset.deployment, r.dataset.state]);",
+            )
+            .await;
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap().to_owned(),
+                    r[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits (at most 20 s) until `place`'s row is in a state `wanted` accepts.
+    async fn wait_for(&self, place: &str, wanted: impl Fn(&str) -> bool) -> String {
+        for _ in 0..200 {
+            if let Some((_, state)) = self.rows().await.into_iter().find(|(p, _)| p == place)
+                && wanted(&state)
+            {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "{place} never reached the state wanted: {:?}",
+            self.rows().await
+        );
+    }
+}
+
+/// The status page in a real browser (headless Chromium): it loads with no console error,
+/// shows every deployment, and follows a simulated endpoint's 429: the cooling row appears,
+/// then clears when the cooldown ends. A screenshot is left in the test's scratch folder.
+#[tokio::test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one browser session: load, every row, the chart, a cooldown, the console"
+)]
+async fn the_status_page_in_a_browser_follows_a_cooldown() {
+    let sim = sim().await;
+    // Quiet logs: the page polls once a second.
+    let gateway = start_in(&sim, "", 5000, &[("RUST_LOG", "warn".to_owned())]).await;
+    let chat =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "browser"}]});
+    for _ in 0..6 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    // Steady traffic while the page is watched, so that its chart has something to show.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (base, stop, chat) = (
+            gateway.base.clone(),
+            std::sync::Arc::clone(&stop),
+            chat.clone(),
+        );
+        tokio::spawn(async move {
+            let client = client();
+            let mut sent = 0_u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 2_000 {
+                let response = client
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(GATEWAY_KEY)
+                    .json(&chat)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            sent
+        })
+    };
+    let browser = Browser::start().await;
+    browser.open(&format!("{}/status", gateway.base)).await;
+    let expected: Vec<String> = {
+        let status = status_json(&gateway).await;
+        let mut places: Vec<String> = status["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["deployments"].as_array().unwrap())
+            .map(|d| {
+                format!(
+                    "{}/{}",
+                    d["endpoint"].as_str().unwrap(),
+                    d["deployment"].as_str().unwrap()
+                )
+            })
+            .collect();
+        places.sort();
+        places
+    };
+    let mut shown = Vec::new();
+    for _ in 0..100 {
+        shown = browser.rows().await.into_iter().map(|(p, _)| p).collect();
+        shown.sort();
+        if shown == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(shown, expected, "every deployment has a row");
+    assert_eq!(
+        browser.wait_for("oai/gpt-4o-mini", |s| s == "ready").await,
+        "ready"
+    );
+    // The traffic chart fills once two samples of the counters are taken (5 s apart).
+    let mut bars = 0;
+    for _ in 0..150 {
+        bars = browser
+            .run("return document.querySelectorAll('section[data-model=\"gpt-4o-mini\"] svg rect').length;")
+            .await
+            .as_u64()
+            .unwrap();
+        if bars > 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(bars > 1, "the traffic chart stayed empty");
+
+    // `oai` answers one 429 with a 3 s wait: its row shows the cooldown, then clears.
+    sim.endpoints()[0].inject(Fault::rate_limited(Duration::from_secs(3)), Times::Next(1));
+    for _ in 0..2 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    browser
+        .wait_for("oai/gpt-4o-mini", |s| s == "cooling")
+        .await;
+    let shot = browser.screenshot().await;
+    assert!(shot.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    std::fs::write(&path, &shot).unwrap();
+    let after = browser
+        .wait_for("oai/gpt-4o-mini", |s| s != "cooling")
+        .await;
+    assert!(after == "ready" || after == "half-open", "{after}");
+
+    let errors: Vec<Value> = browser
+        .console()
+        .await
+        .into_iter()
+        .filter(|entry| entry["level"] == "SEVERE")
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(load.await.unwrap() > 0);
+    browser.call(reqwest::Method::DELETE, "", None).await;
 }
