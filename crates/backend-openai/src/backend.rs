@@ -131,6 +131,15 @@ impl OpenAiBackend {
             })?;
             headers.insert("x-ms-spillover-deployment", value);
         }
+        // The caller's trace, continued: the attempt's own span id under the caller's trace.
+        if let Some((trace, state)) = &options.trace {
+            if let Ok(value) = HeaderValue::from_str(&trace.to_string()) {
+                headers.insert("traceparent", value);
+            }
+            if let Some(value) = state.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
+                headers.insert("tracestate", value);
+            }
+        }
         self.authenticate(&mut headers).await?;
 
         let deadline = options.deadline.map(Instant::from_std);

@@ -29,6 +29,7 @@ use router_types::{
 use crate::endpoint::EndpointId;
 use crate::error::Error;
 use crate::ratelimit::RateLimitInfo;
+use crate::trace::TraceContext;
 
 /// One upstream endpoint. Implemented by `backend-openai`, `backend-azure`, and by users for
 /// their own upstreams. Object safe: the router holds `Arc<dyn Backend>`.
@@ -157,6 +158,10 @@ pub struct CallOptions {
     /// sent to is out of capacity (`x-ms-spillover-deployment`); backends of other upstreams
     /// ignore it.
     pub spillover_deployment: Option<String>,
+    /// The W3C trace this call belongs to, with the attempt's own span id: sent as
+    /// `traceparent` (and the caller's `tracestate` as it came), so that the upstream's logs
+    /// place the call in the caller's trace.
+    pub trace: Option<(TraceContext, Option<String>)>,
 }
 
 impl CallOptions {

@@ -67,6 +67,7 @@ mod rng;
 pub mod select;
 pub mod state;
 pub mod strategy;
+mod trace;
 
 pub use backend::{
     Backend, CallOptions, ChatStream, CompletionStream, Event, EventStream, Reply, ResponseMeta,
@@ -90,3 +91,4 @@ pub use strategy::{
     Candidate, LeastBusy, LeastLatency, ProbeMode, RoundRobin, Strategy, StrategyKind, UsageBased,
     Weighted, p2c, pick_tiered, sample_two,
 };
+pub use trace::TraceContext;

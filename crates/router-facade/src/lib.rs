@@ -78,7 +78,7 @@ pub use router_core::{
     EndpointId, Error, ErrorKind, Event, EventStream, HealthPolicy, LatencyClass, Learned,
     Learning, Limits, MemoryStore, ProbeMode, QuotaModel, RateLimitInfo, Reply, ResponseMeta,
     ResponseStream, Rng, Settlement, StateStats, StateStore, StoredCall, Strategy, StrategyKind,
-    StreamItem,
+    StreamItem, TraceContext,
 };
 pub use router_types as types;
 

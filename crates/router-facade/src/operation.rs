@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use router_core::{Backend, CallOptions, Error, LatencyClass, Reply};
+use router_core::{Backend, CallOptions, EndpointId, Error, LatencyClass, Reply};
 use router_types::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
     CreateResponse, EmbeddingRequest, EmbeddingResponse, Response, ResponseStreamEvent,
@@ -16,7 +16,7 @@ use router_types::{
 
 use crate::attempt::Attempt;
 use crate::estimate::{self, Estimate};
-use crate::options::{Routed, Served};
+use crate::options::{Routed, Served, TokensUsed};
 use crate::reservation::Used;
 use crate::stream::{Opened, RouterStream, first_content};
 
@@ -92,6 +92,9 @@ pub(crate) trait Operation: Sync {
     fn cache_key(&self) -> Option<&str> {
         None
     }
+    /// Who served `output`, for the request's span: the endpoint, the deployment, the
+    /// attempts, and the tokens when already known (a stream's come at its end).
+    fn served(output: &Self::Output) -> (&EndpointId, &str, u32, Option<TokensUsed>);
     /// The id under which the upstream stored what `output` answered, for the requests that
     /// continue it.
     fn stored(&self, output: &Self::Output) -> Option<String> {
@@ -253,6 +256,15 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
     type Sent = Reply<R::Response>;
     type Output = Routed<R::Response>;
     type Owned = Once<'static, R>;
+
+    fn served(output: &Self::Output) -> (&EndpointId, &str, u32, Option<TokensUsed>) {
+        (
+            &output.endpoint,
+            &output.deployment,
+            output.attempts,
+            output.tokens,
+        )
+    }
 
     fn model(&self) -> &str {
         self.0.as_ref().model()
@@ -589,6 +601,15 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
     type Sent = Opened<R::Chunk>;
     type Output = RouterStream<R::Chunk>;
     type Owned = Streamed<'static, R>;
+
+    fn served(output: &Self::Output) -> (&EndpointId, &str, u32, Option<TokensUsed>) {
+        (
+            output.endpoint(),
+            output.deployment(),
+            output.attempts(),
+            output.tokens(),
+        )
+    }
 
     fn model(&self) -> &str {
         self.0.as_ref().model()

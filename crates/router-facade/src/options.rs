@@ -3,7 +3,7 @@
 use std::ops::Deref;
 use std::time::Duration;
 
-use router_core::{EndpointId, ResponseMeta, StateStats};
+use router_core::{EndpointId, ResponseMeta, StateStats, TraceContext};
 
 /// Per-request options.
 #[non_exhaustive]
@@ -27,9 +27,26 @@ pub struct RequestOptions {
     /// `user` (the gateway: a configured header); see
     /// [`RouterBuilder::cache_affinity`](crate::RouterBuilder::cache_affinity).
     pub cache_key: Option<String>,
+    /// The caller's W3C trace (its `traceparent`), continued into every upstream call with
+    /// each attempt's own span id, and its `tracestate`, passed on as it came.
+    pub trace: Option<(TraceContext, Option<String>)>,
 }
 
 impl RequestOptions {
+    /// Options continuing the caller's trace: `traceparent` and `tracestate` as the caller
+    /// sent them. A `traceparent` that is not valid W3C trace context is ignored.
+    #[must_use]
+    pub fn with_traceparent(mut self, traceparent: &str, tracestate: Option<&str>) -> Self {
+        self.trace = TraceContext::parse(traceparent).map(|context| {
+            let state = tracestate
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned);
+            (context, state)
+        });
+        self
+    }
+
     /// Options with a timeout.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {

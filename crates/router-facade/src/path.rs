@@ -46,11 +46,63 @@ pub(crate) async fn run<O: Operation>(
     operation: O,
     options: &RequestOptions,
 ) -> Result<O::Output, Error> {
+    // One span a request: what was asked, then who served it (or why not), the attempts, the
+    // tokens and how long it took; each attempt's span is inside it.
+    let span = tracing::info_span!(
+        "request",
+        model = operation.model(),
+        caller = options.caller.as_deref(),
+        trace_id = options.trace.as_ref().map(|(t, _)| t.trace_id()),
+        outcome = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+        endpoint = tracing::field::Empty,
+        deployment = tracing::field::Empty,
+        input_tokens = tracing::field::Empty,
+        output_tokens = tracing::field::Empty,
+        elapsed_ms = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let result = route(shared, &operation, options)
+        .instrument(span.clone())
+        .await;
+    match &result {
+        Ok(output) => {
+            let (endpoint, deployment, attempts, tokens) = O::served(output);
+            span.record("outcome", "served");
+            span.record("attempts", attempts);
+            span.record("endpoint", endpoint.as_str());
+            span.record("deployment", deployment);
+            if let Some(tokens) = tokens {
+                span.record("input_tokens", tokens.input);
+                span.record("output_tokens", tokens.output);
+            }
+        }
+        Err(error) => {
+            span.record("outcome", error.kind().as_str());
+            span.record("attempts", error.attempts());
+            if let Some(endpoint) = error.endpoint() {
+                span.record("endpoint", endpoint.as_str());
+            }
+        }
+    }
+    span.record(
+        "elapsed_ms",
+        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    );
+    result
+}
+
+/// [`run`], inside the request's span.
+async fn route<O: Operation>(
+    shared: &Shared,
+    operation: &O,
+    options: &RequestOptions,
+) -> Result<O::Output, Error> {
     let live = shared.snapshot.load_full();
     let requested = operation.model();
     let timeout = options.timeout.unwrap_or(live.settings.request_timeout);
     let deadline = Instant::now() + timeout;
-    let pinned = pin(&live, &operation).await?;
+    let pinned = pin(&live, operation).await?;
     // A continuation stays with the deployment that stored what it continues: no fallback.
     let fallbacks = if pinned.is_some() {
         &[][..]
@@ -68,7 +120,7 @@ pub(crate) async fn run<O: Operation>(
     let mut next_fallback = 0;
     let mut context_fallback_taken = false;
     loop {
-        let error = match serve(shared, &live, &operation, options, leg).await {
+        let error = match serve(shared, &live, operation, options, leg).await {
             Ok(output) => return Ok(output),
             Err(Unserved::Final(error)) => return Err(error.with_attempts(leg.before)),
             Err(Unserved::Group(error, attempts)) => {
@@ -110,6 +162,9 @@ pub(crate) async fn run<O: Operation>(
         }
     }
 }
+
+/// A W3C trace position and the caller's `tracestate`.
+type Trace = (router_core::TraceContext, Option<String>);
 
 /// How long a deployment one replica disabled (401, 403, 404, `insufficient_quota`) is kept
 /// away from the others, through a shared store, before one of them probes it.
@@ -340,10 +395,11 @@ async fn serve<O: Operation>(
             Err(error) => return Err(Unserved::Group(error, path.count)),
         };
         if let Some(probe) = operation.copyable().then(|| path.shadow_probe()).flatten() {
-            let span = path.span(&probe.deployment);
+            let span = path.span(&probe.deployment, None);
             tokio::spawn(probe.start(operation.owned()).instrument(span));
         }
-        let span = path.span(attempt.deployment());
+        let trace = path.attempt_trace();
+        let span = path.span(attempt.deployment(), trace.as_ref());
         let place = (
             attempt.deployment().endpoint.clone(),
             attempt.deployment().name.clone(),
@@ -352,10 +408,21 @@ async fn serve<O: Operation>(
         let sent = path
             .within_deadline(
                 operation
-                    .send(&attempt, path.call_options())
+                    .send(&attempt, path.call_options(trace))
                     .instrument(span.clone()),
             )
             .await;
+        match &sent {
+            Ok(_) => span.record("outcome", "answered"),
+            Err(error) => span.record("outcome", error.kind().as_str()),
+        };
+        if let Some(status) = sent.as_ref().err().and_then(Error::status) {
+            span.record("status", status);
+        }
+        span.record(
+            "elapsed_ms",
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        );
         match sent {
             Ok(sent) => {
                 attempt.hold(path.permit.take());
@@ -398,6 +465,8 @@ struct Path<'r> {
     pinned: Option<usize>,
     /// The Azure deployment it may spill over to ([`RequestOptions::spillover_deployment`]).
     spillover: Option<String>,
+    /// The caller's trace, continued by each attempt.
+    trace: Option<Trace>,
     /// Its prompt-cache key, when affinity is on ([`crate::CacheAffinity`]).
     cache_key: Option<&'r str>,
     /// The deployment that served its cache key last, by index (`None` when none, or it is
@@ -494,6 +563,7 @@ impl<'r> Path<'r> {
             tried: vec![false; group.members.len()],
             pinned: leg.pinned,
             spillover: options.spillover_deployment.clone(),
+            trace: options.trace.clone(),
             cache_key,
             affine,
             class: operation.class(),
@@ -1170,19 +1240,37 @@ impl<'r> Path<'r> {
         }
     }
 
-    fn span(&self, deployment: &Deployment) -> tracing::Span {
+    /// An attempt's span: where it went, its span id in the caller's trace, and, once it is
+    /// known, its outcome (`answered`, or the error's kind), the upstream's status when it
+    /// failed with one, and how long it took to its answer's headers.
+    fn span(&self, deployment: &Deployment, trace: Option<&Trace>) -> tracing::Span {
         tracing::debug_span!(
             "attempt",
             model = self.model,
             endpoint = %deployment.endpoint,
             deployment = %deployment.name,
             attempt = self.count,
+            span_id = trace.map(|(t, _)| t.span_id()),
+            outcome = tracing::field::Empty,
+            status = tracing::field::Empty,
+            elapsed_ms = tracing::field::Empty,
         )
     }
 
-    fn call_options(&self) -> CallOptions {
+    /// The caller's trace with a span id of this attempt's own, when the caller sent one.
+    fn attempt_trace(&self) -> Option<Trace> {
+        self.trace.as_ref().map(|(context, state)| {
+            (
+                context.child(router_core::Rng::new().fork_seed()),
+                state.clone(),
+            )
+        })
+    }
+
+    fn call_options(&self, trace: Option<Trace>) -> CallOptions {
         let mut call = CallOptions::default().with_deadline(self.deadline.into_std());
         call.spillover_deployment.clone_from(&self.spillover);
+        call.trace = trace;
         call
     }
 

@@ -12,7 +12,11 @@ use axum::response::{IntoResponse, Response};
 use router_facade::types::{ErrorBody, ErrorResponse, Extra};
 use router_facade::{Error, ErrorKind};
 
-use crate::routes::{ATTEMPTS, ENDPOINT};
+/// The header naming the endpoint that served an answer (or failed last).
+pub(crate) const ENDPOINT: &str = "x-openai-router-endpoint";
+
+/// The header counting the attempts a request took.
+pub(crate) const ATTEMPTS: &str = "x-openai-router-attempts";
 
 /// An error answer.
 #[derive(Debug)]

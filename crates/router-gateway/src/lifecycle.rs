@@ -31,7 +31,7 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
         status: crate::status::Board::default(),
         status_access: ArcSwap::from_pointee(config.status_access()?),
     });
-    tokio::spawn(crate::status::sample_forever(Arc::clone(&state)));
+    tokio::spawn(sample_forever(Arc::clone(&state)));
     let tls = match &config.server.tls {
         Some(files) => Some(Arc::new(Tls::load(files)?)),
         None => None,
@@ -65,6 +65,19 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
     };
     serve_connections(listener, tls, app(state, body), edge, shutdown()).await;
     Ok(())
+}
+
+/// Samples the router's counters for the status page every
+/// [`SAMPLE_EVERY`](crate::status::SAMPLE_EVERY) while the server runs.
+async fn sample_forever(state: Arc<AppState>) {
+    let mut every = tokio::time::interval(crate::status::SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        state
+            .status
+            .sample(&state.router, state.metrics.throttled());
+    }
 }
 
 /// What a client's connection may take: its TLS handshake and its request head within
@@ -168,7 +181,7 @@ async fn serve_connection<S>(
     // Who is calling, for the routes served to loopback clients only.
     let app = app.map_request(
         move |mut request: axum::extract::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(crate::status::Peer(peer));
+            request.extensions_mut().insert(crate::routes::Peer(peer));
             request
         },
     );

@@ -283,6 +283,10 @@ fn family<V: Copy>(
 ) -> std::fmt::Result {
     let mut metric = encoder.encode_descriptor(name, help, unit, kind)?;
     for (labels, value) in samples {
+        if labels.is_empty() {
+            // A family of one sample without labels: `name value`, not `name{} value`.
+            return encode(value, metric);
+        }
         encode(value, metric.encode_family(&labels)?)?;
     }
     Ok(())

@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::auth::{GatewayKey, authenticate};
-use crate::error::ApiError;
+use crate::error::{ATTEMPTS, ApiError, ENDPOINT};
 use crate::metrics::{Metrics, UNKNOWN_MODEL};
 
 /// What the handlers share.
@@ -81,6 +81,11 @@ impl AppState {
             .filter(|v| !v.trim().is_empty())
         {
             options = options.with_spillover_deployment(spill.trim());
+        }
+        // The caller's W3C trace, continued into the upstream calls.
+        if let Some(parent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+            let state = headers.get("tracestate").and_then(|v| v.to_str().ok());
+            options = options.with_traceparent(parent, state);
         }
         // The prompt-cache key from the configured header (the body's own key comes first).
         if let Some(name) = self.affinity_header.load().as_deref()
@@ -157,8 +162,8 @@ pub(crate) fn app(state: Arc<AppState>, body: BodyLimits) -> axum::Router {
         )
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
-        .route("/status", get(crate::status::page))
-        .route("/status.json", get(crate::status::data))
+        .route("/status", get(status_page))
+        .route("/status.json", get(status_data))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::no_route() })
@@ -343,14 +348,8 @@ const UPSTREAM_REQUEST_ID: &str = "x-openai-router-upstream-request-id";
 /// The header naming the model group that served.
 const SERVED_BY: &str = "x-openai-router-model";
 
-/// The header naming the endpoint that served (or failed last).
-pub(crate) const ENDPOINT: &str = "x-openai-router-endpoint";
-
 /// The header naming the deployment that served.
 const DEPLOYMENT: &str = "x-openai-router-deployment";
-
-/// The header counting the attempts a request took.
-pub(crate) const ATTEMPTS: &str = "x-openai-router-attempts";
 
 async fn embeddings(
     State(state): State<Arc<AppState>>,
@@ -467,6 +466,38 @@ async fn stored(
     .unwrap_or_else(IntoResponse::into_response);
     state.count("responses", model.as_deref(), &response, started);
     response
+}
+
+/// The address a request's connection came from (set on every request by the server's
+/// connection loop).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
+
+async fn status_page(
+    State(state): State<Arc<AppState>>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    crate::status::page(
+        **state.status_access.load(),
+        peer.map(|p| (p.0).0),
+        &headers,
+    )
+}
+
+async fn status_data(
+    State(state): State<Arc<AppState>>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    crate::status::data(
+        **state.status_access.load(),
+        peer.map(|p| (p.0).0),
+        &headers,
+        &state.router,
+        &state.status,
+        state.metrics.throttled(),
+    )
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

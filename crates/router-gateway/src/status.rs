@@ -20,11 +20,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Extension;
-use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -33,7 +31,6 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq as _;
 
 use crate::auth::digest;
-use crate::routes::AppState;
 
 /// How often the router's counters are sampled.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -49,11 +46,6 @@ const SLOTS: usize = 6;
 /// holds everything longer. A quantile is its bucket's upper bound: at most a quarter over.
 const BUCKETS: usize = 64;
 const GROWTH: f64 = 1.25;
-
-/// The address a request's connection came from (set for every connection the server
-/// accepts).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Peer(pub(crate) SocketAddr);
 
 /// Who may see the status page, as configured.
 #[derive(Debug, Clone, Copy, Default)]
@@ -209,18 +201,6 @@ impl Board {
     }
 }
 
-/// Samples the router's counters every [`SAMPLE_EVERY`] while the server runs.
-pub(crate) async fn sample_forever(state: Arc<AppState>) {
-    let mut every = tokio::time::interval(SAMPLE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        state
-            .status
-            .sample(&state.router, state.metrics.throttled());
-    }
-}
-
 /// Why the status is not shown to a caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refused {
@@ -294,17 +274,9 @@ fn admit(access: Access, peer: Option<SocketAddr>, headers: &HeaderMap) -> Resul
     }
 }
 
-/// `GET /status`: the page.
-pub(crate) async fn page(
-    State(state): State<Arc<AppState>>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = admit(
-        **state.status_access.load(),
-        peer.map(|p| (p.0).0),
-        &headers,
-    ) {
+/// `GET /status`: the page, for a caller from `peer` with `headers`.
+pub(crate) fn page(access: Access, peer: Option<SocketAddr>, headers: &HeaderMap) -> Response {
+    if let Err(refused) = admit(access, peer, headers) {
         return refused.into_response();
     }
     let mut response = PAGE.into_response();
@@ -325,20 +297,20 @@ pub(crate) async fn page(
     response
 }
 
-/// `GET /status.json`: the data.
-pub(crate) async fn data(
-    State(state): State<Arc<AppState>>,
-    peer: Option<Extension<Peer>>,
-    headers: HeaderMap,
+/// `GET /status.json`: the data, for a caller from `peer` with `headers`; `throttled` is the
+/// gateway's count of 429 answers.
+pub(crate) fn data(
+    access: Access,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    router: &Router,
+    board: &Board,
+    throttled: u64,
 ) -> Response {
-    if let Err(refused) = admit(
-        **state.status_access.load(),
-        peer.map(|p| (p.0).0),
-        &headers,
-    ) {
+    if let Err(refused) = admit(access, peer, headers) {
         return refused.into_response();
     }
-    let mut response = axum::Json(snapshot(&state)).into_response();
+    let mut response = axum::Json(snapshot(router, board, throttled)).into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -411,25 +383,22 @@ fn round(value: f64, places: i32) -> f64 {
 
 /// Everything `/status.json` says.
 #[expect(clippy::too_many_lines, reason = "one document, field after field")]
-pub(crate) fn snapshot(state: &AppState) -> Value {
-    let router = &state.router;
+pub(crate) fn snapshot(router: &Router, board: &Board, throttled: u64) -> Value {
     let now = Instant::now();
     let all = router.stats();
-    let history = state.status.history();
+    let history = board.history();
     // The sample a minute ago (or the oldest), for the last minute's differences.
     let minute_ago = history
         .iter()
         .rev()
         .find(|s| now.saturating_duration_since(s.at) >= Duration::from_secs(60))
         .or_else(|| history.first());
-    let slot = state.status.slot(now);
-    let latency = state
-        .status
+    let slot = board.slot(now);
+    let latency = board
         .latency
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let throttled = state.metrics.throttled();
     let mut groups: Vec<(String, Vec<&DeploymentStats>)> = Vec::new();
     for s in &all {
         match groups.iter_mut().find(|(model, _)| *model == s.model) {
@@ -533,7 +502,7 @@ pub(crate) fn snapshot(state: &AppState) -> Value {
         .map_or(0, |d| d.as_millis() as u64);
     json!({
         "generated_at_ms": generated,
-        "uptime_s": round(now.saturating_duration_since(state.status.origin).as_secs_f64(), 0),
+        "uptime_s": round(now.saturating_duration_since(board.origin).as_secs_f64(), 0),
         "state_shared": router.state_shared(),
         "state_fallbacks": router.state_fallbacks(),
         "waiting": router.waiting(),

@@ -979,15 +979,27 @@ async fn answers_and_errors_say_where_they_went_and_what_the_key_has_left() {
         assert_eq!(header(&response, "x-ratelimit-remaining-tokens"), None);
         response.bytes().await.unwrap();
     }
-    // A key with no limits of its own is told nothing of them.
-    let response = post(
-        &gateway,
-        "/v1/chat/completions",
-        Some(GATEWAY_KEY),
-        chat(false),
-    )
-    .await;
+    // A key with no limits of its own is told nothing of them. The caller's W3C trace goes
+    // on to the upstream: the same trace, the attempt's own span id.
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .bearer_auth(GATEWAY_KEY)
+        .header("traceparent", parent)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
+    let served = header(&response, "x-openai-router-endpoint").unwrap();
+    let upstream = &sim.endpoints()[usize::from(served == "az")];
+    let seen = upstream.last_request().unwrap();
+    let sent = seen.header("traceparent").unwrap();
+    assert!(
+        sent.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && sent.ends_with("-01"),
+        "{sent}"
+    );
+    assert_ne!(sent, parent, "the attempt has a span of its own");
     assert_eq!(header(&response, "x-ratelimit-limit-requests"), None);
     assert_eq!(header(&response, "x-ratelimit-remaining-requests"), None);
 
