@@ -43,6 +43,7 @@ pub(crate) async fn shadow<O: Operation>(
                     Served {
                         attempts: 1,
                         caller: None,
+                        waited: Duration::ZERO,
                     },
                     started.elapsed(),
                 )
@@ -353,6 +354,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
             meta: reply.meta,
             caller_quota: served.caller,
             tokens: used.map(Into::into),
+            waited: served.waited,
         }
     }
 }

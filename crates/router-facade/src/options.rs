@@ -136,6 +136,7 @@ impl TokensUsed {
 pub(crate) struct Served {
     pub(crate) attempts: u32,
     pub(crate) caller: Option<QuotaLeft>,
+    pub(crate) waited: Duration,
 }
 
 /// An answer and how the router got it. Dereferences to the body.
@@ -160,6 +161,9 @@ pub struct Routed<T> {
     pub caller_quota: Option<QuotaLeft>,
     /// The tokens the answer used, when it said.
     pub tokens: Option<TokensUsed>,
+    /// How long the request waited for its turn in the group that served it (the router's
+    /// limits, quota, cooldowns) before its first attempt there.
+    pub waited: Duration,
 }
 
 impl<T> Routed<T> {

@@ -280,6 +280,7 @@ pub(crate) async fn stored_call(
         meta: reply.meta,
         caller_quota: None,
         tokens: None,
+        waited: Duration::ZERO,
     })
 }
 
@@ -387,8 +388,11 @@ async fn serve<O: Operation>(
     options: &RequestOptions,
     leg: Leg<'_>,
 ) -> Result<O::Output, Unserved> {
+    let began = Instant::now();
     let mut path = Path::begin(shared, live, operation, options, leg).map_err(Unserved::Final)?;
     path.admit().await.map_err(Unserved::Final)?;
+    // When its first attempt in this group left: the time before it was its wait for a turn.
+    let mut first_sent = None;
     loop {
         let mut attempt = match path.next().await {
             Ok(attempt) => attempt,
@@ -405,6 +409,7 @@ async fn serve<O: Operation>(
             attempt.deployment().name.clone(),
         );
         let started = Instant::now();
+        let first_sent = *first_sent.get_or_insert(started);
         let sent = path
             .within_deadline(
                 operation
@@ -429,6 +434,7 @@ async fn serve<O: Operation>(
                 let served = Served {
                     attempts: leg.before + path.count,
                     caller: path.caller_quota(),
+                    waited: first_sent.saturating_duration_since(began),
                 };
                 let output = operation
                     .complete(sent, attempt, served, started.elapsed())

@@ -39,6 +39,7 @@ pub struct RouterStream<T = ChatCompletionChunk> {
     deployment: String,
     attempts: u32,
     caller_quota: Option<QuotaLeft>,
+    waited: std::time::Duration,
     /// The router asked for the usage chunk; the caller did not: drop it.
     strip_usage: bool,
     used: Option<Used>,
@@ -112,6 +113,7 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
             attempt: Some(attempt),
             attempts: served.attempts,
             caller_quota: served.caller,
+            waited: served.waited,
             strip_usage,
             used: None,
         };
@@ -151,6 +153,12 @@ impl<T: StreamItem + Send + 'static> RouterStream<T> {
     /// asks for it where the upstream can send one, whether or not the caller did).
     pub fn tokens(&self) -> Option<TokensUsed> {
         self.used.map(Into::into)
+    }
+
+    /// How long the request waited for its turn before its first attempt in the group that
+    /// serves it.
+    pub fn waited(&self) -> std::time::Duration {
+        self.waited
     }
 
     /// What the caller's own limits have left, when it has any.

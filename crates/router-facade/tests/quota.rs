@@ -331,8 +331,12 @@ async fn caller_and_group_limits_wait_or_throttle_with_retry_after() {
         .with_timeout(Duration::from_secs(30))
         .with_max_queue_wait(Duration::from_secs(15));
     let started = tokio::time::Instant::now();
-    router.chat_with(&request(5), &patient).await.unwrap();
+    let answer = router.chat_with(&request(5), &patient).await.unwrap();
     assert_eq!(started.elapsed(), turn);
+    assert_eq!(
+        answer.waited, turn,
+        "the answer says how long it waited for its turn"
+    );
     assert_eq!(
         sim.endpoints()[0].counters().requests,
         4,

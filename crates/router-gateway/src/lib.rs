@@ -22,6 +22,7 @@ mod problem;
 mod routes;
 mod sse;
 mod status;
+mod telemetry;
 mod tls;
 
 #[doc(hidden)]
@@ -104,16 +105,10 @@ fn convert_litellm(
 
 /// The program: parses the command line, runs the command, and says how it went.
 pub fn run() -> ExitCode {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a terminal only: a log file or a collector gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -124,6 +119,29 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Traces over OTLP when the standard environment names a collector.
+    let exporting = telemetry::endpoint().and_then(|endpoint| {
+        telemetry::provider(&endpoint, runtime.handle().clone())
+            .map_err(|problem| console::say_err(&format!("openai-router: {problem}")))
+            .ok()
+    });
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours for a terminal only: a log file or a collector gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        );
+    // The router's request and attempt spans and the gateway's own, whatever the log shows.
+    let traces = exporting.as_ref().map(|provider| {
+        telemetry::layer(provider).with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("router_facade", tracing::Level::DEBUG)
+                .with_target("router_gateway", tracing::Level::INFO),
+        )
+    });
+    tracing_subscriber::registry().with(log).with(traces).init();
     let result = match cli.command {
         Command::Demo(args) => runtime
             .block_on(demo::run(args))
@@ -173,6 +191,12 @@ pub fn run() -> ExitCode {
             }
         }
     };
+    // What is batched leaves before the process does (the runtime still runs its calls).
+    if let Some(provider) = exporting
+        && let Err(error) = provider.shutdown()
+    {
+        console::say_err(&format!("openai-router: traces not all exported: {error}"));
+    }
     match result {
         Ok(code) => code,
         Err(error) => {

@@ -100,10 +100,14 @@ pub(crate) struct Metrics {
     registry: Registry,
     /// Answers by route, model group (or `unknown`) and status.
     requests: Family<Labels, Counter>,
+    /// Every answer by matched route template, method and status.
+    http: Family<Labels, Counter>,
+    http_latency: Family<Labels, Histogram, Buckets>,
     latency: Family<Labels, Histogram, Buckets>,
     ttft: Histogram,
     retries: Counter,
     throttles: Counter,
+    queue_wait: Histogram,
     operation_duration: Family<Labels, Histogram, Buckets>,
     token_usage: Family<Labels, Histogram, Buckets>,
     server_ttft: Family<Labels, Histogram, Buckets>,
@@ -117,6 +121,21 @@ impl Default for Metrics {
             "openai_router_requests",
             "Answers by route, model group and status",
             requests.clone(),
+        );
+        let http = Family::<Labels, Counter>::default();
+        registry.register(
+            "openai_router_http_requests",
+            "Every answer of every route, by route template (unmatched: none matched), method \
+             and status",
+            http.clone(),
+        );
+        let http_latency =
+            Family::<Labels, Histogram, Buckets>::new_with_constructor(latency_buckets as Buckets);
+        registry.register_with_unit(
+            "openai_router_http_request_duration",
+            "Time to every answer's headers, by route template",
+            Unit::Seconds,
+            http_latency.clone(),
         );
         let latency =
             Family::<Labels, Histogram, Buckets>::new_with_constructor(latency_buckets as Buckets);
@@ -138,6 +157,14 @@ impl Default for Metrics {
             "openai_router_retries",
             "Attempts beyond each request's first",
             retries.clone(),
+        );
+        let queue_wait = Histogram::new(LATENCY);
+        registry.register_with_unit(
+            "openai_router_queue_wait",
+            "Time served requests waited for their turn (the router's limits, quotas, \
+             cooldowns) before their first attempt",
+            Unit::Seconds,
+            queue_wait.clone(),
         );
         let throttles = Counter::default();
         registry.register(
@@ -177,10 +204,13 @@ impl Default for Metrics {
         Self {
             registry,
             requests,
+            http,
+            http_latency,
             latency,
             ttft,
             retries,
             throttles,
+            queue_wait,
             operation_duration,
             token_usage,
             server_ttft,
@@ -217,6 +247,31 @@ impl Metrics {
         }
     }
 
+    /// An answer of any route: its template (`/v1/models`, or `unmatched`), method and status.
+    pub(crate) fn http(&self, route: &str, method: &http::Method, status: u16, took: Duration) {
+        // Methods a client invents do not grow the label set.
+        let method = match *method {
+            http::Method::GET => "GET",
+            http::Method::POST => "POST",
+            http::Method::DELETE => "DELETE",
+            http::Method::PUT => "PUT",
+            http::Method::PATCH => "PATCH",
+            http::Method::HEAD => "HEAD",
+            http::Method::OPTIONS => "OPTIONS",
+            _ => "other",
+        };
+        self.http
+            .get_or_create(&vec![
+                ("route", route.to_owned()),
+                ("method", method.to_owned()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+        self.http_latency
+            .get_or_create(&vec![("route", route.to_owned())])
+            .observe(took.as_secs_f64());
+    }
+
     /// The tokens an answer of `route` for `model` used (a configured group's name).
     pub(crate) fn tokens(&self, route: &'static str, model: &str, used: TokensUsed) {
         // Embeddings have input tokens only.
@@ -235,6 +290,11 @@ impl Metrics {
     /// Answers the gateway throttled (429) since it started.
     pub(crate) fn throttled(&self) -> u64 {
         self.throttles.get()
+    }
+
+    /// A served request waited `waited` for its turn.
+    pub(crate) fn waited(&self, waited: Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
     }
 
     /// Attempts beyond the first.

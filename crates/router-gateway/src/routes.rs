@@ -19,6 +19,7 @@ use router_facade::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 
 use crate::auth::{GatewayKey, authenticate};
 use crate::error::{ATTEMPTS, ApiError, ENDPOINT};
@@ -56,6 +57,7 @@ impl AppState {
     /// An answer of `route` served: its retries and the tokens it used.
     fn answered<T>(&self, route: &'static str, answer: &Routed<T>) {
         self.metrics.retried(answer.attempts);
+        self.metrics.waited(answer.waited);
         if let Some(used) = answer.tokens {
             self.metrics.tokens(route, &answer.model, used);
         }
@@ -168,12 +170,49 @@ pub(crate) fn app(state: Arc<AppState>, body: BodyLimits) -> axum::Router {
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::no_route() })
         .method_not_allowed_fallback(|| async { ApiError::wrong_method() })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            count_route,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
             body,
             read_body_in_time,
         ))
         .with_state(state)
+}
+
+/// Counts every answer by the route that matched (its template, `/v1/responses/{id}`;
+/// `unmatched` for none), method and status.
+async fn count_route(
+    State(metrics): State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    // The answer's span: the router's request span goes inside it, and a caller's
+    // `traceparent` makes it a child of the caller's span in the exported traces.
+    let span = tracing::info_span!(
+        "http",
+        route = %route,
+        method = %method,
+        status = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, request.headers());
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    metrics.http(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 /// The body as a request, or why not (too large: 413).
@@ -243,6 +282,7 @@ async fn chat_answer(
     if request.is_stream() {
         let stream = state.router.chat_stream_with(request, &options).await?;
         state.metrics.retried(stream.attempts());
+        state.metrics.waited(stream.waited());
         let served = ServedBy::stream(&stream);
         let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), "chat", started);
         return Ok(served_by(relayed, &served));
@@ -385,6 +425,7 @@ async fn completions(
                     .completions_stream_with(&request, &options)
                     .await?;
                 state.metrics.retried(stream.attempts());
+                state.metrics.waited(stream.waited());
                 let served = ServedBy::stream(&stream);
                 let relayed =
                     crate::sse::relay(stream, Arc::clone(&state.metrics), "completions", started);
@@ -416,6 +457,7 @@ async fn responses(
                     .responses_stream_with(&request, &options)
                     .await?;
                 state.metrics.retried(stream.attempts());
+                state.metrics.waited(stream.waited());
                 let served = ServedBy::stream(&stream);
                 let relayed =
                     crate::sse::relay(stream, Arc::clone(&state.metrics), "responses", started);

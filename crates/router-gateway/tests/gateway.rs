@@ -1283,6 +1283,46 @@ async fn every_route_is_counted_under_a_bounded_model_label() {
         text.contains(r#"openai_router_request_duration_seconds_count{route="embeddings"} 4"#),
         "{text}"
     );
+    // Every route, not only the API's, by its template; paths that match none and methods a
+    // client invents under one value each.
+    for path in [
+        "/v1/models",
+        "/v1/responses/resp_1/input_items",
+        "/no/such/route",
+        "/nope",
+    ] {
+        client()
+            .get(format!("{}{path}", gateway.base))
+            .bearer_auth(GATEWAY_KEY)
+            .send()
+            .await
+            .unwrap();
+    }
+    client()
+        .request(
+            reqwest::Method::from_bytes(b"BREW").unwrap(),
+            format!("{}/v1/models", gateway.base),
+        )
+        .send()
+        .await
+        .unwrap();
+    let text = metrics_text(&gateway).await;
+    for line in [
+        r#"openai_router_http_requests_total{route="/v1/models",method="GET",status="200"} 1"#,
+        r#"openai_router_http_requests_total{route="/v1/models",method="other",status="405"} 1"#,
+        r#"openai_router_http_requests_total{route="/healthz",method="GET",status="200"}"#,
+        r#"openai_router_http_requests_total{route="unmatched",method="GET",status="404"} 2"#,
+        r#"openai_router_http_requests_total{route="/v1/chat/completions",method="POST",status="200"} 1"#,
+        r#"openai_router_http_requests_total{route="/v1/responses/{id}/input_items",method="GET","#,
+        "openai_router_queue_wait_seconds_count 3",
+    ] {
+        assert!(
+            text.contains(line),
+            "missing {line} in
+{text}"
+        );
+    }
+    assert!(!text.contains("resp_1") && !text.contains("BREW") && !text.contains("/nope"));
 }
 
 /// A forward proxy on loopback: records each connection's first request line and pipes the
@@ -2256,4 +2296,113 @@ async fn the_status_page_in_a_browser_follows_a_cooldown() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(load.await.unwrap() > 0);
     browser.call(reqwest::Method::DELETE, "", None).await;
+}
+
+/// A span an OTLP collector received: its name, trace id, span id and parent span id (hex).
+#[derive(Debug, Clone)]
+struct Exported {
+    name: String,
+    trace: String,
+    span: String,
+    parent: String,
+}
+
+/// An OTLP/HTTP collector on loopback (protobuf bodies on `/v1/traces`): its base URL and the
+/// spans it received.
+async fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Exported>>>) {
+    use prost::Message as _;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = std::sync::Arc::clone(&received);
+    let hex = |bytes: &[u8]| {
+        bytes.iter().fold(String::new(), |mut out, b| {
+            let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{b:02x}"));
+            out
+        })
+    };
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let store = std::sync::Arc::clone(&store);
+            async move {
+                let request = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body)
+                    .unwrap();
+                let mut spans = store.lock().unwrap();
+                for resource in request.resource_spans {
+                    for scope in resource.scope_spans {
+                        for span in scope.spans {
+                            spans.push(Exported {
+                                name: span.name,
+                                trace: hex(&span.trace_id),
+                                span: hex(&span.span_id),
+                                parent: hex(&span.parent_span_id),
+                            });
+                        }
+                    }
+                }
+                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, received)
+}
+
+/// With the standard OTLP environment set, the gateway exports its spans: the answer's
+/// `http` span as a child of the caller's `traceparent` span, the router's `request` span
+/// inside it and an `attempt` span inside that, all in the caller's trace.
+#[tokio::test]
+async fn spans_are_exported_over_otlp_in_the_callers_trace() {
+    let sim = sim().await;
+    let (endpoint, received) = collector().await;
+    let gateway = start_in(
+        &sim,
+        "",
+        5000,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ],
+    )
+    .await;
+    let (trace, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gateway.base))
+        .bearer_auth(GATEWAY_KEY)
+        .header("traceparent", format!("00-{trace}-{parent}-01"))
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "export"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut spans = Vec::new();
+    for _ in 0..150 {
+        spans = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace == trace)
+            .cloned()
+            .collect();
+        if ["http", "request", "attempt"]
+            .iter()
+            .all(|name| spans.iter().any(|s| s.name == *name))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span in the caller's trace: {spans:?}"))
+            .clone()
+    };
+    let (http, request, attempt) = (named("http"), named("request"), named("attempt"));
+    assert_eq!(http.parent, parent, "the caller's span is the parent");
+    assert_eq!(request.parent, http.span);
+    assert_eq!(attempt.parent, request.span);
 }
