@@ -14,6 +14,7 @@
 //! Labels are bounded: routes are fixed, `model` is a configured group or `unknown`
 //! ([`UNKNOWN_MODEL`]), deployments and queue lanes come from the configuration.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -31,8 +32,41 @@ use router_facade::{Availability, DeploymentStats, Router, TokensUsed};
 /// named none): one value, so that clients cannot grow the label set.
 pub(crate) const UNKNOWN_MODEL: &str = "unknown";
 
-/// A sample's labels, in the order they are written.
+/// A sample's labels, in the order they are written (the families read at scrape time).
 type Labels = Vec<(&'static str, String)>;
+
+/// A label value recorded on the request path: static where it can be (no allocation).
+pub(crate) type Label = Cow<'static, str>;
+
+/// The label set of a family recorded on the request path: `N` labels, no allocation for the
+/// set itself.
+type Key<const N: usize> = [(&'static str, Label); N];
+
+/// A status code as a label value (the common ones without an allocation).
+fn code(status: u16) -> Label {
+    const CODES: [(u16, &str); 16] = [
+        (200, "200"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (413, "413"),
+        (422, "422"),
+        (429, "429"),
+        (431, "431"),
+        (499, "499"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    CODES.iter().find(|(c, _)| *c == status).map_or_else(
+        || Cow::Owned(status.to_string()),
+        |(_, text)| Cow::Borrowed(*text),
+    )
+}
 
 /// Makes a histogram with fixed bucket boundaries (a `Family` calls it per label set).
 type Buckets = fn() -> Histogram;
@@ -99,30 +133,31 @@ fn operation(route: &str) -> &'static str {
 pub(crate) struct Metrics {
     registry: Registry,
     /// Answers by route, model group (or `unknown`) and status.
-    requests: Family<Labels, Counter>,
+    requests: Family<Key<3>, Counter>,
     /// Every answer by matched route template, method and status.
-    http: Family<Labels, Counter>,
-    http_latency: Family<Labels, Histogram, Buckets>,
-    latency: Family<Labels, Histogram, Buckets>,
+    http: Family<Key<3>, Counter>,
+    http_latency: Family<Key<1>, Histogram, Buckets>,
+    latency: Family<Key<1>, Histogram, Buckets>,
     ttft: Histogram,
     retries: Counter,
     throttles: Counter,
     queue_wait: Histogram,
-    operation_duration: Family<Labels, Histogram, Buckets>,
-    token_usage: Family<Labels, Histogram, Buckets>,
-    server_ttft: Family<Labels, Histogram, Buckets>,
+    operation_duration: Family<Vec<(&'static str, Label)>, Histogram, Buckets>,
+    token_usage: Family<Key<3>, Histogram, Buckets>,
+    server_ttft: Family<Key<2>, Histogram, Buckets>,
 }
 
 impl Default for Metrics {
+    #[expect(clippy::too_many_lines, reason = "one registration after another")]
     fn default() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<Labels, Counter>::default();
+        let requests = Family::<Key<3>, Counter>::default();
         registry.register(
             "openai_router_requests",
             "Answers by route, model group and status",
             requests.clone(),
         );
-        let http = Family::<Labels, Counter>::default();
+        let http = Family::<Key<3>, Counter>::default();
         registry.register(
             "openai_router_http_requests",
             "Every answer of every route, by route template (unmatched: none matched), method \
@@ -130,7 +165,7 @@ impl Default for Metrics {
             http.clone(),
         );
         let http_latency =
-            Family::<Labels, Histogram, Buckets>::new_with_constructor(latency_buckets as Buckets);
+            Family::<Key<1>, Histogram, Buckets>::new_with_constructor(latency_buckets as Buckets);
         registry.register_with_unit(
             "openai_router_http_request_duration",
             "Time to every answer's headers, by route template",
@@ -138,7 +173,7 @@ impl Default for Metrics {
             http_latency.clone(),
         );
         let latency =
-            Family::<Labels, Histogram, Buckets>::new_with_constructor(latency_buckets as Buckets);
+            Family::<Key<1>, Histogram, Buckets>::new_with_constructor(latency_buckets as Buckets);
         registry.register_with_unit(
             "openai_router_request_duration",
             "Time to the whole answer (to the headers, for streams), by route",
@@ -174,7 +209,9 @@ impl Default for Metrics {
             throttles.clone(),
         );
         let operation_duration =
-            Family::<Labels, Histogram, Buckets>::new_with_constructor(duration_buckets as Buckets);
+            Family::<Vec<(&'static str, Label)>, Histogram, Buckets>::new_with_constructor(
+                duration_buckets as Buckets,
+            );
         registry.register_with_unit(
             "gen_ai_client_operation_duration",
             "GenAI operation duration (gen_ai.client.operation.duration) as callers see it, by \
@@ -184,7 +221,7 @@ impl Default for Metrics {
             operation_duration.clone(),
         );
         let token_usage =
-            Family::<Labels, Histogram, Buckets>::new_with_constructor(token_buckets as Buckets);
+            Family::<Key<3>, Histogram, Buckets>::new_with_constructor(token_buckets as Buckets);
         registry.register(
             "gen_ai_client_token_usage",
             "Tokens used per answer (gen_ai.client.token.usage), by gen_ai.operation.name, \
@@ -193,7 +230,7 @@ impl Default for Metrics {
             token_usage.clone(),
         );
         let server_ttft =
-            Family::<Labels, Histogram, Buckets>::new_with_constructor(ttft_buckets as Buckets);
+            Family::<Key<2>, Histogram, Buckets>::new_with_constructor(ttft_buckets as Buckets);
         registry.register_with_unit(
             "gen_ai_server_time_to_first_token",
             "Streams: time to the first content chunk (gen_ai.server.time_to_first_token), by \
@@ -222,22 +259,23 @@ impl Metrics {
     /// One answer of `route`; `model` is the request's model group when the router serves it,
     /// else [`UNKNOWN_MODEL`] (the caller decides, with [`Router::serves`]).
     pub(crate) fn answered(&self, route: &'static str, model: &str, status: u16, took: Duration) {
+        let model: Label = Cow::Owned(model.to_owned());
         self.requests
-            .get_or_create(&vec![
-                ("route", route.to_owned()),
-                ("model", model.to_owned()),
-                ("status", status.to_string()),
+            .get_or_create(&[
+                ("route", Cow::Borrowed(route)),
+                ("model", model.clone()),
+                ("status", code(status)),
             ])
             .inc();
         self.latency
-            .get_or_create(&vec![("route", route.to_owned())])
+            .get_or_create(&[("route", Cow::Borrowed(route))])
             .observe(took.as_secs_f64());
         let mut labels = vec![
-            ("gen_ai_operation_name", operation(route).to_owned()),
-            ("gen_ai_request_model", model.to_owned()),
+            ("gen_ai_operation_name", Cow::Borrowed(operation(route))),
+            ("gen_ai_request_model", model),
         ];
         if status >= 400 {
-            labels.push(("error_type", status.to_string()));
+            labels.push(("error_type", code(status)));
         }
         self.operation_duration
             .get_or_create(&labels)
@@ -248,7 +286,7 @@ impl Metrics {
     }
 
     /// An answer of any route: its template (`/v1/models`, or `unmatched`), method and status.
-    pub(crate) fn http(&self, route: &str, method: &http::Method, status: u16, took: Duration) {
+    pub(crate) fn http(&self, route: Label, method: &http::Method, status: u16, took: Duration) {
         // Methods a client invents do not grow the label set.
         let method = match *method {
             http::Method::GET => "GET",
@@ -261,14 +299,14 @@ impl Metrics {
             _ => "other",
         };
         self.http
-            .get_or_create(&vec![
-                ("route", route.to_owned()),
-                ("method", method.to_owned()),
-                ("status", status.to_string()),
+            .get_or_create(&[
+                ("route", route.clone()),
+                ("method", Cow::Borrowed(method)),
+                ("status", code(status)),
             ])
             .inc();
         self.http_latency
-            .get_or_create(&vec![("route", route.to_owned())])
+            .get_or_create(&[("route", route)])
             .observe(took.as_secs_f64());
     }
 
@@ -276,12 +314,13 @@ impl Metrics {
     pub(crate) fn tokens(&self, route: &'static str, model: &str, used: TokensUsed) {
         // Embeddings have input tokens only.
         let output = (route != "embeddings").then_some(("output", used.output));
+        let model: Label = Cow::Owned(model.to_owned());
         for (kind, count) in std::iter::once(("input", used.input)).chain(output) {
             self.token_usage
-                .get_or_create(&vec![
-                    ("gen_ai_operation_name", operation(route).to_owned()),
-                    ("gen_ai_request_model", model.to_owned()),
-                    ("gen_ai_token_type", kind.to_owned()),
+                .get_or_create(&[
+                    ("gen_ai_operation_name", Cow::Borrowed(operation(route))),
+                    ("gen_ai_request_model", model.clone()),
+                    ("gen_ai_token_type", Cow::Borrowed(kind)),
                 ])
                 .observe(count as f64);
         }
@@ -307,9 +346,9 @@ impl Metrics {
     pub(crate) fn first_token(&self, route: &'static str, model: &str, ttft: Duration) {
         self.ttft.observe(ttft.as_secs_f64());
         self.server_ttft
-            .get_or_create(&vec![
-                ("gen_ai_operation_name", operation(route).to_owned()),
-                ("gen_ai_request_model", model.to_owned()),
+            .get_or_create(&[
+                ("gen_ai_operation_name", Cow::Borrowed(operation(route))),
+                ("gen_ai_request_model", Cow::Owned(model.to_owned())),
             ])
             .observe(ttft.as_secs_f64());
     }

@@ -54,6 +54,14 @@ impl AppState {
             .answered(route, label, response.status().as_u16(), started.elapsed());
     }
 
+    /// Where an answer came from, noted on the status page with the time it took (to its
+    /// headers, for a stream).
+    fn served(&self, served: ServedBy, started: Instant) -> ServedBy {
+        self.status
+            .answered(&served.endpoint, &served.deployment, started.elapsed());
+        served
+    }
+
     /// An answer of `route` served: its retries and the tokens it used.
     fn answered<T>(&self, route: &'static str, answer: &Routed<T>) {
         self.metrics.retried(answer.attempts);
@@ -192,7 +200,9 @@ async fn count_route(
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map_or(std::borrow::Cow::Borrowed("unmatched"), |p| {
+            template(p.as_str())
+        });
     let method = request.method().clone();
     // The answer's span: the router's request span goes inside it, and a caller's
     // `traceparent` makes it a child of the caller's span in the exported traces.
@@ -207,12 +217,36 @@ async fn count_route(
     let response = next.run(request).instrument(span.clone()).await;
     span.record("status", response.status().as_u16());
     metrics.http(
-        &route,
+        route,
         &method,
         response.status().as_u16(),
         started.elapsed(),
     );
     response
+}
+
+/// The routes' templates, as label values without an allocation per answer.
+const TEMPLATES: [&str; 13] = [
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/responses/{id}",
+    "/v1/responses/{id}/input_items",
+    "/v1/responses/{id}/cancel",
+    "/v1/models",
+    "/metrics",
+    "/status",
+    "/status.json",
+    "/healthz",
+    "/readyz",
+];
+
+fn template(path: &str) -> crate::metrics::Label {
+    TEMPLATES.iter().find(|t| **t == path).map_or_else(
+        || std::borrow::Cow::Owned(path.to_owned()),
+        |t| std::borrow::Cow::Borrowed(*t),
+    )
 }
 
 /// The body as a request, or why not (too large: 413).
@@ -244,9 +278,6 @@ where
         Ok(request) => {
             let (model, response) = answer(request).await;
             state.count(route, Some(&model), &response, started);
-            if let Some(place) = response.extensions().get::<Place>() {
-                state.status.answered(&place.0, &place.1, started.elapsed());
-            }
             response
         }
         Err(error) => {
@@ -283,13 +314,16 @@ async fn chat_answer(
         let stream = state.router.chat_stream_with(request, &options).await?;
         state.metrics.retried(stream.attempts());
         state.metrics.waited(stream.waited());
-        let served = ServedBy::stream(&stream);
+        let served = state.served(ServedBy::stream(&stream), started);
         let relayed = crate::sse::relay(stream, Arc::clone(&state.metrics), "chat", started);
         return Ok(served_by(relayed, &served));
     }
     let answer = state.router.chat_with(request, &options).await?;
     state.answered("chat", &answer);
-    Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
+    Ok(served_by(
+        json(&answer.body),
+        &state.served(ServedBy::routed(&answer), started),
+    ))
 }
 
 /// Where an answer came from, taken from the router's answer before the body is written.
@@ -355,16 +389,8 @@ fn served_by(mut response: Response, served: &ServedBy) -> Response {
     if let Some(quota) = &served.caller {
         caller_quota_headers(headers, quota);
     }
-    // For the status page's latency, once the answer is counted.
-    response
-        .extensions_mut()
-        .insert(Place(served.endpoint.clone(), served.deployment.clone()));
     response
 }
-
-/// The endpoint and deployment that served an answer.
-#[derive(Debug, Clone)]
-struct Place(String, String);
 
 /// The caller's own limits as OpenAI names them: `x-ratelimit-limit-requests` and
 /// `-tokens` (what the router's window holds), `x-ratelimit-remaining-requests` and
@@ -396,12 +422,16 @@ async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let started = Instant::now();
     let answer = |request: EmbeddingRequest| async {
         let response = async {
             let options = state.options(&headers, &request.model)?;
             let answer = state.router.embeddings_with(&request, &options).await?;
             state.answered("embeddings", &answer);
-            Ok::<_, ApiError>(served_by(json(&answer.body), &ServedBy::routed(&answer)))
+            Ok::<_, ApiError>(served_by(
+                json(&answer.body),
+                &state.served(ServedBy::routed(&answer), started),
+            ))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -426,14 +456,17 @@ async fn completions(
                     .await?;
                 state.metrics.retried(stream.attempts());
                 state.metrics.waited(stream.waited());
-                let served = ServedBy::stream(&stream);
+                let served = state.served(ServedBy::stream(&stream), started);
                 let relayed =
                     crate::sse::relay(stream, Arc::clone(&state.metrics), "completions", started);
                 return Ok::<_, ApiError>(served_by(relayed, &served));
             }
             let answer = state.router.completions_with(&request, &options).await?;
             state.answered("completions", &answer);
-            Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
+            Ok(served_by(
+                json(&answer.body),
+                &state.served(ServedBy::routed(&answer), started),
+            ))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -458,14 +491,17 @@ async fn responses(
                     .await?;
                 state.metrics.retried(stream.attempts());
                 state.metrics.waited(stream.waited());
-                let served = ServedBy::stream(&stream);
+                let served = state.served(ServedBy::stream(&stream), started);
                 let relayed =
                     crate::sse::relay(stream, Arc::clone(&state.metrics), "responses", started);
                 return Ok::<_, ApiError>(served_by(relayed, &served));
             }
             let answer = state.router.responses_with(&request, &options).await?;
             state.answered("responses", &answer);
-            Ok(served_by(json(&answer.body), &ServedBy::routed(&answer)))
+            Ok(served_by(
+                json(&answer.body),
+                &state.served(ServedBy::routed(&answer), started),
+            ))
         }
         .await
         .unwrap_or_else(IntoResponse::into_response);
@@ -502,7 +538,10 @@ async fn stored(
                 ErrorKind::NotFound => ApiError::not_found(error.to_string()),
                 _ => ApiError::from(error),
             })?;
-        Ok::<_, ApiError>(served_by(json(&answer.body), &ServedBy::routed(&answer)))
+        Ok::<_, ApiError>(served_by(
+            json(&answer.body),
+            &state.served(ServedBy::routed(&answer), started),
+        ))
     }
     .await
     .unwrap_or_else(IntoResponse::into_response);

@@ -135,7 +135,8 @@ struct Sample {
 #[derive(Debug)]
 pub(crate) struct Board {
     origin: Instant,
-    latency: Mutex<HashMap<Place, Minute>>,
+    /// By endpoint, then deployment (looked up without an allocation per answer).
+    latency: Mutex<HashMap<String, HashMap<String, Minute>>>,
     history: Mutex<VecDeque<Sample>>,
 }
 
@@ -158,13 +159,19 @@ impl Board {
     pub(crate) fn answered(&self, endpoint: &str, deployment: &str, took: Duration) {
         let slot = self.slot(Instant::now());
         let mut latency = self.latency.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(minute) = latency.get_mut(&(endpoint.to_owned(), deployment.to_owned())) {
+        if let Some(minute) = latency
+            .get_mut(endpoint)
+            .and_then(|deployments| deployments.get_mut(deployment))
+        {
             minute.record(slot, took);
-        } else {
-            let mut minute = Minute::default();
-            minute.record(slot, took);
-            latency.insert((endpoint.to_owned(), deployment.to_owned()), minute);
+            return;
         }
+        let mut minute = Minute::default();
+        minute.record(slot, took);
+        latency
+            .entry(endpoint.to_owned())
+            .or_default()
+            .insert(deployment.to_owned(), minute);
     }
 
     /// Takes a sample of the router's counters (every [`SAMPLE_EVERY`]).
@@ -433,7 +440,8 @@ pub(crate) fn snapshot(router: &Router, board: &Board, throttled: u64) -> Value 
                 .map(|(s, place)| {
                     let (name, why, until) = availability(s, now);
                     let (answers, at) = latency
-                        .get(place)
+                        .get(&place.0)
+                        .and_then(|deployments| deployments.get(&place.1))
                         .map_or((0, vec![None, None]), |m| m.summary(slot, &[0.5, 0.99]));
                     let then = minute_ago
                         .and_then(|sample| sample.deployments.get(place))
