@@ -41,6 +41,64 @@ pub(crate) struct Args {
     /// default `openai-router-demo/traffic-share.svg` in the system's temporary folder.
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
+    /// Serve the status page (`/status`, `/status.json`) of the strategy running, on this
+    /// loopback address (`127.0.0.1:8090`), to watch the run in a browser.
+    #[arg(long)]
+    status: Option<std::net::SocketAddr>,
+}
+
+/// The router running now and its status board, for the demo's status page.
+struct Watched {
+    router: Router,
+    board: Arc<crate::status::Board>,
+}
+
+/// Serves `/status` and `/status.json` for whatever router `watched` holds, on `address`
+/// (loopback only: the page is served to this machine).
+async fn serve_status(
+    address: std::net::SocketAddr,
+    watched: Arc<arc_swap::ArcSwapOption<Watched>>,
+) -> Result<(), Problem> {
+    use axum::routing::get;
+    if !address.ip().is_loopback() {
+        bail!(
+            "--status: {address} is not a loopback address; the demo serves its status page to this machine only"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("--status: cannot listen on {address}"))?;
+    let access = crate::status::Access {
+        enabled: true,
+        admin: None,
+    };
+    let page = move |headers: axum::http::HeaderMap| async move {
+        crate::status::page(access, Some(address), &headers)
+    };
+    let data = move |headers: axum::http::HeaderMap| {
+        let watched = watched.load_full();
+        async move {
+            match watched.as_deref() {
+                Some(w) => {
+                    crate::status::data(access, Some(address), &headers, &w.router, &w.board, 0)
+                }
+                None => axum::response::IntoResponse::into_response((
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "no strategy is running",
+                )),
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route("/status", get(page))
+        .route("/status.json", get(data));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::warn!(%error, "the demo's status page stopped");
+        }
+    });
+    say(&format!("status page: http://{address}/status"));
+    Ok(())
 }
 
 /// Answers per endpoint in each second of one strategy's run.
@@ -193,6 +251,10 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Problem> {
     say("  openai-throttled  OpenAI  70 ms, 3 ms/token; 30k TPM in 1 s windows: 429 + retry-after");
     say("");
 
+    let watched = Arc::new(arc_swap::ArcSwapOption::<Watched>::empty());
+    if let Some(address) = args.status {
+        serve_status(address, Arc::clone(&watched)).await?;
+    }
     let mut total_failures = 0;
     let mut timelines = Vec::new();
     for (run, strategy) in strategies.iter().enumerate() {
@@ -201,7 +263,12 @@ pub(crate) async fn run(args: Args) -> Result<ExitCode, Problem> {
             .await
             .context("cannot start the simulated endpoints")?;
         let router = router_for(&sim, *strategy, args.seed.wrapping_add(run as u64))?;
-        let (outcome, timeline) = drive(&router, &sim, &args, *strategy).await;
+        let board = Arc::new(crate::status::Board::sampled_every(Duration::from_secs(1)));
+        watched.store(Some(Arc::new(Watched {
+            router: router.clone(),
+            board: Arc::clone(&board),
+        })));
+        let (outcome, timeline) = drive(&router, &sim, &args, *strategy, &board).await;
         total_failures += outcome.failures;
         say(&table(*strategy, &outcome, &sim));
         timelines.push((*strategy, timeline));
@@ -239,6 +306,7 @@ async fn drive(
     sim: &Sim,
     args: &Args,
     strategy: StrategyKind,
+    board: &Arc<crate::status::Board>,
 ) -> (Outcome, Timeline) {
     let duration = Duration::from_secs(args.duration);
     let before: Vec<Counters> = sim.endpoints().iter().map(SimEndpoint::counters).collect();
@@ -257,9 +325,10 @@ async fn drive(
         let router = router.clone();
         let stop = Arc::clone(&stop);
         let live = Arc::clone(&live);
+        let board = Arc::clone(board);
         let stream_every = args.stream_every.max(1);
         workers.push(tokio::spawn(async move {
-            work(router, stop, live, worker as u64, stream_every).await
+            work(router, stop, live, board, worker as u64, stream_every).await
         }));
     }
     let flaky = sim.endpoint("azure-flaky").cloned();
@@ -275,6 +344,7 @@ async fn drive(
         progress.set_position(started.elapsed().as_millis() as u64);
         if started.elapsed() >= next_second {
             next_second += Duration::from_secs(1);
+            board.sample(router, 0);
             let now = live.counts();
             timeline
                 .seconds
@@ -310,6 +380,7 @@ async fn work(
     router: Router,
     stop: Arc<AtomicBool>,
     live: Arc<Live>,
+    board: Arc<crate::status::Board>,
     worker: u64,
     stream_every: u64,
 ) -> Outcome {
@@ -326,14 +397,18 @@ async fn work(
         let result = if (worker + n).is_multiple_of(stream_every) {
             stream_once(&router, &request).await
         } else {
-            router
-                .chat(&request)
-                .await
-                .map(|answer| (answer.endpoint.to_string(), answer.attempts))
+            router.chat(&request).await.map(|answer| {
+                (
+                    answer.endpoint.to_string(),
+                    answer.deployment.clone(),
+                    answer.attempts,
+                )
+            })
         };
         match result {
-            Ok((endpoint, attempts)) => {
+            Ok((endpoint, deployment, attempts)) => {
                 live.served(&endpoint);
+                board.answered(&endpoint, &deployment, started.elapsed());
                 outcome.latencies.push(started.elapsed());
                 *outcome.served_by.entry(endpoint).or_default() += 1;
                 outcome.retries += u64::from(attempts.saturating_sub(1));
@@ -353,16 +428,17 @@ async fn work(
 async fn stream_once(
     router: &Router,
     request: &ChatCompletionRequest,
-) -> Result<(String, u32), router_facade::Error> {
+) -> Result<(String, String, u32), router_facade::Error> {
     let mut stream = router.chat_stream(request).await?;
     let endpoint = stream.endpoint().to_string();
+    let deployment = stream.deployment().to_owned();
     let attempts = stream.attempts();
     while let Some(item) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut stream).poll_next(cx)).await
     {
         item?;
     }
-    Ok((endpoint, attempts))
+    Ok((endpoint, deployment, attempts))
 }
 
 fn merge(total: &mut Outcome, part: Outcome) {
@@ -503,6 +579,39 @@ fn picture(timelines: &[(StrategyKind, Timeline)], duration: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_status_page_is_served_to_loopback_only() {
+        let watched = Arc::new(arc_swap::ArcSwapOption::<Watched>::empty());
+        let error = serve_status("192.0.2.7:8090".parse().unwrap(), Arc::clone(&watched))
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("not a loopback address"),
+            "{error}"
+        );
+        // On loopback: the page, and no data until a strategy runs.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        serve_status(address, watched).await.unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let page = client
+            .get(format!("http://{address}/status"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200);
+        let data = client
+            .get(format!("http://{address}/status.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(data.status(), 503);
+    }
 
     #[test]
     fn the_picture_has_a_band_per_strategy_and_a_bar_per_endpoint_second() {

@@ -70,7 +70,7 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
 /// Samples the router's counters for the status page every
 /// [`SAMPLE_EVERY`](crate::status::SAMPLE_EVERY) while the server runs.
 async fn sample_forever(state: Arc<AppState>) {
-    let mut every = tokio::time::interval(crate::status::SAMPLE_EVERY);
+    let mut every = tokio::time::interval(state.status.every());
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;

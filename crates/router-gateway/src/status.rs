@@ -135,6 +135,7 @@ struct Sample {
 #[derive(Debug)]
 pub(crate) struct Board {
     origin: Instant,
+    every: Duration,
     /// By endpoint, then deployment (looked up without an allocation per answer).
     latency: Mutex<HashMap<String, HashMap<String, Minute>>>,
     history: Mutex<VecDeque<Sample>>,
@@ -142,15 +143,27 @@ pub(crate) struct Board {
 
 impl Default for Board {
     fn default() -> Self {
-        Self {
-            origin: Instant::now(),
-            latency: Mutex::default(),
-            history: Mutex::default(),
-        }
+        Self::sampled_every(SAMPLE_EVERY)
     }
 }
 
 impl Board {
+    /// A board whose counters are sampled every `every` (the gateway: [`SAMPLE_EVERY`]; the
+    /// demo, whose runs are short: a second).
+    pub(crate) fn sampled_every(every: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            every,
+            latency: Mutex::default(),
+            history: Mutex::default(),
+        }
+    }
+
+    /// How often its counters are sampled.
+    pub(crate) fn every(&self) -> Duration {
+        self.every
+    }
+
     fn slot(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.origin).as_secs() / SLOT.as_secs()
     }
@@ -174,7 +187,7 @@ impl Board {
             .insert(deployment.to_owned(), minute);
     }
 
-    /// Takes a sample of the router's counters (every [`SAMPLE_EVERY`]).
+    /// Takes a sample of the router's counters (every [`every`](Self::every)).
     pub(crate) fn sample(&self, router: &Router, throttled: u64) {
         let deployments = router
             .stats()
@@ -494,7 +507,7 @@ pub(crate) fn snapshot(router: &Router, board: &Board, throttled: u64) -> Value 
                 "deployments": deployments,
                 "traffic": {
                     "deployments": places.iter().map(|(e, d)| format!("{e}/{d}")).collect::<Vec<_>>(),
-                    "interval_s": SAMPLE_EVERY.as_secs(),
+                    "interval_s": board.every.as_secs_f64(),
                     "intervals": intervals,
                 },
             })
