@@ -6,8 +6,9 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL; `/v1/traces` is appended) turns
 //! exporting on: OTLP over HTTP with protobuf bodies, batched. `OTEL_SERVICE_NAME` names the
 //! service (`openai-router` by default). Nothing is exported without them, and no exporter is
-//! built. The HTTP client is the gateway's own `reqwest` (on its runtime), so exporting adds no
-//! second HTTP stack.
+//! built. The HTTP client is hyper's (the server's own HTTP stack; only the backends know
+//! `reqwest`), plain HTTP: a collector on loopback or a sidecar, as collectors are usually
+//! run; an `https://` endpoint is refused at start with that said.
 //!
 //! A caller's W3C `traceparent` makes the gateway's `http` span a child of the caller's span,
 //! so the exported spans continue the caller's trace.
@@ -37,10 +38,13 @@ pub(crate) fn endpoint() -> Option<String> {
     })
 }
 
-/// Sends OTLP requests with the gateway's `reqwest` client, on the gateway's runtime (the
-/// exporter's batch thread has no runtime of its own).
+/// Sends OTLP requests with hyper's client, on the gateway's runtime (the exporter's batch
+/// thread has no runtime of its own).
 struct Client {
-    http: reqwest::Client,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
     runtime: tokio::runtime::Handle,
 }
 
@@ -53,22 +57,21 @@ impl fmt::Debug for Client {
 #[async_trait::async_trait]
 impl HttpClient for Client {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let request = reqwest::Request::try_from(request)?;
+        use http_body_util::BodyExt as _;
+        let request = request.map(http_body_util::Full::new);
         let http = self.http.clone();
-        let (status, headers, body) = self
-            .runtime
-            .spawn(async move {
-                let response = http.execute(request).await?;
-                let status = response.status();
-                let headers = response.headers().clone();
-                let body = response.bytes().await?;
-                Ok::<_, reqwest::Error>((status, headers, body))
-            })
-            .await??;
-        let mut response = Response::new(body);
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
-        Ok(response)
+        let answer = self.runtime.spawn(async move {
+            let call = async {
+                let response = http.request(request).await?;
+                let (parts, body) = response.into_parts();
+                let body = body.collect().await?.to_bytes();
+                Ok::<_, HttpError>(Response::from_parts(parts, body))
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(10), call)
+                .await
+                .map_err(|_| HttpError::from("no answer from the collector within 10 s"))?
+        });
+        answer.await?
     }
 }
 
@@ -77,11 +80,14 @@ pub(crate) fn provider(
     endpoint: &str,
     runtime: tokio::runtime::Handle,
 ) -> Result<SdkTracerProvider, String> {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| format!("cannot build the OTLP HTTP client: {e}"))?;
+    if !endpoint.starts_with("http://") {
+        return Err(format!(
+            "OTEL_EXPORTER_OTLP_ENDPOINT: {endpoint}: traces are exported over plain HTTP \
+             (a collector on loopback or a sidecar); an http:// URL is needed"
+        ));
+    }
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(Client { http, runtime })
@@ -130,5 +136,17 @@ pub(crate) fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
         let parent = TraceContextPropagator::new().extract(&Headers(headers));
         // Without the exporting layer there is nothing to attach to: fine.
         let _ = span.set_parent(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn only_plain_http_collectors_are_taken() {
+        let handle = tokio::runtime::Handle::current();
+        let error = super::provider("https://collector.example:4318/v1/traces", handle.clone())
+            .unwrap_err();
+        assert!(error.contains("an http:// URL is needed"), "{error}");
+        assert!(super::provider("http://127.0.0.1:4318/v1/traces", handle).is_ok());
     }
 }
