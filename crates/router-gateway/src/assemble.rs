@@ -39,6 +39,14 @@ impl Config {
                 options =
                     options.with_slices((ms > 0).then(|| std::time::Duration::from_millis(ms)));
             }
+            if let Some(ms) = self.router.redis_timeout_ms {
+                if ms == 0 {
+                    bail!(
+                        "router.redis_timeout_ms: 0 would answer every call locally; give a time in ms (default 100)"
+                    );
+                }
+                options = options.with_timeout(std::time::Duration::from_millis(ms));
+            }
             if let Some(learning) = learning {
                 options = options.with_learning(learning);
             }

@@ -196,6 +196,11 @@ pub(crate) struct RouterConfig {
     /// from locally lives (default 1,000 ms, at most a quarter of the window); 0: one Redis
     /// call per request instead.
     pub(crate) redis_slice_ms: Option<u64>,
+    /// How long a Redis call may take before this replica answers from its local share of
+    /// each limit instead (default 100 ms). Longer: fewer fallbacks (which admit up to the
+    /// local share per replica) when Redis is slow rather than away, at the cost of that
+    /// latency on a call that hangs.
+    pub(crate) redis_timeout_ms: Option<u64>,
     /// How an upstream's refusals teach the share of its quota it really admits.
     pub(crate) learning: Option<LearningConfig>,
     /// Fallback model groups, in order, per model group.

@@ -364,8 +364,14 @@ fn script_calls(port: u16) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_processes_leasing_slices_admit_a_keys_window_once_with_few_calls() {
     let redis = RedisServer::start().await.unwrap();
-    let Fleet { sim, dir, replicas } =
-        fleet(&format!("redis_url = \"{}\"", redis.url()), "sliced").await;
+    // A Redis call may take 2 s before a replica answers from its local share: this test is
+    // about slices, and the CI machine, running other tests beside it, has made calls slower
+    // than the default 100 ms (the four local shares then admitted 133).
+    let Fleet { sim, dir, replicas } = fleet(
+        &format!("redis_url = \"{}\"\nredis_timeout_ms = 2000", redis.url()),
+        "sliced",
+    )
+    .await;
     let before = script_calls(redis.port);
     let client = reqwest::Client::new();
     let mut tasks = Vec::new();
@@ -391,7 +397,27 @@ async fn gateway_processes_leasing_slices_admit_a_keys_window_once_with_few_call
         }
     }
     let calls = script_calls(redis.port) - before;
-    eprintln!("slices: {served} served, {throttled} throttled, {calls} script calls");
+    // Calls a replica answered from its local share (Redis slower than the timeout): each
+    // may admit up to its share of the window, so they are named when the bound fails.
+    let mut fallbacks = 0_u64;
+    for replica in &replicas {
+        let metrics = client
+            .get(format!("{}/metrics", replica.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        fallbacks += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("openai_router_state_fallbacks_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    eprintln!(
+        "slices: {served} served, {throttled} throttled, {calls} script calls, {fallbacks} local fallbacks"
+    );
     let per_window = SLICED_RPM / 6;
     // Never past the window, and nearly all of it: a renewal ahead of need asks only for what
     // the open slices cannot serve, and a slice left unspent goes back before its life ends
@@ -399,7 +425,8 @@ async fn gateway_processes_leasing_slices_admit_a_keys_window_once_with_few_call
     // open slices, and the requests told to come back for it were throttled first).
     assert!(
         served <= per_window && served >= per_window * 9 / 10,
-        "four gateways leasing slices of a window of {per_window}: {served} served"
+        "four gateways leasing slices of a window of {per_window}: {served} served \
+         ({fallbacks} calls answered from local shares)"
     );
     assert_eq!(sim.endpoints()[0].counters().requests, served);
     assert!(
