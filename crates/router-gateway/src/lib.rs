@@ -103,11 +103,43 @@ fn convert_litellm(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The program: parses the command line, runs the command, and says how it went.
-pub fn run() -> ExitCode {
+/// The log to standard error as `RUST_LOG` says, and, when `exporting`, the spans for OTLP.
+fn init_logging(exporting: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"))
+    };
+    // Colours for a terminal only: a log file or a collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if let Some(provider) = exporting {
+        // The log as `RUST_LOG` says, and beside it the router's request and attempt spans
+        // and the gateway's own, whatever the log shows.
+        let log = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .with_filter(filter());
+        let traces = telemetry::layer(provider).with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("router_facade", tracing::Level::DEBUG)
+                .with_target("router_gateway", tracing::Level::INFO),
+        );
+        tracing_subscriber::registry().with(log).with(traces).init();
+    } else {
+        // The log alone, filtered once for the whole process: spans and events below its
+        // level are never built.
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .init();
+    }
+}
+
+/// The program: parses the command line, runs the command, and says how it went.
+pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -125,23 +157,7 @@ pub fn run() -> ExitCode {
             .map_err(|problem| console::say_err(&format!("openai-router: {problem}")))
             .ok()
     });
-    let log = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        // Colours for a terminal only: a log file or a collector gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        );
-    // The router's request and attempt spans and the gateway's own, whatever the log shows.
-    let traces = exporting.as_ref().map(|provider| {
-        telemetry::layer(provider).with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target("router_facade", tracing::Level::DEBUG)
-                .with_target("router_gateway", tracing::Level::INFO),
-        )
-    });
-    tracing_subscriber::registry().with(log).with(traces).init();
+    init_logging(exporting.as_ref());
     let result = match cli.command {
         Command::Demo(args) => runtime
             .block_on(demo::run(args))
