@@ -1867,21 +1867,35 @@ async fn status_json(gateway: &Gateway) -> Value {
     response.json().await.unwrap()
 }
 
-/// The state `/status.json` gives `endpoint/deployment`.
-fn deployment_in<'v>(status: &'v Value, place: &str) -> &'v Value {
+/// Every deployment `/status.json` lists, with its `endpoint/deployment` name.
+fn deployments(status: &Value) -> impl Iterator<Item = (String, &Value)> {
     status["groups"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|g| g["deployments"].as_array().unwrap())
-        .find(|d| {
-            format!(
+        .map(|d| {
+            let place = format!(
                 "{}/{}",
                 d["endpoint"].as_str().unwrap(),
                 d["deployment"].as_str().unwrap()
-            ) == place
+            );
+            (place, d)
         })
-        .unwrap_or_else(|| panic!("{place} is not in {status}"))
+}
+
+/// The `endpoint/deployment` names `/status.json` lists, sorted.
+fn places(status: &Value) -> Vec<String> {
+    let mut places: Vec<String> = deployments(status).map(|(place, _)| place).collect();
+    places.sort();
+    places
+}
+
+/// The state `/status.json` gives `endpoint/deployment`.
+fn deployment_in<'v>(status: &'v Value, place: &str) -> &'v Value {
+    deployments(status)
+        .find(|(name, _)| name == place)
+        .map_or_else(|| panic!("{place} is not in {status}"), |(_, d)| d)
 }
 
 /// `/status.json` (to a loopback client, as configured by default) names every deployment of
@@ -1908,22 +1922,8 @@ async fn the_status_shows_every_deployment_and_a_cooldown_as_it_happens() {
         assert_eq!(response.status(), 200);
     }
     let status = status_json(&gateway).await;
-    let mut places: Vec<String> = status["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|g| g["deployments"].as_array().unwrap())
-        .map(|d| {
-            format!(
-                "{}/{}",
-                d["endpoint"].as_str().unwrap(),
-                d["deployment"].as_str().unwrap()
-            )
-        })
-        .collect();
-    places.sort();
     assert_eq!(
-        places,
+        places(&status),
         [
             "az/emb-dep",
             "az/mini-dep",
@@ -2215,24 +2215,7 @@ async fn the_status_page_in_a_browser_follows_a_cooldown() {
     };
     let browser = Browser::start().await;
     browser.open(&format!("{}/status", gateway.base)).await;
-    let expected: Vec<String> = {
-        let status = status_json(&gateway).await;
-        let mut places: Vec<String> = status["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|g| g["deployments"].as_array().unwrap())
-            .map(|d| {
-                format!(
-                    "{}/{}",
-                    d["endpoint"].as_str().unwrap(),
-                    d["deployment"].as_str().unwrap()
-                )
-            })
-            .collect();
-        places.sort();
-        places
-    };
+    let expected = places(&status_json(&gateway).await);
     let mut shown = Vec::new();
     for _ in 0..100 {
         shown = browser.rows().await.into_iter().map(|(p, _)| p).collect();

@@ -145,6 +145,18 @@ models = ["gpt-4o-mini"]
     panic!("replica {n} did not start");
 }
 
+/// A replica's `/metrics` text.
+async fn metrics_of(client: &reqwest::Client, replica: &Replica) -> String {
+    client
+        .get(format!("{}/metrics", replica.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The simulated upstream, a scratch folder and `REPLICAS` gateway processes on it, each
 /// configured with `redis` (its `[router]` lines naming the Redis).
 struct Fleet {
@@ -279,15 +291,9 @@ async fn a_keys_limit_holds_once_across_gateway_processes_on_one_redis() {
         burst_one(&replicas, KEYS[0].1).await;
         let mut all = true;
         for replica in &replicas {
-            let metrics = client
-                .get(format!("{}/metrics", replica.base))
-                .send()
+            all &= metrics_of(&client, replica)
                 .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            all &= metrics.contains("openai_router_state_shared 1");
+                .contains("openai_router_state_shared 1");
         }
         if all {
             break;
@@ -401,15 +407,8 @@ async fn gateway_processes_leasing_slices_admit_a_keys_window_once_with_few_call
     // may admit up to its share of the window, so they are named when the bound fails.
     let mut fallbacks = 0_u64;
     for replica in &replicas {
-        let metrics = client
-            .get(format!("{}/metrics", replica.base))
-            .send()
+        fallbacks += metrics_of(&client, replica)
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        fallbacks += metrics
             .lines()
             .find_map(|l| l.strip_prefix("openai_router_state_fallbacks_total "))
             .and_then(|v| v.trim().parse::<u64>().ok())
