@@ -84,8 +84,8 @@ pub use retry::RetryBudget;
 pub use rng::Rng;
 pub use select::{Ask, NothingEligible, Reason, Selection, Slot, select, soonest};
 pub use state::{
-    Availability, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass, SERVICE_TIERS,
-    StateStats,
+    Availability, CallKind, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass, Out,
+    ProbeOutcome, SERVICE_TIERS, StateStats,
 };
 pub use strategy::{
     Candidate, LeastBusy, LeastLatency, ProbeMode, RoundRobin, Strategy, StrategyKind, UsageBased,

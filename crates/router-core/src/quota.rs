@@ -1011,6 +1011,16 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     /// Shares a cooldown of `wait` from now.
     async fn cool_down(&self, key: &str, wait: Duration, now: Instant) -> Result<(), Error>;
 
+    /// A health probe found the deployment serving again after it was out: ends the cooldown
+    /// shared for it (the only call that shortens one), so that no replica keeps it out on
+    /// that account. What the store learned of its admissions stays.
+    ///
+    /// The default does nothing: the shared cooldown then ends when it runs out.
+    async fn recovered(&self, key: &str, now: Instant) -> Result<(), Error> {
+        let _ = (key, now);
+        Ok(())
+    }
+
     /// The upstream refused (429) a request this store admitted (and that was released), and
     /// said to wait `wait`: shares the cooldown, cuts the share of the limits the store keeps
     /// to, to what its window holds ([`Learner::refused`]), and holds what is left of the
@@ -1336,6 +1346,12 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
+    async fn recovered(&self, key: &str, now: Instant) -> Result<(), Error> {
+        let _ = now;
+        self.with(key, |entry| entry.cooling_until = None);
+        Ok(())
+    }
+
     async fn refused(
         &self,
         key: &str,
@@ -1543,6 +1559,14 @@ impl QuotaView {
                 self.store(cell, enough + 0.01, now);
             }
         }
+    }
+
+    /// Forgets what it knew (a probe found the deployment serving again after it was out):
+    /// full and unblocked, until the next answer or store call says otherwise.
+    pub fn forget(&self) {
+        self.tokens.store(pack(f32::NAN, 0), Ordering::Relaxed);
+        self.requests.store(pack(f32::NAN, 0), Ordering::Relaxed);
+        self.blocked_until.store(0, Ordering::Relaxed);
     }
 
     /// The store said no until `now + wait`.

@@ -14,8 +14,20 @@
 //! - `Failure` (5xx, timeouts, resets, cut streams): counts toward ejection. After
 //!   [`HealthPolicy::failure_threshold`] consecutive failures the deployment is ejected for
 //!   `base × 2^k` (k = ejections in a row), jittered, capped. A success resets both counts.
-//! - `Disable` (401, 403, 404, `insufficient_quota`): out until its configuration changes (a
-//!   reconfiguration gives a changed deployment a new state).
+//! - `Disable` (401, 403, 404, `insufficient_quota`): out until a probe finds it serving again
+//!   (or its configuration changes: a reconfiguration gives a changed deployment a new state).
+//!
+//! # Out until probed
+//!
+//! A disabled deployment, and one cooling or ejected for longer than
+//! [`HealthPolicy::probe_after`], is *out*: no caller's request goes there, and its cooldown's
+//! end does not bring it back. The router probes it instead, on a slow, jittered schedule with
+//! backoff ([`HealthPolicy::probe_interval`] doubling to [`HealthPolicy::max_probe_interval`]):
+//! [`DeploymentState::probe_due`] says when, [`DeploymentState::begin_probe`] books the next
+//! one before the probe is sent, and [`DeploymentState::probe_succeeded`] or
+//! [`DeploymentState::probe_failed`] record what it found. A probe that succeeds brings the
+//! deployment back half-open (one request at a time until one succeeds) and ramping
+//! ([`DeploymentState::ramp`]).
 //!
 //! Whether a cooled-down or ejected deployment may still be used when nothing else can serve
 //! (panic mode) is the router's choice: [`DeploymentState::availability`] tells the three apart.
@@ -51,6 +63,14 @@ pub struct HealthPolicy {
     /// The latency penalty a failure records (at least; twice the estimate if that is more).
     /// Default 5 s.
     pub failure_penalty: Duration,
+    /// A cooldown or ejection longer than this does not end by itself: the deployment is out
+    /// until a probe finds it serving (see the module docs). Default 60 s.
+    pub probe_after: Duration,
+    /// The first probe of a deployment that went out comes this long after (jittered); each
+    /// failed probe doubles the wait. Default 10 s.
+    pub probe_interval: Duration,
+    /// The longest wait between two probes. Default 300 s.
+    pub max_probe_interval: Duration,
 }
 
 impl Default for HealthPolicy {
@@ -63,6 +83,9 @@ impl Default for HealthPolicy {
             rate_limit_cooldown: Duration::from_secs(1),
             max_rate_limit_cooldown: Duration::from_secs(300),
             failure_penalty: Duration::from_secs(5),
+            probe_after: Duration::from_secs(60),
+            probe_interval: Duration::from_secs(10),
+            max_probe_interval: Duration::from_secs(300),
         }
     }
 }
@@ -93,11 +116,33 @@ impl HealthPolicy {
             .min(self.max_rate_limit_cooldown)
     }
 
-    /// Sets the ejection jitter.
+    /// Sets the jitter on ejections and probe times.
     #[must_use]
     pub fn with_jitter(mut self, jitter: f64) -> Self {
         self.ejection_jitter = jitter.clamp(0.0, 1.0);
         self
+    }
+
+    /// Sets when a deployment is out until probed (a cooldown longer than `after`), and the
+    /// probe schedule: the first probe `interval` after it went out, doubling after each
+    /// failed one, to about `max` (jittered).
+    #[must_use]
+    pub fn with_probes(mut self, after: Duration, interval: Duration, max: Duration) -> Self {
+        self.probe_after = after;
+        self.probe_interval = interval.max(Duration::from_millis(10));
+        self.max_probe_interval = max.max(self.probe_interval);
+        self
+    }
+
+    /// The wait before the next probe after `failed` failed ones: the interval doubled per
+    /// failure, capped, jittered.
+    fn probe_wait(&self, failed: u32, rng: &mut Rng) -> Duration {
+        let base = self
+            .probe_interval
+            .saturating_mul(1 << failed.min(16))
+            .min(self.max_probe_interval);
+        let jitter = 1.0 + self.ejection_jitter * (rng.unit() * 2.0 - 1.0);
+        base.mul_f64(jitter.max(0.0))
     }
 }
 
@@ -141,11 +186,14 @@ pub enum Availability {
     /// Back from a 429's cooldown and not yet proven by a success: it takes one request at a
     /// time, and that one is in flight.
     Probing,
-    /// Throttled by the upstream until the given time.
+    /// Throttled by the upstream until the given time (for one out until probed: its next
+    /// probe, the soonest it may be back).
     RateLimited(Instant),
-    /// Ejected after consecutive failures until the given time.
+    /// Ejected after consecutive failures until the given time (as for `RateLimited`, its
+    /// next probe when it is out until probed).
     Ejected(Instant),
-    /// Disabled until reconfigured, for the error kind given.
+    /// Disabled for the error kind given (401, 403, 404, `insufficient_quota`): out until a
+    /// probe finds it serving again, or it is reconfigured.
     Disabled(ErrorKind),
 }
 
@@ -196,6 +244,82 @@ pub struct DeploymentState {
     tier_downgrades: AtomicU64,
     /// Requests Azure spilled over from it to their spillover deployment (it was full).
     spilled_over: AtomicU64,
+    /// Out until a probe brings it back: the `ErrorKind` index + 1 of what put it out (or the
+    /// last probe found); 0 when not out.
+    out: AtomicU8,
+    /// Milliseconds since `origin` when its health last changed (it went out or came back).
+    since: AtomicU64,
+    /// Milliseconds since `origin` of its next probe, while out.
+    next_probe: AtomicU64,
+    /// Failed probes since it went out: the backoff's exponent.
+    failed_probes: AtomicU32,
+    /// Probes sent, ever.
+    probes: AtomicU64,
+    /// The last probe: milliseconds since `origin` << 8 | its outcome (1 served, else the
+    /// `ErrorKind` index + 2); 0 for none.
+    last_probe: AtomicU64,
+    /// Whether its going out has been told (logged) once.
+    told: AtomicBool,
+    /// Which call a probe makes ([`CallKind`] as u8): the kind of request last sent here.
+    call: AtomicU8,
+}
+
+/// Which call a health probe makes: the kind of request a deployment was last sent (an
+/// embeddings deployment is probed with an embeddings request).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CallKind {
+    /// A one-token chat completion.
+    #[default]
+    Chat,
+    /// A one-input embeddings request.
+    Embeddings,
+    /// A one-token legacy completion.
+    Completions,
+    /// A short Responses API request, not stored.
+    Responses,
+}
+
+impl CallKind {
+    const ALL: [Self; 4] = [
+        Self::Chat,
+        Self::Embeddings,
+        Self::Completions,
+        Self::Responses,
+    ];
+
+    fn index(self) -> u8 {
+        match self {
+            Self::Chat => 0,
+            Self::Embeddings => 1,
+            Self::Completions => 2,
+            Self::Responses => 3,
+        }
+    }
+}
+
+/// Why a deployment is out and when it is probed next ([`StateStats::out`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Out {
+    /// Since when it is out.
+    pub since: Instant,
+    /// What put it out, or what the last probe found.
+    pub why: ErrorKind,
+    /// When it is probed next.
+    pub next_probe: Instant,
+    /// Probes that failed since it went out.
+    pub failed_probes: u32,
+}
+
+/// What a health probe found ([`StateStats::last_probe`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    /// When it was sent.
+    pub at: Instant,
+    /// `None`: the deployment served it; else what it failed with.
+    pub failed: Option<ErrorKind>,
 }
 
 /// The service tiers answers report (`service_tier`), as [`StateStats::service_tiers`] counts
@@ -244,6 +368,14 @@ impl DeploymentState {
             tiers: std::array::from_fn(|_| AtomicU64::new(0)),
             tier_downgrades: AtomicU64::new(0),
             spilled_over: AtomicU64::new(0),
+            out: AtomicU8::new(0),
+            since: AtomicU64::new(0),
+            next_probe: AtomicU64::new(0),
+            failed_probes: AtomicU32::new(0),
+            probes: AtomicU64::new(0),
+            last_probe: AtomicU64::new(0),
+            told: AtomicBool::new(true),
+            call: AtomicU8::new(0),
         }
     }
 
@@ -379,9 +511,20 @@ impl DeploymentState {
     }
 
     /// A cooldown another replica shared: this one honours it too, and is half-open after it.
-    pub fn cool_down_shared(&self, wait: Duration, now: Instant) {
+    /// One longer than [`HealthPolicy::probe_after`] puts it out until probed (another
+    /// replica found it disabled, or cooling for long).
+    pub fn cool_down_shared(
+        &self,
+        wait: Duration,
+        policy: &HealthPolicy,
+        now: Instant,
+        rng: &mut Rng,
+    ) {
         self.cool_down(now + wait, REASON_RATE_LIMITED);
         self.half_open.store(true, Ordering::Release);
+        if wait > policy.probe_after {
+            self.go_out(ErrorKind::RateLimited, policy, now, rng);
+        }
     }
 
     /// Makes it half-open until its next success without a cooldown: the upstream said (in
@@ -416,7 +559,14 @@ impl DeploymentState {
             return Availability::Disabled(ErrorKind::from_index(usize::from(disabled - 1)));
         }
         let until = self.cooldown_until.load(Ordering::Relaxed);
-        if self.ms(now) < until {
+        let out = self.out.load(Ordering::Acquire) != 0;
+        if self.ms(now) < until || out {
+            // Out until probed: back no sooner than its next probe.
+            let until = if out {
+                until.max(self.next_probe.load(Ordering::Relaxed).max(self.ms(now)))
+            } else {
+                until
+            };
             let at = self.origin + Duration::from_millis(until);
             return match self.cooldown_reason.load(Ordering::Relaxed) {
                 REASON_RATE_LIMITED => Availability::RateLimited(at),
@@ -486,7 +636,9 @@ impl DeploymentState {
         ewma.observe(sample, now);
     }
 
-    /// Records a failure and applies its health effect.
+    /// Records a failure and applies its health effect. A disabling error, and a cooldown or
+    /// ejection longer than [`HealthPolicy::probe_after`], put the deployment out until a
+    /// probe brings it back ([`out`](Self::out)).
     pub fn record_failure(
         &self,
         error: &Error,
@@ -496,19 +648,21 @@ impl DeploymentState {
         rng: &mut Rng,
     ) {
         self.failures[error.kind().index()].fetch_add(1, Ordering::Relaxed);
-        match error.health_effect() {
+        let long = match error.health_effect() {
             HealthEffect::Cooldown => {
-                self.cool_down(now + policy.rate_limit_wait(error), REASON_RATE_LIMITED);
+                let wait = policy.rate_limit_wait(error);
+                self.cool_down(now + wait, REASON_RATE_LIMITED);
                 self.half_open.store(true, Ordering::Release);
+                wait > policy.probe_after
             }
             HealthEffect::Failure => {
                 self.latency[class.index()].penalize(policy.failure_penalty, now);
+                let mut longest = Duration::ZERO;
                 if let Some(wait) = error.retry_after() {
                     // A 503 that says when to come back.
-                    self.cool_down(
-                        now + wait.min(policy.max_rate_limit_cooldown),
-                        REASON_EJECTED,
-                    );
+                    let wait = wait.min(policy.max_rate_limit_cooldown);
+                    self.cool_down(now + wait, REASON_EJECTED);
+                    longest = wait;
                 }
                 let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if failures >= policy.failure_threshold {
@@ -521,14 +675,206 @@ impl DeploymentState {
                     let jitter = 1.0 + policy.ejection_jitter * (rng.unit() * 2.0 - 1.0);
                     let wait = base.mul_f64(jitter.max(0.0)).min(policy.max_ejection);
                     self.cool_down(now + wait, REASON_EJECTED);
+                    longest = longest.max(wait);
                 }
+                longest > policy.probe_after
             }
             HealthEffect::Disable => {
-                let code = u8::try_from(error.kind().index() + 1).unwrap_or(u8::MAX);
-                self.disabled.store(code, Ordering::Relaxed);
+                self.disable(error.kind());
+                true
             }
-            HealthEffect::None => {}
+            HealthEffect::None => false,
+        };
+        if long {
+            self.go_out(error.kind(), policy, now, rng);
         }
+    }
+
+    fn disable(&self, kind: ErrorKind) {
+        let code = u8::try_from(kind.index() + 1).unwrap_or(u8::MAX);
+        self.disabled.store(code, Ordering::Relaxed);
+    }
+
+    /// Puts it out until a probe brings it back, for `why`, unless it is out already; the
+    /// first probe comes [`HealthPolicy::probe_interval`] from now, jittered.
+    fn go_out(&self, why: ErrorKind, policy: &HealthPolicy, now: Instant, rng: &mut Rng) {
+        let code = u8::try_from(why.index() + 1).unwrap_or(u8::MAX);
+        if self
+            .out
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.failed_probes.store(0, Ordering::Relaxed);
+            self.next_probe
+                .store(self.ms(now + policy.probe_wait(0, rng)), Ordering::Relaxed);
+            self.since.store(self.ms(now), Ordering::Relaxed);
+            self.told.store(false, Ordering::Release);
+        }
+    }
+
+    /// Notes the kind of call being sent here: what a probe of it will make.
+    pub fn note_call(&self, kind: CallKind) {
+        self.call.store(kind.index(), Ordering::Relaxed);
+    }
+
+    /// The kind of call a probe of it makes: that of the last request sent here.
+    pub fn probe_call(&self) -> CallKind {
+        CallKind::ALL
+            .get(usize::from(self.call.load(Ordering::Relaxed)))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Why it is out and when it is probed next; `None` when it is not out.
+    pub fn out(&self) -> Option<Out> {
+        let code = self.out.load(Ordering::Acquire);
+        (code != 0).then(|| Out {
+            since: self.origin + Duration::from_millis(self.since.load(Ordering::Relaxed)),
+            why: ErrorKind::from_index(usize::from(code - 1)),
+            next_probe: self.origin
+                + Duration::from_millis(self.next_probe.load(Ordering::Relaxed)),
+            failed_probes: self.failed_probes.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Its going out, the first time this is asked after it went out: so that it is told (in
+    /// the log) once, however many requests saw it.
+    pub fn tell_out(&self) -> Option<Out> {
+        let out = self.out()?;
+        (!self.told.swap(true, Ordering::AcqRel)).then_some(out)
+    }
+
+    /// When it is to be probed, when it is out.
+    pub fn probe_due(&self) -> Option<Instant> {
+        self.out().map(|out| out.next_probe)
+    }
+
+    /// A probe is being sent at `now`: books the next one as if this one will fail (so that
+    /// it stays out meanwhile, and a second prober does not send one too). `false` when it
+    /// is not out, or not due yet.
+    pub fn begin_probe(&self, policy: &HealthPolicy, now: Instant, rng: &mut Rng) -> bool {
+        if self.out.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let due = self.next_probe.load(Ordering::Relaxed);
+        if self.ms(now) < due {
+            return false;
+        }
+        let failed = self.failed_probes.load(Ordering::Relaxed);
+        let next = self.ms(now + policy.probe_wait(failed, rng));
+        if self
+            .next_probe
+            .compare_exchange(due, next, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Probe it at once (an operator said "look again"): its next probe is now. `false` when
+    /// it is not out.
+    pub fn probe_now(&self, now: Instant) -> bool {
+        if self.out.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.next_probe.store(self.ms(now), Ordering::Relaxed);
+        true
+    }
+
+    /// Another replica's probe (or this one's) found it still out for `why`, and the next
+    /// probe comes at `next`: it stays out until then.
+    pub fn stay_out(&self, why: ErrorKind, next: Instant, now: Instant) {
+        if self.out.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let code = u8::try_from(why.index() + 1).unwrap_or(u8::MAX);
+        self.out.store(code, Ordering::Release);
+        self.next_probe
+            .store(self.ms(next.max(now)), Ordering::Relaxed);
+    }
+
+    /// A probe sent at `at` failed with `error`: it stays out, and the next probe waits
+    /// longer (doubling, capped, jittered; no sooner than the upstream's own wait, capped
+    /// too). A disabling error disables it (it was only cooling); a 429 shows the key and the
+    /// deployment work again, so it is no longer disabled but cooling. Returns when the next
+    /// probe comes.
+    pub fn probe_failed(
+        &self,
+        error: &Error,
+        at: Instant,
+        policy: &HealthPolicy,
+        now: Instant,
+        rng: &mut Rng,
+    ) -> Instant {
+        let failed = self.failed_probes.fetch_add(1, Ordering::Relaxed) + 1;
+        self.probes.fetch_add(1, Ordering::Relaxed);
+        self.last_probe.store(
+            self.ms(at) << 8 | (error.kind().index() as u64 + 2),
+            Ordering::Relaxed,
+        );
+        match error.health_effect() {
+            HealthEffect::Disable => self.disable(error.kind()),
+            HealthEffect::Cooldown => {
+                self.disabled.store(0, Ordering::Relaxed);
+                self.cool_down(now + policy.rate_limit_wait(error), REASON_RATE_LIMITED);
+            }
+            HealthEffect::Failure | HealthEffect::None => {}
+        }
+        let upstream = error
+            .retry_after()
+            .unwrap_or_default()
+            .min(policy.max_probe_interval);
+        let next = now + policy.probe_wait(failed, rng).max(upstream);
+        self.stay_out(error.kind(), next, now);
+        next
+    }
+
+    /// A probe sent at `at` was served (or refused for the request's own fault, which the
+    /// upstream checks after the key and the deployment): it is back, half-open (one request
+    /// at a time until one succeeds) and ramping up. `false` when it was not out.
+    pub fn probe_succeeded(&self, at: Instant, now: Instant) -> bool {
+        self.probes.fetch_add(1, Ordering::Relaxed);
+        self.last_probe
+            .store(self.ms(at) << 8 | 1, Ordering::Relaxed);
+        self.back(now)
+    }
+
+    /// Brings it back from being out (a probe found it serving): its cooldown, ejection and
+    /// disabling end, and it is half-open and ramping. `false` when it was not out.
+    pub fn back(&self, now: Instant) -> bool {
+        if self.out.swap(0, Ordering::AcqRel) == 0 {
+            return false;
+        }
+        self.disabled.store(0, Ordering::Relaxed);
+        self.cooldown_until.store(0, Ordering::Relaxed);
+        self.cooldown_reason.store(REASON_NONE, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        self.failed_probes.store(0, Ordering::Relaxed);
+        self.quota.forget();
+        self.half_open.store(true, Ordering::Release);
+        self.ramp_from.store(self.ms(now) + 1, Ordering::Relaxed);
+        self.since.store(self.ms(now), Ordering::Relaxed);
+        self.told.store(true, Ordering::Release);
+        true
+    }
+
+    /// The last probe's outcome, if one was sent.
+    pub fn last_probe(&self) -> Option<ProbeOutcome> {
+        let packed = self.last_probe.load(Ordering::Relaxed);
+        (packed != 0).then(|| {
+            let code = (packed & 0xff) as usize;
+            ProbeOutcome {
+                at: self.origin + Duration::from_millis(packed >> 8),
+                failed: (code >= 2).then(|| ErrorKind::from_index(code - 2)),
+            }
+        })
+    }
+
+    /// Probes this process sent to it (and recorded what they found), ever.
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
     }
 
     fn cool_down(&self, until: Instant, reason: u8) {
@@ -569,6 +915,10 @@ impl DeploymentState {
                 .collect(),
             tier_downgrades: self.tier_downgrades.load(Ordering::Relaxed),
             spilled_over: self.spilled_over.load(Ordering::Relaxed),
+            since: self.origin + Duration::from_millis(self.since.load(Ordering::Relaxed)),
+            out: self.out(),
+            last_probe: self.last_probe(),
+            probes: self.probes(),
         }
     }
 }
@@ -623,6 +973,16 @@ pub struct StateStats {
     pub tier_downgrades: u64,
     /// Requests Azure spilled over from it to their spillover deployment (it was full).
     pub spilled_over: u64,
+    /// When its health last changed: it went out, or came back (the router's start when
+    /// neither happened).
+    pub since: Instant,
+    /// Why it is out until probed, since when, and when the next probe comes; `None` when it
+    /// is not out.
+    pub out: Option<Out>,
+    /// What the last health probe found, if one was sent.
+    pub last_probe: Option<ProbeOutcome>,
+    /// Health probes sent to it.
+    pub probes: u64,
 }
 
 #[cfg(test)]
@@ -673,18 +1033,136 @@ mod tests {
             state.availability(t0 + Duration::from_secs(2)),
             Availability::RateLimited(_)
         ));
-        // Capped.
+        // Capped (with probes only past the cap, the cap ends it by itself).
+        let patient = policy.with_probes(
+            Duration::from_secs(400),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        );
         state.record_failure(
             &upstream(429, Some(Duration::from_secs(86_400))),
             class,
-            &policy,
+            &patient,
             t0,
             &mut rng,
         );
+        assert_eq!(state.out(), None);
         assert_eq!(
             state.availability(t0 + Duration::from_secs(301)),
             Availability::Ready
         );
+    }
+
+    #[test]
+    fn out_until_a_probe_serves_on_a_doubling_jittered_schedule() {
+        let t0 = Instant::now();
+        let state = DeploymentState::new(t0, Duration::from_secs(10));
+        let policy = HealthPolicy::default()
+            .with_probes(
+                Duration::from_secs(60),
+                Duration::from_secs(10),
+                Duration::from_secs(40),
+            )
+            .with_jitter(0.0);
+        let mut rng = Rng::with_seed(3);
+        // A day-long 429: capped at 300 s, and out past the cap until probed.
+        state.record_failure(
+            &upstream(429, Some(Duration::from_secs(86_400))),
+            LatencyClass::Call,
+            &policy,
+            t0,
+            &mut rng,
+        );
+        let out = state.out().unwrap();
+        assert_eq!(out.why, ErrorKind::RateLimited);
+        assert_eq!(out.next_probe, t0 + Duration::from_secs(10));
+        assert!(state.tell_out().is_some(), "told once");
+        assert!(state.tell_out().is_none(), "only once");
+        let late = t0 + Duration::from_secs(1000);
+        assert!(matches!(
+            state.availability(late),
+            Availability::RateLimited(_)
+        ));
+        // Not due yet: no probe.
+        assert!(!state.begin_probe(&policy, t0 + Duration::from_secs(9), &mut rng));
+        // Failed probes double the wait to the cap; one probe per due time.
+        let mut at = t0 + Duration::from_secs(10);
+        for wait in [20, 40, 40] {
+            assert!(state.begin_probe(&policy, at, &mut rng));
+            assert!(!state.begin_probe(&policy, at, &mut rng), "booked");
+            let next = state.probe_failed(&upstream(401, None), at, &policy, at, &mut rng);
+            assert_eq!(next, at + Duration::from_secs(wait));
+            at = next;
+        }
+        assert_eq!(
+            state.availability(at),
+            Availability::Disabled(ErrorKind::Unauthorized),
+            "a probe's 401 disables it"
+        );
+        assert_eq!(
+            state.last_probe().unwrap().failed,
+            Some(ErrorKind::Unauthorized)
+        );
+        // A 429 shows the key works again: cooling, not disabled; and the upstream's wait
+        // (capped at the longest interval) comes before the next probe.
+        assert!(state.begin_probe(&policy, at, &mut rng));
+        let next = state.probe_failed(
+            &upstream(429, Some(Duration::from_secs(50))),
+            at,
+            &policy,
+            at,
+            &mut rng,
+        );
+        assert_eq!(next, at + Duration::from_secs(40));
+        assert!(matches!(
+            state.availability(at),
+            Availability::RateLimited(_)
+        ));
+        // Served: back, half-open, ramping, the quota view forgotten.
+        assert!(state.probe_now(at));
+        assert!(state.begin_probe(&policy, at, &mut rng));
+        assert!(state.probe_succeeded(at, at));
+        assert_eq!(state.out(), None);
+        assert_eq!(state.availability(at), Availability::Ready);
+        assert!(state.is_half_open());
+        assert!(state.ramp(at) < 0.01);
+        assert_eq!(state.last_probe().unwrap().failed, None);
+        assert_eq!(state.probes(), 5);
+        assert!(!state.probe_succeeded(at, at), "not out any more");
+    }
+
+    #[test]
+    fn a_long_ejection_is_out_until_probed_and_a_short_one_is_not() {
+        let t0 = Instant::now();
+        let policy = HealthPolicy::default()
+            .with_ejection(1, Duration::from_secs(30), Duration::from_secs(120))
+            .with_probes(
+                Duration::from_secs(60),
+                Duration::from_secs(10),
+                Duration::from_secs(40),
+            )
+            .with_jitter(0.0);
+        let mut rng = Rng::with_seed(3);
+        let state = DeploymentState::new(t0, Duration::from_secs(10));
+        let fail = |rng: &mut Rng| {
+            state.record_failure(&upstream(500, None), LatencyClass::Call, &policy, t0, rng);
+        };
+        fail(&mut rng); // 30 s
+        assert_eq!(state.out(), None);
+        fail(&mut rng); // 60 s: not longer than probe_after
+        assert_eq!(state.out(), None);
+        fail(&mut rng); // 120 s
+        assert_eq!(state.out().unwrap().why, ErrorKind::ServerError);
+        assert!(matches!(
+            state.availability(t0 + Duration::from_secs(500)),
+            Availability::Ejected(_)
+        ));
+        // A shared cooldown longer than probe_after puts it out too.
+        let other = DeploymentState::new(t0, Duration::from_secs(10));
+        other.cool_down_shared(Duration::from_secs(30), &policy, t0, &mut rng);
+        assert_eq!(other.out(), None);
+        other.cool_down_shared(Duration::from_secs(300), &policy, t0, &mut rng);
+        assert_eq!(other.out().unwrap().why, ErrorKind::RateLimited);
     }
 
     #[test]
@@ -809,7 +1287,12 @@ mod tests {
     fn racing_threads_never_hold_two_half_open_slots() {
         let t0 = Instant::now();
         let state = Arc::new(DeploymentState::new(t0, Duration::from_secs(10)));
-        state.cool_down_shared(Duration::ZERO, t0);
+        state.cool_down_shared(
+            Duration::ZERO,
+            &HealthPolicy::default(),
+            t0,
+            &mut Rng::with_seed(1),
+        );
         assert!(state.is_half_open());
         let holders = Arc::new(AtomicU32::new(0));
         let most = Arc::new(AtomicU32::new(0));

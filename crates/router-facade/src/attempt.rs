@@ -283,6 +283,9 @@ impl Attempt {
         self.deployment
             .state
             .record_failure(error, self.class, &self.health, now(), &mut self.rng);
+        if self.deployment.state.out().is_some() {
+            crate::prober::went_out(&self.deployment, &self.deployment.prober);
+        }
     }
 }
 

@@ -55,6 +55,7 @@ mod limits;
 mod operation;
 mod options;
 mod path;
+mod prober;
 mod reservation;
 mod router;
 mod settings;
@@ -74,11 +75,11 @@ pub use router::Router;
 pub use stream::RouterStream;
 
 pub use router_core::{
-    Admission, Availability, Backend, CallOptions, Candidate, Charge, ChatStream, CompletionStream,
-    EndpointId, Error, ErrorKind, Event, EventStream, HealthPolicy, LatencyClass, Learned,
-    Learning, Limits, MemoryStore, ProbeMode, QuotaModel, RateLimitInfo, Reply, ResponseMeta,
-    ResponseStream, Rng, Settlement, StateStats, StateStore, StoredCall, Strategy, StrategyKind,
-    StreamItem, TraceContext,
+    Admission, Availability, Backend, CallKind, CallOptions, Candidate, Charge, ChatStream,
+    CompletionStream, EndpointId, Error, ErrorKind, Event, EventStream, HealthPolicy, LatencyClass,
+    Learned, Learning, Limits, MemoryStore, Out, ProbeMode, ProbeOutcome, QuotaModel,
+    RateLimitInfo, Reply, ResponseMeta, ResponseStream, Rng, Settlement, StateStats, StateStore,
+    StoredCall, Strategy, StrategyKind, StreamItem, TraceContext,
 };
 pub use router_types as types;
 

@@ -167,7 +167,9 @@ async fn route<O: Operation>(
 type Trace = (router_core::TraceContext, Option<String>);
 
 /// How long a deployment one replica disabled (401, 403, 404, `insufficient_quota`) is kept
-/// away from the others, through a shared store, before one of them probes it.
+/// away from the others, through a shared store, at least (and at least twice `probe_after`,
+/// so that it puts the deployment out for them): the probe that finds it serving ends it
+/// sooner, one that fails extends it.
 pub(crate) const DISABLED_SHARED_FOR: Duration = Duration::from_secs(300);
 
 /// How long the router remembers which deployment stored a response (OpenAI keeps stored
@@ -1359,15 +1361,20 @@ impl<'r> Path<'r> {
             deployment.state.availability(now()),
             router_core::Availability::Disabled(_)
         ) {
-            tracing::warn!(endpoint = %deployment.endpoint, deployment = %deployment.name, %error, "deployment disabled until reconfigured");
-            // The other replicas would each find out with a failed request of their own: they
-            // are told through the shared store, as a cooldown, after which one of them
-            // probes it (half-open across the replicas) and disables it too if it still fails.
+            // Told once in the log (when the attempt recorded it), and probed back by the
+            // router's prober. The other replicas would each find out with a failed request
+            // of their own: they are told through the shared store, as a cooldown longer than
+            // `probe_after`, which puts it out for them too until a probe (one between them)
+            // finds it serving.
             if self.live.store.is_shared() {
                 let _ = self
                     .live
                     .store
-                    .cool_down(&deployment.key, DISABLED_SHARED_FOR, now())
+                    .cool_down(
+                        &deployment.key,
+                        DISABLED_SHARED_FOR.max(health.probe_after * 2),
+                        now(),
+                    )
                     .await;
             }
         }
@@ -1537,7 +1544,14 @@ async fn reserve(
             // At least a millisecond, so that selecting again cannot pick it at once.
             let wait = retry_after.max(Duration::from_millis(1));
             if cooling {
-                deployment.state.cool_down_shared(wait, at);
+                let mut rng = Rng::new();
+                let health = &live.settings.health;
+                deployment
+                    .state
+                    .cool_down_shared(wait, health, at, &mut rng);
+                if deployment.state.out().is_some() {
+                    crate::prober::went_out(deployment, &deployment.prober);
+                }
             } else {
                 deployment.state.quota.block(wait, at);
             }

@@ -46,7 +46,8 @@ impl Router {
         if snapshot.may_count_tokens {
             crate::estimate::warm_up();
         }
-        Ok(Self {
+        let prober = Arc::clone(&snapshot.prober);
+        let router = Self {
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 waitlist: Waitlist::default(),
@@ -58,13 +59,19 @@ impl Router {
                 reload: Mutex::new(()),
                 affinities: crate::affinity::Affinities::default(),
             }),
-        })
+        };
+        prober.attach(&router.shared);
+        Ok(router)
     }
 
     /// Replaces the configuration. Deployments whose endpoint and deployment name did not
     /// change keep their live state (in flight, latency, cooldowns) and connections; requests
     /// already running finish on the configuration they started with. The retry budget is
     /// kept while the retry policy stays the same.
+    ///
+    /// A kept deployment that is out (disabled, or cooling for long: see
+    /// [`DeploymentStats`]) is probed at once: reloading is how an operator who fixed
+    /// something upstream says "look again" without a restart.
     ///
     /// # Errors
     ///
@@ -83,9 +90,18 @@ impl Router {
         if next.may_count_tokens {
             crate::estimate::warm_up();
         }
+        let at = now();
+        let mut look = false;
+        for deployment in &next.deployments {
+            look |= deployment.state.probe_now(at);
+        }
+        let prober = Arc::clone(&next.prober);
         shared.snapshot.store(Arc::new(next));
         if shared.budget.load().policy != policy {
             shared.budget.store(Arc::new(Budget::new(policy)));
+        }
+        if look {
+            prober.kick();
         }
         Ok(())
     }

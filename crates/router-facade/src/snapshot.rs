@@ -11,6 +11,7 @@ use router_core::{
 use crate::builder::RouterBuilder;
 use crate::endpoint::EndpointKind;
 use crate::limits::Scope;
+use crate::prober::Prober;
 use crate::settings::Settings;
 
 /// One model group's deployment on one endpoint.
@@ -35,6 +36,8 @@ pub(crate) struct Deployment {
     pub(crate) identity: (u64, String),
     /// The Azure resource it is on (`Endpoint::azure_resource`): where Azure spills over.
     pub(crate) resource: Option<String>,
+    /// The router's prober, told when the deployment goes out.
+    pub(crate) prober: Arc<Prober>,
 }
 
 impl Deployment {
@@ -104,6 +107,8 @@ pub(crate) struct RouterSnapshot {
     /// build): a configured quota, a state store, or a router-side token limit. Limits learned
     /// later from headers load them on first use.
     pub(crate) may_count_tokens: bool,
+    /// The router's prober (the same across reconfigurations).
+    pub(crate) prober: Arc<Prober>,
 }
 
 impl Group {
@@ -124,6 +129,7 @@ impl RouterSnapshot {
         origin: Instant,
     ) -> Result<Self, Error> {
         config.validate()?;
+        let prober = previous.map_or_else(Arc::default, |p| Arc::clone(&p.prober));
         let mut reusable: HashMap<(&str, &str), &Arc<Deployment>> = HashMap::new();
         let mut backends: HashMap<&str, (u64, &Arc<dyn Backend>)> = HashMap::new();
         if let Some(previous) = previous {
@@ -174,6 +180,7 @@ impl RouterSnapshot {
                     state,
                     identity,
                     resource: endpoint.azure_resource(),
+                    prober: Arc::clone(&prober),
                 }));
             }
         }
@@ -216,6 +223,7 @@ impl RouterSnapshot {
             settings,
             store,
             may_count_tokens,
+            prober,
         })
     }
 

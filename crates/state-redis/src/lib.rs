@@ -452,6 +452,11 @@ end
 return 1
 ";
 
+// A probe found the deployment serving: its shared cooldown (KEYS[1]) ends.
+const RECOVERED: &str = r"
+return redis.call('DEL', KEYS[1])
+";
+
 // ARGV: 1 the wait (ms), 2 TPM, 3 RPM, 4 the window (s), 5 cut, 6 deepest cut, 7 floor, 8 TTL
 // (ms), 9 the parts a refusal's fill is let go in. Cools down, cuts the share to what the
 // window holds of the configured limits (once per window), then holds what is left of the
@@ -740,6 +745,7 @@ struct Inner {
     reserve: Script,
     settle: Script,
     cool_down: Script,
+    recovered: Script,
     refused: Script,
     marks: Script,
     remember: Script,
@@ -814,6 +820,7 @@ impl RedisStore {
                 reserve: Script::new(&half_open(&format!("{PRELUDE}{RESERVE}"))),
                 settle: Script::new(&format!("{PRELUDE}{SETTLE}")),
                 cool_down: Script::new(&half_open(COOL_DOWN)),
+                recovered: Script::new(RECOVERED),
                 refused: Script::new(&half_open(&format!("{PRELUDE}{REFUSED}"))),
                 remember: Script::new(REMEMBER),
                 recall: Script::new(RECALL),
@@ -1537,6 +1544,22 @@ impl StateStore for RedisStore {
         if let Err(why) = self.run::<i64>(&invocation).await {
             self.fell_back(&why);
             self.inner.local.cool_down_now(key, wait, now);
+        }
+        Ok(())
+    }
+
+    async fn recovered(&self, key: &str, now: Instant) -> Result<(), Error> {
+        if let Some(entry) = self.inner.slices.get(key) {
+            lock(&entry.state).recovered();
+        }
+        self.inner.local.recovered(key, now).await?;
+        // The cooldown key goes; the half-open key stays (one request at a time across the
+        // replicas until one is served).
+        let keys = self.keys(key);
+        let mut invocation = self.inner.recovered.prepare_invoke();
+        invocation.key(&keys[2]);
+        if let Err(why) = self.run::<i64>(&invocation).await {
+            self.fell_back(&why);
         }
         Ok(())
     }

@@ -520,6 +520,11 @@ impl State {
         self.close_all();
     }
 
+    /// A probe found the deployment serving: its cooldown ends.
+    pub(crate) fn recovered(&mut self) {
+        self.cooling_until = None;
+    }
+
     /// The key's limits and slice life, as last asked.
     pub(crate) fn limits(&self) -> Option<(Limits, Duration)> {
         self.limits

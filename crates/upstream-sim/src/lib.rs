@@ -185,6 +185,19 @@ impl SimEndpoint {
         self.state.set_latency(latency);
     }
 
+    /// Changes the key requests must carry (`None`: any request is let in), for requests that
+    /// arrive from now on: a key revoked (or rotated) upstream, then restored.
+    pub fn set_api_key(&self, key: Option<&str>) {
+        self.state.set_api_key(key.map(str::to_owned));
+    }
+
+    /// Changes the model (OpenAI) or deployment (Azure) names served (empty: any name), for
+    /// requests that arrive from now on: a deployment deleted, or created late.
+    pub fn set_models(&self, models: &[&str]) {
+        self.state
+            .set_models(models.iter().map(|m| (*m).to_owned()).collect());
+    }
+
     /// The quota in force.
     pub fn limits(&self) -> Limits {
         self.state.limits()

@@ -234,6 +234,14 @@ impl EndpointState {
         lock(&self.config).latency = latency;
     }
 
+    pub(crate) fn set_api_key(&self, key: Option<String>) {
+        lock(&self.config).api_key = key;
+    }
+
+    pub(crate) fn set_models(&self, models: Vec<String>) {
+        lock(&self.config).models = models;
+    }
+
     pub(crate) fn set_limits(&self, limits: Limits) {
         lock(&self.config).limits = limits;
         lock(&self.limiter).set_limits(limits);

@@ -1,0 +1,326 @@
+//! Deployments that go out (disabled, or cooling for long) come back by a health probe, never
+//! by a caller's request: against upstream-sim over loopback, in paused time. Each scenario
+//! breaks one of two endpoints upstream, keeps callers coming, mends it, and checks that no
+//! caller's request reached it while it was out, that the probes kept to their schedule, and
+//! that it was back within one probe interval of the mend.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
+
+use std::time::Duration;
+
+use router_facade::types::{ChatCompletionRequest, ChatMessage, EmbeddingRequest};
+use router_facade::{
+    Availability, DeploymentStats, Endpoint, ErrorKind, HealthPolicy, Router, RouterBuilder,
+    StrategyKind,
+};
+use tokio::time::Instant;
+use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, SimEndpoint, Times};
+
+const KEY: &str = "sk-sim-good";
+const INTERVAL: Duration = Duration::from_secs(10);
+const MAX_INTERVAL: Duration = Duration::from_secs(80);
+const JITTER: f64 = 0.1;
+
+async fn sim() -> Sim {
+    let endpoints = (0..2).map(|i| {
+        EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+            .with_api_key(KEY)
+            .with_models([format!("dep{i}")])
+            .with_latency(LatencyModel::new(
+                Duration::from_millis(50),
+                Duration::from_millis(1),
+            ))
+    });
+    Sim::start(11, endpoints).await.unwrap()
+}
+
+fn policy() -> HealthPolicy {
+    HealthPolicy::default()
+        .with_probes(Duration::from_secs(60), INTERVAL, MAX_INTERVAL)
+        .with_jitter(JITTER)
+}
+
+fn builder(sim: &Sim) -> RouterBuilder {
+    let mut builder = Router::builder()
+        .seed(5)
+        .strategy(StrategyKind::RoundRobin)
+        .health_policy(policy());
+    for (i, endpoint) in sim.endpoints().iter().enumerate() {
+        builder = builder.endpoint(
+            Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
+                .api_key(KEY)
+                .deployment("m", format!("dep{i}")),
+        );
+    }
+    builder
+}
+
+/// What callers send: chat completions, or embeddings.
+#[derive(Clone, Copy, PartialEq)]
+enum Calls {
+    Chat,
+    Embeddings,
+}
+
+/// Sends one caller's request; it must be served (the other endpoint serves while one is out).
+async fn call(router: &Router, calls: Calls) -> String {
+    match calls {
+        Calls::Chat => {
+            let mut request = ChatCompletionRequest::new("m", vec![ChatMessage::user("hello")]);
+            request.max_tokens = Some(4);
+            router.chat(&request).await.unwrap().endpoint.to_string()
+        }
+        Calls::Embeddings => router
+            .embeddings(&EmbeddingRequest::new("m", "hello"))
+            .await
+            .unwrap()
+            .endpoint
+            .to_string(),
+    }
+}
+
+/// The requests `endpoint` received, split into callers' and probes' (a probe asks about
+/// "ping"; callers about "hello").
+fn received(endpoint: &SimEndpoint) -> (usize, Vec<serde_json::Value>) {
+    let mut callers = 0;
+    let mut probes = Vec::new();
+    for request in endpoint.requests() {
+        let text = request.body.to_string();
+        if text.contains("ping") {
+            probes.push(request.body);
+        } else if text.contains("hello") {
+            callers += 1;
+        }
+    }
+    (callers, probes)
+}
+
+fn ep0(router: &Router) -> DeploymentStats {
+    router
+        .stats()
+        .into_iter()
+        .find(|s| s.endpoint.as_str() == "ep0")
+        .unwrap()
+}
+
+/// The scenario: break ep0 upstream, keep callers coming for `out_for`, mend it, and check.
+async fn goes_out_and_comes_back(
+    calls: Calls,
+    why: ErrorKind,
+    out_for: Duration,
+    break_it: impl FnOnce(&SimEndpoint),
+    mend_it: impl FnOnce(&SimEndpoint),
+) {
+    let sim = sim().await;
+    let broken = sim.endpoint("ep0").unwrap().clone();
+    let router = builder(&sim).build().unwrap();
+    for _ in 0..4 {
+        call(&router, calls).await;
+    }
+    assert!(received(&broken).0 >= 1, "ep0 served before it broke");
+
+    break_it(&broken);
+    let mut tries = 0;
+    while ep0(&router).state.out.is_none() {
+        call(&router, calls).await;
+        tries += 1;
+        assert!(tries < 10, "ep0 never went out: {:?}", ep0(&router).state);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let out = ep0(&router).state.out.unwrap();
+    assert_eq!(out.why, why);
+    let out_at = Instant::now();
+    let callers_before = received(&broken).0;
+
+    // Out: callers keep coming, one a second; the other endpoint serves them all.
+    while out_at.elapsed() < out_for {
+        assert_eq!(
+            call(&router, calls).await,
+            "ep1",
+            "{:?}",
+            ep0(&router).state
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let stats = ep0(&router).state;
+    assert!(
+        !matches!(stats.availability, Availability::Ready),
+        "still out after {out_for:?}: {stats:?}"
+    );
+    let (callers, probes) = received(&broken);
+    assert_eq!(callers, callers_before, "no caller's request while out");
+    // The schedule: the interval doubles from INTERVAL to MAX_INTERVAL, each jittered by
+    // ±JITTER; so at most this many probes fit in `out_for`.
+    let mut most = 0;
+    let mut at = Duration::ZERO;
+    let mut step = INTERVAL;
+    while at + step.mul_f64(1.0 - JITTER) <= out_for + Duration::from_secs(1) {
+        at += step.mul_f64(1.0 - JITTER);
+        step = (step * 2).min(MAX_INTERVAL);
+        most += 1;
+    }
+    assert!(
+        (2..=most).contains(&probes.len()),
+        "{} probes in {out_for:?}, schedule allows 2..={most}",
+        probes.len()
+    );
+    assert_eq!(stats.probes, probes.len() as u64);
+    let last = stats.last_probe.unwrap();
+    assert!(last.failed.is_some(), "{last:?}");
+    // A probe is the cheapest call of the kind the deployment serves.
+    for probe in &probes {
+        match calls {
+            Calls::Chat => assert_eq!(probe["max_tokens"], 1, "{probe}"),
+            Calls::Embeddings => assert_eq!(probe["input"], "ping", "{probe}"),
+        }
+    }
+
+    // Mended: back within one probe interval (the next probe, booked before the mend).
+    mend_it(&broken);
+    let mended = Instant::now();
+    let next = ep0(&router).state.out.unwrap().next_probe;
+    let wait = next.saturating_duration_since(mended.into_std());
+    assert!(
+        wait <= MAX_INTERVAL.mul_f64(1.0 + JITTER) + Duration::from_secs(1),
+        "next probe {wait:?} away"
+    );
+    while ep0(&router).state.out.is_some() {
+        assert_eq!(call(&router, calls).await, "ep1");
+        assert!(
+            mended.elapsed() <= wait + Duration::from_secs(2),
+            "not back {:?} after the mend; the next probe was {wait:?} away",
+            mended.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(received(&broken).0, callers_before, "back by a probe");
+    let stats = ep0(&router).state;
+    assert_eq!(stats.last_probe.unwrap().failed, None);
+    // Back: callers reach it again.
+    let mut served_by_ep0 = 0;
+    for _ in 0..6 {
+        if call(&router, calls).await == "ep0" {
+            served_by_ep0 += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        served_by_ep0 >= 2,
+        "{served_by_ep0} of 6 after it came back"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_key_comes_back_when_restored() {
+    goes_out_and_comes_back(
+        Calls::Chat,
+        ErrorKind::Unauthorized,
+        Duration::from_secs(100),
+        |ep| ep.set_api_key(Some("sk-rotated")),
+        |ep| ep.set_api_key(Some(KEY)),
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn insufficient_quota_comes_back_when_billing_is_fixed() {
+    goes_out_and_comes_back(
+        Calls::Chat,
+        ErrorKind::QuotaExhausted,
+        Duration::from_secs(100),
+        |ep| {
+            ep.inject(
+                Fault::status_with_code(429, "insufficient_quota"),
+                Times::Always,
+            )
+        },
+        SimEndpoint::clear_faults,
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_deployment_comes_back_when_it_is_created() {
+    goes_out_and_comes_back(
+        Calls::Embeddings,
+        ErrorKind::NotFound,
+        Duration::from_secs(100),
+        |ep| ep.set_models(&["another"]),
+        |ep| ep.set_models(&["dep0"]),
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_long_retry_after_is_probed_past_its_cap_and_comes_back() {
+    // The wait is capped at 300 s; the deployment stays out past the cap (no caller's request
+    // ends it) until a probe is served.
+    goes_out_and_comes_back(
+        Calls::Chat,
+        ErrorKind::RateLimited,
+        Duration::from_secs(400),
+        |ep| {
+            ep.inject(
+                Fault::rate_limited(Duration::from_secs(86_400)),
+                Times::Always,
+            )
+        },
+        SimEndpoint::clear_faults,
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_probes_an_out_deployment_at_once() {
+    let sim = sim().await;
+    let broken = sim.endpoint("ep0").unwrap().clone();
+    let slow = HealthPolicy::default()
+        .with_probes(
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+            Duration::from_secs(600),
+        )
+        .with_jitter(0.0);
+    let router = builder(&sim).health_policy(slow).build().unwrap();
+    broken.set_api_key(Some("sk-rotated"));
+    while ep0(&router).state.out.is_none() {
+        call(&router, Calls::Chat).await;
+    }
+    broken.set_api_key(Some(KEY));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(ep0(&router).state.out.is_some(), "no probe for 600 s");
+    assert!(received(&broken).1.is_empty());
+    // The operator fixed the key and reloads the same configuration: a probe goes at once,
+    // and the deployment keeps the rest of its state (its latency and counters).
+    let before = ep0(&router).state;
+    router
+        .reconfigure(builder(&sim).health_policy(slow))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = ep0(&router).state;
+    assert!(after.out.is_none(), "{after:?}");
+    assert_eq!(received(&broken).1.len(), 1);
+    assert_eq!(after.successes, before.successes);
+    assert_eq!(after.failures, before.failures);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_cooldown_ends_by_itself_without_a_probe() {
+    let sim = sim().await;
+    let broken = sim.endpoint("ep0").unwrap().clone();
+    let router = builder(&sim).build().unwrap();
+    broken.inject(Fault::rate_limited(Duration::from_secs(5)), Times::Next(1));
+    for _ in 0..4 {
+        call(&router, Calls::Chat).await;
+    }
+    assert!(ep0(&router).state.out.is_none());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for _ in 0..4 {
+        call(&router, Calls::Chat).await;
+    }
+    assert!(
+        received(&broken).1.is_empty(),
+        "no probe for a short cooldown"
+    );
+    assert_eq!(ep0(&router).state.availability, Availability::Ready);
+}
