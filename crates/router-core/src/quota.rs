@@ -1013,7 +1013,9 @@ pub trait StateStore: Send + Sync + fmt::Debug {
 
     /// A health probe found the deployment serving again after it was out: ends the cooldown
     /// shared for it (the only call that shortens one), so that no replica keeps it out on
-    /// that account. What the store learned of its admissions stays.
+    /// that account. What the store learned of its admissions stays. Every replica that
+    /// learns the deployment is back calls it (the probing one, then those that take its
+    /// outcome), so that what each keeps of the cooldown in its own process goes too.
     ///
     /// The default does nothing: the shared cooldown then ends when it runs out.
     async fn recovered(&self, key: &str, now: Instant) -> Result<(), Error> {

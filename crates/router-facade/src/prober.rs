@@ -146,11 +146,18 @@ async fn probe(live: &Arc<RouterSnapshot>, deployment: Arc<Deployment>, mut rng:
     };
     let name = record_name(&deployment.key);
     if store.is_shared() && store.leases() {
+        // Another replica's outcome, newer than this one's reason to probe, is taken: one
+        // that was served, or a failure whose next probe is still to come (when it has come,
+        // this replica may be the one to send it).
         if let Ok(Some(text)) = store.recall(&name, now()).await
             && let Some(record) = Record::parse(&text)
             && record.wall_ms >= wall_ms(out.since)
+            && record.failed.is_none_or(|(_, next)| next > wall_ms(now()))
         {
-            adopt(&deployment, &record, out);
+            if adopt(&deployment, &record, out) {
+                // What this replica's store keeps of the shared cooldown goes too.
+                let _ = store.recovered(&deployment.key, now()).await;
+            }
             return;
         }
         match store.lease(&name, 1, now()).await {
@@ -301,19 +308,22 @@ async fn publish(live: &RouterSnapshot, deployment: &Deployment, found: &Found) 
     }
 }
 
-/// Takes another replica's probe outcome.
-fn adopt(deployment: &Deployment, record: &Record, out: Out) {
+/// Takes another replica's probe outcome; `true` when it brought the deployment back.
+fn adopt(deployment: &Deployment, record: &Record, out: Out) -> bool {
     let at = now();
     match record.failed {
         None => {
-            if deployment.state.back(at) {
+            let back = deployment.state.back(at);
+            if back {
                 tracing::info!(endpoint = %deployment.endpoint, deployment = %deployment.name, "another replica's probe was served: deployment back, one request at a time");
             }
+            back
         }
         Some((why, next_wall_ms)) => {
             let next = instant_of(next_wall_ms).max(at + Duration::from_millis(1));
             deployment.state.stay_out(why, next, at);
             tracing::debug!(endpoint = %deployment.endpoint, deployment = %deployment.name, why = why.as_str(), previous = out.why.as_str(), "another replica's probe failed; deployment stays out");
+            false
         }
     }
 }

@@ -232,7 +232,7 @@ async fn insufficient_quota_comes_back_when_billing_is_fixed() {
             ep.inject(
                 Fault::status_with_code(429, "insufficient_quota"),
                 Times::Always,
-            )
+            );
         },
         SimEndpoint::clear_faults,
     )
@@ -263,7 +263,7 @@ async fn a_day_long_retry_after_is_probed_past_its_cap_and_comes_back() {
             ep.inject(
                 Fault::rate_limited(Duration::from_secs(86_400)),
                 Times::Always,
-            )
+            );
         },
         SimEndpoint::clear_faults,
     )
@@ -323,4 +323,94 @@ async fn a_short_cooldown_ends_by_itself_without_a_probe() {
         "no probe for a short cooldown"
     );
     assert_eq!(ep0(&router).state.availability, Availability::Ready);
+}
+
+/// Two replicas sharing a real Redis, in real time (Redis keeps its own clock): the probes
+/// of a deployment both see out are sent once between them, each knows why it is out, and
+/// both take it back when one replica's probe is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_redis_probe_once_between_them() {
+    use std::sync::Arc;
+    use upstream_sim::redis_server::RedisServer;
+
+    let redis = RedisServer::start().await.unwrap();
+    let sim = sim().await;
+    let broken = sim.endpoint("ep0").unwrap().clone();
+    let interval = Duration::from_millis(400);
+    let policy = HealthPolicy::default()
+        .with_probes(Duration::from_secs(1), interval, interval * 2)
+        .with_jitter(JITTER);
+    let replica = || async {
+        let options = state_redis::RedisOptions::default().with_prefix("probes-test");
+        let store = state_redis::RedisStore::connect(&redis.url(), options)
+            .await
+            .unwrap();
+        builder(&sim)
+            .health_policy(policy)
+            .state_store(Arc::new(store))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (replica().await, replica().await);
+    broken.set_api_key(Some("sk-rotated"));
+    while ep0(&a).state.out.is_none() {
+        call(&a, Calls::Chat).await;
+    }
+    // B is told through the store: its requests never reach ep0, which is out for it too.
+    let callers = received(&broken).0;
+    for _ in 0..6 {
+        assert_eq!(call(&b, Calls::Chat).await, "ep1");
+    }
+    assert!(ep0(&b).state.out.is_some(), "{:?}", ep0(&b).state);
+
+    // Three seconds of probing: the schedule of one replica, not of two.
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let probes = received(&broken).1.len();
+    let (by_a, by_b) = (ep0(&a).state.probes, ep0(&b).state.probes);
+    assert_eq!(probes as u64, by_a + by_b, "each probe sent once");
+    // One replica alone: a probe at 0.36 s at the soonest, then every 0.72 s at the soonest.
+    let elapsed = started.elapsed().as_secs_f64() + 1.0;
+    let alone = 1 + ((elapsed - 0.36) / 0.72).floor() as usize;
+    assert!(
+        (2..=alone).contains(&probes),
+        "{probes} probes ({by_a} by A, {by_b} by B) in {elapsed:.1} s; one replica sends at most {alone}"
+    );
+    for replica in [&a, &b] {
+        assert_eq!(ep0(replica).state.out.unwrap().why, ErrorKind::Unauthorized);
+    }
+    assert_eq!(
+        received(&broken).0,
+        callers,
+        "no caller's request while out"
+    );
+
+    // Mended: both are back within a probe interval and a look (jittered), and both send
+    // callers there again.
+    broken.set_api_key(Some(KEY));
+    let mended = std::time::Instant::now();
+    while ep0(&a).state.out.is_some() || ep0(&b).state.out.is_some() {
+        assert!(
+            mended.elapsed() < interval * 2 + interval + Duration::from_secs(2),
+            "not back after {:?}: A {:?}, B {:?}",
+            mended.elapsed(),
+            ep0(&a).state.out,
+            ep0(&b).state.out
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for replica in [&a, &b] {
+        let mut to_ep0 = 0;
+        for _ in 0..6 {
+            if call(replica, Calls::Chat).await == "ep0" {
+                to_ep0 += 1;
+            }
+        }
+        assert!(
+            to_ep0 >= 1,
+            "{:?}; fallbacks {}",
+            ep0(replica).state,
+            replica.state_fallbacks()
+        );
+    }
 }

@@ -526,6 +526,61 @@ impl Collector for RouterNow {
                 (labels(s), left)
             }),
         )?;
+        gauges(
+            e,
+            "openai_router_deployment_out",
+            "1 while the deployment is out until a health probe finds it serving (disabled, or \
+             cooling or ejected for longer than probe_after), labelled with why; 0 otherwise",
+            None,
+            stats.iter().map(|s| match s.state.out {
+                Some(out) => (with(labels(s), "why", out.why.as_str()), 1),
+                None => (with(labels(s), "why", ""), 0),
+            }),
+        )?;
+        gauges(
+            e,
+            "openai_router_next_probe",
+            "Seconds until an out deployment's next health probe (0 when it is not out)",
+            Some(&Unit::Seconds),
+            stats.iter().map(|s| {
+                let left = s.state.out.map_or(0.0, |out| {
+                    out.next_probe.saturating_duration_since(now).as_secs_f64()
+                });
+                (labels(s), left)
+            }),
+        )?;
+        gauges(
+            e,
+            "openai_router_deployment_state_age",
+            "Seconds since the deployment's health last changed (it went out or came back; \
+             since the router started when neither happened)",
+            Some(&Unit::Seconds),
+            stats.iter().map(|s| {
+                (
+                    labels(s),
+                    now.saturating_duration_since(s.state.since).as_secs_f64(),
+                )
+            }),
+        )?;
+        counters(
+            e,
+            "openai_router_health_probes",
+            "Health probes this process sent to the deployment",
+            stats.iter().map(|s| (labels(s), s.state.probes)),
+        )?;
+        gauges(
+            e,
+            "openai_router_last_probe_served",
+            "Whether the deployment's last health probe was served (1) or failed (0), \
+             labelled with what it failed with; deployments never probed are left out",
+            None,
+            stats.iter().filter_map(|s| {
+                s.state.last_probe.map(|probe| match probe.failed {
+                    None => (with(labels(s), "failed", ""), 1),
+                    Some(kind) => (with(labels(s), "failed", kind.as_str()), 0),
+                })
+            }),
+        )?;
         counters(
             e,
             "openai_router_upstream_successes",

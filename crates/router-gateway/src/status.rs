@@ -345,7 +345,7 @@ fn availability(
     now: Instant,
 ) -> (&'static str, Option<String>, Option<f64>) {
     let left = |at: Instant| Some(at.saturating_duration_since(now).as_secs_f64());
-    match stats.state.availability {
+    let (name, why, until) = match stats.state.availability {
         Availability::Ready => ("ready", None, None),
         Availability::Probing => (
             "half-open",
@@ -371,7 +371,23 @@ fn availability(
             None,
         ),
         _ => ("unknown", None, None),
-    }
+    };
+    // Out until probed: when the next probe comes, and what the last one found.
+    let Some(out) = stats.state.out else {
+        return (name, why, until);
+    };
+    let last = stats
+        .state
+        .last_probe
+        .and_then(|probe| probe.failed)
+        .map_or(String::new(), |kind| {
+            format!("; the last probe failed ({kind})")
+        });
+    let why = format!(
+        "{}; out until a probe finds it serving{last}",
+        why.unwrap_or_else(|| out.why.describe().to_owned())
+    );
+    (name, Some(why), left(out.next_probe))
 }
 
 fn kinds(failures: &[(ErrorKind, u64)]) -> Value {
@@ -479,6 +495,17 @@ pub(crate) fn snapshot(router: &Router, board: &Board, throttled: u64) -> Value 
                         "state": name,
                         "why": why,
                         "until_s": until.map(|u| round(u, 1)),
+                        "out": s.state.out.map(|out| json!({
+                            "why": out.why.as_str(),
+                            "for_s": round(now.saturating_duration_since(out.since).as_secs_f64(), 1),
+                            "next_probe_in_s": round(out.next_probe.saturating_duration_since(now).as_secs_f64(), 1),
+                            "failed_probes": out.failed_probes,
+                        })),
+                        "last_probe": s.state.last_probe.map(|probe| json!({
+                            "ago_s": round(now.saturating_duration_since(probe.at).as_secs_f64(), 1),
+                            "outcome": probe.failed.map_or("served", ErrorKind::as_str),
+                        })),
+                        "probes": s.state.probes,
                         "in_flight": s.state.in_flight,
                         "latency_estimate_ms": {
                             "first_token": round(s.state.latency_stream * 1000.0, 1),
