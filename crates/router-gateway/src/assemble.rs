@@ -115,6 +115,9 @@ impl Config {
         if let Some(ms) = self.router.probe_interval_ms {
             builder = builder.probe_interval(Duration::from_millis(ms));
         }
+        if let Some(health) = &self.router.health {
+            builder = builder.health_policy(health.policy().map_err(Problem::new)?);
+        }
         if let Some(mode) = self.router.probe_mode {
             builder = builder.probe_mode(match mode {
                 ProbeModeConfig::Shadow => ProbeMode::Shadow,

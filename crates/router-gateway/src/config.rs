@@ -203,6 +203,8 @@ pub(crate) struct RouterConfig {
     pub(crate) redis_timeout_ms: Option<u64>,
     /// How an upstream's refusals teach the share of its quota it really admits.
     pub(crate) learning: Option<LearningConfig>,
+    /// When a deployment is out until probed, and how often it is probed.
+    pub(crate) health: Option<HealthConfig>,
     /// Fallback model groups, in order, per model group.
     #[serde(default)]
     pub(crate) fallbacks: BTreeMap<String, Vec<String>>,
@@ -258,6 +260,48 @@ impl LearningConfig {
             self.regrow.unwrap_or(default.regrow),
         )
         .map_err(|e| format!("router.learning.{}", e.message().unwrap_or_default()))
+    }
+}
+
+/// `[router.health]`: each field optional, the library's default where absent.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HealthConfig {
+    /// A cooldown or ejection longer than this does not end by itself: the deployment is out
+    /// until a health probe finds it serving (default 60,000 ms). Disabled deployments (401,
+    /// 403, 404, `insufficient_quota`) are always out until probed.
+    pub(crate) probe_after_ms: Option<u64>,
+    /// The first health probe of a deployment that went out comes this long after
+    /// (jittered); each failed probe doubles the wait (default 10,000 ms).
+    pub(crate) probe_interval_ms: Option<u64>,
+    /// The longest wait between two health probes (default 300,000 ms).
+    pub(crate) max_probe_interval_ms: Option<u64>,
+}
+
+impl HealthConfig {
+    /// The policy (the library's default for a field not given), or an error naming the field.
+    pub(crate) fn policy(&self) -> Result<router_facade::HealthPolicy, String> {
+        let default = router_facade::HealthPolicy::default();
+        let ms =
+            |v: Option<u64>, d: std::time::Duration| v.map_or(d, std::time::Duration::from_millis);
+        if let Some(ms) = self.probe_interval_ms
+            && ms < 100
+        {
+            return Err(format!(
+                "router.health.probe_interval_ms: {ms} would probe a broken upstream many times a \
+                 second; give at least 100"
+            ));
+        }
+        let interval = ms(self.probe_interval_ms, default.probe_interval);
+        let max = ms(self.max_probe_interval_ms, default.max_probe_interval);
+        if max < interval {
+            return Err(format!(
+                "router.health.max_probe_interval_ms: {} is shorter than probe_interval_ms ({})",
+                max.as_millis(),
+                interval.as_millis()
+            ));
+        }
+        Ok(default.with_probes(ms(self.probe_after_ms, default.probe_after), interval, max))
     }
 }
 
@@ -506,6 +550,46 @@ mod tests {
         );
         let error = parse("regrow = -1").unwrap_err();
         assert!(error.contains("router.learning.regrow"), "{error}");
+    }
+
+    #[test]
+    fn the_health_probe_schedule_is_read_and_checked() {
+        let parse = |table: &str| {
+            toml::from_str::<Config>(&format!(
+                "[router.health]\n{table}\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n"
+            ))
+            .unwrap()
+            .router
+            .health
+            .unwrap()
+            .policy()
+        };
+        let policy = parse("probe_after_ms = 5000\nprobe_interval_ms = 1000").unwrap();
+        let default = router_facade::HealthPolicy::default();
+        assert_eq!(
+            policy,
+            default.with_probes(
+                std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(1),
+                default.max_probe_interval
+            )
+        );
+        let error = parse("probe_interval_ms = 5").unwrap_err();
+        assert!(
+            error.contains("router.health.probe_interval_ms: 5"),
+            "{error}"
+        );
+        let error = parse("probe_interval_ms = 2000\nmax_probe_interval_ms = 1000").unwrap_err();
+        assert!(
+            error.contains("router.health.max_probe_interval_ms: 1000 is shorter"),
+            "{error}"
+        );
+        let unknown = toml::from_str::<Config>(
+            "[router.health]\nprobe_every_ms = 1\n[[endpoints]]\nname = \"o\"\nkind = \"openai\"\nurl = \"http://127.0.0.1:1/v1\"\nmodels = [\"m\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(unknown.contains("probe_every_ms"), "{unknown}");
     }
 
     #[test]

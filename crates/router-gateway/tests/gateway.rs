@@ -2389,3 +2389,118 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
     assert_eq!(request.parent, http.span);
     assert_eq!(attempt.parent, request.span);
 }
+
+/// An upstream key revoked: the endpoint goes out (told once in the log, however many
+/// requests met it), `/metrics` and `/status.json` say why and when the next probe comes, no
+/// caller's request goes there; the key restored and the same configuration reloaded with
+/// SIGHUP, it is probed at once and back, without waiting for its next probe.
+#[tokio::test]
+async fn a_revoked_key_goes_out_and_a_reload_brings_it_back() {
+    let sim = sim().await;
+    let oai = sim.endpoints()[0].clone();
+    // Probes a minute apart: only the reload can bring it back within the test.
+    let gateway = start(&sim, "[router.health]\nprobe_interval_ms = 60000\n").await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "out"}]});
+    oai.set_api_key(Some("sk-revoked"));
+    let sends = (0..6).map(|_| {
+        post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+    });
+    for response in futures_util::future::join_all(sends).await {
+        assert_eq!(response.status(), 200, "served by the Azure endpoint");
+    }
+    let status = status_json(&gateway).await;
+    let out = deployment_in(&status, "oai/gpt-4o-mini");
+    assert_eq!(out["out"]["why"], "unauthorized", "{out}");
+    let next = out["out"]["next_probe_in_s"].as_f64().unwrap();
+    assert!((40.0..=70.0).contains(&next), "{out}");
+    assert!(
+        out["why"].as_str().unwrap().contains("out until a probe"),
+        "{out}"
+    );
+    let metrics = metrics_text(&gateway).await;
+    assert!(
+        metrics.contains(
+            "openai_router_deployment_out{endpoint=\"oai\",model=\"gpt-4o-mini\",deployment=\"gpt-4o-mini\",why=\"unauthorized\"} 1"
+        ),
+        "{metrics}"
+    );
+    let probe_line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("openai_router_next_probe_seconds{endpoint=\"oai\",model=\"gpt-4o-mini\"")
+        })
+        .unwrap();
+    let seconds: f64 = probe_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(seconds > 30.0, "{probe_line}");
+    let callers = |oai: &upstream_sim::SimEndpoint| {
+        oai.requests()
+            .iter()
+            .filter(|r| r.body.to_string().contains("\"out\""))
+            .count()
+    };
+    let before = callers(&oai);
+    for _ in 0..4 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(callers(&oai), before, "no caller's request while out");
+
+    // Fixed upstream; the operator reloads the same file.
+    oai.set_api_key(Some(UPSTREAM_KEY));
+    hangup(&gateway);
+    let mut back = false;
+    for _ in 0..150 {
+        let status = status_json(&gateway).await;
+        if deployment_in(&status, "oai/gpt-4o-mini")["out"].is_null() {
+            assert_eq!(
+                deployment_in(&status, "oai/gpt-4o-mini")["last_probe"]["outcome"],
+                "served"
+            );
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "the reload did not probe it back");
+    let metrics = metrics_text(&gateway).await;
+    assert!(
+        metrics.contains(
+            "openai_router_last_probe_served{endpoint=\"oai\",model=\"gpt-4o-mini\",deployment=\"gpt-4o-mini\",failed=\"\"} 1"
+        ),
+        "{metrics}"
+    );
+    let mut to_oai = 0;
+    for _ in 0..6 {
+        let response = post(
+            &gateway,
+            "/v1/chat/completions",
+            Some(GATEWAY_KEY),
+            chat.clone(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        if response.headers()["x-openai-router-endpoint"] == "oai" {
+            to_oai += 1;
+        }
+    }
+    assert!(to_oai >= 2, "{to_oai} of 6 went to the endpoint back");
+    let logs = gateway.logs().await;
+    let told = logs
+        .lines()
+        .filter(|l| l.contains("deployment out") && l.contains("oai"))
+        .count();
+    assert_eq!(told, 1, "one line when it went out");
+    assert!(logs.contains("probe served"), "the return is logged");
+    assert_no_secret(&logs, &[UPSTREAM_KEY, GATEWAY_KEY]);
+}
