@@ -266,6 +266,10 @@ impl LearningConfig {
 /// `[router.health]`: each field optional, the library's default where absent.
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "the file's keys, in milliseconds as every other duration in it"
+)]
 pub(crate) struct HealthConfig {
     /// A cooldown or ejection longer than this does not end by itself: the deployment is out
     /// until a health probe finds it serving (default 60,000 ms). Disabled deployments (401,

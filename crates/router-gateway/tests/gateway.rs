@@ -2395,6 +2395,10 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
 /// caller's request goes there; the key restored and the same configuration reloaded with
 /// SIGHUP, it is probed at once and back, without waiting for its next probe.
 #[tokio::test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one endpoint walked out and back, checked at each step"
+)]
 async fn a_revoked_key_goes_out_and_a_reload_brings_it_back() {
     let sim = sim().await;
     let oai = sim.endpoints()[0].clone();
