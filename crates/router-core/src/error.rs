@@ -273,7 +273,7 @@ pub enum HealthEffect {
     Cooldown,
     /// Count a failure toward ejection.
     Failure,
-    /// Disable the endpoint until its configuration changes.
+    /// Disable the deployment: out until a health probe finds it serving (or it is reconfigured).
     Disable,
 }
 

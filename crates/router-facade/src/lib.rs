@@ -7,7 +7,10 @@
 //! key), lets the group's strategy pick one, and sends the request with what is left of the
 //! request's deadline. On a retryable failure it cools the deployment down as the error says
 //! and tries another, up to `max_attempts` and within a retry budget; a stream fails over only
-//! until its first content chunk.
+//! until its first content chunk. A deployment disabled (a bad key, a missing deployment,
+//! `insufficient_quota`) or cooling for long is *out*: no request goes there until a health
+//! probe, which the router sends on a slow schedule with backoff, finds it serving again (see
+//! [`HealthPolicy::with_probes`] and [`StateStats::out`]).
 //!
 //! # Examples
 //!
