@@ -146,8 +146,11 @@ pub fn select(
             let eligible = match recovery(slot, ask, now) {
                 Ok(()) => true,
                 // Panic mode: an ejection never takes the last usable deployment away, but a
-                // quota with no room stays out (the upstream would refuse it).
-                Err(Some((_, Reason::Ejected))) => panic_mode && quota_at(slot, ask, now).is_none(),
+                // quota with no room stays out (the upstream would refuse it), and so does a
+                // deployment out until probed (ejected for long: only a probe brings it back).
+                Err(Some((_, Reason::Ejected))) => {
+                    panic_mode && quota_at(slot, ask, now).is_none() && slot.state.out().is_none()
+                }
                 Err(_) => false,
             };
             if !eligible {

@@ -284,7 +284,7 @@ impl Attempt {
             .state
             .record_failure(error, self.class, &self.health, now(), &mut self.rng);
         if self.deployment.state.out().is_some() {
-            crate::prober::went_out(&self.deployment, &self.deployment.prober);
+            crate::prober::went_out(&self.deployment);
         }
     }
 }

@@ -54,6 +54,7 @@ mod builder;
 mod clock;
 mod endpoint;
 mod estimate;
+mod kick;
 mod limits;
 mod operation;
 mod options;

@@ -1550,7 +1550,7 @@ async fn reserve(
                     .state
                     .cool_down_shared(wait, health, at, &mut rng);
                 if deployment.state.out().is_some() {
-                    crate::prober::went_out(deployment, &deployment.prober);
+                    crate::prober::went_out(deployment);
                 }
             } else {
                 deployment.state.quota.block(wait, at);

@@ -19,8 +19,7 @@
 //! cooldown shared for the deployment ([`StateStore::recovered`]); one that fails extends it
 //! past the next probe, so that no replica's caller is sent there meanwhile.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use router_core::{CallKind, CallOptions, Error, ErrorKind, HealthEffect, Out, Rng};
@@ -38,42 +37,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// sooner when the probe interval is shorter).
 const LOOK_AGAIN: Duration = Duration::from_secs(2);
 
-/// A router's prober: whether its task runs, and how to wake it.
-#[derive(Debug, Default)]
-pub(crate) struct Prober {
-    running: AtomicBool,
-    wake: Arc<Notify>,
-    /// The router it probes for (set once the router is made).
-    home: OnceLock<Weak<Shared>>,
-}
-
-impl Prober {
-    /// Ties it to its router.
-    pub(crate) fn attach(&self, shared: &Arc<Shared>) {
-        let _ = self.home.set(Arc::downgrade(shared));
-    }
-
-    /// Something went out, or was offered a probe now: makes sure the task runs, and wakes
-    /// it. Outside a tokio runtime nothing starts (the next request's failure or the next
-    /// reload starts it).
-    pub(crate) fn kick(&self) {
-        if self.running.swap(true, Ordering::AcqRel) {
-            self.wake.notify_one();
-            return;
-        }
-        let (Ok(runtime), Some(home)) = (
-            tokio::runtime::Handle::try_current(),
-            self.home.get().cloned(),
-        ) else {
-            self.running.store(false, Ordering::Release);
-            return;
-        };
-        runtime.spawn(probe_forever(home, Arc::clone(&self.wake)));
-    }
-}
-
 /// Says, once, that `deployment` went out, and starts probing it.
-pub(crate) fn went_out(deployment: &Deployment, prober: &Prober) {
+pub(crate) fn went_out(deployment: &Deployment) {
     if let Some(out) = deployment.state.tell_out() {
         tracing::warn!(
             endpoint = %deployment.endpoint,
@@ -83,7 +48,7 @@ pub(crate) fn went_out(deployment: &Deployment, prober: &Prober) {
             "deployment out: no request goes there until a probe finds it serving"
         );
     }
-    prober.kick();
+    deployment.prober.kick();
 }
 
 fn millis_until(at: Instant) -> u64 {
@@ -91,7 +56,7 @@ fn millis_until(at: Instant) -> u64 {
 }
 
 /// The task: a round of due probes, then sleep until the next is due or it is woken.
-async fn probe_forever(home: Weak<Shared>, wake: Arc<Notify>) {
+pub(crate) async fn probe_forever(home: Weak<Shared>, wake: Arc<Notify>) {
     let mut rng = Rng::new();
     loop {
         let Some(shared) = home.upgrade() else { return };
@@ -100,9 +65,7 @@ async fn probe_forever(home: Weak<Shared>, wake: Arc<Notify>) {
         let Some(next) = next else {
             // Nothing is out: the task ends, unless something went out meanwhile and no other
             // task was started for it.
-            let prober = &live.prober;
-            prober.running.store(false, Ordering::Release);
-            if soonest(&live).is_none() || prober.running.swap(true, Ordering::AcqRel) {
+            if live.prober.stop(|| soonest(&live).is_some()) {
                 return;
             }
             continue;

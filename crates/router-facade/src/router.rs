@@ -60,7 +60,10 @@ impl Router {
                 affinities: crate::affinity::Affinities::default(),
             }),
         };
-        prober.attach(&router.shared);
+        let home = Arc::downgrade(&router.shared);
+        prober.set_start(Box::new(move |wake| {
+            tokio::spawn(crate::prober::probe_forever(home.clone(), wake));
+        }));
         Ok(router)
     }
 

@@ -10,8 +10,8 @@ use router_core::{
 
 use crate::builder::RouterBuilder;
 use crate::endpoint::EndpointKind;
+use crate::kick::Kick;
 use crate::limits::Scope;
-use crate::prober::Prober;
 use crate::settings::Settings;
 
 /// One model group's deployment on one endpoint.
@@ -37,7 +37,7 @@ pub(crate) struct Deployment {
     /// The Azure resource it is on (`Endpoint::azure_resource`): where Azure spills over.
     pub(crate) resource: Option<String>,
     /// The router's prober, told when the deployment goes out.
-    pub(crate) prober: Arc<Prober>,
+    pub(crate) prober: Arc<Kick>,
 }
 
 impl Deployment {
@@ -108,7 +108,7 @@ pub(crate) struct RouterSnapshot {
     /// later from headers load them on first use.
     pub(crate) may_count_tokens: bool,
     /// The router's prober (the same across reconfigurations).
-    pub(crate) prober: Arc<Prober>,
+    pub(crate) prober: Arc<Kick>,
 }
 
 impl Group {

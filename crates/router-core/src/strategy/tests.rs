@@ -137,21 +137,24 @@ proptest! {
 
     #[test]
     fn selection_never_picks_an_ineligible_deployment(
-        states in prop::collection::vec(0u8..6, 1..12),
+        states in prop::collection::vec(0u8..7, 1..12),
         tried_mask in any::<u16>(),
         seed in any::<u64>(),
     ) {
-        // 0 ready, 1 throttled, 2 ejected, 3 disabled, 4 ready but low priority, 5 no quota now.
+        // 0 ready, 1 throttled, 2 ejected, 3 disabled, 4 ready but low priority, 5 no quota now,
+        // 6 ejected for longer than probe_after (out until probed: not even in panic mode).
         let now = Instant::now();
         let policy = HealthPolicy::default().with_ejection(1, Duration::from_secs(30), Duration::from_secs(30));
+        let long = HealthPolicy::default().with_ejection(1, Duration::from_secs(120), Duration::from_secs(120));
         let mut rng = Rng::with_seed(seed);
         let deployments: Vec<Arc<DeploymentState>> = states.iter().map(|s| {
             let state = Arc::new(DeploymentState::new(now, Duration::from_secs(10)));
-            let status = match s { 1 => Some(429), 2 => Some(500), 3 => Some(401), _ => None };
+            let status = match s { 1 => Some(429), 2 | 6 => Some(500), 3 => Some(401), _ => None };
             if let Some(status) = status {
                 let limits = RateLimitInfo { retry_after: Some(Duration::from_secs(5)), ..RateLimitInfo::default() };
                 let error = Error::upstream(EndpointId::new("e"), status, None, &limits);
-                state.record_failure(&error, LatencyClass::Call, &policy, now, &mut rng);
+                let policy = if *s == 6 { &long } else { &policy };
+                state.record_failure(&error, LatencyClass::Call, policy, now, &mut rng);
             }
             state
         }).collect();
@@ -174,7 +177,7 @@ proptest! {
         for strategy in strategies() {
             let result = select(&slots, tried, ask, strategy.as_ref(), now, &mut rng, &mut Selection::default());
             let ready: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && !no_room[*i] && slots[*i].state.availability(now) == Availability::Ready).collect();
-            let ejected: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && !no_room[*i] && matches!(slots[*i].state.availability(now), Availability::Ejected(_))).collect();
+            let ejected: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && !no_room[*i] && matches!(slots[*i].state.availability(now), Availability::Ejected(_)) && slots[*i].state.out().is_none()).collect();
             match result {
                 Ok(i) => {
                     prop_assert!(!tried(i));
@@ -189,7 +192,7 @@ proptest! {
                 Err(nothing) => {
                     prop_assert!(ready.is_empty() && ejected.is_empty());
                     // The soonest recovery is among the deployments this request may still use.
-                    let cooling: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && matches!(states[order[*i]], 1 | 2 | 5)).collect();
+                    let cooling: Vec<usize> = (0..slots.len()).filter(|i| !tried(*i) && matches!(states[order[*i]], 1 | 2 | 5 | 6)).collect();
                     prop_assert_eq!(nothing.until.is_some(), !cooling.is_empty());
                     if cooling.is_empty() {
                         let untried = (0..slots.len()).any(|i| !tried(i));
@@ -200,6 +203,7 @@ proptest! {
                         let (reason, low, high) = cooling.iter().map(|i| match states[order[*i]] {
                             5 => (Reason::Quota, 2.0_f64, 2.0_f64),
                             1 => (Reason::RateLimited, 5.0, 5.0),
+                            6 => (Reason::Ejected, 108.0, 132.0),
                             _ => (Reason::Ejected, 27.0, 33.0),
                         }).min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
                         prop_assert_eq!(nothing.reason, reason);
