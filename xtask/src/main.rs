@@ -3,7 +3,7 @@
 //! - `ci`: everything CI checks, in order: formatting, clippy with warnings denied, the whole
 //!   test suite (nextest), doc tests, rustdoc with warnings denied, the examples, a short run of
 //!   the demo (which fails on any caller-visible failure), every feature of each library crate
-//!   alone (`cargo hack check --each-feature --no-dev-deps`), a two-minute chaos soak, and
+//!   alone (`cargo hack check --each-feature --no-dev-deps`), a four-minute chaos soak, and
 //!   `cargo deny` (bans, licenses,
 //!   sources). The tests include the architecture checks (`arch.rs`: dependency edges as
 //!   ARCHITECTURE.md draws them, no import circles). Tools it needs and can install from the
@@ -323,7 +323,7 @@ fn run() -> Result<()> {
                 example_b,
                 example_c,
                 DEMO,
-                SOAK.with(["--minutes".to_owned(), "2".to_owned()]),
+                SOAK.with(["--minutes".to_owned(), "4".to_owned()]),
                 HACK,
                 DENY,
             ])
