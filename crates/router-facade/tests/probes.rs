@@ -341,7 +341,11 @@ async fn replicas_sharing_redis_probe_once_between_them() {
         .with_probes(Duration::from_secs(1), interval, interval * 2)
         .with_jitter(JITTER);
     let replica = || async {
-        let options = state_redis::RedisOptions::default().with_prefix("probes-test");
+        // Redis given 2 s: on a loaded machine a call over the default 100 ms would be
+        // answered locally (a local lease), and each replica would probe alone.
+        let options = state_redis::RedisOptions::default()
+            .with_prefix("probes-test")
+            .with_timeout(Duration::from_secs(2));
         let store = state_redis::RedisStore::connect(&redis.url(), options)
             .await
             .unwrap();
@@ -368,6 +372,11 @@ async fn replicas_sharing_redis_probe_once_between_them() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let probes = received(&broken).1.len();
     let (by_a, by_b) = (ep0(&a).state.probes, ep0(&b).state.probes);
+    assert_eq!(
+        a.state_fallbacks() + b.state_fallbacks(),
+        0,
+        "Redis answered every call"
+    );
     assert_eq!(probes as u64, by_a + by_b, "each probe sent once");
     // One replica alone: a probe at 0.36 s at the soonest, then every 0.72 s at the soonest.
     let elapsed = started.elapsed().as_secs_f64() + 1.0;

@@ -814,6 +814,30 @@ fn slope(samples: &[Sample], value: fn(&Sample) -> f64) -> f64 {
     if den == 0.0 { 0.0 } else { num / den * 60.0 }
 }
 
+/// The Theil-Sen slope of `value` per minute: the median of the slopes between every two
+/// samples, which one sample far off (a moment's spike while an oversized answer is refused)
+/// does not move as it moves a least-squares fit.
+fn robust_slope(samples: &[Sample], value: fn(&Sample) -> f64) -> f64 {
+    let mut slopes = Vec::new();
+    for (i, a) in samples.iter().enumerate() {
+        for b in &samples[i + 1..] {
+            if b.at > a.at {
+                slopes.push((value(b) - value(a)) / (b.at - a.at) * 60.0);
+            }
+        }
+    }
+    if slopes.is_empty() {
+        return 0.0;
+    }
+    slopes.sort_by(f64::total_cmp);
+    let mid = slopes.len() / 2;
+    if slopes.len() % 2 == 0 {
+        f64::midpoint(slopes[mid - 1], slopes[mid])
+    } else {
+        slopes[mid]
+    }
+}
+
 /// The gateway's gauges that must come back to zero: summed over its deployments.
 async fn gauges(client: &reqwest::Client, base: &str) -> BTreeMap<&'static str, f64> {
     let text = client
@@ -1084,8 +1108,8 @@ async fn settled(sim: &Sim, gateway: &Gateway) -> Invariant {
 const WARM_UP: Duration = Duration::from_secs(150);
 
 /// RSS flat after the warm-up, and open file descriptors flat over the last 80 % of the run:
-/// the fitted growth over each span under 8 MiB (or 10 % of the mean, if more) and under 16
-/// descriptors.
+/// the growth over each span under 8 MiB (or 10 % of the mean, if more; RSS's slope a
+/// Theil-Sen median, robust to a spike) and under 16 descriptors (a least-squares fit).
 fn flat(samples: &[Sample], run: Duration) -> [Invariant; 2] {
     let from = run.as_secs_f64() * 0.2;
     let tail: Vec<Sample> = samples.iter().copied().filter(|s| s.at >= from).collect();
@@ -1099,7 +1123,7 @@ fn flat(samples: &[Sample], run: Duration) -> [Invariant; 2] {
     let settled_min = (run.as_secs_f64() - settled_from) / 60.0;
     let n = settled.len().max(1) as f64;
     let mean_rss = settled.iter().map(|s| s.rss_kib).sum::<f64>() / n;
-    let rss_slope = slope(&settled, |s| s.rss_kib);
+    let rss_slope = robust_slope(&settled, |s| s.rss_kib);
     let rss_growth = rss_slope * settled_min;
     let rss_limit = (8.0 * 1024.0_f64).max(mean_rss * 0.1);
     let fd_slope = slope(&tail, |s| s.fds);
@@ -1116,7 +1140,7 @@ fn flat(samples: &[Sample], run: Duration) -> [Invariant; 2] {
             name: "RSS flat after the warm-up",
             held: settled.len() >= 4 && rss_growth < rss_limit,
             detail: format!(
-                "from {settled_from:.0} s: mean {:.1} MiB; slope {:+.2} MiB/min; fitted growth \
+                "from {settled_from:.0} s: mean {:.1} MiB; median slope {:+.2} MiB/min; growth \
                  {:+.1} MiB (limit {:.1})",
                 mean_rss / 1024.0,
                 rss_slope / 1024.0,
