@@ -17,12 +17,31 @@ use tokio::time::Instant;
 use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, SimEndpoint, Times};
 
 const KEY: &str = "sk-sim-good";
-const INTERVAL: Duration = Duration::from_secs(10);
-const MAX_INTERVAL: Duration = Duration::from_secs(80);
 const JITTER: f64 = 0.1;
 
+/// A group size and a probe schedule: the scenarios hold across several.
+#[derive(Debug, Clone, Copy)]
+struct World {
+    endpoints: usize,
+    interval: Duration,
+    max_interval: Duration,
+    jitter: f64,
+}
+
+/// Two endpoints; probes from 10 s, doubling to 80 s, ±10 %.
+const STANDARD: World = World {
+    endpoints: 2,
+    interval: Duration::from_secs(10),
+    max_interval: Duration::from_secs(80),
+    jitter: JITTER,
+};
+
 async fn sim() -> Sim {
-    let endpoints = (0..2).map(|i| {
+    sim_of(STANDARD.endpoints).await
+}
+
+async fn sim_of(endpoints: usize) -> Sim {
+    let endpoints = (0..endpoints).map(|i| {
         EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
             .with_api_key(KEY)
             .with_models([format!("dep{i}")])
@@ -34,17 +53,21 @@ async fn sim() -> Sim {
     Sim::start(11, endpoints).await.unwrap()
 }
 
-fn policy() -> HealthPolicy {
+fn policy(world: World) -> HealthPolicy {
     HealthPolicy::default()
-        .with_probes(Duration::from_secs(60), INTERVAL, MAX_INTERVAL)
-        .with_jitter(JITTER)
+        .with_probes(Duration::from_secs(60), world.interval, world.max_interval)
+        .with_jitter(world.jitter)
 }
 
 fn builder(sim: &Sim) -> RouterBuilder {
+    builder_in(sim, STANDARD)
+}
+
+fn builder_in(sim: &Sim, world: World) -> RouterBuilder {
     let mut builder = Router::builder()
         .seed(5)
         .strategy(StrategyKind::RoundRobin)
-        .health_policy(policy());
+        .health_policy(policy(world));
     for (i, endpoint) in sim.endpoints().iter().enumerate() {
         builder = builder.endpoint(
             Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
@@ -105,16 +128,17 @@ fn ep0(router: &Router) -> DeploymentStats {
 
 /// The scenario: break ep0 upstream, keep callers coming for `out_for`, mend it, and check.
 async fn goes_out_and_comes_back(
+    world: World,
     calls: Calls,
     why: ErrorKind,
     out_for: Duration,
     break_it: impl FnOnce(&SimEndpoint),
     mend_it: impl FnOnce(&SimEndpoint),
 ) {
-    let sim = sim().await;
+    let sim = sim_of(world.endpoints).await;
     let broken = sim.endpoint("ep0").unwrap().clone();
-    let router = builder(&sim).build().unwrap();
-    for _ in 0..4 {
+    let router = builder_in(&sim, world).build().unwrap();
+    for _ in 0..2 * world.endpoints {
         call(&router, calls).await;
     }
     assert!(received(&broken).0 >= 1, "ep0 served before it broke");
@@ -132,11 +156,11 @@ async fn goes_out_and_comes_back(
     let out_at = Instant::now();
     let callers_before = received(&broken).0;
 
-    // Out: callers keep coming, one a second; the other endpoint serves them all.
+    // Out: callers keep coming, one a second; the other endpoints serve them all.
     while out_at.elapsed() < out_for {
-        assert_eq!(
+        assert_ne!(
             call(&router, calls).await,
-            "ep1",
+            "ep0",
             "{:?}",
             ep0(&router).state
         );
@@ -149,14 +173,15 @@ async fn goes_out_and_comes_back(
     );
     let (callers, probes) = received(&broken);
     assert_eq!(callers, callers_before, "no caller's request while out");
-    // The schedule: the interval doubles from INTERVAL to MAX_INTERVAL, each jittered by
-    // ±JITTER; so at most this many probes fit in `out_for`.
+    // The schedule: the interval doubles to the longest, each jittered; so at most this many
+    // probes fit in `out_for`.
     let mut most = 0;
     let mut at = Duration::ZERO;
-    let mut step = INTERVAL;
-    while at + step.mul_f64(1.0 - JITTER) <= out_for + Duration::from_secs(1) {
-        at += step.mul_f64(1.0 - JITTER);
-        step = (step * 2).min(MAX_INTERVAL);
+    let mut step = world.interval;
+    let shortest = 1.0 - world.jitter;
+    while at + step.mul_f64(shortest) <= out_for + Duration::from_secs(1) {
+        at += step.mul_f64(shortest);
+        step = (step * 2).min(world.max_interval);
         most += 1;
     }
     assert!(
@@ -181,11 +206,11 @@ async fn goes_out_and_comes_back(
     let next = ep0(&router).state.out.unwrap().next_probe;
     let wait = next.saturating_duration_since(mended.into_std());
     assert!(
-        wait <= MAX_INTERVAL.mul_f64(1.0 + JITTER) + Duration::from_secs(1),
+        wait <= world.max_interval.mul_f64(1.0 + world.jitter) + Duration::from_secs(1),
         "next probe {wait:?} away"
     );
     while ep0(&router).state.out.is_some() {
-        assert_eq!(call(&router, calls).await, "ep1");
+        assert_ne!(call(&router, calls).await, "ep0");
         assert!(
             mended.elapsed() <= wait + Duration::from_secs(2),
             "not back {:?} after the mend; the next probe was {wait:?} away",
@@ -198,7 +223,8 @@ async fn goes_out_and_comes_back(
     assert_eq!(stats.last_probe.unwrap().failed, None);
     // Back: callers reach it again.
     let mut served_by_ep0 = 0;
-    for _ in 0..6 {
+    let tries = 3 * world.endpoints;
+    for _ in 0..tries {
         if call(&router, calls).await == "ep0" {
             served_by_ep0 += 1;
         }
@@ -206,13 +232,14 @@ async fn goes_out_and_comes_back(
     }
     assert!(
         served_by_ep0 >= 2,
-        "{served_by_ep0} of 6 after it came back"
+        "{served_by_ep0} of {tries} after it came back"
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_revoked_key_comes_back_when_restored() {
     goes_out_and_comes_back(
+        STANDARD,
         Calls::Chat,
         ErrorKind::Unauthorized,
         Duration::from_secs(100),
@@ -222,9 +249,40 @@ async fn a_revoked_key_comes_back_when_restored() {
     .await;
 }
 
+/// The revoked key again, in other worlds: three and four endpoints, probes from 3 s to 20 s
+/// jittered by ±30 %, and from 30 s to 300 s without jitter.
+#[tokio::test(start_paused = true)]
+async fn a_revoked_key_comes_back_across_schedules_and_group_sizes() {
+    for world in [
+        World {
+            endpoints: 3,
+            interval: Duration::from_secs(3),
+            max_interval: Duration::from_secs(20),
+            jitter: 0.3,
+        },
+        World {
+            endpoints: 4,
+            interval: Duration::from_secs(30),
+            max_interval: Duration::from_secs(300),
+            jitter: 0.0,
+        },
+    ] {
+        goes_out_and_comes_back(
+            world,
+            Calls::Chat,
+            ErrorKind::Unauthorized,
+            Duration::from_secs(100),
+            |ep| ep.set_api_key(Some("sk-rotated")),
+            |ep| ep.set_api_key(Some(KEY)),
+        )
+        .await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn insufficient_quota_comes_back_when_billing_is_fixed() {
     goes_out_and_comes_back(
+        STANDARD,
         Calls::Chat,
         ErrorKind::QuotaExhausted,
         Duration::from_secs(100),
@@ -242,6 +300,7 @@ async fn insufficient_quota_comes_back_when_billing_is_fixed() {
 #[tokio::test(start_paused = true)]
 async fn a_missing_deployment_comes_back_when_it_is_created() {
     goes_out_and_comes_back(
+        STANDARD,
         Calls::Embeddings,
         ErrorKind::NotFound,
         Duration::from_secs(100),
@@ -256,6 +315,7 @@ async fn a_day_long_retry_after_is_probed_past_its_cap_and_comes_back() {
     // The wait is capped at 300 s; the deployment stays out past the cap (no caller's request
     // ends it) until a probe is served.
     goes_out_and_comes_back(
+        STANDARD,
         Calls::Chat,
         ErrorKind::RateLimited,
         Duration::from_secs(400),
