@@ -326,6 +326,11 @@ pub struct ProbeOutcome {
 /// them: a tier not named here counts as `other`.
 pub const SERVICE_TIERS: [&str; 6] = ["default", "priority", "flex", "scale", "auto", "other"];
 
+/// An error kind as the state's one-byte cells keep it: its index + 1 (0 is "none").
+fn kind_code(kind: ErrorKind) -> u8 {
+    u8::try_from(kind.index() + 1).unwrap_or(u8::MAX)
+}
+
 fn pack_learned(learned: Learned) -> u64 {
     learned.share.to_bits()
 }
@@ -691,17 +696,15 @@ impl DeploymentState {
     }
 
     fn disable(&self, kind: ErrorKind) {
-        let code = u8::try_from(kind.index() + 1).unwrap_or(u8::MAX);
-        self.disabled.store(code, Ordering::Relaxed);
+        self.disabled.store(kind_code(kind), Ordering::Relaxed);
     }
 
     /// Puts it out until a probe brings it back, for `why`, unless it is out already; the
     /// first probe comes [`HealthPolicy::probe_interval`] from now, jittered.
     fn go_out(&self, why: ErrorKind, policy: &HealthPolicy, now: Instant, rng: &mut Rng) {
-        let code = u8::try_from(why.index() + 1).unwrap_or(u8::MAX);
         if self
             .out
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, kind_code(why), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             self.failed_probes.store(0, Ordering::Relaxed);
@@ -788,8 +791,7 @@ impl DeploymentState {
         if self.out.load(Ordering::Acquire) == 0 {
             return;
         }
-        let code = u8::try_from(why.index() + 1).unwrap_or(u8::MAX);
-        self.out.store(code, Ordering::Release);
+        self.out.store(kind_code(why), Ordering::Release);
         self.next_probe
             .store(self.ms(next.max(now)), Ordering::Relaxed);
     }
@@ -1053,17 +1055,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn out_until_a_probe_serves_on_a_doubling_jittered_schedule() {
-        let t0 = Instant::now();
-        let state = DeploymentState::new(t0, Duration::from_secs(10));
-        let policy = HealthPolicy::default()
+    /// Out after 60 s; probes from 10 s, doubling to 40 s, no jitter.
+    fn probing() -> HealthPolicy {
+        HealthPolicy::default()
             .with_probes(
                 Duration::from_secs(60),
                 Duration::from_secs(10),
                 Duration::from_secs(40),
             )
-            .with_jitter(0.0);
+            .with_jitter(0.0)
+    }
+
+    #[test]
+    fn out_until_a_probe_serves_on_a_doubling_jittered_schedule() {
+        let t0 = Instant::now();
+        let state = DeploymentState::new(t0, Duration::from_secs(10));
+        let policy = probing();
         let mut rng = Rng::with_seed(3);
         // A day-long 429: capped at 300 s, and out past the cap until probed.
         state.record_failure(
@@ -1134,14 +1141,7 @@ mod tests {
     #[test]
     fn a_long_ejection_is_out_until_probed_and_a_short_one_is_not() {
         let t0 = Instant::now();
-        let policy = HealthPolicy::default()
-            .with_ejection(1, Duration::from_secs(30), Duration::from_secs(120))
-            .with_probes(
-                Duration::from_secs(60),
-                Duration::from_secs(10),
-                Duration::from_secs(40),
-            )
-            .with_jitter(0.0);
+        let policy = probing().with_ejection(1, Duration::from_secs(30), Duration::from_secs(120));
         let mut rng = Rng::with_seed(3);
         let state = DeploymentState::new(t0, Duration::from_secs(10));
         let fail = |rng: &mut Rng| {
