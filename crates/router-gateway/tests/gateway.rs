@@ -2395,26 +2395,22 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
 /// caller's request goes there; the key restored and the same configuration reloaded with
 /// SIGHUP, it is probed at once and back, without waiting for its next probe.
 #[tokio::test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one endpoint walked out and back, checked at each step"
-)]
 async fn a_revoked_key_goes_out_and_a_reload_brings_it_back() {
     let sim = sim().await;
     let oai = sim.endpoints()[0].clone();
     // Probes a minute apart: only the reload can bring it back within the test.
     let gateway = start(&sim, "[router.health]\nprobe_interval_ms = 60000\n").await;
     let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "out"}]});
-    oai.set_api_key(Some("sk-revoked"));
-    let sends = (0..6).map(|_| {
+    let send = || {
         post(
             &gateway,
             "/v1/chat/completions",
             Some(GATEWAY_KEY),
             chat.clone(),
         )
-    });
-    for response in futures_util::future::join_all(sends).await {
+    };
+    oai.set_api_key(Some("sk-revoked"));
+    for response in futures_util::future::join_all((0..6).map(|_| send())).await {
         assert_eq!(response.status(), 200, "served by the Azure endpoint");
     }
     let status = status_json(&gateway).await;
@@ -2449,13 +2445,7 @@ async fn a_revoked_key_goes_out_and_a_reload_brings_it_back() {
     };
     let before = callers(&oai);
     for _ in 0..4 {
-        let response = post(
-            &gateway,
-            "/v1/chat/completions",
-            Some(GATEWAY_KEY),
-            chat.clone(),
-        )
-        .await;
+        let response = send().await;
         assert_eq!(response.status(), 200);
     }
     assert_eq!(callers(&oai), before, "no caller's request while out");
@@ -2486,13 +2476,7 @@ async fn a_revoked_key_goes_out_and_a_reload_brings_it_back() {
     );
     let mut to_oai = 0;
     for _ in 0..6 {
-        let response = post(
-            &gateway,
-            "/v1/chat/completions",
-            Some(GATEWAY_KEY),
-            chat.clone(),
-        )
-        .await;
+        let response = send().await;
         assert_eq!(response.status(), 200);
         if response.headers()["x-openai-router-endpoint"] == "oai" {
             to_oai += 1;
