@@ -283,9 +283,7 @@ impl Attempt {
         self.deployment
             .state
             .record_failure(error, self.class, &self.health, now(), &mut self.rng);
-        if self.deployment.state.out().is_some() {
-            crate::prober::went_out(&self.deployment);
-        }
+        crate::prober::went_out(&self.deployment);
     }
 }
 

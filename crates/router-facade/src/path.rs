@@ -1549,9 +1549,7 @@ async fn reserve(
                 deployment
                     .state
                     .cool_down_shared(wait, health, at, &mut rng);
-                if deployment.state.out().is_some() {
-                    crate::prober::went_out(deployment);
-                }
+                crate::prober::went_out(deployment);
             } else {
                 deployment.state.quota.block(wait, at);
             }

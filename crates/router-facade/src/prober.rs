@@ -37,8 +37,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// sooner when the probe interval is shorter).
 const LOOK_AGAIN: Duration = Duration::from_secs(2);
 
-/// Says, once, that `deployment` went out, and starts probing it.
+/// When `deployment` is out (a failure or a shared cooldown just put it there, or it already
+/// was): says so once, and starts probing it.
 pub(crate) fn went_out(deployment: &Deployment) {
+    if deployment.state.out().is_none() {
+        return;
+    }
     if let Some(out) = deployment.state.tell_out() {
         tracing::warn!(
             endpoint = %deployment.endpoint,
