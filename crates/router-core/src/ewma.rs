@@ -1,4 +1,5 @@
-//! PeakEWMA: a latency estimate that jumps up at once and decays down slowly.
+//! PeakEWMA: a latency estimate that jumps up at once and decays down slowly; and
+//! [`Typical`], the running mean that decisions which must not follow one tail answer read.
 //!
 //! The estimator of Finagle and linkerd (and tower's `PeakEwma`), with every timestamp passed in:
 //!
@@ -119,6 +120,65 @@ impl PeakEwma {
     }
 }
 
+/// The weight of each new sample in a [`Typical`] estimate from its fifth on: about the last
+/// five answers.
+pub const TYPICAL_WEIGHT: f64 = 0.2;
+
+/// A deployment's typical latency: the running mean of its answers, the first few equally
+/// weighted, then each new one weighing [`TYPICAL_WEIGHT`], whatever the time between them.
+///
+/// [`PeakEwma`] is pessimistic on purpose (one slow answer and the estimate is that answer),
+/// which suits picking among interchangeable deployments. Where leaving a deployment costs
+/// something (a key's prompt cache: see the facade's cache affinity), one tail answer must not
+/// decide: an answer `x` times the typical moves it by `(x - 1) / 5`, so a deployment looks twice
+/// as slow after one answer six times the typical, or after about four in a row at three times.
+/// No idle decay: a deployment's typical latency does not change by nobody asking it.
+///
+/// One `AtomicU64` (the estimate as `f32` milliseconds and the number of samples, saturating,
+/// as `u32`), updated with a CAS loop.
+#[derive(Debug)]
+pub struct Typical {
+    packed: AtomicU64,
+}
+
+impl Typical {
+    /// An estimate that reads `initial` until its first sample, which replaces it.
+    pub fn new(initial: Duration) -> Self {
+        Self {
+            packed: AtomicU64::new(pack(initial.as_secs_f32() * 1000.0, 0)),
+        }
+    }
+
+    /// The estimate, in seconds.
+    pub fn get(&self) -> f64 {
+        f64::from(unpack(self.packed.load(Ordering::Relaxed)).0) / 1000.0
+    }
+
+    /// How many samples it has seen (saturating at `u32::MAX`).
+    pub fn samples(&self) -> u32 {
+        unpack(self.packed.load(Ordering::Relaxed)).1
+    }
+
+    /// Records a sample.
+    pub fn observe(&self, sample: Duration) {
+        let sample_ms = sample.as_secs_f64() * 1000.0;
+        // Relaxed: a statistic, as the peak estimate's.
+        let _ = self
+            .packed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |packed| {
+                let (estimate, count) = unpack(packed);
+                let next = typical_updated(f64::from(estimate), sample_ms, count);
+                Some(pack(next as f32, count.saturating_add(1)))
+            });
+    }
+}
+
+/// The typical estimate after its `count + 1`-th sample.
+pub fn typical_updated(estimate_ms: f64, sample_ms: f64, count: u32) -> f64 {
+    let weight = (1.0 / (f64::from(count) + 1.0)).max(TYPICAL_WEIGHT);
+    estimate_ms + (sample_ms - estimate_ms) * weight
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +268,43 @@ mod tests {
             (updated(100.0, 50.0, 10.0, 1000.0) - 50.0).abs() < f64::EPSILON,
             "half"
         );
+    }
+    #[test]
+    fn a_typical_estimate_takes_its_first_sample_and_shrugs_off_one_tail_answer() {
+        let typical = Typical::new(Duration::from_millis(30));
+        assert!((typical.get() - 0.03).abs() < 1e-9);
+        assert_eq!(typical.samples(), 0);
+        typical.observe(Duration::from_millis(10));
+        assert!((typical.get() - 0.01).abs() < 1e-6, "the guess is gone");
+        for _ in 0..20 {
+            typical.observe(Duration::from_millis(10));
+        }
+        // One answer five times the typical: under twice the typical after it.
+        typical.observe(Duration::from_millis(50));
+        let after = typical.get();
+        assert!((after - 0.018).abs() < 1e-6, "{after}");
+        // Three times the typical, again and again: twice the typical within four answers.
+        let typical = Typical::new(Duration::from_millis(30));
+        for _ in 0..20 {
+            typical.observe(Duration::from_millis(10));
+        }
+        let mut answers = 0;
+        while typical.get() < 0.02 {
+            typical.observe(Duration::from_millis(30));
+            answers += 1;
+        }
+        assert_eq!(answers, 4);
+        assert_eq!(typical.samples(), 24);
+    }
+
+    #[test]
+    fn typical_update_math() {
+        // The first samples are a plain mean.
+        assert!((typical_updated(30.0, 10.0, 0) - 10.0).abs() < 1e-12);
+        assert!((typical_updated(10.0, 20.0, 1) - 15.0).abs() < 1e-12);
+        assert!((typical_updated(15.0, 30.0, 2) - 20.0).abs() < 1e-12);
+        // From the fifth on, a fifth of the difference.
+        assert!((typical_updated(10.0, 60.0, 4) - 20.0).abs() < 1e-12);
+        assert!((typical_updated(10.0, 60.0, 1000) - 20.0).abs() < 1e-12);
     }
 }

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, HealthEffect};
-use crate::ewma::PeakEwma;
+use crate::ewma::{PeakEwma, Typical};
 use crate::quota::{Learned, Limits, QuotaView};
 use crate::ratelimit::RateLimitInfo;
 use crate::rng::Rng;
@@ -207,6 +207,8 @@ pub struct DeploymentState {
     origin: Instant,
     in_flight: AtomicU32,
     latency: [PeakEwma; 3],
+    /// The typical latency per class: what one tail answer does not move (cache affinity).
+    typical: [Typical; 3],
     /// Milliseconds since `origin` until which the deployment cools down; 0 for none.
     cooldown_until: AtomicU64,
     cooldown_reason: AtomicU8,
@@ -352,6 +354,11 @@ impl DeploymentState {
                 class(LatencyClass::Stream),
                 class(LatencyClass::Generation),
                 class(LatencyClass::Call),
+            ],
+            typical: [
+                Typical::new(LatencyClass::Stream.initial()),
+                Typical::new(LatencyClass::Generation.initial()),
+                Typical::new(LatencyClass::Call.initial()),
             ],
             cooldown_until: AtomicU64::new(0),
             cooldown_reason: AtomicU8::new(REASON_NONE),
@@ -557,6 +564,13 @@ impl DeploymentState {
         self.latency[class.index()].get(now)
     }
 
+    /// The typical latency of `class` in seconds: the running mean of about its last five
+    /// answers ([`Typical`]), which one tail answer does not move much, unlike
+    /// [`latency`](Self::latency)'s peak estimate. The class's initial guess until it answers.
+    pub fn typical_latency(&self, class: LatencyClass) -> f64 {
+        self.typical[class.index()].get()
+    }
+
     /// Whether the deployment can take a request at `now`.
     pub fn availability(&self, now: Instant) -> Availability {
         let disabled = self.disabled.load(Ordering::Relaxed);
@@ -639,6 +653,7 @@ impl DeploymentState {
             self.ramp_from.store(self.ms(now) + 1, Ordering::Relaxed);
         }
         ewma.observe(sample, now);
+        self.typical[class.index()].observe(sample);
     }
 
     /// Records a failure and applies its health effect. A disabling error, and a cooldown or

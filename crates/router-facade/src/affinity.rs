@@ -8,8 +8,10 @@
 //! deployment that served it last, for [`CacheAffinity::ttl`], and sends the key's next request
 //! there while that deployment can take it, is not much busier than another deployment of the
 //! group drawn at random ([`CacheAffinity::tolerance`]: power of two choices with a preference,
-//! so that a deployment that recovers or joins gets keys back) and does not look more than
-//! [`CacheAffinity::slower`] times slower than the group's fastest; otherwise the strategy picks
+//! so that a deployment that recovers or joins gets keys back) and does not typically answer
+//! more than [`CacheAffinity::slower`] times slower than the fastest deployment of the group
+//! that could take the request (typical: the running mean of about its last five answers, so
+//! that one tail answer does not cost a key its cache); otherwise the strategy picks
 //! among the others, and the deployment that serves becomes the key's.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -29,9 +31,13 @@ pub struct CacheAffinity {
     /// How long a key is remembered after its last request (default 10 minutes; prompt caches
     /// last five to ten minutes idle, up to an hour off-peak).
     pub ttl: Duration,
-    /// How much slower than the group's fastest (latency estimates) the key's deployment may
-    /// look for the request still to go there (default 2; a difference within noise, 50 ms to
-    /// the first token or 2 ms a generated token, never counts).
+    /// How much slower than the fastest deployment of the group that could take the request the
+    /// key's deployment may typically answer for the request still to go there (default 2).
+    /// Typical latency is the running mean of about the last five answers
+    /// (`DeploymentState::typical_latency`), not the peak estimate the strategies read, so that
+    /// one tail answer does not move a key. A difference within noise never counts: 50 ms for
+    /// the request (to the first token, for a call, or over the tokens a generation expects),
+    /// and never under 2 ms a generated token.
     pub slower: f64,
 }
 

@@ -275,8 +275,8 @@ impl RouterBuilder {
     /// (`prompt_cache_key`, else `user`, else [`RequestOptions::with_cache_key`]) go to the
     /// deployment that served the key last, where the upstream's prompt cache holds their
     /// prefix, while it can take them, is not much busier than another deployment drawn at
-    /// random (`affinity.tolerance`) and looks at most `affinity.slower` times slower than the
-    /// fastest.
+    /// random (`affinity.tolerance`) and typically answers at most `affinity.slower` times
+    /// slower than the fastest deployment that could take the request.
     ///
     /// [`RequestOptions::with_cache_key`]: crate::RequestOptions::with_cache_key
     pub fn cache_affinity(mut self, affinity: crate::CacheAffinity) -> Self {

@@ -609,8 +609,9 @@ impl<'r> Path<'r> {
 
     /// Whether the request still goes to deployment `index`, its cache key's: it is not much
     /// busier than another deployment of the group drawn at random (more than
-    /// `1 + tolerance` times its requests in flight, plus one), and looks at most the
-    /// affinity's times slower than the group's fastest.
+    /// `1 + tolerance` times its requests in flight, plus one), and its typical latency is at
+    /// most the affinity's times the fastest ready deployment's, or slower by less than noise
+    /// for this request.
     fn affinity_holds(&mut self, index: usize, at: std::time::Instant) -> bool {
         let Some(affinity) = self.live.settings.cache_affinity else {
             return false;
@@ -628,14 +629,24 @@ impl<'r> Path<'r> {
                 return false;
             }
         }
-        let latency = |d: &Arc<Deployment>| d.state.latency(self.class, at);
-        let fastest = members.iter().map(latency).fold(f64::INFINITY, f64::min);
-        let home = latency(&members[index]);
-        // Slower by the factor and by more than noise: 50 ms to the first token or for a
-        // call, 2 ms a token for a generation (fast upstreams differ by more than twice in
-        // fractions of a millisecond).
-        let noise = match self.class {
-            LatencyClass::Generation => 0.002,
+        // Typical, not peak, latencies: one tail answer at the key's deployment must not cost
+        // the key its cache. Only deployments that could take the request compare.
+        let class = self.class;
+        let home = members[index].state.typical_latency(class);
+        let fastest = members
+            .iter()
+            .enumerate()
+            .filter(|&(j, d)| {
+                j == index || d.state.availability(at) == router_core::Availability::Ready
+            })
+            .map(|(_, d)| d.state.typical_latency(class))
+            .fold(home, f64::min);
+        // Slower by the factor and by more than noise: 50 ms for this request (to the first
+        // token, for a call, or over the tokens it expects, for a generation), and never under
+        // 2 ms a token (fast upstreams differ by more than twice in fractions of a
+        // millisecond).
+        let noise = match class {
+            LatencyClass::Generation => (0.05 / f64::from(self.output_hint.max(1))).max(0.002),
             LatencyClass::Stream | LatencyClass::Call => 0.05,
         };
         home <= fastest * affinity.slower || home - fastest <= noise

@@ -241,3 +241,102 @@ async fn affinity_yields_to_load() {
         "{stayed} of 20 went to the keys' deployment"
     );
 }
+
+/// A world for the tail-answer test: how many endpoints, their latency, its jitter.
+struct World {
+    endpoints: usize,
+    latency: LatencyModel,
+}
+
+/// The worlds: 2 endpoints at 100 ms + 2 ms a token (±10 %), 3 at 400 ms + 20 ms a token
+/// (±30 %), 4 at 50 ms + 1 ms a token (±20 %).
+fn worlds() -> [World; 3] {
+    let ms = Duration::from_millis;
+    [
+        World {
+            endpoints: 2,
+            latency: LatencyModel::new(ms(100), ms(2)).with_jitter(0.1),
+        },
+        World {
+            endpoints: 3,
+            latency: LatencyModel::new(ms(400), ms(20)).with_jitter(0.3),
+        },
+        World {
+            endpoints: 4,
+            latency: LatencyModel::new(ms(50), ms(1)).with_jitter(0.2),
+        },
+    ]
+}
+
+/// One answer three times as slow as usual at a key's deployment does not move the key (the
+/// pessimistic peak estimate the strategies read would: that answer is the estimate); the
+/// same slowness answer after answer does, within a few answers, and the key then stays where
+/// it went. In each world.
+#[tokio::test(start_paused = true)]
+async fn one_slow_answer_keeps_the_key_and_lasting_slowness_moves_it() {
+    for (w, world) in worlds().into_iter().enumerate() {
+        let sim = Sim::start(
+            9,
+            (0..world.endpoints).map(|i| {
+                EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+                    .with_models([MODEL])
+                    .with_latency(world.latency)
+            }),
+        )
+        .await
+        .unwrap();
+        let router = builder(&sim)
+            .strategy(router_facade::StrategyKind::RoundRobin)
+            .build()
+            .unwrap();
+        // Unkeyed traffic first: every deployment has answered a few times.
+        for t in 0..5 * world.endpoints {
+            router.chat(&turn(100 + t, 0, false)).await.unwrap();
+        }
+        let served = |answer: router_facade::Routed<_>| answer.endpoint.to_string();
+        let session = 7;
+        let home = served(router.chat(&turn(session, 0, true)).await.unwrap());
+        let mut t = 1;
+        let mut ask = |router: &Router| {
+            t += 1;
+            let request = turn(session, t, true);
+            let router = router.clone();
+            async move { served(router.chat(&request).await.unwrap()) }
+        };
+        for _ in 0..4 {
+            assert_eq!(
+                ask(&router).await,
+                home,
+                "world {w}: the key keeps its place"
+            );
+        }
+        let endpoint = sim.endpoint(&home).unwrap().clone();
+        // One tail answer.
+        endpoint.set_latency(world.latency.scaled(3.0));
+        assert_eq!(ask(&router).await, home, "world {w}");
+        endpoint.set_latency(world.latency);
+        for _ in 0..4 {
+            assert_eq!(
+                ask(&router).await,
+                home,
+                "world {w}: one slow answer moved the key"
+            );
+        }
+        // Lasting slowness.
+        endpoint.set_latency(world.latency.scaled(3.0));
+        let mut places = Vec::new();
+        for _ in 0..10 {
+            places.push(ask(&router).await);
+        }
+        let stayed = places.iter().take_while(|p| **p == home).count();
+        assert!(
+            (1..=5).contains(&stayed),
+            "world {w}: {stayed} answers at the slow deployment: {places:?}"
+        );
+        let moved = &places[stayed];
+        assert!(
+            places[stayed..].iter().all(|p| p == moved),
+            "world {w}: the key moved once and stayed: {places:?}"
+        );
+    }
+}
