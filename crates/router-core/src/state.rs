@@ -267,13 +267,17 @@ pub struct DeploymentState {
 }
 
 /// Which call a health probe makes: the kind of request a deployment was last sent (an
-/// embeddings deployment is probed with an embeddings request).
+/// embeddings deployment is probed with an embeddings request), in the form it was sent.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CallKind {
-    /// A one-token chat completion.
+    /// A one-token chat completion capped with `max_tokens`, the form every API version takes.
     #[default]
     Chat,
+    /// A one-token chat completion capped with `max_completion_tokens`: the form reasoning
+    /// models take (they refuse `max_tokens`), used when the last chat request sent there was
+    /// capped so, or when a probe's `max_tokens` was refused.
+    ChatMaxCompletionTokens,
     /// A one-input embeddings request.
     Embeddings,
     /// A one-token legacy completion.
@@ -283,11 +287,12 @@ pub enum CallKind {
 }
 
 impl CallKind {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::Chat,
         Self::Embeddings,
         Self::Completions,
         Self::Responses,
+        Self::ChatMaxCompletionTokens,
     ];
 
     fn index(self) -> u8 {
@@ -296,6 +301,7 @@ impl CallKind {
             Self::Embeddings => 1,
             Self::Completions => 2,
             Self::Responses => 3,
+            Self::ChatMaxCompletionTokens => 4,
         }
     }
 }
@@ -566,9 +572,11 @@ impl DeploymentState {
 
     /// The typical latency of `class` in seconds: the running mean of about its last five
     /// answers ([`Typical`]), which one tail answer does not move much, unlike
-    /// [`latency`](Self::latency)'s peak estimate. The class's initial guess until it answers.
-    pub fn typical_latency(&self, class: LatencyClass) -> f64 {
-        self.typical[class.index()].get()
+    /// [`latency`](Self::latency)'s peak estimate. `None` until it has answered one of the
+    /// class: a guess says nothing of whether it is slow.
+    pub fn typical_latency(&self, class: LatencyClass) -> Option<f64> {
+        let typical = &self.typical[class.index()];
+        (typical.samples() > 0).then(|| typical.get())
     }
 
     /// Whether the deployment can take a request at `now`.

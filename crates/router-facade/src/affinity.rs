@@ -6,13 +6,20 @@
 //! `user`, else what [`RequestOptions::with_cache_key`](crate::RequestOptions::with_cache_key)
 //! set (the gateway: a configured header). The router remembers, per model group and key, the
 //! deployment that served it last, for [`CacheAffinity::ttl`], and sends the key's next request
-//! there while that deployment can take it, is not much busier than another deployment of the
-//! group drawn at random ([`CacheAffinity::tolerance`]: power of two choices with a preference,
-//! so that a deployment that recovers or joins gets keys back) and does not typically answer
-//! more than [`CacheAffinity::slower`] times slower than the fastest deployment of the group
-//! that could take the request (typical: the running mean of about its last five answers, so
-//! that one tail answer does not cost a key its cache); otherwise the strategy picks
-//! among the others, and the deployment that serves becomes the key's.
+//! there while that deployment can take it, does not look slow and is not much busier than an
+//! alternative drawn at random; otherwise the strategy picks among the alternatives (among all
+//! the others when there is none), and the deployment that serves becomes the key's.
+//!
+//! - Slow: it typically answers more than [`CacheAffinity::slower`] times slower than the
+//!   fastest deployment of the group that could take the request and has answered (typical:
+//!   the running mean of about its last five answers, so that one tail answer does not cost a
+//!   key its cache; a deployment that has not answered is never slow).
+//! - Alternatives: the group's other deployments that the request has not tried and that do
+//!   not look slow. A key never moves for load to where slowness would move it from again: the
+//!   two rules would trade keys back and forth, a cache miss each time (in a group with one
+//!   endpoint twice as slow, that cost a fifth of the cache hits).
+//! - Much busier ([`CacheAffinity::tolerance`]): power of two choices with a preference, so
+//!   that a deployment that recovers or joins gets keys back.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, Instant};
@@ -24,15 +31,17 @@ use dashmap::DashMap;
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheAffinity {
-    /// How much busier than another deployment of the group, drawn at random, the key's
-    /// deployment may be for the key's request still to go there: more than `1 + tolerance`
-    /// times the other's requests in flight, plus one, and it goes elsewhere (default 0.5).
+    /// How much busier than an alternative drawn at random (another deployment of the group,
+    /// not tried, not slow) the key's deployment may be for the key's request still to go
+    /// there: more than `1 + tolerance` times the other's requests in flight, plus one, and it
+    /// goes elsewhere (default 0.5).
     pub tolerance: f64,
     /// How long a key is remembered after its last request (default 10 minutes; prompt caches
     /// last five to ten minutes idle, up to an hour off-peak).
     pub ttl: Duration,
     /// How much slower than the fastest deployment of the group that could take the request the
-    /// key's deployment may typically answer for the request still to go there (default 2).
+    /// key's deployment may typically answer for the request still to go there (default 2);
+    /// a deployment slower than that is no alternative for a key that moves for load either.
     /// Typical latency is the running mean of about the last five answers
     /// (`DeploymentState::typical_latency`), not the peak estimate the strategies read, so that
     /// one tail answer does not move a key. A difference within noise never counts: 50 ms for

@@ -274,9 +274,10 @@ impl RouterBuilder {
     /// Prompt-cache affinity (on by default): requests with the same cache key
     /// (`prompt_cache_key`, else `user`, else [`RequestOptions::with_cache_key`]) go to the
     /// deployment that served the key last, where the upstream's prompt cache holds their
-    /// prefix, while it can take them, is not much busier than another deployment drawn at
-    /// random (`affinity.tolerance`) and typically answers at most `affinity.slower` times
-    /// slower than the fastest deployment that could take the request.
+    /// prefix, while it can take them, is not much busier than an alternative drawn at random
+    /// (`affinity.tolerance`; alternatives are the other deployments that do not look slow)
+    /// and typically answers at most `affinity.slower` times slower than the fastest
+    /// deployment that could take the request ([`crate::CacheAffinity`]).
     ///
     /// [`RequestOptions::with_cache_key`]: crate::RequestOptions::with_cache_key
     pub fn cache_affinity(mut self, affinity: crate::CacheAffinity) -> Self {

@@ -145,7 +145,7 @@ pub(crate) trait Plain: Named + Send + Sync + serde::Serialize {
     type Response: Send;
     const CLASS: LatencyClass;
     /// The call a health probe of a deployment it was sent to makes.
-    const CALL: router_core::CallKind;
+    fn probe_kind(&self) -> router_core::CallKind;
     fn estimate(&self, expected: u32) -> Estimate;
     fn output_hint(&self, expected: u32) -> u32;
     /// The answer's usage, when it reports one.
@@ -291,7 +291,7 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
 
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {
         let deployment = std::sync::Arc::clone(attempt.deployment());
-        deployment.state.note_call(R::CALL);
+        deployment.state.note_call(self.0.as_ref().probe_kind());
         Box::pin(async move {
             let request = renamed(self.0.as_ref(), &deployment.name);
             R::call(deployment.backend.as_ref(), &request, &call).await
@@ -365,7 +365,15 @@ impl<R: Plain + 'static> Operation for Once<'_, R> {
 impl Plain for ChatCompletionRequest {
     type Response = ChatCompletionResponse;
     const CLASS: LatencyClass = LatencyClass::Generation;
-    const CALL: router_core::CallKind = router_core::CallKind::Chat;
+
+    fn probe_kind(&self) -> router_core::CallKind {
+        // Capped as the caller capped it: reasoning models refuse `max_tokens`.
+        if self.max_completion_tokens.is_some() {
+            router_core::CallKind::ChatMaxCompletionTokens
+        } else {
+            router_core::CallKind::Chat
+        }
+    }
 
     fn estimate(&self, expected: u32) -> Estimate {
         estimate::chat(self, expected)
@@ -403,7 +411,10 @@ impl Plain for ChatCompletionRequest {
 impl Plain for EmbeddingRequest {
     type Response = EmbeddingResponse;
     const CLASS: LatencyClass = LatencyClass::Call;
-    const CALL: router_core::CallKind = router_core::CallKind::Embeddings;
+
+    fn probe_kind(&self) -> router_core::CallKind {
+        router_core::CallKind::Embeddings
+    }
 
     fn estimate(&self, _expected: u32) -> Estimate {
         estimate::embeddings(self)
@@ -429,7 +440,10 @@ impl Plain for EmbeddingRequest {
 impl Plain for CompletionRequest {
     type Response = CompletionResponse;
     const CLASS: LatencyClass = LatencyClass::Generation;
-    const CALL: router_core::CallKind = router_core::CallKind::Completions;
+
+    fn probe_kind(&self) -> router_core::CallKind {
+        router_core::CallKind::Completions
+    }
 
     fn estimate(&self, expected: u32) -> Estimate {
         estimate::completions(self, expected)
@@ -460,7 +474,10 @@ impl Plain for CompletionRequest {
 impl Plain for CreateResponse {
     type Response = Response;
     const CLASS: LatencyClass = LatencyClass::Generation;
-    const CALL: router_core::CallKind = router_core::CallKind::Responses;
+
+    fn probe_kind(&self) -> router_core::CallKind {
+        router_core::CallKind::Responses
+    }
 
     fn estimate(&self, expected: u32) -> Estimate {
         estimate::responses(self, expected)
@@ -642,7 +659,7 @@ impl<R: Streaming> Operation for Streamed<'_, R> {
 
     fn send<'a>(&'a self, attempt: &Attempt, call: CallOptions) -> Call<'a, Self::Sent> {
         let deployment = std::sync::Arc::clone(attempt.deployment());
-        deployment.state.note_call(R::CALL);
+        deployment.state.note_call(self.0.as_ref().probe_kind());
         let inject = self.injects_usage(attempt);
         Box::pin(async move {
             let mut request = renamed(self.0.as_ref(), &deployment.name);

@@ -607,54 +607,18 @@ impl<'r> Path<'r> {
         self.estimate.map(|e| e.charge)
     }
 
-    /// Whether the request still goes to deployment `index`, its cache key's: it is not much
-    /// busier than another deployment of the group drawn at random (more than
-    /// `1 + tolerance` times its requests in flight, plus one), and its typical latency is at
-    /// most the affinity's times the fastest ready deployment's, or slower by less than noise
-    /// for this request.
-    fn affinity_holds(&mut self, index: usize, at: std::time::Instant) -> bool {
-        let Some(affinity) = self.live.settings.cache_affinity else {
-            return false;
-        };
-        let unit = self.rng.unit();
-        let members = &self.group().members;
-        let others = members.len() - 1;
-        if others > 0 {
-            // Another deployment, uniformly among the rest.
-            let drawn = (unit * others as f64) as usize % others;
-            let other = if drawn >= index { drawn + 1 } else { drawn };
-            let home = f64::from(members[index].state.in_flight());
-            let theirs = f64::from(members[other].state.in_flight());
-            if home > (1.0 + affinity.tolerance) * theirs + 1.0 {
-                return false;
-            }
-        }
-        // Typical, not peak, latencies: one tail answer at the key's deployment must not cost
-        // the key its cache. Only deployments that could take the request compare.
-        let class = self.class;
-        let home = members[index].state.typical_latency(class);
-        let fastest = members
-            .iter()
-            .enumerate()
-            .filter(|&(j, d)| {
-                j == index || d.state.availability(at) == router_core::Availability::Ready
-            })
-            .map(|(_, d)| d.state.typical_latency(class))
-            .fold(home, f64::min);
-        // Slower by the factor and by more than noise: 50 ms for this request (to the first
-        // token, for a call, or over the tokens it expects, for a generation), and never under
-        // 2 ms a token (fast upstreams differ by more than twice in fractions of a
-        // millisecond).
-        let noise = match class {
-            LatencyClass::Generation => (0.05 / f64::from(self.output_hint.max(1))).max(0.002),
-            LatencyClass::Stream | LatencyClass::Call => 0.05,
-        };
-        home <= fastest * affinity.slower || home - fastest <= noise
-    }
-
-    /// The pick its cache key makes: the key's deployment while it can take the request and
-    /// [`affinity_holds`](Self::affinity_holds); when it does not hold (load, slowness), the
-    /// strategy's pick among the others; `None` for the strategy's pick among all.
+    /// The pick its cache key makes ([`crate::CacheAffinity`]): the key's deployment while
+    /// it can take the request, does not look slow and is not much busier than an
+    /// alternative drawn at random; when it looks slow or is that busy, the strategy's pick
+    /// among the alternatives (else among all the others); `None` for the strategy's pick
+    /// among all.
+    ///
+    /// Slow: its typical latency is more than the affinity's times the fastest ready
+    /// deployment's, by more than noise for this request. Alternatives: the other deployments
+    /// not tried and not slow, so that a key never moves where the slowness rule would move
+    /// it from again (the two rules would trade keys back and forth, each move a cache miss).
+    /// Much busier: more than `1 + tolerance` times the alternative's requests in flight,
+    /// plus one.
     fn affine_pick(
         &mut self,
         slots: &[Slot<'_>],
@@ -663,25 +627,74 @@ impl<'r> Path<'r> {
         at: std::time::Instant,
     ) -> Option<usize> {
         let home = self.affine.filter(|&i| !self.tried[i])?;
-        let holds = self.affinity_holds(home, at);
-        let tried = &self.tried;
-        let skip = |j: usize| {
-            if holds {
-                j != home
-            } else {
-                j == home || tried[j]
-            }
+        let affinity = self.live.settings.cache_affinity?;
+        let Self {
+            live,
+            model,
+            class,
+            output_hint,
+            tried,
+            rng,
+            buffers,
+            ..
+        } = self;
+        let members = &live.groups[*model].members;
+        let class = *class;
+        // Typical, not peak, latencies: one tail answer at the key's deployment must not cost
+        // the key its cache. Only deployments that could take the request and have answered
+        // (a guess is not a measure) compare.
+        let typical = |j: usize| members[j].state.typical_latency(class);
+        let fastest = members
+            .iter()
+            .enumerate()
+            .filter(|&(j, d)| {
+                j == home || d.state.availability(at) == router_core::Availability::Ready
+            })
+            .filter_map(|(j, _)| typical(j))
+            .fold(f64::INFINITY, f64::min);
+        // Slower by the factor and by more than noise: 50 ms for this request (to the first
+        // token, for a call, or over the tokens it expects, for a generation), and never under
+        // 2 ms a token (fast upstreams differ by more than twice in fractions of a
+        // millisecond).
+        let noise = match class {
+            LatencyClass::Generation => (0.05 / f64::from((*output_hint).max(1))).max(0.002),
+            LatencyClass::Stream | LatencyClass::Call => 0.05,
         };
-        select(
-            slots,
-            skip,
-            ask,
-            strategy,
-            at,
-            &mut self.rng,
-            &mut self.buffers,
-        )
-        .ok()
+        let slow = |j: usize| {
+            typical(j).is_some_and(|latency| {
+                latency > fastest * affinity.slower && latency - fastest > noise
+            })
+        };
+        let alternative = |j: usize| j != home && !tried[j] && !slow(j);
+        let alternatives = (0..members.len()).filter(|&j| alternative(j)).count();
+        let stays = !slow(home)
+            && (alternatives == 0 || {
+                // One alternative, uniformly.
+                let drawn = (rng.unit() * alternatives as f64) as usize % alternatives;
+                let other = (0..members.len())
+                    .filter(|&j| alternative(j))
+                    .nth(drawn)
+                    .unwrap_or(home);
+                let ours = f64::from(members[home].state.in_flight());
+                let theirs = f64::from(members[other].state.in_flight());
+                ours <= (1.0 + affinity.tolerance) * theirs + 1.0
+            });
+        if stays {
+            return select(slots, |j| j != home, ask, strategy, at, rng, buffers).ok();
+        }
+        select(slots, |j| !alternative(j), ask, strategy, at, rng, buffers)
+            .or_else(|_| {
+                select(
+                    slots,
+                    |j| j == home || tried[j],
+                    ask,
+                    strategy,
+                    at,
+                    rng,
+                    buffers,
+                )
+            })
+            .ok()
     }
 
     /// The request was served by `deployment` of `endpoint`: its cache key is that

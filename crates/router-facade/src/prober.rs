@@ -201,7 +201,7 @@ async fn send(live: &RouterSnapshot, deployment: &Deployment, rng: &mut Rng) -> 
     Found::Out(error.kind(), next)
 }
 
-/// The cheapest request of the kind the deployment was last sent.
+/// The cheapest request of the kind the deployment was last sent, in its form.
 async fn call(deployment: &Deployment, deadline: Instant) -> Result<(), Error> {
     let options = CallOptions::default().with_deadline(deadline);
     let backend = deployment.backend.as_ref();
@@ -229,11 +229,51 @@ async fn call(deployment: &Deployment, deadline: Instant) -> Result<(), Error> {
                 .insert("store".to_owned(), serde_json::Value::Bool(false));
             backend.responses(&request, &options).await.map(drop)
         }
-        _ => {
-            let mut request = ChatCompletionRequest::new(model, vec![ChatMessage::user("ping")]);
+        CallKind::ChatMaxCompletionTokens => chat(deployment, true, &options).await,
+        _ => chat(deployment, false, &options).await,
+    }
+}
+
+/// A one-token chat completion, capped with `max_completion_tokens` (`modern`) or
+/// `max_tokens`. When the upstream refuses the cap's parameter (a reasoning model refuses
+/// `max_tokens`; an old API version or a compatible server may not know
+/// `max_completion_tokens`), once more with the other, which later probes then use: a refusal
+/// of the request's form is not the deployment serving (it says nothing of the quota, which
+/// the upstream may check after the body).
+async fn chat(deployment: &Deployment, modern: bool, options: &CallOptions) -> Result<(), Error> {
+    let backend = deployment.backend.as_ref();
+    let request = |modern: bool| {
+        let mut request =
+            ChatCompletionRequest::new(deployment.name.as_str(), vec![ChatMessage::user("ping")]);
+        if modern {
+            request.max_completion_tokens = Some(1);
+        } else {
             request.max_tokens = Some(1);
-            backend.chat(&request, &options).await.map(drop)
         }
+        request
+    };
+    let refused = |error: &Error, modern: bool| {
+        let cap = if modern {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        error.status() == Some(400)
+            && error
+                .body()
+                .is_some_and(|body| body.param.as_deref() == Some(cap))
+    };
+    match backend.chat(&request(modern), options).await {
+        Err(error) if refused(&error, modern) => {
+            let other = !modern;
+            deployment.state.note_call(if other {
+                CallKind::ChatMaxCompletionTokens
+            } else {
+                CallKind::Chat
+            });
+            backend.chat(&request(other), options).await.map(drop)
+        }
+        result => result.map(drop),
     }
 }
 

@@ -41,14 +41,25 @@ async fn sim() -> Sim {
 }
 
 async fn sim_of(endpoints: usize) -> Sim {
+    sim_for(endpoints, Calls::Chat).await
+}
+
+/// `endpoints` endpoints, each serving `dep{i}`; reasoning models (which refuse `max_tokens`)
+/// when the callers' requests are for them.
+async fn sim_for(endpoints: usize, calls: Calls) -> Sim {
     let endpoints = (0..endpoints).map(|i| {
-        EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+        let config = EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
             .with_api_key(KEY)
             .with_models([format!("dep{i}")])
             .with_latency(LatencyModel::new(
                 Duration::from_millis(50),
                 Duration::from_millis(1),
-            ))
+            ));
+        if calls.reasoning() {
+            config.with_reasoning_models([format!("dep{i}")])
+        } else {
+            config
+        }
     });
     Sim::start(11, endpoints).await.unwrap()
 }
@@ -78,19 +89,32 @@ fn builder_in(sim: &Sim, world: World) -> RouterBuilder {
     builder
 }
 
-/// What callers send: chat completions, or embeddings.
-#[derive(Clone, Copy, PartialEq)]
+/// What callers send: chat completions capped with `max_tokens`; chat completions to
+/// reasoning models, capped with `max_completion_tokens` or not capped at all; or embeddings.
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Calls {
     Chat,
+    ReasoningChat,
+    UncappedReasoningChat,
     Embeddings,
+}
+
+impl Calls {
+    fn reasoning(self) -> bool {
+        matches!(self, Self::ReasoningChat | Self::UncappedReasoningChat)
+    }
 }
 
 /// Sends one caller's request; it must be served (the other endpoint serves while one is out).
 async fn call(router: &Router, calls: Calls) -> String {
     match calls {
-        Calls::Chat => {
+        Calls::Chat | Calls::ReasoningChat | Calls::UncappedReasoningChat => {
             let mut request = ChatCompletionRequest::new("m", vec![ChatMessage::user("hello")]);
-            request.max_tokens = Some(4);
+            match calls {
+                Calls::Chat => request.max_tokens = Some(4),
+                Calls::ReasoningChat => request.max_completion_tokens = Some(4),
+                _ => {}
+            }
             router.chat(&request).await.unwrap().endpoint.to_string()
         }
         Calls::Embeddings => router
@@ -135,7 +159,7 @@ async fn goes_out_and_comes_back(
     break_it: impl FnOnce(&SimEndpoint),
     mend_it: impl FnOnce(&SimEndpoint),
 ) {
-    let sim = sim_of(world.endpoints).await;
+    let sim = sim_for(world.endpoints, calls).await;
     let broken = sim.endpoint("ep0").unwrap().clone();
     let router = builder_in(&sim, world).build().unwrap();
     for _ in 0..2 * world.endpoints {
@@ -171,8 +195,14 @@ async fn goes_out_and_comes_back(
         !matches!(stats.availability, Availability::Ready),
         "still out after {out_for:?}: {stats:?}"
     );
-    let (callers, probes) = received(&broken);
+    let (callers, mut probes) = received(&broken);
     assert_eq!(callers, callers_before, "no caller's request while out");
+    if calls == Calls::UncappedReasoningChat {
+        // The first probe's `max_tokens` was refused: it asked again with
+        // `max_completion_tokens`, and so did every probe after it.
+        let first = probes.remove(0);
+        assert_eq!(first["max_tokens"], 1, "{first}");
+    }
     // The schedule: the interval doubles to the longest, each jittered; so at most this many
     // probes fit in `out_for`.
     let mut most = 0;
@@ -196,6 +226,10 @@ async fn goes_out_and_comes_back(
     for probe in &probes {
         match calls {
             Calls::Chat => assert_eq!(probe["max_tokens"], 1, "{probe}"),
+            Calls::ReasoningChat | Calls::UncappedReasoningChat => {
+                assert_eq!(probe["max_completion_tokens"], 1, "{probe}");
+                assert!(probe.get("max_tokens").is_none(), "{probe}");
+            }
             Calls::Embeddings => assert_eq!(probe["input"], "ping", "{probe}"),
         }
     }
@@ -295,6 +329,31 @@ async fn insufficient_quota_comes_back_when_billing_is_fixed() {
         SimEndpoint::clear_faults,
     )
     .await;
+}
+
+/// `insufficient_quota` on reasoning models, whose upstream refuses `max_tokens` before it
+/// looks at the quota: a probe in the form callers use (`max_completion_tokens`), or, when
+/// callers set no cap, one that learns the form from the refusal, meets the quota error and
+/// keeps the deployment out (a probe whose form was refused would have brought it back, and a
+/// caller's request would have met the error).
+#[tokio::test(start_paused = true)]
+async fn insufficient_quota_on_a_reasoning_model_stays_out_until_fixed() {
+    for calls in [Calls::ReasoningChat, Calls::UncappedReasoningChat] {
+        goes_out_and_comes_back(
+            STANDARD,
+            calls,
+            ErrorKind::QuotaExhausted,
+            Duration::from_secs(100),
+            |ep| {
+                ep.inject(
+                    Fault::status_with_code(429, "insufficient_quota"),
+                    Times::Always,
+                );
+            },
+            SimEndpoint::clear_faults,
+        )
+        .await;
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -34,7 +34,15 @@ pub(crate) async fn probe(config: &Config) -> Result<bool, Problem> {
                 let mut request =
                     ChatCompletionRequest::new(&model, vec![ChatMessage::user("Say ok")]);
                 request.max_tokens = Some(1);
-                router.chat(&request).await.map(|_| ())
+                match router.chat(&request).await {
+                    // A reasoning model refuses `max_tokens`: the form it takes.
+                    Err(e) if refuses(&e, "max_tokens") => {
+                        request.max_tokens = None;
+                        request.max_completion_tokens = Some(1);
+                        router.chat(&request).await.map(|_| ())
+                    }
+                    result => result.map(|_| ()),
+                }
             };
             let line = match result {
                 Ok(()) => format!(
@@ -51,4 +59,12 @@ pub(crate) async fn probe(config: &Config) -> Result<bool, Problem> {
         }
     }
     Ok(all_ok)
+}
+
+/// Whether the upstream refused `param` of the request (400 naming it).
+fn refuses(error: &router_facade::Error, param: &str) -> bool {
+    error.status() == Some(400)
+        && error
+            .body()
+            .is_some_and(|body| body.param.as_deref() == Some(param))
 }

@@ -495,6 +495,7 @@ pub(crate) fn snapshot(router: &Router, board: &Board, throttled: u64) -> Value 
                         "state": name,
                         "why": why,
                         "until_s": until.map(|u| round(u, 1)),
+                        "state_for_s": round(now.saturating_duration_since(s.state.since).as_secs_f64(), 1),
                         "out": s.state.out.map(|out| json!({
                             "why": out.why.as_str(),
                             "for_s": round(now.saturating_duration_since(out.since).as_secs_f64(), 1),

@@ -1158,6 +1158,78 @@ async fn check_probe_reports_each_endpoint() {
     assert!(!stdout.contains("az-wrong-key"), "no key in the output");
 }
 
+/// `check --probe` on a reasoning model, which refuses `max_tokens`: the refusal of the form is
+/// not a failure; the check asks again with `max_completion_tokens` and reports ok. A failure
+/// after that is still reported.
+#[tokio::test]
+async fn check_probe_asks_reasoning_models_in_their_form() {
+    let sim = Sim::start(
+        4,
+        [EndpointConfig::new("oai", SimDialect::OpenAi)
+            .with_api_key(UPSTREAM_KEY)
+            .with_models(["o4-mini"])
+            .with_reasoning_models(["o4-mini"])
+            .with_latency(LatencyModel::instant())],
+    )
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "openai-router-reasoning-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = format!(
+        r#"
+[[endpoints]]
+name = "oai"
+kind = "openai"
+url = "{}"
+api_key_env = "TEST_UPSTREAM_KEY"
+models = ["o4-mini"]
+"#,
+        sim.endpoints()[0].openai_base_url()
+    );
+    std::fs::write(dir.join("router.toml"), config).unwrap();
+    let check = || async {
+        let output = Command::new(env!("CARGO_BIN_EXE_openai-router"))
+            .args(["check", "--probe", "--config"])
+            .arg(dir.join("router.toml"))
+            .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+            .output()
+            .await
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (ok, stdout) = check().await;
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("oai / o4-mini: ok"), "{stdout}");
+    let sent: Vec<_> = sim.endpoints()[0]
+        .requests()
+        .into_iter()
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0]["max_tokens"], 1, "{sent:?}");
+    assert_eq!(sent[1]["max_completion_tokens"], 1, "{sent:?}");
+    assert!(sent[1].get("max_tokens").is_none(), "{sent:?}");
+
+    sim.endpoints()[0].inject(
+        Fault::status_with_code(429, "insufficient_quota"),
+        Times::Always,
+    );
+    let (ok, stdout) = check().await;
+    assert!(!ok, "{stdout}");
+    assert!(
+        stdout.contains("oai / o4-mini: FAILED (quota_exhausted)"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_the_upstream_call() {
     let slow = LatencyModel::new(Duration::from_secs(5), Duration::from_millis(10));
@@ -2457,10 +2529,16 @@ async fn a_revoked_key_goes_out_and_a_reload_brings_it_back() {
     for _ in 0..150 {
         let status = status_json(&gateway).await;
         if deployment_in(&status, "oai/gpt-4o-mini")["out"].is_null() {
-            assert_eq!(
-                deployment_in(&status, "oai/gpt-4o-mini")["last_probe"]["outcome"],
-                "served"
+            let oai = deployment_in(&status, "oai/gpt-4o-mini");
+            assert_eq!(oai["last_probe"]["outcome"], "served");
+            // In its state since it came back: since the reload, well after the start, where
+            // the Azure deployment's state began.
+            let az = deployment_in(&status, "az/mini-dep");
+            let (back_for, az_for) = (
+                oai["state_for_s"].as_f64().unwrap(),
+                az["state_for_s"].as_f64().unwrap(),
             );
+            assert!(back_for < 5.0 && back_for <= az_for, "{oai} {az}");
             back = true;
             break;
         }

@@ -58,6 +58,11 @@ pub struct EndpointConfig {
     /// Model (OpenAI) or deployment (Azure) names served; empty serves any name.
     #[serde(default)]
     pub models: Vec<String>,
+    /// Model or deployment names that are reasoning models: their chat completions refuse
+    /// `max_tokens` (400 `unsupported_parameter`, before any quota check) and take
+    /// `max_completion_tokens`, as OpenAI's o-series and GPT-5 do.
+    #[serde(default)]
+    pub reasoning_models: Vec<String>,
     /// How fast it answers.
     #[serde(default)]
     pub latency: LatencyModel,
@@ -80,6 +85,7 @@ impl EndpointConfig {
             bearer_token: None,
             entra: None,
             models: Vec::new(),
+            reasoning_models: Vec::new(),
             latency: LatencyModel::default(),
             limits: Limits::default(),
             output: OutputModel::default(),
@@ -122,6 +128,17 @@ impl EndpointConfig {
         S: Into<String>,
     {
         self.models = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Serves these names as reasoning models: their chat completions refuse `max_tokens`.
+    #[must_use]
+    pub fn with_reasoning_models<I, S>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.reasoning_models = models.into_iter().map(Into::into).collect();
         self
     }
 

@@ -444,6 +444,20 @@ fn validate(
             None,
         )));
     }
+    if operation == Operation::Chat
+        && config.reasoning_models.contains(&model)
+        && !body["max_tokens"].is_null()
+    {
+        // Both dialects: Azure passes OpenAI's validation error through as it is.
+        state.counters.bad_request.inc();
+        let error = json!({"error": {
+            "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+            "type": "invalid_request_error",
+            "param": "max_tokens",
+            "code": "unsupported_parameter",
+        }});
+        return Err(Box::new(state.reply_json(seq, 400, &error, None)));
+    }
 
     Ok((operation, model, body))
 }
