@@ -132,7 +132,12 @@ pub const TYPICAL_WEIGHT: f64 = 0.2;
 /// something (a key's prompt cache: see the facade's cache affinity), one tail answer must not
 /// decide: an answer `x` times the typical moves it by `(x - 1) / 5`, so a deployment looks twice
 /// as slow after one answer six times the typical, or after about four in a row at three times.
-/// No idle decay: a deployment's typical latency does not change by nobody asking it.
+/// No idle decay: a deployment's typical latency does not change by nobody asking it; but a
+/// sample after a gap of [`STALE`] of the peak estimate's decay starts it again
+/// ([`restart`](Typical::restart), which [`DeploymentState::observe_latency`] calls), so that a
+/// deployment that was slow and is asked again (by a probe, typically) is what it answers now.
+///
+/// [`DeploymentState::observe_latency`]: crate::DeploymentState::observe_latency
 ///
 /// One `AtomicU64` (the estimate as `f32` milliseconds and the number of samples, saturating,
 /// as `u32`), updated with a CAS loop.
@@ -157,6 +162,13 @@ impl Typical {
     /// How many samples it has seen (saturating at `u32::MAX`).
     pub fn samples(&self) -> u32 {
         unpack(self.packed.load(Ordering::Relaxed)).1
+    }
+
+    /// Starts again from `sample`, as if it were the first: what came before is old news.
+    pub fn restart(&self, sample: Duration) {
+        let sample_ms = sample.as_secs_f64() * 1000.0;
+        self.packed
+            .store(pack(sample_ms as f32, 1), Ordering::Relaxed);
     }
 
     /// Records a sample.

@@ -82,7 +82,7 @@ pub use quota::{
 pub use ratelimit::RateLimitInfo;
 pub use retry::RetryBudget;
 pub use rng::Rng;
-pub use select::{Ask, NothingEligible, Reason, Selection, Slot, select, soonest};
+pub use select::{Ask, NothingEligible, Reason, Selection, Slot, probe_beside, select, soonest};
 pub use state::{
     Availability, CallKind, DeploymentState, HealthPolicy, InFlightGuard, LatencyClass, Out,
     ProbeOutcome, SERVICE_TIERS, StateStats,

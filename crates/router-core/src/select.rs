@@ -125,6 +125,60 @@ fn recovery(slot: &Slot<'_>, ask: Ask, now: Instant) -> Result<(), Option<(Insta
     }
 }
 
+/// Fills `buffers` with the candidates among `slots` not `tried` that can take `ask` at `now`
+/// (in panic mode, also an ejected one, as [`select`] says).
+fn fill(
+    slots: &[Slot<'_>],
+    tried: &impl Fn(usize) -> bool,
+    ask: Ask,
+    now: Instant,
+    buffers: &mut Selection,
+    panic_mode: bool,
+) {
+    buffers.candidates.clear();
+    buffers.map.clear();
+    for (i, slot) in slots.iter().enumerate() {
+        if tried(i) {
+            continue;
+        }
+        let eligible = match recovery(slot, ask, now) {
+            Ok(()) => true,
+            // Panic mode: an ejection never takes the last usable deployment away, but a
+            // quota with no room stays out (the upstream would refuse it), and so does a
+            // deployment out until probed (ejected for long: only a probe brings it back).
+            Err(Some((_, Reason::Ejected))) => {
+                panic_mode && quota_at(slot, ask, now).is_none() && slot.state.out().is_none()
+            }
+            Err(_) => false,
+        };
+        if !eligible {
+            continue;
+        }
+        buffers.candidates.push(Candidate {
+            in_flight: slot.state.in_flight(),
+            latency: slot.state.latency(ask.class, now),
+            weight: slot.weight.max(1),
+            priority: slot.priority,
+            headroom: slot.state.quota.headroom(&slot.limits, now),
+            idle: slot.state.idle(now),
+            ramp: slot.state.ramp(now),
+        });
+        buffers.map.push(i);
+    }
+}
+
+/// How many of the filled candidates are in the best tier (they come sorted by tier): the
+/// strategy is offered those alone (as `pick_tiered` does), and a shadow probe goes only
+/// within them.
+fn best_tier(buffers: &Selection) -> usize {
+    let best = buffers.candidates.first().map(|c| c.priority);
+    buffers
+        .candidates
+        .iter()
+        .take_while(|c| Some(c.priority) == best)
+        .count()
+}
+
 /// Picks a slot index for `ask` at `now`, skipping those `tried(i)` says this request has
 /// already tried.
 pub fn select(
@@ -136,52 +190,12 @@ pub fn select(
     rng: &mut Rng,
     buffers: &mut Selection,
 ) -> Result<usize, NothingEligible> {
-    let fill = |buffers: &mut Selection, panic_mode: bool| {
-        buffers.candidates.clear();
-        buffers.map.clear();
-        for (i, slot) in slots.iter().enumerate() {
-            if tried(i) {
-                continue;
-            }
-            let eligible = match recovery(slot, ask, now) {
-                Ok(()) => true,
-                // Panic mode: an ejection never takes the last usable deployment away, but a
-                // quota with no room stays out (the upstream would refuse it), and so does a
-                // deployment out until probed (ejected for long: only a probe brings it back).
-                Err(Some((_, Reason::Ejected))) => {
-                    panic_mode && quota_at(slot, ask, now).is_none() && slot.state.out().is_none()
-                }
-                Err(_) => false,
-            };
-            if !eligible {
-                continue;
-            }
-            buffers.candidates.push(Candidate {
-                in_flight: slot.state.in_flight(),
-                latency: slot.state.latency(ask.class, now),
-                weight: slot.weight.max(1),
-                priority: slot.priority,
-                headroom: slot.state.quota.headroom(&slot.limits, now),
-                idle: slot.state.idle(now),
-                ramp: slot.state.ramp(now),
-            });
-            buffers.map.push(i);
-        }
-    };
     buffers.probe = None;
-    fill(buffers, false);
+    fill(slots, &tried, ask, now, buffers, false);
     if buffers.candidates.is_empty() {
-        fill(buffers, true);
+        fill(slots, &tried, ask, now, buffers, true);
     }
-    // The best tier alone is offered to the strategy (as `pick_tiered` does), and a shadow
-    // probe goes only within it: the tier is counted once for both.
-    let best = buffers.candidates.first().map(|c| c.priority);
-    let tier = buffers
-        .candidates
-        .iter()
-        .take_while(|c| Some(c.priority) == best)
-        .count();
-    let offered = &buffers.candidates[..tier];
+    let offered = &buffers.candidates[..best_tier(buffers)];
     if let Some(chosen) = strategy.pick(offered, now, rng) {
         buffers.probe = strategy
             .probe(offered, now, rng)
@@ -190,6 +204,34 @@ pub fn select(
         return Ok(buffers.map[chosen]);
     }
     Err(soonest(slots, tried, ask, now))
+}
+
+/// The shadow probe the strategy owes beside `chosen`, a slot picked by other means (a cache
+/// key's deployment), among the slots not `tried`: left in `buffers` as [`select`] leaves
+/// it, never `chosen`. So that a deployment no pick goes to (recovered, or new, while every
+/// request has a cache key) is still measured, and can be chosen again.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "select's arguments and the pick it goes beside"
+)]
+pub fn probe_beside(
+    slots: &[Slot<'_>],
+    tried: impl Fn(usize) -> bool,
+    chosen: usize,
+    ask: Ask,
+    strategy: &dyn Strategy,
+    now: Instant,
+    rng: &mut Rng,
+    buffers: &mut Selection,
+) {
+    buffers.probe = None;
+    fill(slots, &tried, ask, now, buffers, false);
+    let offered = &buffers.candidates[..best_tier(buffers)];
+    strategy.picked_elsewhere();
+    buffers.probe = strategy
+        .probe(offered, now, rng)
+        .map(|probe| buffers.map[probe])
+        .filter(|probe| *probe != chosen);
 }
 
 /// The soonest recovery among the slots not `tried`, and what it waits for.

@@ -660,8 +660,14 @@ impl DeploymentState {
         if measured && sample.as_secs_f64() * 2.0 <= ewma.get(now) {
             self.ramp_from.store(self.ms(now) + 1, Ordering::Relaxed);
         }
+        // After a gap, the typical latency is old news too: it starts again from this sample.
+        let typical = &self.typical[class.index()];
+        if ewma.since_sample(now) >= ewma.decay().mul_f64(crate::ewma::STALE) {
+            typical.restart(sample);
+        } else {
+            typical.observe(sample);
+        }
         ewma.observe(sample, now);
-        self.typical[class.index()].observe(sample);
     }
 
     /// Records a failure and applies its health effect. A disabling error, and a cooldown or

@@ -96,6 +96,11 @@ pub trait Strategy: Send + Sync + fmt::Debug {
         None
     }
 
+    /// A request of the group went where something other than [`pick`](Self::pick) chose (its
+    /// prompt-cache key's deployment); [`probe`](Self::probe) is asked next. A strategy that
+    /// budgets probes by picks counts it; the default does nothing.
+    fn picked_elsewhere(&self) {}
+
     /// A name for logs.
     fn name(&self) -> &'static str;
 }
@@ -345,6 +350,11 @@ impl Strategy for LeastLatency {
             return Some(other);
         }
         Some(better)
+    }
+
+    fn picked_elsewhere(&self) {
+        // Relaxed: a counter of picks, as in `pick`.
+        self.picks.fetch_add(1, Ordering::Relaxed);
     }
 
     fn probe(&self, candidates: &[Candidate], _now: Instant, rng: &mut Rng) -> Option<usize> {

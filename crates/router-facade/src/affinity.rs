@@ -19,7 +19,9 @@
 //!   two rules would trade keys back and forth, a cache miss each time (in a group with one
 //!   endpoint twice as slow, that cost a fifth of the cache hits).
 //! - Much busier ([`CacheAffinity::tolerance`]): power of two choices with a preference, so
-//!   that a deployment that recovers or joins gets keys back.
+//!   that a deployment that recovers or joins gets keys back. While a key stays, the
+//!   strategy's shadow probes still run beside it, so that a deployment keys left is measured
+//!   and becomes an alternative again once it answers as fast as the rest.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, Instant};

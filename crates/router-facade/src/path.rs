@@ -680,7 +680,12 @@ impl<'r> Path<'r> {
                 ours <= (1.0 + affinity.tolerance) * theirs + 1.0
             });
         if stays {
-            return select(slots, |j| j != home, ask, strategy, at, rng, buffers).ok();
+            let picked = select(slots, |j| j != home, ask, strategy, at, rng, buffers).ok()?;
+            // The strategy's probe budget runs beside the key's pick: a deployment that keys
+            // left (slow then, recovered since) or that joined is still measured by shadow
+            // copies, and becomes an alternative again once it answers as fast as the rest.
+            router_core::probe_beside(slots, |j| tried[j], picked, ask, strategy, at, rng, buffers);
+            return Some(picked);
         }
         select(slots, |j| !alternative(j), ask, strategy, at, rng, buffers)
             .or_else(|_| {

@@ -453,6 +453,45 @@ fn shadow_probes_take_the_budget_out_of_the_picks() {
     assert!(first.is_some(), "an untried deployment is tried at once");
 }
 
+/// Requests that went where something else chose (a cache key's deployment) count toward the
+/// probe budget as picks do; without them counted, a group whose requests all have keys
+/// would probe once and never again.
+#[test]
+fn picks_made_elsewhere_fill_the_probe_budget() {
+    let busy = Candidate {
+        in_flight: 4,
+        latency: 0.3,
+        idle: 0.01,
+        ..Candidate::default()
+    };
+    let starved = Candidate {
+        latency: 3.0,
+        idle: 5.2,
+        ..Candidate::default()
+    };
+    let now = Instant::now();
+    let mut rng = Rng::with_seed(3);
+    let group = [starved, busy, busy];
+    let probes = |counted: bool, rng: &mut Rng| {
+        let strategy = LeastLatency::with_probe_interval(Duration::from_secs(5))
+            .with_probe_mode(ProbeMode::Shadow);
+        (0..1_500)
+            .filter(|_| {
+                if counted {
+                    strategy.picked_elsewhere();
+                }
+                strategy.probe(&group, now, rng) == Some(0)
+            })
+            .count()
+    };
+    let counted = probes(true, &mut rng);
+    assert!(
+        (8..=10).contains(&counted),
+        "{counted} in 1,500 keyed requests"
+    );
+    assert!(probes(false, &mut rng) <= 1);
+}
+
 #[test]
 fn a_ramping_deployment_wins_in_proportion_to_its_ramp() {
     let back = Candidate {
