@@ -16,12 +16,17 @@ const MODEL: &str = "gpt-4o-mini";
 async fn sim(n: usize) -> Sim {
     let latency =
         LatencyModel::new(Duration::from_millis(100), Duration::from_millis(2)).with_jitter(0.1);
+    sim_with(&vec![latency; n]).await
+}
+
+/// One endpoint per latency model, `ep0`, `ep1`, … each serving the model.
+async fn sim_with(latencies: &[LatencyModel]) -> Sim {
     Sim::start(
         9,
-        (0..n).map(|i| {
+        latencies.iter().enumerate().map(|(i, latency)| {
             EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
                 .with_models([MODEL])
-                .with_latency(latency)
+                .with_latency(*latency)
         }),
     )
     .await
@@ -80,16 +85,7 @@ impl Talk {
     }
 
     async fn sim(&self) -> Sim {
-        Sim::start(
-            9,
-            self.latencies.iter().enumerate().map(|(i, latency)| {
-                EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
-                    .with_models([MODEL])
-                    .with_latency(*latency)
-            }),
-        )
-        .await
-        .unwrap()
+        sim_with(&self.latencies).await
     }
 
     /// Every session at once, each its turns one after another with the gap between them;
@@ -371,16 +367,7 @@ fn worlds() -> [World; 3] {
 #[tokio::test(start_paused = true)]
 async fn one_slow_answer_keeps_the_key_and_lasting_slowness_moves_it() {
     for (w, world) in worlds().into_iter().enumerate() {
-        let sim = Sim::start(
-            9,
-            (0..world.endpoints).map(|i| {
-                EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
-                    .with_models([MODEL])
-                    .with_latency(world.latency)
-            }),
-        )
-        .await
-        .unwrap();
+        let sim = sim_with(&vec![world.latency; world.endpoints]).await;
         let router = builder(&sim)
             .strategy(router_facade::StrategyKind::RoundRobin)
             .build()
@@ -481,16 +468,7 @@ async fn keys_come_back_to_a_deployment_that_recovers() {
         },
     ];
     for (w, world) in worlds.iter().enumerate() {
-        let sim = Sim::start(
-            9,
-            (0..world.endpoints).map(|i| {
-                EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
-                    .with_models([MODEL])
-                    .with_latency(world.latency)
-            }),
-        )
-        .await
-        .unwrap();
+        let sim = sim_with(&vec![world.latency; world.endpoints]).await;
         let router = builder(&sim).build().unwrap();
         let slow = sim.endpoint("ep0").unwrap().clone();
         let (sessions, gap) = (world.sessions, world.gap);

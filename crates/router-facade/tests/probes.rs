@@ -313,6 +313,14 @@ async fn a_revoked_key_comes_back_across_schedules_and_group_sizes() {
     }
 }
 
+/// Billing exhausted upstream: every answer 429 `insufficient_quota` until the faults clear.
+fn out_of_quota(endpoint: &SimEndpoint) {
+    endpoint.inject(
+        Fault::status_with_code(429, "insufficient_quota"),
+        Times::Always,
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn insufficient_quota_comes_back_when_billing_is_fixed() {
     goes_out_and_comes_back(
@@ -320,12 +328,7 @@ async fn insufficient_quota_comes_back_when_billing_is_fixed() {
         Calls::Chat,
         ErrorKind::QuotaExhausted,
         Duration::from_secs(100),
-        |ep| {
-            ep.inject(
-                Fault::status_with_code(429, "insufficient_quota"),
-                Times::Always,
-            );
-        },
+        out_of_quota,
         SimEndpoint::clear_faults,
     )
     .await;
@@ -344,12 +347,7 @@ async fn insufficient_quota_on_a_reasoning_model_stays_out_until_fixed() {
             calls,
             ErrorKind::QuotaExhausted,
             Duration::from_secs(100),
-            |ep| {
-                ep.inject(
-                    Fault::status_with_code(429, "insufficient_quota"),
-                    Times::Always,
-                );
-            },
+            out_of_quota,
             SimEndpoint::clear_faults,
         )
         .await;

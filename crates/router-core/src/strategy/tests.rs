@@ -407,19 +407,28 @@ fn a_starved_deployment_gets_its_probe_budget_while_the_group_is_busy() {
     assert_eq!(probes(&strategy, never, quiet, &mut rng), 0);
 }
 
-#[test]
-fn shadow_probes_take_the_budget_out_of_the_picks() {
-    let busy = Candidate {
+/// A deployment in use: four requests in flight, 300 ms.
+fn busy() -> Candidate {
+    Candidate {
         in_flight: 4,
         latency: 0.3,
         idle: 0.01,
         ..Candidate::default()
-    };
-    let starved = Candidate {
+    }
+}
+
+/// A slow deployment nobody sent a request for 5.2 s: owed a probe at a 5 s interval.
+fn starved() -> Candidate {
+    Candidate {
         latency: 3.0,
         idle: 5.2,
         ..Candidate::default()
-    };
+    }
+}
+
+#[test]
+fn shadow_probes_take_the_budget_out_of_the_picks() {
+    let (busy, starved) = (busy(), starved());
     let now = Instant::now();
     let mut rng = Rng::with_seed(3);
     let strategy = LeastLatency::with_probe_interval(Duration::from_secs(5))
@@ -458,17 +467,7 @@ fn shadow_probes_take_the_budget_out_of_the_picks() {
 /// would probe once and never again.
 #[test]
 fn picks_made_elsewhere_fill_the_probe_budget() {
-    let busy = Candidate {
-        in_flight: 4,
-        latency: 0.3,
-        idle: 0.01,
-        ..Candidate::default()
-    };
-    let starved = Candidate {
-        latency: 3.0,
-        idle: 5.2,
-        ..Candidate::default()
-    };
+    let (busy, starved) = (busy(), starved());
     let now = Instant::now();
     let mut rng = Rng::with_seed(3);
     let group = [starved, busy, busy];
