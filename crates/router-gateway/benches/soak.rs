@@ -955,6 +955,10 @@ async fn run(args: &Args) -> bool {
     std::fs::write(args.out.join("report.md"), &report).unwrap();
     println!("{report}");
     println!("written to {}", args.out.join("report.md").display());
+    // Last, so a log cut to its tail still says which invariant failed and how.
+    for failed in invariants.iter().filter(|i| !i.held) {
+        println!("FAILED: {}: {}", failed.name, failed.detail);
+    }
     invariants.iter().all(|i| i.held)
 }
 

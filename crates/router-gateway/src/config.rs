@@ -85,6 +85,10 @@ pub(crate) struct ServerConfig {
     /// A request's headers must arrive within this (slow clients do not hold sockets).
     #[serde(default = "default_header_timeout_ms")]
     pub(crate) header_read_timeout_ms: u64,
+    /// A kept-alive connection may idle this long between requests before it is closed
+    /// (sooner when every place under `max_connections` is taken and a new client waits).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub(crate) idle_timeout_ms: u64,
     /// A request's body must arrive within this after its headers (408 past it).
     #[serde(default = "default_body_timeout_ms")]
     pub(crate) body_read_timeout_ms: u64,
@@ -131,6 +135,12 @@ fn default_header_timeout_ms() -> u64 {
     10_000
 }
 
+/// Longer than the idle connections clients keep in their pools (reqwest and Go 90 s,
+/// .NET up to two minutes), so they stop reusing a connection before the gateway closes it.
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
+
 fn default_body_timeout_ms() -> u64 {
     30_000
 }
@@ -149,6 +159,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             body_limit_bytes: default_body_limit(),
             header_read_timeout_ms: default_header_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
             body_read_timeout_ms: default_body_timeout_ms(),
             max_connections: default_max_connections(),
             max_header_bytes: default_max_header_bytes(),

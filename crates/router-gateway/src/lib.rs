@@ -14,6 +14,7 @@ mod config;
 mod console;
 mod demo;
 mod error;
+mod keepalive;
 mod lifecycle;
 mod litellm;
 mod metrics;

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::Config;
 use crate::console::say;
+use crate::keepalive::{Phase, PhaseTimer, Watched};
 use crate::problem::{Context as _, Problem};
 use crate::routes::{AppState, BodyLimits, app};
 use crate::tls::Tls;
@@ -59,6 +60,7 @@ pub(crate) async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), P
     };
     let edge = Edge {
         header_read_timeout: Duration::from_millis(server.header_read_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(server.idle_timeout_ms.max(1)),
         max_header_bytes: server.max_header_bytes.max(8192),
         max_connections: server.max_connections.max(1),
         drain_grace: Duration::from_millis(server.drain_grace_ms),
@@ -80,21 +82,25 @@ async fn sample_forever(state: Arc<AppState>) {
     }
 }
 
-/// What a client's connection may take: its TLS handshake and its request head within
-/// `header_read_timeout`, a head of at most `max_header_bytes`, a place among
-/// `max_connections`, and `drain_grace` to finish once the server stops.
+/// What a client's connection may take: its TLS handshake and each request head within
+/// `header_read_timeout` (the first from the connection's start, the next from their first
+/// byte), `idle_timeout` between requests, a head of at most `max_header_bytes`, a place
+/// among `max_connections`, and `drain_grace` to finish once the server stops.
 #[derive(Debug, Clone, Copy)]
 struct Edge {
     header_read_timeout: Duration,
+    idle_timeout: Duration,
     max_header_bytes: usize,
     max_connections: usize,
     drain_grace: Duration,
 }
 
-/// Accepts connections (at most `edge.max_connections` at once: the rest wait in the
-/// listen backlog) and serves `app` on each over HTTP/1.1, behind TLS when `tls` is given, a
-/// request's head allowed `edge.header_read_timeout` (a client that sends it slower is
-/// disconnected) and `edge.max_header_bytes` (431 past it). When `stop` completes, no
+/// Accepts connections (at most `edge.max_connections` served at once: the next waits
+/// accepted, the rest in the listen backlog, and the connections idle between requests are
+/// closed to make room for it) and serves `app` on each over HTTP/1.1, behind TLS when `tls` is
+/// given, a request's head allowed `edge.header_read_timeout` (a client that sends it slower
+/// is disconnected) and `edge.max_header_bytes` (431 past it), a kept-alive connection
+/// `edge.idle_timeout` between requests. When `stop` completes, no
 /// connection is accepted any more (the listener is closed), each open one finishes the
 /// request it is serving (a stream to its end), and the function returns when all have
 /// closed or `edge.drain_grace` has passed, whichever comes first.
@@ -107,15 +113,10 @@ async fn serve_connections(
 ) {
     let places = Arc::new(tokio::sync::Semaphore::new(edge.max_connections));
     let (closing, _) = tokio::sync::watch::channel(());
+    // Every place taken and a client waiting: the idle connections close.
+    let (crowded, _) = tokio::sync::watch::channel(());
     let mut stop = std::pin::pin!(stop);
     loop {
-        let place = tokio::select! {
-            () = &mut stop => break,
-            place = Arc::clone(&places).acquire_owned() => match place {
-                Ok(place) => place,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
@@ -128,18 +129,35 @@ async fn serve_connections(
                 }
             },
         };
+        // With every place taken, this one connection waits accepted (the rest in the
+        // backlog) while the idle ones are asked to make room.
+        let place = if let Ok(place) = Arc::clone(&places).try_acquire_owned() {
+            place
+        } else {
+            crowded.send_replace(());
+            tokio::select! {
+                () = &mut stop => break,
+                place = Arc::clone(&places).acquire_owned() => match place {
+                    Ok(place) => place,
+                    Err(_) => break,
+                },
+            }
+        };
         // Every SSE event leaves at once, not after a delayed ACK.
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let closed = closing.subscribe();
+        let signals = Signals {
+            closed: closing.subscribe(),
+            crowded: crowded.subscribe(),
+        };
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, peer, app, edge, closed).await,
+                None => serve_connection(stream, peer, app, edge, signals).await,
                 Some(tls) => {
                     let handshake = tls.acceptor().accept(stream);
                     match tokio::time::timeout(edge.header_read_timeout, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(stream, peer, app, edge, closed).await,
+                        Ok(Ok(stream)) => serve_connection(stream, peer, app, edge, signals).await,
                         Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake too slow; connection closed"),
                     }
@@ -164,42 +182,69 @@ async fn serve_connections(
     }
 }
 
-/// Serves one connection from `peer` until it ends, or, once `closed` changes, until the
-/// request it is serving has been answered.
+/// What a connection hears from the accept loop: the server is stopping (`closed`), or every
+/// place is taken and a client waits (`crowded`).
+struct Signals {
+    closed: tokio::sync::watch::Receiver<()>,
+    crowded: tokio::sync::watch::Receiver<()>,
+}
+
+/// Serves one connection from `peer` until it ends; once `signals.closed` changes, until the
+/// request it is serving has been answered; when `signals.crowded` changes while it idles
+/// between requests, at once.
 async fn serve_connection<S>(
     stream: S,
     peer: std::net::SocketAddr,
     app: axum::Router,
     edge: Edge,
-    mut closed: tokio::sync::watch::Receiver<()>,
+    mut signals: Signals,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt as _;
+    let phase = Phase::new(edge.header_read_timeout, edge.idle_timeout);
+    let serving = Arc::clone(&phase);
     // Who is calling, for the routes served to loopback clients only.
     let app = app.map_request(
         move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+            serving.serving();
             request.extensions_mut().insert(crate::routes::Peer(peer));
             request
         },
     );
     let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(PhaseTimer(Arc::clone(&phase)))
         .header_read_timeout(edge.header_read_timeout)
         .max_buf_size(edge.max_header_bytes)
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+        .serve_connection(
+            TokioIo::new(Watched::new(stream, Arc::clone(&phase))),
+            TowerToHyperService::new(app),
+        );
     let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                tracing::trace!(%error, "connection ended");
+    let mut crowding = true;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::trace!(%error, "connection ended");
+                }
+                return;
             }
-        }
-        _ = closed.changed() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            _ = signals.closed.changed() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+                return;
+            }
+            heard = signals.crowded.changed(), if crowding => {
+                if heard.is_err() {
+                    crowding = false;
+                } else if phase.is_idle() {
+                    tracing::debug!(%peer, "idle connection closed: every place is taken and a client waits");
+                    return;
+                }
+            }
         }
     }
 }

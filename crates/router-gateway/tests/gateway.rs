@@ -485,18 +485,17 @@ async fn slow_or_greedy_clients_cannot_hold_the_gateway() {
         &answer[..answer.len().min(200)]
     );
 
-    // Three idle connections take every place; a fourth is answered only once one closes.
-    let mut idle = Vec::new();
+    // Three connections part-way through a head take every place; a fourth is answered only
+    // once one closes.
+    let mut partial = Vec::new();
     for _ in 0..3 {
         let mut connection = TcpStream::connect(&addr).await.unwrap();
-        // A complete request on a kept-alive connection holds its place without a deadline.
         connection
-            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
             .await
             .unwrap();
-        idle.push(connection);
+        partial.push(connection);
     }
-    // Well within the 500 ms a kept-alive connection may idle before its next head.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut fourth = TcpStream::connect(&addr).await.unwrap();
     fourth
@@ -506,10 +505,109 @@ async fn slow_or_greedy_clients_cannot_hold_the_gateway() {
     let mut first = [0_u8; 64];
     let waited = tokio::time::timeout(Duration::from_millis(200), fourth.read(&mut first)).await;
     assert!(waited.is_err(), "answered beyond the connection cap");
-    drop(idle.pop());
+    drop(partial.pop());
     let (_, answer) = read_all(fourth).await;
     let answer = format!("{}{answer}", String::from_utf8_lossy(&first));
     assert!(answer.contains("200 OK"), "{answer}");
+}
+
+/// One answer read off a kept-alive connection: its head and a `content-length` body.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut answer = Vec::new();
+    let mut byte = [0_u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => answer.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0_u8; length];
+    stream.read_exact(&mut body).await.ok()?;
+    answer.extend(body);
+    Some(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Kept-alive connections: one that idles longer than a request head may take still serves
+/// its next request (clients keep idle connections for a minute or more and reuse them);
+/// one that idles past `idle_timeout_ms` is closed; and when every place is taken, an idle
+/// one is closed at once for a client that waits.
+#[tokio::test]
+async fn kept_alive_connections_idle_past_the_head_timeout_and_make_room_when_full() {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpStream;
+    let sim = sim().await;
+    let gateway = start_serving(
+        &sim,
+        "",
+        5000,
+        &[],
+        "header_read_timeout_ms = 300\nidle_timeout_ms = 4000\nmax_connections = 2",
+    )
+    .await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    let ask = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    let mut a = TcpStream::connect(&addr).await.unwrap();
+    a.write_all(ask).await.unwrap();
+    let answer = read_answer(&mut a).await.expect("the first answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Three head timeouts of idling, then the next request on the same connection.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    a.write_all(ask).await.unwrap();
+    let answer = read_answer(&mut a)
+        .await
+        .expect("the connection idled past the head timeout was closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A second kept-alive connection: both places taken, both idle.
+    let mut b = TcpStream::connect(&addr).await.unwrap();
+    b.write_all(ask).await.unwrap();
+    assert!(read_answer(&mut b).await.is_some());
+    // A third client is served well before either idle connection times out: one of them
+    // was closed to make room.
+    let started = std::time::Instant::now();
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut c)
+        .await
+        .expect("the waiting client's answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the waiting client was served only after {:?}",
+        started.elapsed()
+    );
+    let mut end = [0_u8; 1];
+    let closed = |read: Result<std::io::Result<usize>, _>| matches!(read, Ok(Ok(0) | Err(_)));
+    let a_closed = closed(tokio::time::timeout(Duration::from_millis(100), a.read(&mut end)).await);
+    let b_closed = closed(tokio::time::timeout(Duration::from_millis(100), b.read(&mut end)).await);
+    assert!(
+        a_closed || b_closed,
+        "no idle connection was closed to make room"
+    );
+
+    // Idle past `idle_timeout_ms`: closed.
+    let mut d = TcpStream::connect(&addr).await.unwrap();
+    d.write_all(ask).await.unwrap();
+    assert!(read_answer(&mut d).await.is_some());
+    let idled = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(10), d.read(&mut end)).await;
+    assert!(
+        closed(read),
+        "the idle connection stayed open past its idle timeout"
+    );
+    assert!(
+        idled.elapsed() >= Duration::from_millis(3500),
+        "closed after {:?} idle, before the idle timeout",
+        idled.elapsed()
+    );
 }
 
 /// A venv under the target directory with the official `openai` package from `PyPI`.
