@@ -5,10 +5,13 @@
 //! that served the earlier one. A request's cache key is its `prompt_cache_key`, else its
 //! `user`, else what [`RequestOptions::with_cache_key`](crate::RequestOptions::with_cache_key)
 //! set (the gateway: a configured header). The router remembers, per model group and key, the
-//! deployment that served it last, for [`CacheAffinity::ttl`], and sends the key's next request
-//! there while that deployment can take it, does not look slow and is not much busier than an
-//! alternative drawn at random; otherwise the strategy picks among the alternatives (among all
-//! the others when there is none), and the deployment that serves becomes the key's.
+//! deployment that served it last and up to three that served it before, each for
+//! [`CacheAffinity::ttl`] after it did, and sends the key's next request to the last one while
+//! that deployment can take it, does not look slow and is not much busier than an alternative
+//! drawn at random. Otherwise the strategy picks among the earlier ones that are alternatives
+//! (their caches may still hold the key's prefix; the pick, too, must not be much busier than
+//! an alternative drawn at random), else among all the alternatives (among all the others when
+//! there is none), and the deployment that serves becomes the key's last.
 //!
 //! - Slow: it typically answers more than [`CacheAffinity::slower`] times slower than the
 //!   fastest deployment of the group that could take the request and has answered (typical:
@@ -90,17 +93,29 @@ impl CacheAffinity {
 /// some have.
 const MAX_KEYS: usize = 200_000;
 
-/// Where each (model group, cache key) was served last, until when.
+/// The most places remembered for one key: the deployment that served it last and the ones
+/// before, each for [`CacheAffinity::ttl`] after it served the key (its prompt cache may still
+/// hold the key's prefix).
+pub(crate) const PLACES: usize = 4;
+
+/// Where each (model group, cache key) was served, the last first, each until when.
 #[derive(Debug, Default)]
 pub(crate) struct Affinities {
-    places: DashMap<u64, Place>,
+    keys: DashMap<u64, [Option<Seen>; PLACES]>,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Place {
-    pub(crate) endpoint: String,
-    pub(crate) deployment: String,
+/// A deployment that served a key, until when it counts.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    place: u64,
     until: Instant,
+}
+
+/// A deployment as the table knows it: its endpoint and name, hashed.
+pub(crate) fn place(endpoint: &str, deployment: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (endpoint, deployment).hash(&mut hasher);
+    hasher.finish()
 }
 
 fn slot(model: &str, key: &str) -> u64 {
@@ -110,44 +125,53 @@ fn slot(model: &str, key: &str) -> u64 {
 }
 
 impl Affinities {
-    /// Where `key` of group `model` was served last, if within its time.
-    pub(crate) fn recall(&self, model: &str, key: &str, now: Instant) -> Option<Place> {
-        let place = self.places.get(&slot(model, key))?;
-        (place.until > now).then(|| place.clone())
+    /// The places ([`place`]) that served `key` of group `model` within their time, the last
+    /// first.
+    pub(crate) fn recall(&self, model: &str, key: &str, now: Instant) -> [Option<u64>; PLACES] {
+        let mut out = [None; PLACES];
+        if let Some(seen) = self.keys.get(&slot(model, key)) {
+            let live = seen.iter().flatten().filter(|s| s.until > now);
+            for (out, s) in out.iter_mut().zip(live) {
+                *out = Some(s.place);
+            }
+        }
+        out
     }
 
-    /// `key` of group `model` was served by `deployment` of `endpoint` at `now`: remembered
-    /// until `until`.
+    /// `key` of group `model` was served by `place` at `now`: its last place, remembered until
+    /// `until`; the places before it stay (the oldest goes when there are [`PLACES`]).
     pub(crate) fn remember(
         &self,
         model: &str,
         key: &str,
-        (endpoint, deployment): (&str, &str),
+        place: u64,
         now: Instant,
         until: Instant,
     ) {
         let slot = slot(model, key);
-        if let Some(mut place) = self.places.get_mut(&slot) {
-            if place.endpoint != endpoint || place.deployment != deployment {
-                endpoint.clone_into(&mut place.endpoint);
-                deployment.clone_into(&mut place.deployment);
+        let first = Seen { place, until };
+        if let Some(mut seen) = self.keys.get_mut(&slot) {
+            let before = *seen;
+            let kept = before
+                .iter()
+                .flatten()
+                .filter(|s| s.place != place && s.until > now);
+            *seen = [None; PLACES];
+            seen[0] = Some(first);
+            for (to, s) in seen[1..].iter_mut().zip(kept) {
+                *to = Some(*s);
             }
-            place.until = until;
             return;
         }
-        if self.places.len() >= MAX_KEYS {
-            self.places.retain(|_, place| place.until > now);
-            if self.places.len() >= MAX_KEYS {
+        if self.keys.len() >= MAX_KEYS {
+            self.keys
+                .retain(|_, seen| seen.iter().flatten().any(|s| s.until > now));
+            if self.keys.len() >= MAX_KEYS {
                 return;
             }
         }
-        self.places.insert(
-            slot,
-            Place {
-                endpoint: endpoint.to_owned(),
-                deployment: deployment.to_owned(),
-                until,
-            },
-        );
+        let mut seen = [None; PLACES];
+        seen[0] = Some(first);
+        self.keys.insert(slot, seen);
     }
 }

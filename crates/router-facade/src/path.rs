@@ -477,9 +477,9 @@ struct Path<'r> {
     trace: Option<Trace>,
     /// Its prompt-cache key, when affinity is on ([`crate::CacheAffinity`]).
     cache_key: Option<&'r str>,
-    /// The deployment that served its cache key last, by index (`None` when none, or it is
-    /// no longer in the group).
-    affine: Option<usize>,
+    /// The deployments that served its cache key, by index, the last first (`None` where
+    /// none, or one is no longer in the group).
+    places: [Option<usize>; crate::affinity::PLACES],
     /// Attempts made.
     count: u32,
     /// Attempts that count against `max_attempts` and the retry budget.
@@ -557,13 +557,18 @@ impl<'r> Path<'r> {
             .cache_affinity
             .and(operation.cache_key().or(options.cache_key.as_deref()))
             .filter(|_| leg.pinned.is_none() && group.members.len() > 1);
-        let affine = cache_key
-            .and_then(|key| shared.affinities.recall(model, key, now()))
-            .and_then(|place| {
-                group.members.iter().position(|d| {
-                    d.endpoint.as_str() == place.endpoint && d.name == place.deployment
-                })
-            });
+        let mut places = [None; crate::affinity::PLACES];
+        if let Some(key) = cache_key {
+            let recalled = shared.affinities.recall(model, key, now());
+            if recalled[0].is_some() {
+                for (index, d) in group.members.iter().enumerate() {
+                    let id = crate::affinity::place(d.endpoint.as_str(), &d.name);
+                    if let Some(at) = recalled.iter().position(|p| *p == Some(id)) {
+                        places[at] = Some(index);
+                    }
+                }
+            }
+        }
         Ok(Self {
             deadline: leg.deadline,
             wait_limit: (start + max_queue_wait).min(leg.deadline),
@@ -573,7 +578,7 @@ impl<'r> Path<'r> {
             spillover: options.spillover_deployment.clone(),
             trace: options.trace.clone(),
             cache_key,
-            affine,
+            places,
             class: operation.class(),
             output_hint: operation.output_hint(expected),
             count: 0,
@@ -626,8 +631,11 @@ impl<'r> Path<'r> {
         strategy: &dyn router_core::Strategy,
         at: std::time::Instant,
     ) -> Option<usize> {
-        let home = self.affine.filter(|&i| !self.tried[i])?;
         let affinity = self.live.settings.cache_affinity?;
+        let places = self.places;
+        if places.iter().all(Option::is_none) {
+            return None;
+        }
         let Self {
             live,
             model,
@@ -640,6 +648,7 @@ impl<'r> Path<'r> {
         } = self;
         let members = &live.groups[*model].members;
         let class = *class;
+        let home = places[0].filter(|&i| !tried[i]);
         // Typical, not peak, latencies: one tail answer at the key's deployment must not cost
         // the key its cache. Only deployments that could take the request and have answered
         // (a guess is not a measure) compare.
@@ -648,7 +657,7 @@ impl<'r> Path<'r> {
             .iter()
             .enumerate()
             .filter(|&(j, d)| {
-                j == home || d.state.availability(at) == router_core::Availability::Ready
+                Some(j) == home || d.state.availability(at) == router_core::Availability::Ready
             })
             .filter_map(|(j, _)| typical(j))
             .fold(f64::INFINITY, f64::min);
@@ -665,28 +674,43 @@ impl<'r> Path<'r> {
                 latency > fastest * affinity.slower && latency - fastest > noise
             })
         };
-        let alternative = |j: usize| j != home && !tried[j] && !slow(j);
-        let alternatives = (0..members.len()).filter(|&j| alternative(j)).count();
-        let stays = !slow(home)
-            && (alternatives == 0 || {
-                // One alternative, uniformly.
-                let drawn = (rng.unit() * alternatives as f64) as usize % alternatives;
-                let other = (0..members.len())
-                    .filter(|&j| alternative(j))
-                    .nth(drawn)
-                    .unwrap_or(home);
-                let ours = f64::from(members[home].state.in_flight());
-                let theirs = f64::from(members[other].state.in_flight());
-                ours <= (1.0 + affinity.tolerance) * theirs + 1.0
-            });
-        if stays {
-            let picked = select(slots, |j| j != home, ask, strategy, at, rng, buffers).ok()?;
+        let alternative = |j: usize| Some(j) != home && !tried[j] && !slow(j);
+        // Whether `j` carries at most `1 + tolerance` times the requests in flight of another
+        // alternative drawn uniformly, plus one.
+        let light = |j: usize, rng: &mut Rng| {
+            let others = || (0..members.len()).filter(|&k| k != j && alternative(k));
+            let n = others().count();
+            if n == 0 {
+                return true;
+            }
+            let drawn = (rng.unit() * n as f64) as usize % n;
+            let other = others().nth(drawn).unwrap_or(j);
+            let ours = f64::from(members[j].state.in_flight());
+            let theirs = f64::from(members[other].state.in_flight());
+            ours <= (1.0 + affinity.tolerance) * theirs + 1.0
+        };
+        if let Some(home) = home
+            && !slow(home)
+            && light(home, rng)
+            && let Ok(picked) = select(slots, |j| j != home, ask, strategy, at, rng, buffers)
+        {
             // The strategy's probe budget runs beside the key's pick: a deployment that keys
             // left (slow then, recovered since) or that joined is still measured by shadow
             // copies, and becomes an alternative again once it answers as fast as the rest.
             router_core::probe_beside(slots, |j| tried[j], picked, ask, strategy, at, rng, buffers);
             return Some(picked);
         }
+        // The key's deployment cannot take it (no quota room, cooling), looks slow or is much
+        // busier: the places that served the key before it may still hold its prefix.
+        let warm = |j: usize| places[1..].contains(&Some(j)) && alternative(j);
+        if (0..members.len()).any(warm)
+            && let Ok(picked) = select(slots, |j| !warm(j), ask, strategy, at, rng, buffers)
+            && light(picked, rng)
+        {
+            router_core::probe_beside(slots, |j| tried[j], picked, ask, strategy, at, rng, buffers);
+            return Some(picked);
+        }
+        let home = home?;
         select(slots, |j| !alternative(j), ask, strategy, at, rng, buffers)
             .or_else(|_| {
                 select(
@@ -710,6 +734,7 @@ impl<'r> Path<'r> {
             return;
         };
         let at = now();
+        let place = crate::affinity::place(place.0, place.1);
         self.shared
             .affinities
             .remember(self.model, key, place, at, at + affinity.ttl);

@@ -291,6 +291,49 @@ async fn affinity_yields_to_throttling_and_slowness() {
     other.set_latency(home.latency());
 }
 
+/// A key that must leave its deployment goes back to one that served it before, whose cache
+/// still holds its prefix, not to one that never did. Eight sessions over three endpoints,
+/// each: served at A; A throttles, so it moves to B; later B throttles too, and its request
+/// fails over to A (a hit), not to the third endpoint (a miss; without the earlier places,
+/// half of the sessions would go there).
+#[tokio::test(start_paused = true)]
+async fn a_key_that_must_leave_goes_where_it_was_served_before() {
+    let sim = sim(3).await;
+    let router = builder(&sim).build().unwrap();
+    let mut back = Vec::new();
+    for session in 0..8 {
+        let first = router.chat(&turn(session, 0, true)).await.unwrap();
+        let a = sim.endpoint(&first.endpoint.to_string()).unwrap().clone();
+        a.inject(Fault::rate_limited(Duration::from_secs(20)), Times::Next(1));
+        let moved = router.chat(&turn(session, 1, true)).await.unwrap();
+        let b = sim.endpoint(&moved.endpoint.to_string()).unwrap().clone();
+        assert_ne!(a.name(), b.name(), "session {session}: the key left A");
+        // A's cooldown passes; then B throttles.
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        b.inject(Fault::rate_limited(Duration::from_secs(20)), Times::Next(1));
+        let third = router.chat(&turn(session, 2, true)).await.unwrap();
+        let cached = third
+            .body
+            .usage
+            .as_ref()
+            .and_then(|u| u.prompt_tokens_details.as_ref())
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        back.push((third.endpoint.to_string(), a.name().to_owned(), cached));
+        tokio::time::sleep(Duration::from_secs(21)).await;
+    }
+    for (session, (served, a, cached)) in back.iter().enumerate() {
+        assert_eq!(
+            served, a,
+            "session {session}: went to a deployment that never served the key: {back:?}"
+        );
+        assert!(
+            *cached > 0,
+            "session {session}: its prefix was not cached: {back:?}"
+        );
+    }
+}
+
 /// Twenty keys whose deployment is the same one, asked all at once: that deployment takes them
 /// while it is at most one and a half times as busy as the other, plus one; the rest go to the
 /// other.
