@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use router_facade::types::{ChatCompletionRequest, ChatMessage};
 use router_facade::{CacheAffinity, Endpoint, RequestOptions, Router, RouterBuilder};
-use upstream_sim::{EndpointConfig, Fault, LatencyModel, Sim, SimDialect, Times};
+use upstream_sim::{
+    EndpointConfig, Fault, LatencyModel, Limits, Sim, SimDialect, Times, WindowKind,
+};
 
 const MODEL: &str = "gpt-4o-mini";
 
@@ -215,6 +217,156 @@ async fn requests_sharing_a_cache_key_find_their_prefix_cached() {
     }
 }
 
+/// A quota world for conversations: each endpoint's tokens per minute, its windows' kind and
+/// length, how many times the summed quota is offered, and how many sessions share it.
+struct Squeeze {
+    tpms: Vec<u64>,
+    kind: WindowKind,
+    window: Duration,
+    offered: f64,
+    sessions: usize,
+}
+
+impl Squeeze {
+    /// Endpoints enforcing the quotas (instant to the first token, so the windows bind), and a
+    /// router told them; `affinity` off gives the strategy alone.
+    async fn world(&self, affinity: bool) -> (Sim, Router) {
+        let latency = LatencyModel::new(Duration::from_millis(150), Duration::from_millis(2))
+            .with_jitter(0.2);
+        let sim = Sim::start(
+            11,
+            self.tpms.iter().enumerate().map(|(i, tpm)| {
+                EndpointConfig::new(format!("ep{i}"), SimDialect::OpenAi)
+                    .with_models([MODEL])
+                    .with_latency(latency)
+                    .with_limits(
+                        Limits::per_minute(Some(*tpm), None)
+                            .with_window(self.window)
+                            .with_kind(self.kind),
+                    )
+            }),
+        )
+        .await
+        .unwrap();
+        let mut builder = Router::builder()
+            .seed(4)
+            .request_timeout(Duration::from_secs(10));
+        for (endpoint, tpm) in sim.endpoints().iter().zip(&self.tpms) {
+            builder = builder.endpoint(
+                Endpoint::openai(endpoint.name(), endpoint.openai_base_url())
+                    .model(MODEL)
+                    .tpm(*tpm)
+                    .quota_window(self.window),
+            );
+        }
+        if !affinity {
+            builder = builder.no_cache_affinity();
+        }
+        (sim, builder.build().unwrap())
+    }
+
+    /// Offers the sessions' turns for a simulated minute (request `i` is a turn of session
+    /// `i % sessions`), open loop; returns the requests served and the share of upstream
+    /// requests whose prefix was cached.
+    async fn run(&self, affinity: bool) -> (u64, f64) {
+        let (sim, router) = self.world(affinity).await;
+        // About 1,550 tokens a turn (the system prompt, the question, 20 out).
+        let per_second = self.offered * self.tpms.iter().sum::<u64>() as f64 / 60.0 / 1_550.0;
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second));
+        let mut running = Vec::new();
+        for i in 0..(per_second * 60.0) as usize {
+            ticks.tick().await;
+            let router = router.clone();
+            let request = turn(i % self.sessions, i / self.sessions, true);
+            running.push(tokio::spawn(
+                async move { router.chat(&request).await.is_ok() },
+            ));
+        }
+        let mut served = 0;
+        for task in running {
+            served += u64::from(task.await.unwrap());
+        }
+        let counters: Vec<_> = sim
+            .endpoints()
+            .iter()
+            .map(upstream_sim::SimEndpoint::counters)
+            .collect();
+        let requests: u64 = counters.iter().map(|c| c.requests).sum();
+        let hits: u64 = counters.iter().map(|c| c.cache_hits).sum();
+        (served, hits as f64 / requests.max(1) as f64)
+    }
+}
+
+/// Under quotas, affinity yields to whichever deployment has room: it must never cost served
+/// requests or cache hits against the strategy alone, and where there is room to choose (load
+/// under the summed quota) it must find many more prefixes cached. Saturated (every window
+/// full, each request goes where room opens first: affinity has no choice to make): fixed
+/// 10 s windows over three unequal endpoints at 1.3 times their quota; sliding 10 s windows
+/// over two at 1.5 times; sliding 1 s windows over four at 1.1 times. With room: sliding 10 s
+/// windows over three at 0.8 times; fixed 10 s windows over three unequal at 0.6 times.
+#[tokio::test(start_paused = true)]
+async fn affinity_under_quotas_costs_nothing_when_saturated_and_wins_below() {
+    let secs = Duration::from_secs;
+    let worlds = [
+        Squeeze {
+            tpms: vec![60_000, 120_000, 180_000],
+            kind: WindowKind::Fixed,
+            window: secs(10),
+            offered: 1.3,
+            sessions: 40,
+        },
+        Squeeze {
+            tpms: vec![120_000, 120_000],
+            kind: WindowKind::Sliding,
+            window: secs(10),
+            offered: 1.5,
+            sessions: 30,
+        },
+        Squeeze {
+            tpms: vec![90_000; 4],
+            kind: WindowKind::Sliding,
+            window: secs(1),
+            offered: 1.1,
+            sessions: 60,
+        },
+        Squeeze {
+            tpms: vec![120_000; 3],
+            kind: WindowKind::Sliding,
+            window: secs(10),
+            offered: 0.8,
+            sessions: 40,
+        },
+        Squeeze {
+            tpms: vec![60_000, 120_000, 180_000],
+            kind: WindowKind::Fixed,
+            window: secs(10),
+            offered: 0.6,
+            sessions: 40,
+        },
+    ];
+    eprintln!("world  served with / without  hits with / without");
+    for (w, world) in worlds.iter().enumerate() {
+        let (served, hits) = world.run(true).await;
+        let (served_without, hits_without) = world.run(false).await;
+        eprintln!("{w:>5}  {served:>6} / {served_without:<7}  {hits:.3} / {hits_without:.3}");
+        assert!(
+            served as f64 >= 0.97 * served_without as f64,
+            "world {w}: affinity served {served} against {served_without} without"
+        );
+        assert!(
+            hits >= hits_without - 0.03,
+            "world {w}: affinity hit {hits:.3} against {hits_without:.3} without"
+        );
+        if world.offered < 1.0 {
+            assert!(
+                hits >= hits_without + 0.1,
+                "world {w}: with room to choose, affinity hit only {hits:.3} against \
+                 {hits_without:.3} without"
+            );
+        }
+    }
+}
+
 /// The key comes from `user` when there is no `prompt_cache_key`, and from the request's
 /// options when the body names neither.
 #[tokio::test(start_paused = true)]
@@ -319,7 +471,7 @@ async fn a_key_that_must_leave_goes_where_it_was_served_before() {
             .and_then(|u| u.prompt_tokens_details.as_ref())
             .and_then(|d| d.cached_tokens)
             .unwrap_or(0);
-        back.push((third.endpoint.to_string(), a.name().to_owned(), cached));
+        back.push((third.endpoint.to_string(), a.name().clone(), cached));
         tokio::time::sleep(Duration::from_secs(21)).await;
     }
     for (session, (served, a, cached)) in back.iter().enumerate() {

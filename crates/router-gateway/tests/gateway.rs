@@ -414,6 +414,14 @@ async fn raw_http_framing_headers_and_errors() {
     assert!(logs.contains("serving"), "the logs were captured: {logs}");
 }
 
+/// A gateway with `server` settings in `[server]`, and the address it listens on.
+async fn on_the_edge(server: &str) -> (Sim, Gateway, String) {
+    let sim = sim().await;
+    let gateway = start_serving(&sim, "", 5000, &[], server).await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    (sim, gateway, addr)
+}
+
 /// The gateway on a network edge: a client that sends its request head slowly is
 /// disconnected, one whose body does not arrive in time is answered 408, a head over the
 /// limit is answered 431, and connections beyond the cap wait to be accepted until one
@@ -422,16 +430,10 @@ async fn raw_http_framing_headers_and_errors() {
 async fn slow_or_greedy_clients_cannot_hold_the_gateway() {
     use tokio::io::AsyncWriteExt as _;
     use tokio::net::TcpStream;
-    let sim = sim().await;
-    let gateway = start_serving(
-        &sim,
-        "",
-        5000,
-        &[],
+    let (_sim, _gateway, addr) = on_the_edge(
         "header_read_timeout_ms = 500\nbody_read_timeout_ms = 500\nmax_connections = 3\nmax_header_bytes = 16384",
     )
     .await;
-    let addr = gateway.base.trim_start_matches("http://").to_owned();
     let read_all = |mut stream: TcpStream| async move {
         let mut answer = Vec::new();
         let read =
@@ -540,16 +542,9 @@ async fn read_answer(stream: &mut tokio::net::TcpStream) -> Option<String> {
 async fn kept_alive_connections_idle_past_the_head_timeout_and_make_room_when_full() {
     use tokio::io::AsyncWriteExt as _;
     use tokio::net::TcpStream;
-    let sim = sim().await;
-    let gateway = start_serving(
-        &sim,
-        "",
-        5000,
-        &[],
-        "header_read_timeout_ms = 300\nidle_timeout_ms = 4000\nmax_connections = 2",
-    )
-    .await;
-    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    let (_sim, _gateway, addr) =
+        on_the_edge("header_read_timeout_ms = 300\nidle_timeout_ms = 4000\nmax_connections = 2")
+            .await;
     let ask = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
 
     let mut a = TcpStream::connect(&addr).await.unwrap();
