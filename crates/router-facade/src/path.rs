@@ -457,6 +457,23 @@ async fn serve<O: Operation>(
     }
 }
 
+/// The most turns one request lends while first in its lane ([`Path::lend`]).
+const MAX_LENDS: u8 = 2;
+/// How far behind the first waiter a turn may be lent: within this many of its class.
+const LEND_WITHIN: usize = 8;
+/// How long the first waiter waits for a lent turn to be used before it takes it back.
+const LEND_WAIT: Duration = Duration::from_millis(50);
+
+/// A turn lent to a request ([`Path::turn_lent`]).
+enum Lent {
+    /// None: it picks as usual.
+    None,
+    /// It takes this deployment.
+    Take(usize),
+    /// Lent, but that deployment cannot take it now: the turn went back; wait again.
+    Gone,
+}
+
 /// One request's way through the router: the snapshot it started with, its deadline, what it
 /// tried, what it reserves, and its place when it waits.
 struct Path<'r> {
@@ -480,6 +497,11 @@ struct Path<'r> {
     /// The deployments that served its cache key, by index, the last first (`None` where
     /// none, or one is no longer in the group).
     places: [Option<usize>; crate::affinity::PLACES],
+    /// The same, as the affinity table names them ([`crate::affinity::place`]): what the
+    /// waitlist knows it by, to lend it a turn at one of them.
+    place_ids: [Option<u64>; crate::affinity::PLACES],
+    /// Turns it lent while first in its lane (at most [`MAX_LENDS`]).
+    lends: u8,
     /// Attempts made.
     count: u32,
     /// Attempts that count against `max_attempts` and the retry budget.
@@ -558,8 +580,10 @@ impl<'r> Path<'r> {
             .and(operation.cache_key().or(options.cache_key.as_deref()))
             .filter(|_| leg.pinned.is_none() && group.members.len() > 1);
         let mut places = [None; crate::affinity::PLACES];
+        let mut place_ids = [None; crate::affinity::PLACES];
         if let Some(key) = cache_key {
             let recalled = shared.affinities.recall(model, key, now());
+            place_ids = recalled;
             if recalled[0].is_some() {
                 for (index, d) in group.members.iter().enumerate() {
                     let id = crate::affinity::place(d.endpoint.as_str(), &d.name);
@@ -579,6 +603,8 @@ impl<'r> Path<'r> {
             trace: options.trace.clone(),
             cache_key,
             places,
+            place_ids,
+            lends: 0,
             class: operation.class(),
             output_hint: operation.output_hint(expected),
             count: 0,
@@ -726,6 +752,96 @@ impl<'r> Path<'r> {
             .ok()
     }
 
+    /// A turn lent to this request (it waits behind the first of its lane, and a deployment
+    /// its cache key was served at has room the first would take without a cache): the pick,
+    /// that deployment; or, when that deployment cannot take the request after all, the turn
+    /// goes back.
+    fn turn_lent(&mut self, slots: &[Slot<'_>], ask: Ask, at: std::time::Instant) -> Lent {
+        let waitlist = &self.shared.waitlist;
+        let Some(place) = &self.place else {
+            return Lent::None;
+        };
+        let Some(lent) = waitlist.lent_to(place) else {
+            return Lent::None;
+        };
+        let group = &self.live.groups[self.model];
+        let tried = &self.tried;
+        let target = group.members.iter().enumerate().position(|(j, d)| {
+            !tried[j] && crate::affinity::place(d.endpoint.as_str(), &d.name) == lent
+        });
+        let strategy = group.strategy.as_ref();
+        let picked = target.and_then(|i| {
+            select(
+                slots,
+                |j| j != i,
+                ask,
+                strategy,
+                at,
+                &mut self.rng,
+                &mut self.buffers,
+            )
+            .ok()
+        });
+        if let Some(index) = picked {
+            Lent::Take(index)
+        } else {
+            waitlist.end_lend(place.lane());
+            Lent::Gone
+        }
+    }
+
+    /// Turns lent, to this request or by it: the deployment to go on with (`picked`, or the
+    /// one a turn lent to it is for), or `None` to choose again (it lent its turn, or the turn
+    /// lent to it went back and it waited again).
+    async fn lent_turns(
+        &mut self,
+        picked: usize,
+        slots: &[Slot<'_>],
+        ask: Ask,
+        at: std::time::Instant,
+    ) -> Result<Option<usize>, Error> {
+        match self.turn_lent(slots, ask, at) {
+            Lent::Take(index) => Ok(Some(index)),
+            Lent::Gone => {
+                let model = self.model;
+                self.wait_in(model, None).await?;
+                Ok(None)
+            }
+            Lent::None if self.lend(picked).await => Ok(None),
+            Lent::None => Ok(Some(picked)),
+        }
+    }
+
+    /// First in its lane, about to take room at a deployment that never served its cache key
+    /// (or it has none): lends the turn to a waiter close behind whose key that deployment
+    /// served, and waits for it to be used (briefly); whether it lent. At most [`MAX_LENDS`]
+    /// times a request, so that lending delays nobody for long.
+    async fn lend(&mut self, index: usize) -> bool {
+        if self.lends >= MAX_LENDS
+            || self.live.settings.cache_affinity.is_none()
+            || self.places.contains(&Some(index))
+        {
+            return false;
+        }
+        let Some(place) = &self.place else {
+            return false;
+        };
+        let d = &self.live.groups[self.model].members[index];
+        let at = crate::affinity::place(d.endpoint.as_str(), &d.name);
+        let waitlist = &self.shared.waitlist;
+        if !waitlist.lend(place, at, LEND_WITHIN) {
+            return false;
+        }
+        self.lends += 1;
+        let lane = place.lane();
+        waitlist
+            .until_returned(lane, (Instant::now() + LEND_WAIT).min(self.deadline))
+            .await;
+        // Used, or nobody came for it in time: the turn is this request's again.
+        waitlist.end_lend(lane);
+        true
+    }
+
     /// The request was served by `deployment` of `endpoint`: its cache key is that
     /// deployment's now.
     fn served(&self, place: (&str, &str)) {
@@ -840,8 +956,11 @@ impl<'r> Path<'r> {
                 None
             };
             self.place = waitlist.join(lane, self.priority, self.live.settings.max_waiting, claim);
-            if self.place.is_none() {
+            let Some(place) = &self.place else {
                 return Ok(false);
+            };
+            if lane == self.model {
+                waitlist.mark_warm(place, self.place_ids);
             }
         }
         if let Some(until) = until {
@@ -943,6 +1062,9 @@ impl<'r> Path<'r> {
                     }
                     return Err(self.nothing_eligible(nothing));
                 }
+            };
+            let Some(index) = self.lent_turns(index, &slots, ask, at).await? else {
+                continue;
             };
             let deployment = Arc::clone(&group.members[index]);
             let Some(slot) = deployment.state.try_start(at) else {

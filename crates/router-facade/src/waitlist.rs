@@ -28,6 +28,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::affinity::PLACES;
+
 /// A place in one lane of the waitlist.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Place {
@@ -59,6 +61,11 @@ impl Claim {
 struct Queues {
     lanes: HashMap<Arc<str>, BTreeSet<(u8, u64)>>,
     total: usize,
+    /// Where each waiter's cache key was served (places, [`crate::affinity::place`]), by
+    /// arrival: whom a turn may be lent to.
+    warm: HashMap<u64, [Option<u64>; PLACES]>,
+    /// The turn lent in a lane, if any.
+    lent: HashMap<Arc<str>, Lent>,
     /// Promised turns by lane, soonest first.
     promises: HashMap<Arc<str>, VecDeque<Promise>>,
     /// By lane, for first promises and for promises made to requests that came on one
@@ -147,6 +154,17 @@ struct Promise {
     /// Made to a request that came on a promise already: a client that retries once does
     /// not come back for it, one that retries again does; its kind has its own return rate.
     again: bool,
+}
+
+/// A turn lent: the first waiter of a lane could take room only at a deployment that never
+/// served its cache key, and a waiter close behind it has that deployment among its key's
+/// places; that waiter may take the room instead.
+#[derive(Debug, Clone, Copy)]
+struct Lent {
+    /// The borrower's arrival.
+    seq: u64,
+    /// The deployment the turn is for.
+    place: u64,
 }
 
 /// A promised turn claimed: the order the refused request had.
@@ -253,7 +271,17 @@ impl Waitlist {
     #[expect(clippy::needless_pass_by_value, reason = "leaving uses the place up")]
     pub(crate) fn leave(&self, place: Place) {
         let mut waiting = self.waiting();
-        let Queues { lanes, total, .. } = &mut *waiting;
+        let Queues {
+            lanes,
+            total,
+            warm,
+            lent,
+            ..
+        } = &mut *waiting;
+        warm.remove(&place.seq);
+        if lent.get(&place.lane).is_some_and(|l| l.seq == place.seq) {
+            lent.remove(&place.lane);
+        }
         if let Some(set) = lanes.get_mut(&place.lane) {
             if set.remove(&(place.priority, place.seq)) {
                 *total -= 1;
@@ -280,6 +308,84 @@ impl Waitlist {
         match place.filter(|p| &*p.lane == lane) {
             Some(place) => set.range(..(place.priority, place.seq)).count(),
             None => set.range(..=(priority, u64::MAX)).count(),
+        }
+    }
+
+    /// Notes where the cache key of the request waiting at `place` was served (places, the
+    /// last first), so that a turn at one of them may be lent to it.
+    pub(crate) fn mark_warm(&self, place: &Place, warm: [Option<u64>; PLACES]) {
+        if warm.iter().any(Option::is_some) {
+            self.waiting().warm.insert(place.seq, warm);
+        }
+    }
+
+    /// Lends the turn of `head`, first in its lane, for one pick at the deployment `at` to the
+    /// first of the next `within` waiters of its class whose cache key `at` served; whether
+    /// one was found. One lend at a time in a lane.
+    pub(crate) fn lend(&self, head: &Place, at: u64, within: usize) -> bool {
+        let mut waiting = self.waiting();
+        let queues = &mut *waiting;
+        if queues.lent.contains_key(&head.lane) {
+            return false;
+        }
+        let Some(set) = queues.lanes.get(&head.lane) else {
+            return false;
+        };
+        if set.first() != Some(&(head.priority, head.seq)) {
+            return false;
+        }
+        let borrower = set
+            .range((head.priority, head.seq)..)
+            .skip(1)
+            .take(within)
+            .take_while(|(priority, _)| *priority == head.priority)
+            .map(|(_, seq)| *seq)
+            .find(|seq| {
+                queues
+                    .warm
+                    .get(seq)
+                    .is_some_and(|warm| warm.contains(&Some(at)))
+            });
+        let Some(seq) = borrower else {
+            return false;
+        };
+        queues
+            .lent
+            .insert(Arc::clone(&head.lane), Lent { seq, place: at });
+        drop(waiting);
+        self.turn.notify_waiters();
+        true
+    }
+
+    /// The deployment whose turn is lent to the request waiting at `place`, if any.
+    pub(crate) fn lent_to(&self, place: &Place) -> Option<u64> {
+        self.waiting()
+            .lent
+            .get(&place.lane)
+            .filter(|l| l.seq == place.seq)
+            .map(|l| l.place)
+    }
+
+    /// Ends `lane`'s lend, if any: its borrower could not use it, or nobody came for it.
+    pub(crate) fn end_lend(&self, lane: &str) {
+        let ended = self.waiting().lent.remove(lane).is_some();
+        if ended {
+            self.turn.notify_waiters();
+        }
+    }
+
+    /// Returns when `lane` has no turn lent, or at `until`.
+    pub(crate) async fn until_returned(&self, lane: &str, until: Instant) {
+        loop {
+            let turn = self.turn.notified();
+            tokio::pin!(turn);
+            turn.as_mut().enable();
+            if !self.waiting().lent.contains_key(lane) || Instant::now() >= until {
+                return;
+            }
+            if tokio::time::timeout_at(until, turn).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -432,13 +538,13 @@ impl Waitlist {
             == Some(&(place.priority, place.seq))
     }
 
-    /// Returns when `place` is first, or at `deadline`.
+    /// Returns when `place` is first or has a turn lent to it, or at `deadline`.
     pub(crate) async fn until_first(&self, place: &Place, deadline: Instant) {
         loop {
             let turn = self.turn.notified();
             tokio::pin!(turn);
             turn.as_mut().enable();
-            if self.is_first(place) || Instant::now() >= deadline {
+            if self.is_first(place) || self.lent_to(place).is_some() || Instant::now() >= deadline {
                 return;
             }
             if tokio::time::timeout_at(deadline, turn).await.is_err() {
@@ -479,6 +585,39 @@ mod tests {
         list.leave(c);
         assert_eq!(list.len(), 0);
         assert!(!list.is_busy("m"));
+    }
+
+    #[test]
+    fn a_turn_is_lent_close_behind_to_a_key_the_deployment_served() {
+        let list = Waitlist::default();
+        let head = list.join("g", 1, 100, None).unwrap();
+        let cold = list.join("g", 1, 100, None).unwrap();
+        let warm = list.join("g", 1, 100, None).unwrap();
+        list.mark_warm(&warm, [Some(7), Some(9), None, None]);
+        let urgent_elsewhere = list.join("g", 0, 100, None).unwrap();
+        // The urgent one is first now; only the first lends.
+        assert!(!list.lend(&head, 9, 8));
+        list.leave(urgent_elsewhere);
+        // Beyond `within`, nobody; within it, the one whose key the deployment served.
+        assert!(!list.lend(&head, 9, 1));
+        assert!(!list.lend(&head, 5, 8), "nobody's key was served at 5");
+        assert!(list.lend(&head, 9, 8));
+        assert_eq!(list.lent_to(&warm), Some(9));
+        assert_eq!(list.lent_to(&cold), None);
+        assert!(!list.lend(&head, 7, 8), "one lend at a time");
+        // The borrower takes the turn (leaves): the lend ends with it.
+        list.leave(warm);
+        assert!(list.waiting().lent.is_empty());
+        assert!(!list.lend(&head, 9, 8), "its warm places left with it");
+        let again = list.join("g", 1, 100, None).unwrap();
+        list.mark_warm(&again, [Some(9), None, None, None]);
+        assert!(list.lend(&head, 9, 8));
+        list.end_lend("g");
+        assert_eq!(list.lent_to(&again), None);
+        for place in [head, cold, again] {
+            list.leave(place);
+        }
+        assert!(list.waiting().warm.is_empty());
     }
 
     #[test]
