@@ -65,6 +65,22 @@ fn turn(session: usize, turn: usize, keyed: bool) -> ChatCompletionRequest {
     request
 }
 
+/// The share of the upstreams' requests whose prefix was cached, and each endpoint's
+/// requests.
+fn cache_hits(sim: &Sim) -> (f64, Vec<u64>) {
+    let counters: Vec<_> = sim
+        .endpoints()
+        .iter()
+        .map(upstream_sim::SimEndpoint::counters)
+        .collect();
+    let requests: Vec<u64> = counters.iter().map(|c| c.requests).collect();
+    let hits: u64 = counters.iter().map(|c| c.cache_hits).sum();
+    (
+        hits as f64 / requests.iter().sum::<u64>().max(1) as f64,
+        requests,
+    )
+}
+
 /// A world for conversations: the endpoints' latencies (one each), how many sessions talk at
 /// once, how many turns each, the pause between a session's turns, and whether the sessions
 /// start together (their turns arrive in bursts) or spread over one turn's time.
@@ -116,18 +132,12 @@ impl Talk {
         for task in tasks {
             task.await.unwrap();
         }
-        let counters: Vec<_> = sim
-            .endpoints()
+        let (hits, requests) = cache_hits(sim);
+        let shares = requests
             .iter()
-            .map(upstream_sim::SimEndpoint::counters)
+            .map(|r| *r as f64 / requests.iter().sum::<u64>() as f64)
             .collect();
-        let requests: u64 = counters.iter().map(|c| c.requests).sum();
-        let hits: u64 = counters.iter().map(|c| c.cache_hits).sum();
-        let shares = counters
-            .iter()
-            .map(|c| c.requests as f64 / requests as f64)
-            .collect();
-        (hits as f64 / requests as f64, shares)
+        (hits, shares)
     }
 }
 
@@ -286,14 +296,7 @@ impl Squeeze {
         for task in running {
             served += u64::from(task.await.unwrap());
         }
-        let counters: Vec<_> = sim
-            .endpoints()
-            .iter()
-            .map(upstream_sim::SimEndpoint::counters)
-            .collect();
-        let requests: u64 = counters.iter().map(|c| c.requests).sum();
-        let hits: u64 = counters.iter().map(|c| c.cache_hits).sum();
-        (served, hits as f64 / requests.max(1) as f64)
+        (served, cache_hits(&sim).0)
     }
 }
 
