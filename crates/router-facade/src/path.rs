@@ -409,6 +409,7 @@ async fn serve<O: Operation>(
         let place = (
             attempt.deployment().endpoint.clone(),
             attempt.deployment().name.clone(),
+            attempt.deployment().place,
         );
         let started = Instant::now();
         let first_sent = *first_sent.get_or_insert(started);
@@ -442,7 +443,7 @@ async fn serve<O: Operation>(
                     .complete(sent, attempt, served, started.elapsed())
                     .instrument(span)
                     .await;
-                path.served((place.0.as_str(), &place.1));
+                path.served(place.2);
                 if let Some(id) = operation.stored(&output) {
                     remember_stored(live, &id, place.0.as_str(), &place.1).await;
                 }
@@ -586,8 +587,7 @@ impl<'r> Path<'r> {
             place_ids = recalled;
             if recalled[0].is_some() {
                 for (index, d) in group.members.iter().enumerate() {
-                    let id = crate::affinity::place(d.endpoint.as_str(), &d.name);
-                    if let Some(at) = recalled.iter().position(|p| *p == Some(id)) {
+                    if let Some(at) = recalled.iter().position(|p| *p == Some(d.place)) {
                         places[at] = Some(index);
                     }
                 }
@@ -766,9 +766,11 @@ impl<'r> Path<'r> {
         };
         let group = &self.live.groups[self.model];
         let tried = &self.tried;
-        let target = group.members.iter().enumerate().position(|(j, d)| {
-            !tried[j] && crate::affinity::place(d.endpoint.as_str(), &d.name) == lent
-        });
+        let target = group
+            .members
+            .iter()
+            .enumerate()
+            .position(|(j, d)| !tried[j] && d.place == lent);
         let strategy = group.strategy.as_ref();
         let picked = target.and_then(|i| {
             select(
@@ -826,8 +828,7 @@ impl<'r> Path<'r> {
         let Some(place) = &self.place else {
             return false;
         };
-        let d = &self.live.groups[self.model].members[index];
-        let at = crate::affinity::place(d.endpoint.as_str(), &d.name);
+        let at = self.live.groups[self.model].members[index].place;
         let waitlist = &self.shared.waitlist;
         if !waitlist.lend(place, at, LEND_WITHIN) {
             return false;
@@ -842,15 +843,14 @@ impl<'r> Path<'r> {
         true
     }
 
-    /// The request was served by `deployment` of `endpoint`: its cache key is that
-    /// deployment's now.
-    fn served(&self, place: (&str, &str)) {
+    /// The request was served by the deployment `place` ([`crate::snapshot::Deployment::place`]): its cache
+    /// key's last place is that deployment now.
+    fn served(&self, place: u64) {
         let (Some(key), Some(affinity)) = (self.cache_key, self.live.settings.cache_affinity)
         else {
             return;
         };
         let at = now();
-        let place = crate::affinity::place(place.0, place.1);
         self.shared
             .affinities
             .remember(self.model, key, place, at, at + affinity.ttl);

@@ -38,6 +38,9 @@ pub(crate) struct Deployment {
     pub(crate) resource: Option<String>,
     /// The router's prober, told when the deployment goes out.
     pub(crate) prober: Arc<Kick>,
+    /// What the cache-affinity table and the waitlist's lent turns know it by
+    /// ([`crate::affinity::place`]), computed once.
+    pub(crate) place: u64,
 }
 
 impl Deployment {
@@ -181,6 +184,7 @@ impl RouterSnapshot {
                     identity,
                     resource: endpoint.azure_resource(),
                     prober: Arc::clone(&prober),
+                    place: crate::affinity::place(&endpoint.name, &spec.deployment),
                 }));
             }
         }

@@ -376,14 +376,22 @@ impl Waitlist {
 
     /// Returns when `lane` has no turn lent, or at `until`.
     pub(crate) async fn until_returned(&self, lane: &str, until: Instant) {
+        self.until(|| !self.waiting().lent.contains_key(lane), until)
+            .await;
+    }
+
+    /// Returns when `done` holds (checked again each time someone leaves, a promise is
+    /// claimed or a lend ends), or at `deadline`.
+    async fn until(&self, done: impl Fn() -> bool, deadline: Instant) {
         loop {
             let turn = self.turn.notified();
             tokio::pin!(turn);
+            // Registered before the check, so that a change between the two is not missed.
             turn.as_mut().enable();
-            if !self.waiting().lent.contains_key(lane) || Instant::now() >= until {
+            if done() || Instant::now() >= deadline {
                 return;
             }
-            if tokio::time::timeout_at(until, turn).await.is_err() {
+            if tokio::time::timeout_at(deadline, turn).await.is_err() {
                 return;
             }
         }
@@ -540,17 +548,11 @@ impl Waitlist {
 
     /// Returns when `place` is first or has a turn lent to it, or at `deadline`.
     pub(crate) async fn until_first(&self, place: &Place, deadline: Instant) {
-        loop {
-            let turn = self.turn.notified();
-            tokio::pin!(turn);
-            turn.as_mut().enable();
-            if self.is_first(place) || self.lent_to(place).is_some() || Instant::now() >= deadline {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, turn).await.is_err() {
-                return;
-            }
-        }
+        self.until(
+            || self.is_first(place) || self.lent_to(place).is_some(),
+            deadline,
+        )
+        .await;
     }
 
     /// Returns when someone leaves a lane or claims a promise, or at `until`.

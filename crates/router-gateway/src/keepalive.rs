@@ -102,8 +102,10 @@ impl Phase {
 pub(crate) struct PhaseTimer(pub(crate) Arc<Phase>);
 
 impl hyper::rt::Timer for PhaseTimer {
+    /// A sleep for a set time, as hyper-util's timer gives it (nothing hyper's HTTP/1.1
+    /// server does asks for one today).
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(Plain(Box::pin(tokio::time::sleep(duration))))
+        hyper_util::rt::TokioTimer::new().sleep(duration)
     }
 
     /// hyper asks for this sleep when it starts waiting for a request head (the only timer
@@ -125,19 +127,6 @@ impl hyper::rt::Timer for PhaseTimer {
         Instant::now().into_std()
     }
 }
-
-/// A sleep for a set time (asked by nothing hyper's HTTP/1.1 server does today).
-struct Plain(Pin<Box<tokio::time::Sleep>>);
-
-impl Future for Plain {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-impl hyper::rt::Sleep for Plain {}
 
 /// The wait for a head: ends at the phase's deadline, read again at every poll (hyper polls
 /// it each time bytes arrive and no whole head is in yet).
